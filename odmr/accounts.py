@@ -1,0 +1,266 @@
+"""The users file: customer accounts, the domains each may collect, credentials.
+
+Format (configobj, one section per account, mode 0600):
+
+    [alice]
+    domains = example.org, example.com
+    scram_sha_256 = SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>
+    cram_md5 = hex:<password in hex>      # absent with --no-cram-md5
+
+The SCRAM keys cannot be turned back into the password; the CRAM-MD5 secret
+can (the mechanism needs the shared secret itself), which is why it may be
+left out.
+"""
+from __future__ import annotations
+
+import binascii
+import fcntl
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from configobj import ConfigObj, ConfigObjError
+
+from odmr.names import normalize_domain
+from odmr.sasl import ScramSecret
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+_KEYS = {"domains", "scram_sha_256", "cram_md5", "client_cert"}
+
+
+class AccountsError(Exception):
+    """The users file cannot be used; the message says why, one line per problem."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    domains: Tuple[str, ...]
+    scram: Optional[ScramSecret]
+    cram_md5_secret: Optional[str]
+    client_cert: str = ""          # certificate subject CN for SASL EXTERNAL
+
+    def verify_password(self, password: str) -> bool:
+        return bool(self.scram and self.scram.verify_password(password))
+
+
+def valid_account_name(name: str) -> bool:
+    return bool(_NAME.match(name or ""))
+
+
+def _encode_cram(secret: str) -> str:
+    return "hex:" + secret.encode("utf-8").hex()
+
+
+def _decode_cram(text: str) -> str:
+    if not text.startswith("hex:"):
+        raise ValueError("cram_md5 must start with 'hex:'")
+    return binascii.unhexlify(text[4:]).decode("utf-8")
+
+
+def _domains(value) -> List[str]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [i.strip() for i in items if str(i).strip()]
+
+
+class Accounts:
+    """An immutable snapshot of the users file, swapped wholesale on reload."""
+
+    def __init__(self, accounts: Iterable[Account] = (), path: str = ""):
+        self.path = path
+        self._by_name: Dict[str, Account] = {a.name: a for a in accounts}
+        owners: Dict[str, List[str]] = {}
+        for account in self._by_name.values():
+            for domain in account.domains:
+                owners.setdefault(domain, []).append(account.name)
+        self._owners = owners
+        self._by_cert = {a.client_cert: a for a in self._by_name.values() if a.client_cert}
+
+    def get(self, name: str) -> Optional[Account]:
+        return self._by_name.get(name)
+
+    def by_client_cert(self, subject: str) -> Optional[Account]:
+        return self._by_cert.get(subject)
+
+    def __iter__(self):
+        return iter(sorted(self._by_name.values(), key=lambda a: a.name))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def hosted_domains(self) -> frozenset:
+        return frozenset(self._owners)
+
+
+def check_permissions(path: str) -> None:
+    """Refuse a users file that group or others can read or write."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise AccountsError("%s: %s" % (path, exc.strerror)) from None
+    if st.st_mode & 0o077:
+        raise AccountsError("%s: mode %04o is too open; run: chmod 600 %s"
+                            % (path, stat.S_IMODE(st.st_mode), path))
+
+
+def load(path: str, check_mode: bool = True) -> Accounts:
+    """Parse and check the users file; AccountsError lists every problem."""
+    if not os.path.exists(path):
+        raise AccountsError("%s: no such users file (create it with 'odmrd user add')" % path)
+    if check_mode:
+        check_permissions(path)
+    raw = _read(path)
+    problems: List[str] = []
+    accounts = []
+    for name in raw.sections:
+        section = raw[name]
+        where = "%s: [%s]" % (path, name)
+        if not valid_account_name(name):
+            problems.append("%s: invalid account name" % where)
+            continue
+        for key in section.keys():
+            if key not in _KEYS:
+                problems.append("%s: unknown key %s" % (where, key))
+        for sub in section.sections:
+            problems.append("%s: unexpected subsection %s" % (where, sub))
+        domains = []
+        for item in _domains(section.get("domains", [])):
+            try:
+                domains.append(normalize_domain(item))
+            except ValueError as exc:
+                problems.append("%s: domains: %r: %s" % (where, item, exc))
+        if not domains:
+            problems.append("%s: domains: at least one domain is needed" % where)
+        scram = None
+        if section.get("scram_sha_256"):
+            try:
+                scram = ScramSecret.from_string(section["scram_sha_256"])
+            except ValueError:
+                problems.append("%s: scram_sha_256: malformed" % where)
+        cram = None
+        if section.get("cram_md5"):
+            try:
+                cram = _decode_cram(section["cram_md5"])
+            except (ValueError, binascii.Error, UnicodeDecodeError):
+                problems.append("%s: cram_md5: malformed" % where)
+        if scram is None and cram is None and not section.get("client_cert"):
+            problems.append("%s: no credentials" % where)
+        accounts.append(Account(name, tuple(dict.fromkeys(domains)), scram, cram,
+                                str(section.get("client_cert", ""))))
+    for key in raw.scalars:
+        problems.append("%s: %s: values must be inside an [account] section" % (path, key))
+    if problems:
+        raise AccountsError("\n".join(problems))
+    return Accounts(accounts, path)
+
+
+def _read(path: str) -> ConfigObj:
+    try:
+        return ConfigObj(path, encoding="utf-8", file_error=True, list_values=True)
+    except ConfigObjError as exc:
+        lines = ["%s: line %s: %s" % (path, getattr(e, "line_number", "?"), getattr(e, "message", e))
+                 for e in (getattr(exc, "errors", None) or [exc])]
+        raise AccountsError("\n".join(lines)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AccountsError("%s: %s" % (path, exc)) from None
+
+
+# -- editing (used by `odmrd user ...`) -------------------------------------
+
+class _Editor:
+    """Holds an exclusive lock on the users file while it is rewritten."""
+
+    def __init__(self, path: str, create: bool):
+        self.path = path
+        self.create = create
+
+    def __enter__(self) -> ConfigObj:
+        directory = os.path.dirname(os.path.abspath(self.path)) or "."
+        self._lock = open(os.path.join(directory, "." + os.path.basename(self.path) + ".lock"), "a")
+        os.chmod(self._lock.name, 0o600)
+        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX)
+        if os.path.exists(self.path):
+            self.config = _read(self.path)
+        elif self.create:
+            self.config = ConfigObj(encoding="utf-8")
+        else:
+            raise AccountsError("%s: no such users file" % self.path)
+        return self.config
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                _write_atomically(self.path, self.config)
+        finally:
+            self._lock.close()
+
+
+def _write_atomically(path: str, config: ConfigObj) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(b"# odmrd users file: edit with 'odmrd user ...'. Keep it mode 0600.\n")
+            config.initial_comment = []
+            config.filename = None
+            for line in config.write():
+                fh.write((line if isinstance(line, bytes) else line.encode("utf-8")) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _credentials(password: str, cram: bool) -> Dict[str, str]:
+    creds = {"scram_sha_256": ScramSecret.from_password(password).to_string()}
+    if cram:
+        creds["cram_md5"] = _encode_cram(password)
+    return creds
+
+
+def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: bool = True) -> None:
+    if not valid_account_name(name):
+        raise AccountsError("invalid account name %r (letters, digits, . _ @ + -)" % name)
+    normalized = []
+    for domain in domains:
+        try:
+            normalized.append(normalize_domain(domain.strip()))
+        except ValueError as exc:
+            raise AccountsError("invalid domain %r: %s" % (domain, exc)) from None
+    if not normalized:
+        raise AccountsError("at least one --domain is needed")
+    with _Editor(path, create=True) as config:
+        if name in config:
+            raise AccountsError("account %s already exists" % name)
+        config[name] = {"domains": list(dict.fromkeys(normalized))}
+        config[name].update(_credentials(password, cram))
+
+
+def set_password(path: str, name: str, password: str, cram: Optional[bool] = None) -> None:
+    with _Editor(path, create=False) as config:
+        if name not in config:
+            raise AccountsError("no account %s" % name)
+        keep_cram = ("cram_md5" in config[name]) if cram is None else cram
+        config[name].pop("cram_md5", None)
+        config[name].update(_credentials(password, keep_cram))
+
+
+def delete_user(path: str, name: str) -> None:
+    with _Editor(path, create=False) as config:
+        if name not in config:
+            raise AccountsError("no account %s" % name)
+        del config[name]

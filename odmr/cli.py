@@ -1,0 +1,336 @@
+"""The `odmrd` command line: argparse, one module call per subcommand.
+
+Errors a user can cause come out as one line on stderr and a sysexits code.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+from odmr import __version__
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError("%s: %s" % (self.prog, message))
+
+
+def fail(message: str, code: int) -> int:
+    print("odmrd: %s" % message, file=sys.stderr)
+    return code
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="configuration file (default: $ODMRD_CONFIG or /etc/odmrd/odmrd.conf)")
+    parser = Parser(prog="odmrd", description="On-Demand Mail Relay (RFC 2645)", parents=[common])
+    parser.add_argument("--version", action="version", version="odmrd %s" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser("serve", parents=[common], help="run the provider")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached, log to stderr")
+
+    p = sub.add_parser("check-config", parents=[common], help="validate configuration and users file")
+    p.add_argument("--print", dest="print_key", metavar="KEY",
+                   help="print one setting (e.g. pid_file) and exit")
+
+    p = sub.add_parser("user", parents=[common], help="manage customer accounts")
+    users = p.add_subparsers(dest="user_command", metavar="ACTION", parser_class=Parser)
+    q = users.add_parser("add", parents=[common], help="create an account")
+    q.add_argument("name")
+    q.add_argument("--domain", action="append", required=True, help="a domain the account may collect")
+    q.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    q.add_argument("--no-cram-md5", action="store_true", help="store no CRAM-MD5 secret")
+    q = users.add_parser("passwd", parents=[common], help="change a password")
+    q.add_argument("name")
+    q.add_argument("--password-stdin", action="store_true")
+    q.add_argument("--no-cram-md5", action="store_true")
+    q = users.add_parser("del", parents=[common], help="delete an account")
+    q.add_argument("name")
+    users.add_parser("list", parents=[common], help="list accounts")
+
+    p = sub.add_parser("enqueue", parents=[common], help="spool one message read from stdin")
+    p.add_argument("-f", dest="sender", default=None, help="envelope sender")
+    p.add_argument("-o", dest="sendmail_options", action="append", default=[],
+                   help=argparse.SUPPRESS)
+    p.add_argument("-i", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("recipients", nargs="+", metavar="RCPT")
+
+    p = sub.add_parser("queue", parents=[common], help="inspect and manage the spool")
+    queue = p.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser)
+    q = queue.add_parser("list", parents=[common], help="list waiting messages")
+    q.add_argument("domain", nargs="?")
+    q.add_argument("--json", action="store_true")
+    q = queue.add_parser("show", parents=[common], help="print one message")
+    q.add_argument("id")
+    for name, text in (("delete", "remove messages"), ("bounce", "return messages to sender")):
+        q = queue.add_parser(name, parents=[common], help=text)
+        q.add_argument("ids", nargs="+", metavar="ID")
+    queue.add_parser("expire", parents=[common], help="bounce messages older than max_age now")
+
+    p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_USAGE
+    if not args.command:
+        parser.print_usage(sys.stderr)
+        return EX_USAGE
+    from odmr.config import default_config_path
+    config_path = getattr(args, "config", None) or default_config_path()
+    try:
+        if args.command == "serve":
+            from odmr.daemon import serve
+            return serve(config_path, args.foreground)
+        if args.command == "fetch":
+            from odmr import customer
+            return customer.main(args.rest, config_path if getattr(args, "config", None) or
+                                 os.environ.get("ODMRD_CONFIG") else None)
+        handler = {"check-config": cmd_check_config, "user": cmd_user,
+                   "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
+        return handler(args, config_path)
+    except KeyboardInterrupt:
+        return fail("interrupted", EX_TEMPFAIL)
+    except UsageError as exc:
+        return fail(str(exc), EX_USAGE)
+    except BrokenPipeError:
+        return EX_IOERR
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("ODMRD_DEBUG"):
+            raise
+        return fail("internal error: %s: %s (set ODMRD_DEBUG=1 for details)"
+                    % (type(exc).__name__, exc), EX_SOFTWARE)
+
+
+def _settings(config_path: str):
+    from odmr import config
+    return config.load(config_path)
+
+
+def _runtime(config_path: str, need_accounts: bool = True):
+    from odmr import accounts
+    from odmr.runtime import Runtime
+    from odmr.spool import Spool
+    settings = _settings(config_path)
+    if os.path.exists(settings.users_file) or need_accounts:
+        users = accounts.load(settings.users_file)
+    else:
+        users = accounts.Accounts([], settings.users_file)
+    return Runtime(settings, users, Spool(settings.spool_dir))
+
+
+def cmd_check_config(args, config_path: str) -> int:
+    from odmr import accounts, config
+    try:
+        settings = config.load(config_path)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print("odmrd: %s: %s" % (config_path, problem), file=sys.stderr)
+        return EX_CONFIG
+    if args.print_key:
+        value = getattr(settings, args.print_key, None)
+        if value is None or args.print_key.startswith("_") or not isinstance(value, (str, int, float)):
+            return fail("check-config --print: unknown or non-scalar key %r" % args.print_key, EX_USAGE)
+        print(value)
+        return EX_OK
+    problems = []
+    if not os.path.exists(settings.users_file):
+        problems.append("%s: no users file yet (create one with 'odmrd user add')" % settings.users_file)
+    else:
+        try:
+            accounts.load(settings.users_file)
+        except accounts.AccountsError as exc:
+            problems.extend(str(exc).splitlines())
+    if problems:
+        for problem in problems:
+            print("odmrd: %s" % problem, file=sys.stderr)
+        return EX_CONFIG
+    print("%s: ok" % settings.path)
+    return EX_OK
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("passwords do not match")
+    if not password:
+        raise UsageError("empty password")
+    return password
+
+
+def cmd_user(args, config_path: str) -> int:
+    from odmr import accounts, config
+    try:
+        settings = config.load(config_path)
+    except config.ConfigError as exc:
+        return _config_failed(exc, config_path)
+    path = settings.users_file
+    action = args.user_command
+    if not action:
+        raise UsageError("odmrd user: add, passwd, del or list")
+    try:
+        if action == "add":
+            accounts.add_user(path, args.name, args.domain, _read_password(args.password_stdin),
+                              cram=not args.no_cram_md5)
+            print("account %s created for %s" % (args.name, ", ".join(args.domain)))
+        elif action == "passwd":
+            accounts.set_password(path, args.name, _read_password(args.password_stdin),
+                                  cram=False if args.no_cram_md5 else None)
+            print("password of %s changed" % args.name)
+        elif action == "del":
+            accounts.delete_user(path, args.name)
+            print("account %s deleted" % args.name)
+        else:
+            for account in accounts.load(path):
+                mechs = []
+                if account.scram:
+                    mechs.append("SCRAM-SHA-256 PLAIN LOGIN")
+                if account.cram_md5_secret is not None:
+                    mechs.append("CRAM-MD5")
+                print("%s\t%s\t%s" % (account.name, ",".join(account.domains), " ".join(mechs)))
+    except accounts.AccountsError as exc:
+        message = str(exc)
+        code = EX_NOUSER if message.startswith("no account") else EX_DATAERR
+        if "no such users file" in message:
+            code = EX_NOINPUT
+        return fail(message.replace("\n", "; "), code)
+    except OSError as exc:
+        return fail("%s: %s" % (path, exc.strerror), EX_CANTCREAT)
+    return EX_OK
+
+
+def _config_failed(exc, config_path: str) -> int:
+    for problem in exc.problems:
+        print("odmrd: %s: %s" % (config_path, problem), file=sys.stderr)
+    return EX_CONFIG
+
+
+def cmd_enqueue(args, config_path: str) -> int:
+    from odmr import accounts, config
+    from odmr.enqueue import EnqueueError, enqueue
+    try:
+        runtime = _runtime(config_path)
+    except config.ConfigError as exc:
+        return _config_failed(exc, config_path)
+    except accounts.AccountsError as exc:
+        return fail(str(exc).splitlines()[0], EX_CONFIG)
+    try:
+        ids = enqueue(runtime, args.sender or "", args.recipients, sys.stdin.buffer)
+    except EnqueueError as exc:
+        return fail(str(exc), exc.code)
+    for domain, msg_id in ids:
+        print("%s %s" % (msg_id, domain))
+    return EX_OK
+
+
+def cmd_queue(args, config_path: str) -> int:
+    from odmr import accounts, config, queueops
+    from odmr.spool import DomainBusy, SpoolError
+    action = args.queue_command
+    if not action:
+        raise UsageError("odmrd queue: list, show, delete, bounce or expire")
+    try:
+        runtime = _runtime(config_path, need_accounts=False)
+    except config.ConfigError as exc:
+        return _config_failed(exc, config_path)
+    except accounts.AccountsError as exc:
+        return fail(str(exc).splitlines()[0], EX_CONFIG)
+    try:
+        if action == "list":
+            domain = None
+            if args.domain:
+                from odmr.names import normalize_domain
+                try:
+                    domain = normalize_domain(args.domain)
+                except ValueError as exc:
+                    raise UsageError("invalid domain %r: %s" % (args.domain, exc))
+            messages = queueops.list_messages(runtime, domain)
+            now = time.time()
+            records = [queueops.describe(m, now) for m in messages]
+            if args.json:
+                print(json.dumps(records, indent=1))
+            else:
+                _print_queue(records)
+            return EX_OK
+        if action == "show":
+            message = runtime.spool.find(args.id)
+            if message is None:
+                return fail("no message %s" % args.id, EX_NOINPUT)
+            print(json.dumps(queueops.describe(message), indent=1))
+            print()
+            sys.stdout.flush()
+            with message.open_data() as fh:
+                sys.stdout.buffer.write(fh.read())
+            return EX_OK
+        if action in ("delete", "bounce"):
+            missing = 0
+            for msg_id in args.ids:
+                done = queueops.delete(runtime, msg_id) if action == "delete" else queueops.bounce(runtime, msg_id)
+                if done:
+                    print("%s: %s" % (msg_id, "deleted" if action == "delete" else "bounced"))
+                else:
+                    print("odmrd: no message %s" % msg_id, file=sys.stderr)
+                    missing += 1
+            return EX_NOINPUT if missing else EX_OK
+        counts = queueops.expire(runtime)
+        print("%d expired, %d domains busy (try again)" % (counts["expired"], counts["busy"]))
+        return EX_TEMPFAIL if counts["busy"] else EX_OK
+    except DomainBusy as exc:
+        return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
+    except SpoolError as exc:
+        return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
+    except OSError as exc:
+        return fail("spool: %s" % (exc.strerror or exc), EX_IOERR)
+
+
+def _print_queue(records) -> None:
+    if not records:
+        print("Mail queue is empty")
+        return
+    print("%-22s %-24s %9s %8s  %s" % ("ID", "DOMAIN", "SIZE", "AGE", "SENDER / RECIPIENTS"))
+    for r in records:
+        age = r["age"]
+        age_text = "%dd" % (age // 86400) if age >= 86400 else "%dh" % (age // 3600) if age >= 3600 \
+            else "%dm" % (age // 60) if age >= 60 else "%ds" % age
+        print("%-22s %-24s %9d %8s  <%s>" % (r["id"], r["domain"], r["size"], age_text, r["sender"]))
+        for rcpt in r["recipients"]:
+            print("%66s<%s>" % ("", rcpt))
+        if r["attempts"]:
+            print("%66s(%d attempts; last: %s)" % ("", r["attempts"], r["last_error"] or "-"))
+    print("-- %d messages, %d bytes" % (len(records), sum(r["size"] for r in records)))

@@ -1,0 +1,409 @@
+"""Configuration: the only importer of configobj.
+
+The configspec ships inside the package (read with pkgutil so that it also
+loads from the zipapp). `load()` validates everything at once and either
+returns frozen settings or raises ConfigError listing every problem with its
+key and line.
+"""
+from __future__ import annotations
+
+import os
+import pkgutil
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from configobj.validate import ValidateError, Validator
+
+from odmr.names import normalize_domain
+
+DEFAULT_CONFIG = "/etc/odmrd/odmrd.conf"
+KNOWN_MECHANISMS = ("CRAM-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN", "EXTERNAL")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)b?\s*$", re.I)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+class ConfigError(Exception):
+    """Carries every problem found, one `key (line N): message` string each."""
+
+    def __init__(self, problems: Sequence[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+# -- converters: tiny pure functions, also used by the command line ---------
+
+def parse_duration(value: str) -> float:
+    """'30s', '5m', '4h', '10d' (or bare seconds) -> seconds."""
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError("not a duration (use e.g. 30s, 5m, 4h, 10d): %r" % value)
+    return float(int(m.group(1)) * _DURATION_UNITS[m.group(2).lower()])
+
+
+def parse_size(value: str) -> int:
+    """'10K', '50M', '1G' (or bare bytes) -> bytes."""
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError("not a size (use e.g. 10K, 50M, 1G): %r" % value)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_hostport(value: str, default_port: Optional[int] = None) -> Tuple[str, int]:
+    """'127.0.0.1:3366', '[::1]:3366', 'host:25' -> (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError("missing ']' in %r" % value)
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError("junk after ']' in %r" % value)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError("write IPv6 addresses as [addr]:port: %r" % value)
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError("missing port in %r" % value)
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError("bad port in %r" % value)
+        port = int(port_text)
+    if not host:
+        raise ValueError("missing host in %r" % value)
+    return host, port
+
+
+def _as_list(value) -> List[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if value in (None, ""):
+        return []
+    return [str(value)]
+
+
+def _check_duration(value, *args, **kw) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
+
+
+def _check_size(value, *args, **kw) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
+
+
+def _check_listen_list(value, *args, **kw) -> List[Tuple[str, int]]:
+    result = []
+    for item in _as_list(value):
+        if not item.strip():
+            continue
+        try:
+            result.append(parse_hostport(item))
+        except ValueError as exc:
+            raise ValidateError(str(exc)) from None
+    return result
+
+
+def _check_mechanism_list(value, *args, **kw) -> List[str]:
+    result = []
+    for item in _as_list(value):
+        name = item.strip().upper()
+        if not name:
+            continue
+        if name not in KNOWN_MECHANISMS:
+            raise ValidateError("unknown SASL mechanism %r" % item)
+        result.append(name)
+    return result
+
+
+# -- settings objects ------------------------------------------------------
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    max_bytes: int = 0            # 0 = unlimited
+    max_messages: int = 0
+    recipients: Tuple[str, ...] = ("*",)
+
+    def accepts(self, local: str, domain: str) -> bool:
+        """Whether this domain takes mail for local@domain (case-insensitive)."""
+        if "*" in self.recipients:
+            return True
+        address = ("%s@%s" % (local, domain)).lower()
+        for entry in self.recipients:
+            entry = entry.lower()
+            if entry == local.lower() or entry == address:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class OdmrSettings:
+    listen: Tuple[Tuple[str, int], ...]
+    tls_listen: Tuple[Tuple[str, int], ...]
+    mechanisms: Tuple[str, ...]
+    allow_plaintext_passwords: bool
+    require_tls: bool
+    max_sessions: int
+    max_sessions_per_address: int
+    idle_timeout: float
+    max_bad_commands: int
+    max_auth_failures: int
+    one_line_per_tls_record: bool
+    proxy_protocol: bool
+    proxy_trusted: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: Tuple[Tuple[str, int], ...]
+    tls_listen: Tuple[Tuple[str, int], ...]
+    max_message_size: int
+    max_recipients: int
+    require_tls: bool
+    max_sessions: int
+    max_sessions_per_address: int
+    idle_timeout: float
+    max_bad_commands: int
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    max_age: float
+    warn_after: float
+    bounce_relay: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: str
+    hostname: str
+    spool_dir: str
+    users_file: str
+    pid_file: str
+    user: str
+    log_level: str
+    syslog: str
+    log_file: str
+    allow_root: bool
+    grace_period: float
+    odmr: OdmrSettings
+    smtp: SmtpSettings
+    tls: TlsSettings
+    queue: QueueSettings
+    domains: Dict[str, DomainPolicy] = field(default_factory=dict)
+    fetch: Dict[str, object] = field(default_factory=dict)
+
+    def policy(self, domain: str) -> DomainPolicy:
+        return self.domains.get(domain) or DomainPolicy()
+
+
+# -- loading ---------------------------------------------------------------
+
+def default_config_path() -> str:
+    return os.environ.get("ODMRD_CONFIG") or DEFAULT_CONFIG
+
+
+def _configspec() -> List[str]:
+    data = pkgutil.get_data("odmr", "configspec.ini")
+    if data is None:  # pragma: no cover - only a broken build gets here
+        raise ConfigError(["configspec.ini is missing from the odmr package"])
+    return data.decode("utf-8").splitlines()
+
+
+def _line_numbers(path: str) -> Dict[Tuple[Tuple[str, ...], str], int]:
+    """Map (section path, key) -> line number, for error messages."""
+    numbers: Dict[Tuple[Tuple[str, ...], str], int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return numbers
+    stack: List[str] = []
+    header = re.compile(r"^\s*(\[+)\s*([^\]]*?)\s*(\]+)\s*(#.*)?$")
+    keyline = re.compile(r"^\s*([^#=\s][^=]*?)\s*=")
+    for number, line in enumerate(lines, 1):
+        m = header.match(line)
+        if m:
+            depth = len(m.group(1))
+            stack = stack[: depth - 1] + [m.group(2).strip("\"'")]
+            numbers.setdefault((tuple(stack), ""), number)
+            continue
+        m = keyline.match(line)
+        if m:
+            numbers.setdefault((tuple(stack), m.group(1).strip("\"'")), number)
+    return numbers
+
+
+def _where(lines, sections, key) -> str:
+    name = ".".join(list(sections) + ([key] if key else []))
+    number = lines.get((tuple(sections), key or ""))
+    if number is None and key:
+        number = lines.get((tuple(sections), ""))
+    return "%s (line %d)" % (name, number) if number else name
+
+
+def _resolve(base: str, path: str) -> str:
+    if not path:
+        return path
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def default_hostname() -> str:
+    try:
+        return socket.getfqdn() or "localhost"
+    except OSError:
+        return "localhost"
+
+
+def load(path: Optional[str] = None) -> Settings:
+    """Read and validate the configuration file; raise ConfigError on any problem."""
+    path = os.path.abspath(path or default_config_path())
+    if not os.path.exists(path):
+        raise ConfigError(["%s: no such configuration file" % path])
+    try:
+        raw = ConfigObj(path, configspec=_configspec(), encoding="utf-8",
+                        file_error=True, raise_errors=False, list_values=True)
+    except ConfigObjError as exc:
+        problems = []
+        for err in getattr(exc, "errors", []) or [exc]:
+            line = getattr(err, "line_number", None)
+            problems.append("%s: line %s: %s" % (path, line, getattr(err, "message", err)))
+        raise ConfigError(problems) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(["%s: %s" % (path, exc)]) from None
+
+    validator = Validator({
+        "duration": _check_duration,
+        "size": _check_size,
+        "listen_list": _check_listen_list,
+        "mechanism_list": _check_mechanism_list,
+    })
+    result = raw.validate(validator, preserve_errors=True)
+    lines = _line_numbers(path)
+    problems: List[str] = []
+    if result is not True:
+        for sections, key, error in flatten_errors(raw, result):
+            if key is None:
+                problems.append("%s: missing section" % _where(lines, sections, ""))
+            elif error is False:
+                problems.append("%s: missing value" % _where(lines, sections, key))
+            else:
+                message = str(error) if isinstance(error, ValidateError) else "invalid value"
+                problems.append("%s: %s" % (_where(lines, sections, key), message))
+    for sections, name in get_extra_values(raw):
+        problems.append("%s: unknown key" % _where(lines, sections, name))
+
+    domains: Dict[str, DomainPolicy] = {}
+    for name in list(raw.get("domains", {}).keys()):
+        section = raw["domains"][name]
+        try:
+            domain = normalize_domain(name)
+        except ValueError as exc:
+            problems.append("%s: invalid domain name: %s" % (_where(lines, ("domains",), name), exc))
+            continue
+        if isinstance(section, dict) and result is not True and not _section_ok(result, "domains", name):
+            continue
+        domains[domain] = DomainPolicy(
+            max_bytes=int(section["max_bytes"]),
+            max_messages=int(section["max_messages"]),
+            recipients=tuple(r.strip() for r in _as_list(section["recipients"]) if r.strip()) or ("*",),
+        )
+    if raw.get("odmr") and isinstance(raw["odmr"].get("listen"), list) and not raw["odmr"]["listen"] \
+            and not raw["odmr"].get("tls_listen"):
+        problems.append("%s: no ODMR listener configured" % _where(lines, ("odmr",), "listen"))
+    if problems:
+        raise ConfigError(problems)
+
+    base = os.path.dirname(path)
+    tls = raw["tls"]
+    settings = Settings(
+        path=path,
+        hostname=raw["hostname"] or default_hostname(),
+        spool_dir=_resolve(base, raw["spool_dir"]),
+        users_file=_resolve(base, raw["users_file"]),
+        pid_file=_resolve(base, raw["pid_file"]),
+        user=raw["user"],
+        log_level=raw["log_level"],
+        syslog=raw["syslog"],
+        log_file=_resolve(base, raw["log_file"]),
+        allow_root=raw["allow_root"],
+        grace_period=raw["grace_period"],
+        odmr=OdmrSettings(
+            listen=tuple(raw["odmr"]["listen"]),
+            tls_listen=tuple(raw["odmr"]["tls_listen"]),
+            mechanisms=tuple(raw["odmr"]["mechanisms"]),
+            allow_plaintext_passwords=raw["odmr"]["allow_plaintext_passwords"],
+            require_tls=raw["odmr"]["require_tls"],
+            max_sessions=raw["odmr"]["max_sessions"],
+            max_sessions_per_address=raw["odmr"]["max_sessions_per_address"],
+            idle_timeout=raw["odmr"]["idle_timeout"],
+            max_bad_commands=raw["odmr"]["max_bad_commands"],
+            max_auth_failures=raw["odmr"]["max_auth_failures"],
+            one_line_per_tls_record=raw["odmr"]["one_line_per_tls_record"],
+            proxy_protocol=raw["odmr"]["proxy_protocol"],
+            proxy_trusted=tuple(raw["odmr"]["proxy_trusted"]),
+        ),
+        smtp=SmtpSettings(
+            listen=tuple(raw["smtp"]["listen"]),
+            tls_listen=tuple(raw["smtp"]["tls_listen"]),
+            max_message_size=raw["smtp"]["max_message_size"],
+            max_recipients=raw["smtp"]["max_recipients"],
+            require_tls=raw["smtp"]["require_tls"],
+            max_sessions=raw["smtp"]["max_sessions"],
+            max_sessions_per_address=raw["smtp"]["max_sessions_per_address"],
+            idle_timeout=raw["smtp"]["idle_timeout"],
+            max_bad_commands=raw["smtp"]["max_bad_commands"],
+        ),
+        tls=TlsSettings(
+            cert_file=_resolve(base, tls["cert_file"]),
+            key_file=_resolve(base, tls["key_file"]),
+            client_ca_file=_resolve(base, tls["client_ca_file"]),
+        ),
+        queue=QueueSettings(
+            max_age=raw["queue"]["max_age"],
+            warn_after=raw["queue"]["warn_after"],
+            bounce_relay=raw["queue"]["bounce_relay"],
+        ),
+        domains=domains,
+        fetch=dict(raw["fetch"]),
+    )
+    return settings
+
+
+def _section_ok(result, *names) -> bool:
+    node = result
+    for name in names:
+        if node is True:
+            return True
+        if not isinstance(node, dict):
+            return False
+        node = node.get(name, True)
+    if node is True:
+        return True
+    if isinstance(node, dict):
+        return all(v is True for v in node.values())
+    return False

@@ -1,0 +1,271 @@
+"""The SMTP intake port: accepts mail for hosted domains and spools it.
+
+It never delivers and never relays: RCPT is accepted only for hosted domains
+(and listed recipients where a domain restricts them). A message for several
+hosted domains is written as one copy per domain, each with only that domain's
+recipients, and 250 is sent only after every copy is durably on disk.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import socket
+import time
+from typing import Dict, List, Optional
+
+from odmr.runtime import Runtime
+from odmr.spool import Envelope, Recipient, SpoolError
+from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
+
+log = logging.getLogger("odmrd.smtp")
+
+
+def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
+                    msg_id: str, recipients: List[str]) -> bytes:
+    """A RFC 5321 trace header, folded; `for` only names a single recipient."""
+    clean_helo = "".join(c for c in helo if c.isprintable() and c not in "()\\")[:100] or "unknown"
+    text = "Received: from %s ([%s])\r\n\tby %s (odmrd) with %s id %s" % (
+        clean_helo, peer_ip, hostname, protocol, msg_id)
+    if len(recipients) == 1:
+        text += "\r\n\tfor <%s>" % recipients[0]
+    text += ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)
+    return text.encode("utf-8", "replace")
+
+
+class Transaction:
+    """The envelope being collected between MAIL and the end of DATA."""
+
+    def __init__(self, sender: str, smtputf8: bool, body: str, size: int):
+        self.sender = sender
+        self.smtputf8 = smtputf8
+        self.body = body
+        self.declared_size = size
+        self.recipients: Dict[str, str] = {}       # address -> domain, in order
+
+
+class IntakeSession(Session):
+    """One client of the intake port."""
+
+    protocol_name = "ESMTP"
+
+    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime):
+        self.runtime = runtime
+        settings = runtime.settings.smtp
+        self.limits = settings
+        self.idle_timeout = settings.idle_timeout
+        self.max_bad_commands = settings.max_bad_commands
+        super().__init__(sock, peer)
+        self.helo: Optional[str] = None
+        self.esmtp = False
+        self.tx: Optional[Transaction] = None
+        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
+
+    def hostname(self) -> str:
+        return self.runtime.hostname
+
+    def greet(self) -> None:
+        self.reply(220, "%s ESMTP odmrd ready" % self.hostname())
+
+    # -- session verbs ------------------------------------------------------
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: EHLO hostname")
+            return
+        self.helo, self.esmtp, self.tx = arg, True, None
+        self.reply(250, self.hostname(),
+                   "PIPELINING",
+                   "SIZE %d" % self.limits.max_message_size,
+                   "8BITMIME",
+                   "SMTPUTF8",
+                   "ENHANCEDSTATUSCODES")
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: HELO hostname")
+            return
+        self.helo, self.esmtp, self.tx = arg, False, None
+        self.reply(250, self.hostname())
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_RSET(self, arg: str) -> None:
+        self.tx = None
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, arg: str) -> None:
+        self.reply(502, "5.5.1 EXPN not implemented")
+
+    def smtp_HELP(self, arg: str) -> None:
+        self.reply(214, "2.0.0 See RFC 5321")
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        self.reply(502, "5.5.1 STARTTLS not available")
+        self.count_bad_command()
+
+    def smtp_BDAT(self, arg: str) -> None:
+        self.reply(502, "5.5.1 BDAT not implemented")
+        self.count_bad_command()
+
+    def smtp_ETRN(self, arg: str) -> None:
+        self.reply(502, "5.5.1 ETRN not implemented; use ATRN on the ODMR port")
+        self.count_bad_command()
+
+    # -- the transaction ------------------------------------------------------
+    def smtp_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            self.reply(503, "5.5.1 Send EHLO first")
+            return self.count_bad_command()
+        if self.tx is not None:
+            self.reply(503, "5.5.1 Nested MAIL command")
+            return self.count_bad_command()
+        parsed = parse_path(arg, "FROM:")
+        if parsed is None:
+            self.reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
+            return self.count_bad_command()
+        sender, param_text = parsed
+        params = parse_params(param_text)
+        if params is None or (params and not self.esmtp):
+            self.reply(501, "5.5.4 Bad MAIL parameters")
+            return self.count_bad_command()
+        size = 0
+        body = ""
+        smtputf8 = False
+        for key, value in params.items():
+            if key == "SIZE" and value.isdigit() and len(value) < 20:
+                size = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                body = value.upper()
+            elif key == "SMTPUTF8" and value == "":
+                smtputf8 = True
+            else:
+                self.reply(555, "5.5.4 Unsupported MAIL parameter %s" % key)
+                return self.count_bad_command()
+        if size > self.limits.max_message_size:
+            self.reply(552, "5.3.4 Message size exceeds fixed limit of %d bytes"
+                       % self.limits.max_message_size)
+            return
+        if not sender.isascii() and not smtputf8:
+            self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
+            return
+        if sender and "@" not in sender:
+            self.reply(553, "5.1.7 Sender address needs a domain")
+            return
+        if len(sender) > 256:
+            self.reply(553, "5.1.7 Sender address too long")
+            return
+        self.tx = Transaction(sender, smtputf8, body, size)
+        self.reply(250, "2.1.0 Ok")
+
+    def smtp_RCPT(self, arg: str) -> None:
+        tx = self.tx
+        if tx is None:
+            self.reply(503, "5.5.1 Need MAIL before RCPT")
+            return self.count_bad_command()
+        parsed = parse_path(arg, "TO:")
+        if parsed is None:
+            self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
+            return self.count_bad_command()
+        address, param_text = parsed
+        params = parse_params(param_text)
+        if params is None or params:
+            self.reply(555, "5.5.4 Unsupported RCPT parameters")
+            return self.count_bad_command()
+        if len(address) > 256:
+            self.reply(501, "5.1.3 Recipient address too long")
+            return self.count_bad_command()
+        if len(tx.recipients) >= self.limits.max_recipients:
+            self.reply(452, "4.5.3 Too many recipients")
+            return
+        domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8)
+        if domain is None:
+            log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, address, code, text)
+            self.reply(code, text)
+            if code >= 500:
+                self.count_bad_command()
+            return
+        if not self.runtime.quota_ok(domain, tx.declared_size):
+            self.reply(452, "4.2.2 Mailbox full for %s, try again later" % domain)
+            return
+        tx.recipients.setdefault(address, domain)
+        self.reply(250, text)
+
+    def smtp_DATA(self, arg: str) -> None:
+        tx = self.tx
+        if tx is None:
+            self.reply(503, "5.5.1 Need MAIL command")
+            return self.count_bad_command()
+        if not tx.recipients:
+            self.reply(554, "5.5.1 No valid recipients")
+            return self.count_bad_command()
+        if arg:
+            self.reply(501, "5.5.4 Syntax: DATA")
+            return self.count_bad_command()
+        self.tx = None
+        self.receive(tx)
+
+    def receive(self, tx: Transaction) -> None:
+        """Stream the message into one spool file per domain; reply once at the end."""
+        by_domain: Dict[str, List[str]] = {}
+        for address, domain in tx.recipients.items():
+            by_domain.setdefault(domain, []).append(address)
+        now = time.time()
+        envelopes = {
+            domain: Envelope(sender=tx.sender, recipients=[Recipient(a) for a in addresses],
+                             body=tx.body, smtputf8=tx.smtputf8, arrival=now,
+                             client="[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]))
+            for domain, addresses in by_domain.items()}
+        protocol = ("UTF8SMTP" if tx.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+
+        def prefix(domain: str, msg_id: str) -> bytes:
+            return received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
+                                   msg_id, by_domain[domain])
+
+        limit = self.limits.max_message_size
+        incoming = None
+        failure = None
+        try:
+            incoming = self.runtime.spool.begin(envelopes, prefix)
+        except SpoolError as exc:
+            failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        size = 0
+        for piece in iter_data(self):
+            size += len(piece)
+            if failure is not None:
+                continue
+            if size > limit:
+                failure = (552, "5.3.4 Message size exceeds fixed limit of %d bytes" % limit,
+                           "too big")
+                incoming.abort()
+                continue
+            try:
+                incoming.write(piece)
+            except SpoolError as exc:
+                failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        if failure is None:
+            try:
+                stored = incoming.commit()
+            except SpoolError as exc:
+                failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        if failure is not None:
+            if incoming is not None:
+                incoming.abort()
+            log.warning("smtp: %s message from <%s> refused: %d %s (%s)",
+                        self.peer, tx.sender, failure[0], failure[1], failure[2])
+            self.reply(failure[0], failure[1])
+            return
+        for domain, msg_id in stored:
+            log.info("smtp: accepted id=%s domain=%s size=%d from=<%s> to=%s client=%s",
+                     msg_id, domain, size, tx.sender,
+                     ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
+        self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
+
+    def log_command(self, verb: str, arg: str) -> None:
+        log.debug("smtp: %s <- %s %s", self.peer, verb, arg[:200])

@@ -1,0 +1,51 @@
+"""Domain names and mail addresses, checked before they reach a path or a lock.
+
+Every domain that names a spool directory passes through `normalize_domain`,
+so the directory name is always a lower-case A-label string built from
+letters, digits, hyphens and dots — never raw client input.
+"""
+from __future__ import annotations
+
+import re
+from typing import Tuple
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def normalize_domain(text: str) -> str:
+    """Return the lower-case A-label form of a domain, or raise ValueError."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("empty domain")
+    if len(text) > 253 * 4:
+        raise ValueError("domain too long")
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except (UnicodeError, ValueError):
+            raise ValueError("invalid internationalised domain") from None
+    name = text.lower()
+    if len(name) > 253:
+        raise ValueError("domain too long")
+    labels = name.split(".")
+    if len(labels) < 1:
+        raise ValueError("empty domain")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError("invalid domain label %r" % label[:70])
+    return name
+
+
+def is_valid_domain(text: str) -> bool:
+    try:
+        normalize_domain(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_address(address: str) -> Tuple[str, str]:
+    """Split `local@domain` at the last '@'; the domain is not normalised."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError("address needs local@domain")
+    return local, domain

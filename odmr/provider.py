@@ -1,0 +1,247 @@
+"""The ODMR port (RFC 2645, provider side): EHLO, AUTH, ATRN, then turnaround.
+
+State: initial -> (AUTH) -> authenticated -> (ATRN 250) -> reversed. On the
+250 this session hands its socket, its buffered reader and the claimed
+domains to `delivery`, which acts as the SMTP client on the same connection.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import socket
+from typing import List, Optional
+
+from odmr import sasl
+from odmr.accounts import Account
+from odmr.delivery import deliver_reversed
+from odmr.names import normalize_domain
+from odmr.runtime import Runtime
+from odmr.spool import DomainBusy
+from odmr.wire import Closed, LineTooLong, Session
+
+log = logging.getLogger("odmrd.odmr")
+
+MAX_AUTH_LINE = 12288          # RFC 4954 section 4
+
+REPLY_ATRN_OK = (250, "OK now reversing the connection")
+REPLY_ATRN_REFUSED = (450, "ATRN request refused")
+REPLY_ATRN_BUSY = (451, "Unable to process ATRN request now")
+REPLY_NO_MAIL = (453, "You have no mail")
+REPLY_AUTH_REQUIRED = (530, "5.7.0 Authentication required")
+
+
+class ATRNSyntaxError(ValueError):
+    pass
+
+
+def parse_atrn_domains(arg: str) -> List[str]:
+    """`example.org, Example.COM` -> ['example.org', 'example.com'] (order kept, no duplicates)."""
+    if not arg.strip():
+        return []
+    domains: List[str] = []
+    for element in arg.split(","):
+        element = element.strip(" ")
+        if not element:
+            raise ATRNSyntaxError("empty domain in ATRN list")
+        try:
+            domain = normalize_domain(element)
+        except ValueError as exc:
+            raise ATRNSyntaxError(str(exc)) from None
+        if domain not in domains:
+            domains.append(domain)
+    return domains
+
+
+class ODMRSession(Session):
+    """One customer on the ODMR port."""
+
+    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime, tls_active: bool = False):
+        self.runtime = runtime
+        self.odmr = runtime.settings.odmr
+        self.idle_timeout = self.odmr.idle_timeout
+        self.max_bad_commands = self.odmr.max_bad_commands
+        super().__init__(sock, peer)
+        self.tls_active = tls_active
+        self.implicit_tls = tls_active
+        self.ehlo: Optional[str] = None
+        self.account: Optional[Account] = None
+        self.auth_failures = 0
+
+    def hostname(self) -> str:
+        return self.runtime.hostname
+
+    def greet(self) -> None:
+        log.info("odmr: connect from %s%s", self.peer, " (TLS)" if self.tls_active else "")
+        self.reply(220, "%s ESMTP odmrd on-demand mail relay server ready" % self.hostname())
+
+    def finish(self) -> None:
+        log.debug("odmr: disconnect from %s", self.peer)
+        super().finish()
+
+    def mechanisms(self) -> List[str]:
+        """Mechanisms to advertise now (PLAIN/LOGIN only under TLS unless allowed)."""
+        names = []
+        for name in self.odmr.mechanisms:
+            if name not in sasl.SERVER_MECHANISMS:
+                continue
+            if sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
+                continue
+            names.append(name)
+        return names
+
+    def _plaintext_ok(self) -> bool:
+        return self.tls_active or self.odmr.allow_plaintext_passwords
+
+    # -- verbs ----------------------------------------------------------------
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: EHLO hostname")
+            return
+        self.ehlo = arg
+        lines = [self.hostname()]
+        mechs = self.mechanisms()
+        if mechs and self.account is None:
+            lines.append("AUTH " + " ".join(mechs))
+        lines.append("ATRN")
+        self.reply(250, *lines)
+
+    def smtp_HELO(self, arg: str) -> None:
+        self.reply(502, "5.5.1 Use EHLO: ODMR needs ESMTP")
+        self.count_bad_command()
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_RSET(self, arg: str) -> None:
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        self.reply(502, "5.5.1 STARTTLS not available")
+        self.count_bad_command()
+
+    def _not_here(self, arg: str) -> None:
+        self.reply(502, "5.5.1 Command not implemented on the ODMR port")
+        self.count_bad_command()
+
+    smtp_MAIL = smtp_RCPT = smtp_DATA = smtp_BDAT = smtp_ETRN = smtp_TURN = _not_here
+    smtp_VRFY = smtp_EXPN = _not_here
+
+    def smtp_AUTH(self, arg: str) -> None:
+        if self.ehlo is None:
+            self.reply(503, "5.5.1 Send EHLO first")
+            return self.count_bad_command()
+        if self.account is not None:
+            self.reply(503, "5.5.1 Already authenticated")
+            return self.count_bad_command()
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return self.count_bad_command()
+        name = parts[0].upper()
+        if name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
+            self.reply(504, "5.5.4 Unrecognized authentication type")
+            return self.count_bad_command()
+        if self.odmr.require_tls and not self.tls_active:
+            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
+            return self.count_bad_command()
+        if sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
+            self.reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+            return self.count_bad_command()
+        initial = None
+        try:
+            if len(parts) == 2:
+                initial = self._decode(parts[1])
+            mech = sasl.server_mechanism(name, self.runtime.accounts.get, self.hostname())
+            username = mech.authenticate(self._challenge, initial)
+        except sasl.AuthCancelled:
+            self.reply(501, "5.7.0 Authentication cancelled")
+            return
+        except sasl.AuthProtocolError:
+            self.reply(501, "5.5.2 Malformed authentication exchange")
+            return self._auth_failed(name, None)
+        except sasl.AuthFailed:
+            self.reply(535, "5.7.8 Authentication credentials invalid")
+            return self._auth_failed(name, None)
+        account = self.runtime.accounts.get(username)
+        if account is None:
+            self.reply(535, "5.7.8 Authentication credentials invalid")
+            return self._auth_failed(name, username)
+        self.account = account
+        log.info("odmr: %s authenticated as %s (%s)", self.peer, account.name, name)
+        self.reply(235, "2.7.0 Authentication successful")
+
+    def _auth_failed(self, mechanism: str, username: Optional[str]) -> None:
+        self.auth_failures += 1
+        log.warning("odmr: authentication failed from %s (%s)%s", self.peer, mechanism,
+                    " user=%s" % username if username else "")
+        if self.auth_failures >= self.odmr.max_auth_failures:
+            self.close_after(421, "4.7.0 %s Too many authentication failures" % self.hostname())
+
+    def _decode(self, text: str) -> bytes:
+        if text == "*":
+            raise sasl.AuthCancelled()
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise sasl.AuthProtocolError("bad base64") from None
+
+    def _challenge(self, data: bytes) -> bytes:
+        """The SASL mechanism's channel: one 334 out, one line back."""
+        self.reply(334, base64.b64encode(data).decode("ascii"))
+        try:
+            line = self.read_line(MAX_AUTH_LINE)
+        except LineTooLong:
+            raise sasl.AuthProtocolError("line too long") from None
+        return self._decode(line.rstrip(b"\r\n").decode("ascii", "replace").strip())
+
+    def smtp_ATRN(self, arg: str) -> None:
+        account = self.account
+        if account is None:
+            self.reply(*REPLY_AUTH_REQUIRED)
+            return self.count_bad_command()
+        try:
+            requested = parse_atrn_domains(arg)
+        except ATRNSyntaxError as exc:
+            log.info("odmr: %s ATRN syntax error: %s", self.peer, exc)
+            self.reply(501, "5.5.4 Syntax: ATRN [domain *(\",\" domain)]")
+            return self.count_bad_command()
+        domains = requested or list(account.domains)
+        foreign = [d for d in domains if d not in account.domains]
+        if foreign:
+            log.warning("odmr: %s (%s) ATRN %s refused: not the account's domains: %s",
+                        self.peer, account.name, ",".join(domains), ",".join(foreign))
+            self.reply(*REPLY_ATRN_REFUSED)
+            return
+        spool = self.runtime.spool
+        try:
+            claim = spool.claim(domains)
+        except DomainBusy as busy:
+            log.info("odmr: %s (%s) ATRN %s: %s is being delivered by another session",
+                     self.peer, account.name, ",".join(domains), busy)
+            self.reply(*REPLY_ATRN_BUSY)
+            return
+        except OSError as exc:
+            log.error("odmr: cannot lock spool for %s: %s", ",".join(domains), exc)
+            self.reply(*REPLY_ATRN_BUSY)
+            return
+        with claim:
+            if not any(spool.has_mail(d) for d in domains):
+                log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, account.name, ",".join(domains))
+                self.reply(*REPLY_NO_MAIL)
+                return
+            log.info("odmr: %s (%s) ATRN %s: reversing the connection",
+                     self.peer, account.name, ",".join(domains))
+            self.reply(*REPLY_ATRN_OK)
+            self.closing = True
+            deliver_reversed(self, domains)
+
+    def log_command(self, verb: str, arg: str) -> None:
+        if verb == "AUTH":
+            arg = arg.split(" ", 1)[0] + (" ****" if " " in arg else "")
+        log.debug("odmr: %s <- %s %s", self.peer, verb, arg[:200])

@@ -1,0 +1,72 @@
+"""What every session shares: settings, accounts, the spool, and the hosting policy.
+
+A reload builds a new Runtime snapshot and swaps `Service.runtime`; sessions
+that already started keep the snapshot they began with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from odmr.accounts import Accounts
+from odmr.config import Settings
+from odmr.names import normalize_domain, split_address
+from odmr.spool import Spool
+
+# (domain or None, SMTP code, enhanced text)
+Verdict = Tuple[Optional[str], int, str]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    accounts: Accounts
+    spool: Spool
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+    def hosted_domains(self) -> frozenset:
+        return self.accounts.hosted_domains() | frozenset(self.settings.domains)
+
+    def classify_recipient(self, address: str, utf8_allowed: bool) -> Verdict:
+        """Decide whether a recipient address is accepted for spooling, and for which domain."""
+        if not address:
+            return None, 501, "5.1.3 Null recipient not allowed"
+        if not address.isascii() and not utf8_allowed:
+            return None, 553, "5.6.7 Non-ASCII address needs SMTPUTF8"
+        try:
+            local, domain_text = split_address(address)
+        except ValueError:
+            return None, 501, "5.1.3 Bad recipient address syntax"
+        if len(local) > 64 * 4 or domain_text.startswith("["):
+            return None, 550, "5.7.1 Relaying denied"
+        try:
+            domain = normalize_domain(domain_text)
+        except ValueError:
+            return None, 501, "5.1.3 Bad recipient address syntax"
+        if domain not in self.hosted_domains():
+            return None, 550, "5.7.1 Relaying denied"
+        if not self.settings.policy(domain).accepts(local, domain):
+            return None, 550, "5.1.1 No such user here"
+        return domain, 250, "2.1.5 Ok"
+
+    def quota_ok(self, domain: str, incoming_size: int = 0) -> bool:
+        policy = self.settings.policy(domain)
+        if not policy.max_bytes and not policy.max_messages:
+            return True
+        count, size = self.spool.usage(domain)
+        if policy.max_messages and count >= policy.max_messages:
+            return False
+        if policy.max_bytes and size + incoming_size > policy.max_bytes:
+            return False
+        return True
+
+
+def group_by_domain(recipients: Dict[str, str]) -> Dict[str, list]:
+    """{address: domain} -> {domain: [addresses]} in first-seen order."""
+    grouped: Dict[str, list] = {}
+    for address, domain in recipients.items():
+        grouped.setdefault(domain, []).append(address)
+    return grouped

@@ -1,0 +1,262 @@
+"""Listeners and the running service: sockets, session limits, reload, stop.
+
+Each listen address gets a `ThreadingTCPServer` whose `serve_forever` runs in
+its own thread; each connection gets a session thread. The service object
+owns the current Runtime snapshot and swaps it on reload.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from odmr import accounts as accounts_mod
+from odmr import config as config_mod
+from odmr.intake import IntakeSession
+from odmr.provider import ODMRSession
+from odmr.runtime import Runtime
+from odmr.spool import Spool
+
+log = logging.getLogger("odmrd")
+
+USERS_RECHECK = 2.0     # seconds between checks of the users file's mtime
+
+
+class StartupError(Exception):
+    """odmrd cannot start; the message is one line for the operator."""
+
+
+class Listener(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address: Tuple[str, int], kind: str, service: "Service", implicit_tls: bool = False):
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.kind = kind
+        self.service = service
+        self.implicit_tls = implicit_tls
+        super().__init__((host, port), socketserver.BaseRequestHandler, bind_and_activate=False)
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    def label(self) -> str:
+        host, port = self.server_address[:2]
+        return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
+
+    def process_request(self, request, client_address) -> None:
+        ip = client_address[0]
+        refusal = self.service.admit(self.kind, ip)
+        if refusal:
+            log.warning("%s: refused connection from %s: %s", self.kind, ip, refusal)
+            try:
+                request.settimeout(2.0)
+                request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def finish_request(self, request, client_address) -> None:
+        ip = client_address[0]
+        peer = ("[%s]:%d" % (ip, client_address[1])) if ":" in ip else "%s:%d" % (ip, client_address[1])
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            runtime = self.service.runtime
+            if self.kind == "odmr":
+                session = ODMRSession(request, peer, runtime)
+            else:
+                session = IntakeSession(request, peer, runtime)
+            session.run()
+        finally:
+            self.service.release(self.kind, ip)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("%s: internal error in session with %s", self.kind, client_address[0])
+
+
+class Service:
+    """The provider: owns settings, accounts, spool and listeners."""
+
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.settings = config_mod.load(config_path)
+        self.spool = Spool(self.settings.spool_dir)
+        self._accounts = self._load_accounts(self.settings)
+        self._runtime = Runtime(self.settings, self._accounts, self.spool)
+        self._users_checked = time.monotonic()
+        self._users_mtime = _mtime(self.settings.users_file)
+        self._lock = threading.Lock()
+        self._sessions: Dict[str, Dict[str, int]] = {"odmr": {}, "smtp": {}}
+        self._totals: Dict[str, int] = {"odmr": 0, "smtp": 0}
+        self._idle = threading.Condition(self._lock)
+        self.listeners: List[Listener] = []
+        self.threads: List[threading.Thread] = []
+
+    @staticmethod
+    def _load_accounts(settings) -> accounts_mod.Accounts:
+        if not os.path.exists(settings.users_file):
+            log.warning("no users file at %s yet: no domains are hosted until "
+                        "'odmrd user add' creates it", settings.users_file)
+            return accounts_mod.Accounts([], settings.users_file)
+        try:
+            return accounts_mod.load(settings.users_file)
+        except accounts_mod.AccountsError as exc:
+            raise StartupError(str(exc).replace("\n", "; ")) from None
+
+    # -- the current snapshot ---------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        """The current snapshot; picks up an edited users file within a few seconds."""
+        now = time.monotonic()
+        if now - self._users_checked >= USERS_RECHECK:
+            self._users_checked = now
+            mtime = _mtime(self.settings.users_file)
+            if mtime != self._users_mtime:
+                self._users_mtime = mtime
+                self._reload_accounts()
+        return self._runtime
+
+    def _reload_accounts(self) -> None:
+        try:
+            accounts = self._load_accounts(self.settings)
+        except StartupError as exc:
+            log.error("users file not reloaded, keeping the previous accounts: %s", exc)
+            return
+        self._runtime = Runtime(self.settings, accounts, self.spool)
+        log.info("users file reloaded: %d accounts, %d hosted domains", len(accounts),
+                 len(self._runtime.hosted_domains()))
+
+    def reload(self) -> None:
+        """SIGHUP: fresh settings and accounts; listeners stay as they are."""
+        try:
+            settings = config_mod.load(self.config_path)
+            accounts = self._load_accounts(settings)
+        except (config_mod.ConfigError, StartupError) as exc:
+            log.error("reload failed, keeping the running configuration: %s",
+                      str(exc).replace("\n", "; "))
+            return
+        old = self.settings
+        for name in ("spool_dir", "user", "pid_file"):
+            if getattr(old, name) != getattr(settings, name):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+        if (old.odmr.listen, old.odmr.tls_listen, old.smtp.listen, old.smtp.tls_listen) != \
+                (settings.odmr.listen, settings.odmr.tls_listen, settings.smtp.listen, settings.smtp.tls_listen):
+            log.warning("reload: listen addresses changed; they take effect after a restart")
+        settings = _keep(settings, old)
+        self.settings = settings
+        self._users_mtime = _mtime(settings.users_file)
+        self._runtime = Runtime(settings, accounts, self.spool)
+        logging.getLogger().setLevel(settings.log_level.upper())
+        log.info("configuration reloaded: %d accounts, %d hosted domains", len(accounts),
+                 len(self._runtime.hosted_domains()))
+
+    # -- session limits -----------------------------------------------------------
+    def admit(self, kind: str, ip: str) -> Optional[str]:
+        limits = self.settings.odmr if kind == "odmr" else self.settings.smtp
+        with self._lock:
+            if self._totals[kind] >= limits.max_sessions:
+                return "Too many connections, try again later"
+            per = self._sessions[kind]
+            if per.get(ip, 0) >= limits.max_sessions_per_address:
+                return "Too many connections from your address"
+            per[ip] = per.get(ip, 0) + 1
+            self._totals[kind] += 1
+        return None
+
+    def release(self, kind: str, ip: str) -> None:
+        with self._lock:
+            per = self._sessions[kind]
+            per[ip] = per.get(ip, 1) - 1
+            if per[ip] <= 0:
+                del per[ip]
+            self._totals[kind] -= 1
+            self._idle.notify_all()
+
+    def active_sessions(self) -> int:
+        with self._lock:
+            return sum(self._totals.values())
+
+    # -- lifecycle ------------------------------------------------------------------
+    def bind(self) -> None:
+        """Open every listening socket (before privileges are dropped)."""
+        wanted = [(a, "odmr", False) for a in self.settings.odmr.listen]
+        wanted += [(a, "odmr", True) for a in self.settings.odmr.tls_listen]
+        wanted += [(a, "smtp", False) for a in self.settings.smtp.listen]
+        wanted += [(a, "smtp", True) for a in self.settings.smtp.tls_listen]
+        for address, kind, tls in wanted:
+            if tls:
+                raise StartupError("%s: implicit TLS listeners are not supported yet" % _label(address))
+            try:
+                self.listeners.append(Listener(address, kind, self, tls))
+            except OSError as exc:
+                self.close()
+                raise StartupError("cannot listen on %s (%s): %s"
+                                   % (_label(address), kind, exc.strerror or exc)) from None
+
+    def prepare_spool(self) -> None:
+        """Create the spool root and clean debris of interrupted writes (after dropping privileges)."""
+        try:
+            removed = self.spool.prepare()
+        except OSError as exc:
+            raise StartupError("spool %s: %s" % (self.spool.root, exc.strerror)) from None
+        if removed:
+            log.info("spool: removed %d leftover temporary files", removed)
+
+    def start(self) -> None:
+        """Serve every listener in its own thread."""
+        for listener in self.listeners:
+            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
+                                      name="listen-%s" % listener.label(), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+            log.info("listening on %s (%s)", listener.label(), listener.kind)
+
+    def stop(self, grace: Optional[float] = None) -> int:
+        """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
+        for listener in self.listeners:
+            listener.shutdown()
+        self.close()
+        deadline = time.monotonic() + (self.settings.grace_period if grace is None else grace)
+        with self._lock:
+            while sum(self._totals.values()) and time.monotonic() < deadline:
+                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+            return sum(self._totals.values())
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.server_close()
+
+
+def _keep(new, old):
+    """Settings that need a restart keep their running values on reload."""
+    import dataclasses
+    odmr = dataclasses.replace(new.odmr, listen=old.odmr.listen, tls_listen=old.odmr.tls_listen)
+    smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen)
+    return dataclasses.replace(new, spool_dir=old.spool_dir, user=old.user, pid_file=old.pid_file,
+                               odmr=odmr, smtp=smtp)
+
+
+def _label(address: Tuple[str, int]) -> str:
+    host, port = address
+    return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0

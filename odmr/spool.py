@@ -1,0 +1,612 @@
+"""The flat-file spool: one directory per hosted domain. Knows nothing of SMTP.
+
+Layout (all directories 0700, files 0600):
+
+    <spool_dir>/<domain>/<id>          a message: envelope lines, blank line, RFC 5322 data (CRLF)
+    <spool_dir>/<domain>/<id>.state    delivery state (JSON), only once an attempt was made
+    <spool_dir>/<domain>/tmp/          files being written; anything here at start-up is debris
+    <spool_dir>/<domain>/.lock         flock()ed by whoever is delivering the domain
+    <spool_dir>/.quarantine/<domain>/  unreadable messages, moved aside for an operator
+
+Every state change is one create+rename or one unlink, so a crash leaves each
+message either fully present or absent; a message acknowledged with 250 was
+fsync'd and its directory entry fsync'd first.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from odmr.names import normalize_domain
+
+log = logging.getLogger("odmrd.spool")
+
+MAGIC = b"ODMR-Spool: 1\n"
+CHUNK = 65536
+OUTBOUND = ".outbound"       # bounces for senders outside the hosted domains, waiting for bounce_relay
+_STAT_TTL = 30.0
+
+
+class SpoolError(Exception):
+    """A spool operation failed; `temporary` says whether retrying may help."""
+
+    def __init__(self, message: str, temporary: bool = True):
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class CorruptMessage(SpoolError):
+    def __init__(self, message: str):
+        super().__init__(message, temporary=False)
+
+
+class DomainBusy(Exception):
+    """Another session (thread, process or node) is delivering the domain."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str                 # without angle brackets
+    notify: str = ""             # DSN NOTIFY=..., as received
+    orcpt: str = ""              # DSN ORCPT=..., as received
+
+    def to_line(self) -> bytes:
+        extra = ""
+        if self.notify:
+            extra += " NOTIFY=" + self.notify
+        if self.orcpt:
+            extra += " ORCPT=" + self.orcpt
+        return ("Recipient: <%s>%s\n" % (self.address, extra)).encode("utf-8")
+
+
+@dataclass
+class Envelope:
+    sender: str                                  # "" for the null sender <>
+    recipients: List[Recipient]
+    body: str = ""                               # "", "7BIT" or "8BITMIME"
+    smtputf8: bool = False
+    ret: str = ""                                # DSN RET=
+    envid: str = ""                              # DSN ENVID=
+    arrival: float = field(default_factory=time.time)
+    client: str = ""
+
+    def header_bytes(self, msg_id: str) -> bytes:
+        parts = [MAGIC,
+                 ("Id: %s\n" % msg_id).encode(),
+                 ("Arrival: %.6f\n" % self.arrival).encode(),
+                 ("Sender: <%s>\n" % self.sender).encode("utf-8")]
+        parts += [r.to_line() for r in self.recipients]
+        if self.body:
+            parts.append(("Body: %s\n" % self.body).encode())
+        if self.smtputf8:
+            parts.append(b"SMTPUTF8: yes\n")
+        if self.ret:
+            parts.append(("Ret: %s\n" % self.ret).encode())
+        if self.envid:
+            parts.append(("Envid: %s\n" % self.envid).encode())
+        if self.client:
+            parts.append(("Client: %s\n" % self.client).encode("utf-8", "replace"))
+        parts.append(b"\n")
+        return b"".join(parts)
+
+
+@dataclass
+class State:
+    """Per-message delivery progress; survives restarts in `<id>.state`."""
+    attempts: int = 0
+    last_error: str = ""
+    last_attempt: float = 0.0
+    done: Dict[str, str] = field(default_factory=dict)       # recipient -> 2xx reply
+    failed: Dict[str, str] = field(default_factory=dict)     # recipient -> 5xx reply
+    bounced: bool = False                                     # DSN for `failed` already spooled
+    warned: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "State":
+        raw = json.loads(data.decode("utf-8"))
+        state = cls()
+        for key in state.__dict__:
+            if key in raw:
+                setattr(state, key, raw[key])
+        return state
+
+
+@dataclass
+class Message:
+    """A spooled message as read back: where it is, its envelope and state."""
+    domain: str
+    id: str
+    path: str
+    envelope: Envelope
+    data_offset: int
+    size: int
+    state: State
+
+    def pending(self) -> List[Recipient]:
+        final = set(self.state.done) | set(self.state.failed)
+        return [r for r in self.envelope.recipients if r.address not in final]
+
+    def open_data(self):
+        fh = open(self.path, "rb")
+        fh.seek(self.data_offset)
+        return fh
+
+    def read_data(self) -> bytes:
+        with self.open_data() as fh:
+            return fh.read()
+
+
+def new_id() -> str:
+    """Sortable by arrival: microseconds in hex, then randomness."""
+    return "%013x%s" % (time.time_ns() // 1000, secrets.token_hex(4))
+
+
+def _valid_id(name: str) -> bool:
+    return 13 < len(name) <= 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupSync:
+    """Directory fsync shared between threads: one fsync covers every rename before it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._requested: Dict[str, int] = {}
+        self._completed: Dict[str, int] = {}
+        self._running: Dict[str, bool] = {}
+
+    def sync(self, path: str) -> None:
+        with self._cond:
+            mine = self._requested.get(path, 0) + 1
+            self._requested[path] = mine
+            while self._completed.get(path, 0) < mine:
+                if self._running.get(path):
+                    self._cond.wait()
+                    continue
+                self._running[path] = True
+                target = self._requested[path]
+                self._cond.release()
+                try:
+                    _fsync_dir(path)
+                finally:
+                    self._cond.acquire()
+                    self._running[path] = False
+                    self._cond.notify_all()
+                self._completed[path] = max(self._completed.get(path, 0), target)
+
+
+def parse_header(data: bytes) -> Tuple[Envelope, str]:
+    """Parse the envelope block (everything before the first empty line)."""
+    if not data.startswith(MAGIC):
+        raise CorruptMessage("not an odmrd spool file")
+    env = Envelope(sender="", recipients=[], arrival=0.0)
+    msg_id = ""
+    for raw in data[len(MAGIC):].split(b"\n"):
+        if not raw:
+            continue
+        key, sep, value = raw.decode("utf-8", "replace").partition(": ")
+        if not sep:
+            raise CorruptMessage("bad envelope line")
+        if key == "Id":
+            msg_id = value
+        elif key == "Arrival":
+            env.arrival = float(value)
+        elif key == "Sender":
+            env.sender = value.strip()[1:-1]
+        elif key == "Recipient":
+            addr, _, params = value.partition("> ")
+            notify = orcpt = ""
+            for param in params.split():
+                name, _, pval = param.partition("=")
+                if name == "NOTIFY":
+                    notify = pval
+                elif name == "ORCPT":
+                    orcpt = pval
+            env.recipients.append(Recipient(addr.strip().lstrip("<").rstrip(">"), notify, orcpt))
+        elif key == "Body":
+            env.body = value
+        elif key == "SMTPUTF8":
+            env.smtputf8 = value == "yes"
+        elif key == "Ret":
+            env.ret = value
+        elif key == "Envid":
+            env.envid = value
+        elif key == "Client":
+            env.client = value
+    if not env.recipients:
+        raise CorruptMessage("no recipients")
+    return env, msg_id
+
+
+class IncomingMessage:
+    """One message being written to one or more domains at once (split at intake)."""
+
+    def __init__(self, spool: "Spool", envelopes: Dict[str, Envelope],
+                 prefix: Optional[Callable[[str, str], bytes]] = None):
+        self.spool = spool
+        self.parts: List[Tuple[str, str, str, object]] = []   # domain, id, tmp path, file
+        self.size = 0
+        try:
+            for domain, envelope in envelopes.items():
+                directory = spool.domain_dir(domain, create=True)
+                while True:
+                    msg_id = new_id()
+                    tmp = os.path.join(directory, "tmp", msg_id)
+                    try:
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        break
+                    except FileExistsError:
+                        continue
+                fh = os.fdopen(fd, "wb", buffering=CHUNK)
+                self.parts.append((domain, msg_id, tmp, fh))
+                fh.write(envelope.header_bytes(msg_id))
+                if prefix is not None:
+                    fh.write(prefix(domain, msg_id))
+        except OSError as exc:
+            self.abort()
+            raise SpoolError("cannot create spool file: %s" % exc.strerror) from None
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        try:
+            for part in self.parts:
+                part[3].write(chunk)
+        except OSError as exc:
+            self.abort()
+            raise SpoolError("cannot write spool file: %s" % exc.strerror) from None
+
+    def commit(self) -> List[Tuple[str, str]]:
+        """Make every copy durable; return [(domain, id)]. Raises SpoolError (all undone)."""
+        try:
+            for _, _, _, fh in self.parts:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+        except OSError as exc:
+            self.abort()
+            raise SpoolError("cannot sync spool file: %s" % exc.strerror) from None
+        done = []
+        try:
+            for domain, msg_id, tmp, _ in self.parts:
+                final = os.path.join(self.spool.domain_dir(domain), msg_id)
+                os.rename(tmp, final)
+                done.append(final)
+            for domain, _, _, _ in self.parts:
+                self.spool._group.sync(self.spool.domain_dir(domain))
+        except OSError as exc:
+            for path in done:
+                _unlink_quietly(path)
+            self.abort()
+            raise SpoolError("cannot commit spool file: %s" % exc.strerror) from None
+        for domain, _, _, _ in self.parts:
+            self.spool._count_added(domain, self.size)
+        return [(domain, msg_id) for domain, msg_id, _, _ in self.parts]
+
+    def abort(self) -> None:
+        for _, _, tmp, fh in self.parts:
+            try:
+                fh.close()
+            except OSError:
+                pass
+            _unlink_quietly(tmp)
+        self.parts = []
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class DomainClaim:
+    """Exclusive right to deliver some domains; released by `release()` or `with`."""
+
+    def __init__(self, spool: "Spool", domains: Iterable[str]):
+        self.spool = spool
+        self.domains: List[str] = []
+        self._held: List[Tuple[threading.Lock, object]] = []
+        try:
+            for domain in domains:
+                self._claim(domain)
+        except BaseException:
+            self.release()
+            raise
+
+    def _claim(self, domain: str) -> None:
+        thread_lock = self.spool._thread_lock(domain)
+        if not thread_lock.acquire(blocking=False):
+            raise DomainBusy(domain)
+        try:
+            directory = self.spool.domain_dir(domain, create=True)
+            fh = open(os.path.join(directory, ".lock"), "a+b")
+        except OSError:
+            thread_lock.release()
+            raise
+        try:
+            os.fchmod(fh.fileno(), 0o600)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.close()
+            thread_lock.release()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DomainBusy(domain) from None
+            raise
+        self._held.append((thread_lock, fh))
+        self.domains.append(domain)
+
+    def release(self) -> None:
+        while self._held:
+            thread_lock, fh = self._held.pop()
+            try:
+                fh.close()       # closing the descriptor drops the flock
+            finally:
+                thread_lock.release()
+        self.domains = []
+
+    def __enter__(self) -> "DomainClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Spool:
+    """All domains' directories under one root."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self._group = _GroupSync()
+        self._locks: Dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._usage: Dict[str, List[float]] = {}      # domain -> [count, bytes, scanned_at]
+        self._usage_guard = threading.Lock()
+
+    # -- directories ------------------------------------------------------
+    def domain_dir(self, domain: str, create: bool = False) -> str:
+        path = self._dir(domain)
+        if create and not os.path.isdir(os.path.join(path, "tmp")):
+            os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
+            _fsync_dir(path)
+            _fsync_dir(self.root)
+        return path
+
+    def _dir(self, domain: str) -> str:
+        """The directory of a queue: a normalised domain, or OUTBOUND."""
+        if domain != OUTBOUND and normalize_domain(domain) != domain:
+            raise ValueError("domain must be normalised before it reaches the spool")
+        return os.path.join(self.root, domain)
+
+    def domains(self) -> List[str]:
+        """Domains that have a spool directory."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        result = []
+        for name in names:
+            if name.startswith(".") or not os.path.isdir(os.path.join(self.root, name)):
+                continue
+            try:
+                if normalize_domain(name) == name:
+                    result.append(name)
+            except ValueError:
+                continue
+        return sorted(result)
+
+    def prepare(self) -> int:
+        """At start-up: create the root, remove debris of interrupted writes. Returns files removed."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        removed = 0
+        for domain in self.domains() + [OUTBOUND]:
+            directory = os.path.join(self.root, domain)
+            tmp = os.path.join(directory, "tmp")
+            for name in _listdir(tmp):
+                _unlink_quietly(os.path.join(tmp, name))
+                removed += 1
+            names = set(_listdir(directory))
+            for name in names:
+                if name.endswith(".state") and name[:-6] not in names:
+                    _unlink_quietly(os.path.join(directory, name))
+                    removed += 1
+                elif name.startswith(".state.") or name.startswith(".tmp."):
+                    _unlink_quietly(os.path.join(directory, name))
+                    removed += 1
+        return removed
+
+    # -- intake -----------------------------------------------------------
+    def begin(self, envelopes: Dict[str, Envelope],
+              prefix: Optional[Callable[[str, str], bytes]] = None) -> IncomingMessage:
+        """Start writing one message for several domains; `prefix` adds per-copy headers."""
+        return IncomingMessage(self, envelopes, prefix)
+
+    def store(self, domain: str, envelope: Envelope, data: bytes) -> str:
+        """Spool a whole message held in memory (bounces, `enqueue` of small input)."""
+        incoming = self.begin({domain: envelope})
+        incoming.write(data)
+        return incoming.commit()[0][1]
+
+    # -- reading ----------------------------------------------------------
+    def message_ids(self, domain: str) -> List[str]:
+        return sorted(n for n in _listdir(self._dir(domain)) if _valid_id(n))
+
+    def has_mail(self, domain: str) -> bool:
+        try:
+            with os.scandir(self._dir(domain)) as it:
+                return any(_valid_id(e.name) for e in it)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def load(self, domain: str, msg_id: str) -> Message:
+        if not _valid_id(msg_id):
+            raise CorruptMessage("invalid message id")
+        path = os.path.join(self._dir(domain), msg_id)
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(CHUNK)
+                end = head.find(b"\n\n")
+                while end < 0 and len(head) < 16 * CHUNK:
+                    more = fh.read(CHUNK)
+                    if not more:
+                        break
+                    head += more
+                    end = head.find(b"\n\n")
+                size = os.fstat(fh.fileno()).st_size
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
+        if end < 0:
+            raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
+        try:
+            envelope, _ = parse_header(head[:end + 1])
+        except (ValueError, UnicodeError) as exc:
+            raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
+        state = self.load_state(domain, msg_id)
+        return Message(domain, msg_id, path, envelope, end + 2, size - end - 2, state)
+
+    def load_state(self, domain: str, msg_id: str) -> State:
+        path = os.path.join(self._dir(domain), msg_id + ".state")
+        try:
+            with open(path, "rb") as fh:
+                return State.from_json(fh.read())
+        except FileNotFoundError:
+            return State()
+        except (OSError, ValueError) as exc:
+            log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, exc)
+            return State()
+
+    def messages(self, domain: str) -> Iterator[Message]:
+        """Every readable message of a domain, oldest first; corrupt ones are quarantined."""
+        for msg_id in self.message_ids(domain):
+            try:
+                yield self.load(domain, msg_id)
+            except FileNotFoundError:
+                continue
+            except CorruptMessage as exc:
+                self.quarantine(domain, msg_id, str(exc))
+
+    def find(self, msg_id: str) -> Optional[Message]:
+        if not _valid_id(msg_id):
+            return None
+        for domain in self.domains() + [OUTBOUND]:
+            if os.path.exists(os.path.join(self.root, domain, msg_id)):
+                try:
+                    return self.load(domain, msg_id)
+                except FileNotFoundError:
+                    return None
+        return None
+
+    # -- changes ----------------------------------------------------------
+    def save_state(self, message: Message) -> None:
+        directory = os.path.join(self.root, message.domain)
+        final = os.path.join(directory, message.id + ".state")
+        tmp = os.path.join(directory, ".state.%s.%s" % (message.id, secrets.token_hex(4)))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(message.state.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        self._group.sync(directory)
+
+    def remove(self, message: Message, sync: bool = True) -> None:
+        """Delete a finished message (data first, then its state)."""
+        directory = os.path.join(self.root, message.domain)
+        try:
+            os.unlink(message.path)
+        except FileNotFoundError:
+            pass
+        _unlink_quietly(message.path + ".state")
+        self._count_added(message.domain, -message.size, -1)
+        if sync:
+            self._group.sync(directory)
+
+    def sync_domain(self, domain: str) -> None:
+        self._group.sync(os.path.join(self.root, domain))
+
+    def quarantine(self, domain: str, msg_id: str, reason: str) -> None:
+        target = os.path.join(self.root, ".quarantine", domain)
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        source = os.path.join(self.root, domain, msg_id)
+        try:
+            os.rename(source, os.path.join(target, msg_id))
+            if os.path.exists(source + ".state"):
+                os.rename(source + ".state", os.path.join(target, msg_id + ".state"))
+        except OSError as exc:
+            log.error("spool: cannot quarantine %s/%s: %s", domain, msg_id, exc.strerror)
+            return
+        log.error("spool: quarantined %s/%s: %s", domain, msg_id, reason)
+
+    # -- locks --------------------------------------------------------------
+    def _thread_lock(self, domain: str) -> threading.Lock:
+        with self._locks_guard:
+            lock = self._locks.get(domain)
+            if lock is None:
+                lock = self._locks[domain] = threading.Lock()
+            return lock
+
+    def claim(self, domains: Iterable[str]) -> DomainClaim:
+        """Claim every domain or none (DomainBusy)."""
+        return DomainClaim(self, domains)
+
+    # -- usage (quotas) -----------------------------------------------------
+    def usage(self, domain: str) -> Tuple[int, int]:
+        """(messages, bytes) waiting for a domain; cached, rescanned every 30 s."""
+        now = time.monotonic()
+        with self._usage_guard:
+            entry = self._usage.get(domain)
+            if entry and now - entry[2] < _STAT_TTL:
+                return int(entry[0]), int(entry[1])
+        count = total = 0
+        directory = self._dir(domain)
+        try:
+            with os.scandir(directory) as it:
+                for e in it:
+                    if _valid_id(e.name):
+                        try:
+                            total += e.stat().st_size
+                            count += 1
+                        except OSError:
+                            pass
+        except FileNotFoundError:
+            pass
+        with self._usage_guard:
+            self._usage[domain] = [count, total, now]
+        return count, total
+
+    def _count_added(self, domain: str, size: int, count: int = 1) -> None:
+        with self._usage_guard:
+            entry = self._usage.get(domain)
+            if entry:
+                entry[0] += count
+                entry[1] += size
+
+
+def _listdir(path: str) -> List[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,272 @@
+"""Line-oriented SMTP plumbing shared by every protocol session.
+
+`Session` owns the socket and its one buffered reader: bounded command lines,
+replies sent in one write, a bad-command budget, a timeout on every read, and
+dispatch to `smtp_<VERB>` methods (the table is built once per class).
+Subclasses (intake, provider, the customer's local server) only add verbs.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Callable, Dict, Iterable, Optional
+
+log = logging.getLogger("odmrd")
+
+MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4, CRLF included
+MAX_TEXT_LINE = 1000            # RFC 5321 4.5.3.1.6; longer lines in DATA are still accepted
+
+
+class Closed(Exception):
+    """The peer went away, or the session decided to end (after a 421)."""
+
+
+class LineTooLong(Exception):
+    pass
+
+
+def format_reply(code: int, lines) -> bytes:
+    """Render one reply; several lines become a multi-line reply (`250-...`)."""
+    if isinstance(lines, str):
+        lines = [lines]
+    lines = list(lines) or [""]
+    out = []
+    for index, text in enumerate(lines):
+        sep = " " if index == len(lines) - 1 else "-"
+        out.append("%d%s%s\r\n" % (code, sep, text))
+    return "".join(out).encode("utf-8")
+
+
+def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
+    """Stuff a leading '.' on every line (data is CRLF-normalised)."""
+    stuffed = data.replace(b"\n.", b"\n..")
+    if at_line_start and stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed
+
+
+class Session:
+    """One SMTP-like conversation over `sock`; subclasses define smtp_VERB methods."""
+
+    max_bad_commands = 20
+    idle_timeout = 300.0
+    _verbs: Dict[str, Callable] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._verbs = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock = sock
+        self.peer = peer
+        self.rfile = sock.makefile("rb")
+        self.bad_commands = 0
+        self.closing = False
+        self.sock.settimeout(self.idle_timeout)
+
+    # -- output ---------------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (OSError, ValueError) as exc:
+            raise Closed("write failed: %s" % exc) from None
+
+    def reply(self, code: int, *lines: str) -> None:
+        self.send_raw(format_reply(code, lines))
+
+    # -- input ----------------------------------------------------------------
+    def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
+        """One line with its ending; LineTooLong after discarding the rest of an overlong line."""
+        try:
+            line = self.rfile.readline(limit + 1)
+            if not line:
+                raise Closed("connection closed by peer")
+            if len(line) > limit or (len(line) == limit + 1 and not line.endswith(b"\n")):
+                while not line.endswith(b"\n"):
+                    line = self.rfile.readline(65536)
+                    if not line:
+                        raise Closed("connection closed by peer")
+                raise LineTooLong()
+            return line
+        except socket.timeout:
+            self.timeout()
+            raise Closed("timeout") from None
+        except (OSError, ValueError) as exc:
+            raise Closed("read failed: %s" % exc) from None
+
+    def timeout(self) -> None:
+        try:
+            self.reply(421, "4.4.2 %s Timeout, closing connection" % self.hostname())
+        except Closed:
+            pass
+
+    def hostname(self) -> str:
+        return "localhost"
+
+    # -- the loop ---------------------------------------------------------------
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            self.greet()
+            while not self.closing:
+                try:
+                    raw = self.read_line()
+                except LineTooLong:
+                    self.reply(500, "5.5.2 Line too long")
+                    self.count_bad_command()
+                    continue
+                self.dispatch(raw)
+        except Closed as exc:
+            log.debug("%s: %s", self.peer, exc)
+        finally:
+            self.finish()
+
+    def dispatch(self, raw: bytes) -> None:
+        line = raw.rstrip(b"\r\n")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.reply(500, "5.5.2 Syntax error: invalid UTF-8")
+            self.count_bad_command()
+            return
+        if any(ord(c) < 32 and c != "\t" for c in text):
+            self.reply(500, "5.5.2 Syntax error: control characters")
+            self.count_bad_command()
+            return
+        verb, _, arg = text.partition(" ")
+        handler = self._verbs.get(verb.upper()) if verb.isascii() and verb.isalpha() else None
+        if handler is None:
+            self.reply(500, "5.5.1 Command unrecognized")
+            self.count_bad_command()
+            return
+        self.log_command(verb.upper(), arg)
+        handler(self, arg.strip())
+
+    def log_command(self, verb: str, arg: str) -> None:
+        pass
+
+    def count_bad_command(self) -> None:
+        self.bad_commands += 1
+        if self.bad_commands >= self.max_bad_commands:
+            self.reply(421, "4.7.0 %s Too many errors, closing connection" % self.hostname())
+            raise Closed("too many bad commands")
+
+    def close_after(self, code: int, text: str) -> None:
+        """Reply, then end the session (421, 221)."""
+        try:
+            self.reply(code, text)
+        finally:
+            self.closing = True
+
+    def finish(self) -> None:
+        for closer in (self.rfile.close, self.sock.close):
+            try:
+                closer()
+            except OSError:
+                pass
+
+
+def parse_params(text: str) -> Optional[Dict[str, str]]:
+    """ESMTP parameters `KEY=VALUE KEY2` -> {KEY: VALUE}; None on syntax error."""
+    params: Dict[str, str] = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        if not key or not all(c.isalnum() or c == "-" for c in key) or not key.isascii():
+            return None
+        params[key.upper()] = value
+    return params
+
+
+def parse_path(arg: str, keyword: str):
+    """`FROM:<a@b> PARAMS` -> (address, params-text); None on syntax error.
+
+    Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>)."""
+    head = arg[: len(keyword)]
+    if head.upper() != keyword:
+        return None
+    rest = arg[len(keyword):].lstrip(" ")
+    if not rest.startswith("<"):
+        return None
+    end = _closing_bracket(rest)
+    if end < 0:
+        return None
+    address = rest[1:end]
+    params = rest[end + 1:]
+    if params and not params.startswith(" "):
+        return None
+    if address.startswith("@"):
+        colon = address.find(":")
+        if colon < 0:
+            return None
+        address = address[colon + 1:]
+    if any(c in address for c in "<>\\ \t") and not (address.startswith('"') or '"' in address):
+        return None
+    return address, params.strip()
+
+
+def _closing_bracket(text: str) -> int:
+    quoted = False
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return -1
+
+
+def join_lines(items: Iterable[str]) -> str:
+    return ", ".join(items)
+
+
+def iter_data(session: Session, chunk: int = 65536):
+    """Yield the message text of a DATA phase, unstuffed and normalised to CRLF.
+
+    Only <CRLF>.<CRLF> ends it: a '.' line after a bare LF (or a '.' line
+    ended by a bare LF) is content, and bare CR / LF become CRLF, so nothing
+    smuggled past this reader can end a message anywhere downstream."""
+    rfile = session.rfile
+    at_line_start = True
+    prev_crlf = True
+    carry = b""
+    while True:
+        try:
+            piece = rfile.readline(chunk)
+        except socket.timeout:
+            session.timeout()
+            raise Closed("timeout in DATA") from None
+        except (OSError, ValueError) as exc:
+            raise Closed("read failed in DATA: %s" % exc) from None
+        if not piece:
+            raise Closed("connection closed in DATA")
+        if carry:
+            piece = carry + piece
+            carry = b""
+        if at_line_start:
+            if piece == b".\r\n" and prev_crlf:
+                return
+            if piece.startswith(b"."):
+                piece = piece[1:]
+        if piece.endswith(b"\n"):
+            crlf = piece.endswith(b"\r\n")
+            body = piece[:-2] if crlf else piece[:-1]
+            if b"\r" in body or b"\n" in body:
+                body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            yield body + b"\r\n"
+            at_line_start = True
+            prev_crlf = crlf
+        else:
+            if piece.endswith(b"\r"):
+                carry = b"\r"
+                piece = piece[:-1]
+            if b"\r" in piece:
+                piece = piece.replace(b"\r", b"\r\n")
+            if piece:
+                yield piece
+            at_line_start = False

@@ -1,0 +1,189 @@
+"""Shared fixtures: a real provider on free loopback ports, real sockets only."""
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import List, Optional
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from odmr import accounts  # noqa: E402
+from odmr.server import Service  # noqa: E402
+
+PASSWORD = "tanstaaf-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = "",
+                 sections: str = "") -> str:
+    path = os.path.join(directory, "odmrd.conf")
+    with open(path, "w") as fh:
+        fh.write(textwrap.dedent("""\
+            hostname = odmr.test
+            spool_dir = spool
+            users_file = users
+            pid_file = odmrd.pid
+            allow_root = yes
+            log_level = debug
+            %s
+            [odmr]
+            listen = 127.0.0.1:%d
+            idle_timeout = 20s
+            [smtp]
+            listen = 127.0.0.1:%d
+            idle_timeout = 20s
+            max_message_size = 1M
+            max_recipients = 50
+            %s
+            """) % (extra, odmr_port, smtp_port, sections))
+    return path
+
+
+class Provider:
+    """A running odmrd provider (in this process, on its own threads)."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+        self.dir = directory
+        self.odmr_port = free_port()
+        self.smtp_port = free_port()
+        self.config = write_config(directory, self.odmr_port, self.smtp_port, extra, sections)
+        self.users = os.path.join(directory, "users")
+        self.spool_dir = os.path.join(directory, "spool")
+        self.service: Optional[Service] = None
+
+    def add_user(self, name: str, domains: List[str], password: str = PASSWORD, cram: bool = True) -> None:
+        accounts.add_user(self.users, name, domains, password, cram)
+        if self.service is not None:
+            self.service.reload()
+
+    def start(self) -> "Provider":
+        self.service = Service(self.config)
+        self.service.bind()
+        self.service.prepare_spool()
+        self.service.start()
+        return self
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop(grace=2.0)
+            self.service = None
+
+    @property
+    def spool(self):
+        return self.service.spool
+
+    def spooled(self, domain: str) -> List[str]:
+        return self.spool.message_ids(domain) if os.path.isdir(os.path.join(self.spool_dir, domain)) else []
+
+    def run_cli(self, *args, input: Optional[bytes] = None, env=None) -> subprocess.CompletedProcess:
+        return run_cli("-c", self.config, *args, input=input, env=env)
+
+
+def run_cli(*args, input: Optional[bytes] = None, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py")] + list(args),
+                          input=input, capture_output=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def provider(tmp_path):
+    """A provider with account alice (example.org, example.com) and bob (example.net)."""
+    p = Provider(str(tmp_path))
+    p.add_user("alice", ["example.org", "example.com"])
+    p.add_user("bob", ["example.net"])
+    p.start()
+    yield p
+    p.stop()
+
+
+class Customer:
+    """A scripted ODMR customer over a raw socket (so every byte is visible)."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, line) -> None:
+        if isinstance(line, str):
+            line = line.encode()
+        self.sock.sendall(line + b"\r\n")
+
+    def reply(self):
+        """(code, [lines]) of one possibly multi-line reply."""
+        lines = []
+        while True:
+            raw = self.file.readline()
+            if not raw:
+                raise EOFError("connection closed")
+            lines.append(raw.rstrip(b"\r\n").decode())
+            if raw[3:4] != b"-":
+                return int(raw[:3]), [l[4:] for l in lines]
+
+    def cmd(self, line):
+        self.send(line)
+        return self.reply()
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def login(self, user: str = "alice", password: str = PASSWORD) -> None:
+        code, _ = self.reply()
+        assert code == 220
+        code, _ = self.cmd("EHLO customer.test")
+        assert code == 250
+        code, lines = self.cmd("AUTH CRAM-MD5")
+        assert code == 334
+        challenge = base64.b64decode(lines[0])
+        digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
+        code, _ = self.cmd(base64.b64encode(("%s %s" % (user, digest)).encode()).decode())
+        assert code == 235
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def customer_factory(provider):
+    made = []
+
+    def make(port=None):
+        c = Customer(port or provider.odmr_port)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def send_mail(port: int, sender: str, rcpts: List[str], data: bytes) -> dict:
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        return s.sendmail(sender, rcpts, data)
+
+
+def which(name: str) -> Optional[str]:
+    for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/bin", "/sbin"]:
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which(name)
