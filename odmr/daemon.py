@@ -1,100 +1,213 @@
-"""Running the provider as a process: logging, privileges, detaching, signals.
+"""Running the provider as a process: logging, privileges, detaching, pid file, signals.
 
-Signal handlers only record what arrived; the main loop acts on it.
+Start-up order (why it matters):
+
+1. read the configuration and users file, decide where logs go;
+2. refuse early: bad config, root without `user`, a live pid file;
+3. bind the listening sockets (may need root: ports 25 and 366);
+4. detach (unless -f): double fork; the original process stays around and
+   waits on a pipe until the grandchild reports "ready" or its one-line error,
+   so `odmrd serve` exits 0 only once the daemon really runs;
+5. open the log file and the pid file (as root: they may live in /var/log and
+   /run), then drop privileges for good, then touch the spool;
+6. start serving; signal handlers only record the signal, the main loop acts.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import logging.handlers
 import os
+import select
 import signal
+import stat
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+from odmr import config as config_mod
 from odmr.server import Service, StartupError
 
 log = logging.getLogger("odmrd")
 
 EX_OK = 0
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 EX_OSERR = 71
 EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 
+SYSLOG_SOCKETS = ("/dev/log", "/var/run/log", "/var/run/syslog")
+DEFAULT_LOG_FILE = "/var/log/odmrd.log"
+STARTUP_TIMEOUT = 60.0      # seconds the foreground parent waits for the daemon's report
 
-class _Formatter(logging.Formatter):
+
+class DaemonError(Exception):
+    """Start-up failed: a one-line message for the operator and a sysexits code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# -- logging -----------------------------------------------------------------
+
+class _OneLine(logging.Formatter):
+    """Log lines never span lines: a CR or LF from a peer cannot forge entries."""
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         return text.replace("\r", "\\r").replace("\n", " | ")
 
 
-def setup_logging(level: str, use_syslog: bool, log_file: str = "") -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(level.upper())
-    if use_syslog:
-        handler = _syslog_handler()
-        if handler is None and not log_file:
-            log_file = "/var/log/odmrd.log"
-        if handler is not None:
-            handler.setFormatter(_Formatter("odmrd[%(process)d]: %(message)s"))
-            root.addHandler(handler)
-            return
-    if log_file:
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """Append-only log file, reopened after rotation; never follows a symlink."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.baseFilename, flags, 0o640)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+
+def syslog_handler() -> Optional[logging.Handler]:
+    """A handler for facility mail on the local syslog socket; None if nothing listens."""
+    for path in SYSLOG_SOCKETS:
         try:
-            handler = logging.FileHandler(log_file)
-        except OSError:
-            handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s odmrd[%(process)d]: %(levelname)s %(message)s",
-                                    "%Y-%m-%d %H:%M:%S"))
-    root.addHandler(handler)
-
-
-def _syslog_handler() -> Optional[logging.Handler]:
-    """Facility mail on /dev/log (or /var/run/log on the BSDs); None if there is no syslog."""
-    for path in ("/dev/log", "/var/run/log", "/var/run/syslog"):
-        if os.path.exists(path):
-            try:
-                return logging.handlers.SysLogHandler(address=path,
-                                                      facility=logging.handlers.SysLogHandler.LOG_MAIL)
-            except OSError:
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
                 continue
+            return logging.handlers.SysLogHandler(address=path,
+                                                  facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        except OSError:
+            continue
     return None
 
 
-def drop_privileges(user: str) -> None:
-    """Permanently become `user` (setgroups, setgid, setuid), or raise StartupError."""
-    import grp
+def fallback_log_file(settings) -> str:
+    """Where a detached daemon logs without syslog: `log_file`, /var/log/odmrd.log, or beside the pid file."""
+    if settings.log_file:
+        return settings.log_file
+    if os.path.isdir(os.path.dirname(DEFAULT_LOG_FILE)) and os.access(os.path.dirname(DEFAULT_LOG_FILE), os.W_OK):
+        return DEFAULT_LOG_FILE
+    return os.path.join(os.path.dirname(settings.pid_file), "odmrd.log")
+
+
+def log_target(settings, foreground: bool) -> Tuple[str, str]:
+    """Decide where logs go: ("stderr", ""), ("syslog", "") or ("file", path)."""
+    wants_syslog = settings.syslog == "yes" or (settings.syslog == "auto" and not foreground)
+    if wants_syslog:
+        probe = syslog_handler()
+        if probe is not None:
+            probe.close()
+            return "syslog", ""
+    if foreground:
+        return "stderr", ""
+    return "file", fallback_log_file(settings)
+
+
+def setup_logging(level: str, target: Tuple[str, str],
+                  owner: Optional[Tuple[int, int]] = None) -> None:
+    """Install the one root handler for `target`; `owner` gets a log file we create as root."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level.upper())
+    kind, path = target
+    handler: Optional[logging.Handler] = None
+    if kind == "syslog":
+        handler = syslog_handler()
+        if handler is not None:
+            handler.setFormatter(_OneLine("odmrd[%(process)d]: %(message)s"))
+        else:  # the socket vanished between the probe and now
+            kind, path = "stderr", ""
+    if kind == "file":
+        try:
+            handler = _LogFile(path, encoding="utf-8")
+        except OSError as exc:
+            raise DaemonError(EX_CANTCREAT, "cannot open log file %s: %s"
+                              % (path, exc.strerror or exc)) from None
+        st = os.fstat(handler.stream.fileno())
+        if owner is not None and st.st_uid == 0 and st.st_nlink == 1:
+            try:
+                os.fchown(handler.stream.fileno(), owner[0], owner[1])
+            except OSError:
+                pass
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+    if not isinstance(handler, logging.handlers.SysLogHandler):
+        handler.setFormatter(_OneLine("%(asctime)s odmrd[%(process)d]: %(levelname)s %(message)s",
+                                      "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+
+
+# -- privileges ----------------------------------------------------------------
+
+class Account:
+    """The service account to become after binding."""
+
+    def __init__(self, name: str, uid: int, gid: int, groups: List[int]):
+        self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
+
+
+def service_account(settings) -> Optional[Account]:
+    """The account to drop to, None to stay as we are; refuses root without `user`."""
     import pwd
+    if os.geteuid() != 0:
+        return None
+    if settings.user:
+        try:
+            entry = pwd.getpwnam(settings.user)
+        except KeyError:
+            raise DaemonError(EX_CONFIG, "user %r (in %s) does not exist"
+                              % (settings.user, settings.path)) from None
+        if entry.pw_uid != 0:
+            try:
+                groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+            except OSError:
+                groups = [entry.pw_gid]
+            return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
+    if settings.allow_root:
+        return None
+    raise DaemonError(EX_CONFIG, "refusing to run as root: set 'user' (the service account) "
+                                 "or 'allow_root = yes' in %s" % settings.path)
+
+
+def drop_privileges(account: Account) -> None:
+    """Become `account` for good (groups, gid, uid; real, effective and saved)."""
     try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise StartupError("user %r does not exist" % user) from None
-    try:
-        groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem and g.gr_gid != entry.pw_gid]
-        os.setgroups([entry.pw_gid] + groups)
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
+        os.setgroups(account.groups)
+        if hasattr(os, "setresgid"):
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
+        else:  # pragma: no cover - platforms without setres*id
+            os.setgid(account.gid)
+            os.setuid(account.uid)
     except OSError as exc:
-        raise StartupError("cannot become %s: %s" % (user, exc.strerror)) from None
+        raise DaemonError(EX_NOPERM, "cannot become %s: %s" % (account.name, exc.strerror)) from None
     try:
         os.setuid(0)
     except OSError:
         return
-    raise StartupError("privileges could not be dropped permanently")
+    raise DaemonError(EX_NOPERM, "privileges could not be dropped permanently")
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs and is not a zombie (PID 1 here reaps late)."""
+# -- pid file --------------------------------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie (PID 1 may reap late)."""
     try:
         with open("/proc/%d/stat" % pid) as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
     except (OSError, IndexError):
         pass
     try:
@@ -103,123 +216,339 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return not os.path.isdir("/proc/self")
+    return True
 
 
 def read_pid_file(path: str) -> Optional[int]:
     try:
         with open(path) as fh:
             text = fh.read().strip()
-        return int(text) if text.isdigit() else None
     except OSError:
         return None
+    return int(text) if text.isdigit() else None
 
 
-def claim_pid_file(path: str) -> None:
-    pid = read_pid_file(path)
-    if pid and pid != os.getpid() and _pid_alive(pid):
-        raise StartupError("already running with pid %d (pid file %s)" % (pid, path))
-    tmp = "%s.%d" % (path, os.getpid())
-    try:
-        with open(tmp, "w") as fh:
-            fh.write("%d\n" % os.getpid())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except OSError as exc:
-        raise StartupError("cannot write pid file %s: %s" % (path, exc.strerror)) from None
+class PidFile:
+    """The pid file, flock'ed for the daemon's lifetime.
 
+    The lock (not the number inside) says whether a daemon runs, so a stale
+    file whose pid was reused by another process is recognised as stale.
+    """
 
-def remove_pid_file(path: str) -> None:
-    if read_pid_file(path) == os.getpid():
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def holder(self) -> Optional[int]:
+        """The pid of a live daemon holding this pid file, or None."""
         try:
-            os.unlink(path)
-        except OSError:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise DaemonError(EX_CANTCREAT, "pid file %s: %s" % (self.path, exc.strerror)) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return read_pid_file(self.path) or -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None:
+            raise DaemonError(EX_CANTCREAT, "already running%s (pid file %s)"
+                              % (" with pid %d" % pid if pid > 0 else "", self.path))
+
+    def claim(self, owner: Optional[Tuple[int, int]] = None) -> None:
+        """Lock the file and write our pid; replace a stale one; refuse if a daemon holds it."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as exc:
+                raise DaemonError(EX_CANTCREAT, "cannot write pid file %s: %s"
+                                  % (self.path, exc.strerror)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.check()
+                continue
+            mine = os.fstat(fd)
+            try:
+                there = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)        # the previous holder removed it as we opened it
+                continue
+            if not stat.S_ISREG(mine.st_mode):
+                os.close(fd)
+                raise DaemonError(EX_CANTCREAT, "pid file %s is not a regular file" % self.path)
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % os.getpid())
+            os.fchmod(fd, 0o644)
+            if owner is not None and mine.st_uid == 0:
+                try:
+                    os.fchown(fd, owner[0], owner[1])
+                except OSError:
+                    pass
+            self.fd = fd
+            return
+        raise DaemonError(EX_CANTCREAT, "cannot lock pid file %s" % self.path)
+
+    def release(self) -> None:
+        """Remove the pid file; if its directory is not ours to write, leave it empty."""
+        if self.fd is None:
+            return
+        try:
+            there = os.stat(self.path, follow_symlinks=False)
+            mine = os.fstat(self.fd)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.path)
+        except FileNotFoundError:
             pass
+        except OSError:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = None
 
 
-def _detach() -> None:
-    """Double fork, new session, cwd /, umask 077, stdio to /dev/null."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    os.umask(0o077)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+# -- signals and the main loop ---------------------------------------------------
+
+class Signals:
+    """Handlers only record; the main loop acts (so no handler runs service code)."""
+
+    def __init__(self):
+        self.pending: List[int] = []
+        self.wake = threading.Event()
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._record)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _record(self, signum, frame) -> None:
+        self.pending.append(signum)
+        self.wake.set()
+
+    def next(self, timeout: float) -> Optional[int]:
+        if not self.pending:
+            self.wake.wait(timeout)
+        self.wake.clear()
+        return self.pending.pop(0) if self.pending else None
+
+
+def run_until_stopped(service: Service, signals: Signals, pidfile: PidFile) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code (0)."""
+    while True:
+        signum = signals.next(60.0)
+        if signum is None:
+            continue
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: reloading configuration, users and certificates")
+            try:
+                service.reload()
+            except Exception:  # a bug in reload must not take the service down
+                log.exception("reload failed; keeping the running configuration")
+            continue
+        log.info("%s: stopping (grace period %ds)", signal.Signals(signum).name,
+                 service.settings.grace_period)
+        left = service.stop(service.settings.grace_period)
+        if left:
+            log.warning("stopped with %d sessions still open after the grace period", left)
+        pidfile.release()
+        log.info("odmrd stopped")
+        return EX_OK
+
+
+# -- start-up ----------------------------------------------------------------------
+
+def _start_serving(service: Service, target: Tuple[str, str], account: Optional[Account],
+                   pidfile: PidFile) -> None:
+    """Steps 5 and 6 of the start-up: log file, pid file, drop privileges, spool, listen."""
+    settings = service.settings
+    owner = (account.uid, account.gid) if account else None
+    setup_logging(settings.log_level, target, owner)
+    pidfile.claim(owner)
+    if account is not None:
+        drop_privileges(account)
+        log.info("running as %s (uid %d)", account.name, account.uid)
+    for path, what in ((settings.path, "configuration file"), (settings.users_file, "users file")):
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            raise DaemonError(EX_NOPERM, "%s %s is not readable by %s (reload would fail)"
+                              % (what, path, account.name if account else "uid %d" % os.getuid()))
+    try:
+        service.prepare_spool()
+    except StartupError as exc:
+        raise DaemonError(EX_CANTCREAT, str(exc)) from None
+    try:
+        service.start()
+    except StartupError as exc:
+        raise DaemonError(EX_UNAVAILABLE, str(exc)) from None
 
 
 def serve(config_path: str, foreground: bool) -> int:
-    """`odmrd serve`: returns an exit code."""
+    """`odmrd serve [-f]`: returns the exit code (0 once serving, or after a clean stop)."""
     os.umask(0o077)
     try:
         service = Service(config_path)
+    except config_mod.ConfigError as exc:
+        for problem in exc.problems:
+            print("odmrd: %s" % problem, file=sys.stderr)
+        return EX_CONFIG
     except StartupError as exc:
         print("odmrd: %s" % exc, file=sys.stderr)
         return EX_CONFIG
     settings = service.settings
-    use_syslog = settings.syslog == "yes" or (settings.syslog == "auto" and not foreground)
-    setup_logging(settings.log_level, use_syslog and not foreground, settings.log_file)
-    if not foreground and settings.syslog != "no" and _syslog_handler() is None:
-        print("odmrd: no syslog socket; logging to %s" % (settings.log_file or "/var/log/odmrd.log"),
-              file=sys.stderr)
+    target = log_target(settings, foreground)
+    pidfile = PidFile(settings.pid_file)
     try:
-        if os.getuid() == 0 and not settings.user and not settings.allow_root:
-            raise StartupError("refusing to run as root: set 'user' (the service account) "
-                               "or 'allow_root = yes' in %s" % settings.path)
-        service.bind()
-        if os.getuid() == 0 and settings.user:
-            drop_privileges(settings.user)
-        if not foreground:
-            _detach()
-            setup_logging(settings.log_level, use_syslog, settings.log_file)
-        service.prepare_spool()
-        claim_pid_file(settings.pid_file)
-    except StartupError as exc:
+        account = service_account(settings)
+        pidfile.check()
+        try:
+            service.bind()
+        except StartupError as exc:
+            raise DaemonError(EX_OSERR, str(exc)) from None
+    except DaemonError as exc:
         service.close()
         print("odmrd: %s" % exc, file=sys.stderr)
-        log.error("%s", exc)
-        return EX_OSERR
+        return exc.code
+    if target[0] == "file":
+        if settings.syslog == "no":
+            print("odmrd: logging to %s" % target[1], file=sys.stderr)
+        else:
+            print("odmrd: no syslog socket (%s); logging to %s"
+                  % (", ".join(SYSLOG_SOCKETS), target[1]), file=sys.stderr)
+    signals = Signals()
+    if foreground:
+        signals.install()
+        try:
+            _start_serving(service, target, account, pidfile)
+        except DaemonError as exc:
+            service.close()
+            pidfile.release()
+            print("odmrd: %s" % exc, file=sys.stderr)
+            return exc.code
+        log.info("odmrd started in the foreground (pid %d)", os.getpid())
+        return run_until_stopped(service, signals, pidfile)
+    return _detach_and_serve(service, target, account, pidfile, signals)
+
+
+def _detach_and_serve(service: Service, target: Tuple[str, str], account: Optional[Account],
+                      pidfile: PidFile, signals: Signals) -> int:
+    """Double fork; the caller's process returns the daemon's start-up verdict."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(wfd)
+        service.close()     # our copies only; the daemon keeps its own
+        code, message = _await_report(rfd, child)
+        if message:
+            print("odmrd: %s" % message, file=sys.stderr)
+        return code
+    os.close(rfd)
+    code = EX_SOFTWARE
     try:
-        service.start()
-    except StartupError as exc:
-        service.close()
-        remove_pid_file(settings.pid_file)
-        print("odmrd: %s" % exc, file=sys.stderr)
-        log.error("%s", exc)
-        return EX_CANTCREAT
-    return _main_loop(service)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        os.umask(0o077)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+        _close_inherited([wfd] + [listener.fileno() for listener in service.listeners])
+        signals.install()
+        try:
+            _start_serving(service, target, account, pidfile)
+        except DaemonError as exc:
+            log.error("%s", exc)
+            _report(wfd, exc.code, str(exc))
+            service.close()
+            pidfile.release()
+            code = exc.code
+        else:
+            log.info("odmrd started (pid %d)", os.getpid())
+            _report(wfd, EX_OK, "ready")
+            code = run_until_stopped(service, signals, pidfile)
+    except BaseException as exc:  # never return into the caller's code in the daemon
+        try:
+            log.exception("odmrd: fatal error")
+            _report(wfd, EX_SOFTWARE, "internal error: %s: %s" % (type(exc).__name__, exc))
+            pidfile.release()
+        except BaseException:
+            pass
+    finally:
+        try:
+            logging.shutdown()
+        finally:
+            os._exit(code)
 
 
-def _main_loop(service: Service) -> int:
-    pending: List[int] = []
-    wake = threading.Event()
+def _close_inherited(keep: List[int]) -> None:
+    """Close descriptors a caller leaked to us (a shell's pipes would never see EOF otherwise)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 65536)))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
-    def record(signum, frame):
-        pending.append(signum)
-        wake.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, record)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    log.info("odmrd started (pid %d)", os.getpid())
-    while True:
-        wake.wait(60.0)
-        wake.clear()
-        while pending:
-            signum = pending.pop(0)
-            if signum == signal.SIGHUP:
-                log.info("SIGHUP: reloading")
-                service.reload()
-            else:
-                log.info("%s: stopping", signal.Signals(signum).name)
-                left = service.stop()
-                if left:
-                    log.warning("stopped with %d sessions still open after the grace period", left)
-                remove_pid_file(service.settings.pid_file)
-                log.info("odmrd stopped")
-                return EX_OK
+def _report(fd: int, code: int, message: str) -> None:
+    """Tell the waiting parent how start-up went (once; then the pipe is closed)."""
+    try:
+        os.write(fd, ("%d %s\n" % (code, message.replace("\n", " "))).encode("utf-8", "replace"))
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _await_report(fd: int, child: int) -> Tuple[int, str]:
+    """Read the daemon's "<code> <message>" line: (0, "") when it runs, else its error."""
+    data = b""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return EX_TEMPFAIL, ("the daemon did not report back within %ds; see its log"
+                                     % STARTUP_TIMEOUT)
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:
+            pass
+    line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    code_text, _, message = line.partition(" ")
+    if not code_text.isdigit():
+        return EX_SOFTWARE, "the daemon exited during start-up; see its log"
+    code = int(code_text)
+    return (EX_OK, "") if code == EX_OK else (code, message)
