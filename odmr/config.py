@@ -161,6 +161,8 @@ class OdmrSettings:
     idle_timeout: float
     max_bad_commands: int
     max_auth_failures: int
+    auth_throttle_failures: int
+    auth_throttle_window: float
     one_line_per_tls_record: bool
     proxy_protocol: bool
     proxy_trusted: Tuple[str, ...]
@@ -363,6 +365,8 @@ def load(path: Optional[str] = None) -> Settings:
             idle_timeout=raw["odmr"]["idle_timeout"],
             max_bad_commands=raw["odmr"]["max_bad_commands"],
             max_auth_failures=raw["odmr"]["max_auth_failures"],
+            auth_throttle_failures=raw["odmr"]["auth_throttle_failures"],
+            auth_throttle_window=raw["odmr"]["auth_throttle_window"],
             one_line_per_tls_record=raw["odmr"]["one_line_per_tls_record"],
             proxy_protocol=raw["odmr"]["proxy_protocol"],
             proxy_trusted=tuple(raw["odmr"]["proxy_trusted"]),

@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Dict, List, Optional
 
+from odmr import tls
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
@@ -72,12 +73,11 @@ class IntakeSession(Session):
             self.reply(501, "5.5.4 Syntax: EHLO hostname")
             return
         self.helo, self.esmtp, self.tx = arg, True, None
-        self.reply(250, self.hostname(),
-                   "PIPELINING",
-                   "SIZE %d" % self.limits.max_message_size,
-                   "8BITMIME",
-                   "SMTPUTF8",
-                   "ENHANCEDSTATUSCODES")
+        lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.runtime.tls is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        self.reply(250, *lines)
 
     def smtp_HELO(self, arg: str) -> None:
         if not arg:
@@ -106,8 +106,20 @@ class IntakeSession(Session):
         self.reply(214, "2.0.0 See RFC 5321")
 
     def smtp_STARTTLS(self, arg: str) -> None:
-        self.reply(502, "5.5.1 STARTTLS not available")
-        self.count_bad_command()
+        context = self.runtime.tls
+        if context is None:
+            self.reply(502, "5.5.1 STARTTLS not available")
+            return self.count_bad_command()
+        if self.tls_active:
+            self.reply(503, "5.5.1 TLS already active")
+            return self.count_bad_command()
+        if arg:
+            self.reply(501, "5.5.4 Syntax: STARTTLS")
+            return self.count_bad_command()
+        self.reply(220, "2.0.0 Ready to start TLS")
+        self.start_tls(context)
+        self.helo, self.esmtp, self.tx = None, False, None   # RFC 3207: start afresh
+        log.info("smtp: %s started TLS (%s)", self.peer, tls.describe(self.sock))
 
     def smtp_BDAT(self, arg: str) -> None:
         self.reply(502, "5.5.1 BDAT not implemented")
@@ -124,6 +136,9 @@ class IntakeSession(Session):
             return self.count_bad_command()
         if self.tx is not None:
             self.reply(503, "5.5.1 Nested MAIL command")
+            return self.count_bad_command()
+        if self.limits.require_tls and not self.tls_active:
+            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()
         parsed = parse_path(arg, "FROM:")
         if parsed is None:
@@ -222,6 +237,8 @@ class IntakeSession(Session):
                              client="[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]))
             for domain, addresses in by_domain.items()}
         protocol = ("UTF8SMTP" if tx.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        if self.tls_active and self.esmtp:
+            protocol += "S"
 
         def prefix(domain: str, msg_id: str) -> bytes:
             return received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,

@@ -12,7 +12,7 @@ import logging
 import socket
 from typing import List, Optional
 
-from odmr import sasl
+from odmr import sasl, tls
 from odmr.accounts import Account
 from odmr.delivery import deliver_reversed
 from odmr.names import normalize_domain
@@ -56,14 +56,14 @@ def parse_atrn_domains(arg: str) -> List[str]:
 class ODMRSession(Session):
     """One customer on the ODMR port."""
 
-    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime, tls_active: bool = False):
+    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime):
         self.runtime = runtime
         self.odmr = runtime.settings.odmr
         self.idle_timeout = self.odmr.idle_timeout
         self.max_bad_commands = self.odmr.max_bad_commands
         super().__init__(sock, peer)
-        self.tls_active = tls_active
-        self.implicit_tls = tls_active
+        self.implicit_tls = self.tls_active
+        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
         self.ehlo: Optional[str] = None
         self.account: Optional[Account] = None
         self.auth_failures = 0
@@ -72,8 +72,18 @@ class ODMRSession(Session):
         return self.runtime.hostname
 
     def greet(self) -> None:
-        log.info("odmr: connect from %s%s", self.peer, " (TLS)" if self.tls_active else "")
+        log.info("odmr: connect from %s%s", self.peer,
+                 " (%s)" % tls.describe(self.sock) if self.tls_active else "")
+        if self._throttled():
+            log.warning("odmr: %s refused: too many failed authentications recently", self.peer)
+            self.close_after(421, "4.7.0 %s Too many failed authentications from your address, "
+                             "try again later" % self.hostname())
+            return
         self.reply(220, "%s ESMTP odmrd on-demand mail relay server ready" % self.hostname())
+
+    def _throttled(self) -> bool:
+        return self.runtime.throttle.blocked(self.peer_ip, self.odmr.auth_throttle_failures,
+                                             self.odmr.auth_throttle_window)
 
     def finish(self) -> None:
         log.debug("odmr: disconnect from %s", self.peer)
@@ -82,6 +92,8 @@ class ODMRSession(Session):
     def mechanisms(self) -> List[str]:
         """Mechanisms to advertise now (PLAIN/LOGIN only under TLS unless allowed)."""
         names = []
+        if self._external_identity() is not None:
+            names.append("EXTERNAL")
         for name in self.odmr.mechanisms:
             if name not in sasl.SERVER_MECHANISMS:
                 continue
@@ -100,8 +112,10 @@ class ODMRSession(Session):
             return
         self.ehlo = arg
         lines = [self.hostname()]
+        if self.runtime.tls is not None and not self.tls_active:
+            lines.append("STARTTLS")
         mechs = self.mechanisms()
-        if mechs and self.account is None:
+        if mechs and self.account is None and not (self.odmr.require_tls and not self.tls_active):
             lines.append("AUTH " + " ".join(mechs))
         lines.append("ATRN")
         self.reply(250, *lines)
@@ -120,8 +134,41 @@ class ODMRSession(Session):
         self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
 
     def smtp_STARTTLS(self, arg: str) -> None:
-        self.reply(502, "5.5.1 STARTTLS not available")
-        self.count_bad_command()
+        context = self.runtime.tls
+        if context is None:
+            self.reply(502, "5.5.1 STARTTLS not available")
+            return self.count_bad_command()
+        if self.tls_active:
+            self.reply(503, "5.5.1 TLS already active")
+            return self.count_bad_command()
+        if arg:
+            self.reply(501, "5.5.4 Syntax: STARTTLS")
+            return self.count_bad_command()
+        self.reply(220, "2.0.0 Ready to start TLS")
+        self.start_tls(context)
+        self.ehlo = None              # RFC 3207: forget everything learnt in plaintext
+        self.account = None
+        log.info("odmr: %s started TLS (%s)", self.peer, tls.describe(self.sock))
+
+    def _external_identity(self) -> Optional[dict]:
+        if not (self.tls_active and self.runtime.settings.tls.client_ca_file):
+            return None
+        return tls.peer_identity(self.sock)
+
+    def _auth_external(self, initial: Optional[bytes]) -> Optional[Account]:
+        """SASL EXTERNAL: the verified client certificate names the account."""
+        identity = self._external_identity()
+        if identity is None:
+            return None
+        if initial is None:
+            initial = self._challenge(b"")
+        account = (self.runtime.accounts.by_client_cert("sha256:" + identity["sha256"])
+                   or self.runtime.accounts.by_client_cert(identity["cn"]))
+        if account is None:
+            return None
+        if initial and initial.decode("utf-8", "replace") != account.name:
+            return None
+        return account
 
     def _not_here(self, arg: str) -> None:
         self.reply(502, "5.5.1 Command not implemented on the ODMR port")
@@ -142,43 +189,54 @@ class ODMRSession(Session):
             self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
             return self.count_bad_command()
         name = parts[0].upper()
-        if name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
-            self.reply(504, "5.5.4 Unrecognized authentication type")
-            return self.count_bad_command()
         if self.odmr.require_tls and not self.tls_active:
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()
-        if sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
+        if name == "EXTERNAL":
+            if self._external_identity() is None:
+                self.reply(504, "5.5.4 EXTERNAL needs a verified TLS client certificate")
+                return self.count_bad_command()
+        elif name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
+            self.reply(504, "5.5.4 Unrecognized authentication type")
+            return self.count_bad_command()
+        elif sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
             self.reply(538, "5.7.11 Encryption required for requested authentication mechanism")
             return self.count_bad_command()
         initial = None
         try:
             if len(parts) == 2:
                 initial = self._decode(parts[1])
-            mech = sasl.server_mechanism(name, self.runtime.accounts.get, self.hostname())
-            username = mech.authenticate(self._challenge, initial)
+            if name == "EXTERNAL":
+                external = self._auth_external(initial)
+                if external is None:
+                    raise sasl.AuthFailed()
+                username = external.name
+            else:
+                mech = sasl.server_mechanism(name, self.runtime.accounts.get, self.hostname())
+                username = mech.authenticate(self._challenge, initial)
         except sasl.AuthCancelled:
             self.reply(501, "5.7.0 Authentication cancelled")
             return
         except sasl.AuthProtocolError:
-            self.reply(501, "5.5.2 Malformed authentication exchange")
-            return self._auth_failed(name, None)
+            return self._auth_failed(name, None, (501, "5.5.2 Malformed authentication exchange"))
         except sasl.AuthFailed:
-            self.reply(535, "5.7.8 Authentication credentials invalid")
             return self._auth_failed(name, None)
         account = self.runtime.accounts.get(username)
         if account is None:
-            self.reply(535, "5.7.8 Authentication credentials invalid")
             return self._auth_failed(name, username)
         self.account = account
         log.info("odmr: %s authenticated as %s (%s)", self.peer, account.name, name)
         self.reply(235, "2.7.0 Authentication successful")
 
-    def _auth_failed(self, mechanism: str, username: Optional[str]) -> None:
+    def _auth_failed(self, mechanism: str, username: Optional[str],
+                     reply=(535, "5.7.8 Authentication credentials invalid")) -> None:
+        """Count the failure (here and per address) before the client can see the reply."""
         self.auth_failures += 1
+        self.runtime.throttle.record(self.peer_ip)
+        self.reply(*reply)
         log.warning("odmr: authentication failed from %s (%s)%s", self.peer, mechanism,
                     " user=%s" % username if username else "")
-        if self.auth_failures >= self.odmr.max_auth_failures:
+        if self.auth_failures >= self.odmr.max_auth_failures or self._throttled():
             self.close_after(421, "4.7.0 %s Too many authentication failures" % self.hostname())
 
     def _decode(self, text: str) -> bytes:

@@ -5,8 +5,12 @@ that already started keep the snapshot they began with.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import ssl
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, Optional, Tuple
 
 from odmr.accounts import Accounts
 from odmr.config import Settings
@@ -17,11 +21,42 @@ from odmr.spool import Spool
 Verdict = Tuple[Optional[str], int, str]
 
 
+class AuthThrottle:
+    """Failed AUTHs per client address across sessions, within a sliding window."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._failures: Dict[str, Deque[float]] = {}
+
+    def record(self, address: str) -> None:
+        with self._lock:
+            self._failures.setdefault(address, deque(maxlen=1000)).append(time.monotonic())
+            if len(self._failures) > 100000:          # bound memory under a spray of addresses
+                self._failures.pop(next(iter(self._failures)))
+
+    def blocked(self, address: str, limit: int, window: float) -> bool:
+        if limit <= 0 or window <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            times = self._failures.get(address)
+            if not times:
+                return False
+            while times and now - times[0] > window:
+                times.popleft()
+            if not times:
+                del self._failures[address]
+                return False
+            return len(times) >= limit
+
+
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
     accounts: Accounts
     spool: Spool
+    tls: Optional[ssl.SSLContext] = None
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)
 
     @property
     def hostname(self) -> str:

@@ -16,9 +16,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
+from odmr import tls as tls_mod
 from odmr.intake import IntakeSession
 from odmr.provider import ODMRSession
-from odmr.runtime import Runtime
+from odmr.runtime import AuthThrottle, Runtime
 from odmr.spool import Spool
 
 log = logging.getLogger("odmrd")
@@ -76,6 +77,10 @@ class Listener(socketserver.ThreadingTCPServer):
         try:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             runtime = self.service.runtime
+            if self.implicit_tls:
+                request = self._handshake(request, runtime, peer)
+                if request is None:
+                    return
             if self.kind == "odmr":
                 session = ODMRSession(request, peer, runtime)
             else:
@@ -83,6 +88,16 @@ class Listener(socketserver.ThreadingTCPServer):
             session.run()
         finally:
             self.service.release(self.kind, ip)
+
+    def _handshake(self, request, runtime, peer):
+        """Implicit TLS ("odmrs"): the handshake runs in the session thread, bounded in time."""
+        idle = runtime.settings.odmr.idle_timeout if self.kind == "odmr" else runtime.settings.smtp.idle_timeout
+        request.settimeout(min(idle, 60.0))
+        try:
+            return runtime.tls.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            log.info("%s: TLS handshake with %s failed: %s", self.kind, peer, exc)
+            return None
 
     def handle_error(self, request, client_address) -> None:
         log.exception("%s: internal error in session with %s", self.kind, client_address[0])
@@ -96,7 +111,9 @@ class Service:
         self.settings = config_mod.load(config_path)
         self.spool = Spool(self.settings.spool_dir)
         self._accounts = self._load_accounts(self.settings)
-        self._runtime = Runtime(self.settings, self._accounts, self.spool)
+        self.throttle = AuthThrottle()
+        self._runtime = Runtime(self.settings, self._accounts, self.spool,
+                                self._tls_context(self.settings), self.throttle)
         self._users_checked = time.monotonic()
         self._users_mtime = _mtime(self.settings.users_file)
         self._lock = threading.Lock()
@@ -105,6 +122,13 @@ class Service:
         self._idle = threading.Condition(self._lock)
         self.listeners: List[Listener] = []
         self.threads: List[threading.Thread] = []
+
+    @staticmethod
+    def _tls_context(settings):
+        try:
+            return tls_mod.server_context(settings.tls)
+        except tls_mod.TLSConfigError as exc:
+            raise StartupError(str(exc)) from None
 
     @staticmethod
     def _load_accounts(settings) -> accounts_mod.Accounts:
@@ -136,7 +160,7 @@ class Service:
         except StartupError as exc:
             log.error("users file not reloaded, keeping the previous accounts: %s", exc)
             return
-        self._runtime = Runtime(self.settings, accounts, self.spool)
+        self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle)
         log.info("users file reloaded: %d accounts, %d hosted domains", len(accounts),
                  len(self._runtime.hosted_domains()))
 
@@ -145,6 +169,7 @@ class Service:
         try:
             settings = config_mod.load(self.config_path)
             accounts = self._load_accounts(settings)
+            context = self._tls_context(settings)
         except (config_mod.ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s",
                       str(exc).replace("\n", "; "))
@@ -159,7 +184,11 @@ class Service:
         settings = _keep(settings, old)
         self.settings = settings
         self._users_mtime = _mtime(settings.users_file)
-        self._runtime = Runtime(settings, accounts, self.spool)
+        if context is None and any(l.implicit_tls for l in self.listeners):
+            log.error("reload: TLS certificates removed but implicit-TLS listeners are running; "
+                      "keeping the previous certificates")
+            context = self._runtime.tls
+        self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle)
         logging.getLogger().setLevel(settings.log_level.upper())
         log.info("configuration reloaded: %d accounts, %d hosted domains", len(accounts),
                  len(self._runtime.hosted_domains()))
@@ -198,8 +227,9 @@ class Service:
         wanted += [(a, "smtp", False) for a in self.settings.smtp.listen]
         wanted += [(a, "smtp", True) for a in self.settings.smtp.tls_listen]
         for address, kind, tls in wanted:
-            if tls:
-                raise StartupError("%s: implicit TLS listeners are not supported yet" % _label(address))
+            if tls and self._runtime.tls is None:
+                raise StartupError("%s: implicit TLS listener needs [tls] cert_file and key_file"
+                                   % _label(address))
             try:
                 self.listeners.append(Listener(address, kind, self, tls))
             except OSError as exc:
@@ -223,7 +253,8 @@ class Service:
                                       name="listen-%s" % listener.label(), daemon=True)
             thread.start()
             self.threads.append(thread)
-            log.info("listening on %s (%s)", listener.label(), listener.kind)
+            log.info("listening on %s (%s%s)", listener.label(), listener.kind,
+                     ", implicit TLS" if listener.implicit_tls else "")
 
     def stop(self, grace: Optional[float] = None) -> int:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""

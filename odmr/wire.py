@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import time
 from typing import Callable, Dict, Iterable, Optional
 
 log = logging.getLogger("odmrd")
@@ -62,6 +64,7 @@ class Session:
         self.rfile = sock.makefile("rb")
         self.bad_commands = 0
         self.closing = False
+        self.tls_active = isinstance(sock, ssl.SSLSocket)
         self.sock.settimeout(self.idle_timeout)
 
     # -- output ---------------------------------------------------------------
@@ -76,23 +79,60 @@ class Session:
 
     # -- input ----------------------------------------------------------------
     def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
-        """One line with its ending; LineTooLong after discarding the rest of an overlong line."""
+        """One line with its ending; LineTooLong after discarding the rest of an overlong line.
+
+        The whole line must arrive within idle_timeout (a client trickling one
+        byte at a time is cut off too), and at most `limit` octets are kept."""
+        deadline = time.monotonic() + self.idle_timeout
+        parts = []
+        kept = 0
+        too_long = False
         try:
-            line = self.rfile.readline(limit + 1)
-            if not line:
-                raise Closed("connection closed by peer")
-            if len(line) > limit or (len(line) == limit + 1 and not line.endswith(b"\n")):
-                while not line.endswith(b"\n"):
-                    line = self.rfile.readline(65536)
-                    if not line:
-                        raise Closed("connection closed by peer")
-                raise LineTooLong()
-            return line
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                self.sock.settimeout(remaining)
+                buffered = self.rfile.peek(1)
+                if not buffered:
+                    raise Closed("connection closed by peer")
+                end = buffered.find(b"\n")
+                take = end + 1 if end >= 0 else len(buffered)
+                data = self.rfile.read(take)
+                if not too_long:
+                    if kept + len(data) > limit:
+                        too_long = True
+                        parts = []
+                    else:
+                        parts.append(data)
+                        kept += len(data)
+                if end >= 0:
+                    break
         except socket.timeout:
             self.timeout()
             raise Closed("timeout") from None
         except (OSError, ValueError) as exc:
             raise Closed("read failed: %s" % exc) from None
+        finally:
+            try:
+                self.sock.settimeout(self.idle_timeout)
+            except OSError:
+                pass
+        if too_long:
+            raise LineTooLong()
+        return b"".join(parts)
+
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """Switch to TLS (RFC 3207): plaintext already buffered is discarded with the old reader."""
+        old, self.rfile = self.rfile, None
+        old.close()
+        try:
+            self.sock.settimeout(self.idle_timeout)
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ValueError) as exc:
+            raise Closed("TLS handshake failed: %s" % exc) from None
+        self.rfile = self.sock.makefile("rb")
+        self.tls_active = True
 
     def timeout(self) -> None:
         try:
@@ -161,9 +201,10 @@ class Session:
             self.closing = True
 
     def finish(self) -> None:
-        for closer in (self.rfile.close, self.sock.close):
+        for thing in (self.rfile, self.sock):
             try:
-                closer()
+                if thing is not None:
+                    thing.close()
             except OSError:
                 pass
 

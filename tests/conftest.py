@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = "",
-                 sections: str = "") -> str:
+                 sections: str = "", odmr_extra: str = "", smtp_extra: str = "") -> str:
     path = os.path.join(directory, "odmrd.conf")
     with open(path, "w") as fh:
         fh.write(textwrap.dedent("""\
@@ -44,24 +44,28 @@ def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = ""
             [odmr]
             listen = 127.0.0.1:%d
             idle_timeout = 20s
+            %s
             [smtp]
             listen = 127.0.0.1:%d
             idle_timeout = 20s
             max_message_size = 1M
             max_recipients = 50
             %s
-            """) % (extra, odmr_port, smtp_port, sections))
+            %s
+            """) % (extra, odmr_port, odmr_extra, smtp_port, smtp_extra, sections))
     return path
 
 
 class Provider:
     """A running odmrd provider (in this process, on its own threads)."""
 
-    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+    def __init__(self, directory: str, extra: str = "", sections: str = "",
+                 odmr_extra: str = "", smtp_extra: str = ""):
         self.dir = directory
         self.odmr_port = free_port()
         self.smtp_port = free_port()
-        self.config = write_config(directory, self.odmr_port, self.smtp_port, extra, sections)
+        self.config = write_config(directory, self.odmr_port, self.smtp_port, extra, sections,
+                                   odmr_extra, smtp_extra)
         self.users = os.path.join(directory, "users")
         self.spool_dir = os.path.join(directory, "spool")
         self.service: Optional[Service] = None

@@ -1,0 +1,68 @@
+"""TLS server contexts built from `[tls]`: TLS 1.2 or newer, optional client certificates.
+
+Rebuilt from scratch on every reload, so new certificates take effect for new
+connections while established sessions keep theirs.
+"""
+from __future__ import annotations
+
+import hashlib
+import ssl
+from typing import Optional
+
+from odmr.config import TlsSettings
+
+
+class TLSConfigError(Exception):
+    """The certificate, key or CA file cannot be used; one line for the operator."""
+
+
+def server_context(settings: TlsSettings) -> Optional[ssl.SSLContext]:
+    """An SSLContext for our listeners, or None when no certificate is configured."""
+    if not settings.cert_file and not settings.key_file:
+        if settings.client_ca_file:
+            raise TLSConfigError("[tls] client_ca_file needs cert_file and key_file")
+        return None
+    if not (settings.cert_file and settings.key_file):
+        raise TLSConfigError("[tls] cert_file and key_file must both be set")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError("[tls] cannot load %s / %s: %s" % (
+            settings.cert_file, settings.key_file, getattr(exc, "strerror", None) or exc)) from None
+    if settings.client_ca_file:
+        try:
+            context.load_verify_locations(cafile=settings.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError("[tls] cannot load client_ca_file %s: %s" % (
+                settings.client_ca_file, getattr(exc, "strerror", None) or exc)) from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def peer_identity(sock) -> Optional[dict]:
+    """The verified client certificate's CN and SHA-256 fingerprint, or None."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):
+        return None
+    if not cert or not der:
+        return None          # none presented, or not verified (CERT_OPTIONAL)
+    common_name = ""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                common_name = value
+    return {"cn": common_name, "sha256": hashlib.sha256(der).hexdigest()}
+
+
+def describe(sock) -> str:
+    if not isinstance(sock, ssl.SSLSocket):
+        return "plaintext"
+    cipher = sock.cipher()
+    return "%s %s" % (sock.version(), cipher[0] if cipher else "?")
