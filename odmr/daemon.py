@@ -421,12 +421,9 @@ def serve(config_path: str, foreground: bool) -> int:
         service.close()
         print("odmrd: %s" % exc, file=sys.stderr)
         return exc.code
-    if target[0] == "file":
-        if settings.syslog == "no":
-            print("odmrd: logging to %s" % target[1], file=sys.stderr)
-        else:
-            print("odmrd: no syslog socket (%s); logging to %s"
-                  % (", ".join(SYSLOG_SOCKETS), target[1]), file=sys.stderr)
+    if target[0] == "file" and settings.syslog != "no":
+        print("odmrd: no syslog socket (%s); logging to %s"
+              % (", ".join(SYSLOG_SOCKETS), target[1]), file=sys.stderr)
     signals = Signals()
     if foreground:
         signals.install()
