@@ -384,7 +384,8 @@ class Spool:
     def domain_dir(self, domain: str, create: bool = False) -> str:
         path = self._dir(domain)
         if create and not os.path.isdir(os.path.join(path, "tmp")):
-            os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            _mkdirs_private(path, os.path.join(path, "tmp"))
             _fsync_dir(path)
             _fsync_dir(self.root)
         return path
@@ -549,9 +550,9 @@ class Spool:
 
     def quarantine(self, domain: str, msg_id: str, reason: str) -> None:
         target = os.path.join(self.root, ".quarantine", domain)
-        os.makedirs(target, mode=0o700, exist_ok=True)
         source = os.path.join(self.root, domain, msg_id)
         try:
+            _mkdirs_private(os.path.join(self.root, ".quarantine"), target)
             os.rename(source, os.path.join(target, msg_id))
             if os.path.exists(source + ".state"):
                 os.rename(source + ".state", os.path.join(target, msg_id + ".state"))
@@ -603,6 +604,15 @@ class Spool:
             if entry:
                 entry[0] += count
                 entry[1] += size
+
+
+def _mkdirs_private(*paths: str) -> None:
+    """Create each directory 0700 (os.makedirs gives only the last one the mode asked for)."""
+    for path in paths:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
 
 
 def _listdir(path: str) -> List[str]:

@@ -1,0 +1,358 @@
+"""The spool's storage guarantees (SPEC §7): layout, durability steps, modes, locks, debris."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from odmr.spool import (OUTBOUND, DomainBusy, Envelope, Recipient, Spool, State, new_id,
+                        parse_header)
+
+DATA = b"Subject: s\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(str(tmp_path / "spool"))
+    s.prepare()
+    return s
+
+
+@pytest.fixture
+def open_umask():
+    """Run with umask 0, so every mode the spool ends up with is one it chose."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def env(*rcpts: str, sender: str = "s@remote.test") -> Envelope:
+    return Envelope(sender=sender, recipients=[Recipient(r) for r in rcpts or ("a@example.org",)])
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def python(code: str, **kw) -> subprocess.Popen:
+    """A helper process running `code` with the odmr package importable."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+# -- layout and durability ----------------------------------------------------------
+
+def test_write_goes_through_tmp_then_rename(spool, open_umask):
+    incoming = spool.begin({"example.org": env("a@example.org"), "example.com": env("b@example.com")},
+                           prefix=lambda d, i: b"X-Copy: %s %s\r\n" % (d.encode(), i.encode()))
+    incoming.write(DATA)
+    # while being written, every copy lives in its domain's tmp/ and is invisible
+    for domain in ("example.org", "example.com"):
+        tmp = os.path.join(spool.root, domain, "tmp")
+        [name] = os.listdir(tmp)
+        assert mode(os.path.join(tmp, name)) == 0o600
+        assert spool.message_ids(domain) == []
+        assert not spool.has_mail(domain)
+    stored = incoming.commit()
+    assert sorted(d for d, _ in stored) == ["example.com", "example.org"]
+    for domain, msg_id in stored:
+        directory = os.path.join(spool.root, domain)
+        assert os.listdir(os.path.join(directory, "tmp")) == []
+        assert spool.message_ids(domain) == [msg_id]
+        assert mode(os.path.join(directory, msg_id)) == 0o600
+        assert mode(directory) == 0o700 and mode(os.path.join(directory, "tmp")) == 0o700
+        message = spool.load(domain, msg_id)
+        assert message.read_data() == b"X-Copy: %s %s\r\n" % (domain.encode(), msg_id.encode()) + DATA
+        assert [r.address for r in message.envelope.recipients] == \
+            (["a@example.org"] if domain == "example.org" else ["b@example.com"])
+    assert mode(spool.root) == 0o700
+
+
+def test_spool_file_format_is_plain_text(spool):
+    e = Envelope(sender="s@remote.test", recipients=[Recipient("a@example.org", "FAILURE", "rfc822;a@example.org")],
+                 body="8BITMIME", smtputf8=True, ret="HDRS", envid="abc", client="[127.0.0.1] helo=x")
+    msg_id = spool.store("example.org", e, DATA)
+    with open(os.path.join(spool.root, "example.org", msg_id), "rb") as fh:
+        raw = fh.read()
+    head, _, body = raw.partition(b"\n\n")
+    assert body == DATA
+    lines = head.decode().split("\n")
+    assert lines[0] == "ODMR-Spool: 1"
+    assert "Id: %s" % msg_id in lines
+    assert "Sender: <s@remote.test>" in lines
+    assert "Recipient: <a@example.org> NOTIFY=FAILURE ORCPT=rfc822;a@example.org" in lines
+    parsed, parsed_id = parse_header(head + b"\n")
+    assert parsed_id == msg_id
+    assert (parsed.sender, parsed.recipients, parsed.body, parsed.smtputf8, parsed.ret, parsed.envid) == \
+        (e.sender, e.recipients, e.body, e.smtputf8, e.ret, e.envid)
+
+
+def test_abort_leaves_nothing(spool):
+    incoming = spool.begin({"example.org": env()})
+    incoming.write(DATA)
+    incoming.abort()
+    assert os.listdir(os.path.join(spool.root, "example.org", "tmp")) == []
+    assert spool.message_ids("example.org") == []
+
+
+def test_state_file_is_written_atomically_with_mode_0600(spool, open_umask):
+    msg_id = spool.store("example.org", env("a@example.org", "b@example.org"), DATA)
+    message = spool.load("example.org", msg_id)
+    message.state.attempts = 2
+    message.state.last_error = "450 4.2.1 busy"
+    message.state.done["a@example.org"] = "250 ok"
+    spool.save_state(message)
+    path = os.path.join(spool.root, "example.org", msg_id + ".state")
+    assert mode(path) == 0o600
+    assert sorted(os.listdir(os.path.join(spool.root, "example.org"))) == sorted(["tmp", msg_id, msg_id + ".state"])
+    again = spool.load("example.org", msg_id)
+    assert again.state.attempts == 2 and [r.address for r in again.pending()] == ["b@example.org"]
+    spool.remove(again)
+    assert os.listdir(os.path.join(spool.root, "example.org")) == ["tmp"]
+
+
+def test_unreadable_state_file_starts_afresh(spool):
+    msg_id = spool.store("example.org", env(), DATA)
+    with open(os.path.join(spool.root, "example.org", msg_id + ".state"), "wb") as fh:
+        fh.write(b"{not json")
+    message = spool.load("example.org", msg_id)
+    assert message.state == State()
+
+
+def test_ids_are_unique_and_sort_by_arrival(spool):
+    ids = [spool.store("example.org", env(), DATA) for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert spool.message_ids("example.org") == sorted(ids) == ids
+    assert all(len(new_id()) > 13 for _ in range(3))
+
+
+@pytest.mark.parametrize("name", ["../etc", "Example.org", "a/b", "", ".", "..", "tmp/../x", "exa mple.org"],
+                         ids=["dotdot", "upper-case", "slash", "empty", "dot", "double-dot",
+                              "traversal", "space"])
+def test_directory_names_never_come_from_unchecked_input(spool, name):
+    with pytest.raises(ValueError):
+        spool.domain_dir(name, create=True)
+    with pytest.raises(ValueError):
+        spool.message_ids(name)
+    assert sorted(os.listdir(spool.root)) == []
+
+
+def test_domains_lists_only_valid_domain_directories(spool):
+    spool.store("example.org", env(), DATA)
+    for junk in ("UPPER.test", "not a domain", ".hidden", "-bad.test"):
+        os.makedirs(os.path.join(spool.root, junk))
+    open(os.path.join(spool.root, "file.test"), "w").close()
+    assert spool.domains() == ["example.org"]
+
+
+# -- debris cleaning --------------------------------------------------------------
+
+def test_prepare_removes_debris_and_keeps_messages(spool):
+    kept = spool.store("example.org", env(), DATA)
+    message = spool.load("example.org", kept)
+    message.state.attempts = 1
+    spool.save_state(message)
+    outbound = spool.store(OUTBOUND, env("x@remote.test"), DATA)
+    directory = os.path.join(spool.root, "example.org")
+    debris = [os.path.join(directory, "tmp", new_id()),
+              os.path.join(directory, new_id() + ".state"),           # state without a message
+              os.path.join(directory, ".state.%s.1234abcd" % kept),   # interrupted state write
+              os.path.join(spool.root, OUTBOUND, "tmp", new_id())]
+    for path in debris:
+        with open(path, "wb") as fh:
+            fh.write(b"half written")
+    assert spool.prepare() == len(debris)
+    assert not any(os.path.exists(p) for p in debris)
+    assert spool.message_ids("example.org") == [kept]
+    assert spool.load("example.org", kept).state.attempts == 1
+    assert spool.message_ids(OUTBOUND) == [outbound]
+    assert spool.prepare() == 0
+
+
+def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
+    writer = python("""
+        import sys, time
+        from odmr.spool import Spool, Envelope, Recipient
+        s = Spool(sys.argv[1])
+        e = Envelope(sender="s@remote.test", recipients=[Recipient("a@example.org")])
+        done = s.store("example.org", e, b"Subject: acked\\r\\n\\r\\nx\\r\\n")
+        incoming = s.begin({"example.org": e})
+        incoming.write(b"Subject: in flight\\r\\n\\r\\n" + b"y" * 100000)
+        print(done, flush=True)
+        time.sleep(60)
+    """.replace("sys.argv[1]", repr(spool.root)))
+    try:
+        acked = writer.stdout.readline().decode().strip()
+        assert acked, writer.stderr.read()
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(10)
+    assert spool.message_ids("example.org") == [acked]
+    assert len(os.listdir(os.path.join(spool.root, "example.org", "tmp"))) == 1
+    assert spool.prepare() == 1
+    assert spool.message_ids("example.org") == [acked]
+    assert b"acked" in spool.load("example.org", acked).read_data()
+
+
+# -- corrupt files ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"ODMR-Spool: 1\nId: x\nSender: <a@b.test>\n",
+                                     b"ODMR-Spool: 1\nId: x\nSender: <a@b.test>\n\nno recipients\r\n",
+                                     b"ODMR-Spool: 1\nbroken line without separator\n\n", b""],
+                         ids=["garbage", "truncated-envelope", "no-recipients", "bad-line", "empty"])
+def test_corrupt_message_is_quarantined_not_fatal(spool, content, open_umask):
+    first = spool.store("example.org", env("a@example.org"), DATA)
+    bad = new_id()
+    with open(os.path.join(spool.root, "example.org", bad), "wb") as fh:
+        fh.write(content)
+    last = spool.store("example.org", env("c@example.org"), DATA)
+    found = [m.id for m in spool.messages("example.org")]
+    assert found == [first, last]
+    assert spool.message_ids("example.org") == [first, last]
+    quarantined = os.path.join(spool.root, ".quarantine", "example.org", bad)
+    assert os.path.exists(quarantined)
+    assert mode(os.path.dirname(quarantined)) == 0o700
+    assert mode(os.path.join(spool.root, ".quarantine")) == 0o700
+    assert ".quarantine" not in spool.domains()
+
+
+# -- locks --------------------------------------------------------------------------
+
+def test_claim_excludes_other_threads(spool):
+    claim = spool.claim(["example.org"])
+    outcome = []
+
+    def other():
+        try:
+            with spool.claim(["example.org"]):
+                outcome.append("claimed")
+        except DomainBusy as exc:
+            outcome.append("busy %s" % exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(10)
+    assert outcome == ["busy example.org"]
+    claim.release()
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(10)
+    assert outcome[-1] == "claimed"
+
+
+def test_claim_is_all_or_nothing(spool):
+    with spool.claim(["example.com"]):
+        with pytest.raises(DomainBusy):
+            spool.claim(["example.org", "example.com"])
+        # example.org was not left claimed by the failed attempt
+        with spool.claim(["example.org"]):
+            pass
+    with spool.claim(["example.org", "example.com"]) as both:
+        assert both.domains == ["example.org", "example.com"]
+    assert mode(os.path.join(spool.root, "example.org", ".lock")) == 0o600
+
+
+def test_claim_is_not_reentrant_within_one_thread(spool):
+    with spool.claim(["example.org"]):
+        with pytest.raises(DomainBusy):
+            spool.claim(["example.org"])
+
+
+HOLDER = """
+    import fcntl, os, sys, time
+    from odmr.spool import Spool
+    s = Spool(%r)
+    claim = s.claim(["example.org"])
+    print("held", flush=True)
+    sys.stdin.readline()
+    claim.release()
+    print("released", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_claim_excludes_another_process_and_a_crashed_holder_frees_it(spool):
+    holder = python(HOLDER % spool.root)
+    try:
+        assert holder.stdout.readline() == b"held\n", holder.stderr.read()
+        with pytest.raises(DomainBusy):
+            spool.claim(["example.org"])
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        with spool.claim(["example.org"]):
+            pass
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+
+
+def test_claim_released_by_another_process_can_be_taken(spool):
+    holder = python(HOLDER % spool.root)
+    try:
+        assert holder.stdout.readline() == b"held\n", holder.stderr.read()
+        with pytest.raises(DomainBusy):
+            spool.claim(["example.org"])
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == b"released\n"
+        with spool.claim(["example.org"]):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_this_process_holding_excludes_another_process(spool):
+    with spool.claim(["example.org"]):
+        probe = python("""
+            import sys
+            from odmr.spool import Spool, DomainBusy
+            try:
+                Spool(%r).claim(["example.org"])
+            except DomainBusy:
+                sys.exit(3)
+            sys.exit(0)
+        """ % spool.root)
+        try:
+            assert probe.wait(20) == 3, probe.stderr.read()
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait(10)
+    probe = python("""
+        from odmr.spool import Spool
+        Spool(%r).claim(["example.org"]).release()
+    """ % spool.root)
+    assert probe.wait(20) == 0, probe.stderr.read()
+
+
+def test_two_spool_objects_in_one_process_exclude_each_other(spool):
+    """Like two nodes sharing the spool: separate in-process locks, the flock still decides."""
+    other = Spool(spool.root)
+    with spool.claim(["example.org"]):
+        with pytest.raises(DomainBusy):
+            other.claim(["example.org"])
+
+
+# -- usage ------------------------------------------------------------------------------
+
+def test_usage_counts_messages_and_bytes(spool):
+    assert spool.usage("example.org") == (0, 0)
+    for _ in range(3):
+        spool.store("example.org", env(), DATA)
+    count, size = spool.usage("example.org")
+    assert count == 3 and size >= 3 * len(DATA)
+    fresh = Spool(spool.root)
+    assert fresh.usage("example.org")[0] == 3
