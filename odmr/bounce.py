@@ -1,21 +1,22 @@
 """Delivery status notifications (RFC 3464) and where they go.
 
 A DSN for a sender in a hosted domain is spooled for that domain like any
-other mail; one for anybody else waits in the OUTBOUND queue for
-`bounce_relay`. A null sender (<>) never gets one.
+other mail; one for anybody else waits in the OUTBOUND queue, which the
+maintenance thread hands to `bounce_relay`. A null sender (<>) never gets one,
+so a bounce can never bounce.
+
+The report is written out by hand rather than through the email package:
+its structure is fixed, and the original headers must be returned as they
+were stored (bytes, CRLF), not re-folded.
 """
 from __future__ import annotations
 
 import email.utils
 import logging
 import re
+import secrets
 import time
-from email.message import EmailMessage, Message as EmailPart
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.policy import SMTP
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from odmr.names import normalize_domain, split_address
 from odmr.spool import OUTBOUND, Envelope, Message, Recipient, Spool
@@ -23,58 +24,95 @@ from odmr.spool import OUTBOUND, Envelope, Message, Recipient, Spool
 log = logging.getLogger("odmrd.bounce")
 
 _STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+RETURN_FULL_LIMIT = 1024 * 1024      # RET=FULL returns the whole message up to this size
+HEADERS_LIMIT = 65536
 
 
 def status_of(reply: str, default: str) -> str:
+    """The enhanced status code (RFC 3463) in a reply, or one derived from its class."""
     m = _STATUS.match(reply or "")
-    return m.group(1) if m else default
+    if m:
+        return m.group(1)
+    if reply[:1] in ("4", "5") and reply[:3].isdigit():
+        return reply[0] + default[1:]
+    return default
 
 
-def _original_headers(message: Message, limit: int = 65536) -> bytes:
+def _original(message: Message, full: bool) -> Tuple[bytes, bool]:
+    """The returned part and whether it is the whole message (RET=FULL, small) or its headers."""
+    limit = RETURN_FULL_LIMIT if full else HEADERS_LIMIT
     with message.open_data() as fh:
-        head = fh.read(limit)
-    end = head.find(b"\r\n\r\n")
-    return head[: end + 2] if end >= 0 else head
+        data = fh.read(limit + 1)
+    if full and len(data) <= limit:
+        return data, True
+    end = data.find(b"\r\n\r\n")
+    return (data[: end + 2] if end >= 0 else data[:HEADERS_LIMIT]), False
+
+
+def _clean(text: str) -> str:
+    """One line of header-safe text (customer replies may carry anything)."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
 
 
 def build_dsn(hostname: str, message: Message, results: Dict[str, str], action: str = "failed") -> bytes:
     """A multipart/report DSN; `results` maps each recipient to the customer's reply (or a reason)."""
-    report = MIMEMultipart("report", report_type="delivery-status")
-    report["From"] = "Mail Delivery System <MAILER-DAEMON@%s>" % hostname
-    report["To"] = "<%s>" % message.envelope.sender
-    report["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
-                         else "Delayed Mail (still being retried)")
-    report["Date"] = email.utils.formatdate(localtime=True)
-    report["Message-ID"] = email.utils.make_msgid(domain=hostname)
-    report["Auto-Submitted"] = "auto-replied"
-
-    if action == "failed":
-        intro = ("This is the mail system at %s.\n\nYour message could not be delivered to "
-                 "the following recipients. This is a permanent error.\n\n" % hostname)
+    env = message.envelope
+    failed = action == "failed"
+    boundary = "=_odmrd_%s" % secrets.token_hex(12)
+    now = email.utils.formatdate(localtime=True)
+    headers = [
+        "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
+        "To: <%s>" % env.sender,
+        "Subject: %s" % ("Undelivered Mail Returned to Sender" if failed
+                         else "Delayed Mail (still being retried)"),
+        "Date: %s" % now,
+        "Message-ID: %s" % email.utils.make_msgid(domain=hostname),
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="%s"' % boundary,
+    ]
+    if failed:
+        intro = ["This is the mail system at %s." % hostname, "",
+                 "Your message could not be delivered to the following recipients.",
+                 "This is a permanent error; the message has been removed from the queue.", ""]
     else:
-        intro = ("This is the mail system at %s.\n\nYour message has not been delivered yet to "
-                 "the following recipients. It is still queued; no action is needed.\n\n" % hostname)
-    intro += "".join("<%s>: %s\n" % (rcpt, reply) for rcpt, reply in results.items())
-    report.attach(MIMEText(intro, "plain", "utf-8"))
+        intro = ["This is the mail system at %s." % hostname, "",
+                 "Your message has not been delivered yet to the following recipients.",
+                 "It is still queued and will be delivered when the recipient's server collects",
+                 "it; no action is needed. You will be told if it is finally returned.", ""]
+    intro += ["<%s>: %s" % (rcpt, _clean(reply)) for rcpt, reply in results.items()]
 
-    fields = ["Reporting-MTA: dns; %s" % hostname,
-              "Arrival-Date: %s" % email.utils.formatdate(message.envelope.arrival, localtime=True),
-              ""]
-    default = "5.0.0" if action == "failed" else "4.0.0"
+    orcpt = {r.address: r.orcpt for r in env.recipients}
+    status: List[str] = ["Reporting-MTA: dns; %s" % hostname]
+    if env.envid:
+        status.append("Original-Envelope-Id: %s" % _clean(env.envid))
+    status.append("Arrival-Date: %s" % email.utils.formatdate(env.arrival, localtime=True))
+    default = "5.0.0" if failed else "4.0.0"
     for rcpt, reply in results.items():
-        fields += ["Final-Recipient: rfc822; %s" % rcpt,
+        status.append("")
+        if orcpt.get(rcpt):
+            status.append("Original-Recipient: %s" % _clean(orcpt[rcpt]))
+        status += ["Final-Recipient: rfc822; %s" % rcpt,
                    "Action: %s" % action,
-                   "Status: %s" % status_of(reply, default),
-                   "Diagnostic-Code: smtp; %s" % " ".join(reply.split())[:900],
-                   ""]
-    status = MIMEBase("message", "delivery-status")
-    status.set_payload("\r\n".join(fields))
-    report.attach(status)
-
-    headers = MIMEBase("text", "rfc822-headers")
-    headers.set_payload(_original_headers(message).decode("utf-8", "replace"))
-    report.attach(headers)
-    return report.as_bytes(policy=SMTP)
+                   "Status: %s" % status_of(reply, default)]
+        if reply[:3].isdigit():
+            status.append("Diagnostic-Code: smtp; %s" % _clean(reply)[:900])
+        else:
+            status.append("Diagnostic-Code: x-odmrd; %s" % _clean(reply)[:900])
+    original, whole = _original(message, env.ret.upper() == "FULL")
+    returned_type = "message/rfc822" if whole else "text/rfc822-headers"
+    crlf = "\r\n"
+    out = [crlf.join(headers).encode("utf-8"), b"\r\n\r\n",
+           b"This is a MIME-encapsulated delivery status notification.\r\n\r\n",
+           ("--%s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            % boundary).encode(),
+           crlf.join(intro).encode("utf-8"), b"\r\n\r\n",
+           ("--%s\r\nContent-Type: message/delivery-status\r\n\r\n" % boundary).encode(),
+           crlf.join(status).encode("utf-8"), b"\r\n\r\n",
+           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, returned_type)).encode(),
+           original if original.endswith(b"\r\n") else original + b"\r\n",
+           ("\r\n--%s--\r\n" % boundary).encode()]
+    return b"".join(out)
 
 
 def send_dsn(spool: Spool, hosted: frozenset, hostname: str, message: Message,
@@ -82,18 +120,21 @@ def send_dsn(spool: Spool, hosted: frozenset, hostname: str, message: Message,
     """Spool a DSN for `message`; returns its id, or None when the sender is <>."""
     sender = message.envelope.sender
     if not sender:
-        log.info("bounce: %s/%s: null sender, no DSN for %s", message.domain, message.id,
-                 ",".join(results))
+        log.info("bounce: %s/%s: null sender, no DSN (%s) for %s", message.domain, message.id,
+                 action, ",".join(results))
+        return None
+    if not results:
         return None
     data = build_dsn(hostname, message, results, action)
     try:
         domain = normalize_domain(split_address(sender)[1])
     except ValueError:
         domain = ""
-    queue = domain if domain in hosted else OUTBOUND
+    queue = domain if domain and domain in hosted else OUTBOUND
     envelope = Envelope(sender="", recipients=[Recipient(sender)], arrival=time.time(),
+                        body="8BITMIME", smtputf8=not sender.isascii(),
                         client="odmrd bounce for %s/%s" % (message.domain, message.id))
     dsn_id = spool.store(queue, envelope, data)
-    log.info("bounce: %s/%s: DSN (%s) to <%s> queued as %s/%s", message.domain, message.id,
-             action, sender, queue, dsn_id)
+    log.info("bounce: %s/%s: DSN (%s) to <%s> for %s queued as %s/%s", message.domain, message.id,
+             action, sender, ",".join(results), queue, dsn_id)
     return dsn_id

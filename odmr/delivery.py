@@ -4,54 +4,110 @@ Built on `smtplib.SMTP`, given the session's socket and its buffered reader
 (so nothing the customer already sent is lost). One result per recipient:
 2xx done, 5xx failed (a DSN goes to the sender), 4xx kept for the next ATRN.
 A message leaves the spool only when all its recipients have a final result.
+
+Speed: with PIPELINING the end-of-data dot of one message travels in the same
+write as the next message's MAIL/RCPT/DATA (RFC 2920 allows commands after
+the data), so a message costs one round trip instead of two. Replies are
+matched to commands through a queue of expectations; any reply that cannot
+belong to the command it answers ends the session with everything in flight
+kept (a crash may duplicate, never lose). A fully delivered message is
+unlinked at once; the directory is fsync'd every SYNC_EVERY removals and at
+the end, so a power failure may bring back (re-deliver) at most that many,
+while a process crash re-delivers at most the one message in flight.
 """
 from __future__ import annotations
 
 import logging
+import os
 import smtplib
 import socket
+import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from odmr.bounce import send_dsn
-from odmr.spool import CHUNK, Message, SpoolError
+from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, parse_header
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
 
-# RFC 5321 section 4.5.3.2 client timeouts
-TIMEOUT_GREETING = 300.0
-TIMEOUT_MAIL = 300.0
-TIMEOUT_RCPT = 300.0
-TIMEOUT_DATA_INIT = 120.0
-TIMEOUT_DATA_BLOCK = 180.0
-TIMEOUT_DATA_END = 600.0
-TIMEOUT_QUIT = 60.0
+SYNC_EVERY = 256               # removals between directory fsyncs (power-loss re-delivery bound)
+INLINE_BODY = 512 * 1024       # bodies up to this size are read whole and sent in one write
+MAX_REPLY_LINE = 2048
+MAX_REPLY_LINES = 100
+
+Reply = Tuple[int, str]
+
+
+@dataclass
+class Timeouts:
+    """RFC 5321 section 4.5.3.2 client timeouts (seconds). Tests swap in a shorter set."""
+    greeting: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    quit: float = 60.0
+
+
+TIMEOUTS = Timeouts()
 
 
 class ConnectionLost(Exception):
     """The customer went away or stopped answering; the rest waits for the next ATRN."""
 
 
+class OutOfStep(Exception):
+    """A reply that cannot answer the command it is matched with: stop talking."""
+
+
+# -- stopping -----------------------------------------------------------------
+_stop_events: "weakref.WeakKeyDictionary[Spool, threading.Event]" = weakref.WeakKeyDictionary()
+_stop_guard = threading.Lock()
+
+
+def _stop_event(spool: Spool) -> threading.Event:
+    with _stop_guard:
+        event = _stop_events.get(spool)
+        if event is None:
+            event = _stop_events[spool] = threading.Event()
+        return event
+
+
+def request_stop(spool: Spool) -> None:
+    """Graceful stop: sessions on `spool` finish the message in flight, then QUIT."""
+    _stop_event(spool).set()
+
+
+# -- the client ---------------------------------------------------------------
 class ReversedClient(smtplib.SMTP):
     """smtplib on an already-open connection whose greeting has not been read yet."""
 
+    ehlo_msg = "EHLO"
+
     def __init__(self, sock: socket.socket, rfile, local_hostname: str, one_line_per_write: bool = False):
-        super().__init__(local_hostname=local_hostname, timeout=TIMEOUT_GREETING)
+        super().__init__(local_hostname=local_hostname, timeout=TIMEOUTS.greeting)
         self.sock = sock
         self.file = rfile
         self.one_line_per_write = one_line_per_write
-
-    ehlo_msg = "EHLO"
+        self._current_timeout: Optional[float] = None
 
     def putcmd(self, cmd: str, args: str = "") -> None:
         super().putcmd(cmd.upper(), args)
 
+    def set_timeout(self, seconds: float) -> None:
+        """settimeout() costs a system call; only make it when the value changes."""
+        if seconds != self._current_timeout:
+            self.sock.settimeout(seconds)
+            self._current_timeout = seconds
+
     def send(self, s) -> None:
         if isinstance(s, str):
             s = s.encode("utf-8")
-        if self.debuglevel > 0:  # pragma: no cover
-            self._print_debug("send:", repr(s[:200]))
         try:
             if self.one_line_per_write:
                 # one TLS record per line: fetchmail stalls on records carrying several lines
@@ -62,10 +118,37 @@ class ReversedClient(smtplib.SMTP):
         except OSError as exc:
             raise smtplib.SMTPServerDisconnected("write failed: %s" % exc) from None
 
-    def reply_at(self, timeout: float) -> Tuple[int, str]:
-        self.sock.settimeout(timeout)
-        code, text = self.getreply()
-        return code, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    def getreply(self):
+        """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
+        code, text = self.read_reply()
+        return code, text.encode("utf-8")
+
+    def read_reply(self) -> Reply:
+        """One (possibly multi-line) reply; (-1, text) when it is not SMTP at all."""
+        lines: List[str] = []
+        code = b""
+        try:
+            while True:
+                raw = self.file.readline(MAX_REPLY_LINE)
+                if not raw:
+                    raise ConnectionLost("connection closed by the customer")
+                line = raw.rstrip(b"\r\n")
+                this = line[:3]
+                if len(line) < 3 or not this.isdigit() or line[3:4] not in (b"", b" ", b"-") \
+                        or (code and this != code) or len(lines) >= MAX_REPLY_LINES:
+                    return -1, line[:200].decode("utf-8", "replace")
+                code = this
+                lines.append(line[4:].decode("utf-8", "replace"))
+                if line[3:4] != b"-":
+                    return int(code), "\n".join(lines)
+        except socket.timeout:
+            raise ConnectionLost("timeout waiting for the customer's reply") from None
+        except (OSError, ValueError) as exc:
+            raise ConnectionLost("read failed: %s" % exc) from None
+
+    def reply_at(self, timeout: float) -> Reply:
+        self.set_timeout(timeout)
+        return self.read_reply()
 
 
 def _fmt(code: int, text: str) -> str:
@@ -79,33 +162,29 @@ def deliver_reversed(session, domains: Sequence[str]) -> None:
     one_line = bool(getattr(session, "implicit_tls", False)) and \
         runtime.settings.odmr.one_line_per_tls_record
     client = ReversedClient(session.sock, session.rfile, runtime.hostname, one_line)
-    delivered = deferred = failed = 0
+    run: Optional[Run] = None
     try:
-        code, text = client.reply_at(TIMEOUT_GREETING)
+        code, text = client.reply_at(TIMEOUTS.greeting)
         if code != 220:
-            log.warning("delivery: %s greeted with %s; nothing sent", peer, _fmt(code, text))
+            log.warning("delivery: %s greeted with %s; nothing sent, mail kept", peer, _fmt(code, text))
             _quit(client)
             return
-        client.sock.settimeout(TIMEOUT_MAIL)
+        client.set_timeout(TIMEOUTS.mail)
         code, text = client.ehlo()
         if not 200 <= code < 300:
             code, text = client.helo()
             if not 200 <= code < 300:
-                log.warning("delivery: %s refused EHLO and HELO: %s", peer, _fmt(code, text))
+                log.warning("delivery: %s refused EHLO and HELO: %s; mail kept", peer, _fmt(code, text))
                 _quit(client)
                 return
         run = Run(client, runtime, peer)
-        for domain in domains:
-            for message in runtime.spool.messages(domain):
-                run.deliver(message)
-        delivered, deferred, failed = run.delivered, run.deferred, run.failed
-        for domain in domains:
-            runtime.spool.sync_domain(domain)
-        _quit(client)
+        clean = run.deliver_all(domains)
+        if clean:
+            _quit(client)
         log.info("delivery: %s session done: %d delivered, %d deferred, %d bounced",
-                 peer, delivered, deferred, failed)
-    except (ConnectionLost, smtplib.SMTPException, OSError) as exc:
-        log.warning("delivery: %s connection lost: %s", peer, exc)
+                 peer, run.delivered, run.deferred, run.failed)
+    except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
+        log.warning("delivery: %s session ended: %s", peer, exc)
     finally:
         for domain in domains:
             try:
@@ -117,127 +196,311 @@ def deliver_reversed(session, domains: Sequence[str]) -> None:
 def _quit(client: ReversedClient) -> None:
     try:
         client.send("QUIT\r\n")
-        client.reply_at(TIMEOUT_QUIT)
-    except (smtplib.SMTPException, OSError):
+        client.reply_at(TIMEOUTS.quit)
+    except (ConnectionLost, smtplib.SMTPException, OSError):
         pass
 
 
+# -- reading the queue quickly ------------------------------------------------
+def _valid_id(name: str) -> bool:
+    return 13 < len(name) <= 40 and all(c in "0123456789abcdef" for c in name)
+
+
+class Job:
+    """One message on its way: the spool record, its body if small, what is left to do."""
+
+    __slots__ = ("message", "body", "rcpts", "results", "accepted", "mail_ok", "sent")
+
+    def __init__(self, message: Message, body: Optional[bytes], rcpts: List[str]):
+        self.message = message
+        self.body = body                       # data already read (small messages), else None
+        self.rcpts = rcpts
+        self.results: Dict[str, Reply] = {}
+        self.accepted: List[str] = []
+        self.mail_ok = False
+        self.sent = False                      # commands went out: an attempt to count if lost
+
+
+def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Optional[bytes]]]:
+    """Messages of a domain, oldest first, each read with one open().
+
+    A corrupt file is quarantined and an unreadable one skipped (with a log line):
+    neither stops the rest of the domain from being delivered."""
+    directory = spool.domain_dir(domain)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    with_state = {n[:-6] for n in names if n.endswith(".state")}
+    for msg_id in sorted(n for n in names if _valid_id(n)):
+        try:
+            loaded = _load(spool, domain, directory, msg_id, msg_id in with_state)
+        except FileNotFoundError:
+            continue                           # removed meanwhile (queue delete)
+        except CorruptMessage as exc:
+            spool.quarantine(domain, msg_id, str(exc))
+            continue
+        except (SpoolError, OSError) as exc:
+            log.error("delivery: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
+            continue
+        yield loaded
+
+
+def _load(spool: Spool, domain: str, directory: str, msg_id: str,
+          has_state: bool) -> Tuple[Message, Optional[bytes]]:
+    path = os.path.join(directory, msg_id)
+    with open(path, "rb") as fh:
+        head = fh.read(INLINE_BODY + 1)
+        end = head.find(b"\n\n")
+        size_known = len(head) <= INLINE_BODY
+        while end < 0 and len(head) < 16 * CHUNK + INLINE_BODY:
+            more = fh.read(CHUNK)
+            if not more:
+                break
+            head += more
+            size_known = False
+            end = head.find(b"\n\n")
+        total = len(head) if size_known else os.fstat(fh.fileno()).st_size
+    if end < 0:
+        raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
+    try:
+        envelope, _ = parse_header(head[:end + 1])
+    except (ValueError, UnicodeError) as exc:
+        raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
+    state = spool.load_state(domain, msg_id) if has_state else _fresh_state()
+    offset = end + 2
+    message = Message(domain, msg_id, path, envelope, offset, total - offset, state)
+    body = head[offset:] if size_known else None
+    return message, body
+
+
+def _fresh_state():
+    from odmr.spool import State
+    return State()
+
+
+# -- one session's deliveries -------------------------------------------------
 class Run:
-    """Delivers messages one at a time over one reversed connection."""
+    """Delivers every message of some domains over one reversed connection."""
 
     def __init__(self, client: ReversedClient, runtime, peer: str):
         self.client = client
         self.runtime = runtime
+        self.spool: Spool = runtime.spool
         self.peer = peer
         features = client.esmtp_features if client.does_esmtp else {}
         self.pipelining = "pipelining" in features
         self.size = "size" in features
         self.eightbit = "8bitmime" in features
         self.smtputf8 = "smtputf8" in features
+        self.dsn = "dsn" in features
         self.delivered = self.deferred = self.failed = 0
+        self._stop = _stop_event(self.spool)
+        self._unsynced: Dict[str, int] = {}
 
-    def _mail_options(self, message: Message) -> List[str]:
+    # -- commands -----------------------------------------------------------
+    def _mail_command(self, message: Message) -> str:
+        env = message.envelope
         options = []
         if self.size:
             options.append("SIZE=%d" % message.size)
-        if message.envelope.body == "8BITMIME" and self.eightbit:
+        if env.body == "8BITMIME" and self.eightbit:
             options.append("BODY=8BITMIME")
-        if message.envelope.smtputf8 and self.smtputf8:
+        if env.smtputf8 and self.smtputf8:
             options.append("SMTPUTF8")
-        return options
+        if self.dsn:
+            if env.ret:
+                options.append("RET=" + env.ret)
+            if env.envid:
+                options.append("ENVID=" + env.envid)
+        return "MAIL FROM:<%s>%s\r\n" % (env.sender, "".join(" " + o for o in options))
 
-    def deliver(self, message: Message) -> None:
-        pending = message.pending()
-        state = message.state
-        if not pending:
-            self._finish(message)
-            return
-        needs_utf8 = not all(r.address.isascii() for r in pending) or not message.envelope.sender.isascii()
-        if needs_utf8 and not self.smtputf8:
-            results = {r.address: (553, "5.6.7 Customer's server does not support SMTPUTF8")
-                       for r in pending}
-            self._record(message, results)
-            return
-        try:
-            results = self._transaction(message, [r.address for r in pending])
-        except (smtplib.SMTPException, OSError) as exc:
-            state.attempts += 1
-            state.last_error = "connection lost during delivery: %s" % exc
-            state.last_attempt = time.time()
-            self._save(message)
-            log.warning("delivery: deferred id=%s domain=%s: %s", message.id, message.domain,
-                        state.last_error)
-            raise ConnectionLost(str(exc)) from None
-        self._record(message, results)
+    def _rcpt_commands(self, job: Job) -> str:
+        params = {}
+        if self.dsn:
+            for r in job.message.envelope.recipients:
+                extra = (" NOTIFY=" + r.notify if r.notify else "") + (" ORCPT=" + r.orcpt if r.orcpt else "")
+                params[r.address] = extra
+        return "".join("RCPT TO:<%s>%s\r\n" % (r, params.get(r, "")) for r in job.rcpts)
 
-    def _transaction(self, message: Message, rcpts: List[str]) -> Dict[str, Tuple[int, str]]:
-        """One SMTP transaction; returns each recipient's final reply."""
-        client = self.client
-        mail = "MAIL FROM:<%s>%s\r\n" % (message.envelope.sender,
-                                         "".join(" " + o for o in self._mail_options(message)))
-        rcpt_lines = ["RCPT TO:<%s>\r\n" % r for r in rcpts]
-        results: Dict[str, Tuple[int, str]] = {}
+    # -- the queue ------------------------------------------------------------
+    def _jobs(self, domains: Sequence[str]) -> Iterator[Job]:
+        for domain in domains:
+            for message, body in queued_messages(self.spool, domain):
+                pending = message.pending()
+                if not pending:                 # every recipient final (crash before removal)
+                    self._finish(message)
+                    continue
+                rcpts = [r.address for r in pending]
+                needs_utf8 = not message.envelope.sender.isascii() or not all(r.isascii() for r in rcpts)
+                if needs_utf8 and not self.smtputf8:
+                    reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
+                    self._record(message, {r: reply for r in rcpts})
+                    continue
+                yield Job(message, body, rcpts)
+
+    def deliver_all(self, domains: Sequence[str]) -> bool:
+        """Deliver everything; True when the conversation is still in step (QUIT may follow)."""
+        jobs = self._jobs(domains)
         if self.pipelining:
-            client.send(mail + "".join(rcpt_lines) + "DATA\r\n")
-            mail_reply = client.reply_at(TIMEOUT_MAIL)
-            rcpt_replies = [client.reply_at(TIMEOUT_RCPT) for _ in rcpts]
-            data_reply = client.reply_at(TIMEOUT_DATA_INIT)
-        else:
-            client.send(mail)
-            mail_reply = client.reply_at(TIMEOUT_MAIL)
-            rcpt_replies = []
-            data_reply = (0, "")
-            if 200 <= mail_reply[0] < 300:
-                for line in rcpt_lines:
-                    client.send(line)
-                    rcpt_replies.append(client.reply_at(TIMEOUT_RCPT))
-                if any(200 <= c < 300 for c, _ in rcpt_replies):
-                    client.send("DATA\r\n")
-                    data_reply = client.reply_at(TIMEOUT_DATA_INIT)
-                else:
-                    client.send("RSET\r\n")
-                    client.reply_at(TIMEOUT_MAIL)
+            return self._pipelined(jobs)
+        for job in jobs:
+            if self._stop.is_set():
+                log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
+                break
+            self._serial(job)
+        return True
 
-        if not 200 <= mail_reply[0] < 300:
-            for r in rcpts:
-                results[r] = mail_reply
-            if data_reply[0] == 354:          # out-of-step server: end the empty DATA
-                client.send(".\r\n")
-                client.reply_at(TIMEOUT_DATA_END)
-            return results
-        accepted = []
-        for r, reply in zip(rcpts, rcpt_replies):
-            if 200 <= reply[0] < 300:
-                accepted.append(r)
-            else:
-                results[r] = reply
-        if not accepted:
-            if data_reply[0] == 354:
-                client.send(".\r\n")
-                client.reply_at(TIMEOUT_DATA_END)
-            return results
-        if data_reply[0] != 354:
-            reply = data_reply if data_reply[0] >= 400 else (451, "4.5.0 unexpected reply to DATA: %s" % _fmt(*data_reply))
-            for r in accepted:
-                results[r] = reply
-            if self.pipelining:
-                client.send("RSET\r\n")
-                client.reply_at(TIMEOUT_MAIL)
-            return results
-        self._send_data(message)
-        final = client.reply_at(TIMEOUT_DATA_END)
-        if final[0] < 200 or final[0] >= 600:
-            final = (451, "4.5.0 unexpected reply after data: %s" % _fmt(*final))
-        for r in accepted:
-            results[r] = final
-        return results
-
-    def _send_data(self, message: Message) -> None:
+    # -- without PIPELINING: one command, one reply ----------------------------
+    def _serial(self, job: Job) -> None:
         client = self.client
-        client.sock.settimeout(TIMEOUT_DATA_BLOCK)
+        try:
+            job.sent = True
+            client.send(self._mail_command(job.message))
+            mail = self._expect(client.reply_at(TIMEOUTS.mail), "MAIL")
+            if not _ok(mail):
+                job.results = {r: mail for r in job.rcpts}
+                self._complete(job)
+                self._after_421(mail)
+                return
+            job.mail_ok = True
+            lines = self._rcpt_commands(job).splitlines(keepends=True)
+            for rcpt, line in zip(job.rcpts, lines):
+                client.send(line)
+                self._rcpt_reply(job, rcpt, self._expect(client.reply_at(TIMEOUTS.rcpt), "RCPT"))
+            if not job.accepted:
+                self._complete(job)
+                self._reset()
+                return
+            client.send("DATA\r\n")
+            data = client.reply_at(TIMEOUTS.data_init)
+            if data[0] != 354:
+                self._expect(data, "DATA")
+                if _ok(data):
+                    raise OutOfStep("reply to DATA out of step: %s" % _fmt(*data))
+                for r in job.accepted:
+                    job.results[r] = data
+                self._complete(job)
+                self._after_421(data)
+                self._reset()
+                return
+            tail = self._send_body(job)
+            client.send(tail)
+            final = self._expect(client.reply_at(TIMEOUTS.data_end), "end of data")
+            for r in job.accepted:
+                job.results[r] = final
+            self._complete(job)
+            self._after_421(final)
+        except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
+            self._lost([job], exc)
+            raise
+
+    def _reset(self) -> None:
+        self.client.send("RSET\r\n")
+        self._expect(self.client.reply_at(TIMEOUTS.mail), "RSET")
+
+    # -- with PIPELINING: the dot travels with the next MAIL/RCPT/DATA ----------
+    def _pipelined(self, jobs: Iterator[Job]) -> bool:
+        client = self.client
+        Expect = Tuple[str, Optional[Job], str]            # (kind, job, recipient)
+        expect: Deque[Expect] = deque()                    # replies owed for what was sent
+        later: List[Expect] = []                           # replies owed for what is in `outbox`
+        outbox: List[bytes] = []
+        in_flight: List[Job] = []
+        timeouts = TIMEOUTS
+        wait = {"MAIL": timeouts.mail, "RCPT": timeouts.rcpt, "DATA": timeouts.data_init,
+                "FINAL": timeouts.data_end, "RSET": timeouts.mail, "DISCARD": timeouts.data_end}
+        try:
+            while True:
+                job = None
+                if not self._stop.is_set():
+                    job = next(jobs, None)
+                elif in_flight or outbox:
+                    log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
+                if job is not None:
+                    job.sent = True
+                    in_flight.append(job)
+                    outbox.append((self._mail_command(job.message) + self._rcpt_commands(job)
+                                   + "DATA\r\n").encode("utf-8"))
+                    later.append(("MAIL", job, ""))
+                    later.extend(("RCPT", job, r) for r in job.rcpts)
+                    later.append(("DATA", job, ""))
+                if not outbox:
+                    return True
+                client.send(b"".join(outbox))
+                outbox = []
+                expect.extend(later)
+                later = []
+                while expect:
+                    kind, item, rcpt = expect.popleft()
+                    reply = client.reply_at(wait[kind])
+                    if kind == "DATA" and reply[0] == 354:
+                        if item.mail_ok and item.accepted:
+                            outbox.append(self._send_body(item))
+                            later.append(("FINAL", item, ""))
+                            continue
+                        outbox.append(b".\r\n")          # out-of-step server opened DATA anyway
+                        later.append(("DISCARD", None, ""))
+                    else:
+                        reply = self._expect(reply, kind)
+                        if kind == "DATA" and _ok(reply):
+                            raise OutOfStep("reply to DATA out of step: %s" % _fmt(*reply))
+                    if kind == "MAIL":
+                        item.mail_ok = _ok(reply)
+                        if not item.mail_ok:
+                            item.results = {r: reply for r in item.rcpts}
+                    elif kind == "RCPT":
+                        if item.mail_ok:
+                            self._rcpt_reply(item, rcpt, reply)
+                    elif kind in ("DATA", "FINAL"):
+                        if reply[0] != 354:
+                            for r in item.accepted:
+                                item.results[r] = reply
+                        if kind == "DATA" and item.mail_ok and reply[0] != 421:
+                            outbox.append(b"RSET\r\n")   # close the half-open transaction
+                            later.append(("RSET", None, ""))
+                        in_flight.remove(item)
+                        self._complete(item)
+                    if reply[0] == 421:
+                        return self._closing(in_flight, reply)
+        except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
+            self._lost(in_flight, exc)
+            raise
+
+    def _closing(self, in_flight: List[Job], reply: Reply) -> bool:
+        """The customer said 421: it is going away; what is in flight waits."""
+        self._lost(in_flight, ConnectionLost("customer closing: %s" % _fmt(*reply)))
+        return False
+
+    def _after_421(self, reply: Reply) -> None:
+        if reply[0] == 421:
+            raise ConnectionLost("customer closing: %s" % _fmt(*reply))
+
+    # -- replies ----------------------------------------------------------------
+    def _expect(self, reply: Reply, what: str) -> Reply:
+        """A reply to a command other than DATA must be 2xx, 4xx or 5xx."""
+        code = reply[0]
+        if not (200 <= code < 300 or 400 <= code < 600):
+            raise OutOfStep("reply to %s out of step or garbled: %s" % (what, _fmt(*reply)))
+        return reply
+
+    def _rcpt_reply(self, job: Job, rcpt: str, reply: Reply) -> None:
+        if _ok(reply):
+            job.accepted.append(rcpt)
+        else:
+            job.results[rcpt] = reply
+
+    def _send_body(self, job: Job) -> bytes:
+        """Send the message text; return the terminator (sent with the next commands)."""
+        client = self.client
+        if job.body is not None:
+            data = job.body
+            tail = b".\r\n" if not data or data.endswith(b"\n") else b"\r\n.\r\n"
+            return dot_stuff(data, True) + tail
+        client.set_timeout(TIMEOUTS.data_block)
         at_line_start = True
         last = b"\n"
-        with message.open_data() as fh:
+        with job.message.open_data() as fh:
             while True:
                 chunk = fh.read(CHUNK)
                 if not chunk:
@@ -245,35 +508,56 @@ class Run:
                 client.send(dot_stuff(chunk, at_line_start))
                 at_line_start = chunk.endswith(b"\n")
                 last = chunk[-1:]
-        client.send(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
+        return b".\r\n" if last == b"\n" else b"\r\n.\r\n"
 
-    def _record(self, message: Message, results: Dict[str, Tuple[int, str]]) -> None:
+    # -- results ----------------------------------------------------------------
+    def _lost(self, jobs: List[Job], exc: BaseException) -> None:
+        """The connection broke (or went out of step): count an attempt for what was in flight."""
+        for job in jobs:
+            if not job.sent:
+                continue
+            state = job.message.state
+            state.attempts += 1
+            state.last_attempt = time.time()
+            state.last_error = "connection lost during delivery: %s" % exc
+            log.warning("delivery: deferred id=%s domain=%s: %s", job.message.id, job.message.domain,
+                        state.last_error)
+            self.deferred += len(job.rcpts)
+            job.sent = False
+            self._save(job.message)
+        jobs.clear()
+
+    def _complete(self, job: Job) -> None:
+        job.sent = False                        # results recorded: nothing left to count as lost
+        self._record(job.message, job.results)
+
+    def _record(self, message: Message, results: Dict[str, Reply]) -> None:
         state = message.state
         state.attempts += 1
         state.last_attempt = time.time()
-        newly_failed: Dict[str, str] = {}
+        outcomes: Dict[Tuple[str, str], List[str]] = {}
         errors = []
         for rcpt, (code, text) in results.items():
             reply = _fmt(code, text)
             if 200 <= code < 300:
                 state.done[rcpt] = reply
-                log.info("delivery: delivered id=%s domain=%s to=<%s> reply=%r",
-                         message.id, message.domain, rcpt, reply)
+                kind = "delivered"
                 self.delivered += 1
             elif 500 <= code < 600:
                 state.failed[rcpt] = reply
-                newly_failed[rcpt] = reply
                 errors.append(reply)
-                log.info("delivery: bounced id=%s domain=%s to=<%s> reply=%r",
-                         message.id, message.domain, rcpt, reply)
+                kind = "bounced"
                 self.failed += 1
             else:
                 if code < 400:  # garbage or an impossible code: treat as temporary
                     reply = "451 4.5.0 unusable reply: %s" % reply
                 errors.append(reply)
-                log.info("delivery: deferred id=%s domain=%s to=<%s> reply=%r",
-                         message.id, message.domain, rcpt, reply)
+                kind = "deferred"
                 self.deferred += 1
+            outcomes.setdefault((kind, reply), []).append(rcpt)
+        for (kind, reply), rcpts in outcomes.items():
+            log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, message.id, message.domain,
+                     ",".join("<%s>" % r for r in rcpts), reply)
         if errors:
             state.last_error = errors[0]
         if not message.pending():
@@ -284,18 +568,41 @@ class Run:
     def _finish(self, message: Message) -> None:
         state = message.state
         if state.failed and not state.bounced:
+            wanted = _dsn_wanted(message, state.failed)
             try:
-                send_dsn(self.runtime.spool, self.runtime.hosted_domains(), self.runtime.hostname,
-                         message, dict(state.failed))
+                if wanted:
+                    send_dsn(self.spool, self.runtime.hosted_domains(), self.runtime.hostname,
+                             message, wanted)
             except (SpoolError, OSError) as exc:
                 log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
                 self._save(message)
                 return
             state.bounced = True
-        self.runtime.spool.remove(message, sync=False)
+        self.spool.remove(message, sync=False)
+        count = self._unsynced.get(message.domain, 0) + 1
+        if count >= SYNC_EVERY:
+            self.spool.sync_domain(message.domain)
+            count = 0
+        self._unsynced[message.domain] = count
 
     def _save(self, message: Message) -> None:
         try:
-            self.runtime.spool.save_state(message)
+            self.spool.save_state(message)
         except OSError as exc:
             log.error("delivery: cannot save state of id=%s: %s", message.id, exc)
+
+
+def _ok(reply: Reply) -> bool:
+    return 200 <= reply[0] < 300
+
+
+def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
+    """Failed recipients whose sender asked for failure notices (RFC 3461 NOTIFY)."""
+    notify = {r.address: r.notify.upper() for r in message.envelope.recipients}
+    wanted = {}
+    for rcpt, reply in failed.items():
+        flags = notify.get(rcpt, "")
+        if flags and ("NEVER" in flags or "FAILURE" not in flags):
+            continue
+        wanted[rcpt] = reply
+    return wanted
