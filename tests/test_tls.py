@@ -403,13 +403,9 @@ def test_fetchmail_over_implicit_tls(tprov, pki, tmp_path):
             b"".join(b"line %d of %d\r\n" % (n, i) for n in range(30)) + b".leading dot\r\n"
         bodies[i] = body
         send_mail(tprov.smtp_port, "s@remote.test", ["u@example.org"], body)
-    sink_dir = tmp_path / "sink"
-    sink_dir.mkdir()
-    os.chmod(str(sink_dir), 0o777)
-    sink_port = free_port()
-    sink = subprocess.Popen([which("smtp-sink"), "-u", "nobody", "-d", str(sink_dir) + "/%M.",
-                             "127.0.0.1:%d" % sink_port, "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from test_fetchmail import Sink
+    sink = Sink()
+    sink_port = sink.port
     home = tmp_path / "fm"
     home.mkdir()
     rc = home / "fetchmailrc"
@@ -420,29 +416,26 @@ def test_fetchmail_over_implicit_tls(tprov, pki, tmp_path):
                   % (home, implicit_port(tprov), PASSWORD, sink_port))
     os.chmod(str(rc), 0o600)
     try:
-        for _ in range(50):
-            try:
-                socket.create_connection(("127.0.0.1", sink_port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         run = subprocess.run([which("fetchmail"), "-f", str(rc), "-v", "--nodetach", "--nosyslog"],
                              env=dict(os.environ, FETCHMAILHOME=str(home)), capture_output=True,
                              timeout=120)
         deadline = time.time() + 20
-        while time.time() < deadline and len(os.listdir(str(sink_dir))) < count:
+        while time.time() < deadline and len(sink.files()) < count:
             time.sleep(0.2)
+        sink.stop()
+        stored = []
+        for name in sink.files():
+            with open(os.path.join(sink.dir, name), "rb") as fh:
+                stored.append(fh.read())
     finally:
-        sink.kill()
-        sink.wait(10)
-    files = [sink_dir / f for f in os.listdir(str(sink_dir))]
-    assert len(files) == count, run.stderr.decode(errors="replace")[-2000:]
+        sink.stop()
+        shutil.rmtree(sink.dir, ignore_errors=True)
+    assert len(stored) == count, (run.stdout + run.stderr).decode(errors="replace")[-3000:]
     seen = set()
-    for path in files:
-        data = path.read_bytes()
+    for data in stored:
         subject = int(data.split(b"Subject: tls ")[1].split(b"\n")[0])
         expected = bodies[subject].replace(b"\r\n", b"\n")
-        assert data.endswith(expected)
+        assert data.rstrip(b"\n").endswith(expected.rstrip(b"\n"))
         seen.add(subject)
     assert seen == set(range(count))
     assert tprov.spooled("example.org") == []
