@@ -43,17 +43,23 @@ def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = ""
             %s
             [odmr]
             listen = 127.0.0.1:%d
-            idle_timeout = 20s
             %s
             [smtp]
             listen = 127.0.0.1:%d
-            idle_timeout = 20s
-            max_message_size = 1M
-            max_recipients = 50
             %s
             %s
-            """) % (extra, odmr_port, odmr_extra, smtp_port, smtp_extra, sections))
+            """) % (extra, odmr_port, _with_defaults(odmr_extra, idle_timeout="20s"), smtp_port,
+                    _with_defaults(smtp_extra, idle_timeout="20s", max_message_size="1M",
+                                   max_recipients="50"), sections))
     return path
+
+
+def _with_defaults(text: str, **defaults) -> str:
+    """Section lines plus test defaults for the keys the text does not set itself."""
+    given = {line.split("=")[0].strip() for line in text.splitlines() if "=" in line}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines += ["%s = %s" % (k, v) for k, v in defaults.items() if k not in given]
+    return "\n".join(lines)
 
 
 class Provider:
