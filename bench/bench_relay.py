@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Relay throughput of `odmrd fetch --relay` (SPEC section 6 and 9).
+
+Starts a provider on free loopback ports, spools N messages of SIZE bytes for
+one domain, starts Postfix `smtp-sink` as the customer's local SMTP server,
+then times `odmrd fetch --tls none --relay ...` draining the backlog through
+the splice. Prints msgs/s beside the references: fetchmail ~23 msgs/s (one
+line per write, no TCP_NODELAY), target >= 1,000 msgs/s.
+
+    python3 bench/bench_relay.py [-n 2000] [--size 10240]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from conftest import PASSWORD, Provider, free_port, which  # noqa: E402
+
+FETCHMAIL_RATE = 23.0
+TARGET_RATE = 1000.0
+
+
+def message(index: int, size: int) -> bytes:
+    head = b"From: bench@remote.test\r\nTo: user@example.org\r\nSubject: bench %d\r\n\r\n" % index
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+def enqueue(port: int, count: int, size: int) -> float:
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        for i in range(count):
+            client.sendmail("bench@remote.test", ["user@example.org"], message(i, size))
+    return time.monotonic() - started
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("smtp-sink did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=10240)
+    args = parser.parse_args()
+    sink_bin = which("smtp-sink")
+    if not sink_bin:
+        print("smtp-sink (postfix) is not installed", file=sys.stderr)
+        return 69
+
+    work = tempfile.mkdtemp(prefix="bench-relay-")
+    provider = Provider(work)
+    provider.add_user("alice", ["example.org"])
+    provider.start()
+    sink = None
+    try:
+        took = enqueue(provider.smtp_port, args.messages, args.size)
+        print("enqueued %d x %d bytes in %.1fs" % (args.messages, args.size, took))
+        sink_port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        sink = subprocess.Popen([sink_bin] + user + ["-c", "127.0.0.1:%d" % sink_port, "256"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        wait_port(sink_port)
+        env = dict(os.environ, ODMR_PASSWORD=PASSWORD)
+        env.pop("ODMRD_CONFIG", None)
+        command = [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [os.path.join(ROOT, "odmrd.py"), "fetch",
+                   "--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice",
+                   "--tls", "none", "--domain", "example.org",
+                   "--relay", "127.0.0.1:%d" % sink_port]
+        started = time.monotonic()
+        before = os.times()
+        result = subprocess.run(command, env=env, capture_output=True, timeout=3600)
+        after = os.times()
+        elapsed = time.monotonic() - started
+        left = len(provider.spooled("example.org"))
+        if result.returncode != 0 or left:
+            print("fetch exited %d, %d messages left in the spool: %s"
+                  % (result.returncode, left, result.stderr.decode(errors="replace").strip()))
+            return 1
+        rate = args.messages / elapsed
+        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+        own = (after.user - before.user) + (after.system - before.system)
+        print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall" % (cpu, own, elapsed))
+        print("odmrd fetch --relay into smtp-sink: %d msgs in %.2fs (process start included)"
+              % (args.messages, elapsed))
+        print("%-34s %10s %10s" % ("figure", "measured", "reference"))
+        print("%-34s %10.0f %10.0f" % ("relay msgs/s (fetchmail)", rate, FETCHMAIL_RATE))
+        print("%-34s %10.0f %10.0f  %s" % ("relay msgs/s (target)", rate, TARGET_RATE,
+                                            "ok" if rate >= TARGET_RATE else "BELOW TARGET"))
+        return 0
+    finally:
+        if sink is not None:
+            sink.send_signal(signal.SIGTERM)
+            try:
+                sink.wait(5)
+            except subprocess.TimeoutExpired:
+                sink.kill()
+                sink.wait()
+        provider.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""`odmrd fetch --maildir/--mbox`: be the SMTP server on the reversed connection.
+
+After ATRN the provider is the SMTP client. This session greets it, takes
+each message with MAIL/RCPT/DATA and stores it in the local mailbox (one copy
+per message, whatever the number of recipients) before answering 250, so a
+250 always means "on disk". A storage failure is `452 4.3.1`, which makes
+the provider keep the message for the next ATRN.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import time
+from typing import Callable, List, Optional
+
+from odmr.intake import received_header
+from odmr.mailstore import Mailbox, StorageError
+from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
+
+log = logging.getLogger("odmrd.fetch")
+
+IDLE_TIMEOUT = 660.0            # the provider may take long between messages (RFC 5321 timeouts)
+MAX_RECIPIENTS = 1000
+SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
+
+
+class _Prefixed(io.RawIOBase):
+    """A socket's byte stream, preceded by bytes that were already read from it."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes):
+        self.sock = sock
+        self.leftover = leftover
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.leftover:
+            n = min(len(buffer), len(self.leftover))
+            buffer[:n] = self.leftover[:n]
+            self.leftover = self.leftover[n:]
+            return n
+        return self.sock.recv_into(buffer)
+
+
+class LocalSMTPSession(Session):
+    """The customer's own SMTP server, spoken on the provider's connection."""
+
+    idle_timeout = IDLE_TIMEOUT
+
+    def __init__(self, sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
+                 hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None):
+        super().__init__(sock, peer)
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+        self.rfile = io.BufferedReader(_Prefixed(sock, leftover), 65536)
+        self.mailbox = mailbox
+        self.my_hostname = hostname
+        self.tls = tls
+        self.trace = trace
+        self.helo = ""
+        self.esmtp = False
+        self.sender: Optional[str] = None
+        self.recipients: List[str] = []
+        self.smtputf8 = False
+        self.quit = False
+        self.delivered = 0
+        self.deferred = 0
+        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
+
+    def hostname(self) -> str:
+        return self.my_hostname
+
+    def reply(self, code: int, *lines: str) -> None:
+        if self.trace:
+            for index, text in enumerate(lines):
+                self.trace("L: %d%s%s" % (code, "-" if index < len(lines) - 1 else " ", text))
+        super().reply(code, *lines)
+
+    def log_command(self, verb: str, arg: str) -> None:
+        if self.trace:
+            self.trace("P: %s %s" % (verb, arg[:200]))
+
+    def greet(self) -> None:
+        self.reply(220, "%s ESMTP odmrd fetch ready" % self.hostname())
+
+    # -- session verbs ------------------------------------------------------
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: EHLO hostname")
+            return
+        self._reset()
+        self.helo, self.esmtp = arg, True
+        self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE",
+                   "ENHANCEDSTATUSCODES")
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: HELO hostname")
+            return
+        self._reset()
+        self.helo, self.esmtp = arg, False
+        self.reply(250, self.hostname())
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_RSET(self, arg: str) -> None:
+        self._reset()
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self.reply(252, "2.5.0 Send some mail, I'll try my best")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.quit = True
+        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
+
+    def _not_here(self, arg: str) -> None:
+        self.reply(502, "5.5.1 Command not implemented")
+        self.count_bad_command()
+
+    smtp_EXPN = smtp_BDAT = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = _not_here
+
+    def _reset(self) -> None:
+        self.sender = None
+        self.recipients = []
+        self.smtputf8 = False
+
+    # -- the transaction --------------------------------------------------------
+    def smtp_MAIL(self, arg: str) -> None:
+        if not self.helo:
+            self.reply(503, "5.5.1 Send EHLO first")
+            return self.count_bad_command()
+        if self.sender is not None:
+            self.reply(503, "5.5.1 Nested MAIL command")
+            return self.count_bad_command()
+        parsed = parse_path(arg, "FROM:")
+        if parsed is None:
+            self.reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
+            return self.count_bad_command()
+        address, params_text = parsed
+        params = parse_params(params_text) if self.esmtp else ({} if not params_text else None)
+        if params is None:
+            self.reply(501, "5.5.4 Bad MAIL parameters")
+            return self.count_bad_command()
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit():
+                    self.reply(501, "5.5.4 Bad SIZE parameter")
+                    return
+                free = self.mailbox.free_bytes()
+                if free is not None and int(value) + SLACK > free:
+                    self.reply(452, "4.3.1 Insufficient system storage")
+                    return
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    self.reply(501, "5.5.4 Unknown BODY type")
+                    return
+            elif key == "SMTPUTF8":
+                self.smtputf8 = True
+            else:
+                self.reply(555, "5.5.4 Unsupported parameter %s" % key)
+                return
+        self.sender = address
+        self.reply(250, "2.1.0 Ok")
+
+    def smtp_RCPT(self, arg: str) -> None:
+        if self.sender is None:
+            self.reply(503, "5.5.1 Need MAIL command")
+            return self.count_bad_command()
+        parsed = parse_path(arg, "TO:")
+        if parsed is None or not parsed[0]:
+            self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
+            return self.count_bad_command()
+        if len(self.recipients) >= MAX_RECIPIENTS:
+            self.reply(452, "4.5.3 Too many recipients")
+            return
+        if parsed[0] not in self.recipients:
+            self.recipients.append(parsed[0])
+        self.reply(250, "2.1.5 Ok")
+
+    def smtp_DATA(self, arg: str) -> None:
+        if self.sender is None:
+            self.reply(503, "5.5.1 Need MAIL command")
+            return self.count_bad_command()
+        if not self.recipients:
+            self.reply(554, "5.5.1 No valid recipients")
+            return self.count_bad_command()
+        sender, recipients = self.sender, self.recipients
+        self._reset()
+        self.receive(sender, recipients)
+
+    def receive(self, sender: str, recipients: List[str]) -> None:
+        """Stream DATA into the mailbox; 250 only once it is durable."""
+        msg_id = "%x%04x" % (int(time.time() * 1000), self.delivered % 0x10000)
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls:
+            protocol += "S"
+        header = b"Return-Path: <%s>\r\n" % sender.encode("utf-8", "replace") + \
+            received_header(self.helo, self.peer_ip, self.hostname(), protocol, msg_id, recipients)
+        failure = None
+        delivery = None
+        try:
+            delivery = self.mailbox.begin(sender, header)
+        except StorageError as exc:
+            failure = str(exc)
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        try:
+            for piece in iter_data(self):
+                if failure is not None:
+                    continue
+                try:
+                    delivery.write(piece)
+                except StorageError as exc:
+                    failure = str(exc)
+                    delivery.abort()
+        except Closed:
+            if delivery is not None and failure is None:
+                delivery.abort()
+            raise
+        where = ""
+        if failure is None:
+            try:
+                where = delivery.commit()
+            except StorageError as exc:
+                failure = str(exc)
+        if failure is not None:
+            self.deferred += 1
+            log.warning("message from <%s> not stored: %s", sender, failure)
+            self.reply(452, "4.3.1 Insufficient system storage")
+            return
+        self.delivered += 1
+        log.info("stored message from <%s> to %s in %s", sender,
+                 ",".join("<%s>" % r for r in recipients), where)
+        self.reply(250, "2.0.0 Ok: delivered as %s" % msg_id)
+
+
+def serve_reversed(sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
+                   hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None
+                   ) -> LocalSMTPSession:
+    """Run the local SMTP server on the reversed connection until it ends."""
+    session = LocalSMTPSession(sock, peer, leftover, mailbox, hostname, tls, trace)
+    session.run()
+    return session

@@ -1,0 +1,644 @@
+"""`odmrd fetch`, the customer client (SPEC section 6), run as a real subprocess.
+
+Against odmrd's own provider: relay into Postfix's smtp-sink (compared byte
+for byte), Maildir and mbox delivery. Against scripted providers (a small
+socket server in this file, with real TLS where needed): every ATRN reply
+code, missing ATRN/STARTTLS/mechanisms, certificate failures, drops, garbage.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import mailbox
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, Optional
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from certs import make_pki
+from conftest import PASSWORD, ROOT, send_mail, which
+from test_fetchmail import SMTP_SINK, Sink, as_stored, parse_dump
+
+from odmr.mailstore import quote_from
+
+FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
+needs_sink = pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink (postfix) is not installed")
+needs_openssl = pytest.mark.skipif(which("openssl") is None, reason="openssl is not installed")
+
+EX_OK, EX_USAGE, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 0, 64, 66, 69, 75, 76, 77
+
+
+def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
+              env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("ODMRD_CONFIG", "ODMR_PASSWORD")}
+    if password is not None:
+        full["ODMR_PASSWORD"] = password
+    full.update(env or {})
+    return subprocess.run(FETCH + list(args), capture_output=True, timeout=timeout, env=full,
+                          stdin=subprocess.DEVNULL)
+
+
+def err(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.decode("utf-8", "replace")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> None:
+    text = err(result)
+    assert "Traceback" not in text, text
+    assert len(text.strip().splitlines()) == 1, text
+
+
+def message(subject: str, body: bytes) -> bytes:
+    return (b"From: <sender@outside.test>\r\nTo: <x@example.org>\r\nSubject: %s\r\n\r\n"
+            % subject.encode()) + body
+
+
+TRICKY = (b".\r\n..\r\n.leading dot\r\nFrom the start\r\n>From quoted\r\n>>From twice\r\n"
+          b"Fromage\r\n" + "Grüße ✓\r\n".encode("utf-8") + b"x" * 3000 + b"\r\nlast line\r\n")
+
+
+def provider_args(provider, *more: str) -> List[str]:
+    return ["--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice", "--tls", "none"] + list(more)
+
+
+# -- against the real provider ---------------------------------------------------
+
+@needs_sink
+def test_relay_into_smtp_sink_byte_for_byte(provider):
+    sent = {"one": message("one", b"hello\r\n"), "two": message("two", TRICKY),
+            "three": message("three", b"no final newline")}
+    for subject, data in sent.items():
+        send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], data)
+    send_mail(provider.smtp_port, "sender@outside.test", ["y@example.com"], message("other", b"x\r\n"))
+    sink = Sink()
+    try:
+        result = run_fetch(*provider_args(provider, "--domain", "example.org",
+                                          "--relay", "127.0.0.1:%d" % sink.port))
+        assert result.returncode == EX_OK, err(result)
+        dumps = sink.messages()
+    finally:
+        sink.cleanup()
+    assert provider.spooled("example.org") == []
+    assert len(provider.spooled("example.com")) == 1        # not asked for: still waiting
+    got = {}
+    for d in dumps:
+        subject = re.search(rb"^Subject: (\w+)$", d.content, re.M).group(1).decode()
+        got[subject] = d
+        assert d.odmrd_received.startswith(b"Received: from ")
+        assert d.rcpt_args == ["<x@example.org>"]
+    assert sorted(got) == sorted(sent)
+    for subject, data in sent.items():
+        assert got[subject].content == as_stored(data)
+
+
+def test_maildir_delivery(provider, tmp_path):
+    sent = [message("m%d" % i, TRICKY if i == 1 else b"body %d\r\n" % i) for i in range(3)]
+    for data in sent:
+        send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], data)
+    maildir = tmp_path / "deep" / "Maildir"
+    result = run_fetch(*provider_args(provider, "--maildir", str(maildir)))
+    assert result.returncode == EX_OK, err(result)
+    assert provider.spooled("example.org") == []
+    assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+    assert os.listdir(maildir / "tmp") == []
+    names = os.listdir(maildir / "new")
+    assert len(names) == 3 and len(set(names)) == 3
+    stored = []
+    for name in names:
+        raw = (maildir / "new" / name).read_bytes()
+        assert b"\r" not in raw
+        assert raw.startswith(b"Return-Path: <sender@outside.test>\nReceived: from odmr.test ([127.0.0.1])\n")
+        # ours, then the provider's Received, then the message itself
+        head, _, rest = raw.partition(b"\nReceived: from ")
+        stored.append(rest[rest.index(b"\nFrom: ") + 1:])
+        assert os.stat(maildir / "new" / name).st_mode & 0o077 == 0
+    assert sorted(stored) == sorted(as_stored(m) for m in sent)
+
+
+def test_mbox_delivery_appends_with_mboxrd_quoting(provider, tmp_path):
+    box = tmp_path / "mbox"
+    send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("first", TRICKY))
+    result = run_fetch(*provider_args(provider, "--mbox", str(box)))
+    assert result.returncode == EX_OK, err(result)
+    send_mail(provider.smtp_port, "", ["x@example.com"], message("second", b"From here\r\nbye"))
+    result = run_fetch(*provider_args(provider, "--mbox", str(box), "--mechanism", "CRAM-MD5"))
+    assert result.returncode == EX_OK, err(result)
+    raw = box.read_bytes()
+    assert raw.startswith(b"From sender@outside.test ")
+    assert b"\nFrom MAILER-DAEMON " in raw
+    assert b"\r" not in raw and raw.endswith(b"\n\n")
+    assert not os.path.exists(str(box) + ".lock")
+    assert b"\n>From the start\n>>From quoted\n>>>From twice\nFromage\n" in raw
+    assert b"\n>From here\nbye\n\n" in raw
+    parsed = [m for m in mailbox.mbox(str(box))]
+    assert [m["Subject"] for m in parsed] == ["first", "second"]
+    assert parsed[0]["Return-Path"] == "<sender@outside.test>"
+
+
+def test_storage_failure_is_452_and_mail_stays(provider, tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
+    result = run_fetch(*provider_args(provider, "--mbox", str(tmp_path / "afile" / "mbox")))
+    assert result.returncode == EX_TEMPFAIL, err(result)
+    assert len(provider.spooled("example.org")) == 1
+    assert "not stored" in err(result) or "could not be stored" in err(result)
+
+
+def test_no_mail_is_0(provider, tmp_path):
+    result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_OK, err(result)
+    assert err(result) == ""
+
+
+def test_wrong_password_is_77(provider, tmp_path):
+    send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
+    result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")), password="wrong")
+    assert result.returncode == EX_NOPERM, err(result)
+    assert_one_line_error(result)
+    assert len(provider.spooled("example.org")) == 1
+
+
+def test_foreign_domain_is_77(provider, tmp_path):
+    result = run_fetch(*provider_args(provider, "--domain", "example.net", "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_NOPERM, err(result)
+    assert "450" in err(result)
+
+
+def test_config_file_fetch_section(provider, tmp_path):
+    send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("cfg", b"x\r\n"))
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    conf = tmp_path / "customer.conf"
+    conf.write_text("[fetch]\nserver = 127.0.0.1:%d\nuser = alice\npassword_file = pw\n"
+                    "domains = example.org,\ntls = none\nmaildir = Mail\n" % provider.odmr_port)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", str(conf), "fetch"],
+                            capture_output=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "ODMR_PASSWORD"})
+    assert result.returncode == EX_OK, err(result)
+    assert len(os.listdir(tmp_path / "Mail" / "new")) == 1      # relative to the config file
+    # a flag overrides the file: the wrong user is refused
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", str(conf), "fetch",
+                             "--user", "bob"], capture_output=True, timeout=60)
+    assert result.returncode == EX_NOPERM, err(result)
+
+
+# -- a scripted provider -----------------------------------------------------------
+
+class Peer:
+    """One accepted connection of the scripted provider."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sock.settimeout(15)
+        self.buf = b""
+        self.lines: List[bytes] = []
+        self.tls = isinstance(sock, ssl.SSLSocket)
+
+    def send(self, text) -> None:
+        self.sock.sendall(text.encode() if isinstance(text, str) else text)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("customer closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        self.lines.append(line.rstrip(b"\r"))
+        return line.rstrip(b"\r")
+
+    def reply(self) -> List[bytes]:
+        lines = [self.line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.line())
+        return lines
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        assert self.buf == b""
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.tls = True
+
+
+class Scripted:
+    """A tiny ODMR provider: behaviour set by options, one thread per connection."""
+
+    def __init__(self, atrn_reply: str = "453 You have no mail", mechanisms: str = "CRAM-MD5",
+                 atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
+                 implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
+                 after_250: Optional[Callable[[Peer], None]] = None):
+        self.atrn_reply = atrn_reply
+        self.mechanisms = mechanisms
+        self.atrn = atrn
+        self.starttls_ctx = starttls
+        self.implicit = implicit
+        self.greeting = greeting
+        self.after_250 = after_250
+        self.peers: List[Peer] = []
+        self.errors: List[str] = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.implicit is not None:
+                conn = self.implicit.wrap_socket(conn, server_side=True)
+            peer = Peer(conn)
+            self.peers.append(peer)
+            self.converse(peer)
+        except (EOFError, OSError) as exc:
+            self.errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def ehlo_lines(self, peer: Peer) -> List[str]:
+        lines = ["scripted.test"]
+        if self.starttls_ctx is not None and not peer.tls:
+            lines.append("STARTTLS")
+        if self.mechanisms:
+            lines.append("AUTH " + self.mechanisms)
+        if self.atrn:
+            lines.append("ATRN")
+        return lines
+
+    def converse(self, peer: Peer) -> None:
+        peer.send(self.greeting + "\r\n")
+        if not self.greeting.startswith("220"):
+            peer.line()
+            return
+        while True:
+            line = peer.line()
+            verb = line.split(b" ")[0].upper()
+            if verb == b"EHLO":
+                lines = self.ehlo_lines(peer)
+                peer.send("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
+                                  for i, l in enumerate(lines)))
+            elif verb == b"STARTTLS":
+                peer.send("220 2.0.0 go ahead\r\n")
+                peer.starttls(self.starttls_ctx)
+            elif verb == b"AUTH":
+                self.auth(peer, line)
+            elif verb == b"ATRN":
+                peer.send(self.atrn_reply + "\r\n")
+                if self.atrn_reply.startswith("250"):
+                    if self.after_250:
+                        self.after_250(peer)
+                    return
+            elif verb == b"QUIT":
+                peer.send("221 bye\r\n")
+                return
+            else:
+                peer.send("502 no\r\n")
+
+    def auth(self, peer: Peer, line: bytes) -> None:
+        parts = line.decode().split()
+        if parts[1] == "CRAM-MD5":
+            challenge = b"<123.456@scripted.test>"
+            peer.send("334 %s\r\n" % base64.b64encode(challenge).decode())
+            user, digest = base64.b64decode(peer.line()).decode().split()
+            ok = user == "alice" and hmac.compare_digest(
+                digest, hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest())
+        elif parts[1] == "PLAIN":
+            ok = base64.b64decode(parts[2]) == b"\0alice\0" + PASSWORD.encode()
+        else:
+            peer.send("504 unknown\r\n")
+            return
+        peer.send("235 ok\r\n" if ok else "535 5.7.8 bad\r\n")
+
+    def commands(self) -> List[bytes]:
+        return [l for p in self.peers for l in p.lines]
+
+    def close(self) -> None:
+        self.listener.close()
+        for peer in self.peers:
+            try:
+                peer.sock.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def scripted():
+    made: List[Scripted] = []
+
+    def make(**kw) -> Scripted:
+        s = Scripted(**kw)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def scripted_args(s: Scripted, *more: str, tls: str = "none") -> List[str]:
+    return ["--server", "127.0.0.1:%d" % s.port, "--user", "alice", "--tls", tls,
+            "--domain", "example.org", "--domain", "example.com"] + list(more)
+
+
+@pytest.mark.parametrize("reply, code", [
+    ("450 ATRN request refused", EX_NOPERM),
+    ("451 Unable to process ATRN request now", EX_TEMPFAIL),
+    ("453 You have no mail", EX_OK),
+    ("502 5.5.1 Command not implemented", EX_UNAVAILABLE),
+    ("530 5.7.0 Authentication required", EX_NOPERM),
+    ("421 4.3.2 shutting down", EX_TEMPFAIL),
+], ids=lambda v: str(v)[:3])
+def test_atrn_reply_codes(scripted, tmp_path, reply, code):
+    s = scripted(atrn_reply=reply)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == code, err(result)
+    assert b"ATRN example.org,example.com" in s.commands()       # strict: commas, no spaces
+    assert b"AUTH CRAM-MD5" in s.commands()
+    if code != EX_OK:
+        assert_one_line_error(result)
+
+
+def test_535_is_77(scripted, tmp_path):
+    s = scripted()
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")), password="nope")
+    assert result.returncode == EX_NOPERM, err(result)
+    assert_one_line_error(result)
+    assert not any(l.startswith(b"ATRN") for l in s.commands())
+
+
+def deliver_one(peer: Peer) -> None:
+    """The provider's side after 250: one message with a dot line, then QUIT."""
+    assert peer.line().startswith(b"220 ")
+    peer.send("EHLO scripted.test\r\n")
+    features = peer.reply()
+    assert b"250-PIPELINING" in features and any(b"SIZE" in f for f in features)
+    peer.send("MAIL FROM:<a@outside.test> SIZE=40 BODY=8BITMIME\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"354")
+    peer.send("Subject: scripted\r\n\r\n..dot\r\nFrom x\r\n.\r\n")
+    assert peer.line().startswith(b"250")
+    peer.send("QUIT\r\n")
+    assert peer.line().startswith(b"221")
+
+
+def test_250_then_delivery_into_maildir(scripted, tmp_path):
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_OK, err(result) + repr(s.errors)
+    (name,) = os.listdir(tmp_path / "md" / "new")
+    raw = (tmp_path / "md" / "new" / name).read_bytes()
+    assert raw.endswith(b"\nSubject: scripted\n\n.dot\nFrom x\n")
+    assert s.errors == []
+
+
+def drop_mid_message(peer: Peer) -> None:
+    assert peer.line().startswith(b"220 ")
+    peer.send("EHLO scripted.test\r\n")
+    peer.reply()
+    peer.send("MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+    for _ in range(3):
+        peer.line()
+    peer.send("Subject: cut\r\n\r\nhalf a mess")
+    peer.sock.close()
+
+
+def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_TEMPFAIL, err(result)
+    assert os.listdir(tmp_path / "md" / "new") == []
+    assert os.listdir(tmp_path / "md" / "tmp") == []
+
+
+@needs_sink
+def test_drop_mid_session_relay_is_75(scripted):
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
+    sink = Sink()
+    try:
+        result = run_fetch(*scripted_args(s, "--relay", "127.0.0.1:%d" % sink.port))
+        assert result.returncode == EX_TEMPFAIL, err(result)
+        assert sink.messages() == []
+    finally:
+        sink.cleanup()
+    assert s.peers[0].lines[0].startswith(b"EHLO")          # the sink's greeting reached the provider
+
+
+def test_relay_target_down_is_75_and_provider_told(scripted, tmp_path):
+    got = []
+
+    def after(peer: Peer) -> None:
+        got.append(peer.line())
+
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=after)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        result = run_fetch(*scripted_args(s, "--relay", "127.0.0.1:%d" % port))
+    assert result.returncode == EX_TEMPFAIL, err(result)
+    assert got and got[0].startswith(b"421 ")
+
+
+@pytest.mark.parametrize("how, code", [
+    ("no-atrn", EX_UNAVAILABLE),
+    ("no-usable-mechanism", EX_UNAVAILABLE),
+    ("garbage", EX_PROTOCOL),
+    ("drop", EX_TEMPFAIL),
+    ("554-greeting", EX_UNAVAILABLE),
+    ("refused", EX_TEMPFAIL),
+])
+def test_failures(scripted, tmp_path, how, code):
+    if how == "refused":
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        result = run_fetch("--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", "none",
+                           "--maildir", str(tmp_path / "md"))
+        assert result.returncode == code, err(result)
+        assert_one_line_error(result)
+        return
+    options = {"no-atrn": dict(atrn=False),
+               "no-usable-mechanism": dict(mechanisms="PLAIN LOGIN"),   # PLAIN needs TLS
+               "garbage": dict(greeting="HTTP/1.1 400 Bad Request"),
+               "drop": dict(greeting="220 scripted.test", atrn_reply="250 ok", after_250=None),
+               "554-greeting": dict(greeting="554 go away")}[how]
+    s = scripted(**options)
+    if how == "drop":
+        s.converse = lambda peer: (peer.send("220 x\r\n"), peer.line(), peer.sock.close())
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == code, err(result)
+    assert_one_line_error(result)
+    assert not any(l.startswith(b"AUTH") for l in s.commands())     # no credentials sent for nothing
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    if which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def server_context(pki, name: str = "server") -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki[name + ".pem"], pki[name + ".key"])
+    return context
+
+
+def test_starttls_required_and_used(scripted, pki, tmp_path):
+    s = scripted(starttls=server_context(pki), mechanisms="PLAIN CRAM-MD5")
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--ca-file", pki["ca.pem"],
+                                      tls="starttls"))
+    assert result.returncode == EX_OK, err(result)
+    commands = s.commands()
+    assert commands[:2] == [b"EHLO localhost", b"STARTTLS"] or commands[1] == b"STARTTLS"
+    assert [c.split(b" ")[0] for c in commands].count(b"EHLO") == 2
+    assert any(c.startswith(b"AUTH CRAM-MD5") for c in commands)     # preferred over PLAIN
+    assert b"ATRN example.org,example.com" in commands
+
+
+def test_starttls_missing_is_69_without_credentials(scripted, tmp_path):
+    s = scripted()
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), tls="starttls"))
+    assert result.returncode == EX_UNAVAILABLE, err(result)
+    assert_one_line_error(result)
+    assert not any(l.startswith(b"AUTH") for l in s.commands())
+
+
+def test_implicit_tls_with_plain_and_verbose_masking(scripted, pki, tmp_path):
+    s = scripted(implicit=server_context(pki), mechanisms="PLAIN")
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--ca-file", pki["ca.pem"],
+                                      "-v", tls="implicit"))
+    assert result.returncode == EX_OK, err(result)
+    text = err(result)
+    assert "C: AUTH PLAIN ****" in text and "C: ATRN example.org,example.com" in text
+    assert PASSWORD not in text
+    assert base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode() not in text
+
+
+def test_verbose_masks_cram_md5_exchange(scripted, tmp_path):
+    s = scripted()
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "-v"))
+    assert result.returncode == EX_OK, err(result)
+    lines = err(result).splitlines()
+    start = lines.index("C: AUTH CRAM-MD5")
+    assert lines[start + 1:start + 4] == ["S: 334 ****", "C: ****", "S: 235 ****"]
+
+
+@pytest.mark.parametrize("case", ["untrusted", "wrong-name"])
+def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
+    name, extra = ("server", []) if case == "untrusted" else ("stranger", ["--ca-file", pki["ca.pem"]])
+    s = scripted(implicit=server_context(pki, name))
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), *extra, tls="implicit"))
+    assert result.returncode == EX_PROTOCOL, err(result)
+    assert_one_line_error(result)
+    assert "certificate" in err(result)
+    # --insecure accepts the same server
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
+    assert result.returncode == EX_OK, err(result)
+
+
+def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
+    s = scripted()
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
+    assert result.returncode == EX_PROTOCOL, err(result)
+    assert_one_line_error(result)
+
+
+# -- --every ------------------------------------------------------------------------------
+
+def test_every_polls_until_sigterm(scripted, tmp_path):
+    s = scripted()
+    log = open(tmp_path / "stderr", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "ODMRD_CONFIG"}
+    env["ODMR_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen(FETCH + scripted_args(s, "--maildir", str(tmp_path / "md"), "--every", "1s"),
+                            stdout=subprocess.DEVNULL, stderr=log, env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and b"run 2:" not in (tmp_path / "stderr").read_bytes():
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == EX_OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+    text = (tmp_path / "stderr").read_text()
+    assert "run 1: exit 0" in text and "run 2: exit 0" in text, text
+    assert sum(1 for c in s.commands() if c.startswith(b"ATRN")) >= 2
+
+
+def test_backoff_doubles_after_failures():
+    import random
+    from odmr.customer import next_delay
+    rng = random.Random(1)
+    assert 54 <= next_delay(60, 0, rng) <= 66
+    assert 216 <= next_delay(60, 2, rng) <= 264
+    assert next_delay(60, 30, rng) <= 3600 * 1.1
+
+
+# -- flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, code", [
+    (["--user", "alice", "--maildir", "m"], EX_USAGE),                                   # no server
+    (["--server", "127.0.0.1", "--user", "alice"], EX_USAGE),                            # no target
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--mbox", "b"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--tls", "maybe"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--relay", "nohostport"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--mechanism", "MAGIC"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--domain", "bad domain"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--every", "often"], EX_USAGE),
+    (["--server", "127.0.0.1:99999", "--user", "a", "--maildir", "m"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--bogus"], EX_USAGE),
+    (["--server", "127.0.0.1", "--user", "a", "--maildir", "m", "--password-file", "/nonexistent"],
+     EX_NOINPUT),
+])
+def test_bad_flags(args, code):
+    result = run_fetch(*args)
+    assert result.returncode == code, err(result)
+    assert_one_line_error(result)
+
+
+def test_password_required():
+    result = run_fetch("--server", "127.0.0.1", "--user", "a", "--maildir", "m", password=None)
+    assert result.returncode == EX_USAGE
+    assert_one_line_error(result)
+
+
+def test_password_file_first_line(scripted, tmp_path):
+    (tmp_path / "pw").write_bytes(PASSWORD.encode() + b"\nsecond line\n")
+    s = scripted()
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--password-file",
+                                      str(tmp_path / "pw")), password=None)
+    assert result.returncode == EX_OK, err(result)
+
+
+# -- mboxrd quoting ---------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"From x", b">From y", b">>From ", b"From", b"Fromage", b"", b"a From b",
+                                 b" From"]), max_size=8))
+def test_mboxrd_quoting_is_reversible(lines):
+    text = b"".join(l + b"\n" for l in lines)
+    quoted = quote_from(text, True)
+    unquoted = re.sub(rb"(?m)^>(>*From )", rb"\1", quoted)
+    assert unquoted == text
+    assert not re.search(rb"(?m)^From ", quoted)
