@@ -1,0 +1,391 @@
+"""The `odmrd` command line (SPEC §2): user, enqueue, queue, --version; run as real processes."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import stat
+import subprocess
+import textwrap
+import threading
+
+import pytest
+
+from conftest import PASSWORD, Customer, Provider, run_cli
+from odmr import accounts, sasl
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def odmrd(config: str, *args, input: bytes = None, env=None) -> subprocess.CompletedProcess:
+    """Run odmrd; whatever happens, no traceback reaches the user."""
+    result = run_cli("-c", config, *args, input=input, env=env)
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    assert b"internal error" not in result.stderr, result.stderr.decode()
+    return result
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    text = result.stderr.decode().strip()
+    assert text and "\n" not in text, text
+    return text
+
+
+@pytest.fixture
+def conf(tmp_path):
+    """A configuration with no users file yet (nothing is listening)."""
+    path = tmp_path / "odmrd.conf"
+    path.write_text(textwrap.dedent("""\
+        hostname = odmr.test
+        spool_dir = spool
+        users_file = users
+        [odmr]
+        listen = 127.0.0.1:1
+        [smtp]
+        listen = 127.0.0.1:1
+        max_message_size = 64K
+        [queue]
+        max_age = 1d
+        """))
+    return str(path)
+
+
+@pytest.fixture
+def hosted(conf):
+    """`conf` with alice (example.org, example.com) and bob (example.net)."""
+    users = os.path.join(os.path.dirname(conf), "users")
+    accounts.add_user(users, "alice", ["example.org", "example.com"], PASSWORD)
+    accounts.add_user(users, "bob", ["example.net"], PASSWORD)
+    return conf
+
+
+def users_path(conf: str) -> str:
+    return os.path.join(os.path.dirname(conf), "users")
+
+
+def spool_dir(conf: str) -> str:
+    return os.path.join(os.path.dirname(conf), "spool")
+
+
+# -- --version and bad flags ------------------------------------------------------------
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert re.match(rb"^odmrd \d+\.\d+", result.stdout)
+
+
+@pytest.mark.parametrize("args", [[], ["nosuchcommand"], ["queue"], ["user"], ["user", "add", "x"],
+                                  ["enqueue"], ["queue", "list", "--bogus"], ["--bogus"],
+                                  ["queue", "show"], ["serve", "--nope"]],
+                         ids=["no-command", "unknown-command", "queue-no-action", "user-no-action",
+                              "user-add-no-domain", "enqueue-no-rcpt", "queue-list-bad-flag",
+                              "global-bad-flag", "queue-show-no-id", "serve-bad-flag"])
+def test_bad_flags_exit_64(conf, args):
+    result = odmrd(conf, *args)
+    assert result.returncode == 64
+    assert result.stderr.strip()
+
+
+def test_config_from_environment(conf):
+    result = run_cli("check-config", env={"ODMRD_CONFIG": conf})
+    assert b"Traceback" not in result.stderr
+    # no users file yet: a configuration problem, reported against the right file
+    assert result.returncode == 78
+    assert b"users" in result.stderr
+
+
+def test_missing_config_file_is_one_line_78(tmp_path):
+    result = run_cli("-c", str(tmp_path / "nope.conf"), "queue", "list")
+    assert result.returncode == 78
+    assert "nope.conf" in one_line_error(result)
+
+
+# -- user ----------------------------------------------------------------------------------
+
+def test_user_add_list_passwd_del(conf, open_umask):
+    result = odmrd(conf, "user", "add", "alice", "--domain", "Example.ORG", "--domain", "example.com",
+                   "--password-stdin", input=b"first secret\n")
+    assert result.returncode == 0, result.stderr
+    users = users_path(conf)
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    for name in os.listdir(os.path.dirname(users)):
+        path = os.path.join(os.path.dirname(users), name)
+        if os.path.isfile(path) and name != "odmrd.conf":
+            assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, name
+    text = open(users).read()
+    assert "first secret" not in text                     # CRAM secret is stored encoded
+    account = accounts.load(users).get("alice")
+    assert account.domains == ("example.org", "example.com")
+    assert account.verify_password("first secret")
+    assert account.cram_md5_secret == "first secret"
+
+    result = odmrd(conf, "user", "add", "carol", "--domain", "example.net", "--password-stdin",
+                   "--no-cram-md5", input=b"carol pw\n")
+    assert result.returncode == 0
+    carol = accounts.load(users).get("carol")
+    assert carol.cram_md5_secret is None and carol.verify_password("carol pw")
+    assert "[carol]" in open(users).read()
+    assert "cram_md5" not in open(users).read().split("[carol]")[1]
+
+    listing = odmrd(conf, "user", "list")
+    assert listing.returncode == 0
+    lines = listing.stdout.decode().splitlines()
+    assert [l.split()[0] for l in lines] == ["alice", "carol"]
+    assert "example.org,example.com" in lines[0] and "CRAM-MD5" in lines[0]
+    assert "CRAM-MD5" not in lines[1]
+
+    result = odmrd(conf, "user", "passwd", "alice", "--password-stdin", input=b"second secret\n")
+    assert result.returncode == 0
+    account = accounts.load(users).get("alice")
+    assert account.verify_password("second secret") and not account.verify_password("first secret")
+    assert account.cram_md5_secret == "second secret"
+    result = odmrd(conf, "user", "passwd", "alice", "--password-stdin", "--no-cram-md5", input=b"third\n")
+    assert result.returncode == 0
+    assert accounts.load(users).get("alice").cram_md5_secret is None
+
+    assert odmrd(conf, "user", "del", "carol").returncode == 0
+    assert [a.name for a in accounts.load(users)] == ["alice"]
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+
+
+@pytest.fixture
+def open_umask():
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.parametrize("args,stdin,code", [
+    (["user", "add", "alice", "--domain", "x.test", "--password-stdin"], b"pw\n", 65),
+    (["user", "add", "eve", "--domain", "../etc", "--password-stdin"], b"pw\n", 65),
+    (["user", "add", "eve", "--domain", "a b.test", "--password-stdin"], b"pw\n", 65),
+    (["user", "add", "bad name", "--domain", "x.test", "--password-stdin"], b"pw\n", 65),
+    (["user", "add", "eve", "--domain", "x.test", "--password-stdin"], b"\n", 64),
+    (["user", "passwd", "nobody", "--password-stdin"], b"pw\n", 67),
+    (["user", "del", "nobody"], None, 67),
+], ids=["duplicate", "bad-domain", "domain-with-space", "bad-name", "empty-password",
+        "passwd-unknown", "del-unknown"])
+def test_user_errors_are_one_line_with_exit_code(hosted, args, stdin, code):
+    before = open(users_path(hosted), "rb").read()
+    result = odmrd(hosted, *args, input=stdin)
+    assert result.returncode == code
+    one_line_error(result)
+    assert open(users_path(hosted), "rb").read() == before
+
+
+def test_user_list_without_users_file(conf):
+    result = odmrd(conf, "user", "list")
+    assert result.returncode == 66
+    assert "users" in one_line_error(result)
+
+
+def test_user_list_refuses_a_group_readable_users_file(hosted):
+    os.chmod(users_path(hosted), 0o644)
+    result = odmrd(hosted, "user", "list")
+    assert result.returncode != 0
+    assert "chmod 600" in one_line_error(result)
+
+
+def test_accounts_made_by_the_cli_can_log_in(tmp_path):
+    p = Provider(str(tmp_path))
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        assert odmrd(p.config, "user", "add", "carol", "--domain", "example.net", "--password-stdin",
+                     "--no-cram-md5", input=b"carol-pw\n").returncode == 0
+        p.service.reload()
+
+        def auth(mechanism: str, user: str, password: str) -> int:
+            c = Customer(p.odmr_port)
+            try:
+                c.reply()
+                c.cmd("EHLO customer.test")
+                mech = sasl.client_mechanism(mechanism, user, password)
+                first = mech.initial()
+                code, lines = c.cmd("AUTH %s%s" % (mechanism, " " + base64.b64encode(first).decode()
+                                                   if first else ""))
+                while code == 334:
+                    code, lines = c.cmd(base64.b64encode(mech.respond(base64.b64decode(lines[0]))).decode())
+                return code
+            finally:
+                c.close()
+        assert auth("SCRAM-SHA-256", "carol", "carol-pw") == 235
+        assert auth("CRAM-MD5", "carol", "carol-pw") == 535        # no CRAM secret stored
+        assert auth("CRAM-MD5", "alice", PASSWORD) == 235
+    finally:
+        p.stop()
+
+
+# -- enqueue -------------------------------------------------------------------------
+
+MESSAGE = b"Subject: piped\n\nline one\n.\n..two\nlast"
+
+
+def test_enqueue_spools_per_domain_with_crlf(hosted):
+    result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", "b@example.com", "c@example.org",
+                   input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    printed = dict(reversed(l.split()) for l in result.stdout.decode().splitlines())
+    assert sorted(printed) == ["example.com", "example.org"]
+    records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    by_domain = {r["domain"]: r for r in records}
+    assert by_domain["example.org"]["recipients"] == ["a@example.org", "c@example.org"]
+    assert by_domain["example.com"]["recipients"] == ["b@example.com"]
+    assert by_domain["example.org"]["id"] == printed["example.org"]
+    path = os.path.join(spool_dir(hosted), "example.org", printed["example.org"])
+    data = open(path, "rb").read().split(b"\n\n", 1)[1]
+    assert data.startswith(b"Received: by odmr.test")
+    # a lone dot is content (sendmail -oi), line endings become CRLF, a final newline is added
+    assert data.endswith(b"Subject: piped\r\n\r\nline one\r\n.\r\n..two\r\nlast\r\n")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args,stdin,code", [
+    (["-f", "s@remote.test", "a@evil.test"], MESSAGE, 67),
+    (["-f", "s@remote.test", "a@example.org", "a@evil.test"], MESSAGE, 67),
+    (["-f", "s@remote.test", "a@example.org@evil.test"], MESSAGE, 67),
+    (["-f", "s@remote.test", "a@example.org"], b"", 65),
+    (["-f", "s@remote.test", "a@example.org"], b"x" * 70000, 65),
+    (["-f", "nodomain", "a@example.org"], MESSAGE, 65),
+    (["-f", "s@remote.test", "not an address"], MESSAGE, 65),
+    (["--bogus", "a@example.org"], MESSAGE, 64),
+], ids=["not-hosted", "one-not-hosted", "double-at", "empty", "too-big", "bad-sender",
+        "bad-recipient", "bad-flag"])
+def test_enqueue_exit_codes(hosted, args, stdin, code):
+    result = odmrd(hosted, "enqueue", *args, input=stdin)
+    assert result.returncode == code, result.stderr
+    one_line_error(result)
+    # nothing partial is left behind
+    root = spool_dir(hosted)
+    for dirpath, _, files in os.walk(root):
+        assert files == [] or all(f == ".lock" for f in files), (dirpath, files)
+
+
+def test_enqueue_null_sender(hosted):
+    result = odmrd(hosted, "enqueue", "-f", "", "a@example.org", input=MESSAGE)
+    assert result.returncode == 0
+    [record] = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    assert record["sender"] == ""
+
+
+# -- queue --------------------------------------------------------------------------
+
+def enqueue(conf: str, *rcpts: str, sender: str = "s@remote.test", body: bytes = MESSAGE) -> dict:
+    result = odmrd(conf, "enqueue", "-f", sender, *rcpts, input=body)
+    assert result.returncode == 0, result.stderr
+    return {l.split()[1]: l.split()[0] for l in result.stdout.decode().splitlines()}
+
+
+def test_queue_list_json_keys_and_domain_filter(hosted):
+    ids = enqueue(hosted, "a@example.org", "b@example.net")
+    records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    assert len(records) == 2
+    for record in records:
+        assert list(record) == ["id", "domain", "size", "age", "sender", "recipients", "attempts", "last_error"]
+        assert record["id"] == ids[record["domain"]]
+        assert isinstance(record["size"], int) and record["size"] > len(MESSAGE)
+        assert isinstance(record["age"], int) and 0 <= record["age"] < 60
+        assert record["sender"] == "s@remote.test"
+        assert record["attempts"] == 0 and record["last_error"] == ""
+    only = json.loads(odmrd(hosted, "queue", "list", "EXAMPLE.NET", "--json").stdout)
+    assert [r["domain"] for r in only] == ["example.net"]
+    assert json.loads(odmrd(hosted, "queue", "list", "example.com", "--json").stdout) == []
+    text = odmrd(hosted, "queue", "list").stdout.decode()
+    assert ids["example.org"] in text and ids["example.net"] in text and "<b@example.net>" in text
+
+
+def test_queue_list_empty_and_bad_domain(hosted):
+    result = odmrd(hosted, "queue", "list")
+    assert result.returncode == 0 and b"empty" in result.stdout
+    assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
+    result = odmrd(hosted, "queue", "list", "../etc")
+    assert result.returncode == 64
+    one_line_error(result)
+
+
+def test_queue_show_and_delete(hosted):
+    ids = enqueue(hosted, "a@example.org")
+    msg_id = ids["example.org"]
+    shown = odmrd(hosted, "queue", "show", msg_id)
+    assert shown.returncode == 0
+    head, _, data = shown.stdout.partition(b"\n\n")
+    assert json.loads(head)["id"] == msg_id
+    assert data.endswith(b"line one\r\n.\r\n..two\r\nlast\r\n")
+    assert odmrd(hosted, "queue", "delete", msg_id).returncode == 0
+    assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
+    for args in (["show", msg_id], ["delete", msg_id], ["show", "../../users"], ["bounce", "zzz"]):
+        result = odmrd(hosted, "queue", *args)
+        assert result.returncode == 66, args
+        assert msg_id in one_line_error(result) or args[1] in result.stderr.decode()
+
+
+def test_queue_delete_of_a_domain_being_delivered_is_75(hosted):
+    from odmr.spool import Spool
+    ids = enqueue(hosted, "a@example.org")
+    spool = Spool(spool_dir(hosted))
+    with spool.claim(["example.org"]):
+        result = odmrd(hosted, "queue", "delete", ids["example.org"])
+        assert result.returncode == 75
+        assert "example.org" in one_line_error(result)
+    assert len(json.loads(odmrd(hosted, "queue", "list", "--json").stdout)) == 1
+
+
+def age_message(conf: str, domain: str, msg_id: str, seconds: float) -> None:
+    """Move a message's arrival time into the past (the spool format is plain text)."""
+    path = os.path.join(spool_dir(conf), domain, msg_id)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    head, sep, data = raw.partition(b"\n\n")
+    old = re.search(rb"^Arrival: ([0-9.]+)$", head, re.M).group(1)
+    new = b"%.6f" % (float(old) - seconds)
+    with open(path, "wb") as fh:
+        fh.write(head.replace(b"Arrival: " + old, b"Arrival: " + new) + sep + data)
+
+
+def test_queue_expire_null_sender_dropped_young_kept(hosted):
+    old = enqueue(hosted, "a@example.org", sender="")["example.org"]
+    young = enqueue(hosted, "b@example.org", sender="")["example.org"]
+    age_message(hosted, "example.org", old, 2 * 86400)
+    result = odmrd(hosted, "queue", "expire")
+    assert result.returncode == 0
+    assert b"1 expired" in result.stdout
+    records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    assert [r["id"] for r in records] == [young]
+
+
+def test_queue_expire_bounces_to_sender(hosted):
+    old = enqueue(hosted, "a@example.org", sender="someone@example.com")["example.org"]
+    age_message(hosted, "example.org", old, 2 * 86400)
+    result = odmrd(hosted, "queue", "expire")
+    assert result.returncode == 0
+    [dsn] = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    assert dsn["domain"] == "example.com" and dsn["recipients"] == ["someone@example.com"]
+    assert b"5.4.7" in odmrd(hosted, "queue", "show", dsn["id"]).stdout
+
+
+def test_queue_bounce_returns_to_sender(hosted):
+    ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
+    result = odmrd(hosted, "queue", "bounce", ids["example.org"])
+    assert result.returncode == 0
+    records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    # the sender is not hosted: the DSN waits for bounce_relay in the outbound queue
+    assert [r["recipients"] for r in records] == [["someone@remote.test"]]
+    assert records[0]["domain"] != "example.org"
+
+
+def test_queue_bounce_of_null_sender_just_removes(hosted):
+    ids = enqueue(hosted, "a@example.org", sender="")
+    result = odmrd(hosted, "queue", "bounce", ids["example.org"])
+    assert result.returncode == 0
+    assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
+
+
+def test_queue_list_survives_a_corrupt_file(hosted):
+    enqueue(hosted, "a@example.org")
+    with open(os.path.join(spool_dir(hosted), "example.org", "0" * 13 + "00000000"), "wb") as fh:
+        fh.write(b"junk")
+    result = odmrd(hosted, "queue", "list", "--json")
+    assert result.returncode == 0
+    assert len(json.loads(result.stdout)) == 1
