@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
@@ -224,7 +225,6 @@ def test_several_messages_for_two_domains(provider, sink, tmp_path):
                                               to="info@example.com"), []),
         "com-2": ("sales@example.com", message("com-2", b"no final newline", to="sales@example.com"), []),
     }
-    import smtplib
     with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
         for subject, (rcpt, data, options) in sent.items():
             assert s.sendmail("sender@outside.test", [rcpt], data, mail_options=options) == {}
@@ -270,9 +270,10 @@ def test_multi_recipient_message_split_per_domain(provider, sink, tmp_path):
 
 
 def test_message_over_one_megabyte(tmp_path, sink):
-    p = Provider(str(tmp_path), sections="")
+    p = Provider(str(tmp_path))
     with open(p.config) as fh:
         text = fh.read()
+    assert "max_message_size = 1M" in text       # the conftest default this test raises
     with open(p.config, "w") as fh:
         fh.write(text.replace("max_message_size = 1M", "max_message_size = 8M"))
     p.add_user("alice", ["example.org", "example.com"])
