@@ -23,7 +23,6 @@ import select
 import signal
 import stat
 import sys
-import threading
 import time
 from typing import List, Optional, Tuple
 
@@ -324,26 +323,28 @@ class PidFile:
 # -- signals and the main loop ---------------------------------------------------
 
 class Signals:
-    """Handlers only record; the main loop acts (so no handler runs service code)."""
+    """SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken with sigtimedwait.
 
-    def __init__(self):
-        self.pending: List[int] = []
-        self.wake = threading.Event()
+    Blocked before the first thread starts, so every thread inherits the mask
+    and the kernel keeps them pending for the main loop: no handler runs
+    service code, and none can be lost to a thread that is not listening.
+    """
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._record)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
-    def _record(self, signum, frame) -> None:
-        self.pending.append(signum)
-        self.wake.set()
+        for signum in self.HANDLED:     # undo an inherited SIG_IGN (nohup, shells' & jobs)
+            signal.signal(signum, _ignore_unblocked)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.HANDLED)
 
     def next(self, timeout: float) -> Optional[int]:
-        if not self.pending:
-            self.wake.wait(timeout)
-        self.wake.clear()
-        return self.pending.pop(0) if self.pending else None
+        info = signal.sigtimedwait(self.HANDLED, timeout)
+        return info.si_signo if info is not None else None
+
+
+def _ignore_unblocked(signum, frame) -> None:
+    """Only reached if a signal slips past the mask; the main loop owns them."""
 
 
 def run_until_stopped(service: Service, signals: Signals, pidfile: PidFile) -> int:

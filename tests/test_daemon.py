@@ -1,0 +1,515 @@
+"""`odmrd serve` as a real process: detaching, pid file, logging, signals, privileges.
+
+Every daemon these tests start is killed in teardown; "gone" is read from
+/proc/PID/stat (a zombie counts as gone: PID 1 here reaps late).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, List, Optional
+
+import pytest
+
+from conftest import ROOT, free_port, run_cli, which
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+SYSLOG_PRESENT = any(_is_socket(p) for p in ("/dev/log", "/var/run/log", "/var/run/syslog"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.05)
+
+
+def kill_hard(pid: int) -> None:
+    if not alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        wait_for(lambda: not alive(pid), 5.0)
+    except AssertionError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_for(lambda: not alive(pid), 5.0)
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+class Site:
+    """A configuration directory for one daemon; remembers every pid to kill."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+        self.dir = directory
+        self.odmr_port = free_port()
+        self.smtp_port = free_port()
+        self.config = os.path.join(directory, "odmrd.conf")
+        self.pid_file = os.path.join(directory, "odmrd.pid")
+        self.log_file = os.path.join(directory, "odmrd.log")
+        self.users = os.path.join(directory, "users")
+        self.spool = os.path.join(directory, "spool")
+        self.pids: List[int] = []
+        self.write(extra, sections)
+
+    def write(self, extra: str = "", sections: str = "") -> None:
+        top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
+               "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
+               "log_level": "debug", "grace_period": "5s"}
+        for line in extra.splitlines():     # extra lines override the defaults above
+            key, _, value = line.partition("=")
+            top[key.strip()] = value.strip()
+        with open(self.config, "w") as fh:
+            fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
+            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
+                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
+                     % (self.odmr_port, self.smtp_port, sections))
+        os.chmod(self.config, 0o644)
+
+    def cli(self, *args, **kw) -> subprocess.CompletedProcess:
+        return run_cli("-c", self.config, *args, **kw)
+
+    def add_user(self, name: str, *domains: str) -> None:
+        args = ["user", "add", name, "--password-stdin"]
+        for d in domains:
+            args += ["--domain", d]
+        result = self.cli(*args, input=b"secret-pw\n")
+        assert result.returncode == 0, result.stderr
+
+    def serve(self) -> subprocess.CompletedProcess:
+        result = self.cli("serve", timeout=30)
+        pid = self.pid()
+        if pid:
+            self.pids.append(pid)
+        return result
+
+    def pid(self) -> Optional[int]:
+        try:
+            with open(self.pid_file) as fh:
+                text = fh.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        for pid in self.pids + [p for p in [self.pid()] if p]:
+            if pid != os.getpid():
+                kill_hard(pid)
+
+
+@pytest.fixture
+def site_factory(tmp_path):
+    made: List[Site] = []
+
+    def make(extra: str = "", sections: str = "", directory: Optional[str] = None) -> Site:
+        d = directory or str(tmp_path / ("site%d" % len(made)))
+        os.makedirs(d, exist_ok=True)
+        s = Site(d, extra, sections)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.cleanup()
+
+
+@pytest.fixture
+def site(site_factory):
+    s = site_factory("allow_root = yes")
+    s.add_user("alice", "example.org")
+    return s
+
+
+def smtp_send(port: int, rcpt: str, sender: str = "someone@remote.test") -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        return s.sendmail(sender, [rcpt], b"Subject: test\r\n\r\nbody\r\n")
+
+
+def rcpt_code(port: int, rcpt: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("someone@remote.test")
+        return s.rcpt(rcpt)[0]
+
+
+def spooled(site: Site, domain: str) -> List[str]:
+    directory = os.path.join(site.spool, domain)
+    if not os.path.isdir(directory):
+        return []
+    return [n for n in os.listdir(directory) if n != "tmp" and not n.startswith(".")]
+
+
+# -- detaching ----------------------------------------------------------------
+
+def test_serve_returns_only_once_the_daemon_runs(site):
+    result = site.serve()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    # No sleeping: when `serve` has returned 0 the daemon must already be usable.
+    pid = site.pid()
+    assert pid and pid != os.getpid() and alive(pid)
+    with smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=5) as s:
+        assert s.noop()[0] == 250
+    with socket.create_connection(("127.0.0.1", site.odmr_port), timeout=5) as c:
+        assert c.makefile("rb").readline().startswith(b"220 odmr.test")
+
+
+def test_detached_process_state(site):
+    assert site.serve().returncode == 0
+    pid = site.pid()
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"
+    for fd in (0, 1, 2):
+        assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ppid, pgrp, session = int(fields[1]), int(fields[2]), int(fields[3])
+    assert ppid != os.getpid()
+    assert session != os.getsid(0)          # its own session (setsid)...
+    assert session != pid                   # ...but not its leader (second fork): no tty can be acquired
+    with open("/proc/%d/status" % pid) as fh:
+        umask = [line.split()[1] for line in fh if line.startswith("Umask:")]
+    if umask:
+        assert umask[0] == "0077"
+    mode = os.stat(site.pid_file).st_mode & 0o777
+    assert mode == 0o644
+
+
+def test_logs_written_after_detaching_reach_the_log_file(site):
+    assert site.serve().returncode == 0
+    assert smtp_send(site.smtp_port, "user@example.org") == {}
+    wait_for(lambda: "smtp: accepted" in site.log(), 5, "the accepted message in the log")
+    text = site.log()
+    assert "odmrd started (pid %d)" % site.pid() in text
+    assert "listening on 127.0.0.1:%d" % site.smtp_port in text
+    line = [l for l in text.splitlines() if "smtp: accepted" in l][0]
+    assert "odmrd[%d]" % site.pid() in line and "user@example.org" in line
+
+
+@pytest.mark.skipif(SYSLOG_PRESENT, reason="a syslog socket exists here")
+def test_without_syslog_says_so_once_and_uses_the_log_file(site_factory):
+    s = site_factory("allow_root = yes\nsyslog = auto")
+    s.add_user("alice", "example.org")
+    result = s.serve()
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert lines == ["odmrd: no syslog socket (/dev/log, /var/run/log, /var/run/syslog); "
+                     "logging to %s" % s.log_file]
+    assert "odmrd started" in s.log()
+
+
+def test_fallback_log_path_when_log_file_is_unset(site_factory):
+    from odmr import config, daemon
+    s = site_factory("allow_root = yes")
+    with open(s.config) as fh:
+        text = fh.read().replace("log_file = odmrd.log\n", "")
+    with open(s.config, "w") as fh:
+        fh.write(text)
+    settings = config.load(s.config)
+    expected = "/var/log/odmrd.log" if os.access("/var/log", os.W_OK) else os.path.join(s.dir, "odmrd.log")
+    assert daemon.fallback_log_file(settings) == expected
+    assert daemon.log_target(settings, foreground=True) == ("stderr", "")
+
+
+def test_startup_failure_in_the_daemon_is_reported_by_serve(site_factory):
+    s = site_factory("allow_root = yes")
+    s.add_user("alice", "example.org")
+    with open(os.path.join(s.dir, "not-a-dir"), "w") as fh:
+        fh.write("x")
+    with open(s.config) as fh:
+        text = fh.read().replace("spool_dir = spool", "spool_dir = not-a-dir/spool")
+    with open(s.config, "w") as fh:
+        fh.write(text)
+    result = s.serve()
+    assert result.returncode == 73
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("odmrd: spool ") and "Traceback" not in lines[0]
+    assert not os.path.exists(s.pid_file)
+    assert refused(s.smtp_port) and refused(s.odmr_port)
+    assert "not-a-dir/spool" in s.log()
+
+
+def test_bind_failure_is_one_line(site):
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", site.smtp_port))
+        busy.listen(1)
+        result = site.serve()
+    assert result.returncode == 71
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "cannot listen on 127.0.0.1:%d" % site.smtp_port in lines[0]
+    assert not os.path.exists(site.pid_file)
+
+
+def test_config_errors_from_serve(site_factory):
+    s = site_factory("allow_root = yes\nmax_fun = 1\nno_such_key = 1")
+    result = s.serve()
+    assert result.returncode == 78
+    text = result.stderr.decode()
+    assert "max_fun" in text and "no_such_key" in text and "Traceback" not in text
+    assert not os.path.exists(s.pid_file)
+
+
+# -- pid file -------------------------------------------------------------------
+
+def test_second_start_is_refused_while_running(site):
+    assert site.serve().returncode == 0
+    pid = site.pid()
+    result = site.serve()
+    assert result.returncode == 73
+    assert result.stderr.decode().strip() == \
+        "odmrd: already running with pid %d (pid file %s)" % (pid, site.pid_file)
+    assert site.pid() == pid and alive(pid)
+
+
+def test_stale_pid_file_is_replaced(site):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(site.pid_file, "w") as fh:
+        fh.write("%d\n" % dead.pid)
+    assert site.serve().returncode == 0
+    assert site.pid() not in (None, dead.pid) and alive(site.pid())
+
+
+def test_pid_file_naming_an_unrelated_live_process_is_stale(site):
+    # The pid was reused by some other process: the lock, not the number, decides.
+    with open(site.pid_file, "w") as fh:
+        fh.write("%d\n" % os.getpid())
+    result = site.serve()
+    assert result.returncode == 0, result.stderr
+    assert site.pid() != os.getpid() and alive(site.pid())
+
+
+def test_pid_file_symlink_is_not_followed(site):
+    target = os.path.join(site.dir, "precious")
+    with open(target, "w") as fh:
+        fh.write("keep me\n")
+    os.symlink(target, site.pid_file)
+    result = site.serve()
+    assert result.returncode == 73
+    assert "pid file" in result.stderr.decode()
+    with open(target) as fh:
+        assert fh.read() == "keep me\n"
+
+
+# -- signals ----------------------------------------------------------------------
+
+def test_sighup_reloads_without_dropping_sessions(site):
+    assert site.serve().returncode == 0
+    pid = site.pid()
+    assert rcpt_code(site.smtp_port, "x@example.net") == 550
+    assert rcpt_code(site.smtp_port, "y@example.com") == 550
+    old_smtp = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=10)
+    old_odmr = socket.create_connection(("127.0.0.1", site.odmr_port), timeout=10)
+    try:
+        odmr_in = old_odmr.makefile("rb")
+        assert odmr_in.readline().startswith(b"220 ")
+        assert old_smtp.ehlo("client.test")[0] == 250
+        with open(site.config, "a") as fh:
+            fh.write("[domains]\n  [[example.net]]\n  recipients = x, postmaster\n")
+        site.add_user("bob", "example.com")
+        reloads = site.log().count("configuration reloaded")
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: site.log().count("configuration reloaded") > reloads, 10, "the reload")
+        assert alive(pid) and site.pid() == pid
+        assert rcpt_code(site.smtp_port, "x@example.net") == 250
+        assert rcpt_code(site.smtp_port, "nobody@example.net") == 550
+        assert rcpt_code(site.smtp_port, "y@example.com") == 250
+        # Sessions opened before the reload carry on.
+        assert old_smtp.sendmail("a@remote.test", ["user@example.org"], b"Subject: x\r\n\r\ny\r\n") == {}
+        old_odmr.sendall(b"NOOP\r\n")
+        assert odmr_in.readline().startswith(b"250")
+    finally:
+        old_smtp.close()
+        old_odmr.close()
+
+
+def test_sigterm_stops_detached_daemon_and_removes_pid_file(site):
+    assert site.serve().returncode == 0
+    pid = site.pid()
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), 10, "the daemon to exit")
+    assert not os.path.exists(site.pid_file)
+    assert "odmrd stopped" in site.log()
+    assert refused(site.smtp_port)
+
+
+def start_foreground(site: Site, stderr_path: str) -> subprocess.Popen:
+    err = open(stderr_path, "wb")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", site.config,
+                             "serve", "-f"], stdout=subprocess.DEVNULL, stderr=err)
+    err.close()
+    site.pids.append(proc.pid)
+    try:
+        wait_for(lambda: site.pid() == proc.pid and not refused(site.smtp_port) or proc.poll() is not None,
+                 15, "the foreground daemon")
+    except AssertionError:
+        proc.kill()
+        proc.wait(5)
+        raise
+    assert proc.poll() is None, open(stderr_path).read()
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
+    err = str(tmp_path / "stderr")
+    proc = start_foreground(site, err)
+    try:
+        os.kill(proc.pid, signum)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert not os.path.exists(site.pid_file)
+    with open(err) as fh:
+        text = fh.read()
+    assert "listening on" in text and "odmrd stopped" in text      # -f logs to stderr
+    assert not os.path.exists(site.log_file)
+
+
+def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
+    proc = start_foreground(site, str(tmp_path / "stderr"))
+    try:
+        s = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=10)
+        s.ehlo("client.test")
+        assert s.mail("a@remote.test")[0] == 250
+        assert s.rcpt("user@example.org")[0] == 250
+        assert s.docmd("DATA")[0] == 354
+        s.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_for(lambda: refused(site.smtp_port), 10, "the listener to close")
+        assert proc.poll() is None
+        s.send(b"second half\r\n.\r\n")
+        assert s.getreply()[0] == 250
+        s.quit()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert len(spooled(site, "example.org")) == 1
+
+
+# -- privileges --------------------------------------------------------------------
+
+@needs_root
+def test_root_without_user_is_refused(site_factory):
+    s = site_factory("allow_root = no")
+    s.add_user("alice", "example.org")
+    for args in (("serve",), ("serve", "-f")):
+        result = s.cli(*args, timeout=30)
+        assert result.returncode == 78
+        lines = result.stderr.decode().splitlines()
+        assert len(lines) == 1 and "refusing to run as root" in lines[0]
+    assert not os.path.exists(s.pid_file) and refused(s.smtp_port)
+
+
+@needs_root
+def test_unknown_service_account_is_refused(site_factory):
+    s = site_factory("user = no-such-account-odmrd")
+    s.add_user("alice", "example.org")
+    result = s.serve()
+    assert result.returncode == 78
+    assert result.stderr.decode().strip() == \
+        "odmrd: user 'no-such-account-odmrd' (in %s) does not exist" % s.config
+
+
+@pytest.fixture
+def public_dir():
+    """A directory the unprivileged account can traverse (pytest's tmp is root-only)."""
+    d = tempfile.mkdtemp(prefix="odmrd-test.", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_root
+def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
+    nobody = pwd.getpwnam("nobody")
+    s = site_factory("user = nobody\nallow_root = no", directory=public_dir)
+    s.add_user("alice", "example.org")
+    os.chown(s.users, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool, mode=0o700)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    result = s.serve()
+    assert result.returncode == 0, result.stderr
+    pid = s.pid()
+    with open("/proc/%d/status" % pid) as fh:
+        status = dict(line.rstrip("\n").split(":", 1) for line in fh if ":" in line)
+    assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
+    assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
+    assert status["Groups"].split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
+    assert smtp_send(s.smtp_port, "user@example.org") == {}
+    domain_dir = os.path.join(s.spool, "example.org")
+    names = spooled(s, "example.org")
+    assert names
+    for path in [domain_dir] + [os.path.join(domain_dir, n) for n in names]:
+        assert os.stat(path).st_uid == nobody.pw_uid, path
+    assert os.stat(s.log_file).st_uid == nobody.pw_uid
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), 10, "the daemon to exit")
+    # Its directory is root's, so the daemon cannot unlink its pid file: it empties it.
+    assert not os.path.exists(s.pid_file) or os.path.getsize(s.pid_file) == 0
+    assert "running as nobody" in s.log() and "odmrd stopped" in s.log()
+
+
+@needs_root
+def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
+    nobody = pwd.getpwnam("nobody")
+    s = site_factory("user = nobody", directory=public_dir)
+    s.add_user("alice", "example.org")          # root's, mode 0600
+    os.makedirs(s.spool, mode=0o700)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    result = s.serve()
+    assert result.returncode == 77
+    lines = result.stderr.decode().splitlines()
+    assert lines == ["odmrd: users file %s is not readable by nobody (reload would fail)" % s.users]
+    assert not (os.path.exists(s.pid_file) and os.path.getsize(s.pid_file))
+    assert refused(s.smtp_port)
