@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other
@@ -48,6 +48,8 @@ class _Side:
         self.tail = b""
         self.count = 0
         self.error = ""
+        self.events = 0                 # what the selector watches for now
+        self.other: "_Side" = self
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -71,67 +73,48 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
     """Move bytes until both directions have ended; never raises for network trouble."""
     p = _Side("provider", provider)
     l = _Side("local", local)
+    p.other, l.other = l, p
+    sides = (p, l)
+    tls_sides = [side for side in sides if side.tls]
     l.out += leftover
-    for side in (p, l):
+    for side in sides:
         _nodelay(side.sock)
         side.sock.setblocking(False)
     sel = selectors.DefaultSelector()
-    registered = {}
     deadline_reason = ""
     last_activity = time.monotonic()
     linger_from: Optional[float] = None
     try:
-        while True:
-            if _finished(p, l):
-                break
-            if linger_from is None and (_ended(p, l) or _ended(l, p)):
-                linger_from = time.monotonic()
-            # Data OpenSSL holds already decrypted: read it before sleeping.
-            ready_now = [s for s in (p, l) if s.tls and s.reading and _may_read(s, l if s is p else p)
-                         and _pending(s)]
-            for side in (p, l):
-                other = l if side is p else p
-                events = 0
-                if side.reading and _may_read(side, other):
-                    events |= selectors.EVENT_READ
-                if side.out and side.writing:
-                    events |= selectors.EVENT_WRITE
-                _register(sel, registered, side, events)
+        for side in sides:
+            _update(sel, side)
+        while not (_ended(p, l) and _ended(l, p)):
             now = time.monotonic()
+            if linger_from is None and (_ended(p, l) or _ended(l, p)):
+                linger_from = now
             limit = last_activity + idle_timeout
             if linger_from is not None:
                 limit = min(limit, linger_from + LINGER)
             if now >= limit:
                 deadline_reason = "timeout"
                 break
-            if not registered and not ready_now:
+            # Data OpenSSL holds already decrypted is invisible to the selector: take it first.
+            ready = [s for s in tls_sides if s.reading and _may_read(s) and _pending(s)]
+            if not ready and not (p.events or l.events):
                 deadline_reason = "stalled"
                 break
-            timeout = 0 if ready_now else limit - now
-            events = sel.select(timeout) if registered else []
-            if not events and not ready_now:
-                if time.monotonic() >= limit:
-                    deadline_reason = "timeout"
-                    break
-                continue
-            last_activity = time.monotonic()
-            sides = {id(key.data): (key.data, mask) for key, mask in events}
-            for side in ready_now:
-                sides.setdefault(id(side), (side, selectors.EVENT_READ))
-            for side, mask in sides.values():
-                other = l if side is p else p
+            events = sel.select(0 if ready else limit - now)
+            if events or ready:
+                last_activity = now
+            for key, mask in events:
+                side = key.data
                 if mask & selectors.EVENT_WRITE:
                     _flush(side)
-                if mask & selectors.EVENT_READ:
-                    _read(side, other)
-                    if other.out and other.writing:
-                        _flush(other)       # forward at once: one wakeup per hop
-            for side in (p, l):
-                other = l if side is p else p
-                if not other.reading and not side.out and side.writing:
-                    _half_close(side)
-                if not side.writing:
-                    side.out.clear()
+                if mask & selectors.EVENT_READ and side not in ready:
+                    _read(side)
+            for side in ready:
+                _read(side)
+            for side in sides:
+                _update(sel, side)
     finally:
         sel.close()
     clean = _last_line(p.tail).upper() == b"QUIT" and _last_line(l.tail)[:3] == b"221"
@@ -142,8 +125,8 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
     return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count)
 
 
-def _may_read(side: _Side, other: _Side) -> bool:
-    return len(other.out) < HIGH_WATER
+def _may_read(side: _Side) -> bool:
+    return len(side.other.out) < HIGH_WATER
 
 
 def _pending(side: _Side) -> bool:
@@ -158,42 +141,51 @@ def _ended(a: _Side, b: _Side) -> bool:
     return not a.reading and (not b.out or not b.writing)
 
 
-def _finished(p: _Side, l: _Side) -> bool:
-    return _ended(p, l) and _ended(l, p)
-
-
-def _register(sel, registered, side: _Side, events: int) -> None:
-    key = registered.get(id(side))
-    if events == 0:
-        if key is not None:
-            sel.unregister(side.sock)
-            del registered[id(side)]
+def _update(sel: selectors.BaseSelector, side: _Side) -> None:
+    """Pass on a half-close, then ask the selector for exactly what this side needs now."""
+    if not side.other.reading and not side.out and side.writing:
+        _half_close(side)
+    if not side.writing:
+        side.out.clear()
+    want = 0
+    if side.reading and _may_read(side):
+        want |= selectors.EVENT_READ
+    if side.out and side.writing:
+        want |= selectors.EVENT_WRITE
+    if want == side.events:
         return
-    if key is None:
-        registered[id(side)] = sel.register(side.sock, events, side)
-    elif key.events != events:
-        registered[id(side)] = sel.modify(side.sock, events, side)
+    if not side.events:
+        sel.register(side.sock, want, side)
+    elif not want:
+        sel.unregister(side.sock)
+    else:
+        sel.modify(side.sock, want, side)
+    side.events = want
 
 
-def _read(side: _Side, other: _Side) -> None:
+def _read(side: _Side) -> None:
+    """Read what is there and forward it at once (one wakeup per hop)."""
+    other = side.other
     while side.reading and len(other.out) < HIGH_WATER:
         try:
             data = side.sock.recv(CHUNK)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
+            break
         except (OSError, ValueError) as exc:
             side.reading = False
             side.error = "%s: %s" % (side.name, exc)
-            return
+            break
         if not data:
             side.reading = False
-            return
+            break
         side.count += len(data)
         side.tail = (side.tail + data)[-TAIL:]
         if other.writing:
             other.out += data
         if not side.tls or not _pending(side):
-            return
+            break
+    if other.out:
+        _flush(other)
 
 
 def _flush(side: _Side) -> None:
@@ -221,10 +213,3 @@ def _half_close(side: _Side) -> None:
     except OSError:
         pass
 
-
-def close_quietly(socks: List[socket.socket]) -> None:
-    for sock in socks:
-        try:
-            sock.close()
-        except OSError:
-            pass

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from certs import make_pki
-from conftest import PASSWORD, ROOT, send_mail, which
+from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
 from test_fetchmail import SMTP_SINK, Sink, as_stored, parse_dump
 
 from odmr.mailstore import quote_from
@@ -551,6 +551,37 @@ def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     # --insecure accepts the same server
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
     assert result.returncode == EX_OK, err(result)
+
+
+def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
+    home = tmp_path / "provider"
+    home.mkdir()
+    implicit = free_port()
+    p = Provider(str(home), sections="[tls]\ncert_file = %s\nkey_file = %s\n"
+                 % (pki["server.pem"], pki["server.key"]),
+                 odmr_extra="tls_listen = 127.0.0.1:%d\n" % implicit)
+    p.add_user("alice", ["example.org", "example.com"])
+    p.start()
+    try:
+        send_mail(p.smtp_port, "s@outside.test", ["x@example.org"], message("starttls", TRICKY))
+        send_mail(p.smtp_port, "s@outside.test", ["x@example.com"], message("implicit", TRICKY))
+        result = run_fetch("--server", "127.0.0.1:%d" % p.odmr_port, "--user", "alice", "-v",
+                           "--ca-file", pki["ca.pem"], "--domain", "example.org",
+                           "--maildir", str(tmp_path / "md"))
+        assert result.returncode == EX_OK, err(result)
+        assert "C: STARTTLS" in err(result) and "C: AUTH SCRAM-SHA-256 ****" in err(result)
+        result = run_fetch("--server", "127.0.0.1:%d" % implicit, "--user", "alice", "--tls", "implicit",
+                           "--ca-file", pki["ca.pem"], "--domain", "example.com",
+                           "--mbox", str(tmp_path / "mbox"))
+        assert result.returncode == EX_OK, err(result)
+        assert p.spooled("example.org") == [] and p.spooled("example.com") == []
+    finally:
+        p.stop()
+    (name,) = os.listdir(tmp_path / "md" / "new")
+    assert (tmp_path / "md" / "new" / name).read_bytes().endswith(as_stored(message("starttls", TRICKY)))
+    assert b"with ESMTPS id" in (tmp_path / "md" / "new" / name).read_bytes()
+    raw = (tmp_path / "mbox").read_bytes()
+    assert b"\nSubject: implicit\n" in raw and b"\n>From the start\n" in raw
 
 
 def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
