@@ -584,6 +584,36 @@ def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
     assert b"\nSubject: implicit\n" in raw and b"\n>From the start\n" in raw
 
 
+@needs_sink
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
+    """The splice with a TLS socket on the provider side (OpenSSL's buffered records)."""
+    home = tmp_path / "provider"
+    home.mkdir()
+    implicit = free_port()
+    p = Provider(str(home), sections="[tls]\ncert_file = %s\nkey_file = %s\n"
+                 % (pki["server.pem"], pki["server.key"]),
+                 odmr_extra="tls_listen = 127.0.0.1:%d\n" % implicit)
+    p.add_user("alice", ["example.org"])
+    p.start()
+    sink = Sink()
+    sent = {"t%d" % i: message("t%d" % i, TRICKY * (i + 1)) for i in range(20)}
+    try:
+        for data in sent.values():
+            send_mail(p.smtp_port, "s@outside.test", ["x@example.org"], data)
+        port = p.odmr_port if mode == "starttls" else implicit
+        result = run_fetch("--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", mode,
+                           "--ca-file", pki["ca.pem"], "--relay", "127.0.0.1:%d" % sink.port)
+        assert result.returncode == EX_OK, err(result)
+        assert p.spooled("example.org") == []
+        dumps = sink.messages()
+    finally:
+        sink.cleanup()
+        p.stop()
+    got = {re.search(rb"^Subject: (\w+)$", d.content, re.M).group(1).decode(): d.content for d in dumps}
+    assert got == {k: as_stored(v) for k, v in sent.items()}
+
+
 def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
     s = scripted()
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
