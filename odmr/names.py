@@ -30,7 +30,7 @@ def normalize_domain(text: str) -> str:
     if len(labels) < 1:
         raise ValueError("empty domain")
     for label in labels:
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise ValueError("invalid domain label %r" % label[:70])
     return name
 
