@@ -331,9 +331,11 @@ def poll_forever(options: FetchOptions) -> int:
 
 # -- entry point -----------------------------------------------------------------
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, polling: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("odmrd fetch: %(message)s"))
+    # A poller runs for days: its lines need a time; a one-shot run's don't.
+    handler.setFormatter(logging.Formatter("%(asctime)s odmrd fetch: %(message)s" if polling
+                                           else "odmrd fetch: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
@@ -349,7 +351,7 @@ def main(argv: List[str], config_path: Optional[str]) -> int:
     except UsageError as exc:
         print("odmrd fetch: %s" % exc, file=sys.stderr)
         return exc.code
-    _setup_logging(options.verbose)
+    _setup_logging(options.verbose, options.every > 0)
     if options.every > 0:
         return poll_forever(options)
     try:
