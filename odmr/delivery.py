@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import re
 import smtplib
 import socket
 import threading
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from odmr.bounce import send_dsn
-from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, parse_header
+from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, State, parse_header
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
@@ -202,18 +204,20 @@ def _quit(client: ReversedClient) -> None:
 
 
 # -- reading the queue quickly ------------------------------------------------
-def _valid_id(name: str) -> bool:
-    return 13 < len(name) <= 40 and all(c in "0123456789abcdef" for c in name)
+_valid_id = re.compile(r"[0-9a-f]{14,40}").fullmatch      # spool message names
 
 
 class Job:
     """One message on its way: the spool record, its body if small, what is left to do."""
 
-    __slots__ = ("message", "body", "rcpts", "results", "accepted", "mail_ok", "sent")
+    __slots__ = ("message", "payload", "rcpts", "results", "accepted", "mail_ok", "sent")
 
     def __init__(self, message: Message, body: Optional[bytes], rcpts: List[str]):
         self.message = message
-        self.body = body                       # data already read (small messages), else None
+        self.payload: Optional[bytes] = None   # small messages: stuffed text and terminator, ready to send
+        if body is not None:
+            tail = b".\r\n" if not body or body.endswith(b"\n") else b"\r\n.\r\n"
+            self.payload = dot_stuff(body, True) + tail
         self.rcpts = rcpts
         self.results: Dict[str, Reply] = {}
         self.accepted: List[str] = []
@@ -221,7 +225,7 @@ class Job:
         self.sent = False                      # commands went out: an attempt to count if lost
 
 
-def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Optional[bytes]]]:
+def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Optional[bytes], bool]]:
     """Messages of a domain, oldest first, each read with one open().
 
     A corrupt file is quarantined and an unreadable one skipped (with a log line):
@@ -234,7 +238,8 @@ def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Option
     with_state = {n[:-6] for n in names if n.endswith(".state")}
     for msg_id in sorted(n for n in names if _valid_id(n)):
         try:
-            loaded = _load(spool, domain, directory, msg_id, msg_id in with_state)
+            has_state = msg_id in with_state
+            message, body = _load(spool, domain, directory, msg_id, has_state)
         except FileNotFoundError:
             continue                           # removed meanwhile (queue delete)
         except CorruptMessage as exc:
@@ -243,40 +248,50 @@ def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Option
         except (SpoolError, OSError) as exc:
             log.error("delivery: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
             continue
-        yield loaded
+        yield message, body, has_state
 
 
 def _load(spool: Spool, domain: str, directory: str, msg_id: str,
           has_state: bool) -> Tuple[Message, Optional[bytes]]:
     path = os.path.join(directory, msg_id)
-    with open(path, "rb") as fh:
-        head = fh.read(INLINE_BODY + 1)
-        end = head.find(b"\n\n")
-        size_known = len(head) <= INLINE_BODY
-        while end < 0 and len(head) < 16 * CHUNK + INLINE_BODY:
-            more = fh.read(CHUNK)
-            if not more:
-                break
-            head += more
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        total = os.fstat(fd).st_size
+        if total <= INLINE_BODY:
+            head = _read_exactly(fd, total)
+            size_known = True
+        else:
+            head = _read_exactly(fd, CHUNK)
             size_known = False
-            end = head.find(b"\n\n")
-        total = len(head) if size_known else os.fstat(fh.fileno()).st_size
+            while b"\n\n" not in head and len(head) < 16 * CHUNK:
+                more = os.read(fd, CHUNK)
+                if not more:
+                    break
+                head += more
+    finally:
+        os.close(fd)
+    end = head.find(b"\n\n")
     if end < 0:
         raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
     try:
         envelope, _ = parse_header(head[:end + 1])
     except (ValueError, UnicodeError) as exc:
         raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
-    state = spool.load_state(domain, msg_id) if has_state else _fresh_state()
+    state = spool.load_state(domain, msg_id) if has_state else State()
     offset = end + 2
     message = Message(domain, msg_id, path, envelope, offset, total - offset, state)
     body = head[offset:] if size_known else None
     return message, body
 
 
-def _fresh_state():
-    from odmr.spool import State
-    return State()
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 # -- one session's deliveries -------------------------------------------------
@@ -297,6 +312,9 @@ class Run:
         self.delivered = self.deferred = self.failed = 0
         self._stop = _stop_event(self.spool)
         self._unsynced: Dict[str, int] = {}
+        self._with_state = set()                # ids that have a .state file to remove with them
+        self._log_later: List[tuple] = []
+        self._defer_logs = False
 
     # -- commands -----------------------------------------------------------
     def _mail_command(self, message: Message) -> str:
@@ -326,7 +344,9 @@ class Run:
     # -- the queue ------------------------------------------------------------
     def _jobs(self, domains: Sequence[str]) -> Iterator[Job]:
         for domain in domains:
-            for message, body in queued_messages(self.spool, domain):
+            for message, body, has_state in queued_messages(self.spool, domain):
+                if has_state:
+                    self._with_state.add(message.id)
                 pending = message.pending()
                 if not pending:                 # every recipient final (crash before removal)
                     self._finish(message)
@@ -408,13 +428,16 @@ class Run:
         outbox: List[bytes] = []
         in_flight: List[Job] = []
         timeouts = TIMEOUTS
-        wait = {"MAIL": timeouts.mail, "RCPT": timeouts.rcpt, "DATA": timeouts.data_init,
-                "FINAL": timeouts.data_end, "RSET": timeouts.mail, "DISCARD": timeouts.data_end}
+        # One timeout for a whole round of replies (the longest that any of them may take):
+        # RFC 5321 timeouts are lower bounds, and settimeout() is a system call.
+        wait = max(timeouts.mail, timeouts.rcpt, timeouts.data_init, timeouts.data_end)
+        upcoming = next(jobs, None)
+        self._defer_logs = True
         try:
             while True:
                 job = None
                 if not self._stop.is_set():
-                    job = next(jobs, None)
+                    job, upcoming = upcoming, None
                 elif in_flight or outbox:
                     log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
                 if job is not None:
@@ -431,12 +454,17 @@ class Run:
                 outbox = []
                 expect.extend(later)
                 later = []
+                self._flush_logs()                 # while the replies travel: log, read the next message
+                if job is not None:
+                    upcoming = next(jobs, None)
+                client.set_timeout(wait)
                 while expect:
                     kind, item, rcpt = expect.popleft()
-                    reply = client.reply_at(wait[kind])
+                    reply = client.read_reply()
                     if kind == "DATA" and reply[0] == 354:
                         if item.mail_ok and item.accepted:
                             outbox.append(self._send_body(item))
+                            client.set_timeout(wait)
                             later.append(("FINAL", item, ""))
                             continue
                         outbox.append(b".\r\n")          # out-of-step server opened DATA anyway
@@ -466,6 +494,9 @@ class Run:
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
             self._lost(in_flight, exc)
             raise
+        finally:
+            self._defer_logs = False
+            self._flush_logs()
 
     def _closing(self, in_flight: List[Job], reply: Reply) -> bool:
         """The customer said 421: it is going away; what is in flight waits."""
@@ -493,10 +524,8 @@ class Run:
     def _send_body(self, job: Job) -> bytes:
         """Send the message text; return the terminator (sent with the next commands)."""
         client = self.client
-        if job.body is not None:
-            data = job.body
-            tail = b".\r\n" if not data or data.endswith(b"\n") else b"\r\n.\r\n"
-            return dot_stuff(data, True) + tail
+        if job.payload is not None:
+            return job.payload
         client.set_timeout(TIMEOUTS.data_block)
         at_line_start = True
         last = b"\n"
@@ -527,6 +556,13 @@ class Run:
             self._save(job.message)
         jobs.clear()
 
+    def _flush_logs(self) -> None:
+        """Log lines of recorded results (the pipelined loop writes them while replies travel)."""
+        entries, self._log_later = self._log_later, []
+        for kind, msg_id, domain, rcpts, reply in entries:
+            log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
+                     ",".join("<%s>" % r for r in rcpts), reply)
+
     def _complete(self, job: Job) -> None:
         job.sent = False                        # results recorded: nothing left to count as lost
         self._record(job.message, job.results)
@@ -556,8 +592,9 @@ class Run:
                 self.deferred += 1
             outcomes.setdefault((kind, reply), []).append(rcpt)
         for (kind, reply), rcpts in outcomes.items():
-            log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, message.id, message.domain,
-                     ",".join("<%s>" % r for r in rcpts), reply)
+            self._log_later.append((kind, message.id, message.domain, rcpts, reply))
+        if not self._defer_logs:
+            self._flush_logs()
         if errors:
             state.last_error = errors[0]
         if not message.pending():
@@ -578,7 +615,9 @@ class Run:
                 self._save(message)
                 return
             state.bounced = True
-        self.spool.remove(message, sync=False)
+        retired = self.spool.retire(message, message.id in self._with_state)
+        if retired:
+            _reaper.put(retired)
         count = self._unsynced.get(message.domain, 0) + 1
         if count >= SYNC_EVERY:
             self.spool.sync_domain(message.domain)
@@ -586,10 +625,47 @@ class Run:
         self._unsynced[message.domain] = count
 
     def _save(self, message: Message) -> None:
+        self._with_state.add(message.id)
         try:
             self.spool.save_state(message)
         except OSError as exc:
             log.error("delivery: cannot save state of id=%s: %s", message.id, exc)
+
+
+class _Reaper:
+    """Unlinks retired messages on its own thread: freeing a file's blocks is slow and
+    the GIL is released meanwhile, so the delivery thread keeps talking."""
+
+    def __init__(self):
+        self._queue: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._guard = threading.Lock()
+
+    def put(self, path: str) -> None:
+        self._queue.put(path)
+        if self._thread is None:
+            with self._guard:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        try:   # Linux: a thread has its own nice value; let delivery and the customer go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            path = self._queue.get()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def idle(self) -> bool:
+        return self._queue.empty()
+
+
+_reaper = _Reaper()
 
 
 def _ok(reply: Reply) -> bool:
