@@ -48,7 +48,7 @@ class Account:
 
 
 def valid_account_name(name: str) -> bool:
-    return bool(_NAME.match(name or ""))
+    return bool(_NAME.fullmatch(name or ""))
 
 
 def _encode_cram(secret: str) -> str:
