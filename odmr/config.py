@@ -263,6 +263,8 @@ def _line_numbers(path: str) -> Dict[Tuple[Tuple[str, ...], str], int]:
 def _where(lines, sections, key) -> str:
     name = ".".join(list(sections) + ([key] if key else []))
     number = lines.get((tuple(sections), key or ""))
+    if number is None and key:              # the key names a section: its header's line
+        number = lines.get((tuple(sections) + (key,), ""))
     if number is None and key:
         number = lines.get((tuple(sections), ""))
     return "%s (line %d)" % (name, number) if number else name
@@ -317,7 +319,11 @@ def load(path: Optional[str] = None) -> Settings:
                 message = str(error) if isinstance(error, ValidateError) else "invalid value"
                 problems.append("%s: %s" % (_where(lines, sections, key), message))
     for sections, name in get_extra_values(raw):
-        problems.append("%s: unknown key" % _where(lines, sections, name))
+        container = raw
+        for section in sections:
+            container = container[section]
+        kind = "section" if isinstance(container.get(name), dict) else "key"
+        problems.append("%s: unknown %s" % (_where(lines, sections, name), kind))
 
     domains: Dict[str, DomainPolicy] = {}
     for name in list(raw.get("domains", {}).keys()):

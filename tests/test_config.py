@@ -1,0 +1,280 @@
+"""Configuration (SPEC §3) and `odmrd check-config`: converters, defaults, every error with key and line."""
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import PASSWORD, run_cli
+from odmr import accounts, config
+
+
+def write(tmp_path, text: str, name: str = "odmrd.conf") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def check(path: str):
+    result = run_cli("-c", path, "check-config")
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    return result.returncode, result.stderr.decode().splitlines()
+
+
+# -- converters -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("5m", 300), ("4h", 14400), ("10d", 864000),
+                                          ("2w", 1209600), ("45", 45), ("0", 0), (" 7 M ", 420)],
+                         ids=["seconds", "minutes", "hours", "days", "weeks", "bare", "zero", "spaces-and-case"])
+def test_parse_duration(text, seconds):
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-5s", "1.5h", "5 minutes", "m", "s5"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError):
+        config.parse_duration(text)
+
+
+@pytest.mark.parametrize("text,size", [("10K", 10240), ("50M", 50 * 1024 ** 2), ("1G", 1024 ** 3),
+                                       ("123", 123), ("2k", 2048), ("3MB", 3 * 1024 ** 2)],
+                         ids=["K", "M", "G", "bare", "lower-case", "MB"])
+def test_parse_size(text, size):
+    assert config.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "10X", "-1K", "1.5M", "K"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        config.parse_size(text)
+
+
+@given(st.integers(min_value=0, max_value=10 ** 6), st.sampled_from(["", "K", "M", "G"]))
+def test_parse_size_units_multiply(number, unit):
+    factor = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[unit]
+    assert config.parse_size("%d%s" % (number, unit)) == number * factor
+
+
+@pytest.mark.parametrize("text,expected", [("127.0.0.1:3366", ("127.0.0.1", 3366)),
+                                           ("[::1]:3366", ("::1", 3366)),
+                                           ("localhost:25", ("localhost", 25))],
+                         ids=["ipv4", "ipv6", "name"])
+def test_parse_hostport(text, expected):
+    assert config.parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "::1:25", "[::1", "host:99999", "host:x", ":25"],
+                         ids=["no-port", "bare-ipv6", "unclosed-bracket", "port-range", "port-word",
+                              "no-host"])
+def test_parse_hostport_rejects(text):
+    with pytest.raises(ValueError):
+        config.parse_hostport(text)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+def test_defaults_and_relative_paths(tmp_path):
+    path = write(tmp_path, """\
+        hostname = odmr.example.net
+        """)
+    s = config.load(path)
+    assert s.hostname == "odmr.example.net"
+    assert s.spool_dir == str(tmp_path / "spool")
+    assert s.users_file == str(tmp_path / "users")
+    assert s.pid_file == str(tmp_path / "odmrd.pid")
+    assert s.odmr.listen == (("127.0.0.1", 3366),)
+    assert s.smtp.listen == (("127.0.0.1", 2525),)
+    assert s.odmr.mechanisms == ("CRAM-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN")
+    assert s.odmr.require_tls is False and s.odmr.max_sessions == 500
+    assert s.odmr.max_sessions_per_address == 20 and s.odmr.idle_timeout == 300
+    assert s.smtp.max_message_size == 50 * 1024 ** 2 and s.smtp.max_recipients == 1000
+    assert s.queue.max_age == 10 * 86400 and s.queue.warn_after == 0
+    assert s.log_level == "info" and s.syslog == "auto"
+    assert s.domains == {}
+
+
+def test_hostname_defaults_to_the_fqdn(tmp_path):
+    s = config.load(write(tmp_path, "log_level = debug\n"))
+    assert s.hostname == config.default_hostname() and s.hostname
+
+
+def test_full_contract_example_loads(tmp_path):
+    path = write(tmp_path, """\
+        hostname = odmr.example.net
+        spool_dir = /var/spool/odmrd
+        users_file = users
+        pid_file = /run/odmrd.pid
+        user =
+        log_level = warning
+        syslog = no
+
+        [odmr]
+        listen = 127.0.0.1:3366, [::1]:3366
+        tls_listen =
+        mechanisms = CRAM-MD5, SCRAM-SHA-256, PLAIN, LOGIN
+        require_tls = no
+        max_sessions = 500
+        max_sessions_per_address = 20
+        idle_timeout = 5m
+        proxy_protocol = no
+        proxy_trusted = 127.0.0.1
+
+        [smtp]
+        listen = 127.0.0.1:2525
+        max_message_size = 50M
+        max_recipients = 1000
+        require_tls = no
+
+        [tls]
+        cert_file =
+        key_file =
+        client_ca_file =
+
+        [queue]
+        max_age = 10d
+        warn_after = 0
+        bounce_relay =
+
+        [domains]
+          [[Example.ORG]]
+          max_bytes = 1G
+          max_messages = 100000
+          recipients = postmaster, info@example.org
+          [[example.com]]
+          recipients = *
+        """)
+    s = config.load(path)
+    assert s.spool_dir == "/var/spool/odmrd" and s.pid_file == "/run/odmrd.pid"
+    assert s.odmr.listen == (("127.0.0.1", 3366), ("::1", 3366))
+    assert s.odmr.tls_listen == ()
+    assert s.log_level == "warning" and s.syslog == "no"
+    org = s.policy("example.org")
+    assert org.max_bytes == 1024 ** 3 and org.max_messages == 100000
+    assert org.accepts("Postmaster", "example.org") and org.accepts("info", "example.org")
+    assert not org.accepts("sales", "example.org")
+    assert s.policy("example.com").accepts("anyone", "example.com")
+    assert s.policy("unlisted.test").accepts("anyone", "unlisted.test")
+
+
+BAD = """\
+    hostname = odmr.test
+    bogus_key = 1
+    log_level = loud
+    [odmr]
+    listen = 127.0.0.1:notaport
+    idle_timeout = 5 minutes
+    mechanisms = CRAM-MD5, MAGIC
+    max_sessions = -3
+    [smtp]
+    max_message_size = 10X
+    unknown = yes
+    [domains]
+      [[example.org]]
+      max_bytes = 1G
+      colour = blue
+      [[bad_domain!]]
+      max_messages = 3
+    [nosuchsection]
+    a = 1
+    """
+
+EXPECTED = [("bogus_key", 2, "unknown key"), ("log_level", 3, "loud"), ("odmr.listen", 5, "port"),
+            ("odmr.idle_timeout", 6, "duration"), ("odmr.mechanisms", 7, "MAGIC"),
+            ("odmr.max_sessions", 8, "small"), ("smtp.max_message_size", 10, "size"),
+            ("smtp.unknown", 11, "unknown key"), ("domains.example.org.colour", 15, "unknown key"),
+            ("domains.bad_domain!", 16, "domain"), ("nosuchsection", 18, "unknown section")]
+
+
+def test_load_reports_every_problem_with_key_and_line(tmp_path):
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write(tmp_path, BAD))
+    problems = info.value.problems
+    assert len(problems) == len(EXPECTED), problems
+    for key, line, words in EXPECTED:
+        matching = [p for p in problems if p.startswith("%s (line %d): " % (key, line))]
+        assert len(matching) == 1, (key, line, problems)
+        assert words in matching[0], matching[0]
+
+
+def test_check_config_prints_every_error_and_exits_78(tmp_path):
+    code, lines = check(write(tmp_path, BAD))
+    assert code == 78
+    assert len(lines) == len(EXPECTED)
+    for key, line, _ in EXPECTED:
+        assert any("%s (line %d)" % (key, line) in l for l in lines), (key, lines)
+    assert all(l.startswith("odmrd: ") for l in lines)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[odmr]\nmax_sessions = lots\n", "odmr.max_sessions"),
+    ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients"),
+    ("[odmr]\nrequire_tls = perhaps\n", "odmr.require_tls"),
+    ("syslog = sometimes\n", "syslog"),
+    ("[queue]\nmax_age = ten days\n", "queue.max_age"),
+    ("[odmr]\nlisten = ::1:3366\n", "odmr.listen"),
+    ("[odmr]\nlisten = ,\n", "odmr.listen"),
+    ("[domains]\n[[example.org]]\nmax_messages = -1\n", "domains.example.org.max_messages"),
+    ("[tls]\ncertfile = x\n", "tls.certfile"),
+], ids=["not-an-integer", "below-minimum", "not-a-boolean", "bad-option", "bad-duration",
+        "unbracketed-ipv6", "empty-listen", "negative-quota", "misspelt-key"])
+def test_single_errors_name_their_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    code, lines = check(path)
+    assert code == 78
+    assert len(lines) == 1 and key in lines[0], lines
+    assert re.search(r"\(line \d+\)", lines[0]), lines
+
+
+def test_syntax_error_gives_the_line(tmp_path):
+    code, lines = check(write(tmp_path, "hostname = a\n[broken\n"))
+    assert code == 78
+    assert len(lines) == 1 and "line 2" in lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    code, lines = check(str(tmp_path / "absent.conf"))
+    assert code == 78 and len(lines) == 1 and "absent.conf" in lines[0]
+
+
+def test_check_config_checks_the_users_file(tmp_path):
+    path = write(tmp_path, "hostname = odmr.test\n")
+    code, lines = check(path)
+    assert code == 78 and any("users" in l for l in lines)
+    users = str(tmp_path / "users")
+    accounts.add_user(users, "alice", ["example.org"], PASSWORD)
+    result = run_cli("-c", path, "check-config")
+    assert result.returncode == 0 and result.stdout.strip().endswith(b"ok")
+    os.chmod(users, 0o640)
+    code, lines = check(path)
+    assert code == 78 and any("chmod 600" in l for l in lines)
+    os.chmod(users, 0o600)
+    with open(users, "a") as fh:
+        fh.write("[mallory]\ndomains = ../etc\nscram_sha_256 = nonsense\nfavourite = 1\n")
+    code, lines = check(path)
+    assert code == 78
+    text = "\n".join(lines)
+    assert "[mallory]" in text and "domains" in text and "scram_sha_256" in text and "favourite" in text
+
+
+def test_check_config_print(tmp_path):
+    path = write(tmp_path, "pid_file = run/odmrd.pid\n")
+    result = run_cli("-c", path, "check-config", "--print", "pid_file")
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == str(tmp_path / "run" / "odmrd.pid")
+    result = run_cli("-c", path, "check-config", "--print", "no_such_key")
+    assert result.returncode == 64 and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text,get", [
+    ("[domains]\n[[example.org]]\nrecipients = *\n", lambda s: s.policy("example.org").recipients),
+    ("[domains]\n[[example.org]]\nrecipients = postmaster\n", lambda s: s.policy("example.org").recipients),
+    ("[odmr]\nproxy_trusted = 10.0.0.1\n", lambda s: s.odmr.proxy_trusted),
+    ("[fetch]\ndomains = example.org\n", lambda s: tuple(s.fetch["domains"])),
+], ids=["recipients-star", "recipients-one", "proxy-trusted-one", "fetch-domains-one"])
+def test_a_single_value_is_a_one_element_list(tmp_path, text, get):
+    """The SPEC's own example writes `recipients = *`: a list key must take one value."""
+    value = get(config.load(write(tmp_path, text)))
+    assert len(value) == 1 and value[0] == text.split("= ")[1].strip()
