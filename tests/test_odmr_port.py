@@ -87,6 +87,7 @@ class ReversedServer:
 
     def __init__(self, customer: Customer, *, greeting: str = "220 customer.test ESMTP",
                  ehlo: Optional[List[str]] = None, ehlo_code: int = 250,
+                 mail: Callable[[str], str] = lambda line: "250 2.1.0 ok",
                  rcpt: Callable[[str], str] = lambda r: "250 2.1.5 ok",
                  final: Callable[[Delivered], str] = lambda m: "250 2.0.0 stored",
                  pipelining_probe: bool = False):
@@ -95,6 +96,7 @@ class ReversedServer:
         self.ehlo = ehlo if ehlo is not None else ["customer.test", "PIPELINING", "8BITMIME",
                                                       "SMTPUTF8", "SIZE 10000000"]
         self.ehlo_code = ehlo_code
+        self.mail = mail
         self.rcpt = rcpt
         self.final = final
         self.commands: List[str] = []
@@ -158,11 +160,12 @@ class ReversedServer:
             elif verb == "MAIL":
                 if self.pipelining_probe:
                     self.pipelined_batches.append(self._more_waiting())
-                current = Delivered(line, [])
-                self.c.send("250 2.1.0 ok")
+                reply = self.mail(line)
+                current = Delivered(line, []) if reply.startswith("2") else None
+                self.c.send(reply)
             elif verb == "RCPT":
                 address = line.split("<", 1)[1].rsplit(">", 1)[0]
-                reply = self.rcpt(address)
+                reply = self.rcpt(address) if current is not None else "503 5.5.1 need MAIL"
                 if reply.startswith("2"):
                     current.rcpts.append(address)
                 self.c.send(reply)
@@ -693,13 +696,19 @@ def test_helo_fallback_when_ehlo_refused(provider):
     assert spool_files(provider, "example.org") == []
 
 
-def test_per_recipient_results_2xx_removed_4xx_kept(provider):
+LOCKSTEP = ["customer.test", "8BITMIME", "SIZE 10000000"]
+PIPELINED = LOCKSTEP + ["PIPELINING"]
+both_modes = pytest.mark.parametrize("ehlo", [PIPELINED, LOCKSTEP], ids=["pipelining", "no-pipelining"])
+
+
+@both_modes
+def test_per_recipient_results_2xx_removed_4xx_kept(provider, ehlo):
     answers = {"ok@example.org": "250 2.1.5 ok",
                "later@example.org": "450 4.2.1 mailbox busy",
                "also-ok@example.org": "251 2.1.5 will forward"}
     spool_one(provider, list(answers))
     [msg_id] = spool_files(provider, "example.org")
-    server, got = atrn_and_serve(provider, "example.org", rcpt=lambda r: answers[r])
+    server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo, rcpt=lambda r: answers[r])
     assert [m.rcpts for m in got] == [["ok@example.org", "also-ok@example.org"]]
     # the message stays for the deferred recipient only
     assert spool_files(provider, "example.org") == [msg_id]
@@ -712,7 +721,7 @@ def test_per_recipient_results_2xx_removed_4xx_kept(provider):
     assert "450" in record["last_error"] and "mailbox busy" in record["last_error"]
     assert isinstance(record["age"], int) and isinstance(record["size"], int) and record["size"] > 0
     # deferred again: attempts count up
-    atrn_and_serve(provider, "example.org", rcpt=lambda r: "452 4.2.2 over quota")
+    atrn_and_serve(provider, "example.org", ehlo=ehlo, rcpt=lambda r: "452 4.2.2 over quota")
     [record] = queue_json(provider, "example.org")
     assert record["attempts"] == 2 and record["last_error"].startswith("452")
     # the next ATRN offers only the deferred recipient; success removes the message
@@ -722,15 +731,16 @@ def test_per_recipient_results_2xx_removed_4xx_kept(provider):
     assert spool_files(provider, "example.org") == []
 
 
-def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider):
+@both_modes
+def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider, ehlo):
     answers = {"ok@example.org": "250 2.1.5 ok",
                "later@example.org": "450 4.2.1 mailbox busy",
                "gone@example.org": "550 5.1.1 no such user"}
     spool_one(provider, list(answers), sender="someone@example.com")
-    atrn_and_serve(provider, "example.org", rcpt=lambda r: answers[r])
+    atrn_and_serve(provider, "example.org", ehlo=ehlo, rcpt=lambda r: answers[r])
     [record] = queue_json(provider, "example.org")
     assert record["recipients"] == ["later@example.org"]
-    server, got = atrn_and_serve(provider, "example.org")
+    server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo)
     assert [c for c in server.commands if c.startswith("RCPT")] == ["RCPT TO:<later@example.org>"]
     assert spool_files(provider, "example.org") == []
     # the 5xx produced a DSN to the sender (a hosted domain, so it is spooled there)
@@ -752,6 +762,34 @@ def test_5xx_after_data_bounces_and_4xx_after_data_is_kept(provider):
     assert [r["recipients"] for r in records] == [["b@example.org"]]
     assert records[0]["attempts"] == 1 and records[0]["last_error"].startswith("451")
     assert len(queue_json(provider, "example.com")) == 1
+
+
+@both_modes
+def test_rejected_mail_from_and_all_rcpts_rejected(provider, ehlo):
+    spool_one(provider, ["a@example.org"], b"Subject: one\r\n\r\n1\r\n", sender="bad@example.com")
+    spool_one(provider, ["b@example.org"], b"Subject: two\r\n\r\n2\r\n", sender="slow@example.com")
+    spool_one(provider, ["c@example.org", "d@example.org"], b"Subject: three\r\n\r\n3\r\n")
+    spool_one(provider, ["e@example.org"], b"Subject: four\r\n\r\n4\r\n")
+
+    def mail(line: str) -> str:
+        if "bad@" in line:
+            return "550 5.7.1 sender refused"
+        if "slow@" in line:
+            return "451 4.7.1 greylisted"
+        return "250 ok"
+
+    def rcpt(address: str) -> str:
+        return {"c@example.org": "550 5.1.1 unknown", "d@example.org": "452 4.2.2 full"}.get(address, "250 ok")
+    server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo, mail=mail, rcpt=rcpt)
+    assert [m.rcpts for m in got] == [["e@example.org"]]
+    records = {tuple(r["recipients"]): r for r in queue_json(provider, "example.org")}
+    assert set(records) == {("b@example.org",), ("d@example.org",)}
+    assert records[("b@example.org",)]["last_error"].startswith("451")
+    assert records[("d@example.org",)]["last_error"].startswith(("452", "550"))
+    assert all(r["attempts"] == 1 for r in records.values())
+    # the refused sender (hosted) got a DSN; nothing else did yet
+    dsns = queue_json(provider, "example.com")
+    assert [d["recipients"] for d in dsns] == [["bad@example.com"]]
 
 
 def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
@@ -879,3 +917,35 @@ def test_corrupt_message_is_quarantined_and_does_not_block_the_domain(provider):
     assert [m.rcpts for m in got] == [["a@example.org"]]
     assert spool_files(provider, "example.org") == []
     assert os.path.exists(os.path.join(provider.spool_dir, ".quarantine", "example.org", bogus))
+
+
+def _spool_utf8(provider) -> None:
+    c = Customer(provider.smtp_port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<sender@example.com> SMTPUTF8")[0] == 250
+        assert c.cmd("RCPT TO:<jürgen@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.sock.sendall("Subject: grüße\r\n\r\nhallo\r\n.\r\n".encode())
+        assert c.reply()[0] == 250
+    finally:
+        c.close()
+
+
+def test_smtputf8_message_to_smtputf8_customer(provider):
+    _spool_utf8(provider)
+    server, got = atrn_and_serve(provider, "example.org")
+    assert got[0].rcpts == ["jürgen@example.org"]
+    assert " SMTPUTF8" in got[0].mail
+    assert got[0].body() == "Subject: grüße\r\n\r\nhallo\r\n".encode()
+
+
+def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider):
+    _spool_utf8(provider)
+    server, got = atrn_and_serve(provider, "example.org", ehlo=["customer.test", "8BITMIME", "PIPELINING"])
+    assert got == []
+    assert not any(c.startswith("RCPT") for c in server.commands)
+    assert spool_files(provider, "example.org") == []
+    [dsn] = queue_json(provider, "example.com")
+    assert dsn["recipients"] == ["sender@example.com"]
