@@ -399,6 +399,8 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
 def serve(config_path: str, foreground: bool) -> int:
     """`odmrd serve [-f]`: returns the exit code (0 once serving, or after a clean stop)."""
     os.umask(0o077)
+    if not foreground:
+        _close_inherited()      # before anything of ours is open: only stdio survives
     try:
         service = Service(config_path)
     except config_mod.ConfigError as exc:
@@ -467,7 +469,6 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
             os.dup2(null, fd)
         if null > 2:
             os.close(null)
-        _close_inherited([wfd] + [listener.fileno() for listener in service.listeners])
         signals.install()
         try:
             _start_serving(service, target, account, pidfile)
@@ -495,18 +496,13 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
             os._exit(code)
 
 
-def _close_inherited(keep: List[int]) -> None:
-    """Close descriptors a caller leaked to us (a shell's pipes would never see EOF otherwise)."""
+def _close_inherited() -> None:
+    """Close descriptors above stdio that a caller leaked (its pipes would never see EOF)."""
     try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 65536)))
-    for fd in fds:
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        limit = os.sysconf("SC_OPEN_MAX")
+    except (OSError, ValueError):
+        limit = 65536
+    os.closerange(3, limit if limit > 3 else 65536)
 
 
 def _report(fd: int, code: int, message: str) -> None:

@@ -220,6 +220,23 @@ def test_detached_process_state(site):
     assert mode == 0o644
 
 
+def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
+    read_end, write_end = os.pipe()
+    try:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", site.config, "serve"],
+                                pass_fds=[write_end], capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        site.pids.append(site.pid())
+        os.close(write_end)
+        write_end = -1
+        os.set_blocking(read_end, False)
+        assert os.read(read_end, 1) == b""       # EOF: no daemon holds the write end
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
 def test_logs_written_after_detaching_reach_the_log_file(site):
     assert site.serve().returncode == 0
     assert smtp_send(site.smtp_port, "user@example.org") == {}
@@ -241,6 +258,31 @@ def test_without_syslog_says_so_once_and_uses_the_log_file(site_factory):
     assert lines == ["odmrd: no syslog socket (/dev/log, /var/run/log, /var/run/syslog); "
                      "logging to %s" % s.log_file]
     assert "odmrd started" in s.log()
+
+
+def test_syslog_handler_uses_facility_mail(tmp_path, monkeypatch):
+    import logging
+    from odmr import daemon
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(5)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    monkeypatch.setattr(daemon, "SYSLOG_SOCKETS", (str(tmp_path / "missing"), path))
+    try:
+        daemon.setup_logging("info", ("syslog", ""))
+        logging.getLogger("odmrd").info("hello\nforged line")
+        data = receiver.recv(4096)
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        receiver.close()
+    assert data.startswith(b"<22>odmrd[%d]: hello | forged line" % os.getpid())   # mail.info
 
 
 def test_fallback_log_path_when_log_file_is_unset(site_factory):
