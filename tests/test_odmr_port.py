@@ -36,15 +36,37 @@ def stop_quickly(p: Provider) -> None:
     p.stop()
 
 
-@pytest.fixture
-def provider(tmp_path):
-    """As conftest's provider (alice: example.org, example.com; bob: example.net), faster teardown."""
-    p = Provider(str(tmp_path))
+def _wait_idle(p: Provider, timeout: float = 5.0) -> None:
+    """Let sessions of the previous test finish (they may still hold a domain claim)."""
+    deadline = time.monotonic() + timeout
+    while p.service.active_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _empty_spool(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            os.unlink(os.path.join(dirpath, name))
+
+
+@pytest.fixture(scope="module")
+def shared_provider(tmp_path_factory):
+    """One provider for the module (starting and stopping one costs more than most tests)."""
+    p = Provider(str(tmp_path_factory.mktemp("provider")), odmr_extra="auth_throttle_failures = 0")
     p.add_user("alice", ["example.org", "example.com"])
     p.add_user("bob", ["example.net"])
     p.start()
     yield p
     stop_quickly(p)
+
+
+@pytest.fixture
+def provider(shared_provider):
+    """alice: example.org, example.com; bob: example.net — with an empty spool and no sessions."""
+    _wait_idle(shared_provider)
+    _empty_spool(shared_provider.spool_dir)
+    yield shared_provider
+    _wait_idle(shared_provider)
 
 
 def spool_one(provider, rcpts, body: bytes = b"Subject: test\r\n\r\nhello\r\n", sender: str = SENDER) -> None:
