@@ -5,8 +5,9 @@ package and the top-level `validate` shim), so a bare `python3 -I -S
 odmrd.pyz` runs with nothing installed. configobj comes from this
 interpreter's installation, or from `pip install --target` into a temporary
 directory when it is not installed (or with --fetch). No byte code goes in
-(it is interpreter-specific); entries are sorted and time-stamped from the
-newest source file, so rebuilding unchanged sources gives identical bytes.
+(it is interpreter-specific); entries are sorted and time-stamped from
+SOURCE_DATE_EPOCH or the newest odmr source file, so rebuilding unchanged
+sources with the same configobj gives identical bytes.
 """
 from __future__ import annotations
 
@@ -131,10 +132,17 @@ def collect(source_root: str, fetch: bool = False) -> Tuple[Dict[str, str], Opti
     return files, tempdir
 
 
+def _source_date(files: Dict[str, str]) -> float:
+    """SOURCE_DATE_EPOCH if set (reproducible-builds.org), else the newest odmr source file."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if epoch.isdigit():
+        return float(epoch)
+    return max(os.stat(path).st_mtime for name, path in files.items() if name.startswith("odmr/"))
+
+
 def write_archive(files: Dict[str, str], output: str) -> None:
     """Write the zipapp atomically: shebang, then a deterministic zip."""
-    newest = max(os.stat(path).st_mtime for path in files.values())
-    stamp = time.gmtime(max(newest, 315532800))[:6]     # zip dates start in 1980
+    stamp = time.gmtime(max(_source_date(files), 315532800))[:6]     # zip dates start in 1980
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         entries = dict((name, None) for name in files)
