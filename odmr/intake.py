@@ -153,8 +153,11 @@ class IntakeSession(Session):
         body = ""
         smtputf8 = False
         for key, value in params.items():
-            if key == "SIZE" and value.isdigit() and len(value) < 20:
-                size = int(value)
+            if key == "SIZE":
+                if not (value.isascii() and value.isdigit()):
+                    self.reply(501, "5.5.4 Syntax: SIZE=<number of octets>")
+                    return self.count_bad_command()
+                size = int(value[:40])         # an absurd number is simply too big (552)
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 body = value.upper()
             elif key == "SMTPUTF8" and value == "":

@@ -366,6 +366,13 @@ def test_declared_size_over_limit_is_552(smtp):
     assert smtp.cmd("MAIL FROM:<%s> SIZE=%d" % (SENDER, 1024 * 1024)) [0] == 250
 
 
+@pytest.mark.parametrize("value,code", [("abc", 501), ("", 501), ("-5", 501), ("1e6", 501),
+                                        ("9" * 30, 552), ("0", 250)],
+                         ids=["word", "empty", "negative", "exponent", "absurd", "zero"])
+def test_size_parameter_values(smtp, value, code):
+    assert smtp.cmd("MAIL FROM:<%s> SIZE=%s" % (SENDER, value))[0] == code
+
+
 def test_oversize_data_read_to_end_one_reply_session_continues(smtp, provider):
     smtp.cmd("MAIL FROM:<%s>" % SENDER)
     smtp.cmd("RCPT TO:<a@example.org>")
