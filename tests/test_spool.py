@@ -356,3 +356,21 @@ def test_usage_counts_messages_and_bytes(spool):
     assert count == 3 and size >= 3 * len(DATA)
     fresh = Spool(spool.root)
     assert fresh.usage("example.org")[0] == 3
+
+
+def test_provider_start_cleans_debris(tmp_path):
+    from conftest import Provider
+    p = Provider(str(tmp_path))
+    p.add_user("alice", ["example.org"])
+    spool = Spool(p.spool_dir)
+    spool.prepare()
+    kept = spool.store("example.org", env(), DATA)
+    debris = os.path.join(p.spool_dir, "example.org", "tmp", new_id())
+    with open(debris, "wb") as fh:
+        fh.write(b"half")
+    p.start()
+    try:
+        assert not os.path.exists(debris)
+        assert p.spooled("example.org") == [kept]
+    finally:
+        p.stop()
