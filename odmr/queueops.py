@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 from odmr.bounce import send_dsn
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, Message
+from odmr.spool import OUTBOUND, DomainBusy, Message, SpoolError
 
 log = logging.getLogger("odmrd.queue")
 
@@ -74,23 +74,63 @@ def _bounce_now(runtime: Runtime, message: Message, reply: str) -> None:
     log.info("queue: bounced id=%s domain=%s: %s", message.id, message.domain, reply)
 
 
+def _headers(spool, domain: str) -> Iterable[Message]:
+    """Read-only walk over a domain (no claim): unreadable files are left to delivery."""
+    for msg_id in spool.message_ids(domain):
+        try:
+            yield spool.load(domain, msg_id)
+        except (FileNotFoundError, SpoolError):
+            continue
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return "%g %s" % (round(seconds / size, 1), unit)
+    return "%d seconds" % seconds
+
+
 def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
-    """Bounce every message older than max_age; returns counts. Busy domains are skipped."""
+    """Bounce every message older than max_age; returns counts. Busy domains are skipped.
+
+    The domain is read without its claim (so ATRN is not kept waiting by a
+    scan) and claimed only to act on the messages found old enough. Bounces waiting for the bounce relay (OUTBOUND) that old are dropped
+    with an error line: a bounce is never bounced."""
     now = time.time() if now is None else now
     max_age = runtime.settings.queue.max_age
-    counts = {"expired": 0, "busy": 0}
+    counts = {"expired": 0, "busy": 0, "dropped": 0}
     if max_age <= 0:
         return counts
     spool = runtime.spool
-    for domain in spool.domains():
+    for domain in spool.domains() + [OUTBOUND]:
+        old = [m.id for m in _headers(spool, domain) if now - m.envelope.arrival >= max_age]
+        if not old:
+            continue
         try:
             with spool.claim([domain]):
-                for message in spool.messages(domain):
-                    if now - message.envelope.arrival >= max_age:
-                        days = max_age / 86400.0
-                        _bounce_now(runtime, message,
-                                    "550 5.4.7 Delivery time expired: not collected within %g days" % days)
-                        counts["expired"] += 1
+                for msg_id in old:
+                    try:
+                        message = spool.load(domain, msg_id)
+                    except FileNotFoundError:
+                        continue
+                    except SpoolError as exc:
+                        log.error("queue: %s/%s unreadable during expiry: %s", domain, msg_id, exc)
+                        continue
+                    if now - message.envelope.arrival < max_age:
+                        continue
+                    if domain == OUTBOUND:
+                        log.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
+                                  "it within %s (last error: %s)", message.id,
+                                  ",".join(r.address for r in message.pending()), _human(max_age),
+                                  message.state.last_error or "none")
+                        spool.remove(message)
+                        counts["dropped"] += 1
+                        continue
+                    reason = "550 5.4.7 Delivery time expired: not collected within %s" % _human(max_age)
+                    if message.state.last_error:
+                        reason += " (last error: %s)" % message.state.last_error
+                    _bounce_now(runtime, message, reason)
+                    counts["expired"] += 1
         except DomainBusy:
             counts["busy"] += 1
     return counts

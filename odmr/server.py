@@ -17,7 +17,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
 from odmr import tls as tls_mod
+from odmr.delivery import request_stop
 from odmr.intake import IntakeSession
+from odmr.maintenance import Maintenance
 from odmr.provider import ODMRSession
 from odmr.runtime import AuthThrottle, Runtime
 from odmr.spool import Spool
@@ -255,12 +257,17 @@ class Service:
             self.threads.append(thread)
             log.info("listening on %s (%s%s)", listener.label(), listener.kind,
                      ", implicit TLS" if listener.implicit_tls else "")
+        self.maintenance = Maintenance(lambda: self.runtime)   # expiry, delay notices, bounce relay
+        self.maintenance.start()
 
     def stop(self, grace: Optional[float] = None) -> int:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
         for listener in self.listeners:
             listener.shutdown()
         self.close()
+        request_stop(self.spool)          # deliveries finish the message in flight, then QUIT
+        if getattr(self, "maintenance", None) is not None:
+            self.maintenance.stop()
         deadline = time.monotonic() + (self.settings.grace_period if grace is None else grace)
         with self._lock:
             while sum(self._totals.values()) and time.monotonic() < deadline:
