@@ -573,6 +573,7 @@ class Run:
         state.last_attempt = time.time()
         outcomes: Dict[Tuple[str, str], List[str]] = {}
         errors = []
+        newly_failed: Dict[str, str] = {}
         for rcpt, (code, text) in results.items():
             reply = _fmt(code, text)
             if 200 <= code < 300:
@@ -581,6 +582,7 @@ class Run:
                 self.delivered += 1
             elif 500 <= code < 600:
                 state.failed[rcpt] = reply
+                newly_failed[rcpt] = reply
                 errors.append(reply)
                 kind = "bounced"
                 self.failed += 1
@@ -597,24 +599,36 @@ class Run:
             self._flush_logs()
         if errors:
             state.last_error = errors[0]
+        if newly_failed:
+            # tell the sender now about the recipients that failed for good, not when the
+            # others are finally collected (state.bounced: every failure so far was notified)
+            self._bounce(message, newly_failed if state.bounced else dict(state.failed))
         if not message.pending():
             self._finish(message)
         else:
             self._save(message)
 
+    def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
+        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be."""
+        state = message.state
+        wanted = _dsn_wanted(message, failed)
+        try:
+            if wanted:
+                send_dsn(self.spool, self.runtime.hosted_domains(), self.runtime.hostname,
+                         message, wanted)
+        except (SpoolError, OSError) as exc:
+            log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
+            state.bounced = False
+            return False
+        state.bounced = True
+        return True
+
     def _finish(self, message: Message) -> None:
         state = message.state
         if state.failed and not state.bounced:
-            wanted = _dsn_wanted(message, state.failed)
-            try:
-                if wanted:
-                    send_dsn(self.spool, self.runtime.hosted_domains(), self.runtime.hostname,
-                             message, wanted)
-            except (SpoolError, OSError) as exc:
-                log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
+            if not self._bounce(message, dict(state.failed)):
                 self._save(message)
                 return
-            state.bounced = True
         retired = self.spool.retire(message, message.id in self._with_state)
         if retired:
             _reaper.put(retired)

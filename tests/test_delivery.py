@@ -1,0 +1,457 @@
+"""Delivery after the turnaround when the customer misbehaves (SPEC §4, §7).
+
+Each test spools real mail through the SMTP intake, logs in on the ODMR port,
+sends ATRN and then plays a scripted (often broken) customer SMTP server on
+the reversed socket. The invariant everywhere: no message is lost (it is
+delivered, kept with its attempt counted, or returned to its sender with a
+DSN), and none is retried forever.
+"""
+from __future__ import annotations
+
+import email
+import os
+import socket
+import time
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+from conftest import PASSWORD, Customer, send_mail
+from odmr import delivery, queueops
+
+SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
+SENDER_REMOTE = "someone@remote.test"
+
+ATRN_OK = b"250 OK now reversing the connection\r\n"
+
+
+# -- the scripted customer server -----------------------------------------------
+
+class Script:
+    """The customer's SMTP server on the reversed connection; override hooks to misbehave.
+
+    Each hook returns the reply line(s) to send (str, or None for no reply at all)."""
+
+    greeting = "220 customer.test ESMTP"
+    extensions = ["PIPELINING", "8BITMIME", "SIZE 50000000"]
+
+    def __init__(self):
+        self.messages: List[Dict] = []
+        self.commands: List[str] = []
+
+    def ehlo(self, arg: str) -> Optional[str]:
+        lines = ["customer.test"] + self.extensions
+        return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+
+    def mail(self, arg: str) -> Optional[str]:
+        return "250 2.1.0 ok"
+
+    def rcpt(self, address: str) -> Optional[str]:
+        return "250 2.1.5 ok"
+
+    def data(self, rcpts: List[str]) -> Optional[str]:
+        return "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
+
+    def final(self, message: Dict) -> Optional[str]:
+        return "250 2.0.0 stored"
+
+    def in_data(self, line: bytes, received: int) -> bool:
+        """Called for each body line; False drops the connection there."""
+        return True
+
+
+class Closed(Exception):
+    pass
+
+
+class ReversedConnection:
+    """Runs a Script on the customer's socket after ATRN 250."""
+
+    def __init__(self, customer: Customer, script: Script):
+        self.sock = customer.sock
+        self.script = script
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                raise Closed()
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def send(self, text: Optional[str]) -> None:
+        if text is not None:
+            self.sock.sendall(text.encode() + b"\r\n")
+
+    def run(self) -> str:
+        """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
+        s = self.script
+        rcpts: List[str] = []
+        mail: Optional[str] = None
+        try:
+            self.send(s.greeting)
+            while True:
+                raw = self.line().rstrip(b"\r\n").decode("utf-8", "replace")
+                s.commands.append(raw)
+                verb, _, arg = raw.partition(" ")
+                verb = verb.upper()
+                if verb in ("EHLO", "HELO"):
+                    self.send(s.ehlo(arg) if verb == "EHLO" else "250 customer.test")
+                elif verb == "MAIL":
+                    mail, rcpts = arg, []
+                    self.send(s.mail(arg))
+                elif verb == "RCPT":
+                    address = arg.split("<", 1)[1].split(">", 1)[0]
+                    reply = s.rcpt(address)
+                    if reply and reply.startswith("2"):
+                        rcpts.append(address)
+                    self.send(reply)
+                elif verb == "DATA":
+                    reply = s.data(rcpts)
+                    self.send(reply)
+                    if reply and reply.startswith("354"):
+                        body = []
+                        while True:
+                            line = self.line()
+                            if line == b".\r\n":
+                                break
+                            if not s.in_data(line, len(body)):
+                                self.sock.close()
+                                return "dropped"
+                            body.append(line[1:] if line.startswith(b".") else line)
+                        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(body)}
+                        reply = s.final(message)
+                        if reply and reply.startswith("2"):
+                            s.messages.append(message)
+                        self.send(reply)
+                elif verb == "RSET":
+                    mail, rcpts = None, []
+                    self.send("250 ok")
+                elif verb == "QUIT":
+                    self.send("221 bye")
+                    return "quit"
+                else:
+                    self.send("502 what?")
+        except Closed:
+            return "closed"
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
+    send_mail(provider.smtp_port, sender, rcpts,
+              ("Subject: t %s\r\nMessage-ID: <%s@test>\r\n\r\nbody %s\r\n.dot line\r\n"
+               % (token, token, token)).encode())
+
+
+def atrn(provider, script: Script, domain: str = "example.org", user: str = "alice",
+         timeout: float = 15.0) -> str:
+    c = Customer(provider.odmr_port, timeout=timeout)
+    try:
+        c.login(user, PASSWORD)
+        c.send("ATRN " + domain)
+        assert c.line() == ATRN_OK
+        return ReversedConnection(c, script).run()
+    finally:
+        c.close()
+
+
+def queue(provider, domain: Optional[str] = None) -> List[Dict]:
+    runtime = provider.service.runtime
+    return [queueops.describe(m) for m in queueops.list_messages(runtime, domain)]
+
+
+def wait_idle(provider, timeout: float = 10.0) -> None:
+    """The provider's session may still be recording results after the customer's last reply."""
+    deadline = time.monotonic() + timeout
+    while provider.service.active_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert provider.service.active_sessions() == 0
+
+
+def dsns(provider, domain: str = "example.net") -> List[email.message.Message]:
+    found = []
+    for m in provider.spool.messages(domain):
+        if m.envelope.sender == "":
+            found.append(email.message_from_bytes(m.read_data()))
+    return found
+
+
+def report_fields(dsn: email.message.Message) -> List[Dict[str, str]]:
+    """Per-recipient field groups of a multipart/report DSN."""
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    part = [p for p in dsn.get_payload() if p.get_content_type() == "message/delivery-status"][0]
+    groups = part.get_payload()
+    out = []
+    for group in groups[1:]:
+        out.append({k.lower(): v for k, v in group.items()})
+    return out
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "lockstep"])
+def pipelining(request):
+    return request.param
+
+
+def script_with(pipelining: bool, **hooks) -> Script:
+    s = Script()
+    if not pipelining:
+        s.extensions = [e for e in s.extensions if e != "PIPELINING"]
+    for name, fn in hooks.items():
+        setattr(s, name, fn)
+    return s
+
+
+# -- the greeting ----------------------------------------------------------------
+
+@pytest.mark.parametrize("greeting", ["421 4.3.2 busy, come back later", "554 5.3.2 no service"])
+def test_refusing_greeting_gets_quit_and_mail_is_kept(provider, greeting):
+    spool(provider, ["u@example.org"])
+    s = Script()
+    s.greeting = greeting
+    assert atrn(provider, s) == "quit"
+    assert s.commands == ["QUIT"]
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 0
+
+
+# -- the connection breaks -----------------------------------------------------------
+
+def test_disconnect_mid_data_keeps_mail_and_counts_attempt(provider, pipelining):
+    spool(provider, ["u@example.org"], token="one")
+    spool(provider, ["v@example.org"], token="two")
+    s = script_with(pipelining, in_data=lambda line, n: n < 2)
+    assert atrn(provider, s) == "dropped"
+    wait_idle(provider)
+    records = queue(provider, "example.org")
+    assert len(records) == 2
+    first = [r for r in records if r["recipients"] == ["u@example.org"]][0]
+    assert first["attempts"] == 1 and "connection" in first["last_error"]
+    # the next ATRN delivers both
+    s2 = Script()
+    assert atrn(provider, s2) == "quit"
+    wait_idle(provider)
+    assert sorted(m["rcpts"][0] for m in s2.messages) == ["u@example.org", "v@example.org"]
+    assert queue(provider, "example.org") == []
+
+
+def test_customer_that_stops_answering_is_timed_out(provider, monkeypatch, pipelining):
+    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(*([1.0] * 7)))
+    spool(provider, ["u@example.org"])
+    # reads everything from MAIL on and never answers again
+    s = script_with(pipelining, mail=lambda arg: None, rcpt=lambda a: None, data=lambda r: None)
+    started = time.monotonic()
+    assert atrn(provider, s) == "closed"                       # the provider hung up on us
+    assert time.monotonic() - started < 8
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 1 and "timeout" in record["last_error"]
+
+
+@pytest.mark.parametrize("garbage", ["hello there", "25O ok", "2500 ok", "", "999 what"])
+def test_garbage_reply_ends_session_and_keeps_mail(provider, garbage, pipelining):
+    spool(provider, ["u@example.org"])
+    s = script_with(pipelining, mail=lambda arg: garbage)
+    assert atrn(provider, s) == "closed"
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 1
+    assert s.messages == []
+
+
+# -- refusals at each stage ----------------------------------------------------------
+
+STAGES = {
+    "MAIL": lambda code: dict(mail=lambda arg: "%d %s.0.0 no" % (code, str(code)[0])),
+    "RCPT": lambda code: dict(rcpt=lambda a: "%d %s.1.1 no" % (code, str(code)[0])),
+    "DATA": lambda code: dict(data=lambda r: "%d %s.3.0 no" % (code, str(code)[0])),
+    "final": lambda code: dict(final=lambda m: "%d %s.6.0 no" % (code, str(code)[0])),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_4xx_keeps_mail_for_next_atrn(provider, stage, pipelining):
+    spool(provider, ["u@example.org"], token="a")
+    spool(provider, ["w@example.org"], token="b")
+    s = script_with(pipelining, **STAGES[stage](451))
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    records = queue(provider, "example.org")
+    assert len(records) == 2
+    for record in records:
+        assert record["attempts"] == 1
+        assert record["last_error"].startswith("451 4.")
+    assert dsns(provider) == []
+    # the session stayed in step: a good customer gets everything next time
+    s2 = Script()
+    assert atrn(provider, s2) == "quit"
+    wait_idle(provider)
+    assert len(s2.messages) == 2 and queue(provider, "example.org") == []
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_5xx_bounces_to_sender_and_removes(provider, stage, pipelining):
+    spool(provider, ["u@example.org"], token="a")
+    spool(provider, ["w@example.org"], token="b")
+    s = script_with(pipelining, **STAGES[stage](550))
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert queue(provider, "example.org") == []
+    notices = dsns(provider)
+    assert len(notices) == 2
+    for dsn in notices:
+        [fields] = report_fields(dsn)
+        assert fields["action"] == "failed"
+        assert fields["status"].startswith("5.")
+        assert "550" in fields["diagnostic-code"]
+        assert dsn["To"] == "<%s>" % SENDER_HOSTED
+    # the DSN is itself collectable by bob, and never bounces back
+    s2 = Script()
+    s2.rcpt = lambda a: "550 5.1.1 no such user"
+    assert atrn(provider, s2, domain="example.net", user="bob") == "quit"
+    wait_idle(provider)
+    assert queue(provider) == []
+
+
+def test_partial_recipient_acceptance(provider, pipelining):
+    spool(provider, ["a@example.org", "b@example.org", "c@example.org"])
+    replies = {"a@example.org": "250 ok", "b@example.org": "452 4.2.2 mailbox full",
+               "c@example.org": "550 5.1.1 unknown"}
+    s = script_with(pipelining, rcpt=lambda a: replies[a])
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert [m["rcpts"] for m in s.messages] == [["a@example.org"]]
+    [record] = queue(provider, "example.org")
+    assert record["recipients"] == ["b@example.org"]
+    assert record["last_error"].startswith("452")
+    [dsn] = dsns(provider)
+    [fields] = report_fields(dsn)
+    assert fields["final-recipient"] == "rfc822; c@example.org" and fields["status"] == "5.1.1"
+    # next ATRN: only b is offered
+    s2 = script_with(pipelining)
+    assert atrn(provider, s2) == "quit"
+    wait_idle(provider)
+    assert [m["rcpts"] for m in s2.messages] == [["b@example.org"]]
+    assert queue(provider, "example.org") == []
+    assert len(dsns(provider)) == 1          # c was bounced once, not again
+
+
+def test_421_mid_session_keeps_the_rest(provider, pipelining):
+    for n in range(3):
+        spool(provider, ["u%d@example.org" % n], token=str(n))
+    seen = []
+
+    def rcpt(address):
+        seen.append(address)
+        return "250 ok" if len(seen) == 1 else "421 4.3.2 shutting down"
+
+    s = script_with(pipelining, rcpt=rcpt)
+    result = atrn(provider, s)
+    assert result in ("closed", "quit")
+    wait_idle(provider)
+    assert len(s.messages) == 1
+    records = queue(provider, "example.org")
+    assert len(records) == 2
+    assert any("421 4.3.2" in r["last_error"] for r in records)
+
+
+# -- pipelined replies out of step ------------------------------------------------------
+
+def test_extra_reply_out_of_step_never_marks_delivered(provider):
+    """A customer that answers MAIL twice shifts every reply: DATA then gets a 250."""
+    spool(provider, ["u@example.org"])
+    s = Script()
+    s.mail = lambda arg: "250 ok\r\n250 ok"
+    assert atrn(provider, s) == "closed"
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 1 and "out of step" in record["last_error"]
+    assert s.messages == []
+
+
+def test_354_to_rcpt_is_out_of_step(provider):
+    spool(provider, ["u@example.org", "v@example.org"])
+    s = Script()
+    s.rcpt = lambda a: "354 go ahead"
+    assert atrn(provider, s) == "closed"
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["recipients"] == ["u@example.org", "v@example.org"] and record["attempts"] == 1
+
+
+def test_missing_reply_is_a_timeout_not_a_success(provider, monkeypatch):
+    """Pipelined: one reply short (no RCPT reply) -> the provider waits, times out, keeps."""
+    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(*([1.0] * 7)))
+    spool(provider, ["u@example.org"])
+    s = Script()
+    s.rcpt = lambda a: None
+    assert atrn(provider, s) == "closed"
+    wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 1
+
+
+# -- repeated 4xx ends in expiry, not in eternal retries --------------------------------
+
+def test_repeated_4xx_expires_with_dsn(provider):
+    spool(provider, ["u@example.org"])
+    for _ in range(2):
+        s = Script()
+        s.rcpt = lambda a: "450 4.2.1 try later"
+        assert atrn(provider, s) == "quit"
+        wait_idle(provider)
+    [record] = queue(provider, "example.org")
+    assert record["attempts"] == 2
+    runtime = provider.service.runtime
+    counts = queueops.expire(runtime, now=time.time() + runtime.settings.queue.max_age + 60)
+    assert counts["expired"] == 1
+    assert queue(provider, "example.org") == []
+    [dsn] = dsns(provider)
+    [fields] = report_fields(dsn)
+    assert fields["status"] == "5.4.7" and "450 4.2.1" in fields["diagnostic-code"]
+
+
+# -- sizes and content -------------------------------------------------------------------
+
+def test_large_message_and_dot_stuffing_survive(provider, pipelining):
+    body = b"Subject: big\r\n\r\n" + b"".join(b".line %06d\r\n" % n for n in range(60000))
+    send_mail(provider.smtp_port, SENDER_HOSTED, ["u@example.org"], body)
+    spool(provider, ["v@example.org"])
+    s = script_with(pipelining)
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert len(s.messages) == 2
+    big = [m for m in s.messages if m["rcpts"] == ["u@example.org"]][0]
+    assert big["data"].endswith(body)
+
+
+def test_no_dsn_for_null_sender(provider, pipelining):
+    spool(provider, ["u@example.org"], sender="")
+    s = script_with(pipelining, rcpt=lambda a: "550 5.1.1 unknown")
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert queue(provider) == []
+
+
+def test_late_failure_after_earlier_bounce_is_notified_too(provider):
+    spool(provider, ["a@example.org", "b@example.org"])
+    first = {"a@example.org": "550 5.1.1 gone", "b@example.org": "451 4.3.0 later"}
+    s = Script()
+    s.rcpt = lambda a: first[a]
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert len(dsns(provider)) == 1
+    s2 = Script()
+    s2.rcpt = lambda a: "553 5.1.3 refused now"
+    assert atrn(provider, s2) == "quit"
+    wait_idle(provider)
+    assert queue(provider, "example.org") == []
+    notified = sorted(f["final-recipient"] for d in dsns(provider) for f in report_fields(d))
+    assert notified == ["rfc822; a@example.org", "rfc822; b@example.org"]
