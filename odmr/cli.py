@@ -100,11 +100,14 @@ def build_parser() -> Parser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    head, fetch_args = _split_fetch(argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(head)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return EX_USAGE
+    if fetch_args is not None:
+        args.rest = fetch_args
     if not args.command:
         parser.print_usage(sys.stderr)
         return EX_USAGE
@@ -132,6 +135,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return fail("internal error: %s: %s (set ODMRD_DEBUG=1 for details)"
                     % (type(exc).__name__, exc), EX_SOFTWARE)
+
+
+def _split_fetch(argv: List[str]):
+    """(argv up to `fetch`, fetch's own arguments) — or (argv, None) for other commands.
+
+    argparse.REMAINDER does not capture arguments that start with '-' in a
+    subcommand, so `fetch --server ...` is cut off before argparse sees it."""
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("-c", "--config"):
+            index += 2
+        elif arg.startswith("--config=") or (arg.startswith("-c") and not arg.startswith("--")):
+            index += 1
+        elif arg == "fetch":
+            return argv[:index + 1], argv[index + 1:]
+        else:
+            break
+    return argv, None
 
 
 def _settings(config_path: str):

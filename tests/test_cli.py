@@ -389,3 +389,13 @@ def test_queue_list_survives_a_corrupt_file(hosted):
     result = odmrd(hosted, "queue", "list", "--json")
     assert result.returncode == 0
     assert len(json.loads(result.stdout)) == 1
+
+
+def test_fetch_arguments_reach_the_fetch_command(conf):
+    """`-c FILE fetch --server ...`: options after `fetch` belong to it, not to the top level."""
+    from conftest import free_port
+    port = free_port()                      # nothing listens there
+    result = odmrd(conf, "fetch", "--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", "none",
+                   "--relay", "127.0.0.1:%d" % port, env={"ODMR_PASSWORD": "x"})
+    assert result.returncode == 75
+    assert "unrecognized" not in one_line_error(result)
