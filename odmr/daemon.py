@@ -413,6 +413,7 @@ def serve(config_path: str, foreground: bool) -> int:
     settings = service.settings
     target = log_target(settings, foreground)
     pidfile = PidFile(settings.pid_file)
+    _preload()
     try:
         account = service_account(settings)
         pidfile.check()
@@ -440,6 +441,24 @@ def serve(config_path: str, foreground: bool) -> int:
         log.info("odmrd started in the foreground (pid %d)", os.getpid())
         return run_until_stopped(service, signals, pidfile)
     return _detach_and_serve(service, target, account, pidfile, signals)
+
+
+def _preload() -> None:
+    """Import every odmr module now, not lazily later.
+
+    Run from the zipapp, a later import reads the archive again; if the file
+    was replaced by an upgrade meanwhile, that read would fail mid-service.
+    """
+    import importlib
+    import pkgutil
+    import odmr
+    for module in pkgutil.iter_modules(odmr.__path__):
+        if module.name in ("__main__", "build"):
+            continue
+        try:
+            importlib.import_module("odmr." + module.name)
+        except Exception as exc:  # the import will fail again, and be reported, where it is used
+            log.debug("preloading odmr.%s failed: %s", module.name, exc)
 
 
 def _detach_and_serve(service: Service, target: Tuple[str, str], account: Optional[Account],
