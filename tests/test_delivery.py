@@ -69,6 +69,8 @@ class ReversedConnection:
 
     def __init__(self, customer: Customer, script: Script):
         self.sock = customer.sock
+        # one reply per write: without this, Nagle holds each reply for the provider's delayed ACK
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.script = script
         self.buf = b""
 
