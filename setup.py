@@ -1,13 +1,24 @@
 """Installs the odmrd package and its `odmrd` console script."""
+import os
+import re
+
 from setuptools import setup
 
-from odmr import __version__
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(HERE, name), encoding="utf-8") as fh:
+        return fh.read()
+
+
+__version__ = re.search(r'__version__ = "([^"]+)"', _read("odmr/__init__.py")).group(1)
 
 setup(
     name="odmrd",
     version=__version__,
     description="On-Demand Mail Relay (RFC 2645) provider and customer",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=_read("README.md"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",

@@ -198,12 +198,30 @@ class _Editor:
             self._lock.close()
 
 
+def _owner_for(path: str) -> Optional[Tuple[int, int]]:
+    """Root rewriting the file keeps its owner, so the service account can still read it."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return SERVICE_OWNER.get("owner")
+    return st.st_uid, st.st_gid
+
+
+# set by the command line when root edits for a configured service account
+SERVICE_OWNER: Dict[str, Tuple[int, int]] = {}
+
+
 def _write_atomically(path: str, config: ConfigObj) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
+    owner = _owner_for(path)
     fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o600)
+            if owner is not None:
+                os.fchown(fh.fileno(), *owner)
             fh.write(b"# odmrd users file: edit with 'odmrd user ...'. Keep it mode 0600.\n")
             config.initial_comment = []
             config.filename = None

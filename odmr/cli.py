@@ -130,7 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return fail(str(exc), EX_USAGE)
     except BrokenPipeError:
         return EX_IOERR
-    except Exception as exc:  # a bug: one line for the user, the traceback on request
+    except Exception as exc:
+        from odmr.daemon import DaemonError
+        if isinstance(exc, DaemonError):
+            return fail(str(exc), exc.code)
         if os.environ.get("ODMRD_DEBUG"):
             raise
         return fail("internal error: %s: %s (set ODMRD_DEBUG=1 for details)"
@@ -170,7 +173,18 @@ def _runtime(config_path: str, need_accounts: bool = True):
         users = accounts.load(settings.users_file)
     else:
         users = accounts.Accounts([], settings.users_file)
+    _become_service_account(settings)
     return Runtime(settings, users, Spool(settings.spool_dir))
+
+
+def _become_service_account(settings) -> None:
+    """Root touching the spool does so as `user`, so the daemon can read what it writes."""
+    if os.geteuid() != 0 or not settings.user:
+        return
+    from odmr import daemon
+    account = daemon.service_account(settings)
+    if account is not None:
+        daemon.drop_privileges(account)
 
 
 def cmd_check_config(args, config_path: str) -> int:
@@ -223,6 +237,13 @@ def cmd_user(args, config_path: str) -> int:
     except config.ConfigError as exc:
         return _config_failed(exc, config_path)
     path = settings.users_file
+    if os.geteuid() == 0 and settings.user:
+        import pwd
+        try:
+            entry = pwd.getpwnam(settings.user)
+            accounts.SERVICE_OWNER["owner"] = (entry.pw_uid, entry.pw_gid)
+        except KeyError:
+            return fail("user %r (in %s) does not exist" % (settings.user, settings.path), EX_CONFIG)
     action = args.user_command
     if not action:
         raise UsageError("odmrd user: add, passwd, del or list")
