@@ -83,7 +83,9 @@ def main() -> int:
         wait_port(sink_port)
         env = dict(os.environ, ODMR_PASSWORD=PASSWORD)
         env.pop("ODMRD_CONFIG", None)
-        command = [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [os.path.join(ROOT, "odmrd.py"), "fetch",
+        # BENCH_PY_ARGS="-m cProfile -o prof.out" profiles the fetch process.
+        command = [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [
+                   os.path.join(ROOT, "odmrd.py"), "fetch",
                    "--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice",
                    "--tls", "none", "--domain", "example.org",
                    "--relay", "127.0.0.1:%d" % sink_port]
@@ -98,9 +100,11 @@ def main() -> int:
                   % (result.returncode, left, result.stderr.decode(errors="replace").strip()))
             return 1
         rate = args.messages / elapsed
-        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+        cpu = (after.children_user - before.children_user) + \
+            (after.children_system - before.children_system)
         own = (after.user - before.user) + (after.system - before.system)
-        print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall" % (cpu, own, elapsed))
+        print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall"
+              % (cpu, own, elapsed))
         print("odmrd fetch --relay into smtp-sink: %d msgs in %.2fs (process start included)"
               % (args.messages, elapsed))
         print("%-34s %10s %10s" % ("figure", "measured", "reference"))
