@@ -762,6 +762,8 @@ def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider, ehlo):
     atrn_and_serve(provider, "example.org", ehlo=ehlo, rcpt=lambda r: answers[r])
     [record] = queue_json(provider, "example.org")
     assert record["recipients"] == ["later@example.org"]
+    # the sender hears about the 5xx at once, not only when the deferred recipient is done
+    assert len(queue_json(provider, "example.com")) == 1
     server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo)
     assert [c for c in server.commands if c.startswith("RCPT")] == ["RCPT TO:<later@example.org>"]
     assert spool_files(provider, "example.org") == []
