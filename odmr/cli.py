@@ -243,7 +243,7 @@ def cmd_user(args, config_path: str) -> int:
             entry = pwd.getpwnam(settings.user)
             accounts.SERVICE_OWNER["owner"] = (entry.pw_uid, entry.pw_gid)
         except KeyError:
-            return fail("user %r (in %s) does not exist" % (settings.user, settings.path), EX_CONFIG)
+            pass                # `serve` and `check-config` say so; the file stays root's
     action = args.user_command
     if not action:
         raise UsageError("odmrd user: add, passwd, del or list")

@@ -546,7 +546,8 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
 def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
     s = site_factory("user = nobody", directory=public_dir)
-    s.add_user("alice", "example.org")          # root's, mode 0600
+    s.add_user("alice", "example.org")
+    os.chown(s.users, 0, 0)                     # root's, mode 0600: as if edited by hand
     os.makedirs(s.spool, mode=0o700)
     os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
     result = s.serve()
