@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
+from odmr import proxy
 from odmr import tls as tls_mod
 from odmr.delivery import request_stop
 from odmr.intake import IntakeSession
@@ -45,6 +46,8 @@ class Listener(socketserver.ThreadingTCPServer):
         self.kind = kind
         self.service = service
         self.implicit_tls = implicit_tls
+        # fixed for the listener's life (a restart changes it, like the address)
+        self.proxied = kind == "odmr" and service.settings.odmr.proxy_protocol
         super().__init__((host, port), socketserver.BaseRequestHandler, bind_and_activate=False)
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -59,9 +62,14 @@ class Listener(socketserver.ThreadingTCPServer):
         host, port = self.server_address[:2]
         return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
 
+    def _proxied(self) -> bool:
+        return self.proxied
+
     def process_request(self, request, client_address) -> None:
         ip = client_address[0]
-        refusal = self.service.admit(self.kind, ip)
+        # behind a PROXY-speaking balancer every connection comes from it: count the
+        # real client's address later, in finish_request
+        refusal = self.service.admit(self.kind, ip, per_address=not self._proxied())
         if refusal:
             log.warning("%s: refused connection from %s: %s", self.kind, ip, refusal)
             try:
@@ -75,10 +83,27 @@ class Listener(socketserver.ThreadingTCPServer):
 
     def finish_request(self, request, client_address) -> None:
         ip = client_address[0]
-        peer = ("[%s]:%d" % (ip, client_address[1])) if ":" in ip else "%s:%d" % (ip, client_address[1])
+        counted_ip = None if self._proxied() else ip
         try:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             runtime = self.service.runtime
+            if counted_ip is None:
+                client = self._proxy_header(request, client_address, runtime)
+                if client is None:
+                    return
+                refusal = self.service.admit_address(self.kind, client[0])
+                if refusal:
+                    log.warning("%s: refused connection from %s (via %s): %s", self.kind,
+                                client[0], ip, refusal)
+                    try:
+                        request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
+                    except OSError:
+                        pass
+                    return
+                counted_ip = client[0]
+                client_address = client
+            ip = client_address[0]
+            peer = ("[%s]:%d" % (ip, client_address[1])) if ":" in ip else "%s:%d" % (ip, client_address[1])
             if self.implicit_tls:
                 request = self._handshake(request, runtime, peer)
                 if request is None:
@@ -89,7 +114,20 @@ class Listener(socketserver.ThreadingTCPServer):
                 session = IntakeSession(request, peer, runtime)
             session.run()
         finally:
-            self.service.release(self.kind, ip)
+            self.service.release(self.kind, counted_ip)
+
+    def _proxy_header(self, request, client_address, runtime):
+        """The real client from a trusted balancer's PROXY header; None drops the connection."""
+        ip = client_address[0]
+        if not proxy.trusted(ip, runtime.settings.odmr.proxy_trusted):
+            log.warning("%s: %s is not in proxy_trusted; connection dropped", self.kind, ip)
+            return None
+        try:
+            client = proxy.read_header(request)
+        except proxy.ProxyError as exc:
+            log.warning("%s: bad PROXY header from %s: %s", self.kind, ip, exc)
+            return None
+        return client or tuple(client_address[:2])
 
     def _handshake(self, request, runtime, peer):
         """Implicit TLS ("odmrs"): the handshake runs in the session thread, bounded in time."""
@@ -183,6 +221,8 @@ class Service:
         if (old.odmr.listen, old.odmr.tls_listen, old.smtp.listen, old.smtp.tls_listen) != \
                 (settings.odmr.listen, settings.odmr.tls_listen, settings.smtp.listen, settings.smtp.tls_listen):
             log.warning("reload: listen addresses changed; they take effect after a restart")
+        if old.odmr.proxy_protocol != settings.odmr.proxy_protocol:
+            log.warning("reload: proxy_protocol changed; it takes effect after a restart")
         settings = _keep(settings, old)
         self.settings = settings
         self._users_mtime = _mtime(settings.users_file)
@@ -196,24 +236,37 @@ class Service:
                  len(self._runtime.hosted_domains()))
 
     # -- session limits -----------------------------------------------------------
-    def admit(self, kind: str, ip: str) -> Optional[str]:
+    def admit(self, kind: str, ip: str, per_address: bool = True) -> Optional[str]:
+        """Count a new session (and its address unless `per_address` is False), or say why not."""
         limits = self.settings.odmr if kind == "odmr" else self.settings.smtp
         with self._lock:
             if self._totals[kind] >= limits.max_sessions:
                 return "Too many connections, try again later"
             per = self._sessions[kind]
-            if per.get(ip, 0) >= limits.max_sessions_per_address:
-                return "Too many connections from your address"
-            per[ip] = per.get(ip, 0) + 1
+            if per_address:
+                if per.get(ip, 0) >= limits.max_sessions_per_address:
+                    return "Too many connections from your address"
+                per[ip] = per.get(ip, 0) + 1
             self._totals[kind] += 1
         return None
 
-    def release(self, kind: str, ip: str) -> None:
+    def admit_address(self, kind: str, ip: str) -> Optional[str]:
+        """Count the real client behind a proxy against the per-address limit."""
+        limits = self.settings.odmr if kind == "odmr" else self.settings.smtp
         with self._lock:
             per = self._sessions[kind]
-            per[ip] = per.get(ip, 1) - 1
-            if per[ip] <= 0:
-                del per[ip]
+            if per.get(ip, 0) >= limits.max_sessions_per_address:
+                return "Too many connections from your address"
+            per[ip] = per.get(ip, 0) + 1
+        return None
+
+    def release(self, kind: str, ip: Optional[str]) -> None:
+        with self._lock:
+            if ip is not None:
+                per = self._sessions[kind]
+                per[ip] = per.get(ip, 1) - 1
+                if per[ip] <= 0:
+                    del per[ip]
             self._totals[kind] -= 1
             self._idle.notify_all()
 
@@ -282,7 +335,8 @@ class Service:
 def _keep(new, old):
     """Settings that need a restart keep their running values on reload."""
     import dataclasses
-    odmr = dataclasses.replace(new.odmr, listen=old.odmr.listen, tls_listen=old.odmr.tls_listen)
+    odmr = dataclasses.replace(new.odmr, listen=old.odmr.listen, tls_listen=old.odmr.tls_listen,
+                               proxy_protocol=old.odmr.proxy_protocol)
     smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen)
     return dataclasses.replace(new, spool_dir=old.spool_dir, user=old.user, pid_file=old.pid_file,
                                odmr=odmr, smtp=smtp)
