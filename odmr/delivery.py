@@ -17,6 +17,7 @@ while a process crash re-delivers at most the one message in flight.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -675,11 +676,21 @@ class _Reaper:
             except OSError:
                 pass
 
-    def idle(self) -> bool:
-        return self._queue.empty()
+    def drain(self) -> None:
+        """Unlink whatever is still queued (at exit, so a clean stop leaves no debris)."""
+        while True:
+            try:
+                path = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 _reaper = _Reaper()
+atexit.register(_reaper.drain)
 
 
 def _ok(reply: Reply) -> bool:

@@ -504,6 +504,8 @@ class Spool:
                 continue
             except CorruptMessage as exc:
                 self.quarantine(domain, msg_id, str(exc))
+            except SpoolError as exc:      # unreadable (EIO, EISDIR...): never stop the walk
+                log.error("spool: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
 
     def find(self, msg_id: str) -> Optional[Message]:
         if not _valid_id(msg_id):

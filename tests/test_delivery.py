@@ -147,7 +147,7 @@ class ReversedConnection:
 
 def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
     send_mail(provider.smtp_port, sender, rcpts,
-              ("Subject: t %s\r\nMessage-ID: <%s@test>\r\n\r\nbody %s\r\n.dot line\r\n"
+              ("Subject: t %s\r\nX-Token: %s\r\n\r\nbody %s\r\n.dot line\r\n"
                % (token, token, token)).encode())
 
 
