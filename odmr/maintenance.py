@@ -33,6 +33,7 @@ log = logging.getLogger("odmrd.maintenance")
 # Module-level so tests (and only tests) can make time pass faster.
 TICK = 5.0                  # seconds between looks at the OUTBOUND queue
 EXPIRE_EVERY = 300.0        # seconds between expiry / delay-notice passes
+EXPIRE_FIRST = 60.0         # the first pass waits this long: start-up (and ATRN) come first
 RELAY_BACKOFF = 60.0        # first retry delay for the bounce relay; doubles per attempt
 RELAY_BACKOFF_MAX = 3600.0
 RELAY_TIMEOUT = 60.0        # per SMTP command to the bounce relay
@@ -53,7 +54,7 @@ class Maintenance:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._next_expiry = 0.0
+        self._next_expiry = time.monotonic() + EXPIRE_FIRST
         self._warned_no_relay = False
 
     def start(self) -> None:
