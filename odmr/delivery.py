@@ -246,6 +246,9 @@ def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Option
         except CorruptMessage as exc:
             spool.quarantine(domain, msg_id, str(exc))
             continue
+        except IsADirectoryError:
+            spool.quarantine(domain, msg_id, "a directory where a message should be")
+            continue
         except (SpoolError, OSError) as exc:
             log.error("delivery: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
             continue
