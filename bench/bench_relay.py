@@ -78,8 +78,9 @@ def main() -> int:
         print("enqueued %d x %d bytes in %.1fs" % (args.messages, args.size, took))
         sink_port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        # -c prints counters on stdout: a pipe nobody reads would fill up and stall the sink
         sink = subprocess.Popen([sink_bin] + user + ["-c", "127.0.0.1:%d" % sink_port, "256"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(sink_port)
         env = dict(os.environ, ODMR_PASSWORD=PASSWORD)
         env.pop("ODMRD_CONFIG", None)
