@@ -5,9 +5,11 @@ Starts a provider on free loopback ports, spools N messages of SIZE bytes for
 one domain, starts Postfix `smtp-sink` as the customer's local SMTP server,
 then times `odmrd fetch --tls none --relay ...` draining the backlog through
 the splice. Prints msgs/s beside the references: fetchmail ~23 msgs/s (one
-line per write, no TCP_NODELAY), target >= 1,000 msgs/s.
+line per write, no TCP_NODELAY), target >= 1,000 msgs/s. Then (--local N)
+times local delivery of N messages into a Maildir and into an mbox, each
+message fsync'd before its 250.
 
-    python3 bench/bench_relay.py [-n 2000] [--size 10240]
+    python3 bench/bench_relay.py [-n 2000] [--size 10240] [--local 500]
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from conftest import PASSWORD, Provider, free_port, which  # noqa: E402
 
 FETCHMAIL_RATE = 23.0
 TARGET_RATE = 1000.0
+DURABLE_FILE_RATE = 500         # SPEC section 9: create+fsync+rename+dir-fsync ~2 ms
 
 
 def message(index: int, size: int) -> bytes:
@@ -62,6 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=10240)
+    parser.add_argument("--local", type=int, default=500, metavar="N",
+                        help="then N messages each into --maildir and --mbox (0: skip)")
     args = parser.parse_args()
     sink_bin = which("smtp-sink")
     if not sink_bin:
@@ -112,6 +117,21 @@ def main() -> int:
         print("%-34s %10.0f %10.0f" % ("relay msgs/s (fetchmail)", rate, FETCHMAIL_RATE))
         print("%-34s %10.0f %10.0f  %s" % ("relay msgs/s (target)", rate, TARGET_RATE,
                                             "ok" if rate >= TARGET_RATE else "BELOW TARGET"))
+        if args.local:
+            base = command[:command.index("--relay")]
+            for flag, path in (("--maildir", os.path.join(work, "Maildir")),
+                               ("--mbox", os.path.join(work, "mbox"))):
+                enqueue(provider.smtp_port, args.local, args.size)
+                started = time.monotonic()
+                result = subprocess.run(base + [flag, path], env=env, capture_output=True, timeout=3600)
+                elapsed = time.monotonic() - started
+                if result.returncode != 0 or provider.spooled("example.org"):
+                    print("fetch %s exited %d: %s" % (flag, result.returncode,
+                                                       result.stderr.decode(errors="replace").strip()))
+                    return 1
+                print("%-34s %10.0f %10.0f  (fetchmail; one durable file ~2 ms => ~%d)"
+                      % ("%s msgs/s (fsync each)" % flag, args.local / elapsed, FETCHMAIL_RATE,
+                         DURABLE_FILE_RATE))
         return 0
     finally:
         if sink is not None:

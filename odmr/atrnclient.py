@@ -221,6 +221,9 @@ def _connect(endpoint: Endpoint) -> socket.socket:
         raise FetchError(EX_TEMPFAIL, "cannot connect to %s:%d: %s"
                          % (endpoint.host, endpoint.port, exc.strerror or exc)) from None
     sock.settimeout(REPLY_TIMEOUT)
+    # After the turnaround we answer pipelined commands with several small
+    # writes; with Nagle each would wait for the provider's delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
