@@ -391,7 +391,7 @@ class Run:
                 self._after_421(mail)
                 return
             job.mail_ok = True
-            lines = self._rcpt_commands(job).splitlines(keepends=True)
+            lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
             for rcpt, line in zip(job.rcpts, lines):
                 client.send(line)
                 self._rcpt_reply(job, rcpt, self._expect(client.reply_at(TIMEOUTS.rcpt), "RCPT"))

@@ -11,6 +11,7 @@ import pwd
 import time
 from typing import BinaryIO, Dict, List, Tuple
 
+from odmr.names import address_is_safe
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 
@@ -48,11 +49,16 @@ def _normalise(stream: BinaryIO, chunk: int = 65536):
 def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: BinaryIO) -> List[Tuple[str, str]]:
     """Spool the message for every recipient's domain; returns [(domain, id)]."""
     sender = sender.strip().lstrip("<").rstrip(">")
+    if not address_is_safe(sender):
+        raise EnqueueError("sender %r contains characters not allowed in an address" % sender, EX_DATAERR)
     if sender and "@" not in sender:
         raise EnqueueError("sender %r needs a domain" % sender, EX_DATAERR)
     by_domain: Dict[str, List[str]] = {}
     for address in recipients:
         address = address.strip().lstrip("<").rstrip(">")
+        if not address_is_safe(address):
+            raise EnqueueError("recipient %r contains characters not allowed in an address" % address,
+                               EX_DATAERR)
         domain, code, text = runtime.classify_recipient(address, utf8_allowed=True)
         if domain is None:
             status = EX_NOUSER if code in (550, 553) else EX_DATAERR

@@ -256,19 +256,25 @@ class IntakeSession(Session):
             failure = (452, "4.3.1 Insufficient system storage", str(exc))
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         size = 0
-        for piece in iter_data(self):
-            size += len(piece)
-            if failure is not None:
-                continue
-            if size > limit:
-                failure = (552, "5.3.4 Message size exceeds fixed limit of %d bytes" % limit,
-                           "too big")
+        try:
+            for piece in iter_data(self):
+                size += len(piece)
+                if failure is not None:
+                    continue
+                if size > limit:
+                    failure = (552, "5.3.4 Message size exceeds fixed limit of %d bytes" % limit,
+                               "too big")
+                    incoming.abort()
+                    continue
+                try:
+                    incoming.write(piece)
+                except SpoolError as exc:
+                    failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        except BaseException:
+            # the client vanished or timed out mid-DATA: leave nothing behind
+            if incoming is not None:
                 incoming.abort()
-                continue
-            try:
-                incoming.write(piece)
-            except SpoolError as exc:
-                failure = (452, "4.3.1 Insufficient system storage", str(exc))
+            raise
         if failure is None:
             try:
                 stored = incoming.commit()

@@ -7,6 +7,7 @@ letters, digits, hyphens and dots — never raw client input.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Tuple
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -49,3 +50,14 @@ def split_address(address: str) -> Tuple[str, str]:
     if not at or not local or not domain:
         raise ValueError("address needs local@domain")
     return local, domain
+
+
+def address_is_safe(address: str) -> bool:
+    """No angle brackets, controls or line separators: such an address could break
+    an envelope line in the spool or a command line sent to a customer."""
+    for char in address:
+        if char in "<>\\" or ord(char) < 32 or 0x7F <= ord(char) <= 0x9F:
+            return False
+        if char in "\u2028\u2029\u0085\ufeff" or unicodedata.category(char) in ("Zl", "Zp", "Cc", "Cs"):
+            return False
+    return len(address) <= 512

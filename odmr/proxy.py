@@ -6,8 +6,10 @@ byte-exactly from the raw socket, before TLS, so no client data is consumed.
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import struct
+import time
 from typing import Iterable, Optional, Tuple
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -45,18 +47,29 @@ def _recv_exactly(sock: socket.socket, count: int) -> bytes:
     return data
 
 
+def _peek_prefix(sock: socket.socket, deadline: float) -> bytes:
+    """Peek until 16 bytes are there, a line ended, or the data can no longer be a header."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProxyError("timeout waiting for the PROXY header")
+        sock.settimeout(remaining)
+        start = sock.recv(16, socket.MSG_PEEK)
+        if not start:
+            raise ProxyError("connection closed before the PROXY header")
+        could_be = V2_SIGNATURE.startswith(start[:12]) or b"PROXY ".startswith(start[:6])
+        if len(start) >= 16 or not could_be or (start.startswith(b"PROXY ") and b"\n" in start):
+            return start
+        select.select([sock], [], [], min(0.05, remaining))
+
+
 def read_header(sock: socket.socket, timeout: float = 10.0) -> Optional[Tuple[str, int]]:
     """Consume the header; return the client's (address, port), or None for LOCAL/UNKNOWN."""
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
-        start = sock.recv(16, socket.MSG_PEEK)
-        while len(start) < 16 and start and (V2_SIGNATURE.startswith(start) or b"PROXY ".startswith(start[:6])) \
-                and b"\n" not in start:
-            more = sock.recv(16, socket.MSG_PEEK)
-            if len(more) == len(start):
-                break
-            start = more
-        if start.startswith(V2_SIGNATURE[:len(start)]) and len(start) >= 13:
+        start = _peek_prefix(sock, deadline)
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        if start.startswith(V2_SIGNATURE):
             return _read_v2(sock)
         if start.startswith(b"PROXY "):
             return _read_v1(sock)

@@ -40,29 +40,35 @@ def list_messages(runtime: Runtime, domain: Optional[str] = None) -> List[Messag
     return found
 
 
-def _with_claim(runtime: Runtime, domain: str, action) -> None:
-    if domain == OUTBOUND:
-        action()
-        return
-    with runtime.spool.claim([domain]):
-        action()
+def _under_claim(runtime: Runtime, msg_id: str, action) -> Optional[Message]:
+    """Run `action(message)` holding the message's domain claim, on a copy read under it
+    (an ATRN session may have changed the message since it was first found)."""
+    found = runtime.spool.find(msg_id)
+    if found is None:
+        return None
+    if found.domain == OUTBOUND:
+        action(found)
+        return found
+    with runtime.spool.claim([found.domain]):
+        try:
+            message = runtime.spool.load(found.domain, found.id)
+        except FileNotFoundError:
+            return None                 # delivered meanwhile
+        action(message)
+        return message
 
 
 def delete(runtime: Runtime, msg_id: str) -> bool:
-    message = runtime.spool.find(msg_id)
+    message = _under_claim(runtime, msg_id, runtime.spool.remove)
     if message is None:
         return False
-    _with_claim(runtime, message.domain, lambda: runtime.spool.remove(message))
     log.info("queue: deleted id=%s domain=%s by operator", message.id, message.domain)
     return True
 
 
 def bounce(runtime: Runtime, msg_id: str, reason: str = "5.0.0 returned to sender by the mail administrator") -> bool:
-    message = runtime.spool.find(msg_id)
-    if message is None:
-        return False
-    _with_claim(runtime, message.domain, lambda: _bounce_now(runtime, message, "550 " + reason))
-    return True
+    message = _under_claim(runtime, msg_id, lambda m: _bounce_now(runtime, m, "550 " + reason))
+    return message is not None
 
 
 def _bounce_now(runtime: Runtime, message: Message, reply: str) -> None:

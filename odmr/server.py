@@ -157,6 +157,7 @@ class Service:
         self._users_checked = time.monotonic()
         self._users_mtime = _mtime(self.settings.users_file)
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()     # one snapshot builder at a time
         self._sessions: Dict[str, Dict[str, int]] = {"odmr": {}, "smtp": {}}
         self._totals: Dict[str, int] = {"odmr": 0, "smtp": 0}
         self._idle = threading.Condition(self._lock)
@@ -186,12 +187,15 @@ class Service:
     def runtime(self) -> Runtime:
         """The current snapshot; picks up an edited users file within a few seconds."""
         now = time.monotonic()
-        if now - self._users_checked >= USERS_RECHECK:
-            self._users_checked = now
-            mtime = _mtime(self.settings.users_file)
-            if mtime != self._users_mtime:
-                self._users_mtime = mtime
-                self._reload_accounts()
+        if now - self._users_checked >= USERS_RECHECK and self._reload_lock.acquire(blocking=False):
+            try:
+                self._users_checked = now
+                mtime = _mtime(self.settings.users_file)
+                if mtime != self._users_mtime:
+                    self._users_mtime = mtime
+                    self._reload_accounts()
+            finally:
+                self._reload_lock.release()
         return self._runtime
 
     def _reload_accounts(self) -> None:
@@ -206,6 +210,10 @@ class Service:
 
     def reload(self) -> None:
         """SIGHUP: fresh settings and accounts; listeners stay as they are."""
+        with self._reload_lock:
+            self._reload()
+
+    def _reload(self) -> None:
         try:
             settings = config_mod.load(self.config_path)
             accounts = self._load_accounts(settings)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from odmr.names import normalize_domain
+from odmr.names import address_is_safe, normalize_domain
 
 log = logging.getLogger("odmrd.spool")
 
@@ -79,6 +79,9 @@ class Envelope:
     client: str = ""
 
     def header_bytes(self, msg_id: str) -> bytes:
+        for address in [self.sender] + [r.address for r in self.recipients]:
+            if not address_is_safe(address):
+                raise SpoolError("address unfit for the spool: %r" % address[:100], temporary=False)
         parts = [MAGIC,
                  ("Id: %s\n" % msg_id).encode(),
                  ("Arrival: %.6f\n" % self.arrival).encode(),
@@ -255,11 +258,16 @@ class IncomingMessage:
                         break
                     except FileExistsError:
                         continue
+                # held while writing: another node's prepare() leaves a live file alone
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 fh = os.fdopen(fd, "wb", buffering=CHUNK)
                 self.parts.append((domain, msg_id, tmp, fh))
                 fh.write(envelope.header_bytes(msg_id))
                 if prefix is not None:
                     fh.write(prefix(domain, msg_id))
+        except SpoolError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise SpoolError("cannot create spool file: %s" % exc.strerror) from None
@@ -308,6 +316,26 @@ class IncomingMessage:
                 pass
             _unlink_quietly(tmp)
         self.parts = []
+
+
+def _remove_if_abandoned(path: str) -> int:
+    """Unlink a temporary file unless its writer (any process, any node) still holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return 0
+    try:
+        os.unlink(path)
+        return 1
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -421,16 +449,14 @@ class Spool:
             directory = os.path.join(self.root, domain)
             tmp = os.path.join(directory, "tmp")
             for name in _listdir(tmp):
-                _unlink_quietly(os.path.join(tmp, name))
-                removed += 1
+                removed += _remove_if_abandoned(os.path.join(tmp, name))
             names = set(_listdir(directory))
             for name in names:
                 if name.endswith(".state") and name[:-6] not in names:
                     _unlink_quietly(os.path.join(directory, name))
                     removed += 1
                 elif name.startswith(".state.") or name.startswith(".tmp."):
-                    _unlink_quietly(os.path.join(directory, name))
-                    removed += 1
+                    removed += _remove_if_abandoned(os.path.join(directory, name))
         return removed
 
     # -- intake -----------------------------------------------------------
@@ -525,6 +551,7 @@ class Spool:
         tmp = os.path.join(directory, ".state.%s.%s" % (message.id, secrets.token_hex(4)))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(message.state.to_json())
                 fh.flush()

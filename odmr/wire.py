@@ -13,6 +13,8 @@ import ssl
 import time
 from typing import Callable, Dict, Iterable, Optional
 
+from odmr.names import address_is_safe
+
 log = logging.getLogger("odmrd")
 
 MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4, CRLF included
@@ -242,7 +244,9 @@ def parse_path(arg: str, keyword: str):
         if colon < 0:
             return None
         address = address[colon + 1:]
-    if any(c in address for c in "<>\\ \t") and not (address.startswith('"') or '"' in address):
+    if not address_is_safe(address):
+        return None
+    if any(c in address for c in " \t") and '"' not in address:
         return None
     return address, params.strip()
 

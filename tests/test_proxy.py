@@ -96,3 +96,16 @@ def test_trusted_matching():
     assert not trusted("127.0.0.2", ["127.0.0.1"])
     assert not trusted("garbage", ["127.0.0.1"])
     assert not trusted("127.0.0.1", ["not-a-network"])
+
+
+@pytest.mark.parametrize("version,split", [(1, 3), (1, 8), (2, 3), (2, 13)],
+                         ids=["v1-in-prefix", "v1-after-prefix", "v2-in-signature", "v2-after-signature"])
+def test_header_split_across_segments(proxied, version, split):
+    import time
+    header = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 3366\r\n" if version == 1 else v2_header("192.0.2.7", 5)
+    c = Customer(proxied.odmr_port)
+    c.sock.sendall(header[:split])
+    time.sleep(0.3)
+    c.sock.sendall(header[split:])
+    assert c.reply()[0] == 220
+    c.close()
