@@ -112,7 +112,12 @@ class Listener(socketserver.ThreadingTCPServer):
                 session = ODMRSession(request, peer, runtime)
             else:
                 session = IntakeSession(request, peer, runtime)
-            session.run()
+            if not self.service.register(session):
+                session.request_stop()
+            try:
+                session.run()
+            finally:
+                self.service.unregister(session)
         finally:
             self.service.release(self.kind, counted_ip)
 
@@ -158,6 +163,8 @@ class Service:
         self._users_mtime = _mtime(self.settings.users_file)
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()     # one snapshot builder at a time
+        self._live: set = set()
+        self._stopping = False
         self._sessions: Dict[str, Dict[str, int]] = {"odmr": {}, "smtp": {}}
         self._totals: Dict[str, int] = {"odmr": 0, "smtp": 0}
         self._idle = threading.Condition(self._lock)
@@ -278,6 +285,16 @@ class Service:
             self._totals[kind] -= 1
             self._idle.notify_all()
 
+    def register(self, session) -> bool:
+        """Track a live session so stop() can end it; False once stopping has begun."""
+        with self._lock:
+            self._live.add(session)
+            return not self._stopping
+
+    def unregister(self, session) -> None:
+        with self._lock:
+            self._live.discard(session)
+
     def active_sessions(self) -> int:
         with self._lock:
             return sum(self._totals.values())
@@ -326,6 +343,11 @@ class Service:
         for listener in self.listeners:
             listener.shutdown()
         self.close()
+        with self._lock:
+            self._stopping = True
+            live = list(self._live)
+        for session in live:                # idle ones end now, busy ones after their command
+            session.request_stop()
         request_stop(self.spool)          # deliveries finish the message in flight, then QUIT
         if getattr(self, "maintenance", None) is not None:
             self.maintenance.stop()

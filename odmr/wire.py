@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional
 
@@ -66,6 +67,9 @@ class Session:
         self.rfile = sock.makefile("rb")
         self.bad_commands = 0
         self.closing = False
+        self.stopping = False
+        self._idle = False
+        self._state_lock = threading.Lock()
         self.tls_active = isinstance(sock, ssl.SSLSocket)
         self.sock.settimeout(self.idle_timeout)
 
@@ -153,17 +157,69 @@ class Session:
         try:
             self.greet()
             while not self.closing:
+                if not self._enter_idle():
+                    self._farewell()
+                    break
                 try:
                     raw = self.read_line()
                 except LineTooLong:
                     self.reply(500, "5.5.2 Line too long")
                     self.count_bad_command()
                     continue
+                finally:
+                    self._leave_idle()
                 self.dispatch(raw)
         except Closed as exc:
+            if self.stopping:
+                self._say_goodbye()
             log.debug("%s: %s", self.peer, exc)
         finally:
             self.finish()
+
+    # -- stopping while waiting for a command --------------------------------------
+    def _enter_idle(self) -> bool:
+        with self._state_lock:
+            self._idle = not self.stopping
+            return self._idle
+
+    def _leave_idle(self) -> None:
+        with self._state_lock:
+            self._idle = False
+
+    def request_stop(self) -> None:
+        """From another thread: end the session at its next command boundary.
+
+        A session blocked waiting for a command is woken by shutting down the
+        read side of its socket; this thread never writes to the connection
+        (an SSL object must not be used from two threads at once)."""
+        with self._state_lock:
+            self.stopping = True
+            if self._idle:
+                try:
+                    socket.socket.shutdown(self.sock, socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def _farewell(self) -> None:
+        """Stopping at a command boundary: a client already saying QUIT gets its 221."""
+        try:
+            self.sock.settimeout(0.3)
+            upcoming = self.rfile.peek(1)
+        except (OSError, ValueError):
+            upcoming = b""
+        if upcoming[:4].upper() == b"QUIT":
+            try:
+                self.reply(221, "2.0.0 %s closing connection" % self.hostname())
+            except Closed:
+                pass
+        else:
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        try:
+            self.reply(421, "4.3.2 %s Service shutting down" % self.hostname())
+        except Closed:
+            pass
 
     def dispatch(self, raw: bytes) -> None:
         line = raw.rstrip(b"\r\n")

@@ -129,8 +129,6 @@ def test_sigterm_during_atrn_finishes_the_message_then_quits(daemon):
     assert tmp_debris(daemon.spool_dir) == []
 
 
-@pytest.mark.xfail(strict=True, reason="wire.Session blocks in read_line with no way for Service.stop() "
-                   "to wake it: an idle session holds the stop for the whole grace period")
 def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
     daemon.start()
     idle = Customer(daemon.odmr_port, timeout=10)
