@@ -146,7 +146,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
 
     base = workdir("odmrd-bench-atrn-")
-    server = Server(base, log_level="warning")
+    server = Server(base, log_level=os.environ.get("BENCH_LOG", "warning"))
     server.add_user("alice", ["example.org"])
     server.add_user("others", ["other%03d.test" % d for d in range(OTHER_DOMAINS)])
     try:

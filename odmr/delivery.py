@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from odmr.bounce import send_dsn
-from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, State, parse_header
+from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, State, parse_envelope
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
@@ -277,15 +277,8 @@ def _load(spool: Spool, domain: str, directory: str, msg_id: str,
                 head += more
     finally:
         os.close(fd)
-    end = head.find(b"\n\n")
-    if end < 0:
-        raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
-    try:
-        envelope, _ = parse_header(head[:end + 1])
-    except (ValueError, UnicodeError) as exc:
-        raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
+    envelope, offset = parse_envelope(domain, msg_id, head)
     state = spool.load_state(domain, msg_id) if has_state else State()
-    offset = end + 2
     message = Message(domain, msg_id, path, envelope, offset, total - offset, state)
     body = head[offset:] if size_known else None
     return message, body

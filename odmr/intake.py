@@ -106,18 +106,8 @@ class IntakeSession(Session):
         self.reply(214, "2.0.0 See RFC 5321")
 
     def smtp_STARTTLS(self, arg: str) -> None:
-        context = self.runtime.tls
-        if context is None:
-            self.reply(502, "5.5.1 STARTTLS not available")
-            return self.count_bad_command()
-        if self.tls_active:
-            self.reply(503, "5.5.1 TLS already active")
-            return self.count_bad_command()
-        if arg:
-            self.reply(501, "5.5.4 Syntax: STARTTLS")
-            return self.count_bad_command()
-        self.reply(220, "2.0.0 Ready to start TLS")
-        self.start_tls(context)
+        if not self.starttls_command(self.runtime.tls, arg):
+            return
         self.helo, self.esmtp, self.tx = None, False, None   # RFC 3207: start afresh
         log.info("smtp: %s started TLS (%s)", self.peer, tls.describe(self.sock))
 

@@ -134,18 +134,8 @@ class ODMRSession(Session):
         self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
 
     def smtp_STARTTLS(self, arg: str) -> None:
-        context = self.runtime.tls
-        if context is None:
-            self.reply(502, "5.5.1 STARTTLS not available")
-            return self.count_bad_command()
-        if self.tls_active:
-            self.reply(503, "5.5.1 TLS already active")
-            return self.count_bad_command()
-        if arg:
-            self.reply(501, "5.5.4 Syntax: STARTTLS")
-            return self.count_bad_command()
-        self.reply(220, "2.0.0 Ready to start TLS")
-        self.start_tls(context)
+        if not self.starttls_command(self.runtime.tls, arg):
+            return
         self.ehlo = None              # RFC 3207: forget everything learnt in plaintext
         self.account = None
         log.info("odmr: %s started TLS (%s)", self.peer, tls.describe(self.sock))

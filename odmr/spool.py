@@ -239,6 +239,18 @@ def parse_header(data: bytes) -> Tuple[Envelope, str]:
     return env, msg_id
 
 
+def parse_envelope(domain: str, msg_id: str, head: bytes) -> Tuple[Envelope, int]:
+    """The envelope at the start of a spool file and where the message data begins."""
+    end = head.find(b"\n\n")
+    if end < 0:
+        raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
+    try:
+        envelope, _ = parse_header(head[:end + 1])
+    except (ValueError, UnicodeError) as exc:
+        raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
+    return envelope, end + 2
+
+
 class IncomingMessage:
     """One message being written to one or more domains at once (split at intake)."""
 
@@ -501,14 +513,9 @@ class Spool:
             raise
         except OSError as exc:
             raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
-        if end < 0:
-            raise CorruptMessage("%s/%s: truncated envelope" % (domain, msg_id))
-        try:
-            envelope, _ = parse_header(head[:end + 1])
-        except (ValueError, UnicodeError) as exc:
-            raise CorruptMessage("%s/%s: %s" % (domain, msg_id, exc)) from None
+        envelope, offset = parse_envelope(domain, msg_id, head)
         state = self.load_state(domain, msg_id)
-        return Message(domain, msg_id, path, envelope, end + 2, size - end - 2, state)
+        return Message(domain, msg_id, path, envelope, offset, size - offset, state)
 
     def load_state(self, domain: str, msg_id: str) -> State:
         path = os.path.join(self._dir(domain), msg_id + ".state")

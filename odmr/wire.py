@@ -128,6 +128,24 @@ class Session:
             raise LineTooLong()
         return b"".join(parts)
 
+    def starttls_command(self, context: Optional[ssl.SSLContext], arg: str) -> bool:
+        """STARTTLS (RFC 3207): the guards, the 220 and the handshake; False if refused."""
+        if context is None:
+            self.reply(502, "5.5.1 STARTTLS not available")
+            self.count_bad_command()
+            return False
+        if self.tls_active:
+            self.reply(503, "5.5.1 TLS already active")
+            self.count_bad_command()
+            return False
+        if arg:
+            self.reply(501, "5.5.4 Syntax: STARTTLS")
+            self.count_bad_command()
+            return False
+        self.reply(220, "2.0.0 Ready to start TLS")
+        self.start_tls(context)
+        return True
+
     def start_tls(self, context: ssl.SSLContext) -> None:
         """Switch to TLS (RFC 3207): plaintext already buffered is discarded with the old reader."""
         old, self.rfile = self.rfile, None
