@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,17 @@ PASSWORD = "tanstaaf-secret"
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range (32768+ here), so that no
+    client connection made meanwhile can take it before the server binds it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,8 +82,8 @@ class Provider:
         self.dir = directory
         self.odmr_port = free_port()
         self.smtp_port = free_port()
-        self.config = write_config(directory, self.odmr_port, self.smtp_port, extra, sections,
-                                   odmr_extra, smtp_extra)
+        self._extras = (extra, sections, odmr_extra, smtp_extra)
+        self.config = write_config(directory, self.odmr_port, self.smtp_port, *self._extras)
         self.users = os.path.join(directory, "users")
         self.spool_dir = os.path.join(directory, "spool")
         self.service: Optional[Service] = None
@@ -82,8 +94,17 @@ class Provider:
             self.service.reload()
 
     def start(self) -> "Provider":
-        self.service = Service(self.config)
-        self.service.bind()
+        from odmr.server import StartupError
+        for attempt in range(5):
+            self.service = Service(self.config)
+            try:
+                self.service.bind()
+                break
+            except StartupError as exc:
+                if "in use" not in str(exc) or attempt == 4:
+                    raise
+                self.odmr_port, self.smtp_port = free_port(), free_port()   # lost a race: new ports
+                self.config = write_config(self.dir, self.odmr_port, self.smtp_port, *self._extras)
         self.service.prepare_spool()
         self.service.start()
         return self
