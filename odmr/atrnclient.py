@@ -330,8 +330,9 @@ def _authenticate(conv: Conversation, endpoint: Endpoint, advertised: List[str],
         try:
             answer = mech.respond(challenge)
         except sasl.AuthFailed as exc:
+            # the provider failed to prove it knows the account (SCRAM server signature)
             conv.send("*")
-            raise FetchError(EX_NOPERM, "AUTH %s failed: %s" % (name, exc)) from None
+            raise FetchError(EX_PROTOCOL, "AUTH %s: the provider's proof is wrong: %s" % (name, exc)) from None
         except sasl.SASLError as exc:
             conv.send("*")
             raise FetchError(EX_PROTOCOL, "AUTH %s: provider broke the exchange: %s" % (name, exc)) from None

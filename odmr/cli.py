@@ -119,8 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return serve(config_path, args.foreground)
         if args.command == "fetch":
             from odmr import customer
-            return customer.main(args.rest, config_path if getattr(args, "config", None) or
-                                 os.environ.get("ODMRD_CONFIG") else None)
+            # flags alone suffice; the default file's [fetch] is read only if it exists
+            explicit = getattr(args, "config", None) or os.environ.get("ODMRD_CONFIG")
+            return customer.main(args.rest, config_path if explicit or os.path.exists(config_path)
+                                 else None)
         handler = {"check-config": cmd_check_config, "user": cmd_user,
                    "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
         return handler(args, config_path)
@@ -192,6 +194,12 @@ def cmd_check_config(args, config_path: str) -> int:
     try:
         settings = config.load(config_path)
     except config.ConfigError as exc:
+        if args.print_key:
+            # an init script must still find the running daemon while the file is mid-edit
+            value = config.lenient_value(config_path, args.print_key)
+            if value is not None:
+                print(value)
+                return EX_OK
         for problem in exc.problems:
             print("odmrd: %s: %s" % (config_path, problem), file=sys.stderr)
         return EX_CONFIG

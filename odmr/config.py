@@ -404,6 +404,34 @@ def load(path: Optional[str] = None) -> Settings:
     return settings
 
 
+_LENIENT = {"pid_file": ("odmrd.pid", "path"), "user": ("", "text"),
+            "grace_period": ("30s", "duration"), "spool_dir": ("spool", "path")}
+
+
+def lenient_value(path: str, key: str):
+    """One top-level setting read from a file that fails validation elsewhere,
+    or None when that setting itself is unusable."""
+    if key not in _LENIENT:
+        return None
+    default, kind = _LENIENT[key]
+    path = os.path.abspath(path)
+    try:
+        raw = ConfigObj(path, encoding="utf-8", file_error=True, list_values=False)
+    except (ConfigObjError, OSError, UnicodeDecodeError):
+        return None
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        return None
+    try:
+        if kind == "duration":
+            return parse_duration(value)
+        if kind == "path":
+            return _resolve(os.path.dirname(path), value)
+    except ValueError:
+        return None
+    return value
+
+
 def _section_ok(result, *names) -> bool:
     node = result
     for name in names:

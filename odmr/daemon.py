@@ -66,6 +66,29 @@ class _OneLine(logging.Formatter):
 class _LogFile(logging.handlers.WatchedFileHandler):
     """Append-only log file, reopened after rotation; never follows a symlink."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._reopen_if_rotated()
+        except OSError:
+            pass                        # keep the old file: a log line must never fail a session
+        if self.stream is not None:
+            logging.FileHandler.emit(self, record)
+
+    def _reopen_if_rotated(self) -> None:
+        """Like WatchedFileHandler.reopenIfNeeded, but the old stream is kept until a new
+        one is open: after dropping privileges the file may not be re-creatable."""
+        try:
+            st = os.stat(self.baseFilename)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                return
+        except FileNotFoundError:
+            pass
+        new = self._open()
+        old, self.stream = self.stream, new
+        self._statstream()
+        if old is not None:
+            old.close()
+
     def _open(self):
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) \
             | getattr(os, "O_CLOEXEC", 0)
@@ -291,11 +314,8 @@ class PidFile:
             os.ftruncate(fd, 0)
             os.write(fd, b"%d\n" % os.getpid())
             os.fchmod(fd, 0o644)
-            if owner is not None and mine.st_uid == 0:
-                try:
-                    os.fchown(fd, owner[0], owner[1])
-                except OSError:
-                    pass
+            # stays root's: a service account able to rewrite it could make root's
+            # init script signal any process
             self.fd = fd
             return
         raise DaemonError(EX_CANTCREAT, "cannot lock pid file %s" % self.path)

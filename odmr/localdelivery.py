@@ -69,7 +69,7 @@ class LocalSMTPSession(Session):
         self.quit = False
         self.delivered = 0
         self.deferred = 0
-        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
+        self.peer_ip = _address_only(peer)
 
     def hostname(self) -> str:
         return self.my_hostname
@@ -246,3 +246,14 @@ def serve_reversed(sock: socket.socket, peer: str, leftover: bytes, mailbox: Mai
     session = LocalSMTPSession(sock, peer, leftover, mailbox, hostname, tls, trace)
     session.run()
     return session
+
+
+def _address_only(peer: str) -> str:
+    """'192.0.2.1', '::1', '[::1]:366' or '192.0.2.1:366' -> the bare address."""
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(peer.strip("[]")))
+    except ValueError:
+        pass
+    host = peer.rsplit(":", 1)[0].strip("[]")
+    return host

@@ -35,6 +35,7 @@ STAGE_IN_MEMORY = 4 * 1024 * 1024
 
 _counter = itertools.count(1)
 _FROM = re.compile(rb"^(>*From )", re.M)
+_FROM_PREFIX = re.compile(rb">{0,4096}(?:F|Fr|Fro|From)?")
 
 
 class StorageError(Exception):
@@ -136,7 +137,11 @@ class Maildir(Mailbox):
             except OSError as exc:
                 raise StorageError("cannot create %s: %s" % (tmp, exc.strerror or exc)) from None
             delivery = _MaildirDelivery(self, name, tmp, fd)
-            delivery.write(header)
+            try:
+                delivery.write(header)
+            except BaseException:
+                delivery.abort()
+                raise
             return delivery
         raise StorageError("cannot find a unique file name in %s/tmp" % self.path)
 
@@ -218,11 +223,24 @@ class _MboxDelivery(Delivery):
         self.stage = stage
         self.at_line_start = True
         self.last = b"\n"
+        self.held = b""             # a line start that may yet become `>*From `
 
     def write(self, piece: bytes) -> None:
         if not piece:
             return
-        text = quote_from(_lf(piece), self.at_line_start)
+        text = self.held + _lf(piece)
+        self.held = b""
+        cut = text.rfind(b"\n") + 1
+        tail_starts_line = cut > 0 or self.at_line_start
+        if tail_starts_line and _FROM_PREFIX.fullmatch(text[cut:]):
+            # `From` may be cut between two pieces: decide when the line goes on
+            text, self.held = text[:cut], text[cut:]
+        self._stage(text)
+
+    def _stage(self, text: bytes) -> None:
+        if not text:
+            return
+        text = quote_from(text, self.at_line_start)
         try:
             self.stage.write(text)
         except OSError as exc:
@@ -232,13 +250,15 @@ class _MboxDelivery(Delivery):
 
     def commit(self) -> str:
         path = self.box.path
+        held, self.held = self.held, b""
+        self._stage(held)
         try:
             with _MboxLock(path) as fd:
                 start = os.lseek(fd, 0, os.SEEK_END)
                 try:
                     self._append(fd, start)
                     os.fsync(fd)
-                except OSError:
+                except BaseException:           # also Ctrl-C / SIGTERM mid-append: no half message
                     try:
                         os.ftruncate(fd, start)
                         os.fsync(fd)

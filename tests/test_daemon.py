@@ -556,3 +556,26 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     assert lines == ["odmrd: users file %s is not readable by nobody (reload would fail)" % s.users]
     assert not (os.path.exists(s.pid_file) and os.path.getsize(s.pid_file))
     assert refused(s.smtp_port)
+
+
+def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
+    """A log line must never raise into a session, even when the file cannot be reopened."""
+    import logging as _logging
+    from odmr.daemon import _LogFile
+    path = tmp_path / "odmrd.log"
+    handler = _LogFile(str(path))
+    logger = _logging.getLogger("odmrd.test-rotation")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("first")
+        os.rename(str(path), str(tmp_path / "odmrd.log.1"))
+        os.mkdir(str(path))                  # the new file cannot be created
+        logger.warning("second")             # must not raise
+        os.rmdir(str(path))
+        logger.warning("third")              # reopened once possible
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "odmrd.log.1").read_text().splitlines() == ["first", "second"]
+    assert path.read_text().splitlines() == ["third"]

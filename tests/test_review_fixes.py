@@ -101,3 +101,57 @@ def test_prepare_leaves_a_live_writers_tmp_file_alone(tmp_path):
     assert len(os.listdir(tmp_dir)) == 1
     assert incoming.commit()
     assert len(spool.message_ids("example.org")) == 1
+
+
+def test_print_key_still_works_while_the_config_is_broken(tmp_path):
+    conf = tmp_path / "odmrd.conf"
+    conf.write_text("pid_file = run/o.pid\ngrace_period = 7s\nbogus_key = 1\n[odmr]\nlisten = 127.0.0.1:1\n")
+    r = run_cli("-c", str(conf), "check-config", "--print", "pid_file")
+    assert r.returncode == 0 and r.stdout.decode().strip() == str(tmp_path / "run" / "o.pid")
+    r = run_cli("-c", str(conf), "check-config", "--print", "grace_period")
+    assert r.returncode == 0 and float(r.stdout) == 7.0
+    r = run_cli("-c", str(conf), "check-config")
+    assert r.returncode == 78 and b"bogus_key" in r.stderr
+    conf.write_text("pid_file = run/o.pid\ngrace_period = soon\n")
+    assert run_cli("-c", str(conf), "check-config", "--print", "grace_period").returncode == 78
+
+
+def test_mbox_quotes_a_from_line_cut_between_pieces(tmp_path):
+    from odmr.mailstore import Mbox
+    box = Mbox(str(tmp_path / "mbox"))
+    delivery = box.begin("a@b.c", b"Subject: x\n\n")
+    for piece in (b"hello\nFr", b"om evil\n", b"From x\n>Fro", b"m y\nend\nFrom", b" z"):
+        delivery.write(piece)
+    delivery.commit()
+    lines = (tmp_path / "mbox").read_bytes().split(b"\n")
+    assert lines[0].startswith(b"From a@b.c ")
+    assert lines[4:9] == [b">From evil", b">From x", b">>From y", b"end", b">From z"]
+    assert sum(1 for line in lines if line.startswith(b"From ")) == 1
+
+
+def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypatch):
+    from odmr import mailstore
+    path = tmp_path / "mbox"
+    path.write_bytes(b"From old@x Sat Nov 28 10:00:00 2026\nSubject: old\n\nold body\n\n")
+    before = path.read_bytes()
+    delivery = mailstore.Mbox(str(path)).begin("a@b.c", b"Subject: new\n\n")
+    delivery.write(b"line1\nline2\n" * 1000)
+    calls = []
+
+    def interrupted(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise KeyboardInterrupt()
+        os.write(fd, data)
+    monkeypatch.setattr(mailstore, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        delivery.commit()
+    assert path.read_bytes() == before
+    assert not os.path.exists(str(path) + ".lock")
+
+
+@pytest.mark.parametrize("peer,address", [("::1", "::1"), ("[::1]:366", "::1"), ("127.0.0.1", "127.0.0.1"),
+                                          ("127.0.0.1:366", "127.0.0.1")])
+def test_local_delivery_peer_address(peer, address):
+    from odmr.localdelivery import _address_only
+    assert _address_only(peer) == address
