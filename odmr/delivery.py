@@ -11,9 +11,10 @@ the data), so a message costs one round trip instead of two. Replies are
 matched to commands through a queue of expectations; any reply that cannot
 belong to the command it answers ends the session with everything in flight
 kept (a crash may duplicate, never lose). A fully delivered message is
-unlinked at once; the directory is fsync'd every SYNC_EVERY removals and at
-the end, so a power failure may bring back (re-deliver) at most that many,
-while a process crash re-delivers at most the one message in flight.
+retired at once, and a background thread fsyncs the directory behind it, a
+few removals per fsync; delivery waits only when more than MAX_UNSYNCED
+removals are not yet durable. So a process crash re-delivers at most the one
+message in flight, and a power failure at most MAX_UNSYNCED messages.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
 
-SYNC_EVERY = 256               # removals between directory fsyncs (power-loss re-delivery bound)
+MAX_UNSYNCED = 32              # removals not yet fsync'd before delivery waits (power-loss bound)
+SYNC_GATHER = 0.002            # seconds the syncer waits to cover several removals with one fsync
 REAP_BACKLOG = 20000          # retired files the reaper lets pile up while sessions run
 INLINE_BODY = 512 * 1024       # bodies up to this size are read whole and sent in one write
 MAX_REPLY_LINE = 2048
@@ -183,7 +185,10 @@ def deliver_reversed(session, domains: Sequence[str]) -> None:
                 _quit(client)
                 return
         run = Run(client, runtime, peer)
-        clean = run.deliver_all(domains)
+        try:
+            clean = run.deliver_all(domains)
+        finally:
+            run.close()
         if clean:
             _quit(client)
         log.info("delivery: %s session done: %d delivered, %d deferred, %d bounced",
@@ -295,6 +300,68 @@ def _read_exactly(fd: int, size: int) -> bytes:
 
 
 # -- one session's deliveries -------------------------------------------------
+class _RemovalSync:
+    """Makes removals durable on its own thread, a directory fsync covering every
+    removal before it; `note()` blocks only while more than MAX_UNSYNCED wait."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self._cond = threading.Condition()
+        self._pending: Dict[str, int] = {}
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+
+    def note(self, domain: str) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="removal-sync", daemon=True)
+                self._thread.start()
+            self._pending[domain] = self._pending.get(domain, 0) + 1
+            total = sum(self._pending.values())
+            if total == 1 or total == MAX_UNSYNCED // 2:
+                self._cond.notify_all()         # wake the syncer only when it has work to start
+            while total > MAX_UNSYNCED and self._thread.is_alive():
+                self._cond.wait(1.0)
+                total = sum(self._pending.values())
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                # gather a few removals per fsync: each wake-up costs the delivery thread
+                # a GIL hand-over, which is what limits the drain rate
+                deadline = time.monotonic() + SYNC_GATHER
+                while (not self._closed and sum(self._pending.values()) < MAX_UNSYNCED // 2
+                       and time.monotonic() < deadline):
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                batch = dict(self._pending)
+            for domain in batch:
+                try:
+                    self.spool.sync_domain(domain)
+                except OSError as exc:
+                    log.error("delivery: cannot sync spool directory of %s: %s", domain, exc)
+            with self._cond:
+                for domain, count in batch.items():
+                    left = self._pending.get(domain, 0) - count
+                    if left > 0:
+                        self._pending[domain] = left
+                    else:
+                        self._pending.pop(domain, None)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait until every noted removal is durable, then let the thread end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
 class Run:
     """Delivers every message of some domains over one reversed connection."""
 
@@ -311,7 +378,7 @@ class Run:
         self.dsn = "dsn" in features
         self.delivered = self.deferred = self.failed = 0
         self._stop = _stop_event(self.spool)
-        self._unsynced: Dict[str, int] = {}
+        self._removals = _RemovalSync(self.spool)
         self._with_state = set()                # ids that have a .state file to remove with them
         self._log_later: List[tuple] = []
         self._defer_logs = False
@@ -358,6 +425,10 @@ class Run:
                     self._record(message, {r: reply for r in rcpts})
                     continue
                 yield Job(message, body, rcpts)
+
+    def close(self) -> None:
+        """Every removal made durable before the session reports back."""
+        self._removals.close()
 
     def deliver_all(self, domains: Sequence[str]) -> bool:
         """Deliver everything; True when the conversation is still in step (QUIT may follow)."""
@@ -632,11 +703,7 @@ class Run:
         retired = self.spool.retire(message, message.id in self._with_state)
         if retired:
             _reaper.put(retired)
-        count = self._unsynced.get(message.domain, 0) + 1
-        if count >= SYNC_EVERY:
-            self.spool.sync_domain(message.domain)
-            count = 0
-        self._unsynced[message.domain] = count
+        self._removals.note(message.domain)
 
     def _save(self, message: Message) -> None:
         self._with_state.add(message.id)

@@ -155,3 +155,43 @@ def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypa
 def test_local_delivery_peer_address(peer, address):
     from odmr.localdelivery import _address_only
     assert _address_only(peer) == address
+
+
+def test_removals_become_durable_within_a_small_window(provider, customer_factory, monkeypatch):
+    """Power-loss bound: delivery never runs more than MAX_UNSYNCED removals ahead of
+    the directory fsync that makes them durable (even with a slow disk)."""
+    import threading
+    from odmr import delivery
+    from test_tls import accept_all
+    spool = provider.spool
+    lock = threading.Lock()
+    counts = {"retired": 0, "durable": 0, "worst": 0}
+    real_retire, real_sync = spool.retire, spool.sync_domain
+
+    def retire(*args, **kw):
+        with lock:
+            counts["retired"] += 1
+            counts["worst"] = max(counts["worst"], counts["retired"] - counts["durable"])
+        return real_retire(*args, **kw)
+
+    def sync_domain(domain):
+        with lock:
+            covered = counts["retired"]
+        time.sleep(0.3)                           # a slow disk
+        real_sync(domain)
+        with lock:
+            counts["durable"] = max(counts["durable"], covered)
+    monkeypatch.setattr(spool, "retire", retire)
+    monkeypatch.setattr(spool, "sync_domain", sync_domain)
+    total = 3 * delivery.MAX_UNSYNCED
+    for i in range(total):
+        send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+    c = customer_factory()
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.login()
+    c.send("ATRN example.org")
+    assert c.line() == b"250 OK now reversing the connection\r\n"
+    accept_all(c, total)
+    assert counts["retired"] == total
+    assert counts["durable"] == total             # all durable before the session ended
+    assert counts["worst"] <= delivery.MAX_UNSYNCED + 1, counts
