@@ -62,8 +62,13 @@ class Runtime:
     def hostname(self) -> str:
         return self.settings.hostname
 
+    def __post_init__(self) -> None:
+        # asked at every RCPT: computed once per snapshot
+        object.__setattr__(self, "_hosted",
+                           self.accounts.hosted_domains() | frozenset(self.settings.domains))
+
     def hosted_domains(self) -> frozenset:
-        return self.accounts.hosted_domains() | frozenset(self.settings.domains)
+        return self._hosted
 
     def classify_recipient(self, address: str, utf8_allowed: bool) -> Verdict:
         """Decide whether a recipient address is accepted for spooling, and for which domain."""

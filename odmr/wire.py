@@ -344,6 +344,19 @@ def join_lines(items: Iterable[str]) -> str:
     return ", ".join(items)
 
 
+def _clean_lines(data: bytes) -> bytes:
+    """The complete lines at the start of `data` if every one ends in CRLF and
+    none holds another CR or LF; else b"" (the careful path takes over)."""
+    end = data.rfind(b"\n") + 1
+    if not end:
+        return b""
+    block = data[:end]
+    lines = block.count(b"\n")
+    if block.count(b"\r\n") != lines or block.count(b"\r") != lines:
+        return b""
+    return block
+
+
 def iter_data(session: Session, chunk: int = 65536):
     """Yield the message text of a DATA phase, unstuffed and normalised to CRLF.
 
@@ -355,6 +368,28 @@ def iter_data(session: Session, chunk: int = 65536):
     prev_crlf = True
     carry = b""
     while True:
+        if at_line_start and prev_crlf and not carry:
+            # fast path: every complete line already buffered, when they are all
+            # plain CRLF lines, is handled in one go (the per-line loop below is
+            # for anything unusual: bare CR or LF, overlong lines, partial lines)
+            try:
+                buffered = rfile.peek(chunk)
+            except socket.timeout:
+                session.timeout()
+                raise Closed("timeout in DATA") from None
+            except (OSError, ValueError) as exc:
+                raise Closed("read failed in DATA: %s" % exc) from None
+            block = _clean_lines(buffered)
+            if block:
+                end = (b"\r\n" + block).find(b"\r\n.\r\n")
+                if end >= 0:
+                    block = block[:end]
+                rfile.read(len(block) + (3 if end >= 0 else 0))
+                if block:
+                    yield (b"\n" + block).replace(b"\n.", b"\n")[1:]
+                if end >= 0:
+                    return
+                continue
         try:
             piece = rfile.readline(chunk)
         except socket.timeout:

@@ -195,3 +195,23 @@ def test_removals_become_durable_within_a_small_window(provider, customer_factor
     assert counts["retired"] == total
     assert counts["durable"] == total             # all durable before the session ended
     assert counts["worst"] <= delivery.MAX_UNSYNCED + 1, counts
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 7], ids=lambda n: "cut-%d" % n)
+def test_data_split_anywhere_across_segments(provider, cut):
+    """The bulk DATA reader and the per-line reader hand over at any byte."""
+    body = b"Subject: split\r\n\r\n..stuffed\r\nplain\r\n.\r\n"  # ends with the terminator
+    wire_data = body
+    c = Customer(provider.smtp_port)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.reply()
+    for line in ("EHLO x.test", "MAIL FROM:<a@remote.test>", "RCPT TO:<u@example.org>", "DATA"):
+        c.cmd(line)
+    for start in range(0, len(wire_data), cut):
+        c.sock.sendall(wire_data[start:start + cut])
+        time.sleep(0.002)
+    assert c.reply()[0] == 250
+    c.close()
+    (msg_id,) = provider.spooled("example.org")
+    stored = provider.spool.load("example.org", msg_id).read_data()
+    assert stored.endswith(b"Subject: split\r\n\r\n.stuffed\r\nplain\r\n")
