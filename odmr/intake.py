@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 from odmr import tls
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
-from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
+from odmr.wire import Session, iter_data, parse_params, parse_path
 
 log = logging.getLogger("odmrd.smtp")
 

@@ -18,7 +18,7 @@ from odmr.delivery import deliver_reversed
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy
-from odmr.wire import Closed, LineTooLong, Session
+from odmr.wire import LineTooLong, Session
 
 log = logging.getLogger("odmrd.odmr")
 

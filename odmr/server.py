@@ -12,7 +12,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod

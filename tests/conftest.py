@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import List, Optional
 
@@ -218,3 +219,53 @@ def which(name: str) -> Optional[str]:
         if os.access(candidate, os.X_OK):
             return candidate
     return shutil.which(name)
+
+
+# -- one provider shared by a module (starting and stopping one costs more than most tests)
+
+def stop_quickly(p: Provider) -> None:
+    """Shut the listeners down in parallel (each waits for its poll interval), then stop."""
+    if p.service is not None:
+        threads = [threading.Thread(target=l.shutdown) for l in p.service.listeners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    p.stop()
+
+
+def wait_idle(p: Provider, timeout: float = 5.0) -> None:
+    """Let sessions of the previous test finish (they may still hold a domain claim)."""
+    deadline = time.monotonic() + timeout
+    while p.service.active_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def empty_spool(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                os.unlink(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                pass        # the delivery reaper removed a retired file first
+
+
+@pytest.fixture(scope="module")
+def shared_provider(tmp_path_factory):
+    """One provider for the module (starting and stopping one costs more than most tests)."""
+    p = Provider(str(tmp_path_factory.mktemp("provider")), odmr_extra="auth_throttle_failures = 0")
+    p.add_user("alice", ["example.org", "example.com"])
+    p.add_user("bob", ["example.net"])
+    p.start()
+    yield p
+    stop_quickly(p)
+
+
+def reuse_provider(shared: "Provider"):
+    """Body of a per-test `provider` fixture over a module's `shared_provider`:
+    an empty spool and no sessions left from the previous test."""
+    wait_idle(shared)
+    empty_spool(shared.spool_dir)
+    yield shared
+    wait_idle(shared)
+

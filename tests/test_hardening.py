@@ -7,7 +7,7 @@ import string
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from conftest import Customer, Provider, run_cli, send_mail
 from odmr.names import normalize_domain

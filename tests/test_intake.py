@@ -2,29 +2,15 @@
 from __future__ import annotations
 
 import os
-import smtplib
 import subprocess
-import threading
-import time
 from typing import List
 
 import pytest
 
-from conftest import Customer, Provider, send_mail
+from conftest import Customer, Provider, reuse_provider, send_mail, stop_quickly
 
 SENDER = "sender@remote.test"
 MSG = b"Subject: hi\r\n\r\nhello\r\n"
-
-
-def stop_quickly(p: Provider) -> None:
-    """Shut the listeners down in parallel (each waits for its poll interval), then stop."""
-    if p.service is not None:
-        threads = [threading.Thread(target=l.shutdown) for l in p.service.listeners]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-    p.stop()
 
 
 def make_provider(directory: str, sections: str = "") -> Provider:
@@ -34,40 +20,10 @@ def make_provider(directory: str, sections: str = "") -> Provider:
     return p.start()
 
 
-def _wait_idle(p: Provider, timeout: float = 5.0) -> None:
-    """Let sessions of the previous test finish (they may still hold a domain claim)."""
-    deadline = time.monotonic() + timeout
-    while p.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _empty_spool(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            try:
-                os.unlink(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                pass        # the delivery reaper removed a retired file first
-
-
-@pytest.fixture(scope="module")
-def shared_provider(tmp_path_factory):
-    """One provider for the module (starting and stopping one costs more than most tests)."""
-    p = Provider(str(tmp_path_factory.mktemp("provider")), odmr_extra="auth_throttle_failures = 0")
-    p.add_user("alice", ["example.org", "example.com"])
-    p.add_user("bob", ["example.net"])
-    p.start()
-    yield p
-    stop_quickly(p)
-
-
 @pytest.fixture
 def provider(shared_provider):
     """alice: example.org, example.com; bob: example.net — with an empty spool and no sessions."""
-    _wait_idle(shared_provider)
-    _empty_spool(shared_provider.spool_dir)
-    yield shared_provider
-    _wait_idle(shared_provider)
+    yield from reuse_provider(shared_provider)
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Regression tests for problems found in review: envelope injection, DATA debris, tmp locks."""
 from __future__ import annotations
 
-import fcntl
 import os
 import smtplib
 import socket
