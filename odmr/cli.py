@@ -200,8 +200,8 @@ def cmd_check_config(args, config_path: str) -> int:
             if value is not None:
                 print(value)
                 return EX_OK
-        for problem in exc.problems:
-            print("odmrd: %s: %s" % (config_path, problem), file=sys.stderr)
+        for line in exc.lines(config_path):
+            print("odmrd: %s" % line, file=sys.stderr)
         return EX_CONFIG
     if args.print_key:
         value = getattr(settings, args.print_key, None)
@@ -287,8 +287,8 @@ def cmd_user(args, config_path: str) -> int:
 
 
 def _config_failed(exc, config_path: str) -> int:
-    for problem in exc.problems:
-        print("odmrd: %s: %s" % (config_path, problem), file=sys.stderr)
+    for line in exc.lines(config_path):
+        print("odmrd: %s" % line, file=sys.stderr)
     return EX_CONFIG
 
 

@@ -35,6 +35,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
 
+    def lines(self, path: str) -> List[str]:
+        """Each problem once, prefixed with the file it is about."""
+        return [p if p.startswith(path) else "%s: %s" % (path, p) for p in self.problems]
+
 
 # -- converters: tiny pure functions, also used by the command line ---------
 

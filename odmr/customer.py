@@ -88,7 +88,7 @@ def _fetch_section(config_path: Optional[str]) -> Tuple[dict, str, str]:
     try:
         settings = config.load(config_path)
     except config.ConfigError as exc:
-        raise UsageError("; ".join(exc.problems), EX_CONFIG) from None
+        raise UsageError("; ".join(exc.lines(config_path)), EX_CONFIG) from None
     return dict(settings.fetch), os.path.dirname(settings.path), settings.hostname
 
 

@@ -424,8 +424,8 @@ def serve(config_path: str, foreground: bool) -> int:
     try:
         service = Service(config_path)
     except config_mod.ConfigError as exc:
-        for problem in exc.problems:
-            print("odmrd: %s" % problem, file=sys.stderr)
+        for line in exc.lines(config_path):
+            print("odmrd: %s" % line, file=sys.stderr)
         return EX_CONFIG
     except StartupError as exc:
         print("odmrd: %s" % exc, file=sys.stderr)
