@@ -237,7 +237,15 @@ class _CountingSocket(socket.socket):
         return super().sendall(data, *flags)
 
 
-def test_multiline_ehlo_reply_is_one_write(provider):
+def test_multiline_ehlo_reply_is_one_write(provider, monkeypatch):
+    from odmr import wire
+    real_write_now = wire._write_now
+
+    def write_now(sock, data):                  # plain sockets write straight to the descriptor
+        if isinstance(sock, _CountingSocket):
+            sock.writes.append(bytes(data))
+        return real_write_now(sock, data)
+    monkeypatch.setattr(wire, "_write_now", write_now)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
