@@ -251,6 +251,39 @@ def parse_envelope(domain: str, msg_id: str, head: bytes) -> Tuple[Envelope, int
     return envelope, end + 2
 
 
+class _SpoolFile:
+    """Buffered writes straight to a descriptor (a BufferedWriter costs extra
+    system calls per file: fstat, lseek), flushed in CHUNK-sized writes."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buffer: List[bytes] = []
+        self._size = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._size += len(data)
+        if self._size >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = memoryview(b"".join(self._buffer))
+        self._buffer, self._size = [], 0
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            self._buffer = []
+            os.close(fd)
+
+
 class IncomingMessage:
     """One message being written to one or more domains at once (split at intake)."""
 
@@ -262,6 +295,7 @@ class IncomingMessage:
         try:
             for domain, envelope in envelopes.items():
                 directory = spool.domain_dir(domain, create=True)
+                recreated = False
                 while True:
                     msg_id = new_id()
                     tmp = os.path.join(directory, "tmp", msg_id)
@@ -270,9 +304,15 @@ class IncomingMessage:
                         break
                     except FileExistsError:
                         continue
+                    except FileNotFoundError:
+                        if directory not in spool._ready or recreated:
+                            raise
+                        spool._ready.discard(directory)     # removed behind our back: recreate
+                        directory = spool.domain_dir(domain, create=True)
+                        recreated = True
                 # held while writing: another node's prepare() leaves a live file alone
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                fh = os.fdopen(fd, "wb", buffering=CHUNK)
+                fh = _SpoolFile(fd)
                 self.parts.append((domain, msg_id, tmp, fh))
                 fh.write(envelope.header_bytes(msg_id))
                 if prefix is not None:
@@ -419,21 +459,27 @@ class Spool:
         self._locks_guard = threading.Lock()
         self._usage: Dict[str, List[float]] = {}      # domain -> [count, bytes, scanned_at]
         self._usage_guard = threading.Lock()
+        self._ready: set = set()          # domain directories known to exist (with tmp/)
+        self._checked: set = set()        # names known to be normalised domains
 
     # -- directories ------------------------------------------------------
     def domain_dir(self, domain: str, create: bool = False) -> str:
         path = self._dir(domain)
-        if create and not os.path.isdir(os.path.join(path, "tmp")):
+        if create and path not in self._ready and not os.path.isdir(os.path.join(path, "tmp")):
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             _mkdirs_private(path, os.path.join(path, "tmp"))
             _fsync_dir(path)
             _fsync_dir(self.root)
+        if create:
+            self._ready.add(path)
         return path
 
     def _dir(self, domain: str) -> str:
         """The directory of a queue: a normalised domain, or OUTBOUND."""
-        if domain != OUTBOUND and normalize_domain(domain) != domain:
-            raise ValueError("domain must be normalised before it reaches the spool")
+        if domain not in self._checked:
+            if domain != OUTBOUND and normalize_domain(domain) != domain:
+                raise ValueError("domain must be normalised before it reaches the spool")
+            self._checked.add(domain)
         return os.path.join(self.root, domain)
 
     def domains(self) -> List[str]:

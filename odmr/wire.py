@@ -65,6 +65,8 @@ class _EagerSocketIO(io.RawIOBase):
         super().__init__()
         self._sock = sock
         self._fd = sock.fileno()
+        self.deadline: Optional[float] = None   # set by Session.read_line for one line
+        self.timeout_changed = False
 
     def readable(self) -> bool:
         return True
@@ -73,7 +75,14 @@ class _EagerSocketIO(io.RawIOBase):
         try:
             return os.readv(self._fd, [buffer])
         except BlockingIOError:
-            return self._sock.recv_into(buffer)
+            pass
+        if self.deadline is not None:       # else: whatever timeout the socket's owner set
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            self._sock.settimeout(remaining)
+            self.timeout_changed = True
+        return self._sock.recv_into(buffer)
 
     def fileno(self) -> int:
         return self._fd
@@ -142,12 +151,17 @@ class Session:
         parts = []
         kept = 0
         too_long = False
+        raw = getattr(self.rfile, "raw", None)
+        eager = isinstance(raw, _EagerSocketIO)    # it applies the deadline only when it must wait
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout()
-                self.sock.settimeout(remaining)
+                if eager:
+                    raw.deadline = deadline
+                else:
+                    self.sock.settimeout(remaining)
                 buffered = self.rfile.peek(1)
                 if not buffered:
                     raise Closed("connection closed by peer")
@@ -169,10 +183,15 @@ class Session:
         except (OSError, ValueError) as exc:
             raise Closed("read failed: %s" % exc) from None
         finally:
-            try:
-                self.sock.settimeout(self.idle_timeout)
-            except OSError:
-                pass
+            if eager:
+                raw.deadline = None
+            if not eager or raw.timeout_changed:
+                try:
+                    self.sock.settimeout(self.idle_timeout)
+                except OSError:
+                    pass
+                if eager:
+                    raw.timeout_changed = False
         if too_long:
             raise LineTooLong()
         return b"".join(parts)

@@ -214,3 +214,11 @@ def test_data_split_anywhere_across_segments(provider, cut):
     (msg_id,) = provider.spooled("example.org")
     stored = provider.spool.load("example.org", msg_id).read_data()
     assert stored.endswith(b"Subject: split\r\n\r\n.stuffed\r\nplain\r\n")
+
+
+def test_domain_directory_removed_behind_the_daemons_back_is_recreated(provider):
+    import shutil
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.net"], b"Subject: 1\r\n\r\nx\r\n")
+    shutil.rmtree(os.path.join(provider.spool_dir, "example.net"))
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.net"], b"Subject: 2\r\n\r\nx\r\n")
+    assert len(provider.spooled("example.net")) == 1
