@@ -213,6 +213,23 @@ def send_mail(port: int, sender: str, rcpts: List[str], data: bytes) -> dict:
         return s.sendmail(sender, rcpts, data)
 
 
+def alive(pid: int) -> bool:
+    """A process that runs and is no zombie (PID 1 here reaps late)."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.05)
+
+
 def which(name: str) -> Optional[str]:
     for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/bin", "/sbin"]:
         candidate = os.path.join(directory, name)

@@ -15,12 +15,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, free_port, run_cli, which
+from conftest import ROOT, alive, free_port, run_cli, wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -34,22 +33,6 @@ def _is_socket(path: str) -> bool:
 
 
 SYSLOG_PRESENT = any(_is_socket(p) for p in ("/dev/log", "/var/run/log", "/var/run/syslog"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.05)
 
 
 def kill_hard(pid: int) -> None:

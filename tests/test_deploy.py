@@ -13,32 +13,15 @@ import signal
 import smtplib
 import subprocess
 import sys
-import time
 import zipfile
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, free_port, which
+from conftest import ROOT, alive, free_port, wait_for, which
 
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd")
 DASH = which("dash")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.05)
 
 
 def kill_hard(pid: int) -> None:
