@@ -20,6 +20,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import ROOT, alive, free_port, run_cli, wait_for
+from odmr.daemon import read_pid_file
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -107,12 +108,7 @@ class Site:
         return result
 
     def pid(self) -> Optional[int]:
-        try:
-            with open(self.pid_file) as fh:
-                text = fh.read().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_pid_file(self.pid_file)
 
     def log(self) -> str:
         try:

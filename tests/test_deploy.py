@@ -19,6 +19,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import ROOT, alive, free_port, wait_for, which
+from odmr.daemon import read_pid_file
 
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd")
 DASH = which("dash")
@@ -102,12 +103,7 @@ class Install:
         return result
 
     def pid(self) -> Optional[int]:
-        try:
-            with open(self.pid_file) as fh:
-                text = fh.read().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_pid_file(self.pid_file)
 
     def log(self) -> str:
         try:
