@@ -32,28 +32,12 @@ sys.path.insert(0, ROOT)
 
 from odmr import accounts  # noqa: E402
 from odmr.spool import Envelope, Recipient, new_id  # noqa: E402
+from common import free_port, wait_port  # noqa: E402
 
 EXIM_DRAIN = 86.0
 PASSWORD = "bench-password"
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("nothing listens on port %d" % port)
 
 
 def body(size: int, n: int) -> bytes:
@@ -81,7 +65,7 @@ def start_sink(workdir: str, port: int) -> subprocess.Popen:
     if os.getuid() == 0:
         cmd[1:1] = ["-u", "nobody"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
-    wait_port(port)
+    wait_port(port, what="no smtp-sink")
     return proc
 
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import PASSWORD, Provider, free_port, which  # noqa: E402
+from common import wait_port  # noqa: E402
 
 FETCHMAIL_RATE = 23.0
 TARGET_RATE = 1000.0
@@ -48,17 +48,6 @@ def enqueue(port: int, count: int, size: int) -> float:
         for i in range(count):
             client.sendmail("bench@remote.test", ["user@example.org"], message(i, size))
     return time.monotonic() - started
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("smtp-sink did not start")
 
 
 def main() -> int:
@@ -86,7 +75,7 @@ def main() -> int:
         # -c prints counters on stdout: a pipe nobody reads would fill up and stall the sink
         sink = subprocess.Popen([sink_bin] + user + ["-c", "127.0.0.1:%d" % sink_port, "256"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(sink_port)
+        wait_port(sink_port, what="no smtp-sink")
         env = dict(os.environ, ODMR_PASSWORD=PASSWORD)
         env.pop("ODMRD_CONFIG", None)
         # BENCH_PY_ARGS="-m cProfile -o prof.out" profiles the fetch process.

@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 10.0, what: str = "nothing") -> None:
+    """Until something accepts connections on 127.0.0.1:port; else exit with `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("%s listens on port %d" % (what, port))
+
+
 def which(name: str) -> Optional[str]:
     for directory in ["/usr/sbin", "/usr/bin", "/sbin"] + os.environ.get("PATH", "").split(os.pathsep):
         candidate = os.path.join(directory, name)
