@@ -137,6 +137,11 @@ def log_target(settings, foreground: bool) -> Tuple[str, str]:
 def setup_logging(level: str, target: Tuple[str, str],
                   owner: Optional[Tuple[int, int]] = None) -> None:
     """Install the one root handler for `target`; `owner` gets a log file we create as root."""
+    # what the line format never shows is not worth collecting for every record
+    # (the logging HOWTO's "Optimization" table): the caller's frame and thread
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

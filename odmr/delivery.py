@@ -498,6 +498,7 @@ class Run:
         later: List[Expect] = []                           # replies owed for what is in `outbox`
         outbox: List[bytes] = []
         in_flight: List[Job] = []
+        answered: List[Job] = []                           # final reply read, results not yet recorded
         timeouts = TIMEOUTS
         # One timeout for a whole round of replies (the longest that any of them may take):
         # RFC 5321 timeouts are lower bounds, and settimeout() is a system call.
@@ -525,7 +526,9 @@ class Run:
                 outbox = []
                 expect.extend(later)
                 later = []
-                self._flush_logs()                 # while the replies travel: log, read the next message
+                # while the replies travel: record and retire what was answered, log, read the next message
+                self._complete_all(answered)
+                self._flush_logs()
                 if job is not None:
                     upcoming = next(jobs, None)
                 client.set_timeout(wait)
@@ -559,13 +562,16 @@ class Run:
                             outbox.append(b"RSET\r\n")   # close the half-open transaction
                             later.append(("RSET", None, ""))
                         in_flight.remove(item)
-                        self._complete(item)
+                        answered.append(item)
                     if reply[0] == 421:
+                        self._complete_all(answered)
                         return self._closing(in_flight, reply)
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
+            self._complete_all(answered)
             self._lost(in_flight, exc)
             raise
         finally:
+            self._complete_all(answered)
             self._defer_logs = False
             self._flush_logs()
 
@@ -633,6 +639,12 @@ class Run:
         for kind, msg_id, domain, rcpts, reply in entries:
             log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
                      ",".join("<%s>" % r for r in rcpts), reply)
+
+    def _complete_all(self, jobs: List[Job]) -> None:
+        """Record jobs whose final replies are in (the pipelined loop defers this
+        until the next commands are on their way, so it overlaps the round trip)."""
+        while jobs:
+            self._complete(jobs.pop(0))
 
     def _complete(self, job: Job) -> None:
         job.sent = False                        # results recorded: nothing left to count as lost

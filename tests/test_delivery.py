@@ -244,6 +244,33 @@ def test_disconnect_mid_data_keeps_mail_and_counts_attempt(provider, pipelining)
     assert queue(provider, "example.org") == []
 
 
+@pytest.mark.parametrize("where", ["next MAIL", "next DATA"])
+def test_disconnect_after_an_accepted_message_keeps_only_the_rest(provider, pipelining, where):
+    """The first message's 250 arrived before the connection broke: it is delivered
+    (removed, never sent again) even though the pipelined loop records it only later."""
+    spool(provider, ["u@example.org"], token="one")
+    spool(provider, ["v@example.org"], token="two")
+    s = script_with(pipelining)
+    if where == "next MAIL":
+        def mail(arg):
+            if s.messages:
+                raise Closed()                 # hang up instead of answering
+            return "250 2.1.0 ok"
+        s.mail = mail
+    else:
+        s.in_data = lambda line, n: not (s.messages and n >= 1)
+    assert atrn(provider, s) in ("closed", "dropped")
+    wait_idle(provider)
+    assert [m["rcpts"] for m in s.messages] == [["u@example.org"]]
+    [left] = queue(provider, "example.org")
+    assert left["recipients"] == ["v@example.org"]
+    assert left["attempts"] == 1 and "connection" in left["last_error"]
+    s2 = Script()
+    assert atrn(provider, s2) == "quit"
+    wait_idle(provider)
+    assert [m["rcpts"] for m in s2.messages] == [["v@example.org"]]
+
+
 def test_customer_that_stops_answering_is_timed_out(provider, monkeypatch, pipelining):
     monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(*([1.0] * 7)))
     spool(provider, ["u@example.org"])
