@@ -55,10 +55,16 @@ class DaemonError(Exception):
 
 # -- logging -----------------------------------------------------------------
 
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 class _OneLine(logging.Formatter):
     """Log lines never span lines: a CR or LF from a peer cannot forge entries."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.process is None:          # logProcesses is off: the pid is cached, not asked for
+            record.process = _pid[0]
         text = super().format(record)
         return text.replace("\r", "\\r").replace("\n", " | ")
 
@@ -141,6 +147,7 @@ def setup_logging(level: str, target: Tuple[str, str],
     # (the logging HOWTO's "Optimization" table): the caller's frame and thread
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
+    logging.logProcesses = False            # _OneLine fills in the cached pid
     logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):

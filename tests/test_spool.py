@@ -374,3 +374,34 @@ def test_provider_start_cleans_debris(tmp_path):
         assert p.spooled("example.org") == [kept]
     finally:
         p.stop()
+
+
+def test_ids_are_unique_across_threads_and_forked_children():
+    """Ids come from a seeded generator, not getrandom(): a forked child (the
+    detached daemon, a second serve process) must not repeat its parent's ids."""
+    seen = set()
+
+    def make(n):
+        for _ in range(n):
+            seen.add(new_id())
+    threads = [threading.Thread(target=make, args=(2000,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8000
+    assert all(len(i) == 21 and int(i, 16) >= 0 for i in seen)
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # child: report its next random parts
+        try:
+            os.write(write_end, ",".join(new_id()[13:] for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    mine = [new_id()[13:] for _ in range(5)]
+    with os.fdopen(read_end, "rb") as fh:
+        child = fh.read().decode().split(",")
+    os.waitpid(pid, 0)
+    assert len(child) == 5 and child != mine
