@@ -498,7 +498,6 @@ class Run:
         later: List[Expect] = []                           # replies owed for what is in `outbox`
         outbox: List[bytes] = []
         in_flight: List[Job] = []
-        answered: List[Job] = []                           # final reply read, results not yet recorded
         timeouts = TIMEOUTS
         # One timeout for a whole round of replies (the longest that any of them may take):
         # RFC 5321 timeouts are lower bounds, and settimeout() is a system call.
@@ -526,9 +525,7 @@ class Run:
                 outbox = []
                 expect.extend(later)
                 later = []
-                # while the replies travel: record and retire what was answered, log, read the next message
-                self._complete_all(answered)
-                self._flush_logs()
+                self._flush_logs()                 # while the replies travel: log, read the next message
                 if job is not None:
                     upcoming = next(jobs, None)
                 client.set_timeout(wait)
@@ -562,16 +559,15 @@ class Run:
                             outbox.append(b"RSET\r\n")   # close the half-open transaction
                             later.append(("RSET", None, ""))
                         in_flight.remove(item)
-                        answered.append(item)
+                        # recorded (and retired) before the next end-of-data dot goes out:
+                        # a crash then re-delivers at most the one message in flight
+                        self._complete(item)
                     if reply[0] == 421:
-                        self._complete_all(answered)
                         return self._closing(in_flight, reply)
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
-            self._complete_all(answered)
             self._lost(in_flight, exc)
             raise
         finally:
-            self._complete_all(answered)
             self._defer_logs = False
             self._flush_logs()
 
@@ -639,12 +635,6 @@ class Run:
         for kind, msg_id, domain, rcpts, reply in entries:
             log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
                      ",".join("<%s>" % r for r in rcpts), reply)
-
-    def _complete_all(self, jobs: List[Job]) -> None:
-        """Record jobs whose final replies are in (the pipelined loop defers this
-        until the next commands are on their way, so it overlaps the round trip)."""
-        while jobs:
-            self._complete(jobs.pop(0))
 
     def _complete(self, job: Job) -> None:
         job.sent = False                        # results recorded: nothing left to count as lost

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import PASSWORD, Customer, send_mail
 from odmr import delivery, queueops
+from odmr.spool import Spool
 
 SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
 SENDER_REMOTE = "someone@remote.test"
@@ -269,6 +270,33 @@ def test_disconnect_after_an_accepted_message_keeps_only_the_rest(provider, pipe
     assert atrn(provider, s2) == "quit"
     wait_idle(provider)
     assert [m["rcpts"] for m in s2.messages] == [["v@example.org"]]
+
+
+def test_a_message_leaves_the_queue_before_the_next_one_can_be_accepted(provider, pipelining,
+                                                                       monkeypatch):
+    """SPEC §7: a crash re-delivers at most the one message in flight. So by the
+    time the customer holds the end of message n+1, message n is out of the queue
+    (a slowed-down removal shows whether the provider waits for it)."""
+    real_retire = Spool.retire
+
+    def slow_retire(self, message, has_state=True):
+        time.sleep(0.1)
+        return real_retire(self, message, has_state)
+    monkeypatch.setattr(Spool, "retire", slow_retire)
+    for n in range(4):
+        spool(provider, ["u%d@example.org" % n], token=str(n))
+    still_queued = []
+
+    def final(message):
+        waiting = {r for m in queue(provider, "example.org") for r in m["recipients"]}
+        still_queued.extend(sorted(waiting & {r for m in s.messages for r in m["rcpts"]}))
+        return "250 2.0.0 stored"
+
+    s = script_with(pipelining, final=final)
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert len(s.messages) == 4
+    assert still_queued == []
 
 
 def test_customer_that_stops_answering_is_timed_out(provider, monkeypatch, pipelining):
