@@ -458,7 +458,12 @@ class Run:
             lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
             for rcpt, line in zip(job.rcpts, lines):
                 client.send(line)
-                self._rcpt_reply(job, rcpt, self._expect(client.reply_at(TIMEOUTS.rcpt), "RCPT"))
+                reply = self._expect(client.reply_at(TIMEOUTS.rcpt), "RCPT")
+                if reply[0] == 421:             # the customer is going away: nothing more for it
+                    job.results = {r: job.results.get(r, reply) for r in job.rcpts}
+                    self._complete(job)
+                    self._after_421(reply)
+                self._rcpt_reply(job, rcpt, reply)
             if not job.accepted:
                 self._complete(job)
                 self._reset()

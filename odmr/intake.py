@@ -11,7 +11,7 @@ import email.utils
 import logging
 import socket
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from odmr import tls
 from odmr.runtime import Runtime
@@ -49,8 +49,10 @@ class IntakeSession(Session):
 
     protocol_name = "ESMTP"
 
-    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime):
+    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
+                 latest: Optional[Callable[[], Runtime]] = None):
         self.runtime = runtime
+        self.latest = latest                # the service's current snapshot, for long sessions
         settings = runtime.settings.smtp
         self.limits = settings
         self.idle_timeout = settings.idle_timeout
@@ -127,6 +129,9 @@ class IntakeSession(Session):
         if self.tx is not None:
             self.reply(503, "5.5.1 Nested MAIL command")
             return self.count_bad_command()
+        if self.latest is not None:
+            # each transaction sees the hosted domains of now, not of when the client connected
+            self.runtime = self.latest()
         if self.limits.require_tls and not self.tls_active:
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()

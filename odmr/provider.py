@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 import socket
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from odmr import sasl, tls
 from odmr.accounts import Account
@@ -56,8 +56,10 @@ def parse_atrn_domains(arg: str) -> List[str]:
 class ODMRSession(Session):
     """One customer on the ODMR port."""
 
-    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime):
+    def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
+                 latest: Optional[Callable[[], Runtime]] = None):
         self.runtime = runtime
+        self.latest = latest                # the service's current snapshot (users file edits)
         self.odmr = runtime.settings.odmr
         self.idle_timeout = self.odmr.idle_timeout
         self.max_bad_commands = self.odmr.max_bad_commands
@@ -259,6 +261,16 @@ class ODMRSession(Session):
             log.info("odmr: %s ATRN syntax error: %s", self.peer, exc)
             self.reply(501, "5.5.4 Syntax: ATRN [domain *(\",\" domain)]")
             return self.count_bad_command()
+        if self.latest is not None:
+            # the account as it is now: deleted since AUTH, or a domain taken away, counts
+            self.runtime = self.latest()
+            current = self.runtime.accounts.get(account.name)
+            if current is None:
+                log.warning("odmr: %s (%s) ATRN refused: the account no longer exists",
+                            self.peer, account.name)
+                self.reply(*REPLY_ATRN_REFUSED)
+                return
+            account = self.account = current
         domains = requested or list(account.domains)
         foreign = [d for d in domains if d not in account.domains]
         if foreign:

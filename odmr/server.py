@@ -108,10 +108,11 @@ class Listener(socketserver.ThreadingTCPServer):
                 request = self._handshake(request, runtime, peer)
                 if request is None:
                     return
+            latest = lambda: self.service.runtime      # noqa: E731
             if self.kind == "odmr":
-                session = ODMRSession(request, peer, runtime)
+                session = ODMRSession(request, peer, runtime, latest)
             else:
-                session = IntakeSession(request, peer, runtime)
+                session = IntakeSession(request, peer, runtime, latest)
             if not self.service.register(session):
                 session.request_stop()
             try:

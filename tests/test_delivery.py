@@ -409,11 +409,13 @@ def test_421_mid_session_keeps_the_rest(provider, pipelining):
         seen.append(address)
         return "250 ok" if len(seen) == 1 else "421 4.3.2 shutting down"
 
-    s = script_with(pipelining, rcpt=rcpt)
+    s = script_with(pipelining, rcpt=rcpt)       # answers 421 but keeps the connection open
     result = atrn(provider, s)
     assert result in ("closed", "quit")
     wait_idle(provider)
     assert len(s.messages) == 1
+    # after the 421 the provider starts nothing new (RFC 5321 §3.8)
+    assert sum(c.upper().startswith("MAIL") for c in s.commands) == 2, s.commands
     records = queue(provider, "example.org")
     assert len(records) == 2
     assert any("421 4.3.2" in r["last_error"] for r in records)
