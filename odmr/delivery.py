@@ -424,6 +424,12 @@ class Run:
                     reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
                     self._record(message, {r: reply for r in rcpts})
                     continue
+                if message.envelope.body == "8BITMIME" and not self.eightbit and _has_8bit(message, body):
+                    # RFC 6152 §3: convert or return it; odmrd does not rewrite MIME structure
+                    reply = (554, "5.6.3 Customer's server does not support 8BITMIME; "
+                                  "conversion to 7 bit not supported")
+                    self._record(message, {r: reply for r in rcpts})
+                    continue
                 yield Job(message, body, rcpts)
 
     def close(self) -> None:
@@ -782,6 +788,19 @@ class _Reaper:
 
 _reaper = _Reaper()
 atexit.register(_reaper.drain)
+
+
+def _has_8bit(message: Message, body: Optional[bytes]) -> bool:
+    """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
+    if body is not None:
+        return not body.isascii()
+    with message.open_data() as fh:
+        while True:
+            chunk = fh.read(CHUNK)
+            if not chunk:
+                return False
+            if not chunk.isascii():
+                return True
 
 
 def _ok(reply: Reply) -> bool:

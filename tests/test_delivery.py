@@ -514,3 +514,41 @@ def test_late_failure_after_earlier_bounce_is_notified_too(provider):
     assert queue(provider, "example.org") == []
     notified = sorted(f["final-recipient"] for d in dsns(provider) for f in report_fields(d))
     assert notified == ["rfc822; a@example.org", "rfc822; b@example.org"]
+
+
+# -- 8BITMIME towards a customer that does not offer it (RFC 6152 §3) ----------------
+
+def _spool_8bitmime(provider, rcpt: str, text: bytes) -> None:
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
+        assert s.sendmail(SENDER_HOSTED, [rcpt], b"Subject: 8bit\r\n\r\n" + text + b"\r\n",
+                          mail_options=["BODY=8BITMIME"]) == {}
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["in-memory", "streamed"])
+def test_8bit_mail_is_returned_not_sent_raw_to_a_7bit_customer(provider, pipelining, monkeypatch, big):
+    if big:
+        monkeypatch.setattr(delivery, "INLINE_BODY", 16)   # take the streamed path for the scan
+    _spool_8bitmime(provider, "u@example.org", b"x" * 100 + b"\r\ngr\xc3\xbc\xc3\x9fe")
+    _spool_8bitmime(provider, "v@example.org", b"plain ascii, declared 8bit")
+    s = script_with(pipelining)
+    s.extensions = [e for e in s.extensions if e != "8BITMIME"]
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    # the ASCII one goes out (without BODY=, which this customer does not know); the 8-bit one
+    # is never sent raw but returned to its sender
+    assert [m["rcpts"] for m in s.messages] == [["v@example.org"]]
+    assert not any("BODY=" in c.upper() for c in s.commands)
+    assert queue(provider, "example.org") == []
+    [dsn] = dsns(provider)
+    [fields] = report_fields(dsn)
+    assert fields["status"] == "5.6.3" and "u@example.org" in fields["final-recipient"]
+
+
+def test_8bit_mail_goes_to_a_customer_that_offers_8bitmime(provider):
+    _spool_8bitmime(provider, "u@example.org", b"gr\xc3\xbc\xc3\x9fe")
+    s = Script()
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    [m] = s.messages
+    assert "BODY=8BITMIME" in m["mail"].upper() and b"gr\xc3\xbc\xc3\x9fe" in m["data"]
