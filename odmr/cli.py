@@ -217,6 +217,7 @@ def cmd_check_config(args, config_path: str) -> int:
             accounts.load(settings.users_file)
         except accounts.AccountsError as exc:
             problems.extend(str(exc).splitlines())
+    problems.extend(_startup_problems(settings))
     if problems:
         for problem in problems:
             print("odmrd: %s" % problem, file=sys.stderr)
@@ -225,14 +226,51 @@ def cmd_check_config(args, config_path: str) -> int:
     return EX_OK
 
 
+def _startup_problems(settings) -> List[str]:
+    """What `serve` would refuse before binding: an init script's restart must not
+    stop a working daemon for a configuration that cannot start."""
+    from odmr import daemon, tls
+    problems = []
+    try:
+        context = tls.server_context(settings.tls)
+    except tls.TLSConfigError as exc:
+        problems.append(str(exc))
+    else:
+        if context is None:
+            for host, port in settings.odmr.tls_listen + settings.smtp.tls_listen:
+                label = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+                problems.append("%s: implicit TLS listener needs [tls] cert_file and key_file" % label)
+    if settings.user:
+        import pwd
+        try:
+            pwd.getpwnam(settings.user)
+        except KeyError:
+            problems.append("user %r (in %s) does not exist" % (settings.user, settings.path))
+    try:
+        daemon.service_account(settings)        # as root: refuses root without `user`
+    except daemon.DaemonError as exc:
+        if str(exc) not in problems:
+            problems.append(str(exc))
+    return problems
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         password = line.rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise UsageError("passwords do not match")
+        try:
+            with open("/dev/tty", "rb"):
+                pass
+        except OSError:
+            raise UsageError("no terminal to ask for the password on: "
+                             "use --password-stdin") from None
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                raise UsageError("passwords do not match")
+        except EOFError:
+            raise UsageError("no password given") from None
     if not password:
         raise UsageError("empty password")
     return password

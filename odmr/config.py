@@ -37,7 +37,9 @@ class ConfigError(Exception):
 
     def lines(self, path: str) -> List[str]:
         """Each problem once, prefixed with the file it is about."""
-        return [p if p.startswith(path) else "%s: %s" % (path, p) for p in self.problems]
+        full = os.path.abspath(path)
+        return [p if p.startswith(path) or p.startswith(full) else "%s: %s" % (path, p)
+                for p in self.problems]
 
 
 # -- converters: tiny pure functions, also used by the command line ---------
@@ -119,6 +121,31 @@ def _check_listen_list(value, *args, **kw) -> List[Tuple[str, int]]:
         except ValueError as exc:
             raise ValidateError(str(exc)) from None
     return result
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(r"%s(?:\.%s)*\.?" % (_LABEL, _LABEL))
+
+
+def _check_hostname(value, *args, **kw) -> str:
+    """The greeting and EHLO name: a domain name (letters, digits, hyphens) or empty."""
+    text = str(value).strip()
+    if text and (len(text) > 253 or not _HOSTNAME.fullmatch(text)):
+        raise ValidateError("not a host name (letters, digits, '-' and '.'): %r" % text)
+    return text
+
+
+def _check_relay(value, *args, **kw) -> str:
+    """host[:port] of the bounce relay (port 25 when left out), or empty."""
+    text = str(value).strip()
+    if text:
+        try:
+            host, port = parse_hostport(text, 25)
+        except ValueError as exc:
+            raise ValidateError(str(exc)) from None
+        if port == 0:
+            raise ValidateError("bad port in %r" % text)
+    return text
 
 
 def _check_mechanism_list(value, *args, **kw) -> List[str]:
@@ -298,8 +325,11 @@ def load(path: Optional[str] = None) -> Settings:
     except ConfigObjError as exc:
         problems = []
         for err in getattr(exc, "errors", []) or [exc]:
-            line = getattr(err, "line_number", None)
-            problems.append("%s: line %s: %s" % (path, line, getattr(err, "message", err)))
+            number = getattr(err, "line_number", None)
+            message = re.sub(r"\s+at line \d+\.?$", "", str(getattr(err, "message", err)))
+            text = str(getattr(err, "line", "") or "").strip()
+            problems.append("%s: line %s: %s%s" % (path, number, message[:1].lower() + message[1:],
+                                                   ": %s" % text[:80] if text else ""))
         raise ConfigError(problems) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(["%s: %s" % (path, exc)]) from None
@@ -309,6 +339,8 @@ def load(path: Optional[str] = None) -> Settings:
         "size": _check_size,
         "listen_list": _check_listen_list,
         "mechanism_list": _check_mechanism_list,
+        "hostname": _check_hostname,
+        "relay": _check_relay,
     })
     result = raw.validate(validator, preserve_errors=True)
     lines = _line_numbers(path)

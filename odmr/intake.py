@@ -67,6 +67,8 @@ class IntakeSession(Session):
         return self.runtime.hostname
 
     def greet(self) -> None:
+        log.info("smtp: connect from %s%s", self.peer,
+                 " (%s)" % tls.describe(self.sock) if self.tls_active else "")
         self.reply(220, "%s ESMTP odmrd ready" % self.hostname())
 
     # -- session verbs ------------------------------------------------------

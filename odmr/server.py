@@ -160,6 +160,10 @@ class Service:
         self.throttle = AuthThrottle()
         self._runtime = Runtime(self.settings, self._accounts, self.spool,
                                 self._tls_context(self.settings), self.throttle)
+        if self._runtime.tls is None:
+            for address in self.settings.odmr.tls_listen + self.settings.smtp.tls_listen:
+                raise StartupError("%s: implicit TLS listener needs [tls] cert_file and key_file"
+                                   % _label(address))
         self._users_checked = time.monotonic()
         self._users_mtime = _mtime(self.settings.users_file)
         self._lock = threading.Lock()

@@ -240,7 +240,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_check_config_checks_the_users_file(tmp_path):
-    path = write(tmp_path, "hostname = odmr.test\n")
+    path = write(tmp_path, "hostname = odmr.test\nallow_root = yes\n")
     code, lines = check(path)
     assert code == 78 and any("users" in l for l in lines)
     users = str(tmp_path / "users")

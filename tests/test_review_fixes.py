@@ -275,3 +275,92 @@ def test_open_intake_session_stops_accepting_a_domain_no_longer_hosted(provider)
         s.mail("a@remote.test")
         code, text = s.rcpt("u@example.net")
         assert code == 550 and b"5.7.1" in text
+
+
+# -- third review: check-config refuses what serve would refuse ---------------------
+
+def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
+    from conftest import write_config
+    from odmr import accounts
+    path = write_config(str(tmp_path), 1, 2, extra=extra, sections=sections, odmr_extra=odmr_extra)
+    if not os.path.exists(os.path.join(str(tmp_path), "users")):
+        accounts.add_user(os.path.join(str(tmp_path), "users"), "alice", ["example.org"], "pw")
+    return run_cli("-c", path, "check-config"), path
+
+
+@pytest.mark.parametrize("extra, sections, odmr_extra, expected", [
+    ("", "[tls]\ncert_file = nocert.pem\nkey_file = nokey.pem", "", "[tls] cannot load"),
+    ("", "[tls]\ncert_file = nocert.pem", "", "[tls] cert_file and key_file must both be set"),
+    ("", "[tls]\nclient_ca_file = ca.pem", "", "client_ca_file needs cert_file and key_file"),
+    ("", "", "tls_listen = 127.0.0.1:3", "implicit TLS listener needs"),
+    ("user = no-such-account-here", "", "", "does not exist"),
+    ("", "[queue]\nbounce_relay = 127.0.0.1:99999", "", "bounce_relay"),
+    ("", "[queue]\nbounce_relay = relay.test:0", "", "bounce_relay"),
+    ("", "", "", None),
+], ids=["cert-missing", "key-unset", "ca-alone", "tls-listener", "user", "relay-port", "relay-port0",
+        "fine"])
+def test_check_config_finds_what_serve_would_refuse(tmp_path, extra, sections, odmr_extra, expected):
+    r, path = _check(tmp_path, extra, sections, odmr_extra)
+    if expected is None:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 78, r.stdout + r.stderr
+    lines = r.stderr.decode().strip().splitlines()
+    assert lines and all(l.startswith("odmrd: ") for l in lines)
+    assert any(expected in l for l in lines), lines
+    assert b"Traceback" not in r.stderr
+    # and serve, asked to start on it, says the same instead of starting
+    s = run_cli("-c", path, "serve", "-f", timeout=20)
+    assert s.returncode == 78 and b"Traceback" not in s.stderr
+
+
+def test_check_config_refuses_a_hostname_that_is_no_host_name(tmp_path):
+    from conftest import write_config
+    path = write_config(str(tmp_path), 1, 2)
+    with open(path) as fh:
+        text = fh.read().replace("hostname = odmr.test", "hostname = bad host name")
+    with open(path, "w") as fh:
+        fh.write(text)
+    r = run_cli("-c", path, "check-config")
+    assert r.returncode == 78 and b"hostname (line 1): not a host name" in r.stderr
+
+
+def test_duplicate_key_error_names_the_key_once(tmp_path):
+    path = tmp_path / "odmrd.conf"
+    path.write_text("hostname = a.test\nhostname = b.test\n")
+    r = run_cli("-c", str(path), "check-config")
+    [line] = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 78
+    assert line.count(str(path)) == 1 and "line 2" in line and "hostname = b.test" in line
+
+
+@pytest.mark.parametrize("command", [["user", "add", "carol", "--domain", "c.test"],
+                                     ["user", "passwd", "alice"]])
+def test_user_password_without_a_terminal_is_one_line_not_a_traceback(provider, command):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", provider.config] + command,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30, start_new_session=True)
+    assert r.returncode == 64
+    assert r.stderr.decode().strip().splitlines() == [
+        "odmrd: no terminal to ask for the password on: use --password-stdin"]
+
+
+def test_intake_connections_are_logged(provider, caplog):
+    import logging
+    with caplog.at_level(logging.INFO):
+        with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
+            s.ehlo("probe.test")
+            port = s.sock.getsockname()[1]
+        deadline = time.monotonic() + 5
+        while not any("smtp: connect from 127.0.0.1:%d" % port in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root-only refusal")
+def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
+    from odmr import accounts
+    path = tmp_path / "odmrd.conf"
+    path.write_text("hostname = odmr.test\n")
+    accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], "pw")
+    r = run_cli("-c", str(path), "check-config")
+    assert r.returncode == 78 and b"refusing to run as root" in r.stderr
