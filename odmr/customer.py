@@ -251,6 +251,13 @@ def _relay(turn, relay: Tuple[str, int], trace) -> int:
             local.close()
         except OSError:
             pass
+    if result.local_5xx:
+        log.warning("the local server refused %d time(s) for good (5xx); the provider returns "
+                    "that mail to its senders", result.local_5xx)
+    if result.clean and result.local_4xx:
+        log.error("the local server answered %d time(s) with 4xx; that mail stays at the "
+                  "provider for the next run", result.local_4xx)
+        return EX_TEMPFAIL
     if result.clean:
         log.info("relayed %d bytes from %s to %s:%d; session ended cleanly",
                  result.from_provider, turn.peer, relay[0], relay[1])

@@ -11,7 +11,9 @@ read before the selector is asked again, or it would sit there unnoticed.
 
 Only the last bytes of each direction are kept, to tell afterwards whether
 the session ended cleanly (the provider's last command was QUIT and the
-local server's last reply was 221).
+local server's last reply was 221), and the local server's replies are
+counted by class: a 4xx means mail stayed at the provider, which the caller
+reports as "try again later".
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class SpliceResult:
     reason: str                 # how it ended, for the log
     from_provider: int          # bytes
     from_local: int
+    local_4xx: int = 0          # final reply lines of the local server, by class
+    local_5xx: int = 0
 
 
 class _Side:
@@ -50,6 +54,8 @@ class _Side:
         self.error = ""
         self.events = 0                 # what the selector watches for now
         self.other: "_Side" = self
+        self.head = b""                 # first bytes of the line being received
+        self.replies = {b"4": 0, b"5": 0}
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -122,7 +128,19 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
     if progress:
         progress("splice ended (%s): %d bytes from provider, %d from local server"
                  % (reason, p.count, l.count))
-    return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count)
+    return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
+                        local_4xx=l.replies[b"4"], local_5xx=l.replies[b"5"])
+
+
+def _count_replies(side: _Side, data: bytes) -> None:
+    """Count final reply lines ("ddd " or "ddd<CRLF>", not "ddd-") by their first digit."""
+    lines = data.split(b"\n")
+    for line in lines[:-1]:
+        head = (side.head + line[:4])[:4]
+        side.head = b""
+        if head[:3].isdigit() and head[3:4] != b"-" and head[:1] in side.replies:
+            side.replies[head[:1]] += 1
+    side.head = (side.head + lines[-1][:4])[:4]
 
 
 def _may_read(side: _Side) -> bool:
@@ -180,6 +198,8 @@ def _read(side: _Side) -> None:
             break
         side.count += len(data)
         side.tail = (side.tail + data)[-TAIL:]
+        if side.name == "local":
+            _count_replies(side, data)
         if other.writing:
             other.out += data
         if not side.tls or not _pending(side):

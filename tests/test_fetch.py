@@ -100,6 +100,24 @@ def test_relay_into_smtp_sink_byte_for_byte(provider):
         assert got[subject].content == as_stored(data)
 
 
+@needs_sink
+@pytest.mark.parametrize("option, code", [("-r", EX_TEMPFAIL), ("-f", EX_OK)], ids=["4xx", "5xx"])
+def test_relay_exit_code_reflects_the_local_servers_refusals(provider, option, code):
+    """A 4xx from the local server leaves the mail at the provider: 'try again later' (75),
+    even though the session itself ended cleanly. A 5xx is final (the provider bounces): 0."""
+    send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("r", b"x\r\n"))
+    sink = Sink(option, "RCPT")
+    try:
+        result = run_fetch(*provider_args(provider, "--domain", "example.org",
+                                          "--relay", "127.0.0.1:%d" % sink.port))
+    finally:
+        sink.cleanup()
+    assert result.returncode == code, err(result)
+    assert ("4xx" if code else "5xx") in err(result)
+    left = provider.spooled("example.org")
+    assert len(left) == (1 if code else 0)
+
+
 def test_maildir_delivery(provider, tmp_path):
     sent = [message("m%d" % i, TRICKY if i == 1 else b"body %d\r\n" % i) for i in range(3)]
     for data in sent:
