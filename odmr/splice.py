@@ -227,7 +227,11 @@ def _half_close(side: _Side) -> None:
     """The other direction is over: tell this side we will write no more."""
     side.writing = False
     if side.tls:
-        return          # TLS has no half-close; the connection is closed at the end
+        # TLS has no half-close: this side would never learn that the other one is
+        # gone, and could only time out. Nothing it sends now could be passed on
+        # either, so stop listening and let the connection be closed at once.
+        side.reading = False
+        return
     try:
         side.sock.shutdown(socket.SHUT_WR)
     except OSError:

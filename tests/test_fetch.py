@@ -632,6 +632,31 @@ def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
     assert got == {k: as_stored(v) for k, v in sent.items()}
 
 
+@needs_sink
+def test_local_server_hanging_up_ends_a_tls_relay_at_once(tmp_path, pki):
+    """TLS has no half-close: when the local server drops, the splice must end the
+    provider connection itself instead of waiting out its linger time."""
+    home = tmp_path / "provider"
+    home.mkdir()
+    p = Provider(str(home), sections="[tls]\ncert_file = %s\nkey_file = %s\n"
+                 % (pki["server.pem"], pki["server.key"]))
+    p.add_user("alice", ["example.org"])
+    p.start()
+    sink = Sink("-q", "DATA")                     # hangs up when DATA arrives
+    try:
+        send_mail(p.smtp_port, "s@outside.test", ["x@example.org"], message("q", b"x\r\n"))
+        started = time.monotonic()
+        result = run_fetch("--server", "127.0.0.1:%d" % p.odmr_port, "--user", "alice",
+                           "--ca-file", pki["ca.pem"], "--relay", "127.0.0.1:%d" % sink.port)
+        took = time.monotonic() - started
+        assert result.returncode == EX_TEMPFAIL, err(result)
+        assert took < 10, took
+        assert len(p.spooled("example.org")) == 1
+    finally:
+        sink.cleanup()
+        p.stop()
+
+
 def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
     s = scripted()
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
