@@ -22,6 +22,7 @@ from odmr import sasl
 
 EX_OK = 0
 EX_USAGE = 64
+EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
@@ -191,7 +192,8 @@ def tls_context(ca_file: str, insecure: bool) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
-        raise FetchError(EX_USAGE, "cannot load CA file %s: %s" % (ca_file, exc)) from None
+        raise FetchError(EX_NOINPUT, "cannot load CA file %s: %s"
+                         % (ca_file, getattr(exc, "strerror", None) or exc)) from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -104,9 +104,12 @@ def _read_password(path: str) -> str:
         raise UsageError("cannot read password file %s: %s" % (path, exc.strerror or exc),
                          EX_NOINPUT) from None
     try:
-        return first.rstrip(b"\r\n").decode("utf-8")
+        password = first.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError:
-        raise UsageError("password file %s is not UTF-8" % path) from None
+        raise UsageError("password file %s is not UTF-8" % path, EX_NOINPUT) from None
+    if not password:
+        raise UsageError("password file %s has an empty first line" % path, EX_NOINPUT)
+    return password
 
 
 def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions:
@@ -159,6 +162,13 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
     ca_file = args.ca_file or _relative(base, section.get("ca_file") or "")
     if ca_file and not os.access(ca_file, os.R_OK):
         raise UsageError("cannot read CA file %s" % ca_file, EX_NOINPUT)
+    if ca_file:
+        # found out now, not after connecting: a directory or a file without certificates
+        from odmr.atrnclient import FetchError, tls_context
+        try:
+            tls_context(ca_file, False)
+        except FetchError as exc:
+            raise UsageError(str(exc), EX_NOINPUT) from None
 
     given = [name for name in ("relay", "maildir", "mbox") if getattr(args, name)]
     if len(given) > 1:

@@ -721,6 +721,25 @@ def test_bad_flags(args, code):
     assert_one_line_error(result)
 
 
+@pytest.mark.parametrize("what", ["ca-dir", "ca-not-pem", "pw-empty", "pw-not-utf8"])
+def test_unusable_ca_or_password_file_is_66(tmp_path, what):
+    """README: 66 when the password or CA file cannot be used."""
+    (tmp_path / "junk").write_bytes(b"no certificate here\n")
+    (tmp_path / "empty").write_bytes(b"\n")
+    (tmp_path / "latin1").write_bytes(b"gr\xfc\xdfe\n")
+    (tmp_path / "pw").write_bytes(b"secret\n")
+    args = ["--server", "127.0.0.1:%d" % free_port(), "--user", "a", "--maildir", str(tmp_path / "m")]
+    if what.startswith("ca"):
+        args += ["--password-file", str(tmp_path / "pw"),
+                 "--ca-file", str(tmp_path) if what == "ca-dir" else str(tmp_path / "junk")]
+    else:
+        args += ["--tls", "none", "--password-file",
+                 str(tmp_path / ("empty" if what == "pw-empty" else "latin1"))]
+    result = run_fetch(*args, password=None)
+    assert result.returncode == EX_NOINPUT, err(result)
+    assert_one_line_error(result)
+
+
 def test_password_required():
     result = run_fetch("--server", "127.0.0.1", "--user", "a", "--maildir", "m", password=None)
     assert result.returncode == EX_USAGE
