@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from configobj.validate import ValidateError, Validator
 
-from odmr.names import normalize_domain
+from odmr.names import address_is_safe, normalize_domain
 
 DEFAULT_CONFIG = "/etc/odmrd/odmrd.conf"
 KNOWN_MECHANISMS = ("CRAM-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN", "EXTERNAL")
@@ -148,6 +148,20 @@ def _check_relay(value, *args, **kw) -> str:
     return text
 
 
+def _check_mailbox(value, *args, **kw) -> str:
+    """local@domain with a valid domain, or empty."""
+    text = str(value).strip()
+    if text:
+        local, at, domain = text.rpartition("@")
+        if not at or not local or not address_is_safe(text) or " " in text:
+            raise ValidateError("not an address (local@domain): %r" % text)
+        try:
+            normalize_domain(domain)
+        except ValueError:
+            raise ValidateError("not an address (local@domain): %r" % text) from None
+    return text
+
+
 def _check_mechanism_list(value, *args, **kw) -> List[str]:
     result = []
     for item in _as_list(value):
@@ -210,6 +224,7 @@ class SmtpSettings:
     max_sessions_per_address: int
     idle_timeout: float
     max_bad_commands: int
+    postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
 
 
 @dataclass(frozen=True)
@@ -341,6 +356,7 @@ def load(path: Optional[str] = None) -> Settings:
         "mechanism_list": _check_mechanism_list,
         "hostname": _check_hostname,
         "relay": _check_relay,
+        "mailbox": _check_mailbox,
     })
     result = raw.validate(validator, preserve_errors=True)
     lines = _line_numbers(path)
@@ -423,6 +439,7 @@ def load(path: Optional[str] = None) -> Settings:
             max_sessions_per_address=raw["smtp"]["max_sessions_per_address"],
             idle_timeout=raw["smtp"]["idle_timeout"],
             max_bad_commands=raw["smtp"]["max_bad_commands"],
+            postmaster=raw["smtp"]["postmaster"],
         ),
         tls=TlsSettings(
             cert_file=_resolve(base, tls["cert_file"]),

@@ -198,7 +198,19 @@ class IntakeSession(Session):
         if len(tx.recipients) >= self.limits.max_recipients:
             self.reply(452, "4.5.3 Too many recipients")
             return
-        domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8)
+        if address.lower() == "postmaster":
+            # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
+            # administrator of this host, whose mailbox is a configured hosted address
+            target = self.runtime.postmaster_address()
+            domain, code, text = self.runtime.classify_recipient(target, tx.smtputf8, configured=True)
+            if domain is None:
+                log.error("smtp: %s RCPT <postmaster> refused: %s is not an address in a hosted "
+                          "domain (set [smtp] postmaster)", self.peer, target)
+                self.reply(550, "5.1.1 <postmaster>: no postmaster mailbox configured here")
+                return
+            address = target
+        else:
+            domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8)
         if domain is None:
             log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, address, code, text)
             self.reply(code, text)

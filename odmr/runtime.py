@@ -70,8 +70,11 @@ class Runtime:
     def hosted_domains(self) -> frozenset:
         return self._hosted
 
-    def classify_recipient(self, address: str, utf8_allowed: bool) -> Verdict:
-        """Decide whether a recipient address is accepted for spooling, and for which domain."""
+    def classify_recipient(self, address: str, utf8_allowed: bool, configured: bool = False) -> Verdict:
+        """Decide whether a recipient address is accepted for spooling, and for which domain.
+
+        `configured`: an address from the configuration ([smtp] postmaster), which a
+        domain's recipient list does not restrict."""
         if not address:
             return None, 501, "5.1.3 Null recipient not allowed"
         if not address.isascii() and not utf8_allowed:
@@ -88,9 +91,15 @@ class Runtime:
             return None, 501, "5.1.3 Bad recipient address syntax"
         if domain not in self.hosted_domains():
             return None, 550, "5.7.1 Relaying denied"
-        if not self.settings.policy(domain).accepts(local, domain):
+        if not configured and local.lower() != "postmaster" \
+                and not self.settings.policy(domain).accepts(local, domain):
+            # postmaster@ every domain we take mail for is always accepted (RFC 5321 §4.5.1)
             return None, 550, "5.1.1 No such user here"
         return domain, 250, "2.1.5 Ok"
+
+    def postmaster_address(self) -> str:
+        """Where the domainless <postmaster> goes: [smtp] postmaster, else postmaster@hostname."""
+        return self.settings.smtp.postmaster or "postmaster@" + self.hostname
 
     def quota_ok(self, domain: str, incoming_size: int = 0) -> bool:
         policy = self.settings.policy(domain)

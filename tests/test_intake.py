@@ -7,14 +7,14 @@ from typing import List
 
 import pytest
 
-from conftest import Customer, Provider, reuse_provider, send_mail, stop_quickly
+from conftest import Customer, Provider, reuse_provider, run_cli, send_mail, stop_quickly
 
 SENDER = "sender@remote.test"
 MSG = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-def make_provider(directory: str, sections: str = "") -> Provider:
-    p = Provider(directory, sections=sections)
+def make_provider(directory: str, sections: str = "", smtp_extra: str = "") -> Provider:
+    p = Provider(directory, sections=sections, smtp_extra=smtp_extra)
     p.add_user("alice", ["example.org", "example.com"])
     p.add_user("bob", ["example.net"])
     return p.start()
@@ -564,3 +564,49 @@ def test_unwritable_spool_is_452_431(tmp_path):
         assert len(p.spooled("example.org")) == 1
     finally:
         stop_quickly(p)
+
+
+# -- the domainless postmaster (RFC 5321 §4.5.1) ------------------------------------
+
+def _rcpt_postmaster(p, rcpt: str = "<postmaster>"):
+    c = Customer(p.smtp_port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<%s>" % SENDER)
+        code, lines = c.cmd("RCPT TO:%s" % rcpt)
+        if code == 250:
+            assert c.cmd("DATA")[0] == 354
+            assert send_data(c, MSG + b".\r\n")[0] == 250
+        return code, lines
+    finally:
+        c.close()
+
+
+def test_domainless_postmaster_goes_to_the_configured_mailbox(tmp_path):
+    p = make_provider(str(tmp_path), smtp_extra="postmaster = hostmaster@Example.NET", sections=(
+        "[domains]\n[[example.net]]\nrecipients = bob@example.net\n"))
+    try:
+        assert _rcpt_postmaster(p, "<PostMaster>")[0] == 250
+        [env] = envelope_of(p, "example.net")
+        assert [r.address for r in env.recipients] == ["hostmaster@Example.NET"]
+        # postmaster@ a hosted domain is accepted even where recipients are restricted
+        assert _rcpt_postmaster(p, "<postmaster@example.net>")[0] == 250
+    finally:
+        stop_quickly(p)
+
+
+def test_domainless_postmaster_without_a_mailbox_is_a_clear_550(tmp_path):
+    p = make_provider(str(tmp_path))          # hostname odmr.test is not a hosted domain
+    try:
+        code, lines = _rcpt_postmaster(p)
+        assert (code, status(lines)) == (550, "5.1.1") and "postmaster" in lines[0]
+    finally:
+        stop_quickly(p)
+
+
+def test_postmaster_setting_must_be_an_address(tmp_path):
+    from conftest import write_config
+    path = write_config(str(tmp_path), 1, 2, smtp_extra="postmaster = nobody at all")
+    r = run_cli("-c", path, "check-config")
+    assert r.returncode == 78 and b"smtp.postmaster" in r.stderr and b"not an address" in r.stderr
