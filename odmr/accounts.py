@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from configobj import ConfigObj, ConfigObjError
 
+from odmr.config import line_numbers
 from odmr.names import normalize_domain
 from odmr.sasl import ScramSecret
 
@@ -113,17 +114,23 @@ def load(path: str, check_mode: bool = True) -> Accounts:
     if check_mode:
         check_permissions(path)
     raw = _read(path)
+    numbers = line_numbers(path)
     problems: List[str] = []
     accounts = []
+
+    def at(name: str, key: str = "") -> str:
+        number = numbers.get(((name,), key))
+        return " (line %d)" % number if number else ""
+
     for name in raw.sections:
         section = raw[name]
-        where = "%s: [%s]" % (path, name)
+        where = "%s: [%s]%s" % (path, name, at(name))
         if not valid_account_name(name):
             problems.append("%s: invalid account name" % where)
             continue
         for key in section.keys():
             if key not in _KEYS:
-                problems.append("%s: unknown key %s" % (where, key))
+                problems.append("%s: unknown key %s%s" % (where, key, at(name, key)))
         for sub in section.sections:
             problems.append("%s: unexpected subsection %s" % (where, sub))
         domains = []
@@ -151,7 +158,9 @@ def load(path: str, check_mode: bool = True) -> Accounts:
         accounts.append(Account(name, tuple(dict.fromkeys(domains)), scram, cram,
                                 str(section.get("client_cert", ""))))
     for key in raw.scalars:
-        problems.append("%s: %s: values must be inside an [account] section" % (path, key))
+        number = numbers.get(((), key))
+        problems.append("%s: %s%s: values must be inside an [account] section"
+                        % (path, key, " (line %d)" % number if number else ""))
     if problems:
         raise AccountsError("\n".join(problems))
     return Accounts(accounts, path)

@@ -282,7 +282,7 @@ def _configspec() -> List[str]:
     return data.decode("utf-8").splitlines()
 
 
-def _line_numbers(path: str) -> Dict[Tuple[Tuple[str, ...], str], int]:
+def line_numbers(path: str) -> Dict[Tuple[Tuple[str, ...], str], int]:
     """Map (section path, key) -> line number, for error messages."""
     numbers: Dict[Tuple[Tuple[str, ...], str], int] = {}
     try:
@@ -359,7 +359,7 @@ def load(path: Optional[str] = None) -> Settings:
         "mailbox": _check_mailbox,
     })
     result = raw.validate(validator, preserve_errors=True)
-    lines = _line_numbers(path)
+    lines = line_numbers(path)
     problems: List[str] = []
     if result is not True:
         for sections, key, error in flatten_errors(raw, result):

@@ -257,6 +257,10 @@ def test_check_config_checks_the_users_file(tmp_path):
     assert code == 78
     text = "\n".join(lines)
     assert "[mallory]" in text and "domains" in text and "scram_sha_256" in text and "favourite" in text
+    with open(users) as fh:
+        numbered = {line.split("=")[0].strip(): n for n, line in enumerate(fh, 1)}
+    assert "[mallory] (line %d)" % numbered["[mallory]"] in text
+    assert "unknown key favourite (line %d)" % numbered["favourite"] in text
 
 
 def test_check_config_print(tmp_path):
