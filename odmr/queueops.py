@@ -32,11 +32,13 @@ def describe(message: Message, now: Optional[float] = None) -> Dict[str, object]
 
 
 def list_messages(runtime: Runtime, domain: Optional[str] = None) -> List[Message]:
+    """What waits, read only: a listing never moves anything (corrupt files are
+    reported; the daemon quarantines them when it meets them)."""
     spool = runtime.spool
     queues = [domain] if domain else spool.domains() + [OUTBOUND]
     found: List[Message] = []
     for queue in queues:
-        found.extend(spool.messages(queue))
+        found.extend(spool.messages(queue, quarantine=False))
     return found
 
 

@@ -582,15 +582,20 @@ class Spool:
             log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, exc)
             return State()
 
-    def messages(self, domain: str) -> Iterator[Message]:
-        """Every readable message of a domain, oldest first; corrupt ones are quarantined."""
+    def messages(self, domain: str, quarantine: bool = True) -> Iterator[Message]:
+        """Every readable message of a domain, oldest first; corrupt ones are quarantined
+        (or, for a look that must change nothing, only logged)."""
         for msg_id in self.message_ids(domain):
             try:
                 yield self.load(domain, msg_id)
             except FileNotFoundError:
                 continue
             except CorruptMessage as exc:
-                self.quarantine(domain, msg_id, str(exc))
+                if quarantine:
+                    self.quarantine(domain, msg_id, str(exc))
+                else:
+                    log.warning("spool: %s/%s is corrupt (%s); the daemon will quarantine it",
+                                domain, msg_id, exc)
             except SpoolError as exc:      # unreadable (EIO, EISDIR...): never stop the walk
                 log.error("spool: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
 

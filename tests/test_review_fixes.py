@@ -364,3 +364,19 @@ def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], "pw")
     r = run_cli("-c", str(path), "check-config")
     assert r.returncode == 78 and b"refusing to run as root" in r.stderr
+
+
+def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: good\r\n\r\nx\r\n")
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    r = provider.run_cli("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    assert [m["recipients"] for m in json.loads(r.stdout)] == [["u@example.org"]]
+    assert os.path.exists(path)                                   # still where it was
+    assert not os.path.exists(os.path.join(provider.spool_dir, ".quarantine"))
+    assert b"corrupt" in r.stderr
