@@ -350,7 +350,7 @@ def cmd_enqueue(args, config_path: str) -> int:
 
 def cmd_queue(args, config_path: str) -> int:
     from odmr import accounts, config, queueops
-    from odmr.spool import DomainBusy, SpoolError
+    from odmr.spool import CorruptMessage, DomainBusy, SpoolError
     action = args.queue_command
     if not action:
         raise UsageError("odmrd queue: list, show, delete, bounce or expire")
@@ -402,6 +402,8 @@ def cmd_queue(args, config_path: str) -> int:
         return EX_TEMPFAIL if counts["busy"] else EX_OK
     except DomainBusy as exc:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
+    except CorruptMessage as exc:
+        return fail("%s; 'odmrd queue delete' removes it, the daemon quarantines it" % exc, EX_DATAERR)
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
     except OSError as exc:

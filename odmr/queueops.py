@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 from odmr.bounce import send_dsn
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, Message, SpoolError
+from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, Message, SpoolError
 
 log = logging.getLogger("odmrd.queue")
 
@@ -61,10 +61,25 @@ def _under_claim(runtime: Runtime, msg_id: str, action) -> Optional[Message]:
 
 
 def delete(runtime: Runtime, msg_id: str) -> bool:
-    message = _under_claim(runtime, msg_id, runtime.spool.remove)
+    try:
+        message = _under_claim(runtime, msg_id, runtime.spool.remove)
+    except CorruptMessage:
+        return _delete_corrupt(runtime, msg_id)
     if message is None:
         return False
     log.info("queue: deleted id=%s domain=%s by operator", message.id, message.domain)
+    return True
+
+
+def _delete_corrupt(runtime: Runtime, msg_id: str) -> bool:
+    """An unparseable file can still be deleted by the operator (nobody else could use it)."""
+    spool = runtime.spool
+    domain = spool.locate(msg_id)
+    if domain is None:
+        return False
+    with spool.claim([domain]):
+        spool.discard(domain, msg_id)
+    log.info("queue: deleted corrupt file id=%s domain=%s by operator", msg_id, domain)
     return True
 
 

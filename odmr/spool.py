@@ -599,16 +599,32 @@ class Spool:
             except SpoolError as exc:      # unreadable (EIO, EISDIR...): never stop the walk
                 log.error("spool: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
 
-    def find(self, msg_id: str) -> Optional[Message]:
+    def locate(self, msg_id: str) -> Optional[str]:
+        """The queue (domain) holding a message file of this id, readable or not."""
         if not _valid_id(msg_id):
             return None
         for domain in self.domains() + [OUTBOUND]:
             if os.path.exists(os.path.join(self.root, domain, msg_id)):
-                try:
-                    return self.load(domain, msg_id)
-                except FileNotFoundError:
-                    return None
+                return domain
         return None
+
+    def find(self, msg_id: str) -> Optional[Message]:
+        """The message of this id; CorruptMessage (naming domain/id) when it cannot be parsed."""
+        domain = self.locate(msg_id)
+        if domain is None:
+            return None
+        try:
+            return self.load(domain, msg_id)
+        except FileNotFoundError:
+            return None
+        except CorruptMessage as exc:
+            raise CorruptMessage("%s/%s: corrupt spool file (%s)" % (domain, msg_id, exc)) from None
+
+    def discard(self, domain: str, msg_id: str) -> None:
+        """Delete a message file that cannot be parsed (operator's `queue delete`)."""
+        _unlink_quietly(os.path.join(self.root, domain, msg_id))
+        _unlink_quietly(os.path.join(self.root, domain, msg_id + ".state"))
+        self._group.sync(os.path.join(self.root, domain))
 
     # -- changes ----------------------------------------------------------
     def save_state(self, message: Message) -> None:

@@ -380,3 +380,21 @@ def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
     assert os.path.exists(path)                                   # still where it was
     assert not os.path.exists(os.path.join(provider.spool_dir, ".quarantine"))
     assert b"corrupt" in r.stderr
+
+
+def test_queue_show_bounce_delete_of_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    for action in ("show", "bounce"):
+        r = provider.run_cli("queue", action, bad)
+        assert r.returncode == 65, (action, r.stderr)
+        [line] = r.stderr.decode().strip().splitlines()
+        assert "example.org/%s: corrupt spool file" % bad in line and "queue delete" in line
+        assert os.path.exists(path)
+    r = provider.run_cli("queue", "delete", bad)
+    assert r.returncode == 0 and b"deleted" in r.stdout, r.stderr
+    assert not os.path.exists(path)
