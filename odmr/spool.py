@@ -117,13 +117,41 @@ class State:
         return json.dumps(self.__dict__, sort_keys=True).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes) -> "State":
+    def from_json(cls, data: bytes, dropped: Optional[List[str]] = None) -> "State":
+        """Parse a state file; a field of the wrong type is left at its default (and
+        named in `dropped`), so a damaged field never stops delivery or loses the rest."""
         raw = json.loads(data.decode("utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         state = cls()
-        for key in state.__dict__:
-            if key in raw:
-                setattr(state, key, raw[key])
+        for key, default in list(state.__dict__.items()):
+            if key not in raw:
+                continue
+            value = _typed(raw[key], default)
+            if value is None:
+                if dropped is not None:
+                    dropped.append(key)
+                continue
+            setattr(state, key, value)
         return state
+
+
+def _typed(value, default):
+    """`value` if it has the type of `default` (ints may stand for floats), else None."""
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else None
+    if isinstance(default, int):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else None
+    if isinstance(default, str):
+        return value if isinstance(value, str) else None
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            return None
+        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+    return None
 
 
 @dataclass
@@ -573,14 +601,19 @@ class Spool:
 
     def load_state(self, domain: str, msg_id: str) -> State:
         path = os.path.join(self._dir(domain), msg_id + ".state")
+        dropped: List[str] = []
         try:
             with open(path, "rb") as fh:
-                return State.from_json(fh.read())
+                state = State.from_json(fh.read(), dropped)
         except FileNotFoundError:
             return State()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, exc)
             return State()
+        if dropped:
+            log.warning("spool: %s/%s: state file fields of the wrong type ignored: %s",
+                        domain, msg_id, ", ".join(dropped))
+        return state
 
     def messages(self, domain: str, quarantine: bool = True) -> Iterator[Message]:
         """Every readable message of a domain, oldest first; corrupt ones are quarantined

@@ -552,3 +552,40 @@ def test_8bit_mail_goes_to_a_customer_that_offers_8bitmime(provider):
     wait_idle(provider)
     [m] = s.messages
     assert "BODY=8BITMIME" in m["mail"].upper() and b"gr\xc3\xbc\xc3\x9fe" in m["data"]
+
+
+# -- damaged state files (valid JSON, wrong shape) ----------------------------------------
+
+@pytest.mark.parametrize("content", [b"5", b"[1, 2]", b'{"done": null}', b'{"attempts": "3"}',
+                                     b'{"done": {"u0@example.org": 5}, "bounced": "yes"}',
+                                     b'{"last_attempt": true, "failed": []}'])
+def test_a_state_file_of_the_wrong_shape_never_stops_the_domain(provider, content):
+    for n in range(3):
+        spool(provider, ["u%d@example.org" % n], token=str(n))
+    directory = os.path.join(provider.spool_dir, "example.org")
+    oldest = sorted(n for n in os.listdir(directory) if len(n) > 13 and "." not in n)[0]
+    with open(os.path.join(directory, oldest + ".state"), "wb") as fh:
+        fh.write(content)
+    assert len(queue(provider, "example.org")) == 3               # listing copes
+    r = provider.run_cli("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    s = Script()
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert sorted(m["rcpts"][0] for m in s.messages) == ["u0@example.org", "u1@example.org",
+                                                           "u2@example.org"]
+    assert queue(provider, "example.org") == []
+    assert not [n for n in os.listdir(directory) if n.endswith(".state")]
+
+
+def test_a_damaged_field_keeps_the_good_ones(provider):
+    """Recipients already delivered stay delivered when another field is damaged."""
+    spool(provider, ["u@example.org", "v@example.org"])
+    directory = os.path.join(provider.spool_dir, "example.org")
+    [msg_id] = [n for n in os.listdir(directory) if len(n) > 13 and "." not in n]
+    with open(os.path.join(directory, msg_id + ".state"), "wb") as fh:
+        fh.write(b'{"attempts": "3", "done": {"u@example.org": "250 ok"}}')
+    s = Script()
+    assert atrn(provider, s) == "quit"
+    wait_idle(provider)
+    assert [m["rcpts"] for m in s.messages] == [["v@example.org"]]
