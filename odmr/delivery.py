@@ -656,7 +656,8 @@ class Run:
         state.attempts += 1
         state.last_attempt = time.time()
         outcomes: Dict[Tuple[str, str], List[str]] = {}
-        errors = []
+        errors: List[str] = []                  # temporary: why recipients are still waiting
+        permanent: List[str] = []
         newly_failed: Dict[str, str] = {}
         for rcpt, (code, text) in results.items():
             reply = _fmt(code, text)
@@ -667,7 +668,7 @@ class Run:
             elif 500 <= code < 600:
                 state.failed[rcpt] = reply
                 newly_failed[rcpt] = reply
-                errors.append(reply)
+                permanent.append(reply)
                 kind = "bounced"
                 self.failed += 1
             else:
@@ -681,8 +682,9 @@ class Run:
             self._log_later.append((kind, message.id, message.domain, rcpts, reply))
         if not self._defer_logs:
             self._flush_logs()
-        if errors:
-            state.last_error = errors[0]
+        if errors or permanent:
+            # what keeps the message queued, not another recipient's final refusal
+            state.last_error = (errors or permanent)[0]
         if newly_failed:
             # tell the sender now about the recipients that failed for good, not when the
             # others are finally collected (state.bounced: every failure so far was notified)

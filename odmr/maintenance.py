@@ -17,6 +17,7 @@ the same spool; a busy domain is simply tried again at the next pass.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import threading
 import time
@@ -110,6 +111,15 @@ class Maintenance:
 
 
 # -- delay notices ------------------------------------------------------------
+def _delay_reason(last_error: str) -> str:
+    """A 4xx reply for an `Action: delayed` DSN (RFC 3464 wants a 4.x.x status there)."""
+    if re.match(r"4\d\d ", last_error):
+        return last_error
+    if last_error and not last_error[:1].isdigit():         # e.g. "connection lost during delivery"
+        return "451 4.4.1 " + last_error
+    return "451 4.4.1 waiting for the recipient's server to collect it (ATRN)"
+
+
 def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
     """Send one delay notice per message waiting longer than warn_after; returns how many."""
     now = time.time() if now is None else now
@@ -134,10 +144,7 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
                     pending = message.pending()
                     if not pending:
                         continue
-                    reason = message.state.last_error or \
-                        "4.4.1 waiting for the recipient's server to collect it (ATRN)"
-                    if not reason[:1].isdigit():
-                        reason = "451 4.4.1 " + reason
+                    reason = _delay_reason(message.state.last_error)
                     try:
                         if send_dsn(spool, runtime.hosted_domains(), runtime.hostname, message,
                                     {r.address: reason for r in pending}, action="delayed"):

@@ -316,10 +316,41 @@ def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
         assert m.run_once(now=time.time() + 6 * 3600, force_expiry=True)["warned"] == 0
         [dsn] = dsns(p)
         [fields] = report_fields(dsn)
-        assert fields["action"] == "delayed" and fields["status"].startswith("4.")
+        assert fields["action"] == "delayed" and fields["status"] == "4.4.1"
+        assert fields["diagnostic-code"].startswith("smtp; 451 4.4.1 waiting")
         assert "Delayed" in dsn["Subject"]
         [record] = queue(p, "example.org")                # the message itself still waits
         assert record["recipients"] == ["u@example.org"]
+    finally:
+        p.stop()
+
+
+def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
+    """r1 refused for good (550), r2 deferred (451): the queue, the delay notice and the
+    expiry DSN for r2 all speak of r2's 451, never of r1's 550."""
+    p = Provider(str(tmp_path), sections="[queue]\nwarn_after = 1h\nmax_age = 5d")
+    p.add_user("alice", ["example.org"])
+    p.add_user("bob", ["example.net"])
+    p.start()
+    try:
+        spool(p, ["r1@example.org", "r2@example.org"], token="mixed")
+        s = Script()
+        s.rcpt = lambda a: "550 5.1.1 no such user r1" if a.startswith("r1") else "451 4.3.0 try later r2"
+        assert atrn(p, s) == "quit"
+        wait_idle(p)
+        [record] = queue(p, "example.org")
+        assert record["recipients"] == ["r2@example.org"]
+        assert record["last_error"].startswith("451 4.3.0")
+        [bounce] = dsns(p)                             # r1's 550 was returned at once
+        assert report_fields(bounce)[0]["status"] == "5.1.1"
+        for old in list(p.spool.messages("example.net")):
+            p.spool.remove(old)
+        m = p.service.maintenance
+        assert m.run_once(now=time.time() + 2 * 3600, force_expiry=True)["warned"] == 1
+        [delay] = dsns(p)
+        [fields] = report_fields(delay)
+        assert fields["action"] == "delayed" and fields["status"] == "4.3.0"
+        assert "r2" in fields["diagnostic-code"] and "r1" not in fields["diagnostic-code"]
     finally:
         p.stop()
 
