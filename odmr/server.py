@@ -27,6 +27,7 @@ from odmr.spool import Spool
 
 log = logging.getLogger("odmrd")
 
+CUT_WAIT = 5.0          # after the grace period: how long cut-off sessions get to record their state
 USERS_RECHECK = 2.0     # seconds between checks of the users file's mtime
 
 
@@ -360,7 +361,17 @@ class Service:
         with self._lock:
             while sum(self._totals.values()) and time.monotonic() < deadline:
                 self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
-            return sum(self._totals.values())
+            left = sum(self._totals.values())
+            live = list(self._live)
+        if left:
+            # out of time: cut the connections and let the threads record what was in flight
+            for session in live:
+                session.cut()
+            deadline = time.monotonic() + CUT_WAIT
+            with self._lock:
+                while sum(self._totals.values()) and time.monotonic() < deadline:
+                    self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+        return left
 
     def close(self) -> None:
         for listener in self.listeners:

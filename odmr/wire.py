@@ -286,6 +286,17 @@ class Session:
                 except OSError:
                     pass
 
+    def cut(self) -> None:
+        """From another thread, when the grace period is over: break the connection so
+        the session thread fails out of whatever it waits for and records what was in
+        flight (a delivery counts the attempt; an intake transaction is dropped unacked)."""
+        with self._state_lock:
+            self.stopping = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _farewell(self) -> None:
         """Stopping at a command boundary: a client already saying QUIT gets its 221."""
         try:

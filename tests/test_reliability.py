@@ -20,7 +20,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
-from odmr import accounts, delivery, maintenance
+from odmr import accounts, delivery, maintenance, queueops
 from odmr.spool import MAGIC, new_id
 from test_crash import TOKEN, Daemon, queued_tokens
 from test_delivery import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, ReversedConnection, Script, atrn,
@@ -554,3 +554,39 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         assert TOKEN.findall(s.messages[0]["data"]) == [b"kept"]
     finally:
         p.stop()
+
+
+def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_path):
+    """SIGTERM's grace period runs out while a big message is still going to a slow
+    customer: the connection is cut and the attempt recorded, as for a lost customer."""
+    p = Provider(str(tmp_path), smtp_extra="max_message_size = 20M")
+    p.add_user("alice", ["example.org"])
+    p.start()
+    stopped = False
+    try:
+        big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 8000          # 8 MB
+        send_mail(p.smtp_port, SENDER_REMOTE, ["u@example.org"], big)
+        c = Customer(p.odmr_port, timeout=30)
+        try:
+            c.login("alice", PASSWORD)
+            c.send("ATRN example.org")
+            assert c.line() == ATRN_OK
+            c.send("220 slow.customer.test")
+            assert c.line().startswith(b"EHLO")
+            c.send("250-slow.customer.test\r\n250 PIPELINING")
+            for expected in (b"MAIL", b"RCPT", b"DATA"):
+                assert c.line().startswith(expected)
+            c.send("250 ok\r\n250 ok\r\n354 go on")
+            c.file.read(100000)                                  # then stop reading
+            started = time.monotonic()
+            left = p.service.stop(grace=0.5)
+            stopped = True
+            assert left == 1 and time.monotonic() - started < 5
+        finally:
+            c.close()
+        records = [queueops.describe(m) for m in queueops.list_messages(p.service.runtime, "example.org")]
+        [record] = records
+        assert record["attempts"] == 1 and "connection" in record["last_error"], record
+    finally:
+        if not stopped:
+            p.stop()
