@@ -11,7 +11,7 @@ import pwd
 import time
 from typing import BinaryIO, Dict, List, Tuple
 
-from odmr.names import address_is_safe
+from odmr.names import address_is_safe, mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 
@@ -54,6 +54,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
     if sender and "@" not in sender:
         raise EnqueueError("sender %r needs a domain" % sender, EX_DATAERR)
     by_domain: Dict[str, List[str]] = {}
+    mailboxes = set()
     for address in recipients:
         address = address.strip().lstrip("<").rstrip(">")
         if not address_is_safe(address):
@@ -65,8 +66,10 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
             raise EnqueueError("<%s>: %s" % (address, text.split(" ", 1)[1]), status)
         if not runtime.quota_ok(domain):
             raise EnqueueError("<%s>: domain %s is over quota" % (address, domain), EX_TEMPFAIL)
-        if address not in by_domain.setdefault(domain, []):
-            by_domain[domain].append(address)
+        key = mailbox_key(address, domain)
+        if key not in mailboxes:
+            mailboxes.add(key)
+            by_domain.setdefault(domain, []).append(address)
     utf8 = not sender.isascii() or not all(a.isascii() for a in recipients)
     now = time.time()
     try:

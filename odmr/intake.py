@@ -14,6 +14,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from odmr import tls
+from odmr.names import mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 from odmr.wire import Session, iter_data, parse_params, parse_path
@@ -42,6 +43,7 @@ class Transaction:
         self.body = body
         self.declared_size = size
         self.recipients: Dict[str, str] = {}       # address -> domain, in order
+        self.mailboxes: set = set()                # mailbox_key() of each, against duplicates
 
 
 class IntakeSession(Session):
@@ -220,7 +222,10 @@ class IntakeSession(Session):
         if not self.runtime.quota_ok(domain, tx.declared_size):
             self.reply(452, "4.2.2 Mailbox full for %s, try again later" % domain)
             return
-        tx.recipients.setdefault(address, domain)
+        key = mailbox_key(address, domain)
+        if key not in tx.mailboxes:                # the same mailbox twice is delivered once
+            tx.mailboxes.add(key)
+            tx.recipients[address] = domain
         self.reply(250, text)
 
     def smtp_DATA(self, arg: str) -> None:

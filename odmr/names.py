@@ -61,3 +61,9 @@ def address_is_safe(address: str) -> bool:
         if char in "\u2028\u2029\u0085\ufeff" or unicodedata.category(char) in ("Zl", "Zp", "Cc", "Cs"):
             return False
     return len(address) <= 512
+
+
+def mailbox_key(address: str, domain: str) -> str:
+    """One key per mailbox: the local part as given (it may be case-sensitive) and the
+    normalised domain, so <u@a.test> and <u@A.TEST> are one recipient, not two."""
+    return address.rpartition("@")[0] + "@" + domain

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import smtplib
 import subprocess
 from typing import List
 
@@ -610,3 +611,17 @@ def test_postmaster_setting_must_be_an_address(tmp_path):
     path = write_config(str(tmp_path), 1, 2, smtp_extra="postmaster = nobody at all")
     r = run_cli("-c", path, "check-config")
     assert r.returncode == 78 and b"smtp.postmaster" in r.stderr and b"not an address" in r.stderr
+
+
+def test_the_same_mailbox_twice_is_one_recipient(provider):
+    """<dup@example.org> and <dup@EXAMPLE.ORG> are one mailbox: one RCPT to the customer.
+    Local parts may be case-sensitive, so <Dup@example.org> stays a recipient of its own."""
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
+        assert s.sendmail(SENDER, ["dup@example.org", "dup@EXAMPLE.ORG", "dup@example.org",
+                                   "Dup@example.org"], MSG) == {}
+    [env] = envelope_of(provider, "example.org")
+    assert [r.address for r in env.recipients] == ["dup@example.org", "Dup@example.org"]
+    r = provider.run_cli("enqueue", "-f", SENDER, "x@example.org", "x@Example.Org", input=MSG)
+    assert r.returncode == 0, r.stderr
+    envs = envelope_of(provider, "example.org")
+    assert sorted(len(e.recipients) for e in envs) == [1, 2]
