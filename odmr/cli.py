@@ -229,28 +229,15 @@ def cmd_check_config(args, config_path: str) -> int:
 def _startup_problems(settings) -> List[str]:
     """What `serve` would refuse before binding: an init script's restart must not
     stop a working daemon for a configuration that cannot start."""
-    from odmr import daemon, tls
+    from odmr import daemon, server, tls
     problems = []
     try:
-        context = tls.server_context(settings.tls)
+        problems += server.tls_listener_problems(settings, tls.server_context(settings.tls))
     except tls.TLSConfigError as exc:
         problems.append(str(exc))
-    else:
-        if context is None:
-            for host, port in settings.odmr.tls_listen + settings.smtp.tls_listen:
-                label = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-                problems.append("%s: implicit TLS listener needs [tls] cert_file and key_file" % label)
-    if settings.user:
-        import pwd
-        try:
-            pwd.getpwnam(settings.user)
-        except KeyError:
-            problems.append("user %r (in %s) does not exist" % (settings.user, settings.path))
-    try:
-        daemon.service_account(settings)        # as root: refuses root without `user`
-    except daemon.DaemonError as exc:
-        if str(exc) not in problems:
-            problems.append(str(exc))
+    account = daemon.account_problem(settings)
+    if account:
+        problems.append(account)
     return problems
 
 

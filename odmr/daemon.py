@@ -191,17 +191,33 @@ class Account:
         self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
 
 
+def _user_entry(settings):
+    import pwd
+    try:
+        return pwd.getpwnam(settings.user)
+    except KeyError:
+        raise DaemonError(EX_CONFIG, "user %r (in %s) does not exist"
+                          % (settings.user, settings.path)) from None
+
+
+def account_problem(settings) -> Optional[str]:
+    """What `serve` would refuse about the service account, also asked when not root
+    (check-config: the init script starts the daemon as root)."""
+    try:
+        if settings.user:
+            _user_entry(settings)
+        service_account(settings)
+    except DaemonError as exc:
+        return str(exc)
+    return None
+
+
 def service_account(settings) -> Optional[Account]:
     """The account to drop to, None to stay as we are; refuses root without `user`."""
-    import pwd
     if os.geteuid() != 0:
         return None
     if settings.user:
-        try:
-            entry = pwd.getpwnam(settings.user)
-        except KeyError:
-            raise DaemonError(EX_CONFIG, "user %r (in %s) does not exist"
-                              % (settings.user, settings.path)) from None
+        entry = _user_entry(settings)
         if entry.pw_uid != 0:
             try:
                 groups = os.getgrouplist(entry.pw_name, entry.pw_gid)

@@ -161,10 +161,8 @@ class Service:
         self.throttle = AuthThrottle()
         self._runtime = Runtime(self.settings, self._accounts, self.spool,
                                 self._tls_context(self.settings), self.throttle)
-        if self._runtime.tls is None:
-            for address in self.settings.odmr.tls_listen + self.settings.smtp.tls_listen:
-                raise StartupError("%s: implicit TLS listener needs [tls] cert_file and key_file"
-                                   % _label(address))
+        for problem in tls_listener_problems(self.settings, self._runtime.tls):
+            raise StartupError(problem)
         self._users_checked = time.monotonic()
         self._users_mtime = _mtime(self.settings.users_file)
         self._lock = threading.Lock()
@@ -313,9 +311,6 @@ class Service:
         wanted += [(a, "smtp", False) for a in self.settings.smtp.listen]
         wanted += [(a, "smtp", True) for a in self.settings.smtp.tls_listen]
         for address, kind, tls in wanted:
-            if tls and self._runtime.tls is None:
-                raise StartupError("%s: implicit TLS listener needs [tls] cert_file and key_file"
-                                   % _label(address))
             try:
                 self.listeners.append(Listener(address, kind, self, tls))
             except OSError as exc:
@@ -386,6 +381,14 @@ def _keep(new, old):
     smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen)
     return dataclasses.replace(new, spool_dir=old.spool_dir, user=old.user, pid_file=old.pid_file,
                                odmr=odmr, smtp=smtp)
+
+
+def tls_listener_problems(settings, context) -> List[str]:
+    """Implicit-TLS listeners configured without a certificate to serve them with."""
+    if context is not None:
+        return []
+    return ["%s: implicit TLS listener needs [tls] cert_file and key_file" % _label(address)
+            for address in settings.odmr.tls_listen + settings.smtp.tls_listen]
 
 
 def _label(address: Tuple[str, int]) -> str:
