@@ -232,11 +232,16 @@ def fast_maintenance(monkeypatch):
     monkeypatch.setattr(maintenance, "RELAY_TIMEOUT", 5.0)
 
 
-def relay_provider(tmp_path, sink: RelaySink, queue_extra: str = "") -> Provider:
-    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))
+def queue_provider(tmp_path, queue_settings: str) -> Provider:
+    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
+    p = Provider(str(tmp_path), sections="[queue]\n" + queue_settings)
     p.add_user("alice", ["example.org", "example.com"])
     p.add_user("bob", ["example.net"])
     return p.start()
+
+
+def relay_provider(tmp_path, sink: RelaySink, queue_extra: str = "") -> Provider:
+    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -304,10 +309,7 @@ def test_relay_backoff_grows(fast_maintenance):
 
 
 def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
-    p = Provider(str(tmp_path), sections="[queue]\nwarn_after = 4h\nmax_age = 5d")
-    p.add_user("alice", ["example.org"])
-    p.add_user("bob", ["example.net"])
-    p.start()
+    p = queue_provider(tmp_path, "warn_after = 4h\nmax_age = 5d")
     try:
         spool(p, ["u@example.org"], token="late")
         m = p.service.maintenance
@@ -328,10 +330,7 @@ def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
 def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
     """r1 refused for good (550), r2 deferred (451): the queue, the delay notice and the
     expiry DSN for r2 all speak of r2's 451, never of r1's 550."""
-    p = Provider(str(tmp_path), sections="[queue]\nwarn_after = 1h\nmax_age = 5d")
-    p.add_user("alice", ["example.org"])
-    p.add_user("bob", ["example.net"])
-    p.start()
+    p = queue_provider(tmp_path, "warn_after = 1h\nmax_age = 5d")
     try:
         spool(p, ["r1@example.org", "r2@example.org"], token="mixed")
         s = Script()
@@ -387,10 +386,7 @@ def test_cli_queue_bounce(provider):
 
 
 def test_cli_queue_expire(tmp_path):
-    p = Provider(str(tmp_path), sections="[queue]\nmax_age = 1s")
-    p.add_user("alice", ["example.org"])
-    p.add_user("bob", ["example.net"])
-    p.start()
+    p = queue_provider(tmp_path, "max_age = 1s")
     try:
         spool(p, ["u@example.org"], token="exp")
         time.sleep(1.2)
