@@ -97,6 +97,13 @@ def build_parser() -> Parser:
     return parser
 
 
+def _missing_dependencies() -> List[str]:
+    """The runtime dependencies this interpreter cannot import: one clear line beats a
+    ModuleNotFoundError traceback on a fresh server."""
+    import importlib.util
+    return [name for name in ("configobj", "idna") if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -111,6 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_usage(sys.stderr)
         return EX_USAGE
+    missing = _missing_dependencies()
+    if missing:
+        return fail("needs the Python package%s %s: on Debian/Ubuntu `apt-get install %s`, "
+                    "elsewhere `pip install %s` (or run the single-file build, dist/odmrd.pyz)"
+                    % ("s" if len(missing) > 1 else "", " and ".join(missing),
+                       " ".join("python3-" + m for m in missing), " ".join(missing)),
+                    EX_UNAVAILABLE)
     from odmr.config import default_config_path
     config_path = getattr(args, "config", None) or default_config_path()
     try:

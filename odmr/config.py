@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
-from configobj.validate import ValidateError, Validator
+try:
+    from configobj.validate import ValidateError, Validator
+except ImportError:                     # configobj before 5.0.7 (Ubuntu 22.04) ships it top-level
+    from validate import ValidateError, Validator
 
 from odmr.names import address_is_safe, normalize_domain
 

@@ -7,12 +7,13 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import textwrap
 import threading
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, run_cli
+from conftest import PASSWORD, ROOT, Customer, Provider, run_cli
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -100,6 +101,16 @@ def test_missing_config_file_is_one_line_78(tmp_path):
     result = run_cli("-c", str(tmp_path / "nope.conf"), "queue", "list")
     assert result.returncode == 78
     assert "nope.conf" in one_line_error(result)
+
+
+def test_missing_dependencies_are_named_in_one_line(conf):
+    """A server without configobj/idna (a stock python3 before apt-get) gets the fix, not a
+    traceback: -S leaves out every site-packages directory, as on a bare interpreter."""
+    result = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "odmrd.py"),
+                             "-c", conf, "check-config"], capture_output=True, timeout=60)
+    assert result.returncode == 69
+    line = one_line_error(result)
+    assert "configobj" in line and "idna" in line and "python3-configobj" in line
 
 
 # -- user ----------------------------------------------------------------------------------
