@@ -252,6 +252,8 @@ def _startup_problems(settings) -> List[str]:
     account = daemon.account_problem(settings)
     if account:
         problems.append(account)
+    else:
+        problems += daemon.unreadable_problems(settings, daemon.service_account(settings))
     return problems
 
 
@@ -363,13 +365,7 @@ def cmd_queue(args, config_path: str) -> int:
         return fail(str(exc).splitlines()[0], EX_CONFIG)
     try:
         if action == "list":
-            domain = None
-            if args.domain:
-                from odmr.names import normalize_domain
-                try:
-                    domain = normalize_domain(args.domain)
-                except ValueError as exc:
-                    raise UsageError("invalid domain %r: %s" % (args.domain, exc))
+            domain = _queue_name(args.domain) if args.domain else None
             messages = queueops.list_messages(runtime, domain)
             now = time.time()
             records = [queueops.describe(m, now) for m in messages]
@@ -399,7 +395,8 @@ def cmd_queue(args, config_path: str) -> int:
                     missing += 1
             return EX_NOINPUT if missing else EX_OK
         counts = queueops.expire(runtime)
-        print("%d expired, %d domains busy (try again)" % (counts["expired"], counts["busy"]))
+        from odmr.names import plural
+        print("%d expired, %s busy (try again)" % (counts["expired"], plural(counts["busy"], "domain")))
         return EX_TEMPFAIL if counts["busy"] else EX_OK
     except DomainBusy as exc:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
@@ -411,7 +408,22 @@ def cmd_queue(args, config_path: str) -> int:
         return fail("spool: %s" % (exc.strerror or exc), EX_IOERR)
 
 
+def _queue_name(text: str) -> str:
+    """A DOMAIN argument: a hosted domain in any form, or a name that `queue list` shows in
+    its domain column (.outbound, the bounces waiting for bounce_relay)."""
+    from odmr.names import normalize_domain
+    from odmr.spool import OUTBOUND
+    if text == OUTBOUND:
+        return text
+    try:
+        return normalize_domain(text)
+    except ValueError as exc:
+        raise UsageError("invalid domain %r: %s (or %s for the bounces waiting for the "
+                         "bounce relay)" % (text, exc, OUTBOUND))
+
+
 def _print_queue(records) -> None:
+    from odmr.names import plural
     if not records:
         print("Mail queue is empty")
         return
@@ -424,5 +436,7 @@ def _print_queue(records) -> None:
         for rcpt in r["recipients"]:
             print("%66s<%s>" % ("", rcpt))
         if r["attempts"]:
-            print("%66s(%d attempts; last: %s)" % ("", r["attempts"], r["last_error"] or "-"))
-    print("-- %d messages, %d bytes" % (len(records), sum(r["size"] for r in records)))
+            print("%66s(%s; last: %s)" % ("", plural(r["attempts"], "attempt"),
+                                             r["last_error"] or "-"))
+    print("-- %s, %s" % (plural(len(records), "message"),
+                         plural(sum(r["size"] for r in records), "byte")))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import logging
 import logging.handlers
 import os
@@ -230,6 +231,75 @@ def service_account(settings) -> Optional[Account]:
                                  "or 'allow_root = yes' in %s" % settings.path)
 
 
+def _can_read(path: str, uid: int, groups: List[int]) -> bool:
+    """Whether `uid` (with `groups`) may read `path` by its mode bits, every directory on
+    the way searchable: asked as root for the service account before it exists as a process
+    (check-config), so os.access cannot answer. ACLs are not consulted."""
+    if uid == 0:
+        return os.path.exists(path)
+    path = os.path.abspath(path)
+    steps = [(d, 0o1) for d in _parents(path)] + [(path, 0o4)]
+    for step, need in steps:
+        try:
+            st = os.stat(step)
+        except OSError:
+            return False
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
+        if not (st.st_mode >> shift) & need:
+            return False
+    return True
+
+
+def _parents(path: str) -> List[str]:
+    parents = []
+    head = os.path.dirname(path)
+    while head and head not in parents:
+        parents.append(head)
+        if head == os.path.dirname(head):
+            break
+        head = os.path.dirname(head)
+    return list(reversed(parents))
+
+
+def files_the_service_reads(settings) -> List[Tuple[str, str]]:
+    """(path, what) of every file a reload reads again, after privileges are dropped."""
+    files = [(settings.path, "configuration file"), (settings.users_file, "users file")]
+    for attr, what in (("cert_file", "TLS certificate"), ("key_file", "TLS key"),
+                       ("client_ca_file", "TLS client CA file")):
+        path = getattr(settings.tls, attr)
+        if path:
+            files.append((path, "%s ([tls] %s)" % (what, attr)))
+    return files
+
+
+def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
+    """One line per file the service account could not read, with the fix: the daemon
+    would start (root reads them before dropping privileges), but every reload would fail."""
+    if account is None:
+        uid, groups, name = os.getuid(), [os.getgid()] + os.getgroups(), "uid %d" % os.getuid()
+    else:
+        uid, groups, name = account.uid, [account.gid] + list(account.groups), account.name
+    problems = []
+    for path, what in files_the_service_reads(settings):
+        if os.path.exists(path) and not _can_read(path, uid, groups):
+            problems.append("%s %s is not readable by %s, so every reload would fail: %s"
+                            % (what, path, name, _read_fix(path, what, account)))
+    return problems
+
+
+def _read_fix(path: str, what: str, account: Optional[Account]) -> str:
+    if account is None:
+        return "make it readable by that user"
+    if what == "users file":                    # it must stay 0600: give it to the account
+        return "chown %s %s" % (account.name, path)
+    try:
+        group = grp.getgrgid(account.gid).gr_name
+    except KeyError:
+        group = str(account.gid)
+    return "chgrp %s %s && chmod g+r %s (its directories must be searchable too)" % (
+        group, path, path)
+
+
 def drop_privileges(account: Account) -> None:
     """Become `account` for good (groups, gid, uid; real, effective and saved)."""
     try:
@@ -430,10 +500,9 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
     if account is not None:
         drop_privileges(account)
         log.info("running as %s (uid %d)", account.name, account.uid)
-    for path, what in ((settings.path, "configuration file"), (settings.users_file, "users file")):
-        if os.path.exists(path) and not os.access(path, os.R_OK):
-            raise DaemonError(EX_NOPERM, "%s %s is not readable by %s (reload would fail)"
-                              % (what, path, account.name if account else "uid %d" % os.getuid()))
+    unreadable = unreadable_problems(settings, account)
+    if unreadable:
+        raise DaemonError(EX_NOPERM, unreadable[0])
     try:
         service.prepare_spool()
     except StartupError as exc:

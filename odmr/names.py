@@ -67,3 +67,8 @@ def mailbox_key(address: str, domain: str) -> str:
     """One key per mailbox: the local part as given (it may be case-sensitive) and the
     normalised domain, so <u@a.test> and <u@A.TEST> are one recipient, not two."""
     return address.rpartition("@")[0] + "@" + domain
+
+
+def plural(count: int, word: str) -> str:
+    """`1 message`, `2 messages`: counts in logs and listings read as English."""
+    return "%d %s%s" % (count, word, "" if count == 1 else "s")

@@ -21,6 +21,7 @@ from odmr import tls as tls_mod
 from odmr.delivery import request_stop
 from odmr.intake import IntakeSession
 from odmr.maintenance import Maintenance
+from odmr.names import plural
 from odmr.provider import ODMRSession
 from odmr.runtime import AuthThrottle, Runtime
 from odmr.spool import Spool
@@ -216,8 +217,8 @@ class Service:
             log.error("users file not reloaded, keeping the previous accounts: %s", exc)
             return
         self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle)
-        log.info("users file reloaded: %d accounts, %d hosted domains", len(accounts),
-                 len(self._runtime.hosted_domains()))
+        log.info("users file reloaded: %s, %s", plural(len(accounts), "account"),
+                 plural(len(self._runtime.hosted_domains()), "hosted domain"))
 
     def reload(self) -> None:
         """SIGHUP: fresh settings and accounts; listeners stay as they are."""
@@ -251,8 +252,8 @@ class Service:
             context = self._runtime.tls
         self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle)
         logging.getLogger().setLevel(settings.log_level.upper())
-        log.info("configuration reloaded: %d accounts, %d hosted domains", len(accounts),
-                 len(self._runtime.hosted_domains()))
+        log.info("configuration reloaded: %s, %s", plural(len(accounts), "account"),
+                 plural(len(self._runtime.hosted_domains()), "hosted domain"))
 
     # -- session limits -----------------------------------------------------------
     def admit(self, kind: str, ip: str, per_address: bool = True) -> Optional[str]:

@@ -386,6 +386,23 @@ def test_queue_bounce_returns_to_sender(hosted):
     assert records[0]["domain"] != "example.org"
 
 
+def test_pending_bounces_are_listed_by_the_name_queue_list_shows(hosted):
+    """SPEC §2: whatever `queue list` shows in its domain column is a DOMAIN argument."""
+    ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
+    waiting = enqueue(hosted, "b@example.org")["example.org"]
+    assert odmrd(hosted, "queue", "bounce", ids["example.org"]).returncode == 0
+    text = odmrd(hosted, "queue", "list").stdout.decode()
+    assert ".outbound" in text and "-- 2 messages" in text
+    outbound = odmrd(hosted, "queue", "list", ".outbound", "--json")
+    assert outbound.returncode == 0
+    [dsn] = json.loads(outbound.stdout)
+    assert dsn["domain"] == ".outbound" and dsn["recipients"] == ["someone@remote.test"]
+    only = odmrd(hosted, "queue", "list", ".outbound").stdout.decode()
+    assert "-- 1 message, " in only and waiting not in only
+    bad = odmrd(hosted, "queue", "list", "..outbound")
+    assert bad.returncode == 64 and ".outbound" in one_line_error(bad)
+
+
 def test_queue_bounce_of_null_sender_just_removes(hosted):
     ids = enqueue(hosted, "a@example.org", sender="")
     result = odmrd(hosted, "queue", "bounce", ids["example.org"])

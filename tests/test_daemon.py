@@ -5,6 +5,7 @@ Every daemon these tests start is killed in teardown; "gone" is read from
 """
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -532,9 +533,42 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     result = s.serve()
     assert result.returncode == 77
     lines = result.stderr.decode().splitlines()
-    assert lines == ["odmrd: users file %s is not readable by nobody (reload would fail)" % s.users]
+    assert lines == ["odmrd: users file %s is not readable by nobody, so every reload would fail: "
+                     "chown nobody %s" % (s.users, s.users)]
     assert not (os.path.exists(s.pid_file) and os.path.getsize(s.pid_file))
     assert refused(s.smtp_port)
+
+
+@needs_root
+def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_factory, public_dir):
+    """A key made by root with mode 0600 starts (root loads it before the drop) and then makes
+    every reload fail: both commands refuse it, naming the file and the fix."""
+    from certs import make_pki
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    pki = make_pki(os.path.join(public_dir, "pki"))
+    os.chmod(os.path.join(public_dir, "pki"), 0o755)
+    os.chmod(pki["server.pem"], 0o644)
+    os.chmod(pki["server.key"], 0o600)
+    s = site_factory("user = nobody", "[tls]\ncert_file = %s\nkey_file = %s"
+                     % (pki["server.pem"], pki["server.key"]), directory=public_dir)
+    s.add_user("alice", "example.org")
+    os.chown(s.users, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool, mode=0o700)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    key = pki["server.key"]
+    fix = "chgrp %s %s && chmod g+r %s" % (group, key, key)
+    checked = s.cli("check-config")
+    assert checked.returncode == 78
+    assert "TLS key ([tls] key_file) %s is not readable by nobody" % key in checked.stderr.decode()
+    assert fix in checked.stderr.decode()
+    served = s.serve()
+    assert served.returncode == 77
+    assert "not readable by nobody" in served.stderr.decode() and fix in served.stderr.decode()
+    assert refused(s.smtp_port)
+    os.chown(key, 0, nobody.pw_gid)
+    os.chmod(key, 0o640)
+    assert s.cli("check-config").returncode == 0
 
 
 def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
