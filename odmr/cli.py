@@ -253,7 +253,9 @@ def _startup_problems(settings) -> List[str]:
     if account:
         problems.append(account)
     else:
-        problems += daemon.unreadable_problems(settings, daemon.service_account(settings))
+        service = daemon.service_account(settings)
+        problems += daemon.unreadable_problems(settings, service)
+        problems += daemon.spool_problems(settings, service)
     return problems
 
 

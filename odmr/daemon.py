@@ -235,19 +235,51 @@ def _can_read(path: str, uid: int, groups: List[int]) -> bool:
     """Whether `uid` (with `groups`) may read `path` by its mode bits, every directory on
     the way searchable: asked as root for the service account before it exists as a process
     (check-config), so os.access cannot answer. ACLs are not consulted."""
+    return _allowed(path, uid, groups, 0o4)
+
+
+def _allowed(path: str, uid: int, groups: List[int], need: int) -> bool:
+    """`need` (rwx bits, 0o4 0o2 0o1) on `path` itself and search on every directory above."""
     if uid == 0:
         return os.path.exists(path)
     path = os.path.abspath(path)
-    steps = [(d, 0o1) for d in _parents(path)] + [(path, 0o4)]
-    for step, need in steps:
+    for step, bits in [(d, 0o1) for d in _parents(path)] + [(path, need)]:
         try:
             st = os.stat(step)
         except OSError:
             return False
         shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
-        if not (st.st_mode >> shift) & need:
+        if (st.st_mode >> shift) & bits != bits:
             return False
     return True
+
+
+def spool_problems(settings, account: Optional[Account]) -> List[str]:
+    """What keeps the account the daemon runs as from using the spool, each naming the
+    directory at fault: `serve` refuses to start on any of them, so check-config asks too."""
+    uid, groups, name = _identity(account)
+    root = settings.spool_dir
+    if not os.path.exists(root):
+        parent = os.path.dirname(os.path.abspath(root))
+        if _allowed(parent, uid, groups, 0o3):
+            return []
+        return ["spool directory %s does not exist and %s cannot create it in %s: "
+                "install -d -o %s -m 700 %s" % (root, name, parent, name, root)]
+    if not os.path.isdir(root):
+        return ["spool directory %s is not a directory" % root]
+    unusable = "spool directory %s is not writable by {0}: chown -R {0} %s".format(name)
+    if not _allowed(root, uid, groups, 0o7):
+        return [unusable % (root, root)]
+    domains = sorted(os.path.join(root, e) for e in os.listdir(root))
+    return [unusable % (path, path) for path in domains
+            if os.path.isdir(path) and not os.path.islink(path)
+            and not _allowed(path, uid, groups, 0o7)]
+
+
+def _identity(account: Optional[Account]) -> Tuple[int, List[int], str]:
+    if account is None:
+        return os.getuid(), [os.getgid()] + os.getgroups(), "uid %d" % os.getuid()
+    return account.uid, [account.gid] + list(account.groups), account.name
 
 
 def _parents(path: str) -> List[str]:
@@ -275,10 +307,7 @@ def files_the_service_reads(settings) -> List[Tuple[str, str]]:
 def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
     """One line per file the service account could not read, with the fix: the daemon
     would start (root reads them before dropping privileges), but every reload would fail."""
-    if account is None:
-        uid, groups, name = os.getuid(), [os.getgid()] + os.getgroups(), "uid %d" % os.getuid()
-    else:
-        uid, groups, name = account.uid, [account.gid] + list(account.groups), account.name
+    uid, groups, name = _identity(account)
     problems = []
     for path, what in files_the_service_reads(settings):
         if os.path.exists(path) and not _can_read(path, uid, groups):
@@ -503,6 +532,9 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
     unreadable = unreadable_problems(settings, account)
     if unreadable:
         raise DaemonError(EX_NOPERM, unreadable[0])
+    problems = spool_problems(settings, account)     # check-config asks the same
+    if problems:
+        raise DaemonError(EX_CANTCREAT, problems[0])
     try:
         service.prepare_spool()
     except StartupError as exc:

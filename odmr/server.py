@@ -324,7 +324,8 @@ class Service:
         try:
             removed = self.spool.prepare()
         except OSError as exc:
-            raise StartupError("spool %s: %s" % (self.spool.root, exc.strerror)) from None
+            raise StartupError("spool %s: %s" % (exc.filename or self.spool.root,
+                                                 exc.strerror)) from None
         if removed:
             log.info("spool: removed %d leftover temporary files", removed)
 

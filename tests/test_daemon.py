@@ -571,6 +571,35 @@ def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_fa
     assert s.cli("check-config").returncode == 0
 
 
+@needs_root
+def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_serve(
+        site_factory, public_dir):
+    """Whatever serve refuses before it serves, check-config refuses too (an init script's
+    restart must not stop a running daemon for it), naming the directory, not its parent."""
+    nobody = pwd.getpwnam("nobody")
+    s = site_factory("user = nobody", directory=public_dir)
+    s.add_user("alice", "example.org")
+    os.makedirs(s.spool, mode=0o700)                    # root's: nobody cannot write it
+    checked = s.cli("check-config")
+    assert checked.returncode == 78
+    line = "spool directory %s is not writable by nobody: chown -R nobody %s" % (s.spool, s.spool)
+    assert line in checked.stderr.decode()
+    served = s.serve()
+    assert served.returncode == 73 and line in served.stderr.decode()
+    assert refused(s.smtp_port)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    domain = os.path.join(s.spool, "example.org")
+    os.makedirs(domain, mode=0o700)                     # one domain's directory is root's
+    line = "spool directory %s is not writable by nobody: chown -R nobody %s" % (domain, domain)
+    checked = s.cli("check-config")
+    assert checked.returncode == 78 and line in checked.stderr.decode()
+    served = s.serve()
+    assert served.returncode == 73 and line in served.stderr.decode()
+    os.chown(domain, nobody.pw_uid, nobody.pw_gid)
+    assert s.cli("check-config").returncode == 0
+    assert s.serve().returncode == 0
+
+
 def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
     """A log line must never raise into a session, even when the file cannot be reopened."""
     import logging as _logging
