@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.9",
     packages=["odmr"],
     package_data={"odmr": ["configspec.ini"]},
-    install_requires=["configobj>=5.0.6"],
+    install_requires=["configobj>=5.0.6", "idna>=3.0"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["odmrd = odmr.cli:main"]},
     classifiers=[
