@@ -6,10 +6,17 @@ Format (configobj, one section per account, mode 0600):
     domains = example.org, example.com
     scram_sha_256 = SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>
     cram_md5 = hex:<password in hex>      # absent with --no-cram-md5
+    shared_domains = example.com          # optional: see below
 
 The SCRAM keys cannot be turned back into the password; the CRAM-MD5 secret
 can (the mechanism needs the shared secret itself), which is why it may be
 left out.
+
+A domain has one owner: two accounts listing it could each ATRN the other's
+mail. A file that gives one domain to several accounts is refused unless each
+of them lists it in `shared_domains` too (`user add --shared-domain` does so).
+Domains are compared in their IDNA 2008 A-label form, so `straße.de` and
+`xn--strae-oqa.de` are one domain.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from odmr.names import normalize_domain
 from odmr.sasl import ScramSecret
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
-_KEYS = {"domains", "scram_sha_256", "cram_md5", "client_cert"}
+_KEYS = {"domains", "shared_domains", "scram_sha_256", "cram_md5", "client_cert"}
 
 
 class AccountsError(Exception):
@@ -43,6 +50,7 @@ class Account:
     scram: Optional[ScramSecret]
     cram_md5_secret: Optional[str]
     client_cert: str = ""          # certificate subject CN for SASL EXTERNAL
+    shared_domains: Tuple[str, ...] = ()     # domains other accounts may own too, on purpose
 
     def verify_password(self, password: str) -> bool:
         return bool(self.scram and self.scram.verify_password(password))
@@ -95,6 +103,10 @@ class Accounts:
     def hosted_domains(self) -> frozenset:
         return frozenset(self._owners)
 
+    def owners(self, domain: str) -> Tuple[str, ...]:
+        """The accounts that may collect a (normalised) domain's mail."""
+        return tuple(self._owners.get(domain, ()))
+
 
 def check_permissions(path: str) -> None:
     """Refuse a users file that group or others can read or write."""
@@ -133,14 +145,14 @@ def load(path: str, check_mode: bool = True) -> Accounts:
                 problems.append("%s: unknown key %s%s" % (where, key, at(name, key)))
         for sub in section.sections:
             problems.append("%s: unexpected subsection %s" % (where, sub))
-        domains = []
-        for item in _domains(section.get("domains", [])):
-            try:
-                domains.append(normalize_domain(item))
-            except ValueError as exc:
-                problems.append("%s: domains: %r: %s" % (where, item, exc))
+        domains = _normalized_list(section, "domains", where, problems)
         if not domains:
             problems.append("%s: domains: at least one domain is needed" % where)
+        shared = _normalized_list(section, "shared_domains", where, problems)
+        for domain in shared:
+            if domain not in domains:
+                problems.append("%s: shared_domains: %s is not one of the account's domains"
+                                % (where, domain))
         scram = None
         if section.get("scram_sha_256"):
             try:
@@ -156,14 +168,59 @@ def load(path: str, check_mode: bool = True) -> Accounts:
         if scram is None and cram is None and not section.get("client_cert"):
             problems.append("%s: no credentials" % where)
         accounts.append(Account(name, tuple(dict.fromkeys(domains)), scram, cram,
-                                str(section.get("client_cert", ""))))
+                                str(section.get("client_cert", "")), tuple(dict.fromkeys(shared))))
     for key in raw.scalars:
         number = numbers.get(((), key))
         problems.append("%s: %s%s: values must be inside an [account] section"
                         % (path, key, " (line %d)" % number if number else ""))
+    problems.extend(_ownership_problems(path, accounts))
     if problems:
         raise AccountsError("\n".join(problems))
     return Accounts(accounts, path)
+
+
+def _normalized_list(section, key: str, where: str, problems: List[str]) -> List[str]:
+    """A list of domains from the users file in A-label form; bad names go to `problems`."""
+    names = []
+    for item in _domains(section.get(key, [])):
+        try:
+            names.append(normalize_domain(item))
+        except ValueError as exc:
+            problems.append("%s: %s: %r: %s" % (where, key, item, exc))
+    return names
+
+
+def _ownership_problems(path: str, accounts: List[Account]) -> List[str]:
+    """A domain with several owners is an error unless every owner shares it on purpose."""
+    owners: Dict[str, List[Account]] = {}
+    for account in accounts:
+        for domain in account.domains:
+            owners.setdefault(domain, []).append(account)
+    problems = []
+    for domain, holders in sorted(owners.items()):
+        if len(holders) > 1 and not all(domain in a.shared_domains for a in holders):
+            problems.append("%s: domain %s belongs to accounts %s: a domain has one owner "
+                            "(remove it from all but one, or list it in shared_domains of "
+                            "each to share it on purpose)"
+                            % (path, domain, ", ".join(a.name for a in holders)))
+    return problems
+
+
+def owner_warning(path: str, allowed_uids: Iterable[int]) -> Optional[str]:
+    """Whoever owns the users file can rewrite every account's domains and secrets."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_uid in set(allowed_uids):
+        return None
+    try:
+        import pwd
+        owner = "%s (uid %d)" % (pwd.getpwuid(st.st_uid).pw_name, st.st_uid)
+    except (KeyError, ImportError):
+        owner = "uid %d" % st.st_uid
+    return ("%s is owned by %s, not by the service account or root: that account can change "
+            "every customer's domains and credentials" % (path, owner))
 
 
 def _read(path: str) -> ConfigObj:
@@ -259,7 +316,11 @@ def _credentials(password: str, cram: bool) -> Dict[str, str]:
     return creds
 
 
-def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: bool = True) -> None:
+def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: bool = True,
+             shared: bool = False) -> List[str]:
+    """Create an account; returns its domains in A-label form. A domain that already
+    has an owner is refused unless `shared`: then it is marked in `shared_domains` of
+    every account that holds it."""
     if not valid_account_name(name):
         raise AccountsError("invalid account name %r (letters, digits, . _ @ + -)" % name)
     normalized = []
@@ -270,11 +331,52 @@ def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: 
             raise AccountsError("invalid domain %r: %s" % (domain, exc)) from None
     if not normalized:
         raise AccountsError("at least one --domain is needed")
+    normalized = list(dict.fromkeys(normalized))
     with _Editor(path, create=True) as config:
         if name in config:
             raise AccountsError("account %s already exists" % name)
-        config[name] = {"domains": list(dict.fromkeys(normalized))}
+        owners = _owners_in(config)
+        taken = [d for d in normalized if d in owners]
+        if taken and not shared:
+            domain = taken[0]
+            raise AccountsError("domain %s already belongs to account %s: a domain has one owner "
+                                "(--shared-domain gives it to both on purpose)"
+                                % (domain, ", ".join(owners[domain])))
+        for domain in taken:
+            for owner in owners[domain]:
+                _mark_shared(config[owner], domain)
+        config[name] = {"domains": normalized}
+        if taken:
+            config[name]["shared_domains"] = taken
         config[name].update(_credentials(password, cram))
+    return normalized
+
+
+def _owners_in(config: ConfigObj) -> Dict[str, List[str]]:
+    """Domain (A-label) -> the accounts of a users file being edited that list it."""
+    owners: Dict[str, List[str]] = {}
+    for account in config.sections:
+        for item in _domains(config[account].get("domains", [])):
+            try:
+                holders = owners.setdefault(normalize_domain(item), [])
+            except ValueError:
+                continue                # `check-config` reports it; it names no domain to share
+            if account not in holders:
+                holders.append(account)
+    return owners
+
+
+def _mark_shared(section, domain: str) -> None:
+    listed = _domains(section.get("shared_domains", []))
+    if domain not in [_or_itself(item) for item in listed]:
+        section["shared_domains"] = listed + [domain]
+
+
+def _or_itself(name: str) -> str:
+    try:
+        return normalize_domain(name)
+    except ValueError:
+        return name
 
 
 def set_password(path: str, name: str, password: str, cram: Optional[bool] = None) -> None:

@@ -1,13 +1,13 @@
 """`python3 -m odmr.build [--output PATH]`: the single-file build, dist/odmrd.pyz.
 
-The zipapp holds the odmr package (with configspec.ini) and configobj (its
-package and the top-level `validate` shim), so a bare `python3 -I -S
-odmrd.pyz` runs with nothing installed. configobj comes from this
+The zipapp holds the odmr package (with configspec.ini), configobj (its
+package and the top-level `validate` shim) and idna (IDNA 2008), so a bare
+`python3 -I -S odmrd.pyz` runs with nothing installed. Both come from this
 interpreter's installation, or from `pip install --target` into a temporary
-directory when it is not installed (or with --fetch). No byte code goes in
+directory when one is not installed (or with --fetch). No byte code goes in
 (it is interpreter-specific); entries are sorted and time-stamped from
 SOURCE_DATE_EPOCH or the newest odmr source file, so rebuilding unchanged
-sources with the same configobj gives identical bytes.
+sources with the same configobj and idna gives identical bytes.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import runpy
 
 runpy.run_module("odmr", run_name="__main__", alter_sys=True)
 '''
-BUNDLED = ("configobj", "validate")     # validate: the shim `import validate` finds
+BUNDLED = ("configobj", "validate", "idna")     # validate: the shim `import validate` finds
+REQUIREMENTS = ("configobj>=5.0.7", "idna>=3.0")   # what pip fetches when one is missing
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT = 0, 64, 69, 70, 73
 
 
@@ -73,8 +74,8 @@ def _module_files(name: str, search: Optional[List[str]]) -> Optional[Dict[str, 
     return None
 
 
-def _license_of(search: Optional[List[str]]) -> Optional[str]:
-    """configobj's licence file (its BSD licence asks for it to travel with copies)."""
+def _license_of(project: str, search: Optional[List[str]]) -> Optional[str]:
+    """A bundled project's licence file (the BSD licences ask for it to travel with copies)."""
     dirs = search if search is not None else [p for p in sys.path if os.path.isdir(p)]
     for directory in dirs:
         try:
@@ -82,26 +83,27 @@ def _license_of(search: Optional[List[str]]) -> Optional[str]:
         except OSError:
             continue
         for name in names:
-            if name.lower().startswith("configobj-") and name.endswith((".dist-info", ".egg-info")):
-                for candidate in ("LICENSE", "LICENSE.txt", "licenses/LICENSE"):
+            if name.lower().startswith(project + "-") and name.endswith((".dist-info", ".egg-info")):
+                for candidate in ("LICENSE", "LICENSE.txt", "LICENSE.md", "licenses/LICENSE",
+                                  "licenses/LICENSE.md"):
                     path = os.path.join(directory, name, candidate)
                     if os.path.isfile(path):
                         return path
     return None
 
 
-def _fetch_configobj(workdir: str) -> str:
-    """pip install configobj into `workdir` (no byte code); returns that directory."""
+def _fetch_dependencies(workdir: str) -> str:
+    """pip install configobj and idna into `workdir` (no byte code); returns that directory."""
     target = os.path.join(workdir, "site")
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-compile", "--no-deps", "--target", target, "configobj>=5.0.7"]
+               "--no-compile", "--no-deps", "--target", target] + list(REQUIREMENTS)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BuildError("cannot run pip to fetch configobj: %s" % exc) from None
+        raise BuildError("cannot run pip to fetch configobj and idna: %s" % exc) from None
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise BuildError("pip could not fetch configobj: %s" % last)
+        raise BuildError("pip could not fetch configobj and idna: %s" % last)
     return target
 
 
@@ -113,9 +115,9 @@ def collect(source_root: str, fetch: bool = False) -> Tuple[Dict[str, str], Opti
     files = _tree(package, "odmr")
     tempdir = None
     search: Optional[List[str]] = None
-    if fetch or importlib.util.find_spec("configobj") is None:
+    if fetch or any(importlib.util.find_spec(name) is None for name in ("configobj", "idna")):
         tempdir = tempfile.mkdtemp(prefix="odmrd-build.")
-        search = [_fetch_configobj(tempdir)]
+        search = [_fetch_dependencies(tempdir)]
     found = _module_files("configobj", search)
     if found is None:
         raise BuildError("configobj is not installed and could not be fetched")
@@ -126,9 +128,14 @@ def collect(source_root: str, fetch: bool = False) -> Tuple[Dict[str, str], Opti
     shim = _module_files("validate", search)
     if shim:
         files.update(shim)
-    licence = _license_of(search)
-    if licence:
-        files["licenses/configobj.txt"] = licence
+    idna = _module_files("idna", search)
+    if idna is None or "idna/core.py" not in idna:
+        raise BuildError("idna (IDNA 2008) is not installed and could not be fetched")
+    files.update(idna)
+    for project in ("configobj", "idna"):
+        licence = _license_of(project, search)
+        if licence:
+            files["licenses/%s.txt" % project] = licence
     return files, tempdir
 
 
@@ -197,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Build the single-file odmrd.pyz (a zipapp).")
     parser.add_argument("-o", "--output", help="where to write it (default: dist/odmrd.pyz in the checkout)")
     parser.add_argument("--fetch", action="store_true",
-                        help="take configobj from PyPI (pip) even if it is installed")
+                        help="take configobj and idna from PyPI (pip) even if installed")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

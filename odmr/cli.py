@@ -61,7 +61,11 @@ def build_parser() -> Parser:
     users = p.add_subparsers(dest="user_command", metavar="ACTION", parser_class=Parser)
     q = users.add_parser("add", parents=[common], help="create an account")
     q.add_argument("name")
-    q.add_argument("--domain", action="append", required=True, help="a domain the account may collect")
+    q.add_argument("--domain", action="append", required=True,
+                   help="a domain the account may collect (a U-label or its A-label: one domain)")
+    q.add_argument("--shared-domain", action="store_true",
+                   help="a --domain that already belongs to another account is shared with it "
+                        "(both may collect its mail) instead of refused")
     q.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     q.add_argument("--no-cram-md5", action="store_true", help="store no CRAM-MD5 secret")
     q = users.add_parser("passwd", parents=[common], help="change a password")
@@ -236,8 +240,27 @@ def cmd_check_config(args, config_path: str) -> int:
         for problem in problems:
             print("odmrd: %s" % problem, file=sys.stderr)
         return EX_CONFIG
+    warning = _users_file_owner_warning(settings)
+    if warning:
+        print("odmrd: warning: %s" % warning, file=sys.stderr)
     print("%s: ok" % settings.path)
     return EX_OK
+
+
+def _users_file_owner_warning(settings) -> Optional[str]:
+    """The users file should belong to root or to the account the daemon runs as
+    (`user`; without it, the account running this check)."""
+    from odmr import accounts
+    allowed = {0}
+    if settings.user:
+        import pwd
+        try:
+            allowed.add(pwd.getpwnam(settings.user).pw_uid)
+        except KeyError:
+            return None                 # an error of its own, reported already
+    else:
+        allowed.add(os.geteuid())
+    return accounts.owner_warning(settings.users_file, allowed)
 
 
 def _startup_problems(settings) -> List[str]:
@@ -300,9 +323,10 @@ def cmd_user(args, config_path: str) -> int:
         raise UsageError("odmrd user: add, passwd, del or list")
     try:
         if action == "add":
-            accounts.add_user(path, args.name, args.domain, _read_password(args.password_stdin),
-                              cram=not args.no_cram_md5)
-            print("account %s created for %s" % (args.name, ", ".join(args.domain)))
+            domains = accounts.add_user(path, args.name, args.domain,
+                                        _read_password(args.password_stdin),
+                                        cram=not args.no_cram_md5, shared=args.shared_domain)
+            print("account %s created for %s" % (args.name, ", ".join(domains)))
         elif action == "passwd":
             accounts.set_password(path, args.name, _read_password(args.password_stdin),
                                   cram=False if args.no_cram_md5 else None)

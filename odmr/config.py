@@ -177,6 +177,23 @@ def _check_mechanism_list(value, *args, **kw) -> List[str]:
     return result
 
 
+def _recipient_entries(value) -> Tuple[str, ...]:
+    """A [domains] recipients list: local parts, and addresses whose domain is
+    normalised like every other (so info@straße.de matches mail to xn--strae-oqa.de)."""
+    entries = []
+    for item in _as_list(value):
+        item = item.strip()
+        if "@" in item:
+            local, _, domain = item.rpartition("@")
+            try:
+                item = "%s@%s" % (local, normalize_domain(domain))
+            except ValueError as exc:
+                raise ValueError("not an address (local@domain): %r: %s" % (item, exc)) from None
+        if item:
+            entries.append(item)
+    return tuple(entries) or ("*",)
+
+
 # -- settings objects ------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -388,12 +405,21 @@ def load(path: Optional[str] = None) -> Settings:
         except ValueError as exc:
             problems.append("%s: invalid domain name: %s" % (_where(lines, ("domains",), name), exc))
             continue
+        if domain in domains:
+            problems.append("%s: the same domain (%s) has a section already"
+                            % (_where(lines, ("domains",), name), domain))
+            continue
         if isinstance(section, dict) and result is not True and not _section_ok(result, "domains", name):
+            continue
+        try:
+            recipients = _recipient_entries(section["recipients"])
+        except ValueError as exc:
+            problems.append("%s: %s" % (_where(lines, ("domains", name), "recipients"), exc))
             continue
         domains[domain] = DomainPolicy(
             max_bytes=int(section["max_bytes"]),
             max_messages=int(section["max_messages"]),
-            recipients=tuple(r.strip() for r in _as_list(section["recipients"]) if r.strip()) or ("*",),
+            recipients=recipients,
         )
     if raw.get("odmr") and isinstance(raw["odmr"].get("listen"), list) and not raw["odmr"]["listen"] \
             and not raw["odmr"].get("tls_listen"):

@@ -1,39 +1,88 @@
 """Domain names and mail addresses, checked before they reach a path or a lock.
 
-Every domain that names a spool directory passes through `normalize_domain`,
-so the directory name is always a lower-case A-label string built from
-letters, digits, hyphens and dots — never raw client input.
+Every domain that names a spool directory, an account's domain or a policy
+passes through `normalize_domain`, so two spellings of one domain meet (a
+U-label and its A-label, upper and lower case) and the directory name is
+always a lower-case A-label string built from letters, digits, hyphens and
+dots — never raw client input.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Tuple
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+import idna
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def normalize_domain(text: str) -> str:
-    """Return the lower-case A-label form of a domain, or raise ValueError."""
+    """Return the lower-case A-label form of a domain (IDNA 2008, UTS #46
+    non-transitional), or raise ValueError.
+
+    A U-label and its A-label give the same string; a name IDNA 2008 does not
+    allow is refused, never mapped onto another (Python's own "idna" codec is
+    IDNA 2003: it would turn straße.de into strasse.de, another domain)."""
     if not isinstance(text, str) or not text:
         raise ValueError("empty domain")
     if len(text) > 253 * 4:
         raise ValueError("domain too long")
-    if not text.isascii():
-        try:
-            text = text.encode("idna").decode("ascii")
-        except (UnicodeError, ValueError):
-            raise ValueError("invalid internationalised domain") from None
-    name = text.lower()
-    if len(name) > 253:
-        raise ValueError("domain too long")
-    labels = name.split(".")
-    if len(labels) < 1:
-        raise ValueError("empty domain")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise ValueError("invalid domain label %r" % label[:70])
+    return _normalized(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(text: str) -> str:
+    name = text.lower() if text.isascii() else ""
+    if name and "xn--" not in name and _plain_labels(name):
+        return name                     # the common case, and what idna would answer
+    _refuse_invisible(text)
+    try:
+        name = idna.encode(text, uts46=True, std3_rules=True).decode("ascii")
+        # an A-label that does not decode to the U-label it claims to be is not one
+        canonical = idna.encode(idna.decode(name)).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError) as exc:
+        raise ValueError("not a valid IDNA 2008 domain name: %s" % _clip(str(exc))) from None
+    if name.endswith("."):
+        raise ValueError("a mail domain has no trailing dot")
+    if canonical != name:
+        raise ValueError("not a valid IDNA 2008 domain name: an A-label that is not "
+                         "the encoding of its U-label")
+    if not _plain_labels(name, a_labels=True):
+        raise ValueError("not a valid IDNA 2008 domain name")
     return name
+
+
+def _plain_labels(name: str, a_labels: bool = False) -> bool:
+    """Letters, digits and inner hyphens, at most 253 octets; "--" in the third and
+    fourth place only in an A-label (xn--), and only when `a_labels` allows them."""
+    if len(name) > 253:
+        return False
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            return False
+        if label[2:4] == "--" and not (a_labels and label.startswith("xn--")):
+            return False
+    return True
+
+
+def _refuse_invisible(text: str) -> None:
+    """UTS #46 silently drops some characters (soft hyphen, zero-width space, variation
+    selectors): a name that holds one is not the name it would become, so it is refused."""
+    for char in text:
+        if char.isascii():
+            continue
+        try:
+            dropped = idna.uts46_remap(char, std3_rules=True) == ""
+        except (idna.IDNAError, UnicodeError, ValueError):
+            continue                    # disallowed: idna.encode says so with its reason
+        if dropped:
+            raise ValueError("invisible character U+%04X in a domain name" % ord(char))
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
 def is_valid_domain(text: str) -> bool:

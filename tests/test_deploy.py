@@ -136,7 +136,8 @@ def test_pyz_is_a_clean_zipapp(pyz):
         main = archive.read("__main__.py").decode()
     assert "odmr" in main
     for needed in ("__main__.py", "odmr/__init__.py", "odmr/__main__.py", "odmr/cli.py",
-                   "odmr/configspec.ini", "configobj/__init__.py", "configobj/validate.py"):
+                   "odmr/configspec.ini", "configobj/__init__.py", "configobj/validate.py",
+                   "idna/__init__.py", "idna/core.py", "idna/uts46data.py", "licenses/idna.txt"):
         assert needed in names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
     assert names == sorted(names)
@@ -180,6 +181,20 @@ def test_check_config_from_the_pyz(install, pyz):
     assert len(lines) == 3 and "Traceback" not in text
     assert any("log_level" in l for l in lines) and any("bogus_key" in l for l in lines) \
         and any("tls.nope" in l for l in lines)
+
+
+def test_the_pyz_brings_idna_2008_along(install):
+    """A bare interpreter has no idna package; the bundled one makes straße.de its own domain."""
+    result = install.odmrd("user", "add", "zoe", "--domain", "straße.de", "--password-stdin",
+                           input=b"pw-123456\n")
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(install.dir, "users"), encoding="utf-8") as fh:
+        assert "domains = xn--strae-oqa.de," in fh.read()
+    result = install.odmrd("user", "add", "eve", "--domain", "stra\u00adße.de", "--password-stdin",
+                           input=b"pw-123456\n")
+    assert result.returncode == 65
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "U+00AD" in lines[0]
 
 
 def test_serve_from_the_pyz_in_the_foreground(install, pyz):
