@@ -10,6 +10,8 @@ command line, and the parsers by hypothesis.
 from __future__ import annotations
 
 import os
+import tempfile
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -357,8 +359,24 @@ def test_check_config_refuses_two_policy_sections_for_one_domain(conf):
 NOBODY = 65534
 
 
+@pytest.fixture
+def public_conf(conf):
+    """`conf` moved where the service account can reach it (pytest's tmp is root's only),
+    with a spool that account owns: check-config asks both of that account."""
+    directory = tempfile.mkdtemp(prefix="odmrd-test.", dir="/tmp")
+    os.chmod(directory, 0o755)
+    moved = os.path.join(directory, "odmrd.conf")
+    shutil.copy(conf, moved)
+    os.chmod(moved, 0o644)
+    os.mkdir(os.path.join(directory, "spool"), 0o700)
+    os.chown(os.path.join(directory, "spool"), NOBODY, NOBODY)
+    yield moved
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the users file")
-def test_check_config_warns_when_the_users_file_has_a_foreign_owner(conf):
+def test_check_config_warns_when_the_users_file_has_a_foreign_owner(public_conf):
+    conf = public_conf
     write_users(conf, {"alice": ["domains = a.test"]})
     result = odmrd(conf, "check-config")
     assert result.returncode == 0 and result.stderr == b"", result.stderr
@@ -374,9 +392,10 @@ def test_check_config_warns_when_the_users_file_has_a_foreign_owner(conf):
         fh.write("user = nobody\n" + text)                        # now it is the service account's
     result = odmrd(conf, "check-config")
     assert result.returncode == 0 and result.stderr == b"", result.stderr
-    os.chown(users_of(conf), 4242, 4242)
+    os.chown(users_of(conf), 4242, 4242)         # a stranger's, mode 0600: the daemon is locked out
     result = odmrd(conf, "check-config")
-    assert result.returncode == 0 and "uid 4242" in one_line(result)
+    assert result.returncode == 78
+    assert "not readable by nobody" in one_line(result)
 
 
 # -- properties of the parsers (hypothesis) ----------------------------------------
