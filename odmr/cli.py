@@ -238,6 +238,7 @@ def _startup_problems(settings) -> List[str]:
     account = daemon.account_problem(settings)
     if account:
         problems.append(account)
+    problems += server.decoy_key_problems(settings)
     return problems
 
 
