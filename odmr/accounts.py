@@ -21,9 +21,11 @@ Domains are compared in their IDNA 2008 A-label form, so `straße.de` and
 from __future__ import annotations
 
 import binascii
+import errno
 import fcntl
 import os
 import re
+import secrets
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ _KEYS = {"domains", "shared_domains", "scram_sha_256", "cram_md5", "client_cert"
 
 class AccountsError(Exception):
     """The users file cannot be used; the message says why, one line per problem."""
+
+
+class SecretNotCreated(AccountsError):
+    """The decoy secret is missing and could not be made (e.g. a read-only directory)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,8 @@ class _Editor:
         try:
             if exc_type is None:
                 _write_atomically(self.path, self.config)
+                if not os.path.lexists(secret_path(self.path)):
+                    decoy_secret(self.path)     # made once; serve and check-config judge it
         finally:
             self._lock.close()
 
@@ -393,3 +401,95 @@ def delete_user(path: str, name: str) -> None:
         if name not in config:
             raise AccountsError("no account %s" % name)
         del config[name]
+
+
+# -- the decoy secret (a file beside the users file) --------------------------
+#
+# `<users file>.secret` holds the key from which the stand-in SCRAM salts of
+# unknown names are derived (sasl.Decoys). It must be the same for every node
+# sharing the users file and survive restarts, so it is written once, never
+# changed, and each node reads back whatever the first writer put there.
+
+SECRET_SUFFIX = ".secret"
+_SECRET_BYTES = 32
+_SECRET_HEADER = (b"# odmrd: key for the SCRAM salts shown to unknown user names.\n"
+                  b"# Keep it mode 0600, identical on every node sharing the users file.\n")
+
+
+def secret_path(users_path: str) -> str:
+    return users_path + SECRET_SUFFIX
+
+
+def decoy_secret(users_path: str, create: bool = True) -> Optional[bytes]:
+    """The key beside the users file; made (once, by whoever comes first) if missing.
+
+    None when it is missing and `create` is False. AccountsError when it is
+    unsafe (a link, readable by others) or malformed; SecretNotCreated when
+    it cannot be made."""
+    path = secret_path(users_path)
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        if not create:
+            return None
+    try:
+        _create_secret(path, _owner_for(users_path))
+        return _read_secret(path)
+    except OSError as exc:
+        raise SecretNotCreated("%s: cannot create: %s" % (path, exc.strerror or exc)) from None
+
+
+def _read_secret(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AccountsError("%s: is a symbolic link; refused" % path) from None
+        raise AccountsError("%s: %s" % (path, exc.strerror)) from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AccountsError("%s: not a regular file" % path)
+        if st.st_mode & 0o077:
+            raise AccountsError("%s: mode %04o is too open; run: chmod 600 %s"
+                                % (path, stat.S_IMODE(st.st_mode), path))
+        data = fh.read(4096)
+    lines = [line.strip() for line in data.splitlines()
+             if line.strip() and not line.startswith(b"#")]
+    try:
+        if len(lines) != 1 or len(lines[0]) != 2 * _SECRET_BYTES:
+            raise ValueError
+        return binascii.unhexlify(lines[0])
+    except (ValueError, binascii.Error):
+        raise AccountsError("%s: malformed (one line of %d hex digits expected)"
+                            % (path, 2 * _SECRET_BYTES)) from None
+
+
+def _create_secret(path: str, owner: Optional[Tuple[int, int]]) -> None:
+    """Write a fresh key to a temporary file, then link it into place.
+
+    link() fails if the name exists, also over NFS, so of two nodes racing
+    here exactly one key wins, complete, and both read that one back."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            if owner is not None:
+                os.fchown(fh.fileno(), *owner)
+            fh.write(_SECRET_HEADER + secrets.token_bytes(_SECRET_BYTES).hex().encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.unlink(tmp)

@@ -279,6 +279,7 @@ def _startup_problems(settings) -> List[str]:
         service = daemon.service_account(settings)
         problems += daemon.unreadable_problems(settings, service)
         problems += daemon.spool_problems(settings, service)
+    problems += server.decoy_key_problems(settings)
     return problems
 
 

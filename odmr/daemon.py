@@ -295,7 +295,9 @@ def _parents(path: str) -> List[str]:
 
 def files_the_service_reads(settings) -> List[Tuple[str, str]]:
     """(path, what) of every file a reload reads again, after privileges are dropped."""
-    files = [(settings.path, "configuration file"), (settings.users_file, "users file")]
+    from odmr.accounts import secret_path
+    files = [(settings.path, "configuration file"), (settings.users_file, "users file"),
+             (secret_path(settings.users_file), "users file's secret")]
     for attr, what in (("cert_file", "TLS certificate"), ("key_file", "TLS key"),
                        ("client_ca_file", "TLS client CA file")):
         path = getattr(settings.tls, attr)
@@ -319,7 +321,7 @@ def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
 def _read_fix(path: str, what: str, account: Optional[Account]) -> str:
     if account is None:
         return "make it readable by that user"
-    if what == "users file":                    # it must stay 0600: give it to the account
+    if what.startswith("users file"):           # it must stay 0600: give it to the account
         return "chown %s %s" % (account.name, path)
     try:
         group = grp.getgrgid(account.gid).gr_name

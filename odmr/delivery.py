@@ -127,7 +127,8 @@ class ReversedClient(smtplib.SMTP):
     def getreply(self):
         """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
         code, text = self.read_reply()
-        return code, text.encode("utf-8")
+        # never (-1, ""): smtplib's ehlo() takes that for a hang-up and closes our socket
+        return code, (text or ("(empty line)" if code < 0 else "")).encode("utf-8")
 
     def read_reply(self) -> Reply:
         """One (possibly multi-line) reply; (-1, text) when it is not SMTP at all."""
@@ -161,6 +162,11 @@ def _fmt(code: int, text: str) -> str:
     return ("%d %s" % (code, " ".join(text.split())))[:500]
 
 
+def _described(code: int, text: str) -> str:
+    """A reply for a log line; garbage (code -1) said to be garbage."""
+    return _fmt(code, text) if code >= 0 else ("garbage %r" % text)[:500]
+
+
 def deliver_reversed(session, domains: Sequence[str]) -> None:
     """Drive the reversed connection: greeting, EHLO, every message of `domains`, QUIT."""
     runtime = session.runtime
@@ -171,19 +177,8 @@ def deliver_reversed(session, domains: Sequence[str]) -> None:
     run: Optional[Run] = None
     _reaper.session(+1)
     try:
-        code, text = client.reply_at(TIMEOUTS.greeting)
-        if code != 220:
-            log.warning("delivery: %s greeted with %s; nothing sent, mail kept", peer, _fmt(code, text))
-            _quit(client)
+        if not _introduce(client, peer):
             return
-        client.set_timeout(TIMEOUTS.mail)
-        code, text = client.ehlo()
-        if not 200 <= code < 300:
-            code, text = client.helo()
-            if not 200 <= code < 300:
-                log.warning("delivery: %s refused EHLO and HELO: %s; mail kept", peer, _fmt(code, text))
-                _quit(client)
-                return
         run = Run(client, runtime, peer)
         try:
             clean = run.deliver_all(domains)
@@ -202,6 +197,49 @@ def deliver_reversed(session, domains: Sequence[str]) -> None:
                 runtime.spool.sync_domain(domain)
             except OSError:
                 pass
+
+
+def _introduce(client: ReversedClient, peer: str) -> bool:
+    """The customer's 220, then EHLO (HELO if EHLO is refused).
+
+    False when the customer will not have us: then nothing was sent, nothing
+    counts as a delivery attempt, QUIT went out and one line was logged."""
+    stage = "greeting"
+    try:
+        code, text = client.reply_at(TIMEOUTS.greeting)
+        if code != 220:
+            log.warning("delivery: %s greeted with %s; nothing sent, mail kept",
+                        peer, _described(code, text))
+            _quit(client)
+            return False
+        client.set_timeout(TIMEOUTS.mail)
+        stage = "EHLO"
+        ehlo = _hello(client.ehlo)
+        if 200 <= ehlo[0] < 300:
+            return True
+        if ehlo[0] == 421 or not 400 <= ehlo[0] < 600:
+            # going away, or not speaking SMTP: a HELO now could be answered out of step
+            log.warning("delivery: customer at %s refused EHLO: %s; nothing sent, mail kept",
+                        peer, _described(*ehlo))
+            _quit(client)
+            return False
+        stage = "HELO"
+        helo = _hello(client.helo)
+        if 200 <= helo[0] < 300:
+            return True
+        log.warning("delivery: customer at %s refused EHLO and HELO: %s / %s; nothing sent, mail kept",
+                    peer, _described(*ehlo), _described(*helo))
+        _quit(client)
+        return False
+    except (ConnectionLost, smtplib.SMTPServerDisconnected) as exc:
+        log.warning("delivery: customer at %s gone at %s: %s; nothing sent, mail kept", peer, stage, exc)
+        return False
+
+
+def _hello(command) -> Reply:
+    """smtplib's ehlo() or helo() as (code, text); garbage is (-1, text)."""
+    code, text = command()
+    return code, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
 def _quit(client: ReversedClient) -> None:

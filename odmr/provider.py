@@ -18,21 +18,35 @@ from odmr.delivery import deliver_reversed
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy
-from odmr.wire import LineTooLong, Session
+from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
 
 log = logging.getLogger("odmrd.odmr")
 
-MAX_AUTH_LINE = 12288          # RFC 4954 section 4
+# RFC 4954 section 4: a SASL response of up to 12,288 octets of base64, on the AUTH
+# command line (after "AUTH <mechanism> ", a mechanism name being at most 20
+# characters) or on a line of its own; other command lines keep 512 octets.
+MAX_AUTH_RESPONSE = 12288
+MAX_AUTH_LINE = MAX_AUTH_RESPONSE + 2
+MAX_AUTH_COMMAND_LINE = len("AUTH ") + 20 + 1 + MAX_AUTH_RESPONSE + 2
 
 REPLY_ATRN_OK = (250, "OK now reversing the connection")
 REPLY_ATRN_REFUSED = (450, "ATRN request refused")
 REPLY_ATRN_BUSY = (451, "Unable to process ATRN request now")
 REPLY_NO_MAIL = (453, "You have no mail")
 REPLY_AUTH_REQUIRED = (530, "5.7.0 Authentication required")
+REPLY_AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")
 
 
 class ATRNSyntaxError(ValueError):
     pass
+
+
+class _ResponseTooLong(sasl.SASLError):
+    """A SASL response line longer than RFC 4954's 12,288 octets."""
+
+
+class _Throttled(sasl.SASLError):
+    """The address ran out of guesses while an exchange was under way."""
 
 
 def parse_atrn_domains(arg: str) -> List[str]:
@@ -77,15 +91,18 @@ class ODMRSession(Session):
         log.info("odmr: connect from %s%s", self.peer,
                  " (%s)" % tls.describe(self.sock) if self.tls_active else "")
         if self._throttled():
-            log.warning("odmr: %s refused: too many failed authentications recently", self.peer)
-            self.close_after(421, "4.7.0 %s Too many failed authentications from your address, "
-                             "try again later" % self.hostname())
-            return
+            return self._refuse_throttled("refused")
         self.reply(220, "%s ESMTP odmrd on-demand mail relay server ready" % self.hostname())
 
     def _throttled(self) -> bool:
         return self.runtime.throttle.blocked(self.peer_ip, self.odmr.auth_throttle_failures,
                                              self.odmr.auth_throttle_window)
+
+    def _refuse_throttled(self, what: str) -> None:
+        """The address failed too often: the same 421 at connect and at every later AUTH."""
+        log.warning("odmr: %s %s: too many failed authentications recently", self.peer, what)
+        self.close_after(421, "4.7.0 %s Too many failed authentications from your address, "
+                         "try again later" % self.hostname())
 
     def finish(self) -> None:
         log.debug("odmr: disconnect from %s", self.peer)
@@ -176,39 +193,29 @@ class ODMRSession(Session):
         if self.account is not None:
             self.reply(503, "5.5.1 Already authenticated")
             return self.count_bad_command()
+        if self._throttled():
+            # a session opened before its address ran out of guesses gets none either
+            return self._refuse_throttled("AUTH refused")
         parts = arg.split()
         if not parts or len(parts) > 2:
             self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
             return self.count_bad_command()
+        if len(parts) == 2 and len(parts[1]) > MAX_AUTH_RESPONSE:
+            self.reply(*REPLY_AUTH_LINE_TOO_LONG)
+            return self.count_bad_command()
         name = parts[0].upper()
-        if self.odmr.require_tls and not self.tls_active:
-            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
+        if not self._mechanism_usable(name):
             return self.count_bad_command()
-        if name == "EXTERNAL":
-            if self._external_identity() is None:
-                self.reply(504, "5.5.4 EXTERNAL needs a verified TLS client certificate")
-                return self.count_bad_command()
-        elif name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
-            self.reply(504, "5.5.4 Unrecognized authentication type")
-            return self.count_bad_command()
-        elif sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
-            self.reply(538, "5.7.11 Encryption required for requested authentication mechanism")
-            return self.count_bad_command()
-        initial = None
         try:
-            if len(parts) == 2:
-                initial = self._decode(parts[1])
-            if name == "EXTERNAL":
-                external = self._auth_external(initial)
-                if external is None:
-                    raise sasl.AuthFailed()
-                username = external.name
-            else:
-                mech = sasl.server_mechanism(name, self.runtime.accounts.get, self.hostname())
-                username = mech.authenticate(self._challenge, initial)
+            username = self._exchange(name, parts[1] if len(parts) == 2 else None)
+        except _Throttled:
+            return self._refuse_throttled("AUTH refused")
         except sasl.AuthCancelled:
             self.reply(501, "5.7.0 Authentication cancelled")
             return
+        except _ResponseTooLong:
+            self.reply(*REPLY_AUTH_LINE_TOO_LONG)
+            return self.count_bad_command()
         except sasl.AuthProtocolError:
             return self._auth_failed(name, None, (501, "5.5.2 Malformed authentication exchange"))
         except sasl.AuthFailed:
@@ -216,18 +223,54 @@ class ODMRSession(Session):
         account = self.runtime.accounts.get(username)
         if account is None:
             return self._auth_failed(name, username)
+        if self._throttled():
+            # tripped by other sessions while this exchange ran: no answer to this guess
+            return self._refuse_throttled("AUTH as %s refused" % account.name)
         self.account = account
         log.info("odmr: %s authenticated as %s (%s)", self.peer, account.name, name)
         self.reply(235, "2.7.0 Authentication successful")
 
+    def _mechanism_usable(self, name: str) -> bool:
+        """False (after the reply) for a mechanism this session cannot use now."""
+        if self.odmr.require_tls and not self.tls_active:
+            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
+            return False
+        if name == "EXTERNAL":
+            if self._external_identity() is None:
+                self.reply(504, "5.5.4 EXTERNAL needs a verified TLS client certificate")
+                return False
+        elif name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
+            self.reply(504, "5.5.4 Unrecognized authentication type")
+            return False
+        elif sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
+            self.reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+            return False
+        return True
+
+    def _exchange(self, name: str, initial_text: Optional[str]) -> str:
+        """Run one SASL exchange; the account name it proves, else a sasl.SASLError."""
+        initial = self._decode(initial_text) if initial_text is not None else None
+        if name == "EXTERNAL":
+            external = self._auth_external(initial)
+            if external is None:
+                raise sasl.AuthFailed()
+            return external.name
+        mech = sasl.server_mechanism(name, self.runtime.accounts.get, self.hostname(),
+                                     self.runtime.decoys())
+        return mech.authenticate(self._challenge, initial)
+
     def _auth_failed(self, mechanism: str, username: Optional[str],
                      reply=(535, "5.7.8 Authentication credentials invalid")) -> None:
         """Count the failure (here and per address) before the client can see the reply."""
+        already_throttled = self._throttled()
         self.auth_failures += 1
         self.runtime.throttle.record(self.peer_ip)
-        self.reply(*reply)
         log.warning("odmr: authentication failed from %s (%s)%s", self.peer, mechanism,
                     " user=%s" % username if username else "")
+        if already_throttled:
+            # tripped by other sessions while this exchange ran: no answer to this guess
+            return self._refuse_throttled("AUTH refused")
+        self.reply(*reply)
         if self.auth_failures >= self.odmr.max_auth_failures or self._throttled():
             self.close_after(421, "4.7.0 %s Too many authentication failures" % self.hostname())
 
@@ -242,13 +285,27 @@ class ODMRSession(Session):
             raise sasl.AuthProtocolError("bad base64") from None
 
     def _challenge(self, data: bytes) -> bytes:
-        """The SASL mechanism's channel: one 334 out, one line back."""
+        """The SASL mechanism's channel: one 334 out, one line back.
+
+        Not once the address ran out of guesses: SCRAM's last challenge would
+        tell whether the proof was right."""
+        if self._throttled():
+            raise _Throttled()
         self.reply(334, base64.b64encode(data).decode("ascii"))
         try:
             line = self.read_line(MAX_AUTH_LINE)
         except LineTooLong:
-            raise sasl.AuthProtocolError("line too long") from None
+            raise _ResponseTooLong() from None
         return self._decode(line.rstrip(b"\r\n").decode("ascii", "replace").strip())
+
+    def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
+        """Command lines keep their 512 octets, except AUTH with an initial response."""
+        if limit != MAX_COMMAND_LINE:
+            return super().read_line(limit)
+        line = super().read_line(MAX_AUTH_COMMAND_LINE)
+        if len(line) > MAX_COMMAND_LINE and line[:5].upper() != b"AUTH ":
+            raise LineTooLong()
+        return line
 
     def smtp_ATRN(self, arg: str) -> None:
         account = self.account

@@ -15,6 +15,7 @@ from typing import Deque, Dict, Optional, Tuple
 from odmr.accounts import Accounts
 from odmr.config import Settings
 from odmr.names import normalize_domain, split_address
+from odmr.sasl import Decoys
 from odmr.spool import Spool
 
 # (domain or None, SMTP code, enhanced text)
@@ -57,6 +58,8 @@ class Runtime:
     spool: Spool
     tls: Optional[ssl.SSLContext] = None
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    # from beside the users file (accounts.decoy_secret); empty: this process only
+    decoy_key: bytes = field(default=b"", repr=False)
 
     @property
     def hostname(self) -> str:
@@ -66,9 +69,15 @@ class Runtime:
         # asked at every RCPT: computed once per snapshot
         object.__setattr__(self, "_hosted",
                            self.accounts.hosted_domains() | frozenset(self.settings.domains))
+        object.__setattr__(self, "_decoys", Decoys.like(
+            self.decoy_key, (a.scram for a in self.accounts if a.scram is not None)))
 
     def hosted_domains(self) -> frozenset:
         return self._hosted
+
+    def decoys(self) -> Decoys:
+        """Stand-in SCRAM secrets for unknown names, shaped like the real ones."""
+        return self._decoys
 
     def classify_recipient(self, address: str, utf8_allowed: bool, configured: bool = False) -> Verdict:
         """Decide whether a recipient address is accepted for spooling, and for which domain.

@@ -18,12 +18,13 @@ import re
 import secrets
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, Type
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Type
 
 __all__ = [
     "SASLError", "AuthFailed", "AuthCancelled", "AuthProtocolError",
-    "ScramSecret", "Credentials", "Lookup", "Challenge",
+    "ScramSecret", "Decoys", "Credentials", "Lookup", "Challenge",
     "ServerMechanism", "SERVER_MECHANISMS", "server_mechanism",
     "ClientMechanism", "CLIENT_MECHANISMS", "client_mechanism",
 ]
@@ -46,15 +47,13 @@ class AuthProtocolError(SASLError):
 
 
 DEFAULT_ITERATIONS = 4096
-# A server may pick any count; refusing absurd ones stops it pinning our CPU.
-MAX_CLIENT_ITERATIONS = 10_000_000
+DEFAULT_SALT_LENGTH = 16
+# A server may pick any count; refusing absurd ones stops it pinning our CPU
+# (a million PBKDF2 rounds take about a second; real servers use thousands).
+MAX_CLIENT_ITERATIONS = 1_000_000
 
 _SCRAM_PREFIX = "SCRAM-SHA-256"
 _SCRAM_KEY_LEN = 32  # SHA-256 digest size
-
-# Keys the fake exchanges for unknown users: stable within a process, so
-# repeated probes for one name see the same salt, and unguessable outside it.
-_FAKE_KEY = secrets.token_bytes(32)
 
 
 # -- small helpers ---------------------------------------------------------
@@ -172,15 +171,46 @@ class ScramSecret:
         return stored_ok & server_ok
 
 
-def _fake_scram(username: str) -> ScramSecret:
-    """A stand-in secret for a user with none, so the exchange looks normal.
+@dataclass(frozen=True)
+class Decoys:
+    """Stand-in SCRAM secrets for names that have none, so the exchange looks normal.
 
-    The salt is deterministic per name: a real account's salt never changes,
-    so a fake one that did would give unknown users away.
+    A real account's salt and iteration count never change, so a decoy's must
+    not either: it is derived from `key`, a secret kept beside the users file,
+    and is the same after a restart and on every node sharing that file. Its
+    iteration count and salt length are those real accounts use.
     """
-    seed = _hmac256(_FAKE_KEY, b"scram\0" + username.encode("utf-8"))
-    return ScramSecret(DEFAULT_ITERATIONS, seed[:16],
-                       _hmac256(seed, b"stored"), _hmac256(seed, b"server"))
+
+    key: bytes = field(repr=False)
+    iterations: int = DEFAULT_ITERATIONS
+    salt_length: int = DEFAULT_SALT_LENGTH
+
+    @classmethod
+    def like(cls, key: bytes, real: Iterable[ScramSecret]) -> "Decoys":
+        """Decoys shaped like the most common of the `real` secrets.
+
+        Without a `key` they are stable within this process only."""
+        key = key or _PROCESS_KEY
+        shapes = Counter((s.iterations, len(s.salt)) for s in real)
+        if not shapes:
+            return cls(key)
+        (iterations, salt_length), _ = shapes.most_common(1)[0]
+        return cls(key, iterations, salt_length)
+
+    def scram(self, username: str) -> ScramSecret:
+        seed = _hmac256(self.key, b"scram\0" + username.encode("utf-8"))
+        salt = b""
+        block = 0
+        while len(salt) < self.salt_length:
+            block += 1
+            salt += _hmac256(seed, b"salt\0%d" % block)
+        return ScramSecret(self.iterations, salt[:self.salt_length],
+                           _hmac256(seed, b"stored"), _hmac256(seed, b"server"))
+
+
+# Without a key from the users file: stable within this process only.
+_PROCESS_KEY = secrets.token_bytes(32)
+_PROCESS_DECOYS = Decoys(_PROCESS_KEY)
 
 
 # -- SCRAM message syntax (RFC 5802 section 7) -------------------------------
@@ -232,17 +262,19 @@ class ServerMechanism:
     """One server-side exchange; create a fresh one per AUTH command.
 
     `nonce` replaces the random part of the challenge, for tests against
-    published examples.
+    published examples; `decoys` stand in for the secrets of unknown users.
     """
 
     name: str = ""
     needs_tls: bool = False
 
     def __init__(self, lookup: Lookup, hostname: str, *,
-                 nonce: Optional[Callable[[], str]] = None) -> None:
+                 nonce: Optional[Callable[[], str]] = None,
+                 decoys: Optional[Decoys] = None) -> None:
         self.lookup = lookup
         self.hostname = hostname
         self._nonce = nonce or self._random_nonce
+        self.decoys = decoys or _PROCESS_DECOYS
 
     @staticmethod
     def _random_nonce() -> str:
@@ -261,12 +293,14 @@ def _server(cls: Type[ServerMechanism]) -> Type[ServerMechanism]:
     return cls
 
 
-def server_mechanism(name: str, lookup: Lookup, hostname: str) -> ServerMechanism:
+def server_mechanism(name: str, lookup: Lookup, hostname: str,
+                     decoys: Optional[Decoys] = None) -> ServerMechanism:
     """A fresh server mechanism by (case-insensitive) name; KeyError if unknown."""
-    return SERVER_MECHANISMS[name.upper()](lookup, hostname)
+    return SERVER_MECHANISMS[name.upper()](lookup, hostname, decoys=decoys)
 
 
-def _check_password(lookup: Lookup, username: str, password: str) -> Optional[str]:
+def _check_password(lookup: Lookup, username: str, password: str,
+                    decoys: Decoys) -> Optional[str]:
     """Return the account name if the password is right, else None.
 
     Uses the SCRAM keys; an account with only a CRAM-MD5 secret is checked
@@ -275,7 +309,7 @@ def _check_password(lookup: Lookup, username: str, password: str) -> Optional[st
     """
     creds = lookup(username)
     scram = creds.scram if creds is not None else None
-    ok = (scram or _fake_scram(username)).verify_password(password)
+    ok = (scram or decoys.scram(username)).verify_password(password)
     if scram is None:
         secret = creds.cram_md5_secret if creds is not None else None
         ok = secret is not None and _same(password, secret)
@@ -303,7 +337,7 @@ class CramMD5Server(ServerMechanism):
         username = _utf8(user_part)
         creds = self.lookup(username)
         secret = creds.cram_md5_secret if creds is not None else None
-        key = secret.encode("utf-8") if secret is not None else _FAKE_KEY
+        key = secret.encode("utf-8") if secret is not None else self.decoys.key
         expected = hmac.new(key, text, hashlib.md5).hexdigest().encode("ascii")
         if not hmac.compare_digest(expected, digest) or secret is None:
             raise AuthFailed("authentication failed")
@@ -322,7 +356,7 @@ class ScramSHA256Server(ServerMechanism):
 
         creds = self.lookup(username)
         real = creds.scram if creds is not None else None
-        secret = real or _fake_scram(username)
+        secret = real or self.decoys.scram(username)
         nonce = client_nonce + self._nonce()
         server_first = f"r={nonce},s={_b64(secret.salt)},i={secret.iterations}"
 
@@ -405,7 +439,7 @@ class PlainServer(ServerMechanism):
             raise AuthProtocolError("empty user name or password")
         if authzid and not _same(authzid, authcid):
             raise AuthFailed("may not act for another user")
-        account = _check_password(self.lookup, authcid, password)
+        account = _check_password(self.lookup, authcid, password, self.decoys)
         if account is None:
             raise AuthFailed("authentication failed")
         return account
@@ -423,7 +457,7 @@ class LoginServer(ServerMechanism):
         if not username:
             raise AuthProtocolError("empty user name")
         password = _utf8(challenge(b"Password:"))
-        account = _check_password(self.lookup, username, password)
+        account = _check_password(self.lookup, username, password, self.decoys)
         if account is None:
             raise AuthFailed("authentication failed")
         return account
@@ -515,6 +549,21 @@ class LoginClient(ClientMechanism):
         return answer.encode("utf-8")
 
 
+def _client_iterations(text: str) -> int:
+    """The server's i= as a count we are willing to compute, else AuthProtocolError.
+
+    The count comes from the server, so it is shown with repr() and cut short.
+    """
+    if not _is_decimal(text) or not text.strip("0"):
+        raise AuthProtocolError("nonsensical SCRAM iteration count i=%r" % text[:20])
+    if len(text.lstrip("0")) > len(str(MAX_CLIENT_ITERATIONS)) \
+            or int(text) > MAX_CLIENT_ITERATIONS:
+        raise AuthProtocolError("absurd SCRAM iteration count i=%s%s (at most %d accepted)"
+                                % (text[:20], "..." if len(text) > 20 else "",
+                                   MAX_CLIENT_ITERATIONS))
+    return int(text)
+
+
 @_client
 class ScramSHA256Client(ClientMechanism):
     """RFC 5802 / RFC 7677 client; `done()` only after the server proved itself.
@@ -562,11 +611,11 @@ class ScramSHA256Client(ClientMechanism):
             salt = _unb64(salt_text)
         except ValueError:
             raise AuthProtocolError("bad SCRAM salt") from None
-        if not salt or not _is_decimal(iter_text) \
-                or not 1 <= int(iter_text) <= MAX_CLIENT_ITERATIONS:
-            raise AuthProtocolError("bad SCRAM salt or iteration count")
+        if not salt:
+            raise AuthProtocolError("empty SCRAM salt")
+        iterations = _client_iterations(iter_text)
 
-        client_key, server_key = _scram_keys(self.password, salt, int(iter_text))
+        client_key, server_key = _scram_keys(self.password, salt, iterations)
         channel = _b64(self._GS2_HEADER.encode("ascii"))
         without_proof = f"c={channel},r={nonce}"
         auth_message = f"{self._bare},{server_first},{without_proof}".encode("utf-8")

@@ -160,8 +160,12 @@ class Service:
         self.spool = Spool(self.settings.spool_dir)
         self._accounts = self._load_accounts(self.settings)
         self.throttle = AuthThrottle()
+        try:
+            self.decoy_key = load_decoy_key(self.settings)
+        except accounts_mod.AccountsError as exc:
+            raise StartupError(str(exc)) from None
         self._runtime = Runtime(self.settings, self._accounts, self.spool,
-                                self._tls_context(self.settings), self.throttle)
+                                self._tls_context(self.settings), self.throttle, self.decoy_key)
         for problem in tls_listener_problems(self.settings, self._runtime.tls):
             raise StartupError(problem)
         self._users_checked = time.monotonic()
@@ -194,6 +198,13 @@ class Service:
         except accounts_mod.AccountsError as exc:
             raise StartupError(str(exc).replace("\n", "; ")) from None
 
+    def _refresh_decoy_key(self, settings) -> None:
+        """The users file may have come (and its secret with it) since start-up."""
+        try:
+            self.decoy_key = load_decoy_key(settings) or self.decoy_key
+        except accounts_mod.AccountsError as exc:
+            log.error("keeping the previous decoy secret: %s", exc)
+
     # -- the current snapshot ---------------------------------------------------
     @property
     def runtime(self) -> Runtime:
@@ -216,7 +227,9 @@ class Service:
         except StartupError as exc:
             log.error("users file not reloaded, keeping the previous accounts: %s", exc)
             return
-        self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle)
+        self._refresh_decoy_key(self.settings)
+        self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle,
+                                self.decoy_key)
         log.info("users file reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
 
@@ -250,7 +263,8 @@ class Service:
             log.error("reload: TLS certificates removed but implicit-TLS listeners are running; "
                       "keeping the previous certificates")
             context = self._runtime.tls
-        self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle)
+        self._refresh_decoy_key(settings)
+        self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle, self.decoy_key)
         logging.getLogger().setLevel(settings.log_level.upper())
         log.info("configuration reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
@@ -403,3 +417,29 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime_ns
     except OSError:
         return 0
+
+
+def load_decoy_key(settings) -> bytes:
+    """The key for unknown users' SCRAM salts, from beside the users file.
+
+    Made if missing (start-up runs before privileges are dropped, so it can);
+    b"" without a users file, or when it cannot be made (logged): then the
+    salts hold only for this process. AccountsError when it is unsafe or
+    malformed, like the users file itself."""
+    if not os.path.exists(settings.users_file):
+        return b""
+    try:
+        return accounts_mod.decoy_secret(settings.users_file) or b""
+    except accounts_mod.SecretNotCreated as exc:
+        log.warning("%s; until it exists, the SCRAM salts shown for unknown user names "
+                    "change at every restart", exc)
+        return b""
+
+
+def decoy_key_problems(settings) -> List[str]:
+    """For check-config: an existing decoy secret that serve would refuse."""
+    try:
+        accounts_mod.decoy_secret(settings.users_file, create=False)
+    except accounts_mod.AccountsError as exc:
+        return [str(exc)]
+    return []
