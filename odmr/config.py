@@ -244,6 +244,7 @@ class SmtpSettings:
     max_sessions_per_address: int
     idle_timeout: float
     max_bad_commands: int
+    allow_routing_local_parts: bool = False     # user%host@, host!user@, "a@b"@ ... (SPEC §5)
     postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
 
 
@@ -464,6 +465,7 @@ def load(path: Optional[str] = None) -> Settings:
             max_message_size=raw["smtp"]["max_message_size"],
             max_recipients=raw["smtp"]["max_recipients"],
             require_tls=raw["smtp"]["require_tls"],
+            allow_routing_local_parts=raw["smtp"]["allow_routing_local_parts"],
             max_sessions=raw["smtp"]["max_sessions"],
             max_sessions_per_address=raw["smtp"]["max_sessions_per_address"],
             idle_timeout=raw["smtp"]["idle_timeout"],

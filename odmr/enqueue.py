@@ -14,6 +14,7 @@ from typing import BinaryIO, Dict, List, Tuple
 from odmr.names import address_is_safe, mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
+from odmr.syntax import for_clause, printable, split_source_route
 
 EX_DATAERR = 65
 EX_NOUSER = 67
@@ -53,17 +54,23 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         raise EnqueueError("sender %r contains characters not allowed in an address" % sender, EX_DATAERR)
     if sender and "@" not in sender:
         raise EnqueueError("sender %r needs a domain" % sender, EX_DATAERR)
+    routed = sender and runtime.sender_routing(sender)
+    if routed:
+        raise EnqueueError("sender <%s> is in a hosted domain and carries a route: %s"
+                           % (printable(sender), routed), EX_NOUSER)
     by_domain: Dict[str, List[str]] = {}
     mailboxes = set()
     for address in recipients:
-        address = address.strip().lstrip("<").rstrip(">")
-        if not address_is_safe(address):
-            raise EnqueueError("recipient %r contains characters not allowed in an address" % address,
-                               EX_DATAERR)
-        domain, code, text = runtime.classify_recipient(address, utf8_allowed=True)
+        path = address.strip().lstrip("<").rstrip(">")
+        try:
+            route, address = split_source_route(path)
+        except ValueError:
+            raise EnqueueError("recipient <%s>: source route without ':'" % printable(path),
+                               EX_DATAERR) from None
+        domain, code, text = runtime.classify_recipient(address, utf8_allowed=True, route=route)
         if domain is None:
             status = EX_NOUSER if code in (550, 553) else EX_DATAERR
-            raise EnqueueError("<%s>: %s" % (address, text.split(" ", 1)[1]), status)
+            raise EnqueueError("recipient <%s>: %s" % (printable(path), text.split(" ", 1)[1]), status)
         if not runtime.quota_ok(domain):
             raise EnqueueError("<%s>: domain %s is over quota" % (address, domain), EX_TEMPFAIL)
         key = mailbox_key(address, domain)
@@ -84,8 +91,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
     def prefix(domain: str, msg_id: str) -> bytes:
         rcpts = by_domain[domain]
         text = "Received: by %s (odmrd enqueue, uid %d) id %s" % (hostname, os.getuid(), msg_id)
-        if len(rcpts) == 1:
-            text += "\r\n\tfor <%s>" % rcpts[0]
+        text += for_clause(rcpts)
         return (text + ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)).encode("utf-8")
 
     limit = runtime.settings.smtp.max_message_size

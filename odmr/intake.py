@@ -17,6 +17,7 @@ from odmr import tls
 from odmr.names import mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
+from odmr.syntax import for_clause, helo_name_ok, printable, split_source_route, tcp_info
 from odmr.wire import Session, iter_data, parse_params, parse_path
 
 log = logging.getLogger("odmrd.smtp")
@@ -24,12 +25,15 @@ log = logging.getLogger("odmrd.smtp")
 
 def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
                     msg_id: str, recipients: List[str]) -> bytes:
-    """A RFC 5321 trace header, folded; `for` only names a single recipient."""
-    clean_helo = "".join(c for c in helo if c.isprintable() and c not in "()\\")[:100] or "unknown"
-    text = "Received: from %s ([%s])\r\n\tby %s (odmrd) with %s id %s" % (
-        clean_helo, peer_ip, hostname, protocol, msg_id)
-    if len(recipients) == 1:
-        text += "\r\n\tfor <%s>" % recipients[0]
+    """A RFC 5321 §4.4 trace header, folded. Each slot holds only what fits it: the
+    EHLO name if it is a domain or an address literal (the sessions refuse others),
+    the peer as an address literal, `for` only for one plain address."""
+    text = "Received: from %s" % (helo if helo_name_ok(helo) else "unknown")
+    info = tcp_info(peer_ip)
+    if info:
+        text += " (%s)" % info
+    text += "\r\n\tby %s (odmrd) with %s id %s" % (hostname, protocol, msg_id)
+    text += for_clause(recipients)
     text += ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)
     return text.encode("utf-8", "replace")
 
@@ -75,8 +79,8 @@ class IntakeSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not arg:
-            self.reply(501, "5.5.4 Syntax: EHLO hostname")
+        if not helo_name_ok(arg):
+            self._bad_helo("EHLO", arg)
             return
         self.helo, self.esmtp, self.tx = arg, True, None
         lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
@@ -86,11 +90,19 @@ class IntakeSession(Session):
         self.reply(250, *lines)
 
     def smtp_HELO(self, arg: str) -> None:
-        if not arg:
-            self.reply(501, "5.5.4 Syntax: HELO hostname")
+        if not helo_name_ok(arg):
+            self._bad_helo("HELO", arg)
             return
         self.helo, self.esmtp, self.tx = arg, False, None
         self.reply(250, self.hostname())
+
+    def _bad_helo(self, verb: str, arg: str) -> None:
+        """RFC 5321 §4.1.4: a domain or an address literal, never free text (it goes
+        into the Received: header). The session's earlier EHLO, if any, still holds."""
+        log.info("smtp: %s %s refused: not a domain or address literal: %s",
+                 self.peer, verb, printable(arg, 100))
+        self.reply(501, "5.5.4 Syntax: %s domain or address literal" % verb)
+        self.count_bad_command()
 
     def smtp_NOOP(self, arg: str) -> None:
         self.reply(250, "2.0.0 Ok")
@@ -177,6 +189,12 @@ class IntakeSession(Session):
         if len(sender) > 256:
             self.reply(553, "5.1.7 Sender address too long")
             return
+        routed = sender and self.runtime.sender_routing(sender)
+        if routed:
+            log.info("smtp: %s refused MAIL <%s>: a sender in a hosted domain with %s",
+                     self.peer, printable(sender), routed)
+            self.reply(550, "5.7.1 Routing refused: %s" % routed)
+            return
         self.tx = Transaction(sender, smtputf8, body, size)
         self.reply(250, "2.1.0 Ok")
 
@@ -185,11 +203,13 @@ class IntakeSession(Session):
         if tx is None:
             self.reply(503, "5.5.1 Need MAIL before RCPT")
             return self.count_bad_command()
-        parsed = parse_path(arg, "TO:")
-        if parsed is None:
+        parsed = parse_path(arg, "TO:", raw=True)     # a source route too: classify_recipient judges it
+        try:
+            path, param_text = parsed
+            route, address = split_source_route(path)
+        except (TypeError, ValueError):
             self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
             return self.count_bad_command()
-        address, param_text = parsed
         params = parse_params(param_text)
         if params is None or params:
             self.reply(555, "5.5.4 Unsupported RCPT parameters")
@@ -204,17 +224,18 @@ class IntakeSession(Session):
             # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
             # administrator of this host, whose mailbox is a configured hosted address
             target = self.runtime.postmaster_address()
-            domain, code, text = self.runtime.classify_recipient(target, tx.smtputf8, configured=True)
-            if domain is None:
+            domain, code, text = self.runtime.classify_recipient(target, tx.smtputf8, configured=True,
+                                                                 route=route)
+            if domain is None and not route:
                 log.error("smtp: %s RCPT <postmaster> refused: %s is not an address in a hosted "
-                          "domain (set [smtp] postmaster)", self.peer, target)
+                          "domain (set [smtp] postmaster): %d %s", self.peer, target, code, text)
                 self.reply(550, "5.1.1 <postmaster>: no postmaster mailbox configured here")
                 return
             address = target
         else:
-            domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8)
+            domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8, route=route)
         if domain is None:
-            log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, address, code, text)
+            log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, printable(path), code, text)
             self.reply(code, text)
             if code >= 500:
                 self.count_bad_command()

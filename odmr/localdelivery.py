@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 
 from odmr.intake import received_header
 from odmr.mailstore import Mailbox, StorageError
+from odmr.syntax import helo_name_ok
 from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
 
 log = logging.getLogger("odmrd.fetch")
@@ -89,18 +90,18 @@ class LocalSMTPSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not arg:
-            self.reply(501, "5.5.4 Syntax: EHLO hostname")
-            return
+        if not helo_name_ok(arg):       # it goes into the Received: header of every message
+            self.reply(501, "5.5.4 Syntax: EHLO domain or address literal")
+            return self.count_bad_command()
         self._reset()
         self.helo, self.esmtp = arg, True
         self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE",
                    "ENHANCEDSTATUSCODES")
 
     def smtp_HELO(self, arg: str) -> None:
-        if not arg:
-            self.reply(501, "5.5.4 Syntax: HELO hostname")
-            return
+        if not helo_name_ok(arg):
+            self.reply(501, "5.5.4 Syntax: HELO domain or address literal")
+            return self.count_bad_command()
         self._reset()
         self.helo, self.esmtp = arg, False
         self.reply(250, self.hostname())

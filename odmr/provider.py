@@ -18,6 +18,7 @@ from odmr.delivery import deliver_reversed
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy
+from odmr.syntax import helo_name_ok, printable
 from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
 
 log = logging.getLogger("odmrd.odmr")
@@ -126,9 +127,11 @@ class ODMRSession(Session):
 
     # -- verbs ----------------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not arg:
-            self.reply(501, "5.5.4 Syntax: EHLO hostname")
-            return
+        if not helo_name_ok(arg):
+            log.info("odmr: %s EHLO refused: not a domain or address literal: %s",
+                     self.peer, printable(arg, 100))
+            self.reply(501, "5.5.4 Syntax: EHLO domain or address literal")
+            return self.count_bad_command()
         self.ehlo = arg
         lines = [self.hostname()]
         if self.runtime.tls is not None and not self.tls_active:

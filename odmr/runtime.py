@@ -14,9 +14,10 @@ from typing import Deque, Dict, Optional, Tuple
 
 from odmr.accounts import Accounts
 from odmr.config import Settings
-from odmr.names import normalize_domain, split_address
+from odmr.names import address_is_safe, normalize_domain, split_address
 from odmr.sasl import Decoys
 from odmr.spool import Spool
+from odmr.syntax import route_in_address
 
 # (domain or None, SMTP code, enhanced text)
 Verdict = Tuple[Optional[str], int, str]
@@ -79,13 +80,24 @@ class Runtime:
         """Stand-in SCRAM secrets for unknown names, shaped like the real ones."""
         return self._decoys
 
-    def classify_recipient(self, address: str, utf8_allowed: bool, configured: bool = False) -> Verdict:
+    def classify_recipient(self, address: str, utf8_allowed: bool, configured: bool = False,
+                           route: str = "") -> Verdict:
         """Decide whether a recipient address is accepted for spooling, and for which domain.
 
         `configured`: an address from the configuration ([smtp] postmaster), which a
-        domain's recipient list does not restrict."""
+        domain's recipient list does not restrict. `route`: the source route the
+        client put before the address (`@a,@b` of <@a,@b:u@d>)."""
         if not address:
             return None, 501, "5.1.3 Null recipient not allowed"
+        # controls and brackets first (they could break the spool's envelope lines); a
+        # backslash is judged as routing first, since an escape can hide an '@' in quotes
+        if not address_is_safe(address.replace("\\", "")):
+            return None, 501, "5.1.3 Bad recipient address syntax"
+        routed = self.routing(address, route)
+        if routed:
+            return None, 550, "5.7.1 Routing refused: %s" % routed
+        if "\\" in address:
+            return None, 501, "5.1.3 Bad recipient address syntax"
         if not address.isascii() and not utf8_allowed:
             return None, 553, "5.6.7 Non-ASCII address needs SMTPUTF8"
         try:
@@ -105,6 +117,24 @@ class Runtime:
             # postmaster@ every domain we take mail for is always accepted (RFC 5321 §4.5.1)
             return None, 550, "5.1.1 No such user here"
         return domain, 250, "2.1.5 Ok"
+
+    def routing(self, address: str, route: str = "") -> Optional[str]:
+        """Why the address would be routed onward by the customer's MTA, when
+        [smtp] allow_routing_local_parts does not allow that; else None."""
+        if self.settings.smtp.allow_routing_local_parts:
+            return None
+        if route:
+            return "a source route"
+        return route_in_address(address)
+
+    def sender_routing(self, sender: str) -> Optional[str]:
+        """Why a sender in a hosted domain would be routed onward: its DSNs are
+        spooled for the customer, whose MTA would follow the route (backscatter relay)."""
+        try:
+            domain = normalize_domain(split_address(sender)[1])
+        except ValueError:
+            return None
+        return self.routing(sender) if domain in self.hosted_domains() else None
 
     def postmaster_address(self) -> str:
         """Where the domainless <postmaster> goes: [smtp] postmaster, else postmaster@hostname."""

@@ -327,7 +327,10 @@ class Session:
             self.count_bad_command()
             return
         if any(ord(c) < 32 and c != "\t" for c in text):
-            self.reply(500, "5.5.2 Syntax error: control characters")
+            if text.partition(" ")[0].upper() in self._verbs:     # a known verb: its argument is bad
+                self.reply(501, "5.5.4 Syntax error: control characters in the argument")
+            else:
+                self.reply(500, "5.5.2 Syntax error: control characters")
             self.count_bad_command()
             return
         verb, _, arg = text.partition(" ")
@@ -375,10 +378,12 @@ def parse_params(text: str) -> Optional[Dict[str, str]]:
     return params
 
 
-def parse_path(arg: str, keyword: str):
+def parse_path(arg: str, keyword: str, raw: bool = False):
     """`FROM:<a@b> PARAMS` -> (address, params-text); None on syntax error.
 
-    Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>)."""
+    Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>).
+    `raw`: the path as sent, route and all, for a caller that judges it itself
+    (intake RCPT: `Runtime.classify_recipient`)."""
     head = arg[: len(keyword)]
     if head.upper() != keyword:
         return None
@@ -392,14 +397,16 @@ def parse_path(arg: str, keyword: str):
     params = rest[end + 1:]
     if params and not params.startswith(" "):
         return None
+    if any(c in address for c in " \t") and '"' not in address:
+        return None
+    if raw:
+        return address, params.strip()
     if address.startswith("@"):
         colon = address.find(":")
         if colon < 0:
             return None
         address = address[colon + 1:]
     if not address_is_safe(address):
-        return None
-    if any(c in address for c in " \t") and '"' not in address:
         return None
     return address, params.strip()
 

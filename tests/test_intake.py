@@ -208,11 +208,9 @@ def test_never_an_open_relay(smtp, provider, rcpt):
 
 
 @pytest.mark.parametrize("rcpt,domain", [
-    ("u%evil.test@example.org", "example.org"),
     ("User@EXAMPLE.ORG", "example.org"),
-    ("@relay.test:u@example.com", "example.com"),
     ('"odd local"@example.net', "example.net"),
-], ids=["percent-hack-in-hosted-domain", "upper-case", "source-route-to-hosted", "quoted-local-part"])
+], ids=["upper-case", "quoted-local-part"])      # routed local parts: test_routing.py
 def test_hosted_recipients_accepted(smtp, provider, rcpt, domain):
     assert smtp.cmd("MAIL FROM:<%s>" % SENDER)[0] == 250
     code, lines = smtp.cmd("RCPT TO:<%s>" % rcpt)
