@@ -149,6 +149,8 @@ def test_start_collects_then_stop(provider, service):
     pid = service.pid()
     assert pid is not None and alive(pid)
     assert fetch_processes(service.config) == [pid]
+    assert os.stat(service.pid_file).st_mode & 0o777 == 0o644
+    assert os.stat(service.log_file).st_mode & 0o077 == 0           # the poller's lines are root's
     status = service.init("status")
     assert status.returncode == LSB_RUNNING, text(status)
     assert "running (pid %d)" % pid in text(status)
