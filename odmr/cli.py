@@ -137,10 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return serve(config_path, args.foreground)
         if args.command == "fetch":
             from odmr import customer
-            # flags alone suffice; the default file's [fetch] is read only if it exists
-            explicit = getattr(args, "config", None) or os.environ.get("ODMRD_CONFIG")
-            return customer.main(args.rest, config_path if explicit or os.path.exists(config_path)
-                                 else None)
+            # flags alone suffice; customer picks the default file only for its [fetch]
+            return customer.main(args.rest, getattr(args, "config", None))
         handler = {"check-config": cmd_check_config, "user": cmd_user,
                    "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
         return handler(args, config_path)

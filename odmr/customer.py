@@ -25,6 +25,7 @@ from odmr.atrnclient import (DEFAULT_PORT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_U
 
 EX_NOINPUT = 66
 EX_CONFIG = 78
+EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
 MAX_BACKOFF = 3600.0
 RELAY_CONNECT_TIMEOUT = 60.0
 
@@ -54,6 +55,8 @@ class FetchOptions:
     mbox: str
     every: float
     verbose: bool
+    config_note: str = ""       # which file the settings came from, for -v and --check
+    check_only: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", metavar="HOST:PORT", help="hand the mail to this local SMTP server")
     p.add_argument("--maildir", metavar="DIR", help="deliver into this Maildir")
     p.add_argument("--mbox", metavar="FILE", help="deliver into this mbox file")
-    p.add_argument("--every", metavar="INTERVAL", help="poll forever at this interval (e.g. 15m)")
+    p.add_argument("--every", metavar="INTERVAL", nargs="?", const=EVERY_FROM_CONFIG,
+                   help="poll forever at this interval (e.g. 15m); alone: at the [fetch] "
+                        "section's `every` (what the init scripts run)")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="read the [fetch] section of FILE (default: $ODMRD_CONFIG or "
+                        "/etc/odmrd/odmrd.conf, only if it has a [fetch] section)")
+    p.add_argument("--check", action="store_true",
+                   help="check the settings (files, flags, config) and exit without connecting")
     p.add_argument("-v", "--verbose", action="store_true", help="show the conversation on stderr")
     return p
 
 
 # -- options ---------------------------------------------------------------------
+
+def _choose_config(named: Optional[str]) -> Tuple[Optional[str], str]:
+    """(the file to read or None, what -v says about that choice).
+
+    A file named with -c is read whatever it holds. The default one
+    ($ODMRD_CONFIG, else /etc/odmrd/odmrd.conf) is read only when it has a
+    [fetch] section: on the provider's own host it is the provider's file, and
+    its hostname, paths or errors are none of the customer's business."""
+    from odmr import config
+    if named:
+        return named, "settings from %s" % os.path.abspath(named)
+    default = os.path.abspath(config.default_config_path())
+    if not os.path.exists(default):
+        return None, "no configuration file read: no %s" % default
+    if not os.access(default, os.R_OK):
+        return None, "no configuration file read: %s is not readable (use -c FILE)" % default
+    # the scanner that numbers lines for error messages also sees section headers
+    if (("fetch",), "") not in config.line_numbers(default):
+        return None, "no configuration file read: %s has no [fetch] section" % default
+    return default, "settings from the [fetch] section of %s" % default
+
 
 def _fetch_section(config_path: Optional[str]) -> Tuple[dict, str, str]:
     """([fetch] values, directory for relative paths, host name) from the config file."""
@@ -114,10 +145,14 @@ def _read_password(path: str) -> str:
 
 def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions:
     """Flags over the config's [fetch] section; UsageError for anything unusable."""
-    from odmr.config import parse_duration, parse_hostport
+    from odmr.config import parse_hostport
     from odmr.names import normalize_domain
     args = build_parser().parse_args(argv)
+    config_path, note = _choose_config(args.config or config_path)
     section, base, hostname = _fetch_section(config_path)
+    # a missing setting says where it was looked for
+    missing = " (%s)" % note if config_path is None else \
+        " (or in [fetch] of %s)" % os.path.abspath(config_path)
 
     def pick(flag, key):
         return flag if flag not in (None, "", []) else section.get(key)
@@ -125,9 +160,9 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
     server = pick(args.server, "server")
     user = pick(args.user, "user")
     if not server:
-        raise UsageError("--server is required")
+        raise UsageError("--server is required" + missing)
     if not user:
-        raise UsageError("--user is required")
+        raise UsageError("--user is required" + missing)
     try:
         host, port = parse_hostport(server, DEFAULT_PORT)
     except ValueError as exc:
@@ -178,7 +213,8 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
         if len(given) > 1:
             raise UsageError("[fetch] sets more than one of relay, maildir, mbox")
     if not given:
-        raise UsageError("one of --relay HOST:PORT, --maildir DIR or --mbox FILE is required")
+        raise UsageError("one of --relay HOST:PORT, --maildir DIR or --mbox FILE is required"
+                         + missing)
     target = given[0]
     value = getattr(args, target) or section.get(target)
     relay = None
@@ -195,22 +231,55 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
         if os.path.isdir(mbox):
             raise UsageError("--mbox %s is a directory (use --maildir?)" % mbox)
 
-    if args.every:
-        try:
-            every = parse_duration(args.every)
-        except ValueError as exc:
-            raise UsageError("--every: %s" % exc) from None
-        if every <= 0:
-            raise UsageError("--every must be more than 0")
-    else:
-        every = float(section.get("every") or 0)
-
+    every = _interval(args.every, section, note)
     endpoint = Endpoint(host=host, port=port, user=user, password=password, domains=domains,
                         tls=args.tls or section.get("tls") or "starttls", ca_file=ca_file,
                         insecure=bool(args.insecure or section.get("insecure")),
                         mechanism=mechanism, helo=hostname)
     return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
-                        every=every, verbose=args.verbose)
+                        every=every, verbose=args.verbose, config_note=note,
+                        check_only=args.check)
+
+
+def _interval(flag: Optional[str], section: dict, where: str) -> float:
+    """Seconds between runs (0: run once) from --every and the [fetch] `every`."""
+    from odmr.config import parse_duration
+    configured = float(section.get("every") or 0)
+    if flag == EVERY_FROM_CONFIG:
+        if configured <= 0:
+            # what the service scripts run: one run and an exit would look like a crash
+            raise UsageError("--every without an interval needs `every` in the [fetch] section"
+                             " (%s)" % where, EX_CONFIG)
+        return configured
+    if not flag:
+        return configured
+    try:
+        every = parse_duration(flag)
+    except ValueError as exc:
+        raise UsageError("--every: %s" % exc) from None
+    if every <= 0:
+        raise UsageError("--every must be more than 0")
+    return every
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%gs" % seconds
+
+
+def describe(options: FetchOptions) -> str:
+    """What a run will do, in one line without the password (--check, the poller's first line)."""
+    endpoint = options.endpoint
+    if options.relay is not None:
+        target = "relay to %s:%d" % options.relay
+    else:
+        target = "maildir %s" % options.maildir if options.maildir else "mbox %s" % options.mbox
+    when = "every %s" % _duration(options.every) if options.every > 0 else "once"
+    return "%s at %s:%d (tls %s), %s, %s; %s" % (
+        endpoint.user, endpoint.host, endpoint.port, endpoint.tls, target, when,
+        options.config_note)
 
 
 # -- one run ---------------------------------------------------------------------
@@ -359,7 +428,8 @@ def _setup_logging(verbose: bool, polling: bool) -> None:
 
 
 def main(argv: List[str], config_path: Optional[str]) -> int:
-    """`odmrd fetch ...`; returns the sysexits code."""
+    """`odmrd fetch ...`; returns the sysexits code. `config_path` is the file
+    named by `odmrd -c FILE fetch`, or None for fetch's own -c or the default."""
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
         return EX_OK
@@ -368,9 +438,14 @@ def main(argv: List[str], config_path: Optional[str]) -> int:
     except UsageError as exc:
         print("odmrd fetch: %s" % exc, file=sys.stderr)
         return exc.code
+    if options.check_only:
+        print("odmrd fetch: ok: %s" % describe(options))
+        return EX_OK
     _setup_logging(options.verbose, options.every > 0)
     if options.every > 0:
+        log.warning("polling: %s", describe(options))    # the service log's first line
         return poll_forever(options)
+    log.info("%s", options.config_note)
     try:
         return fetch_once(options)
     except KeyboardInterrupt:
@@ -378,9 +453,9 @@ def main(argv: List[str], config_path: Optional[str]) -> int:
         return EX_TEMPFAIL
 
 
-__all__ = ["main", "resolve_options", "fetch_once", "poll_forever", "next_delay",
+__all__ = ["main", "resolve_options", "describe", "fetch_once", "poll_forever", "next_delay",
            "FetchOptions", "UsageError", "EX_PROTOCOL"]
 
 
 if __name__ == "__main__":  # `python3 -m odmr.customer ...`, same as `odmrd fetch ...`
-    sys.exit(main(sys.argv[1:], os.environ.get("ODMRD_CONFIG")))
+    sys.exit(main(sys.argv[1:], None))
