@@ -70,7 +70,10 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         domain, code, text = runtime.classify_recipient(address, utf8_allowed=True, route=route)
         if domain is None:
             status = EX_NOUSER if code in (550, 553) else EX_DATAERR
-            raise EnqueueError("recipient <%s>: %s" % (printable(path), text.split(" ", 1)[1]), status)
+            reason = text.split(" ", 1)[1]
+            if reason == "Relaying denied":     # an MTA's bounce should say why in plain words
+                reason = "domain %s is not hosted here" % printable(address.rpartition("@")[2])
+            raise EnqueueError("recipient <%s>: %s" % (printable(path), reason), status)
         if not runtime.quota_ok(domain):
             raise EnqueueError("<%s>: domain %s is over quota" % (address, domain), EX_TEMPFAIL)
         key = mailbox_key(address, domain)
