@@ -361,12 +361,15 @@ def _config_failed(exc, config_path: str) -> int:
 def cmd_enqueue(args, config_path: str) -> int:
     from odmr import accounts, config
     from odmr.enqueue import EnqueueError, enqueue
+    # An MTA's pipe transport retries only on 75 and bounces on anything else: a problem
+    # the administrator can fix (configuration, users file, spool) must not bounce mail.
     try:
         runtime = _runtime(config_path)
     except config.ConfigError as exc:
-        return _config_failed(exc, config_path)
+        _config_failed(exc, config_path)
+        return EX_TEMPFAIL
     except accounts.AccountsError as exc:
-        return fail(str(exc).splitlines()[0], EX_CONFIG)
+        return fail(str(exc).splitlines()[0], EX_TEMPFAIL)
     try:
         ids = enqueue(runtime, args.sender or "", args.recipients, sys.stdin.buffer)
     except EnqueueError as exc:

@@ -18,7 +18,6 @@ from odmr.syntax import for_clause, printable, split_source_route
 
 EX_DATAERR = 65
 EX_NOUSER = 67
-EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_TEMPFAIL = 75
 
@@ -101,7 +100,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
     try:
         incoming = runtime.spool.begin(envelopes, prefix)
     except SpoolError as exc:
-        raise EnqueueError(str(exc), EX_CANTCREAT) from None
+        raise EnqueueError(str(exc), EX_TEMPFAIL) from None
     size = 0
     last = b"\n"
     try:
@@ -120,7 +119,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         return incoming.commit()
     except SpoolError as exc:
         incoming.abort()
-        raise EnqueueError(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR) from None
+        raise EnqueueError(str(exc), EX_TEMPFAIL) from None   # the MTA keeps it and retries
     except OSError as exc:
         incoming.abort()
         raise EnqueueError("reading stdin: %s" % exc.strerror, EX_IOERR) from None

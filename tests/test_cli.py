@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -272,6 +273,31 @@ def test_enqueue_exit_codes(hosted, args, stdin, code):
     root = spool_dir(hosted)
     for dirpath, _, files in os.walk(root):
         assert files == [] or all(f == ".lock" for f in files), (dirpath, files)
+
+
+def test_enqueue_defers_what_the_administrator_can_fix(hosted):
+    """A pipe transport bounces on any code but 75: a broken configuration, users file or
+    spool must keep the mail at the MTA, not return it to its sender."""
+    with open(hosted) as fh:
+        good = fh.read()
+    with open(hosted, "a") as fh:
+        fh.write("no_such_key = 1\n")
+    result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", input=MESSAGE)
+    assert result.returncode == 75 and b"no_such_key" in result.stderr
+    with open(hosted, "w") as fh:
+        fh.write(good)
+    users = users_path(hosted)
+    os.chmod(users, 0o644)                                  # refused: others can read it
+    result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", input=MESSAGE)
+    assert result.returncode == 75, result.stderr
+    os.chmod(users, 0o600)
+    root = spool_dir(hosted)
+    shutil.rmtree(root, ignore_errors=True)
+    with open(root, "w") as fh:                              # the spool is a file: unusable
+        fh.write("not a directory")
+    result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", input=MESSAGE)
+    assert result.returncode == 75, result.stderr
+    one_line_error(result)
 
 
 def test_enqueue_null_sender(hosted):
