@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import select
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -32,9 +33,14 @@ EX_NOPERM = 77
 DEFAULT_PORT = 366
 CONNECT_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0           # greeting, EHLO, AUTH (RFC 5321 style)
+GREETING_PROBE = 5.0            # silent this long: ask whether the port speaks implicit TLS
 ATRN_TIMEOUT = 660.0            # RFC 2645: wait at least 10 minutes for the ATRN reply
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 200
+
+# What OpenSSL says when the first bytes it reads are "220 ..." instead of a TLS record.
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+                   "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "RECORD_TOO_LARGE")
 
 # Preferred first; PLAIN is only considered under TLS.
 PREFERENCE = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN")
@@ -200,18 +206,55 @@ def tls_context(ca_file: str, insecure: bool) -> ssl.SSLContext:
     return context
 
 
-def _wrap(sock: socket.socket, endpoint: Endpoint) -> ssl.SSLSocket:
+def _wrap(sock: socket.socket, endpoint: Endpoint, implicit: bool = False) -> ssl.SSLSocket:
     context = tls_context(endpoint.ca_file, endpoint.insecure)
     try:
         return context.wrap_socket(sock, server_hostname=endpoint.host)
     except ssl.SSLCertVerificationError as exc:
         sock.close()
-        raise FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s"
+        raise FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s (give the CA "
+                         "that signed it with --ca-file FILE, or skip the check with --insecure)"
                          % (endpoint.host, exc.verify_message or exc)) from None
     except ssl.SSLError as exc:
         sock.close()
+        if implicit and exc.reason in NOT_TLS_REASONS:
+            raise FetchError(EX_PROTOCOL, "TLS handshake with %s:%d failed (%s): this port may "
+                             "speak plain SMTP/STARTTLS: try --tls starttls"
+                             % (endpoint.host, endpoint.port, exc.reason)) from None
         raise FetchError(EX_PROTOCOL, "TLS handshake with %s failed: %s"
                          % (endpoint.host, exc.reason or exc)) from None
+
+
+def _greeting_or_tls(sock: socket.socket, endpoint: Endpoint) -> None:
+    """Fail at once, with the fix, when a plain connection meets an implicit-TLS port.
+
+    Such a port says nothing: it waits for our TLS ClientHello while we wait
+    for its 220. After GREETING_PROBE seconds of silence (or a hang-up before
+    any greeting) a second connection tries a TLS handshake; when that works,
+    the mix-up is certain. Otherwise the greeting is awaited as usual: a slow
+    server loses nothing but the probe."""
+    try:
+        readable, _, _ = select.select([sock], [], [], GREETING_PROBE)
+        if readable and sock.recv(1, socket.MSG_PEEK):
+            return
+    except OSError:
+        return                          # reading the greeting will report it
+    if _answers_tls(endpoint):
+        raise FetchError(EX_TEMPFAIL, "%s:%d sent no SMTP greeting in %gs but answers a TLS "
+                         "handshake: this port may speak implicit TLS: try --tls implicit"
+                         % (endpoint.host, endpoint.port, GREETING_PROBE))
+
+
+def _answers_tls(endpoint: Endpoint) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE     # only "does it speak TLS?"; nothing is sent over it
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=GREETING_PROBE) as raw:
+            with context.wrap_socket(raw, server_hostname=endpoint.host):
+                return True
+    except (OSError, ValueError):
+        return False
 
 
 def _connect(endpoint: Endpoint) -> socket.socket:
@@ -250,8 +293,10 @@ def _negotiate(sock: socket.socket, endpoint: Endpoint, trace: Trace) -> Turnaro
     tls = False
     try:
         if endpoint.tls == "implicit":
-            sock = _wrap(sock, endpoint)
+            sock = _wrap(sock, endpoint, implicit=True)
             tls = True
+        else:
+            _greeting_or_tls(sock, endpoint)
         conv = Conversation(sock, trace)
         _expect_greeting(conv)
         code, texts = conv.command("EHLO %s" % endpoint.helo)

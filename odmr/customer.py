@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 from odmr import sasl
 from odmr.atrnclient import (DEFAULT_PORT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE,
                              Endpoint, FetchError, NoMail, open_reversed)
+from odmr.names import plural
 
 EX_NOINPUT = 66
 EX_CONFIG = 78
@@ -284,22 +285,38 @@ def describe(options: FetchOptions) -> str:
 
 # -- one run ---------------------------------------------------------------------
 
+@dataclass
+class RunResult:
+    """How one run ended: its exit code and the one line that says what happened."""
+
+    code: int
+    summary: str
+    provider_trouble: bool = False      # reaching or talking to the provider failed: back off
+    level: int = logging.WARNING        # WARNING: shown without -v; ERROR for failures
+
+
 def _trace(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def fetch_once(options: FetchOptions) -> int:
-    """Connect, ATRN, receive; return the exit code of this run."""
+    """Connect, ATRN, receive; log the run's summary line; return the exit code."""
+    result = run_once(options)
+    log.log(result.level, "%s", result.summary)
+    return result.code
+
+
+def run_once(options: FetchOptions) -> RunResult:
+    """One run, not logged yet (the poller puts its summary in its per-run line)."""
     trace = _trace if options.verbose else None
     endpoint = options.endpoint
     try:
         turn = open_reversed(endpoint, trace)
     except NoMail as exc:
-        log.info("no mail waiting (%s)", exc)
-        return EX_OK
+        log.info("the provider answered %s", exc)
+        return RunResult(EX_OK, "no mail waiting")
     except FetchError as exc:
-        log.error("%s", exc)
-        return exc.code
+        return RunResult(exc.code, str(exc), provider_trouble=True, level=logging.ERROR)
     try:
         if options.relay is not None:
             return _relay(turn, options.relay, trace)
@@ -311,18 +328,18 @@ def fetch_once(options: FetchOptions) -> int:
             pass
 
 
-def _relay(turn, relay: Tuple[str, int], trace) -> int:
+def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
     from odmr.splice import splice
+    where = "%s:%d" % relay
     try:
         local = socket.create_connection(relay, timeout=RELAY_CONNECT_TIMEOUT)
     except OSError as exc:
-        log.error("cannot connect to the local SMTP server %s:%d: %s; the provider keeps the mail",
-                  relay[0], relay[1], exc.strerror or exc)
         try:
             turn.sock.sendall(b"421 4.3.0 Local mail server unavailable, try again later\r\n")
         except OSError:
             pass
-        return EX_TEMPFAIL
+        return RunResult(EX_TEMPFAIL, "cannot connect to the local SMTP server %s: %s; the "
+                         "provider keeps the mail" % (where, exc.strerror or exc), level=logging.ERROR)
     try:
         result = splice(turn.sock, local, turn.leftover, progress=trace)
     finally:
@@ -330,51 +347,41 @@ def _relay(turn, relay: Tuple[str, int], trace) -> int:
             local.close()
         except OSError:
             pass
-    if result.local_5xx:
-        log.warning("the local server refused %d time(s) for good (5xx); the provider returns "
-                    "that mail to its senders", result.local_5xx)
-    if result.clean and result.local_4xx:
-        log.error("the local server answered %d time(s) with 4xx; that mail stays at the "
-                  "provider for the next run", result.local_4xx)
-        return EX_TEMPFAIL
-    if result.clean:
-        log.info("relayed %d bytes from %s to %s:%d; session ended cleanly",
-                 result.from_provider, turn.peer, relay[0], relay[1])
-        return EX_OK
-    log.error("the relayed session did not end cleanly (%s); undelivered mail stays at the provider",
-              result.reason)
-    return EX_TEMPFAIL
+    tally = result.tally
+    if tally.first_problem:
+        log.info("the local server's first refusal: %s", tally.first_problem)
+    if not result.clean:
+        # the local server hanging up is its own trouble, not the provider's
+        return RunResult(EX_TEMPFAIL, "%s; the session did not end cleanly (%s): undelivered mail "
+                         "stays at the provider" % (tally.summary(where), result.reason),
+                         provider_trouble=not result.reason.startswith("local"), level=logging.ERROR)
+    log.info("relayed %d bytes from %s to %s; session ended cleanly",
+             result.from_provider, turn.peer, where)
+    return RunResult(EX_TEMPFAIL if tally.kept_at_provider() else EX_OK, tally.summary(where))
 
 
-def _deliver_locally(turn, options: FetchOptions, trace) -> int:
+def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
     from odmr.localdelivery import serve_reversed
     from odmr.mailstore import StorageError, open_mailbox
     try:
         mailbox = open_mailbox(options.maildir, options.mbox)
     except StorageError as exc:
-        log.error("%s; the provider keeps the mail", exc)
         try:
             turn.sock.sendall(b"421 4.3.0 Local mailbox unavailable, try again later\r\n")
         except OSError:
             pass
-        return EX_TEMPFAIL
+        return RunResult(EX_TEMPFAIL, "%s; the provider keeps the mail" % exc, level=logging.ERROR)
     try:
         peer_ip = turn.sock.getpeername()[0]
     except OSError:
         peer_ip = turn.peer
     session = serve_reversed(turn.sock, peer_ip, turn.leftover, mailbox,
                              options.endpoint.helo, turn.tls, trace)
-    where = options.maildir or options.mbox
+    summary = session.tally.summary(options.maildir or options.mbox)
     if not session.quit:
-        log.error("connection to the provider lost after %d message(s); the rest stays there",
-                  session.delivered)
-        return EX_TEMPFAIL
-    if session.deferred:
-        log.error("%d message(s) could not be stored in %s and stay at the provider",
-                  session.deferred, where)
-        return EX_TEMPFAIL
-    log.info("%d message(s) delivered to %s", session.delivered, where)
-    return EX_OK
+        return RunResult(EX_TEMPFAIL, "%s; then the connection to the provider was lost: the rest "
+                         "stays there" % summary, provider_trouble=True, level=logging.ERROR)
+    return RunResult(EX_TEMPFAIL if session.tally.kept_at_provider() else EX_OK, summary)
 
 
 # -- polling ---------------------------------------------------------------------
@@ -389,7 +396,11 @@ def next_delay(interval: float, failures: int, rng: random.Random) -> float:
 
 
 def poll_forever(options: FetchOptions) -> int:
-    """--every: run, sleep, repeat until SIGTERM/SIGINT (exit 0)."""
+    """--every: run, sleep, repeat until SIGTERM/SIGINT (exit 0).
+
+    Only trouble with the provider (connection, TLS, authentication, protocol)
+    doubles the pause: mail that the local side deferred is an ordinary
+    outcome, and the next run at the usual time is what picks it up."""
     def stop(signum, frame):
         raise _Stop()
 
@@ -402,16 +413,17 @@ def poll_forever(options: FetchOptions) -> int:
         while True:
             run += 1
             started = time.monotonic()
-            code = fetch_once(options)
-            if code in (EX_USAGE, EX_NOINPUT, EX_CONFIG):
-                return code
-            failures = 0 if code == EX_OK else failures + 1
+            result = run_once(options)
+            if result.code in (EX_USAGE, EX_NOINPUT, EX_CONFIG):
+                log.error("%s", result.summary)
+                return result.code
+            failures = failures + 1 if result.provider_trouble else 0
             delay = next_delay(options.every, failures, rng)
-            log.warning("run %d: exit %d after %.1fs; next run in %.0fs", run, code,
-                        time.monotonic() - started, delay)
+            log.log(result.level, "run %d: %s; exit %d after %.1fs; next run in %.0fs", run,
+                    result.summary, result.code, time.monotonic() - started, delay)
             time.sleep(delay)
     except _Stop:
-        log.warning("stopped after %d run(s)", run)
+        log.warning("stopped after %s", plural(run, "run"))
         return EX_OK
 
 
@@ -453,8 +465,8 @@ def main(argv: List[str], config_path: Optional[str]) -> int:
         return EX_TEMPFAIL
 
 
-__all__ = ["main", "resolve_options", "describe", "fetch_once", "poll_forever", "next_delay",
-           "FetchOptions", "UsageError", "EX_PROTOCOL"]
+__all__ = ["main", "resolve_options", "describe", "fetch_once", "run_once", "poll_forever",
+           "next_delay", "FetchOptions", "RunResult", "UsageError", "EX_PROTOCOL"]
 
 
 if __name__ == "__main__":  # `python3 -m odmr.customer ...`, same as `odmrd fetch ...`

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 from odmr.intake import received_header
 from odmr.mailstore import Mailbox, StorageError
 from odmr.syntax import helo_name_ok
+from odmr.tally import END, GREETING, Tally
 from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
 
 log = logging.getLogger("odmrd.fetch")
@@ -70,6 +71,8 @@ class LocalSMTPSession(Session):
         self.quit = False
         self.delivered = 0
         self.deferred = 0
+        self.tally = Tally()            # the run's summary counts what each reply answered
+        self._answering = GREETING
         self.peer_ip = _address_only(peer)
 
     def hostname(self) -> str:
@@ -79,9 +82,14 @@ class LocalSMTPSession(Session):
         if self.trace:
             for index, text in enumerate(lines):
                 self.trace("L: %d%s%s" % (code, "-" if index < len(lines) - 1 else " ", text))
+        answering, self._answering = self._answering, ""
+        if answering == "DATA" and code == 354:
+            self._answering = END
+        self.tally.reply(answering, code, "%d %s" % (code, lines[-1] if lines else ""))
         super().reply(code, *lines)
 
     def log_command(self, verb: str, arg: str) -> None:
+        self._answering = verb
         if self.trace:
             self.trace("P: %s %s" % (verb, arg[:200]))
 

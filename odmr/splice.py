@@ -11,9 +11,11 @@ read before the selector is asked again, or it would sit there unnoticed.
 
 Only the last bytes of each direction are kept, to tell afterwards whether
 the session ended cleanly (the provider's last command was QUIT and the
-local server's last reply was 221), and the local server's replies are
-counted by class: a 4xx means mail stayed at the provider, which the caller
-reports as "try again later".
+local server's last reply was 221). On the way the provider's commands are
+followed (MAIL, RCPT, DATA and where its data ends, BDAT chunks; it may
+pipeline them) and each of the local server's replies is matched to the
+command it answers, in order, so that the run can be reported in messages
+and recipients (`odmr.tally`), not in reply lines.
 """
 from __future__ import annotations
 
@@ -21,14 +23,19 @@ import selectors
 import socket
 import ssl
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Optional
+
+from odmr.tally import DATA, END, GREETING, Tally
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other
 TAIL = 512
 IDLE_TIMEOUT = 660.0            # the provider may wait 10 minutes for the reply to the final "."
 LINGER = 30.0                   # once one direction has ended, how long the other may take
+KEEP = 200                      # bytes of a command or reply line kept for following the session
+HELD_MAX = 1024 * 1024          # provider bytes held while its DATA awaits the reply
 
 
 @dataclass
@@ -37,8 +44,7 @@ class SpliceResult:
     reason: str                 # how it ended, for the log
     from_provider: int          # bytes
     from_local: int
-    local_4xx: int = 0          # final reply lines of the local server, by class
-    local_5xx: int = 0
+    tally: Tally = field(default_factory=Tally)   # messages and recipients, by outcome
 
 
 class _Side:
@@ -54,8 +60,7 @@ class _Side:
         self.error = ""
         self.events = 0                 # what the selector watches for now
         self.other: "_Side" = self
-        self.head = b""                 # first bytes of the line being received
-        self.replies = {b"4": 0, b"5": 0}
+        self.follow: Callable[[bytes], None] = lambda data: None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -82,6 +87,9 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
     p.other, l.other = l, p
     sides = (p, l)
     tls_sides = [side for side in sides if side.tls]
+    follower = _Follower()
+    p.follow, l.follow = follower.from_provider, follower.from_local
+    follower.from_provider(leftover)
     l.out += leftover
     for side in sides:
         _nodelay(side.sock)
@@ -129,18 +137,104 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
         progress("splice ended (%s): %d bytes from provider, %d from local server"
                  % (reason, p.count, l.count))
     return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
-                        local_4xx=l.replies[b"4"], local_5xx=l.replies[b"5"])
+                        tally=follower.tally)
 
 
-def _count_replies(side: _Side, data: bytes) -> None:
-    """Count final reply lines ("ddd " or "ddd<CRLF>", not "ddd-") by their first digit."""
-    lines = data.split(b"\n")
-    for line in lines[:-1]:
-        head = (side.head + line[:4])[:4]
-        side.head = b""
-        if head[:3].isdigit() and head[3:4] != b"-" and head[:1] in side.replies:
-            side.replies[head[:1]] += 1
-    side.head = (side.head + lines[-1][:4])[:4]
+class _Follower:
+    """The provider's commands and the local server's replies, matched in order.
+
+    Only bytes that were read anyway pass through here; at most a line's
+    first KEEP bytes are copied. Message data is skipped by searching for its
+    end (CRLF.CRLF; it is dot-stuffed, so that is the end) or counting a BDAT
+    chunk. The provider must wait for the reply to DATA before its data: what
+    it sends meanwhile is held until that reply says whether it is data."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self.owed: Deque[str] = deque([GREETING])   # what each next reply answers
+        self.mode = "commands"      # commands | held (DATA awaits its reply) | data | chunk
+        self.line = b""             # start of the provider's unfinished command line
+        self.tail = b""             # data: its last bytes, to find CRLF.CRLF across reads
+        self.chunk_left = 0         # BDAT: bytes of the chunk still to come
+        self.held = bytearray()
+        self.reply_line = b""       # start of the local server's unfinished reply line
+
+    def from_provider(self, data: bytes) -> None:
+        start = 0
+        while start < len(data):
+            if self.mode == "commands":
+                start = self._command(data, start)
+            elif self.mode == "data":
+                start = self._data(data, start)
+            elif self.mode == "chunk":
+                take = min(self.chunk_left, len(data) - start)
+                self.chunk_left -= take
+                start += take
+                if not self.chunk_left:
+                    self.mode = "commands"
+            else:
+                self.held += data[start:]
+                if len(self.held) > HELD_MAX:       # it did not wait: that must be data
+                    self._data_reply(354)
+                return
+
+    def _command(self, data: bytes, start: int) -> int:
+        end = data.find(b"\n", start)
+        if end < 0:
+            self.line = (self.line + data[start:start + KEEP])[:KEEP]
+            return len(data)
+        line = (self.line + data[start:min(end, start + KEEP)])[:KEEP]
+        self.line = b""
+        words = line.split()
+        verb = words[0].upper().decode("ascii", "replace") if words else ""
+        if verb == "BDAT" and len(words) > 1 and words[1].isdigit():
+            self.owed.append(END if len(words) > 2 and words[2].upper() == b"LAST" else "BDAT")
+            self.chunk_left = int(words[1])
+            self.mode = "chunk" if self.chunk_left else "commands"
+        else:
+            self.owed.append(verb)
+            if verb == DATA:
+                self.mode = "held"
+        return end + 1
+
+    def _data(self, data: bytes, start: int) -> int:
+        edge = self.tail + data[start:start + 4]
+        found = edge.find(b"\r\n.\r\n")
+        if found >= 0:
+            end = start + found + 5 - len(self.tail)
+        else:
+            found = data.find(b"\r\n.\r\n", start)
+            if found < 0:
+                self.tail = edge[-4:] if len(data) - start < 4 else data[-4:]
+                return len(data)
+            end = found + 5
+        self.owed.append(END)
+        self.mode, self.tail = "commands", b""
+        return end
+
+    def _data_reply(self, code: int) -> None:
+        held, self.held = bytes(self.held), bytearray()
+        self.mode = "data" if code == 354 else "commands"
+        self.tail = b"\r\n"                 # the DATA line's own CRLF: "." at once is an empty message
+        self.from_provider(held)
+
+    def from_local(self, data: bytes) -> None:
+        lines = data.split(b"\n")
+        for piece in lines[:-1]:
+            line = (self.reply_line + piece[:KEEP])[:KEEP].rstrip(b"\r")
+            self.reply_line = b""
+            self._reply(line)
+        self.reply_line = (self.reply_line + lines[-1][:KEEP])[:KEEP]
+
+    def _reply(self, line: bytes) -> None:
+        """A final reply line ("250 ok", "250"; not "250-") answers the oldest command."""
+        if not (line[:3].isdigit() and line[3:4] in (b" ", b"")):
+            return
+        what = self.owed.popleft() if self.owed else ""     # nobody asked: a 421 at a timeout
+        code = int(line[:3])
+        self.tally.reply(DATA if what == "BDAT" else what, code, line.decode("utf-8", "replace"))
+        if what == DATA and self.mode == "held":
+            self._data_reply(code)
 
 
 def _may_read(side: _Side) -> bool:
@@ -198,8 +292,7 @@ def _read(side: _Side) -> None:
             break
         side.count += len(data)
         side.tail = (side.tail + data)[-TAIL:]
-        if side.name == "local":
-            _count_replies(side, data)
+        side.follow(data)
         if other.writing:
             other.out += data
         if not side.tls or not _pending(side):
