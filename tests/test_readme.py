@@ -128,6 +128,7 @@ def test_quick_start_and_walk_through_as_written(checkout):
     assert "Mail queue is empty" in outputs[4], outputs[4]
     assert "hello via ODMR" in _read_all("/tmp/odmr-sink")
     assert "Subject: second, for odmrd fetch" in outputs[5]
+    assert "1 message delivered to /tmp/odmr-maildir" in outputs[5], joined
     remove_walk_through_files()
 
 
