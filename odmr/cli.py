@@ -59,46 +59,63 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("user", parents=[common], help="manage customer accounts")
     users = p.add_subparsers(dest="user_command", metavar="ACTION", parser_class=Parser)
-    q = users.add_parser("add", parents=[common], help="create an account")
-    q.add_argument("name")
-    q.add_argument("--domain", action="append", required=True,
-                   help="a domain the account may collect (a U-label or its A-label: one domain)")
+    q = users.add_parser("add", parents=[common], help="create an account",
+                         description="Create a customer account in the users file. The "
+                                     "password is prompted for, or read from stdin.")
+    q.add_argument("name", help="the account name the customer logs in with")
+    q.add_argument("--domain", action="append", required=True, metavar="DOMAIN",
+                   help="a domain the account may collect with ATRN; repeat for several "
+                        "(a U-label and its A-label are one domain)")
     q.add_argument("--shared-domain", action="store_true",
                    help="a --domain that already belongs to another account is shared with it "
                         "(both may collect its mail) instead of refused")
-    q.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    q.add_argument("--no-cram-md5", action="store_true", help="store no CRAM-MD5 secret")
-    q = users.add_parser("passwd", parents=[common], help="change a password")
-    q.add_argument("name")
-    q.add_argument("--password-stdin", action="store_true")
-    q.add_argument("--no-cram-md5", action="store_true")
-    q = users.add_parser("del", parents=[common], help="delete an account")
-    q.add_argument("name")
-    users.add_parser("list", parents=[common], help="list accounts")
+    _password_options(q)
+    q = users.add_parser("passwd", parents=[common], help="change a password",
+                         description="Set a new password (and CRAM-MD5 secret) for an account.")
+    q.add_argument("name", help="the account")
+    _password_options(q)
+    q = users.add_parser("del", parents=[common], help="delete an account",
+                         description="Delete an account; its queued mail stays in the spool.")
+    q.add_argument("name", help="the account")
+    users.add_parser("list", parents=[common], help="list accounts and their domains")
 
-    p = sub.add_parser("enqueue", parents=[common], help="spool one message read from stdin")
-    p.add_argument("-f", dest="sender", default=None, help="envelope sender")
+    p = sub.add_parser("enqueue", parents=[common], help="spool one message read from stdin",
+                       description="Spool one RFC 5322 message read from stdin, like sendmail "
+                                   "-oi (for an MTA's pipe transport). Exit 0 spooled, 67 domain "
+                                   "not hosted, 65 bad message, 75 try again later.")
+    p.add_argument("-f", dest="sender", default=None, metavar="SENDER",
+                   help="envelope sender (empty for a bounce: -f '')")
     p.add_argument("-o", dest="sendmail_options", action="append", default=[],
                    help=argparse.SUPPRESS)
     p.add_argument("-i", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("recipients", nargs="+", metavar="RCPT")
+    p.add_argument("recipients", nargs="+", metavar="RCPT",
+                   help="envelope recipients, each in a hosted domain")
 
     p = sub.add_parser("queue", parents=[common], help="inspect and manage the spool")
     queue = p.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser)
     q = queue.add_parser("list", parents=[common], help="list waiting messages")
-    q.add_argument("domain", nargs="?")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("domain", nargs="?", metavar="DOMAIN",
+                   help="only this domain (or .outbound: the bounces waiting for bounce_relay)")
+    q.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     q = queue.add_parser("show", parents=[common], help="print one message")
-    q.add_argument("id")
+    q.add_argument("id", metavar="ID", help="a message id from queue list")
     for name, text in (("delete", "remove messages"), ("bounce", "return messages to sender")):
         q = queue.add_parser(name, parents=[common], help=text)
-        q.add_argument("ids", nargs="+", metavar="ID")
+        q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list")
     queue.add_parser("expire", parents=[common], help="bounce messages older than max_age now")
 
     p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="fetch's own options (odmrd fetch --help)")
     return parser
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin instead of a prompt")
+    parser.add_argument("--no-cram-md5", action="store_true",
+                        help="store no CRAM-MD5 secret (it is password-equivalent; fetchmail "
+                             "needs it)")
 
 
 def _missing_dependencies() -> List[str]:

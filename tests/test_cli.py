@@ -1,6 +1,7 @@
 """The `odmrd` command line (SPEC §2): user, enqueue, queue, --version; run as real processes."""
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -453,3 +454,25 @@ def test_fetch_arguments_reach_the_fetch_command(conf):
                    "--relay", "127.0.0.1:%d" % port, env={"ODMR_PASSWORD": "x"})
     assert result.returncode == 75
     assert "unrecognized" not in one_line_error(result)
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_and_argument_has_help():
+    """`--help` of every subcommand describes each of its options (issue: it did not)."""
+    from odmr.cli import build_parser
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, "%s: %s has no help" % (parser.prog, action.dest)
+    text = run_cli("user", "add", "--help").stdout.decode()
+    assert "repeat" in text and "--password-stdin" in text
+    fetch = run_cli("fetch", "--help").stdout.decode()
+    assert "--domain" in fetch and "repeatable" in fetch
