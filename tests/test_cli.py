@@ -476,3 +476,15 @@ def test_every_option_and_argument_has_help():
     assert "repeat" in text and "--password-stdin" in text
     fetch = run_cli("fetch", "--help").stdout.decode()
     assert "--domain" in fetch and "repeatable" in fetch
+
+
+def test_users_example_shows_every_field_the_readme_documents():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    section = readme[readme.index("## The users file"):readme.index("## The ODMR port")]
+    fields = set(re.findall(r"^- `([a-z_0-9]+)`", section, re.M))
+    assert {"scram_sha_256", "cram_md5", "client_cert", "shared_domains"} <= fields
+    with open(os.path.join(ROOT, "conf", "users.example"), encoding="utf-8") as fh:
+        example = fh.read()
+    for field in fields | {"domains"}:
+        assert re.search(r"^# %s = " % field, example, re.M), field
