@@ -225,6 +225,7 @@ class SmtpSettings:
     idle_timeout: float
     max_bad_commands: int
     postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
+    max_data_time: float = 1800.0   # a DATA phase that lasts longer is ended with 451
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,7 @@ def load(path: Optional[str] = None) -> Settings:
             idle_timeout=raw["smtp"]["idle_timeout"],
             max_bad_commands=raw["smtp"]["max_bad_commands"],
             postmaster=raw["smtp"]["postmaster"],
+            max_data_time=raw["smtp"]["max_data_time"],
         ),
         tls=TlsSettings(
             cert_file=_resolve(base, tls["cert_file"]),
