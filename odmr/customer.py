@@ -54,6 +54,7 @@ class FetchOptions:
     mbox: str
     every: float
     verbose: bool
+    max_size: int = 50 * 1024 * 1024    # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maildir", metavar="DIR", help="deliver into this Maildir")
     p.add_argument("--mbox", metavar="FILE", help="deliver into this mbox file")
     p.add_argument("--every", metavar="INTERVAL", help="poll forever at this interval (e.g. 15m)")
+    p.add_argument("--max-size", metavar="SIZE",
+                   help="with --maildir/--mbox: refuse messages over SIZE with 552 "
+                        "(e.g. 10K, 50M; default 50M; 0: no limit)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the conversation on stderr")
     return p
 
@@ -195,6 +199,8 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
         if os.path.isdir(mbox):
             raise UsageError("--mbox %s is a directory (use --maildir?)" % mbox)
 
+    max_size = _max_size(args.max_size, section, relay is not None)
+
     if args.every:
         try:
             every = parse_duration(args.every)
@@ -210,7 +216,21 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
                         insecure=bool(args.insecure or section.get("insecure")),
                         mechanism=mechanism, helo=hostname)
     return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
-                        every=every, verbose=args.verbose)
+                        every=every, verbose=args.verbose, max_size=max_size)
+
+
+def _max_size(flag: Optional[str], section: dict, relaying: bool) -> int:
+    """--max-size over [fetch] max_size; with --relay the local MTA sets its own limit."""
+    from odmr.config import parse_size
+    if flag is None:
+        return int(section.get("max_size", FetchOptions.max_size))
+    if relaying:
+        raise UsageError("--max-size applies to --maildir and --mbox; with --relay the "
+                         "local server enforces its own limit")
+    try:
+        return parse_size(flag)
+    except ValueError as exc:
+        raise UsageError("--max-size: %s" % exc) from None
 
 
 # -- one run ---------------------------------------------------------------------
@@ -294,7 +314,7 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> int:
     except OSError:
         peer_ip = turn.peer
     session = serve_reversed(turn.sock, peer_ip, turn.leftover, mailbox,
-                             options.endpoint.helo, turn.tls, trace)
+                             options.endpoint.helo, turn.tls, trace, options.max_size)
     where = options.maildir or options.mbox
     if not session.quit:
         log.error("connection to the provider lost after %d message(s); the rest stays there",
