@@ -369,10 +369,11 @@ def poll_forever(options: FetchOptions) -> int:
 # -- entry point -----------------------------------------------------------------
 
 def _setup_logging(verbose: bool, polling: bool) -> None:
+    from odmr.logline import OneLineFormatter
     handler = logging.StreamHandler(sys.stderr)
     # A poller runs for days: its lines need a time; a one-shot run's don't.
-    handler.setFormatter(logging.Formatter("%(asctime)s odmrd fetch: %(message)s" if polling
-                                           else "odmrd fetch: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s odmrd fetch: %(message)s" if polling
+                                          else "odmrd fetch: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False

@@ -3,17 +3,21 @@ provider cannot fill the customer's disk, and no peer-supplied character can
 break or disguise a log line. Real sockets, real servers, real clients."""
 from __future__ import annotations
 
+import base64
 import email
 import logging
 import os
 import select
 import shutil
+import signal
+import socket
 import ssl
 import time
 
 import pytest
+from hypothesis import given, strategies as st
 
-from conftest import Customer, Provider, send_mail, write_config
+from conftest import Customer, Provider, alive, free_port, run_cli, send_mail, wait_for, write_config
 from test_fetch import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted, scripted_args  # noqa: F401 (fixture)
 
 SENDER = "trickler@remote.test"
@@ -217,3 +221,154 @@ def test_fetch_section_max_size_and_bad_flags(scripted, tmp_path):
                   ["--max-size", "10K", "--relay", "127.0.0.1:25"]):
         bad = run_fetch(*scripted_args(s, *flags))
         assert bad.returncode == EX_USAGE and len(err(bad).strip().splitlines()) == 1, err(bad)
+
+
+# -- log lines: nothing a peer sends can break or disguise one ----------------------------
+
+# each can end a line for some reader (NEL, U+2028/9, VT, FF, ESC sequences) or hide text
+# (bidi overrides and isolates, zero-width marks, DEL, C1 controls such as CSI)
+NASTY = "\u2028\u2029\u0085\x7f\x9b\u202e\u2066\u2069\u200f\ufeff"
+
+
+def test_escape_for_log_examples():
+    from odmr.logline import escape_for_log
+    assert escape_for_log("plain <a@b.test> ok") == "plain <a@b.test> ok"
+    assert escape_for_log("a\u2028b\x85c\u202ed\x00e\x1b[2Jf\tg\rh\ni") == \
+        "a\\u2028b\\x85c\\u202ed\\x00e\\x1b[2Jf\\tg\\rh | i"
+    assert escape_for_log("caf\u00e9 \u2713 \U0001f600") == "caf\u00e9 \u2713 \U0001f600"
+
+
+@given(st.text())
+def test_escaped_log_text_is_one_printable_line(text):
+    from odmr.logline import escape_for_log
+    out = escape_for_log(text)
+    assert out.isprintable() and len(out.splitlines()) <= 1
+    if text.isprintable():
+        assert out == text
+
+
+class Daemon:
+    """A detached `odmrd serve` logging to a file, with PLAIN allowed without TLS."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.odmr_port, self.smtp_port = free_port(), free_port()
+        self.config = os.path.join(directory, "odmrd.conf")
+        self.log_file = os.path.join(directory, "odmrd.log")
+        with open(self.config, "w") as fh:
+            fh.write("hostname = odmr.test\nspool_dir = spool\nusers_file = users\n"
+                     "pid_file = odmrd.pid\nlog_file = odmrd.log\nsyslog = no\n"
+                     "log_level = debug\nallow_root = yes\n"
+                     "[odmr]\nlisten = 127.0.0.1:%d\nallow_plaintext_passwords = yes\n"
+                     "[smtp]\nlisten = 127.0.0.1:%d\n" % (self.odmr_port, self.smtp_port))
+        added = run_cli("-c", self.config, "user", "add", "alice", "--domain", "example.org",
+                        "--password-stdin", input=b"secret-pw\n")
+        assert added.returncode == 0, added.stderr
+        started = run_cli("-c", self.config, "serve", timeout=30)
+        assert started.returncode == 0, started.stderr
+        with open(os.path.join(directory, "odmrd.pid")) as fh:
+            self.pid = int(fh.read().split()[0])
+
+    def log_text(self) -> str:
+        with open(self.log_file, "rb") as fh:
+            return fh.read().decode("utf-8")        # strict: the file is valid UTF-8
+
+    def stop(self) -> None:
+        if alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                wait_for(lambda: not alive(self.pid), 10, "the daemon to stop")
+            except AssertionError:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def test_log_lines_escape_controls_and_separators_from_peers(tmp_path):
+    d = Daemon(str(tmp_path))
+    try:
+        smtp = Customer(d.smtp_port)
+        assert smtp.reply()[0] == 220
+        assert smtp.cmd("EHLO client.test")[0] == 250
+        assert smtp.cmd("NOOP x%sy" % NASTY)[0] == 250                 # logged at debug
+        assert smtp.cmd("MAIL FROM:<s%sender@remote.test> SMTPUTF8" % "\u202e\u2066")[0] == 250
+        code, _ = smtp.cmd("RCPT TO:<u\u202eu\u2066u@elsewhere.test>")  # refused and logged
+        assert code == 550
+        assert smtp.cmd("RCPT TO:<a%sb@example.org>" % NASTY)[0] >= 500
+        smtp.cmd("QUIT")
+        smtp.close()
+        odmr = Customer(d.odmr_port)
+        assert odmr.reply()[0] == 220
+        assert odmr.cmd("EHLO customer.test")[0] == 250
+        user = "al\u2028ice\n\rforged: AUTH ok\x0b\x0c\x1b[2J" + NASTY
+        blob = base64.b64encode(b"\0" + user.encode("utf-8") + b"\0wrong").decode()
+        assert odmr.cmd("AUTH PLAIN " + blob)[0] == 535
+        good = base64.b64encode(b"\0alice\0secret-pw").decode()
+        assert odmr.cmd("AUTH PLAIN " + good)[0] == 235
+        assert odmr.cmd("ATRN ex%sample.org" % NASTY)[0] == 501          # logged at debug
+        odmr.cmd("QUIT")
+        odmr.close()
+        wait_for(lambda: "authentication failed" in d.log_text(), 10, "the AUTH failure to be logged")
+    finally:
+        d.stop()
+    text = d.log_text()
+    assert "\r" not in text
+    lines = text.split("\n")
+    assert all(line.isprintable() for line in lines), [l for l in lines if not l.isprintable()]
+    assert len([l for l in lines if "authentication failed" in l]) == 1
+    assert not any(l.startswith("forged") or "AUTH ok" in l for l in lines)
+    atrn = [l for l in lines if "<- ATRN" in l]
+    assert len(atrn) == 1 and "ex\\u2028\\u2029\\x85\\x7f\\x9b\\u202e" in atrn[0]
+    refused = [l for l in lines if "refused RCPT" in l]
+    assert len(refused) == 1 and "<u\\u202eu\\u2066u@elsewhere.test>" in refused[0]
+    noop = [l for l in lines if "<- NOOP" in l]
+    assert len(noop) == 1 and "x\\u2028\\u2029\\x85\\x7f\\x9b\\u202e\\u2066\\u2069\\u200f\\ufeffy" in noop[0]
+
+
+@pytest.mark.parametrize("kind", ["stderr", "syslog"])
+def test_stderr_and_syslog_handlers_escape_too(tmp_path, monkeypatch, capfd, kind):
+    from odmr import daemon
+    receiver = None
+    if kind == "syslog":
+        path = str(tmp_path / "log.sock")
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(path)
+        receiver.settimeout(5)
+        monkeypatch.setattr(daemon, "SYSLOG_SOCKETS", (path,))
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        daemon.setup_logging("info", (kind, ""))
+        logging.getLogger("odmrd.smtp").info("refused RCPT <%s>", "a\u2028b\x85c\u202ed\x1be")
+        out = receiver.recv(4096).decode() if receiver else capfd.readouterr().err
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        if receiver:
+            receiver.close()
+    assert out.rstrip("\n\x00").endswith("refused RCPT <a\\u2028b\\x85c\\u202ed\\x1be>"), out
+    assert len(out.rstrip("\n\x00").splitlines()) == 1
+
+
+def test_fetch_log_lines_escape_what_the_provider_sends(scripted, tmp_path):
+    sender = "a\u202eb\u2066c@x.test"         # bidi controls pass the address parser
+    results: list = []
+
+    def converse(peer: Peer) -> None:
+        assert peer.line().startswith(b"220 ")
+        peer.send("EHLO scripted.test\r\n")
+        peer.reply()
+        peer.send(("MAIL FROM:<%s> SIZE=99999 SMTPUTF8\r\n" % sender).encode())
+        results.append(peer.line())
+        peer.send("QUIT\r\n")
+        results.append(peer.line())
+
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=converse)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--max-size", "10K"))
+    assert result.returncode == EX_OK, err(result) + repr(s.errors)
+    assert [r[:3] for r in results] == [b"552", b"221"]
+    text = err(result)
+    assert "<a\\u202eb\\u2066c@x.test>" in text
+    assert all(line.isprintable() for line in text.split("\n")), text
