@@ -246,6 +246,7 @@ class SmtpSettings:
     max_bad_commands: int
     allow_routing_local_parts: bool = False     # user%host@, host!user@, "a@b"@ ... (SPEC §5)
     postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
+    max_data_time: float = 1800.0   # a DATA phase that lasts longer is ended with 451
 
 
 @dataclass(frozen=True)
@@ -471,6 +472,7 @@ def load(path: Optional[str] = None) -> Settings:
             idle_timeout=raw["smtp"]["idle_timeout"],
             max_bad_commands=raw["smtp"]["max_bad_commands"],
             postmaster=raw["smtp"]["postmaster"],
+            max_data_time=raw["smtp"]["max_data_time"],
         ),
         tls=TlsSettings(
             cert_file=_resolve(base, tls["cert_file"]),

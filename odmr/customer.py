@@ -58,6 +58,7 @@ class FetchOptions:
     verbose: bool
     config_note: str = ""       # which file the settings came from, for -v and --check
     check_only: bool = False
+    max_size: int = 50 * 1024 * 1024    # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "/etc/odmrd/odmrd.conf, only if it has a [fetch] section)")
     p.add_argument("--check", action="store_true",
                    help="check the settings (files, flags, config) and exit without connecting")
+    p.add_argument("--max-size", metavar="SIZE",
+                   help="with --maildir/--mbox: refuse messages over SIZE with 552 "
+                        "(e.g. 10K, 50M; default 50M; 0: no limit)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the conversation on stderr")
     return p
 
@@ -232,6 +236,7 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
         if os.path.isdir(mbox):
             raise UsageError("--mbox %s is a directory (use --maildir?)" % mbox)
 
+    max_size = _max_size(args.max_size, section, relay is not None)
     every = _interval(args.every, section, note)
     endpoint = Endpoint(host=host, port=port, user=user, password=password, domains=domains,
                         tls=args.tls or section.get("tls") or "starttls", ca_file=ca_file,
@@ -239,7 +244,7 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
                         mechanism=mechanism, helo=hostname)
     return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
                         every=every, verbose=args.verbose, config_note=note,
-                        check_only=args.check)
+                        check_only=args.check, max_size=max_size)
 
 
 def _interval(flag: Optional[str], section: dict, where: str) -> float:
@@ -281,6 +286,20 @@ def describe(options: FetchOptions) -> str:
     return "%s at %s:%d (tls %s), %s, %s; %s" % (
         endpoint.user, endpoint.host, endpoint.port, endpoint.tls, target, when,
         options.config_note)
+
+
+def _max_size(flag: Optional[str], section: dict, relaying: bool) -> int:
+    """--max-size over [fetch] max_size; with --relay the local MTA sets its own limit."""
+    from odmr.config import parse_size
+    if flag is None:
+        return int(section.get("max_size", FetchOptions.max_size))
+    if relaying:
+        raise UsageError("--max-size applies to --maildir and --mbox; with --relay the "
+                         "local server enforces its own limit")
+    try:
+        return parse_size(flag)
+    except ValueError as exc:
+        raise UsageError("--max-size: %s" % exc) from None
 
 
 # -- one run ---------------------------------------------------------------------
@@ -376,7 +395,7 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
     except OSError:
         peer_ip = turn.peer
     session = serve_reversed(turn.sock, peer_ip, turn.leftover, mailbox,
-                             options.endpoint.helo, turn.tls, trace)
+                             options.endpoint.helo, turn.tls, trace, options.max_size)
     summary = session.tally.summary(options.maildir or options.mbox)
     if not session.quit:
         return RunResult(EX_TEMPFAIL, "%s; then the connection to the provider was lost: the rest "
@@ -430,10 +449,11 @@ def poll_forever(options: FetchOptions) -> int:
 # -- entry point -----------------------------------------------------------------
 
 def _setup_logging(verbose: bool, polling: bool) -> None:
+    from odmr.logline import OneLineFormatter
     handler = logging.StreamHandler(sys.stderr)
     # A poller runs for days: its lines need a time; a one-shot run's don't.
-    handler.setFormatter(logging.Formatter("%(asctime)s odmrd fetch: %(message)s" if polling
-                                           else "odmrd fetch: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s odmrd fetch: %(message)s" if polling
+                                          else "odmrd fetch: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False

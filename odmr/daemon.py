@@ -28,6 +28,7 @@ import time
 from typing import List, Optional, Tuple
 
 from odmr import config as config_mod
+from odmr.logline import OneLineFormatter
 from odmr.server import Service, StartupError
 
 log = logging.getLogger("odmrd")
@@ -60,14 +61,13 @@ _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
-class _OneLine(logging.Formatter):
-    """Log lines never span lines: a CR or LF from a peer cannot forge entries."""
+class _OneLine(OneLineFormatter):
+    """Log lines never span lines: nothing from a peer can forge or disguise entries."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.process is None:          # logProcesses is off: the pid is cached, not asked for
             record.process = _pid[0]
-        text = super().format(record)
-        return text.replace("\r", "\\r").replace("\n", " | ")
+        return super().format(record)
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):

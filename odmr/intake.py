@@ -18,7 +18,7 @@ from odmr.names import mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 from odmr.syntax import for_clause, helo_name_ok, printable, split_source_route, tcp_info
-from odmr.wire import Session, iter_data, parse_params, parse_path
+from odmr.wire import DataTimeout, Session, iter_data, parse_params, parse_path
 
 log = logging.getLogger("odmrd.smtp")
 
@@ -289,10 +289,12 @@ class IntakeSession(Session):
             incoming = self.runtime.spool.begin(envelopes, prefix)
         except SpoolError as exc:
             failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
+        deadline = time.monotonic() + max_time if max_time > 0 else None
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         size = 0
         try:
-            for piece in iter_data(self):
+            for piece in iter_data(self, deadline=deadline):
                 size += len(piece)
                 if failure is not None:
                     continue
@@ -305,6 +307,11 @@ class IntakeSession(Session):
                     incoming.write(piece)
                 except SpoolError as exc:
                     failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        except DataTimeout:
+            if incoming is not None:
+                incoming.abort()
+            self.data_too_slow(tx, size, max_time)
+            return
         except BaseException:
             # the client vanished or timed out mid-DATA: leave nothing behind
             if incoming is not None:
@@ -327,6 +334,17 @@ class IntakeSession(Session):
                      msg_id, domain, size, tx.sender,
                      ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
         self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
+
+    def data_too_slow(self, tx: Transaction, size: int, max_time: float) -> None:
+        """max_data_time is over: nothing was stored; the rest of the client's
+        stream is message text, not commands, so the session ends after the 451."""
+        log.warning("smtp: %s message from <%s> refused: 451 DATA took longer than "
+                    "max_data_time (%ds, %d bytes received); nothing stored, closing",
+                    self.peer, tx.sender, max_time, size)
+        try:
+            self.reply(451, "4.4.2 %s DATA took too long, closing connection" % self.hostname())
+        finally:
+            self.hang_up()
 
     def log_command(self, verb: str, arg: str) -> None:
         log.debug("smtp: %s <- %s %s", self.peer, verb, arg[:200])

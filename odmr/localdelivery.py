@@ -4,7 +4,9 @@ After ATRN the provider is the SMTP client. This session greets it, takes
 each message with MAIL/RCPT/DATA and stores it in the local mailbox (one copy
 per message, whatever the number of recipients) before answering 250, so a
 250 always means "on disk". A storage failure is `452 4.3.1`, which makes
-the provider keep the message for the next ATRN.
+the provider keep the message for the next ATRN. A message over `max_size`
+is `552 5.3.4` (at MAIL when its SIZE says so, else after reading it to the
+end without keeping any of it), which makes the provider return it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ log = logging.getLogger("odmrd.fetch")
 
 IDLE_TIMEOUT = 660.0            # the provider may take long between messages (RFC 5321 timeouts)
 MAX_RECIPIENTS = 1000
+DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size: so a provider cannot fill the disk
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
 
 
@@ -52,7 +55,8 @@ class LocalSMTPSession(Session):
     idle_timeout = IDLE_TIMEOUT
 
     def __init__(self, sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
-                 hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None):
+                 hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
+                 max_size: int = DEFAULT_MAX_SIZE):
         super().__init__(sock, peer)
         try:
             self.rfile.close()
@@ -63,6 +67,8 @@ class LocalSMTPSession(Session):
         self.my_hostname = hostname
         self.tls = tls
         self.trace = trace
+        self.max_size = max_size        # 0: no limit
+        self.too_big = 0                # messages refused with 552 for it
         self.helo = ""
         self.esmtp = False
         self.sender: Optional[str] = None
@@ -103,8 +109,8 @@ class LocalSMTPSession(Session):
             return self.count_bad_command()
         self._reset()
         self.helo, self.esmtp = arg, True
-        self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE",
-                   "ENHANCEDSTATUSCODES")
+        self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8",
+                   "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
 
     def smtp_HELO(self, arg: str) -> None:
         if not helo_name_ok(arg):
@@ -158,11 +164,18 @@ class LocalSMTPSession(Session):
             return self.count_bad_command()
         for key, value in params.items():
             if key == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     self.reply(501, "5.5.4 Bad SIZE parameter")
                     return
+                declared = int(value[:40])      # an absurd number is simply too big
+                if self.max_size and declared > self.max_size:
+                    log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
+                                address, declared, self.max_size)
+                    self.too_big += 1
+                    self.reply(552, self._too_big_text())
+                    return
                 free = self.mailbox.free_bytes()
-                if free is not None and int(value) + SLACK > free:
+                if free is not None and declared + SLACK > free:
                     self.reply(452, "4.3.1 Insufficient system storage")
                     return
             elif key == "BODY":
@@ -218,9 +231,17 @@ class LocalSMTPSession(Session):
         except StorageError as exc:
             failure = str(exc)
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        size = 0
+        too_big = False
         try:
             for piece in iter_data(self):
-                if failure is not None:
+                size += len(piece)
+                if failure is not None or too_big:
+                    continue                    # read to the end, keep nothing
+                if self.max_size and size > self.max_size:
+                    too_big = True
+                    if delivery is not None:
+                        delivery.abort()
                     continue
                 try:
                     delivery.write(piece)
@@ -228,9 +249,16 @@ class LocalSMTPSession(Session):
                     failure = str(exc)
                     delivery.abort()
         except Closed:
-            if delivery is not None and failure is None:
+            if delivery is not None and failure is None and not too_big:
                 delivery.abort()
             raise
+        if too_big:
+            self.too_big += 1
+            log.warning("message from <%s> to %s refused: %d bytes is over --max-size %d; "
+                        "the provider returns it to the sender", sender,
+                        ",".join("<%s>" % r for r in recipients), size, self.max_size)
+            self.reply(552, self._too_big_text())
+            return
         where = ""
         if failure is None:
             try:
@@ -247,12 +275,15 @@ class LocalSMTPSession(Session):
                  ",".join("<%s>" % r for r in recipients), where)
         self.reply(250, "2.0.0 Ok: delivered as %s" % msg_id)
 
+    def _too_big_text(self) -> str:
+        return "5.3.4 Message size exceeds fixed limit of %d bytes" % self.max_size
+
 
 def serve_reversed(sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
-                   hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None
-                   ) -> LocalSMTPSession:
+                   hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
+                   max_size: int = DEFAULT_MAX_SIZE) -> LocalSMTPSession:
     """Run the local SMTP server on the reversed connection until it ends."""
-    session = LocalSMTPSession(sock, peer, leftover, mailbox, hostname, tls, trace)
+    session = LocalSMTPSession(sock, peer, leftover, mailbox, hostname, tls, trace, max_size)
     session.run()
     return session
 

@@ -32,6 +32,10 @@ class LineTooLong(Exception):
     pass
 
 
+class DataTimeout(Closed):
+    """The DATA phase outlived its deadline; the rest of the stream is not commands."""
+
+
 def format_reply(code: int, lines) -> bytes:
     """Render one reply; several lines become a multi-line reply (`250-...`)."""
     if isinstance(lines, str):
@@ -52,7 +56,47 @@ def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
     return stuffed
 
 
-class _EagerSocketIO(io.RawIOBase):
+class _TimedSocketIO(io.RawIOBase):
+    """Raw reads from a socket (TLS too) that never go on past `deadline`.
+
+    The socket's own timeout (the idle timeout) still bounds every wait; a
+    deadline only shortens a wait that would end after it, and no read at all
+    starts once it has passed, so a peer cannot stretch one buffered readline
+    over many waits, nor a stream that never waits past the deadline."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+        self.deadline: Optional[float] = None   # set by Session.read_line and iter_data
+        self.timeout_changed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._before_wait()
+        return self._sock.recv_into(buffer)
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise socket.timeout("timed out")
+
+    def _before_wait(self) -> None:
+        if self.deadline is None:           # whatever timeout the socket's owner set
+            return
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        current = self._sock.gettimeout()
+        if self.timeout_changed or current is None or remaining < current:
+            self._sock.settimeout(remaining)
+            self.timeout_changed = True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class _EagerSocketIO(_TimedSocketIO):
     """Raw reads from a plain socket that try the descriptor directly first.
 
     A Python socket with a timeout polls before every recv; when the data is
@@ -62,26 +106,17 @@ class _EagerSocketIO(io.RawIOBase):
     timed recv."""
 
     def __init__(self, sock: socket.socket):
-        super().__init__()
-        self._sock = sock
+        super().__init__(sock)
         self._fd = sock.fileno()
-        self.deadline: Optional[float] = None   # set by Session.read_line for one line
-        self.timeout_changed = False
-
-    def readable(self) -> bool:
-        return True
 
     def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            self._check_deadline()
         try:
             return os.readv(self._fd, [buffer])
         except BlockingIOError:
             pass
-        if self.deadline is not None:       # else: whatever timeout the socket's owner set
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            self._sock.settimeout(remaining)
-            self.timeout_changed = True
+        self._before_wait()
         return self._sock.recv_into(buffer)
 
     def fileno(self) -> int:
@@ -90,8 +125,10 @@ class _EagerSocketIO(io.RawIOBase):
 
 def reader_for(sock: socket.socket):
     """The buffered reader a session (and smtplib after the turnaround) reads from."""
-    if isinstance(sock, ssl.SSLSocket) or sock.gettimeout() in (None, 0.0):
+    if sock.gettimeout() in (None, 0.0):
         return sock.makefile("rb")
+    if isinstance(sock, ssl.SSLSocket):
+        return io.BufferedReader(_TimedSocketIO(sock))
     return io.BufferedReader(_EagerSocketIO(sock))
 
 
@@ -152,7 +189,7 @@ class Session:
         kept = 0
         too_long = False
         raw = getattr(self.rfile, "raw", None)
-        eager = isinstance(raw, _EagerSocketIO)    # it applies the deadline only when it must wait
+        eager = isinstance(raw, _TimedSocketIO)    # it applies the deadline only when it must wait
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -223,7 +260,7 @@ class Session:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (OSError, ValueError) as exc:
             raise Closed("TLS handshake failed: %s" % exc) from None
-        self.rfile = self.sock.makefile("rb")
+        self.rfile = reader_for(self.sock)
         self.tls_active = True
 
     def timeout(self) -> None:
@@ -358,6 +395,24 @@ class Session:
         finally:
             self.closing = True
 
+    def hang_up(self, drain: float = 2.0) -> None:
+        """End the session mid-stream, after its last reply: send FIN at once,
+        then discard what the peer still sends for up to `drain` seconds, so
+        closing with unread input (a reset) cannot destroy that reply in flight."""
+        self.closing = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+            stop = time.monotonic() + drain
+            while True:
+                remaining = stop - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.sock.settimeout(remaining)
+                if not socket.socket.recv(self.sock, 65536):
+                    break
+        except (OSError, ValueError):
+            pass
+
     def finish(self) -> None:
         for thing in (self.rfile, self.sock):
             try:
@@ -443,12 +498,41 @@ def _clean_lines(data: bytes) -> bytes:
     return block
 
 
-def iter_data(session: Session, chunk: int = 65536):
+def iter_data(session: Session, chunk: int = 65536, deadline: Optional[float] = None):
     """Yield the message text of a DATA phase, unstuffed and normalised to CRLF.
 
     Only <CRLF>.<CRLF> ends it: a '.' line after a bare LF (or a '.' line
     ended by a bare LF) is content, and bare CR / LF become CRLF, so nothing
-    smuggled past this reader can end a message anywhere downstream."""
+    smuggled past this reader can end a message anywhere downstream.
+    `deadline` (time.monotonic(); needs a reader from reader_for) ends the
+    phase with DataTimeout however steadily the peer trickles; each wait is
+    still bounded by the idle timeout."""
+    raw = getattr(session.rfile, "raw", None)
+    if deadline is None or not isinstance(raw, _TimedSocketIO):
+        yield from _iter_data(session, chunk)
+        return
+    raw.deadline = deadline
+    try:
+        yield from _iter_data(session, chunk, deadline)
+    finally:
+        raw.deadline = None
+        if raw.timeout_changed:
+            raw.timeout_changed = False
+            try:
+                session.sock.settimeout(session.idle_timeout)
+            except OSError:
+                pass
+
+
+def _read_timed_out(session: Session, deadline: Optional[float]) -> Closed:
+    # the raw reader shortened the last wait to end at the deadline, not before it
+    if deadline is not None and time.monotonic() >= deadline - 0.05:
+        return DataTimeout("DATA took longer than allowed")
+    session.timeout()
+    return Closed("timeout in DATA")
+
+
+def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
     rfile = session.rfile
     at_line_start = True
     prev_crlf = True
@@ -461,8 +545,7 @@ def iter_data(session: Session, chunk: int = 65536):
             try:
                 buffered = rfile.peek(chunk)
             except socket.timeout:
-                session.timeout()
-                raise Closed("timeout in DATA") from None
+                raise _read_timed_out(session, deadline) from None
             except (OSError, ValueError) as exc:
                 raise Closed("read failed in DATA: %s" % exc) from None
             block = _clean_lines(buffered)
@@ -479,8 +562,7 @@ def iter_data(session: Session, chunk: int = 65536):
         try:
             piece = rfile.readline(chunk)
         except socket.timeout:
-            session.timeout()
-            raise Closed("timeout in DATA") from None
+            raise _read_timed_out(session, deadline) from None
         except (OSError, ValueError) as exc:
             raise Closed("read failed in DATA: %s" % exc) from None
         if not piece:

@@ -1,0 +1,46 @@
+"""One log line per event, whatever a peer put into it.
+
+Addresses, EHLO names, AUTH user names and replies come from the network and
+end up in log messages. Any character that could end a line (CR, LF, NEL,
+U+2028/U+2029, vertical tab, form feed …) or disguise one (bidi overrides and
+isolates, zero-width and other invisible format characters, C0/C1 controls,
+DEL) is written as a visible escape, so a log reader or a syslog parser
+always sees exactly the event that happened. Used by every log handler of the
+provider (stderr, syslog, log file) and of `odmrd fetch`.
+"""
+from __future__ import annotations
+
+import logging
+
+_NAMED = {"\n": " | ", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code < 0x100:
+        return "\\x%02x" % code
+    if code < 0x10000:
+        return "\\u%04x" % code
+    return "\\U%08x" % code
+
+
+def escape_for_log(text: str) -> str:
+    """`text` with every character Python does not call printable escaped
+    (categories Cc, Cf, Cs, Co, Cn, Zl, Zp and spaces other than U+0020);
+    a line break becomes " | ", so a multi-line message stays one line."""
+    if text.isprintable():          # the common case: one pass in C
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A Formatter whose every record, arguments and traceback included, is one safe line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_for_log(super().format(record))
+
+
+__all__ = ["escape_for_log", "OneLineFormatter"]
