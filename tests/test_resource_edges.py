@@ -317,7 +317,7 @@ def test_log_lines_escape_controls_and_separators_from_peers(tmp_path):
     assert not any(l.startswith("forged") or "AUTH ok" in l for l in lines)
     atrn = [l for l in lines if "<- ATRN" in l]
     assert len(atrn) == 1 and "ex\\u2028\\u2029\\x85\\x7f\\x9b\\u202e" in atrn[0]
-    refused = [l for l in lines if "refused RCPT" in l]
+    refused = [l for l in lines if "refused RCPT" in l and "elsewhere.test" in l]
     assert len(refused) == 1 and "<u\\u202eu\\u2066u@elsewhere.test>" in refused[0]
     noop = [l for l in lines if "<- NOOP" in l]
     assert len(noop) == 1 and "x\\u2028\\u2029\\x85\\x7f\\x9b\\u202e\\u2066\\u2069\\u200f\\ufeffy" in noop[0]
