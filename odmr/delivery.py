@@ -22,7 +22,6 @@ import atexit
 import logging
 import os
 import queue
-import re
 import smtplib
 import socket
 import threading
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from odmr.bounce import send_dsn
-from odmr.spool import CHUNK, CorruptMessage, Message, Spool, SpoolError, State, parse_envelope
+from odmr.spool import CHUNK, CorruptMessage, LinkRefused, Message, Spool, SpoolError, State, parse_envelope
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
@@ -251,9 +250,6 @@ def _quit(client: ReversedClient) -> None:
 
 
 # -- reading the queue quickly ------------------------------------------------
-_valid_id = re.compile(r"[0-9a-f]{14,40}").fullmatch      # spool message names
-
-
 class Job:
     """One message on its way: the spool record, its body if small, what is left to do."""
 
@@ -276,19 +272,16 @@ def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Option
     """Messages of a domain, oldest first, each read with one open().
 
     A corrupt file is quarantined and an unreadable one skipped (with a log line):
-    neither stops the rest of the domain from being delivered."""
+    neither stops the rest of the domain from being delivered. Nothing is followed
+    through a symbolic link: the spool logs a link and leaves it alone."""
     directory = spool.domain_dir(domain)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    with_state = {n[:-6] for n in names if n.endswith(".state")}
-    for msg_id in sorted(n for n in names if _valid_id(n)):
+    ids, with_state = spool.listing(domain)
+    for msg_id in ids:
         try:
             has_state = msg_id in with_state
             message, body = _load(spool, domain, directory, msg_id, has_state)
-        except FileNotFoundError:
-            continue                           # removed meanwhile (queue delete)
+        except (FileNotFoundError, LinkRefused):
+            continue                           # removed meanwhile (queue delete), or a link (logged)
         except CorruptMessage as exc:
             spool.quarantine(domain, msg_id, str(exc))
             continue
@@ -304,7 +297,7 @@ def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Option
 def _load(spool: Spool, domain: str, directory: str, msg_id: str,
           has_state: bool) -> Tuple[Message, Optional[bytes]]:
     path = os.path.join(directory, msg_id)
-    fd = os.open(path, os.O_RDONLY)
+    fd = spool.open_message(domain, msg_id)
     try:
         total = os.fstat(fd).st_size
         if total <= INLINE_BODY:
@@ -755,7 +748,7 @@ class Run:
                 return
         retired = self.spool.retire(message, message.id in self._with_state)
         if retired:
-            _reaper.put(retired)
+            _reaper.put(self.spool, message.domain, retired)
         self._removals.note(message.domain)
 
     def _save(self, message: Message) -> None:
@@ -775,7 +768,7 @@ class _Reaper:
     right after the drain."""
 
     def __init__(self):
-        self._queue: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Tuple[Spool, str, str]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._guard = threading.Lock()
         self._sessions = 0
@@ -791,8 +784,9 @@ class _Reaper:
             else:
                 self._quiet.set()
 
-    def put(self, path: str) -> None:
-        self._queue.put(path)
+    def put(self, spool: Spool, domain: str, name: str) -> None:
+        """Unlink `name` in the domain's tmp/ later (a name Spool.retire returned)."""
+        self._queue.put((spool, domain, name))
         if self._thread is None:
             with self._guard:
                 if self._thread is None:
@@ -805,25 +799,19 @@ class _Reaper:
         except (AttributeError, OSError):
             pass
         while True:
-            path = self._queue.get()
+            spool, domain, name = self._queue.get()
             while not self._quiet.is_set() and self._queue.qsize() < REAP_BACKLOG:
                 self._quiet.wait(1.0)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            spool.unlink_retired(domain, name)
 
     def drain(self) -> None:
         """Unlink whatever is still queued (at exit, so a clean stop leaves no debris)."""
         while True:
             try:
-                path = self._queue.get_nowait()
+                spool, domain, name = self._queue.get_nowait()
             except queue.Empty:
                 return
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            spool.unlink_retired(domain, name)
 
 
 _reaper = _Reaper()

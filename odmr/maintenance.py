@@ -27,7 +27,7 @@ from odmr import queueops
 from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, Message, SpoolError
+from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -155,7 +155,7 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
                         continue
                     message.state.warned = True
                     spool.save_state(message)
-        except DomainBusy:
+        except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
             continue
     return sent
 
@@ -163,7 +163,7 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
 def _load(runtime: Runtime, domain: str, msg_id: str) -> Optional[Message]:
     try:
         return runtime.spool.load(domain, msg_id)
-    except FileNotFoundError:
+    except (FileNotFoundError, LinkRefused):      # a link: logged by the spool, left alone
         return None
     except SpoolError as exc:       # CorruptMessage included: quarantine is delivery's business
         log.error("maintenance: %s/%s unreadable: %s", domain, msg_id, exc)
@@ -183,7 +183,7 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
         return counts
     try:
         claim = spool.claim([OUTBOUND])
-    except DomainBusy:
+    except (DomainBusy, LinkRefused):
         return counts
     client: Optional[smtplib.SMTP] = None
     broken = ""

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 from odmr.bounce import send_dsn
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, Message, SpoolError
+from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message, SpoolError
 
 log = logging.getLogger("odmrd.queue")
 
@@ -121,7 +121,7 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
     with an error line: a bounce is never bounced."""
     now = time.time() if now is None else now
     max_age = runtime.settings.queue.max_age
-    counts = {"expired": 0, "busy": 0, "dropped": 0}
+    counts = {"expired": 0, "busy": 0, "dropped": 0, "refused": 0}
     if max_age <= 0:
         return counts
     spool = runtime.spool
@@ -134,7 +134,7 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
                 for msg_id in old:
                     try:
                         message = spool.load(domain, msg_id)
-                    except FileNotFoundError:
+                    except (FileNotFoundError, LinkRefused):     # a link is logged by the spool
                         continue
                     except SpoolError as exc:
                         log.error("queue: %s/%s unreadable during expiry: %s", domain, msg_id, exc)
@@ -156,6 +156,8 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
                     counts["expired"] += 1
         except DomainBusy:
             counts["busy"] += 1
+        except LinkRefused:                 # a link where the domain's lock belongs (logged)
+            counts["refused"] += 1
     return counts
 
 

@@ -11,6 +11,12 @@ Layout (all directories 0700, files 0600):
 Every state change is one create+rename or one unlink, so a crash leaves each
 message either fully present or absent; a message acknowledged with 250 was
 fsync'd and its directory entry fsync'd first.
+
+Nothing under the root is followed through a symbolic link (the root itself may
+be one, made by the administrator): each queue directory and its tmp/ are
+opened with O_NOFOLLOW and held open (a few dozen, the oldest closed first),
+and every file is opened, renamed and unlinked relative to them. A link
+found where the spool keeps a directory or file is logged and left alone.
 """
 from __future__ import annotations
 
@@ -21,10 +27,12 @@ import logging
 import os
 import random
 import secrets
+import stat
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from odmr.names import address_is_safe, normalize_domain
 
@@ -34,6 +42,10 @@ MAGIC = b"ODMR-Spool: 1\n"
 CHUNK = 65536
 OUTBOUND = ".outbound"       # bounces for senders outside the hosted domains, waiting for bounce_relay
 _STAT_TTL = 30.0
+_OPEN_QUEUES = 64            # queue directories held open (two descriptors each), the oldest closed first
+_LINK_LOG_EVERY = 60.0       # one warning per planted link and minute (the relay polls every 5 s)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK     # a planted FIFO must not hang a reader
 
 
 class SpoolError(Exception):
@@ -47,6 +59,19 @@ class SpoolError(Exception):
 class CorruptMessage(SpoolError):
     def __init__(self, message: str):
         super().__init__(message, temporary=False)
+
+
+class LinkRefused(SpoolError, OSError):
+    """A symbolic link where the spool keeps one of its own directories or files.
+
+    An OSError too (ELOOP), so code that handles a failing spool call handles this."""
+
+    def __init__(self, path: str):
+        OSError.__init__(self, errno.ELOOP, "symbolic link refused", path)
+        self.temporary = True
+
+    def __str__(self) -> str:
+        return "spool: %s is a symbolic link; refused" % self.filename
 
 
 class DomainBusy(Exception):
@@ -170,7 +195,7 @@ class Message:
         return [r for r in self.envelope.recipients if r.address not in final]
 
     def open_data(self):
-        fh = open(self.path, "rb")
+        fh = os.fdopen(_open_in_queue(self.path), "rb")
         fh.seek(self.data_offset)
         return fh
 
@@ -203,33 +228,156 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# -- never through a symbolic link ----------------------------------------------
+_link_logged: Dict[str, float] = {}
+_link_guard = threading.Lock()
+
+
+def _refuse_link(path: str) -> LinkRefused:
+    """Log (at most once a minute per path) a link found where the spool keeps its own
+    directory or file; the caller leaves it alone and raises or skips."""
+    now = time.monotonic()
+    with _link_guard:
+        last = _link_logged.get(path)
+        quiet = last is not None and now - last < _LINK_LOG_EVERY
+        if not quiet:
+            if len(_link_logged) > 1000:
+                _link_logged.clear()
+            _link_logged[path] = now
+    if not quiet:
+        log.warning("spool: %s is a symbolic link; refused, not followed and left in place", path)
+    return LinkRefused(path)
+
+
+def _is_link(name: str, dir_fd: Optional[int]) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_nofollow(name: str, dir_fd: Optional[int], shown: str, flags: int, mode: int = 0o600) -> int:
+    """os.open that refuses (LinkRefused, logged) a link as the last component."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        # Linux says ELOOP (ENOTDIR with O_DIRECTORY), FreeBSD EMLINK
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and _is_link(name, dir_fd):
+            raise _refuse_link(shown) from None
+        raise
+
+
+def _open_dir(name: str, dir_fd: Optional[int], shown: str, create: bool = False) -> Tuple[int, bool]:
+    """A spool directory opened without following a link in its place (made 0700 if asked);
+    returns the descriptor and whether it was created."""
+    created = False
+    if create:
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            created = True
+        except FileExistsError:
+            pass
+    return _open_nofollow(name, dir_fd, shown, _DIR_FLAGS), created
+
+
+def _open_in_queue(path: str) -> int:
+    """Open <root>/<queue>/<name> for reading with neither the queue directory nor the
+    file followed through a link (the root is the administrator's and may be one)."""
+    directory = os.path.dirname(path)
+    dir_fd, _ = _open_dir(directory, None, directory)
+    try:
+        return _open_nofollow(os.path.basename(path), dir_fd, path, _READ_FLAGS)
+    finally:
+        os.close(dir_fd)
+
+
+def _scan(dir_fd: int) -> Iterator["os.DirEntry[str]"]:
+    """The entries of an open directory, read through a descriptor of its own: a shared
+    descriptor shares its read position with every other thread listing it."""
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        with os.scandir(fd) as entries:
+            yield from entries
+    finally:
+        os.close(fd)
+
+
+class _QueueDir:
+    """A queue directory and its tmp/, opened without following links; every file of
+    the queue is reached relative to these descriptors. They are closed when the last
+    user lets go (so one thread's descriptor is never closed under another's feet)."""
+
+    __slots__ = ("path", "fd", "tmp_fd", "key", "tmp_key")
+
+    def __init__(self, path: str, fd: int):
+        self.path = path
+        self.fd = fd
+        self.tmp_fd: Optional[int] = None       # None: tmp/ missing, or a link (refused)
+        self.tmp_key: Optional[Tuple[int, int]] = None
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
+
+    def hold_tmp(self, fd: int) -> None:
+        self.tmp_fd = fd
+        st = os.fstat(fd)
+        self.tmp_key = (st.st_dev, st.st_ino)
+
+    def __del__(self):
+        for fd in (self.fd, self.tmp_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def show(self, *names: str) -> str:
+        return os.path.join(self.path, *names)
+
+    def scan(self) -> Iterator["os.DirEntry[str]"]:
+        return _scan(self.fd)
+
+    def still_there(self) -> bool:
+        """Are the directories at `path` and `path`/tmp (not links, not new ones) those held open?"""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            if not (stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == self.key):
+                return False
+            if self.tmp_fd is None:
+                return True
+            st = os.stat("tmp", dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == self.tmp_key
+
+
 class _GroupSync:
     """Directory fsync shared between threads: one fsync covers every rename before it."""
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._requested: Dict[str, int] = {}
-        self._completed: Dict[str, int] = {}
-        self._running: Dict[str, bool] = {}
+        self._requested: Dict[tuple, int] = {}
+        self._completed: Dict[tuple, int] = {}
+        self._running: Dict[tuple, bool] = {}
 
-    def sync(self, path: str) -> None:
+    def sync(self, directory: _QueueDir) -> None:
+        key = directory.key
         with self._cond:
-            mine = self._requested.get(path, 0) + 1
-            self._requested[path] = mine
-            while self._completed.get(path, 0) < mine:
-                if self._running.get(path):
+            mine = self._requested.get(key, 0) + 1
+            self._requested[key] = mine
+            while self._completed.get(key, 0) < mine:
+                if self._running.get(key):
                     self._cond.wait()
                     continue
-                self._running[path] = True
-                target = self._requested[path]
+                self._running[key] = True
+                target = self._requested[key]
                 self._cond.release()
                 try:
-                    _fsync_dir(path)
+                    os.fsync(directory.fd)
                 finally:
                     self._cond.acquire()
-                    self._running[path] = False
+                    self._running[key] = False
                     self._cond.notify_all()
-                self._completed[path] = max(self._completed.get(path, 0), target)
+                self._completed[key] = max(self._completed.get(key, 0), target)
 
 
 def parse_header(data: bytes) -> Tuple[Envelope, str]:
@@ -326,30 +474,15 @@ class IncomingMessage:
     def __init__(self, spool: "Spool", envelopes: Dict[str, Envelope],
                  prefix: Optional[Callable[[str, str], bytes]] = None):
         self.spool = spool
-        self.parts: List[Tuple[str, str, str, object]] = []   # domain, id, tmp path, file
+        self.parts: List[Tuple[str, str, _QueueDir, _SpoolFile]] = []   # domain, id, directory, file
         self.size = 0
         try:
             for domain, envelope in envelopes.items():
-                directory = spool.domain_dir(domain, create=True)
-                recreated = False
-                while True:
-                    msg_id = new_id()
-                    tmp = os.path.join(directory, "tmp", msg_id)
-                    try:
-                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                        break
-                    except FileExistsError:
-                        continue
-                    except FileNotFoundError:
-                        if directory not in spool._ready or recreated:
-                            raise
-                        spool._ready.discard(directory)     # removed behind our back: recreate
-                        directory = spool.domain_dir(domain, create=True)
-                        recreated = True
+                directory, msg_id, fd = self._create(domain)
                 # held while writing: another node's prepare() leaves a live file alone
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 fh = _SpoolFile(fd)
-                self.parts.append((domain, msg_id, tmp, fh))
+                self.parts.append((domain, msg_id, directory, fh))
                 fh.write(envelope.header_bytes(msg_id))
                 if prefix is not None:
                     fh.write(prefix(domain, msg_id))
@@ -359,6 +492,27 @@ class IncomingMessage:
         except OSError as exc:
             self.abort()
             raise SpoolError("cannot create spool file: %s" % exc.strerror) from None
+
+    def _create(self, domain: str) -> Tuple[_QueueDir, str, int]:
+        """A new file in the domain's tmp/ (O_EXCL: never an existing name, never a link).
+        The held directories are checked first (two fstatat calls): one renamed away, or
+        replaced by a link, must not go on taking mail acknowledged with 250."""
+        directory = self.spool._queue_dir(domain, create=True, fresh=True)
+        recreated = False
+        while True:
+            msg_id = new_id()
+            try:
+                fd = os.open(msg_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                             dir_fd=directory.tmp_fd)
+                return directory, msg_id, fd
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if recreated:
+                    raise
+                self.spool._forget(domain, directory)     # removed behind our back: recreate
+                directory = self.spool._queue_dir(domain, create=True, fresh=True)
+                recreated = True
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -379,17 +533,16 @@ class IncomingMessage:
         except OSError as exc:
             self.abort()
             raise SpoolError("cannot sync spool file: %s" % exc.strerror) from None
-        done = []
+        done: List[Tuple[_QueueDir, str]] = []
         try:
-            for domain, msg_id, tmp, _ in self.parts:
-                final = os.path.join(self.spool.domain_dir(domain), msg_id)
-                os.rename(tmp, final)
-                done.append(final)
-            for domain, _, _, _ in self.parts:
-                self.spool._group.sync(self.spool.domain_dir(domain))
+            for _, msg_id, directory, _ in self.parts:
+                os.rename(msg_id, msg_id, src_dir_fd=directory.tmp_fd, dst_dir_fd=directory.fd)
+                done.append((directory, msg_id))
+            for _, _, directory, _ in self.parts:
+                self.spool._group.sync(directory)
         except OSError as exc:
-            for path in done:
-                _unlink_quietly(path)
+            for directory, msg_id in done:
+                _unlink_quietly(msg_id, directory.fd)
             self.abort()
             raise SpoolError("cannot commit spool file: %s" % exc.strerror) from None
         for domain, _, _, _ in self.parts:
@@ -397,19 +550,19 @@ class IncomingMessage:
         return [(domain, msg_id) for domain, msg_id, _, _ in self.parts]
 
     def abort(self) -> None:
-        for _, _, tmp, fh in self.parts:
+        for _, msg_id, directory, fh in self.parts:
             try:
                 fh.close()
             except OSError:
                 pass
-            _unlink_quietly(tmp)
+            _unlink_quietly(msg_id, directory.tmp_fd)
         self.parts = []
 
 
-def _remove_if_abandoned(path: str) -> int:
+def _remove_if_abandoned(name: str, dir_fd: int) -> int:
     """Unlink a temporary file unless its writer (any process, any node) still holds its lock."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError:
         return 0
     try:
@@ -418,7 +571,7 @@ def _remove_if_abandoned(path: str) -> int:
         os.close(fd)
         return 0
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
         return 1
     except OSError:
         return 0
@@ -426,9 +579,11 @@ def _remove_if_abandoned(path: str) -> int:
         os.close(fd)
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(name: str, dir_fd: Optional[int]) -> None:
+    if dir_fd is None:       # never relative to the working directory
+        return
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -452,8 +607,9 @@ class DomainClaim:
         if not thread_lock.acquire(blocking=False):
             raise DomainBusy(domain)
         try:
-            directory = self.spool.domain_dir(domain, create=True)
-            fh = open(os.path.join(directory, ".lock"), "a+b")
+            directory = self.spool._queue_dir(domain, create=True, fresh=True)
+            fd = _open_nofollow(".lock", directory.fd, directory.show(".lock"), os.O_RDWR | os.O_CREAT)
+            fh = os.fdopen(fd, "r+b", buffering=0)
         except OSError:
             thread_lock.release()
             raise
@@ -495,20 +651,16 @@ class Spool:
         self._locks_guard = threading.Lock()
         self._usage: Dict[str, List[float]] = {}      # domain -> [count, bytes, scanned_at]
         self._usage_guard = threading.Lock()
-        self._ready: set = set()          # domain directories known to exist (with tmp/)
+        self._open: "OrderedDict[str, _QueueDir]" = OrderedDict()   # queue -> its open directory
+        self._open_guard = threading.Lock()
         self._checked: set = set()        # names known to be normalised domains
 
     # -- directories ------------------------------------------------------
     def domain_dir(self, domain: str, create: bool = False) -> str:
-        path = self._dir(domain)
-        if create and path not in self._ready and not os.path.isdir(os.path.join(path, "tmp")):
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
-            _mkdirs_private(path, os.path.join(path, "tmp"))
-            _fsync_dir(path)
-            _fsync_dir(self.root)
+        """The path of a queue's directory (created, with tmp/, when asked)."""
         if create:
-            self._ready.add(path)
-        return path
+            self._queue_dir(domain, create=True)
+        return self._dir(domain)
 
     def _dir(self, domain: str) -> str:
         """The directory of a queue: a normalised domain, or OUTBOUND."""
@@ -518,39 +670,76 @@ class Spool:
             self._checked.add(domain)
         return os.path.join(self.root, domain)
 
-    def domains(self) -> List[str]:
-        """Domains that have a spool directory."""
+    def _queue_dir(self, queue: str, create: bool = False, fresh: bool = False) -> _QueueDir:
+        """The queue's directory held open. `create`: with its tmp/ (made if missing);
+        `fresh`: check (two lstat calls) that the paths still name the directories held open —
+        for the start of an operation, not for each message of it. Raises
+        FileNotFoundError, NotADirectoryError or LinkRefused."""
+        held = self._open.get(queue)        # one dict look-up: atomic, no lock on the hot path
+        if held is not None and (held.tmp_fd is not None or not create) \
+                and (not fresh or held.still_there()):
+            return held
         try:
-            names = os.listdir(self.root)
+            opened = self._open_queue(queue, create)
+        except OSError:
+            self._forget(queue, held)
+            raise
+        with self._open_guard:
+            self._open.pop(queue, None)
+            self._open[queue] = opened
+            while len(self._open) > _OPEN_QUEUES:
+                self._open.popitem(last=False)     # the longest held; closed once its last user lets go
+        return opened
+
+    def _open_queue(self, queue: str, create: bool) -> _QueueDir:
+        path = self._dir(queue)
+        if create:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        fd, created = _open_dir(path, None, path, create)
+        directory = _QueueDir(path, fd)
+        try:
+            tmp_fd, made_tmp = _open_dir("tmp", fd, directory.show("tmp"), create)
+        except OSError:                  # missing, a link (logged), not a directory...
+            if create:
+                raise
+            return directory             # readable; nothing can be written or retired here
+        directory.hold_tmp(tmp_fd)
+        if created or made_tmp:
+            os.fsync(fd)
+        if created:
+            _fsync_dir(self.root)
+        return directory
+
+    def _forget(self, queue: str, directory: Optional[_QueueDir]) -> None:
+        with self._open_guard:
+            if directory is not None and self._open.get(queue) is directory:
+                del self._open[queue]
+
+    def domains(self) -> List[str]:
+        """Domains that have a spool directory (a link in the root is logged, never listed)."""
+        result = []
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        _refuse_link(entry.path)
+                    elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                        result.append(entry.name)
         except FileNotFoundError:
             return []
-        result = []
-        for name in names:
-            if name.startswith(".") or not os.path.isdir(os.path.join(self.root, name)):
-                continue
-            try:
-                if normalize_domain(name) == name:
-                    result.append(name)
-            except ValueError:
-                continue
-        return sorted(result)
+        return sorted(name for name in result if _normalised(name))
 
     def prepare(self) -> int:
-        """At start-up: create the root, remove debris of interrupted writes. Returns files removed."""
+        """At start-up: create the root, remove debris of interrupted writes, report links.
+        Returns files removed."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         removed = 0
-        for domain in self.domains() + [OUTBOUND]:
-            directory = os.path.join(self.root, domain)
-            tmp = os.path.join(directory, "tmp")
-            for name in _listdir(tmp):
-                removed += _remove_if_abandoned(os.path.join(tmp, name))
-            names = set(_listdir(directory))
-            for name in names:
-                if name.endswith(".state") and name[:-6] not in names:
-                    _unlink_quietly(os.path.join(directory, name))
-                    removed += 1
-                elif name.startswith(".state.") or name.startswith(".tmp."):
-                    removed += _remove_if_abandoned(os.path.join(directory, name))
+        for queue in self.domains() + [OUTBOUND]:
+            try:
+                directory = self._queue_dir(queue, fresh=True)
+            except (FileNotFoundError, NotADirectoryError, LinkRefused):
+                continue
+            removed += _clean(directory)
         return removed
 
     # -- intake -----------------------------------------------------------
@@ -567,21 +756,50 @@ class Spool:
 
     # -- reading ----------------------------------------------------------
     def message_ids(self, domain: str) -> List[str]:
-        return sorted(n for n in _listdir(self._dir(domain)) if _valid_id(n))
+        return self.listing(domain)[0]
+
+    def listing(self, queue: str) -> Tuple[List[str], Set[str]]:
+        """The queue's message ids, oldest first, and those of them that have a state file.
+        A message that is a link, or whose state file is one, is logged and left out."""
+        try:
+            directory = self._queue_dir(queue, fresh=True)
+        except (FileNotFoundError, NotADirectoryError, LinkRefused):
+            return [], set()
+        ids: List[str] = []
+        states: Set[str] = set()
+        links: Set[str] = set()
+        for entry in directory.scan():
+            name = entry.name
+            if entry.is_symlink():
+                _refuse_link(directory.show(name))
+                links.add(name)
+            elif _valid_id(name):
+                ids.append(name)
+            elif name.endswith(".state"):
+                states.add(name[:-6])
+        if links:
+            ids = [i for i in ids if i + ".state" not in links]
+        ids.sort()
+        return ids, states.intersection(ids)
 
     def has_mail(self, domain: str) -> bool:
         try:
-            with os.scandir(self._dir(domain)) as it:
-                return any(_valid_id(e.name) for e in it)
-        except (FileNotFoundError, NotADirectoryError):
+            directory = self._queue_dir(domain, fresh=True)
+            return any(_valid_id(e.name) and not e.is_symlink() for e in directory.scan())
+        except (FileNotFoundError, NotADirectoryError, LinkRefused):
             return False
+
+    def open_message(self, queue: str, msg_id: str) -> int:
+        """A descriptor for reading a message file (LinkRefused for a link)."""
+        directory = self._queue_dir(queue)
+        return _open_nofollow(msg_id, directory.fd, directory.show(msg_id), _READ_FLAGS)
 
     def load(self, domain: str, msg_id: str) -> Message:
         if not _valid_id(msg_id):
             raise CorruptMessage("invalid message id")
-        path = os.path.join(self._dir(domain), msg_id)
         try:
-            with open(path, "rb") as fh:
+            directory = self._queue_dir(domain)
+            with os.fdopen(self.open_message(domain, msg_id), "rb") as fh:
                 head = fh.read(CHUNK)
                 end = head.find(b"\n\n")
                 while end < 0 and len(head) < 16 * CHUNK:
@@ -591,20 +809,26 @@ class Spool:
                     head += more
                     end = head.find(b"\n\n")
                 size = os.fstat(fh.fileno()).st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, LinkRefused):
             raise
         except OSError as exc:
             raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
         envelope, offset = parse_envelope(domain, msg_id, head)
         state = self.load_state(domain, msg_id)
-        return Message(domain, msg_id, path, envelope, offset, size - offset, state)
+        return Message(domain, msg_id, directory.show(msg_id), envelope, offset, size - offset, state)
 
     def load_state(self, domain: str, msg_id: str) -> State:
-        path = os.path.join(self._dir(domain), msg_id + ".state")
+        """The message's delivery state; a fresh one when it has none or it is unreadable.
+        LinkRefused when the state file is a link: the message waits until that is sorted out."""
+        name = msg_id + ".state"
         dropped: List[str] = []
         try:
-            with open(path, "rb") as fh:
+            directory = self._queue_dir(domain)
+            with os.fdopen(_open_nofollow(name, directory.fd, directory.show(name), _READ_FLAGS),
+                           "rb") as fh:
                 state = State.from_json(fh.read(), dropped)
+        except LinkRefused:
+            raise
         except FileNotFoundError:
             return State()
         except (OSError, ValueError, RecursionError) as exc:
@@ -621,7 +845,7 @@ class Spool:
         for msg_id in self.message_ids(domain):
             try:
                 yield self.load(domain, msg_id)
-            except FileNotFoundError:
+            except (FileNotFoundError, LinkRefused):    # gone, or a link (logged)
                 continue
             except CorruptMessage as exc:
                 if quarantine:
@@ -636,9 +860,13 @@ class Spool:
         """The queue (domain) holding a message file of this id, readable or not."""
         if not _valid_id(msg_id):
             return None
-        for domain in self.domains() + [OUTBOUND]:
-            if os.path.exists(os.path.join(self.root, domain, msg_id)):
-                return domain
+        for queue in self.domains() + [OUTBOUND]:
+            try:
+                directory = self._queue_dir(queue, fresh=True)
+                os.stat(msg_id, dir_fd=directory.fd, follow_symlinks=False)
+            except OSError:
+                continue
+            return queue
         return None
 
     def find(self, msg_id: str) -> Optional[Message]:
@@ -655,36 +883,43 @@ class Spool:
 
     def discard(self, domain: str, msg_id: str) -> None:
         """Delete a message file that cannot be parsed (operator's `queue delete`)."""
-        _unlink_quietly(os.path.join(self.root, domain, msg_id))
-        _unlink_quietly(os.path.join(self.root, domain, msg_id + ".state"))
-        self._group.sync(os.path.join(self.root, domain))
+        directory = self._queue_dir(domain, fresh=True)
+        for name in (msg_id, msg_id + ".state"):
+            if _is_link(name, directory.fd):
+                _refuse_link(directory.show(name))
+            else:
+                _unlink_quietly(name, directory.fd)
+        self._group.sync(directory)
 
     # -- changes ----------------------------------------------------------
     def save_state(self, message: Message) -> None:
-        directory = os.path.join(self.root, message.domain)
-        final = os.path.join(directory, message.id + ".state")
-        tmp = os.path.join(directory, ".state.%s.%s" % (message.id, secrets.token_hex(4)))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        directory = self._queue_dir(message.domain)
+        final = message.id + ".state"
+        tmp = ".state.%s.%s" % (message.id, secrets.token_hex(4))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(message.state.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.rename(tmp, final)
+            os.rename(tmp, final, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
         except BaseException:
-            _unlink_quietly(tmp)
+            _unlink_quietly(tmp, directory.fd)
             raise
         self._group.sync(directory)
 
     def remove(self, message: Message, sync: bool = True) -> None:
         """Delete a finished message (data first, then its state)."""
-        directory = os.path.join(self.root, message.domain)
         try:
-            os.unlink(message.path)
+            directory = self._queue_dir(message.domain)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(message.id, dir_fd=directory.fd)
         except FileNotFoundError:
             pass
-        _unlink_quietly(message.path + ".state")
+        _unlink_quietly(message.id + ".state", directory.fd)
         self._count_added(message.domain, -message.size, -1)
         if sync:
             self._group.sync(directory)
@@ -693,33 +928,57 @@ class Spool:
         """Take a delivered message out of the queue with one rename into its tmp/.
 
         Unlinking a file frees its blocks (slow on ext4, ~0.2 ms); the rename is
-        the state change and the caller unlinks the returned path later, off the
-        delivery path. Whatever is left in tmp/ is removed at start-up."""
-        directory = os.path.join(self.root, message.domain)
-        target = os.path.join(directory, "tmp", message.id + ".done")
+        the state change and the caller has the returned name unlinked later
+        (`unlink_retired`), off the delivery path. Whatever is left in tmp/ is
+        removed at start-up."""
+        directory = self._queue_dir(message.domain, create=True)
+        retired = message.id + ".done"
         try:
-            os.rename(message.path, target)
+            os.rename(message.id, retired, src_dir_fd=directory.fd, dst_dir_fd=directory.tmp_fd)
         except FileNotFoundError:
             return ""
         if has_state:
-            _unlink_quietly(message.path + ".state")
+            _unlink_quietly(message.id + ".state", directory.fd)
         self._count_added(message.domain, -message.size, -1)
-        return target
+        return retired
+
+    def unlink_retired(self, queue: str, name: str) -> None:
+        """Free a retired message's blocks (a name `retire` returned)."""
+        try:
+            directory = self._queue_dir(queue)
+        except OSError:
+            return
+        _unlink_quietly(name, directory.tmp_fd)
 
     def sync_domain(self, domain: str) -> None:
-        self._group.sync(os.path.join(self.root, domain))
+        self._group.sync(self._queue_dir(domain))
 
     def quarantine(self, domain: str, msg_id: str, reason: str) -> None:
-        target = os.path.join(self.root, ".quarantine", domain)
-        source = os.path.join(self.root, domain, msg_id)
+        quarantine = os.path.join(self.root, ".quarantine")
+        held: List[int] = []
         try:
-            _mkdirs_private(os.path.join(self.root, ".quarantine"), target)
-            os.rename(source, os.path.join(target, msg_id))
-            if os.path.exists(source + ".state"):
-                os.rename(source + ".state", os.path.join(target, msg_id + ".state"))
+            directory = self._queue_dir(domain)
+            fd, _ = _open_dir(quarantine, None, quarantine, create=True)
+            held.append(fd)
+            fd, _ = _open_dir(domain, held[0], os.path.join(quarantine, domain), create=True)
+            held.append(fd)
+            if _is_link(msg_id, fd):          # never replaced either: someone put it there
+                raise _refuse_link(os.path.join(quarantine, domain, msg_id))
+            os.rename(msg_id, msg_id, src_dir_fd=directory.fd, dst_dir_fd=fd)
+            state = msg_id + ".state"
+            if _is_link(state, directory.fd):
+                _refuse_link(directory.show(state))
+            else:
+                try:
+                    os.rename(state, state, src_dir_fd=directory.fd, dst_dir_fd=fd)
+                except FileNotFoundError:
+                    pass
         except OSError as exc:
             log.error("spool: cannot quarantine %s/%s: %s", domain, msg_id, exc.strerror)
             return
+        finally:
+            for fd in held:
+                os.close(fd)
         log.error("spool: quarantined %s/%s: %s", domain, msg_id, reason)
 
     # -- locks --------------------------------------------------------------
@@ -743,17 +1002,15 @@ class Spool:
             if entry and now - entry[2] < _STAT_TTL:
                 return int(entry[0]), int(entry[1])
         count = total = 0
-        directory = self._dir(domain)
         try:
-            with os.scandir(directory) as it:
-                for e in it:
-                    if _valid_id(e.name):
-                        try:
-                            total += e.stat().st_size
-                            count += 1
-                        except OSError:
-                            pass
-        except FileNotFoundError:
+            for e in self._queue_dir(domain, fresh=True).scan():
+                if _valid_id(e.name) and not e.is_symlink():
+                    try:
+                        total += e.stat(follow_symlinks=False).st_size
+                        count += 1
+                    except OSError:
+                        pass
+        except (FileNotFoundError, NotADirectoryError, LinkRefused):
             pass
         with self._usage_guard:
             self._usage[domain] = [count, total, now]
@@ -767,17 +1024,31 @@ class Spool:
                 entry[1] += size
 
 
-def _mkdirs_private(*paths: str) -> None:
-    """Create each directory 0700 (os.makedirs gives only the last one the mode asked for)."""
-    for path in paths:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-
-
-def _listdir(path: str) -> List[str]:
+def _normalised(name: str) -> bool:
     try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+        return normalize_domain(name) == name
+    except ValueError:
+        return False
+
+
+def _clean(directory: _QueueDir) -> int:
+    """Start-up clean-up of one queue: unlink abandoned temporary files and state files
+    without a message; report every link found (and leave it). Returns files removed."""
+    removed = 0
+    if directory.tmp_fd is not None:
+        for name, is_link in [(e.name, e.is_symlink()) for e in _scan(directory.tmp_fd)]:
+            if is_link:
+                _refuse_link(directory.show("tmp", name))
+            else:
+                removed += _remove_if_abandoned(name, directory.tmp_fd)
+    entries = [(e.name, e.is_symlink()) for e in directory.scan()]
+    names = {name for name, _ in entries}
+    for name, is_link in entries:
+        if is_link:
+            _refuse_link(directory.show(name))
+        elif name.endswith(".state") and name[:-6] not in names:
+            _unlink_quietly(name, directory.fd)
+            removed += 1
+        elif name.startswith(".state.") or name.startswith(".tmp."):
+            removed += _remove_if_abandoned(name, directory.fd)
+    return removed
