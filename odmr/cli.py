@@ -450,7 +450,8 @@ def cmd_queue(args, config_path: str) -> int:
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
     except OSError as exc:
-        return fail("spool: %s" % (exc.strerror or exc), EX_IOERR)
+        from odmr.spool import describe_error
+        return fail("spool: %s" % describe_error(exc), EX_IOERR)
 
 
 def _queue_name(text: str) -> str:

@@ -17,7 +17,7 @@ from odmr.accounts import Account
 from odmr.delivery import deliver_reversed
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
-from odmr.spool import DomainBusy
+from odmr.spool import DomainBusy, describe_error
 from odmr.syntax import helo_name_ok, printable
 from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
 
@@ -347,7 +347,8 @@ class ODMRSession(Session):
             self.reply(*REPLY_ATRN_BUSY)
             return
         except OSError as exc:
-            log.error("odmr: cannot lock spool for %s: %s", ",".join(domains), exc)
+            log.error("odmr: %s (%s) ATRN %s: 451, cannot claim the spool: %s", self.peer,
+                      account.name, ",".join(domains), describe_error(exc))
             self.reply(*REPLY_ATRN_BUSY)
             return
         with claim:

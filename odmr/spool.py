@@ -48,6 +48,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK     # a planted FIFO must not hang a reader
 
 
+def describe_error(exc: OSError) -> str:
+    """`PATH: reason`: an operator must see which file or directory is at fault."""
+    return "%s: %s" % (exc.filename, exc.strerror) if exc.filename else str(exc.strerror or exc)
+
+
 class SpoolError(Exception):
     """A spool operation failed; `temporary` says whether retrying may help."""
 
@@ -264,7 +269,7 @@ def _open_nofollow(name: str, dir_fd: Optional[int], shown: str, flags: int, mod
         # Linux says ELOOP (ENOTDIR with O_DIRECTORY), FreeBSD EMLINK
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and _is_link(name, dir_fd):
             raise _refuse_link(shown) from None
-        raise
+        raise OSError(exc.errno, exc.strerror, shown) from None   # the path, not a bare name
 
 
 def _open_dir(name: str, dir_fd: Optional[int], shown: str, create: bool = False) -> Tuple[int, bool]:
@@ -491,7 +496,7 @@ class IncomingMessage:
             raise
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot create spool file: %s" % exc.strerror) from None
+            raise SpoolError("cannot create spool file: %s" % describe_error(exc)) from None
 
     def _create(self, domain: str) -> Tuple[_QueueDir, str, int]:
         """A new file in the domain's tmp/ (O_EXCL: never an existing name, never a link).
@@ -521,7 +526,7 @@ class IncomingMessage:
                 part[3].write(chunk)
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot write spool file: %s" % exc.strerror) from None
+            raise SpoolError("cannot write spool file: %s" % describe_error(exc)) from None
 
     def commit(self) -> List[Tuple[str, str]]:
         """Make every copy durable; return [(domain, id)]. Raises SpoolError (all undone)."""
@@ -532,7 +537,7 @@ class IncomingMessage:
                 fh.close()
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot sync spool file: %s" % exc.strerror) from None
+            raise SpoolError("cannot sync spool file: %s" % describe_error(exc)) from None
         done: List[Tuple[_QueueDir, str]] = []
         try:
             for _, msg_id, directory, _ in self.parts:
@@ -544,7 +549,7 @@ class IncomingMessage:
             for directory, msg_id in done:
                 _unlink_quietly(msg_id, directory.fd)
             self.abort()
-            raise SpoolError("cannot commit spool file: %s" % exc.strerror) from None
+            raise SpoolError("cannot commit spool file: %s" % describe_error(exc)) from None
         for domain, _, _, _ in self.parts:
             self.spool._count_added(domain, self.size)
         return [(domain, msg_id) for domain, msg_id, _, _ in self.parts]

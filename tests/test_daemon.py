@@ -5,7 +5,9 @@ Every daemon these tests start is killed in teardown; "gone" is read from
 """
 from __future__ import annotations
 
+import base64
 import grp
+import hmac
 import os
 import pwd
 import shutil
@@ -598,6 +600,47 @@ def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_ser
     os.chown(domain, nobody.pw_uid, nobody.pw_gid)
     assert s.cli("check-config").returncode == 0
     assert s.serve().returncode == 0
+
+
+@needs_root
+def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
+    """A domain directory the service account lost access to after start: intake, ATRN,
+    `queue` and `enqueue` each name that directory (not the spool root, not a bare errno)."""
+    nobody = pwd.getpwnam("nobody")
+    s = site_factory("user = nobody", directory=public_dir)
+    s.add_user("alice", "example.org")
+    domain = os.path.join(s.spool, "example.org")
+    os.makedirs(domain, mode=0o700)
+    for path in (s.spool, domain):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    assert s.serve().returncode == 0
+    os.chown(domain, 0, 0)                                  # e.g. restored from a backup as root
+    with smtplib.SMTP("127.0.0.1", s.smtp_port, timeout=10) as c:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            c.sendmail("someone@remote.test", ["u@example.org"], b"Subject: t\r\n\r\nx\r\n")
+    assert refused.value.smtp_code == 452
+    with socket.create_connection(("127.0.0.1", s.odmr_port), timeout=10) as c:
+        f = c.makefile("rwb")
+        def command(line: str) -> bytes:
+            f.write(line.encode() + b"\r\n")
+            f.flush()
+            reply = f.readline()
+            while reply[3:4] == b"-":
+                reply = f.readline()
+            return reply
+        f.readline()
+        command("EHLO client.test")
+        challenge = base64.b64decode(command("AUTH CRAM-MD5")[4:].strip())
+        digest = hmac.new(b"secret-pw", challenge, "md5").hexdigest()
+        assert command(base64.b64encode(b"alice " + digest.encode()).decode()).startswith(b"235")
+        reply = command("ATRN example.org")
+        assert reply.startswith(b"451"), reply
+    wait_for(lambda: s.log().count(domain + ": Permission denied") >= 2, 10, "both log lines")
+    for args in (("queue", "list"), ("queue", "list", "example.org")):
+        listed = s.cli(*args)
+        assert listed.returncode == 74 and domain + ": Permission denied" in listed.stderr.decode()
+    queued = s.cli("enqueue", "-f", "a@remote.test", "u@example.org", input=b"Subject: t\n\nx\n")
+    assert queued.returncode == 75 and domain + ": Permission denied" in queued.stderr.decode()
 
 
 def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
