@@ -278,9 +278,13 @@ class IntakeSession(Session):
         if self.tls_active and self.esmtp:
             protocol += "S"
 
+        header_sizes: Dict[str, int] = {}
+
         def prefix(domain: str, msg_id: str) -> bytes:
-            return received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
-                                   msg_id, by_domain[domain])
+            header = received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
+                                     msg_id, by_domain[domain])
+            header_sizes[domain] = len(header)     # logged size = what queue list shows
+            return header
 
         limit = self.limits.max_message_size
         incoming = None
@@ -331,7 +335,7 @@ class IntakeSession(Session):
             return
         for domain, msg_id in stored:
             log.info("smtp: accepted id=%s domain=%s size=%d from=<%s> to=%s client=%s",
-                     msg_id, domain, size, tx.sender,
+                     msg_id, domain, size + header_sizes.get(domain, 0), tx.sender,
                      ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
         self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import grp
 import hmac
+import json
 import os
 import pwd
 import shutil
@@ -641,6 +642,17 @@ def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
         assert listed.returncode == 74 and domain + ": Permission denied" in listed.stderr.decode()
     queued = s.cli("enqueue", "-f", "a@remote.test", "u@example.org", input=b"Subject: t\n\nx\n")
     assert queued.returncode == 75 and domain + ": Permission denied" in queued.stderr.decode()
+
+
+def test_a_message_has_one_size_in_the_log_and_the_queue(site):
+    """The intake log line and `queue list` give the same size: the stored message, with
+    odmrd's Received: header, as it will be delivered."""
+    assert site.serve().returncode == 0
+    assert smtp_send(site.smtp_port, "user@example.org") == {}
+    [record] = json.loads(site.cli("queue", "list", "--json").stdout)
+    wait_for(lambda: "accepted id=%s" % record["id"] in site.log(), 10, "the log line")
+    line = [l for l in site.log().splitlines() if "accepted id=%s" % record["id"] in l][0]
+    assert " size=%d " % record["size"] in line, (line, record["size"])
 
 
 def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
