@@ -251,9 +251,18 @@ class _Editor:
 
     def __enter__(self) -> ConfigObj:
         directory = os.path.dirname(os.path.abspath(self.path)) or "."
-        self._lock = open(os.path.join(directory, "." + os.path.basename(self.path) + ".lock"), "a")
-        os.chmod(self._lock.name, 0o600)
-        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX)
+        lock_path = os.path.join(directory, "." + os.path.basename(self.path) + ".lock")
+        try:
+            # never through a link planted where the lock belongs: root would chmod its target
+            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise AccountsError("%s is a symbolic link; refusing to use it as the users "
+                                    "file's lock (remove it)" % lock_path) from None
+            raise
+        self._lock = os.fdopen(fd, "a")
+        os.fchmod(fd, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if os.path.exists(self.path):
             self.config = _read(self.path)
         elif self.create:

@@ -469,6 +469,9 @@ def _queue_name(text: str) -> str:
 
 
 def _print_queue(records) -> None:
+    """The text listing: every field a peer wrote (addresses, the customer's last reply) is
+    escaped, so nothing in the queue can drive the operator's terminal."""
+    from odmr.logline import escape_for_log as safe
     from odmr.names import plural
     if not records:
         print("Mail queue is empty")
@@ -478,11 +481,12 @@ def _print_queue(records) -> None:
         age = r["age"]
         age_text = "%dd" % (age // 86400) if age >= 86400 else "%dh" % (age // 3600) if age >= 3600 \
             else "%dm" % (age // 60) if age >= 60 else "%ds" % age
-        print("%-22s %-24s %9d %8s  <%s>" % (r["id"], r["domain"], r["size"], age_text, r["sender"]))
+        print("%-22s %-24s %9d %8s  <%s>" % (r["id"], r["domain"], r["size"], age_text,
+                                             safe(r["sender"])))
         for rcpt in r["recipients"]:
-            print("%66s<%s>" % ("", rcpt))
+            print("%66s<%s>" % ("", safe(rcpt)))
         if r["attempts"]:
             print("%66s(%s; last: %s)" % ("", plural(r["attempts"], "attempt"),
-                                             r["last_error"] or "-"))
+                                             safe(r["last_error"] or "-")))
     print("-- %s, %s" % (plural(len(records), "message"),
                          plural(sum(r["size"] for r in records), "byte")))

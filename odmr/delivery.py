@@ -33,6 +33,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from odmr.bounce import send_dsn
 from odmr.spool import CHUNK, CorruptMessage, LinkRefused, Message, Spool, SpoolError, State, parse_envelope
+from odmr.logline import escape_for_log
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
@@ -158,7 +159,9 @@ class ReversedClient(smtplib.SMTP):
 
 
 def _fmt(code: int, text: str) -> str:
-    return ("%d %s" % (code, " ".join(text.split())))[:500]
+    """A customer's reply as stored (last_error), logged and quoted in DSNs: one line, its
+    control and format characters escaped (they would reach an operator's terminal)."""
+    return escape_for_log("%d %s" % (code, " ".join(text.split())))[:500]
 
 
 def _described(code: int, text: str) -> str:

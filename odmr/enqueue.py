@@ -78,8 +78,8 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         key = mailbox_key(address, domain)
         if key not in mailboxes:
             mailboxes.add(key)
-            by_domain.setdefault(domain, []).append(address)
-    utf8 = not sender.isascii() or not all(a.isascii() for a in recipients)
+            by_domain.setdefault(domain, []).append(key)     # with the domain's A-label
+    utf8 = not sender.isascii() or not all(a.isascii() for group in by_domain.values() for a in group)
     now = time.time()
     try:
         user = pwd.getpwuid(os.getuid()).pw_name

@@ -246,7 +246,9 @@ class IntakeSession(Session):
         key = mailbox_key(address, domain)
         if key not in tx.mailboxes:                # the same mailbox twice is delivered once
             tx.mailboxes.add(key)
-            tx.recipients[address] = domain
+            # spooled and delivered with the domain's A-label: a customer without SMTPUTF8
+            # can take it, and no IDNA 2003 MTA downstream can map it onto another domain
+            tx.recipients[key] = domain
         self.reply(250, text)
 
     def smtp_DATA(self, arg: str) -> None:

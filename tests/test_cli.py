@@ -488,3 +488,28 @@ def test_users_example_shows_every_field_the_readme_documents():
         example = fh.read()
     for field in fields | {"domains"}:
         assert re.search(r"^# %s = " % field, example, re.M), field
+
+
+def test_user_commands_never_follow_a_planted_lock_link(hosted, tmp_path):
+    """The users file's lock is opened without following a link: root must not chmod or
+    create whatever a link there points at."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    os.chmod(str(victim), 0o644)
+    lock = os.path.join(os.path.dirname(users_path(hosted)), ".users.lock")
+    if os.path.exists(lock):
+        os.unlink(lock)
+    os.symlink(str(victim), lock)
+    result = odmrd(hosted, "user", "add", "mallory", "--domain", "m.test", "--password-stdin",
+                   input=b"pw\n")
+    assert result.returncode != 0 and "symbolic link" in one_line_error(result)
+    assert stat.S_IMODE(os.stat(str(victim)).st_mode) == 0o644
+    assert victim.read_text() == "keep me" and os.path.islink(lock)
+
+
+def test_queue_list_escapes_what_peers_wrote(hosted):
+    """Bidi overrides and escape sequences in an address never reach the operator's terminal."""
+    enqueue(hosted, "a\u202eb@example.org", sender="x\u2066y@remote.test")
+    text = odmrd(hosted, "queue", "list").stdout.decode()
+    assert "\u202e" not in text and "\u2066" not in text
+    assert "a\\u202eb@example.org" in text and "x\\u2066y@remote.test" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import email
+import json
 import logging
 import os
 import select
@@ -372,3 +373,28 @@ def test_fetch_log_lines_escape_what_the_provider_sends(scripted, tmp_path):
     text = err(result)
     assert "<a\\u202eb\\u2066c@x.test>" in text
     assert all(line.isprintable() for line in text.split("\n")), text
+
+
+def test_a_customer_reply_is_stored_escaped(provider):
+    """A customer's 4xx is kept as last_error (queue list, DSNs): its control and format
+    characters are escaped there too, not only in the log."""
+    send_mail(provider.smtp_port, "s@remote.test", ["u@example.org"], b"Subject: t\r\n\r\nx\r\n")
+    c = Customer(provider.odmr_port)
+    try:
+        c.login("alice")
+        assert c.cmd("ATRN example.org")[0] == 250
+        c.send("220 customer.test")
+        assert c.line().startswith(b"EHLO")
+        c.send("250 customer.test")
+        assert c.line().startswith(b"MAIL")
+        c.send("450 4.2.0 \x1b]0;pwned\x07\x1b[2J busy \u202eevil".encode())
+        while not c.line().startswith(b"QUIT"):
+            c.send("250 ok")
+        c.send("221 bye")
+    finally:
+        c.close()
+    wait_for(lambda: provider.run_cli("queue", "list", "--json").stdout.count(b"busy"), 10,
+             "the attempt to be recorded")
+    [record] = json.loads(provider.run_cli("queue", "list", "--json").stdout)
+    assert "\x1b" not in record["last_error"] and "\u202e" not in record["last_error"]
+    assert "\\x1b]0;pwned\\x07" in record["last_error"]
