@@ -13,12 +13,12 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from odmr import tls
+from odmr import replies, tls
 from odmr.names import mailbox_key
 from odmr.runtime import Runtime
 from odmr.spool import Envelope, Recipient, SpoolError
 from odmr.syntax import for_clause, helo_name_ok, printable, split_source_route, tcp_info
-from odmr.wire import DataTimeout, Session, iter_data, parse_params, parse_path
+from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.smtp")
 
@@ -104,15 +104,8 @@ class IntakeSession(Session):
         self.reply(501, "5.5.4 Syntax: %s domain or address literal" % verb)
         self.count_bad_command()
 
-    def smtp_NOOP(self, arg: str) -> None:
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_RSET(self, arg: str) -> None:
+    def reset_transaction(self) -> None:
         self.tx = None
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_QUIT(self, arg: str) -> None:
-        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
@@ -139,46 +132,22 @@ class IntakeSession(Session):
 
     # -- the transaction ------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
-        if self.helo is None:
-            self.reply(503, "5.5.1 Send EHLO first")
-            return self.count_bad_command()
-        if self.tx is not None:
-            self.reply(503, "5.5.1 Nested MAIL command")
-            return self.count_bad_command()
+        if not self.mail_allowed(self.helo is not None, self.tx is not None):
+            return
         if self.latest is not None:
             # each transaction sees the hosted domains of now, not of when the client connected
             self.runtime = self.latest()
         if self.limits.require_tls and not self.tls_active:
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()
-        parsed = parse_path(arg, "FROM:")
+        parsed = self.mail_command(arg, self.esmtp)
         if parsed is None:
-            self.reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
-            return self.count_bad_command()
-        sender, param_text = parsed
-        params = parse_params(param_text)
-        if params is None or (params and not self.esmtp):
-            self.reply(501, "5.5.4 Bad MAIL parameters")
-            return self.count_bad_command()
-        size = 0
-        body = ""
-        smtputf8 = False
-        for key, value in params.items():
-            if key == "SIZE":
-                if not (value.isascii() and value.isdigit()):
-                    self.reply(501, "5.5.4 Syntax: SIZE=<number of octets>")
-                    return self.count_bad_command()
-                size = int(value[:40])         # an absurd number is simply too big (552)
-            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
-                body = value.upper()
-            elif key == "SMTPUTF8" and value == "":
-                smtputf8 = True
-            else:
-                self.reply(555, "5.5.4 Unsupported MAIL parameter %s" % key)
-                return self.count_bad_command()
+            return
+        sender, params = parsed
+        size, smtputf8 = params.size or 0, params.smtputf8
         if size > self.limits.max_message_size:
-            self.reply(552, "5.3.4 Message size exceeds fixed limit of %d bytes"
-                       % self.limits.max_message_size)
+            code, text = replies.TOO_BIG
+            self.reply(code, text % self.limits.max_message_size)
             return
         if not sender.isascii() and not smtputf8:
             self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
@@ -195,30 +164,28 @@ class IntakeSession(Session):
                      self.peer, printable(sender), routed)
             self.reply(550, "5.7.1 Routing refused: %s" % routed)
             return
-        self.tx = Transaction(sender, smtputf8, body, size)
-        self.reply(250, "2.1.0 Ok")
+        self.tx = Transaction(sender, smtputf8, params.body, size)
+        self.reply(*replies.MAIL_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
         tx = self.tx
         if tx is None:
-            self.reply(503, "5.5.1 Need MAIL before RCPT")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
         parsed = parse_path(arg, "TO:", raw=True)     # a source route too: classify_recipient judges it
         try:
             path, param_text = parsed
             route, address = split_source_route(path)
         except (TypeError, ValueError):
-            self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
-            return self.count_bad_command()
-        params = parse_params(param_text)
-        if params is None or params:
-            self.reply(555, "5.5.4 Unsupported RCPT parameters")
-            return self.count_bad_command()
+            return self.refuse(replies.RCPT_SYNTAX)
+        try:
+            parse_rcpt_params(param_text)
+        except BadParameter as exc:
+            return self.refuse(exc.reply)
         if len(address) > 256:
             self.reply(501, "5.1.3 Recipient address too long")
             return self.count_bad_command()
         if len(tx.recipients) >= self.limits.max_recipients:
-            self.reply(452, "4.5.3 Too many recipients")
+            self.reply(*replies.TOO_MANY_RECIPIENTS)
             return
         if address.lower() == "postmaster":
             # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
@@ -252,11 +219,9 @@ class IntakeSession(Session):
     def smtp_DATA(self, arg: str) -> None:
         tx = self.tx
         if tx is None:
-            self.reply(503, "5.5.1 Need MAIL command")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL)
         if not tx.recipients:
-            self.reply(554, "5.5.1 No valid recipients")
-            return self.count_bad_command()
+            return self.refuse(replies.NO_VALID_RECIPIENTS)
         if arg:
             self.reply(501, "5.5.4 Syntax: DATA")
             return self.count_bad_command()
