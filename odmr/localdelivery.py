@@ -17,9 +17,8 @@ import time
 from typing import Callable, List, Optional
 
 from odmr import replies
-from odmr.intake import received_header
 from odmr.mailstore import Mailbox, StorageError
-from odmr.syntax import helo_name_ok
+from odmr.syntax import helo_name_ok, received_header
 from odmr.tally import END, GREETING, Tally
 from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
 
