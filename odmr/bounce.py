@@ -15,11 +15,11 @@ import email.utils
 import logging
 import re
 import secrets
-import time
 from typing import Dict, List, Optional, Tuple
 
 from odmr.names import normalize_domain, split_address
-from odmr.spool import OUTBOUND, Envelope, Message, Recipient, Spool
+from odmr.spool import OUTBOUND, Message, Spool
+from odmr.submission import Submission, store
 
 log = logging.getLogger("odmrd.bounce")
 
@@ -131,10 +131,9 @@ def send_dsn(spool: Spool, hosted: frozenset, hostname: str, message: Message,
     except ValueError:
         domain = ""
     queue = domain if domain and domain in hosted else OUTBOUND
-    envelope = Envelope(sender="", recipients=[Recipient(sender)], arrival=time.time(),
-                        body="8BITMIME", smtputf8=not sender.isascii(),
-                        client="odmrd bounce for %s/%s" % (message.domain, message.id))
-    dsn_id = spool.store(queue, envelope, data)
+    dsn = Submission("", smtputf8=not sender.isascii(), body="8BITMIME")
+    dsn.add(sender, queue)
+    [(_, dsn_id)] = store(spool, dsn, "odmrd bounce for %s/%s" % (message.domain, message.id), data)
     log.info("bounce: %s/%s: DSN (%s) to <%s> for %s queued as %s/%s", message.domain, message.id,
              action, sender, ",".join(results), queue, dsn_id)
     return dsn_id

@@ -5,16 +5,15 @@ Line endings are normalised to CRLF while streaming to disk.
 """
 from __future__ import annotations
 
-import email.utils
 import os
 import pwd
-import time
-from typing import BinaryIO, Dict, List, Tuple
+from typing import BinaryIO, List, Tuple
 
-from odmr.names import address_is_safe, mailbox_key
+from odmr.names import address_is_safe
 from odmr.runtime import Runtime
-from odmr.spool import Envelope, Recipient, SpoolError
-from odmr.syntax import for_clause, printable, split_source_route
+from odmr.spool import SpoolError
+from odmr.submission import Submission, TooBig
+from odmr.syntax import local_received_header, printable, split_source_route
 
 EX_DATAERR = 65
 EX_NOUSER = 67
@@ -57,8 +56,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
     if routed:
         raise EnqueueError("sender <%s> is in a hosted domain and carries a route: %s"
                            % (printable(sender), routed), EX_NOUSER)
-    by_domain: Dict[str, List[str]] = {}
-    mailboxes = set()
+    submission = Submission(sender, body="8BITMIME")
     for address in recipients:
         path = address.strip().lstrip("<").rstrip(">")
         try:
@@ -75,51 +73,38 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
             raise EnqueueError("recipient <%s>: %s" % (printable(path), reason), status)
         if not runtime.quota_ok(domain):
             raise EnqueueError("<%s>: domain %s is over quota" % (address, domain), EX_TEMPFAIL)
-        key = mailbox_key(address, domain)
-        if key not in mailboxes:
-            mailboxes.add(key)
-            by_domain.setdefault(domain, []).append(key)     # with the domain's A-label
-    utf8 = not sender.isascii() or not all(a.isascii() for group in by_domain.values() for a in group)
-    now = time.time()
+        submission.add(address, domain)
+    submission.smtputf8 = not sender.isascii() or not all(a.isascii() for a in submission.recipients)
+    return _spool(runtime, submission, stream)
+
+
+def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[Tuple[str, str]]:
+    """Stream stdin into the queue; stop at the first thing that keeps it from being stored."""
     try:
         user = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         user = str(os.getuid())
-    envelopes = {d: Envelope(sender=sender, recipients=[Recipient(a) for a in addrs], smtputf8=utf8,
-                             body="8BITMIME", arrival=now, client="local user %s" % user)
-                 for d, addrs in by_domain.items()}
     hostname = runtime.hostname
-
-    def prefix(domain: str, msg_id: str) -> bytes:
-        rcpts = by_domain[domain]
-        text = "Received: by %s (odmrd enqueue, uid %d) id %s" % (hostname, os.getuid(), msg_id)
-        text += for_clause(rcpts)
-        return (text + ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)).encode("utf-8")
-
-    limit = runtime.settings.smtp.max_message_size
-    try:
-        incoming = runtime.spool.begin(envelopes, prefix)
-    except SpoolError as exc:
-        raise EnqueueError(str(exc), EX_TEMPFAIL) from None
-    size = 0
-    last = b"\n"
+    spooling = submission.start(runtime.spool, "local user %s" % user,
+                                lambda msg_id, rcpts: local_received_header(hostname, msg_id, rcpts),
+                                runtime.settings.smtp.max_message_size)
+    if spooling.failure is not None:             # before reading: the MTA keeps it and retries
+        raise EnqueueError(str(spooling.failure), EX_TEMPFAIL)
     try:
         for piece in _normalise(stream):
-            size += len(piece)
-            if size > limit:
-                incoming.abort()
-                raise EnqueueError("message exceeds the size limit of %d bytes" % limit, EX_DATAERR)
-            incoming.write(piece)
-            last = piece[-1:] or last
-        if size == 0:
-            incoming.abort()
-            raise EnqueueError("empty message", EX_DATAERR)
-        if last != b"\n":
-            incoming.write(b"\r\n")
-        return incoming.commit()
+            spooling.write(piece)
+            if spooling.failure is not None:
+                break
+        else:
+            if spooling.size == 0:
+                spooling.abort()
+                raise EnqueueError("empty message", EX_DATAERR)
+            spooling.end_line()
+        return spooling.commit()
+    except TooBig as exc:
+        raise EnqueueError(str(exc), EX_DATAERR) from None
     except SpoolError as exc:
-        incoming.abort()
         raise EnqueueError(str(exc), EX_TEMPFAIL) from None   # the MTA keeps it and retries
     except OSError as exc:
-        incoming.abort()
+        spooling.abort()
         raise EnqueueError("reading stdin: %s" % exc.strerror, EX_IOERR) from None

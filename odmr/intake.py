@@ -7,47 +7,27 @@ recipients, and 250 is sent only after every copy is durably on disk.
 """
 from __future__ import annotations
 
-import email.utils
 import logging
 import socket
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from odmr import tls
-from odmr.names import mailbox_key
+from odmr import replies, tls
 from odmr.runtime import Runtime
-from odmr.spool import Envelope, Recipient, SpoolError
-from odmr.syntax import for_clause, helo_name_ok, printable, split_source_route, tcp_info
-from odmr.wire import DataTimeout, Session, iter_data, parse_params, parse_path
+from odmr.spool import SpoolError
+from odmr.submission import Submission, TooBig
+from odmr.syntax import helo_name_ok, printable, received_header, split_source_route
+from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.smtp")
 
 
-def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
-                    msg_id: str, recipients: List[str]) -> bytes:
-    """A RFC 5321 §4.4 trace header, folded. Each slot holds only what fits it: the
-    EHLO name if it is a domain or an address literal (the sessions refuse others),
-    the peer as an address literal, `for` only for one plain address."""
-    text = "Received: from %s" % (helo if helo_name_ok(helo) else "unknown")
-    info = tcp_info(peer_ip)
-    if info:
-        text += " (%s)" % info
-    text += "\r\n\tby %s (odmrd) with %s id %s" % (hostname, protocol, msg_id)
-    text += for_clause(recipients)
-    text += ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)
-    return text.encode("utf-8", "replace")
-
-
-class Transaction:
+class Transaction(Submission):
     """The envelope being collected between MAIL and the end of DATA."""
 
     def __init__(self, sender: str, smtputf8: bool, body: str, size: int):
-        self.sender = sender
-        self.smtputf8 = smtputf8
-        self.body = body
+        super().__init__(sender, smtputf8, body)
         self.declared_size = size
-        self.recipients: Dict[str, str] = {}       # address -> domain, in order
-        self.mailboxes: set = set()                # mailbox_key() of each, against duplicates
 
 
 class IntakeSession(Session):
@@ -104,15 +84,8 @@ class IntakeSession(Session):
         self.reply(501, "5.5.4 Syntax: %s domain or address literal" % verb)
         self.count_bad_command()
 
-    def smtp_NOOP(self, arg: str) -> None:
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_RSET(self, arg: str) -> None:
+    def reset_transaction(self) -> None:
         self.tx = None
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_QUIT(self, arg: str) -> None:
-        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
@@ -139,46 +112,22 @@ class IntakeSession(Session):
 
     # -- the transaction ------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
-        if self.helo is None:
-            self.reply(503, "5.5.1 Send EHLO first")
-            return self.count_bad_command()
-        if self.tx is not None:
-            self.reply(503, "5.5.1 Nested MAIL command")
-            return self.count_bad_command()
+        if not self.mail_allowed(self.helo is not None, self.tx is not None):
+            return
         if self.latest is not None:
             # each transaction sees the hosted domains of now, not of when the client connected
             self.runtime = self.latest()
         if self.limits.require_tls and not self.tls_active:
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()
-        parsed = parse_path(arg, "FROM:")
+        parsed = self.mail_command(arg, self.esmtp)
         if parsed is None:
-            self.reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
-            return self.count_bad_command()
-        sender, param_text = parsed
-        params = parse_params(param_text)
-        if params is None or (params and not self.esmtp):
-            self.reply(501, "5.5.4 Bad MAIL parameters")
-            return self.count_bad_command()
-        size = 0
-        body = ""
-        smtputf8 = False
-        for key, value in params.items():
-            if key == "SIZE":
-                if not (value.isascii() and value.isdigit()):
-                    self.reply(501, "5.5.4 Syntax: SIZE=<number of octets>")
-                    return self.count_bad_command()
-                size = int(value[:40])         # an absurd number is simply too big (552)
-            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
-                body = value.upper()
-            elif key == "SMTPUTF8" and value == "":
-                smtputf8 = True
-            else:
-                self.reply(555, "5.5.4 Unsupported MAIL parameter %s" % key)
-                return self.count_bad_command()
+            return
+        sender, params = parsed
+        size, smtputf8 = params.size or 0, params.smtputf8
         if size > self.limits.max_message_size:
-            self.reply(552, "5.3.4 Message size exceeds fixed limit of %d bytes"
-                       % self.limits.max_message_size)
+            code, text = replies.TOO_BIG
+            self.reply(code, text % self.limits.max_message_size)
             return
         if not sender.isascii() and not smtputf8:
             self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
@@ -195,30 +144,28 @@ class IntakeSession(Session):
                      self.peer, printable(sender), routed)
             self.reply(550, "5.7.1 Routing refused: %s" % routed)
             return
-        self.tx = Transaction(sender, smtputf8, body, size)
-        self.reply(250, "2.1.0 Ok")
+        self.tx = Transaction(sender, smtputf8, params.body, size)
+        self.reply(*replies.MAIL_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
         tx = self.tx
         if tx is None:
-            self.reply(503, "5.5.1 Need MAIL before RCPT")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
         parsed = parse_path(arg, "TO:", raw=True)     # a source route too: classify_recipient judges it
         try:
             path, param_text = parsed
             route, address = split_source_route(path)
         except (TypeError, ValueError):
-            self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
-            return self.count_bad_command()
-        params = parse_params(param_text)
-        if params is None or params:
-            self.reply(555, "5.5.4 Unsupported RCPT parameters")
-            return self.count_bad_command()
+            return self.refuse(replies.RCPT_SYNTAX)
+        try:
+            parse_rcpt_params(param_text)
+        except BadParameter as exc:
+            return self.refuse(exc.reply)
         if len(address) > 256:
             self.reply(501, "5.1.3 Recipient address too long")
             return self.count_bad_command()
         if len(tx.recipients) >= self.limits.max_recipients:
-            self.reply(452, "4.5.3 Too many recipients")
+            self.reply(*replies.TOO_MANY_RECIPIENTS)
             return
         if address.lower() == "postmaster":
             # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
@@ -243,22 +190,15 @@ class IntakeSession(Session):
         if not self.runtime.quota_ok(domain, tx.declared_size):
             self.reply(452, "4.2.2 Mailbox full for %s, try again later" % domain)
             return
-        key = mailbox_key(address, domain)
-        if key not in tx.mailboxes:                # the same mailbox twice is delivered once
-            tx.mailboxes.add(key)
-            # spooled and delivered with the domain's A-label: a customer without SMTPUTF8
-            # can take it, and no IDNA 2003 MTA downstream can map it onto another domain
-            tx.recipients[key] = domain
+        tx.add(address, domain)                    # the same mailbox twice is delivered once
         self.reply(250, text)
 
     def smtp_DATA(self, arg: str) -> None:
         tx = self.tx
         if tx is None:
-            self.reply(503, "5.5.1 Need MAIL command")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL)
         if not tx.recipients:
-            self.reply(554, "5.5.1 No valid recipients")
-            return self.count_bad_command()
+            return self.refuse(replies.NO_VALID_RECIPIENTS)
         if arg:
             self.reply(501, "5.5.4 Syntax: DATA")
             return self.count_bad_command()
@@ -267,79 +207,47 @@ class IntakeSession(Session):
 
     def receive(self, tx: Transaction) -> None:
         """Stream the message into one spool file per domain; reply once at the end."""
-        by_domain: Dict[str, List[str]] = {}
-        for address, domain in tx.recipients.items():
-            by_domain.setdefault(domain, []).append(address)
-        now = time.time()
-        envelopes = {
-            domain: Envelope(sender=tx.sender, recipients=[Recipient(a) for a in addresses],
-                             body=tx.body, smtputf8=tx.smtputf8, arrival=now,
-                             client="[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]))
-            for domain, addresses in by_domain.items()}
         protocol = ("UTF8SMTP" if tx.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
         if self.tls_active and self.esmtp:
             protocol += "S"
 
-        header_sizes: Dict[str, int] = {}
-
-        def prefix(domain: str, msg_id: str) -> bytes:
-            header = received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
-                                     msg_id, by_domain[domain])
-            header_sizes[domain] = len(header)     # logged size = what queue list shows
-            return header
+        def trace(msg_id: str, recipients: List[str]) -> bytes:
+            return received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
+                                   msg_id, recipients)
 
         limit = self.limits.max_message_size
-        incoming = None
-        failure = None
-        try:
-            incoming = self.runtime.spool.begin(envelopes, prefix)
-        except SpoolError as exc:
-            failure = (452, "4.3.1 Insufficient system storage", str(exc))
+        spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
+                            trace, limit)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
         deadline = time.monotonic() + max_time if max_time > 0 else None
-        self.reply(354, "End data with <CR><LF>.<CR><LF>")
-        size = 0
+        self.reply(*replies.START_DATA)
         try:
             for piece in iter_data(self, deadline=deadline):
-                size += len(piece)
-                if failure is not None:
-                    continue
-                if size > limit:
-                    failure = (552, "5.3.4 Message size exceeds fixed limit of %d bytes" % limit,
-                               "too big")
-                    incoming.abort()
-                    continue
-                try:
-                    incoming.write(piece)
-                except SpoolError as exc:
-                    failure = (452, "4.3.1 Insufficient system storage", str(exc))
+                spooling.write(piece)
         except DataTimeout:
-            if incoming is not None:
-                incoming.abort()
-            self.data_too_slow(tx, size, max_time)
+            spooling.abort()
+            self.data_too_slow(tx, spooling.size, max_time)
             return
         except BaseException:
-            # the client vanished or timed out mid-DATA: leave nothing behind
-            if incoming is not None:
-                incoming.abort()
+            spooling.abort()            # the client vanished or timed out mid-DATA: leave nothing behind
             raise
-        if failure is None:
-            try:
-                stored = incoming.commit()
-            except SpoolError as exc:
-                failure = (452, "4.3.1 Insufficient system storage", str(exc))
-        if failure is not None:
-            if incoming is not None:
-                incoming.abort()
-            log.warning("smtp: %s message from <%s> refused: %d %s (%s)",
-                        self.peer, tx.sender, failure[0], failure[1], failure[2])
-            self.reply(failure[0], failure[1])
-            return
+        try:
+            stored = spooling.commit()
+        except TooBig:
+            return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
+        except SpoolError as exc:
+            return self._refuse_message(tx, replies.NO_STORAGE, str(exc))
+        by_domain = tx.by_domain()
         for domain, msg_id in stored:
             log.info("smtp: accepted id=%s domain=%s size=%d from=<%s> to=%s client=%s",
-                     msg_id, domain, size + header_sizes.get(domain, 0), tx.sender,
+                     msg_id, domain, spooling.stored_size(domain), tx.sender,
                      ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
         self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
+
+    def _refuse_message(self, tx: Transaction, reply: replies.Reply, why: str) -> None:
+        log.warning("smtp: %s message from <%s> refused: %d %s (%s)",
+                    self.peer, tx.sender, reply[0], reply[1], why)
+        self.reply(*reply)
 
     def data_too_slow(self, tx: Transaction, size: int, max_time: float) -> None:
         """max_data_time is over: nothing was stored; the rest of the client's

@@ -16,11 +16,11 @@ import socket
 import time
 from typing import Callable, List, Optional
 
-from odmr.intake import received_header
+from odmr import replies
 from odmr.mailstore import Mailbox, StorageError
-from odmr.syntax import helo_name_ok
+from odmr.syntax import helo_name_ok, received_header
 from odmr.tally import END, GREETING, Tally
-from odmr.wire import Closed, Session, iter_data, parse_params, parse_path
+from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.fetch")
 
@@ -107,7 +107,7 @@ class LocalSMTPSession(Session):
         if not helo_name_ok(arg):       # it goes into the Received: header of every message
             self.reply(501, "5.5.4 Syntax: EHLO domain or address literal")
             return self.count_bad_command()
-        self._reset()
+        self.reset_transaction()
         self.helo, self.esmtp = arg, True
         self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8",
                    "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
@@ -116,23 +116,16 @@ class LocalSMTPSession(Session):
         if not helo_name_ok(arg):
             self.reply(501, "5.5.4 Syntax: HELO domain or address literal")
             return self.count_bad_command()
-        self._reset()
+        self.reset_transaction()
         self.helo, self.esmtp = arg, False
         self.reply(250, self.hostname())
-
-    def smtp_NOOP(self, arg: str) -> None:
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_RSET(self, arg: str) -> None:
-        self._reset()
-        self.reply(250, "2.0.0 Ok")
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(252, "2.5.0 Send some mail, I'll try my best")
 
     def smtp_QUIT(self, arg: str) -> None:
         self.quit = True
-        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
+        super().smtp_QUIT(arg)
 
     def _not_here(self, arg: str) -> None:
         self.reply(502, "5.5.1 Command not implemented")
@@ -140,80 +133,58 @@ class LocalSMTPSession(Session):
 
     smtp_EXPN = smtp_BDAT = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = _not_here
 
-    def _reset(self) -> None:
+    def reset_transaction(self) -> None:
         self.sender = None
         self.recipients = []
         self.smtputf8 = False
 
     # -- the transaction --------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
-        if not self.helo:
-            self.reply(503, "5.5.1 Send EHLO first")
-            return self.count_bad_command()
-        if self.sender is not None:
-            self.reply(503, "5.5.1 Nested MAIL command")
-            return self.count_bad_command()
-        parsed = parse_path(arg, "FROM:")
+        if not self.mail_allowed(bool(self.helo), self.sender is not None):
+            return
+        parsed = self.mail_command(arg, self.esmtp)
         if parsed is None:
-            self.reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
-            return self.count_bad_command()
-        address, params_text = parsed
-        params = parse_params(params_text) if self.esmtp else ({} if not params_text else None)
-        if params is None:
-            self.reply(501, "5.5.4 Bad MAIL parameters")
-            return self.count_bad_command()
-        for key, value in params.items():
-            if key == "SIZE":
-                if not (value.isascii() and value.isdigit()):
-                    self.reply(501, "5.5.4 Bad SIZE parameter")
-                    return
-                declared = int(value[:40])      # an absurd number is simply too big
-                if self.max_size and declared > self.max_size:
-                    log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
-                                address, declared, self.max_size)
-                    self.too_big += 1
-                    self.reply(552, self._too_big_text())
-                    return
-                free = self.mailbox.free_bytes()
-                if free is not None and declared + SLACK > free:
-                    self.reply(452, "4.3.1 Insufficient system storage")
-                    return
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    self.reply(501, "5.5.4 Unknown BODY type")
-                    return
-            elif key == "SMTPUTF8":
-                self.smtputf8 = True
-            else:
-                self.reply(555, "5.5.4 Unsupported parameter %s" % key)
+            return
+        address, params = parsed
+        if params.size is not None:
+            if self.max_size and params.size > self.max_size:
+                log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
+                            address, params.size, self.max_size)
+                self.too_big += 1
+                self.reply(552, self._too_big_text())
                 return
+            free = self.mailbox.free_bytes()
+            if free is not None and params.size + SLACK > free:
+                self.reply(*replies.NO_STORAGE)
+                return
+        self.smtputf8 = params.smtputf8
         self.sender = address
-        self.reply(250, "2.1.0 Ok")
+        self.reply(*replies.MAIL_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
         if self.sender is None:
-            self.reply(503, "5.5.1 Need MAIL command")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
         parsed = parse_path(arg, "TO:")
         if parsed is None or not parsed[0]:
-            self.reply(501, "5.5.4 Syntax: RCPT TO:<address>")
-            return self.count_bad_command()
+            return self.refuse(replies.RCPT_SYNTAX)
+        try:
+            parse_rcpt_params(parsed[1])
+        except BadParameter as exc:
+            return self.refuse(exc.reply)
         if len(self.recipients) >= MAX_RECIPIENTS:
-            self.reply(452, "4.5.3 Too many recipients")
+            self.reply(*replies.TOO_MANY_RECIPIENTS)
             return
         if parsed[0] not in self.recipients:
             self.recipients.append(parsed[0])
-        self.reply(250, "2.1.5 Ok")
+        self.reply(*replies.RCPT_OK)
 
     def smtp_DATA(self, arg: str) -> None:
         if self.sender is None:
-            self.reply(503, "5.5.1 Need MAIL command")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_MAIL)
         if not self.recipients:
-            self.reply(554, "5.5.1 No valid recipients")
-            return self.count_bad_command()
+            return self.refuse(replies.NO_VALID_RECIPIENTS)
         sender, recipients = self.sender, self.recipients
-        self._reset()
+        self.reset_transaction()
         self.receive(sender, recipients)
 
     def receive(self, sender: str, recipients: List[str]) -> None:
@@ -268,7 +239,7 @@ class LocalSMTPSession(Session):
         if failure is not None:
             self.deferred += 1
             log.warning("message from <%s> not stored: %s", sender, failure)
-            self.reply(452, "4.3.1 Insufficient system storage")
+            self.reply(*replies.NO_STORAGE)
             return
         self.delivered += 1
         log.info("stored message from <%s> to %s in %s", sender,
@@ -276,7 +247,7 @@ class LocalSMTPSession(Session):
         self.reply(250, "2.0.0 Ok: delivered as %s" % msg_id)
 
     def _too_big_text(self) -> str:
-        return "5.3.4 Message size exceeds fixed limit of %d bytes" % self.max_size
+        return replies.TOO_BIG[1] % self.max_size
 
 
 def serve_reversed(sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,

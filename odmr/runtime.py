@@ -151,10 +151,3 @@ class Runtime:
             return False
         return True
 
-
-def group_by_domain(recipients: Dict[str, str]) -> Dict[str, list]:
-    """{address: domain} -> {domain: [addresses]} in first-seen order."""
-    grouped: Dict[str, list] = {}
-    for address, domain in recipients.items():
-        grouped.setdefault(domain, []).append(address)
-    return grouped

@@ -10,14 +10,18 @@ Two things odmrd passes on downstream are dangerous when taken as sent:
 - The EHLO/HELO name and the recipient, which end up in a `Received:` header;
   only a domain or an address literal (RFC 5321 §4.1.4) and a plain address
   may fill their slots, never text that reads as further trace fields.
+  The `Received:` headers themselves are made here too, for the intake port,
+  `odmrd enqueue` and the customer's local server alike.
 """
 from __future__ import annotations
 
+import email.utils
 import ipaddress
+import os
 import re
 import string
 import unicodedata
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_DOMAIN = 255                                      # RFC 5321 §4.5.3.1.2
@@ -171,6 +175,29 @@ def tcp_info(peer_ip: str) -> str:
     if mapped is not None:
         return "[%s]" % mapped
     return "[IPv6:%s]" % ip.compressed if ip.version == 6 else "[%s]" % ip
+
+
+def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
+                    msg_id: str, recipients: List[str]) -> bytes:
+    """A RFC 5321 §4.4 trace header, folded. Each slot holds only what fits it: the
+    EHLO name if it is a domain or an address literal (the sessions refuse others),
+    the peer as an address literal, `for` only for one plain address."""
+    text = "Received: from %s" % (helo if helo_name_ok(helo) else "unknown")
+    info = tcp_info(peer_ip)
+    if info:
+        text += " (%s)" % info
+    text += "\r\n\tby %s (odmrd) with %s id %s" % (hostname, protocol, msg_id)
+    text += for_clause(recipients)
+    text += ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)
+    return text.encode("utf-8", "replace")
+
+
+def local_received_header(hostname: str, msg_id: str, recipients: List[str]) -> bytes:
+    """The trace header of a message handed over on this host (`odmrd enqueue`): no
+    client to name, so the submitting user's uid instead."""
+    text = "Received: by %s (odmrd enqueue, uid %d) id %s" % (hostname, os.getuid(), msg_id)
+    text += for_clause(recipients)
+    return (text + ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)).encode("utf-8")
 
 
 def printable(text: str, limit: int = 300) -> str:

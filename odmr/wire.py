@@ -14,8 +14,10 @@ import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
+from odmr import replies
 from odmr.names import address_is_safe
 
 log = logging.getLogger("odmrd")
@@ -382,6 +384,50 @@ class Session:
     def log_command(self, verb: str, arg: str) -> None:
         pass
 
+    # -- verbs every session speaks alike ------------------------------------------
+    def smtp_NOOP(self, arg: str) -> None:
+        self.reply(*replies.OK)
+
+    def smtp_RSET(self, arg: str) -> None:
+        self.reset_transaction()
+        self.reply(*replies.OK)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        code, text = replies.CLOSING
+        self.close_after(code, text % self.hostname())
+
+    def reset_transaction(self) -> None:
+        """Forget the envelope being collected (RSET); a session without one has nothing to do."""
+
+    def refuse(self, reply: replies.Reply) -> None:
+        """Answer a command sent out of turn or malformed; it counts against the budget."""
+        self.reply(*reply)
+        self.count_bad_command()
+
+    def mail_allowed(self, greeted: bool, in_transaction: bool) -> bool:
+        """MAIL's sequencing guards (RFC 5321 §4.1.4); False once refused."""
+        if not greeted:
+            self.refuse(replies.NEED_EHLO)
+            return False
+        if in_transaction:
+            self.refuse(replies.NESTED_MAIL)
+            return False
+        return True
+
+    def mail_command(self, arg: str, esmtp: bool):
+        """MAIL's path and parameters, parsed once for every server: (sender, MailParams),
+        or None after the 501/555 reply."""
+        parsed = parse_path(arg, "FROM:")
+        if parsed is None:
+            self.refuse(replies.MAIL_SYNTAX)
+            return None
+        sender, param_text = parsed
+        try:
+            return sender, parse_mail_params(param_text, esmtp)
+        except BadParameter as exc:
+            self.refuse(exc.reply)
+            return None
+
     def count_bad_command(self) -> None:
         self.bad_commands += 1
         if self.bad_commands >= self.max_bad_commands:
@@ -431,6 +477,56 @@ def parse_params(text: str) -> Optional[Dict[str, str]]:
             return None
         params[key.upper()] = value
     return params
+
+
+class BadParameter(ValueError):
+    """A MAIL or RCPT parameter refused; `reply` says how (501 or 555)."""
+
+    def __init__(self, reply: replies.Reply):
+        super().__init__(reply[1])
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class MailParams:
+    """What the MAIL parameters this server implements asked for."""
+    size: Optional[int] = None      # SIZE= (RFC 1870); None when not declared
+    body: str = ""                  # "", "7BIT" or "8BITMIME" (RFC 6152)
+    smtputf8: bool = False          # RFC 6531
+
+
+def parse_mail_params(text: str, esmtp: bool = True) -> MailParams:
+    """The one reading of MAIL parameters for every SMTP server here.
+
+    A malformed list, parameters after HELO, or a SIZE that is not a number is
+    501 (bad syntax); a parameter, or a BODY value, or a value on SMTPUTF8,
+    that this server does not implement is 555 (RFC 5321 §4.1.1.11)."""
+    params = parse_params(text)
+    if params is None or (params and not esmtp):
+        raise BadParameter(replies.BAD_MAIL_PARAMETERS)
+    size: Optional[int] = None
+    body = ""
+    smtputf8 = False
+    for key, value in params.items():
+        if key == "SIZE":
+            if not (value.isascii() and value.isdigit()):
+                raise BadParameter(replies.SIZE_SYNTAX)
+            size = int(value[:40])          # an absurd number is simply too big (552)
+        elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+            body = value.upper()
+        elif key == "SMTPUTF8" and value == "":
+            smtputf8 = True
+        else:
+            code, text = replies.UNSUPPORTED_MAIL_PARAMETER
+            raise BadParameter((code, text % key))
+    return MailParams(size, body, smtputf8)
+
+
+def parse_rcpt_params(text: str) -> None:
+    """No RCPT parameter is implemented by the SMTP servers here (no DSN): any is 555."""
+    params = parse_params(text)
+    if params is None or params:
+        raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
 
 
 def parse_path(arg: str, keyword: str, raw: bool = False):

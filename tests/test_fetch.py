@@ -28,6 +28,7 @@ from certs import make_pki
 from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
 from test_fetchmail import SMTP_SINK, Sink, as_stored, parse_dump
 
+from odmr import replies
 from odmr.mailstore import quote_from
 
 FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
@@ -424,6 +425,52 @@ def test_250_then_delivery_into_maildir(scripted, tmp_path):
     raw = (tmp_path / "md" / "new" / name).read_bytes()
     assert raw.endswith(b"\nSubject: scripted\n\n.dot\nFrom x\n")
     assert s.errors == []
+
+
+# MAIL/RCPT parameters are read by one parser (odmr.wire) on the intake port and on this
+# local server; these used to get 501, 250 and 250 here, and get intake's 555 now
+PARAMETER_CASES = [("MAIL FROM:<a@outside.test> BODY=BINARYMIME", "MAIL", replies.UNSUPPORTED_MAIL_PARAMETER),
+                   ("MAIL FROM:<a@outside.test> SMTPUTF8=yes", "MAIL", replies.UNSUPPORTED_MAIL_PARAMETER),
+                   ("RCPT TO:<x@example.org> FOO=bar", "RCPT", replies.UNSUPPORTED_RCPT_PARAMETERS),
+                   ("MAIL FROM:<a@outside.test> SIZE=12k", "MAIL", replies.SIZE_SYNTAX)]
+
+
+def test_local_server_reads_parameters_like_the_intake_port(scripted, tmp_path, provider):
+    answers = {}
+
+    def after(peer: Peer) -> None:
+        assert peer.line().startswith(b"220 ")
+        peer.send("EHLO scripted.test\r\n")
+        peer.reply()
+        for command, verb, _ in PARAMETER_CASES:
+            if verb == "RCPT":
+                peer.send("MAIL FROM:<a@outside.test>\r\n")
+                assert peer.line().startswith(b"250")
+            peer.send(command + "\r\n")
+            answers[command] = peer.line()
+            peer.send("RSET\r\n")
+            assert peer.line().startswith(b"250")
+        peer.send("QUIT\r\n")
+        assert peer.line().startswith(b"221")
+
+    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=after)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_OK, err(result) + repr(s.errors)
+    with socket.create_connection(("127.0.0.1", provider.smtp_port), timeout=10) as sock:
+        intake = Peer(sock)
+        intake.reply()
+        intake.send("EHLO client.test\r\n")
+        intake.reply()
+        for command, verb, (code, text) in PARAMETER_CASES:
+            if verb == "RCPT":
+                intake.send("MAIL FROM:<a@outside.test>\r\n")
+                assert intake.line().startswith(b"250")
+            intake.send(command + "\r\n")
+            got = intake.line()
+            assert got == answers[command], command
+            assert got.startswith(b"%d %s" % (code, text.split("%")[0].encode())), command
+            intake.send("RSET\r\n")
+            intake.line()
 
 
 def drop_mid_message(peer: Peer) -> None:
