@@ -20,7 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from odmr.names import mailbox_key
-from odmr.spool import Envelope, IncomingMessage, Recipient, Spool, SpoolError
+from odmr.spool import OUTBOUND, Envelope, IncomingMessage, Recipient, Spool, SpoolError
 
 # (the copy's id, its recipients) -> the trace header that starts that copy
 TraceHeader = Callable[[str, List[str]], bytes]
@@ -47,11 +47,12 @@ class Submission:
     def add(self, address: str, domain: str) -> None:
         """Take an accepted recipient; the same mailbox twice is delivered once. It is
         spooled and delivered with the domain's A-label: a customer without SMTPUTF8 can
-        take it, and no IDNA 2003 MTA downstream can map it onto another domain."""
+        take it, and no IDNA 2003 MTA downstream can map it onto another domain. (A bounce
+        waiting for the relay keeps its address: OUTBOUND is a queue, not its domain.)"""
         key = mailbox_key(address, domain)
         if key not in self._mailboxes:
             self._mailboxes.add(key)
-            self.recipients[key] = domain
+            self.recipients[key if domain != OUTBOUND else address] = domain
 
     def by_domain(self) -> Dict[str, List[str]]:
         """{domain: [addresses]} in first-seen order: one spool copy each."""
