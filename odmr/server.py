@@ -189,10 +189,17 @@ class Service:
 
     @staticmethod
     def _load_accounts(settings) -> accounts_mod.Accounts:
-        if not os.path.exists(settings.users_file):
+        try:
+            os.stat(settings.users_file)
+        except FileNotFoundError:
             log.warning("no users file at %s yet: no domains are hosted until "
                         "'odmrd user add' creates it", settings.users_file)
             return accounts_mod.Accounts([], settings.users_file)
+        except OSError as exc:
+            # there, but out of reach (a directory's mode changed): hosting nothing would
+            # refuse every customer's mail for good, so this is an error, not "no file"
+            raise StartupError("cannot read users file %s: %s" % (settings.users_file,
+                                                                  exc.strerror)) from None
         try:
             return accounts_mod.load(settings.users_file)
         except accounts_mod.AccountsError as exc:
@@ -412,11 +419,16 @@ def _label(address: Tuple[str, int]) -> str:
     return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
 
 
-def _mtime(path: str) -> float:
+def _mtime(path: str) -> object:
+    """What changes when the users file is edited, replaced, chowned, chmodded or put out of
+    reach: any change makes the service read it again (and say so if it cannot)."""
     try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return "unreachable: %s" % exc.errno
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_uid, st.st_mode)
 
 
 def load_decoy_key(settings) -> bytes:

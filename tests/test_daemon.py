@@ -655,6 +655,31 @@ def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     assert " size=%d " % record["size"] in line, (line, record["size"])
 
 
+@needs_root
+def test_a_users_file_out_of_reach_keeps_the_accounts_it_had(site_factory, public_dir):
+    """A running daemon that can no longer read its users file (a directory's mode, an
+    owner changed) keeps the accounts it has and says why: it never hosts nothing and
+    refuses every customer's mail with 550."""
+    nobody = pwd.getpwnam("nobody")
+    etc = os.path.join(public_dir, "etc")
+    os.mkdir(etc, 0o755)
+    s = site_factory("user = nobody\nusers_file = etc/users", directory=public_dir)
+    s.add_user("alice", "example.org")
+    os.makedirs(s.spool, mode=0o700)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    assert s.serve().returncode == 0
+    assert rcpt_code(s.smtp_port, "u@example.org") == 250
+    os.chmod(etc, 0o700)                                 # the service account is locked out
+    wait_for(lambda: "cannot read users file" in s.log(), 10, "the error line")
+    assert "keeping the previous accounts" in s.log() and "0 accounts" not in s.log()
+    assert rcpt_code(s.smtp_port, "u@example.org") == 250
+    os.chmod(etc, 0o755)
+    users = os.path.join(etc, "users")
+    os.chown(users, 0, 0)                                # root's, mode 0600
+    wait_for(lambda: s.log().count("keeping the previous accounts") >= 2, 10, "a second error")
+    assert rcpt_code(s.smtp_port, "u@example.org") == 250
+
+
 def test_log_file_rotated_away_and_not_recreatable_keeps_logging(tmp_path):
     """A log line must never raise into a session, even when the file cannot be reopened."""
     import logging as _logging
