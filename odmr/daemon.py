@@ -22,6 +22,7 @@ import logging.handlers
 import os
 import select
 import signal
+import socket
 import stat
 import sys
 import time
@@ -274,6 +275,45 @@ def spool_problems(settings, account: Optional[Account]) -> List[str]:
     return [unusable % (path, path) for path in domains
             if os.path.isdir(path) and not os.path.islink(path)
             and not _allowed(path, uid, groups, 0o7)]
+
+
+def log_file_problems(settings) -> List[str]:
+    """A log file whose directory is missing: `serve` (detached, without syslog) stops
+    at start-up on it, so an init script's restart would take the daemon down."""
+    path = settings.log_file
+    if not path or os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return []
+    return ["log_file %s: its directory %s does not exist (create it, or change log_file)"
+            % (path, os.path.dirname(os.path.abspath(path)))]
+
+
+def listen_problems(settings) -> List[str]:
+    """Listen addresses this host does not have: binding them fails after a restart has
+    already stopped the running daemon. (A port in use cannot be told from here: the
+    running daemon holds it.)"""
+    problems = []
+    sections = (("odmr", settings.odmr), ("smtp", settings.smtp))
+    for name, section in sections:
+        for key in ("listen", "tls_listen"):
+            for host, _ in getattr(section, key, ()):
+                reason = _not_local(host)
+                if reason:
+                    problems.append("[%s] %s: %s is not an address of this host (%s)"
+                                    % (name, key, host, reason))
+    return problems
+
+
+def _not_local(host: str) -> Optional[str]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except socket.gaierror as exc:
+        return exc.strerror
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return exc.strerror
+    return None
 
 
 def _identity(account: Optional[Account]) -> Tuple[int, List[int], str]:

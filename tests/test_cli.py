@@ -513,3 +513,21 @@ def test_queue_list_escapes_what_peers_wrote(hosted):
     text = odmrd(hosted, "queue", "list").stdout.decode()
     assert "\u202e" not in text and "\u2066" not in text
     assert "a\\u202eb@example.org" in text and "x\\u2066y@remote.test" in text
+
+
+def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
+    """A log file in a missing directory or a listen address this host does not have:
+    serve stops on them after an init script's restart has already stopped the daemon."""
+    with open(hosted) as fh:
+        good = fh.read()
+    assert odmrd(hosted, "check-config").returncode in (0, 78)
+    text = good.replace("hostname = odmr.test\n", "hostname = odmr.test\nlog_file = %s\n"
+                        % (tmp_path / "missing" / "odmrd.log"))
+    text = text.replace("[smtp]\nlisten = 127.0.0.1:1", "[smtp]\nlisten = 192.0.2.1:25")
+    with open(hosted, "w") as fh:
+        fh.write(text)
+    result = odmrd(hosted, "check-config")
+    assert result.returncode == 78
+    err = result.stderr.decode()
+    assert "log_file %s" % (tmp_path / "missing" / "odmrd.log") in err
+    assert "[smtp] listen: 192.0.2.1 is not an address of this host" in err
