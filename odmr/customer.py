@@ -248,7 +248,10 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
 
 
 def _interval(flag: Optional[str], section: dict, where: str) -> float:
-    """Seconds between runs (0: run once) from --every and the [fetch] `every`."""
+    """Seconds between runs (0: run once) from --every and the [fetch] `every`.
+
+    Without --every a run is one run, whatever the file says: cron and a shell expect
+    `odmrd fetch -c FILE` to return; `every` is the interval a bare --every polls at."""
     from odmr.config import parse_duration
     configured = float(section.get("every") or 0)
     if flag == EVERY_FROM_CONFIG:
@@ -258,7 +261,7 @@ def _interval(flag: Optional[str], section: dict, where: str) -> float:
                              " (%s)" % where, EX_CONFIG)
         return configured
     if not flag:
-        return configured
+        return 0.0
     try:
         every = parse_duration(flag)
     except ValueError as exc:

@@ -434,3 +434,20 @@ def test_etc_odmrd_conf_is_read_only_for_its_fetch_section(provider, tmp_path, w
         assert ("no configuration file read: /etc/odmrd/odmrd.conf has no [fetch] section"
                 in result.stderr.decode())
         assert b"provider-own-name.test" not in stored
+
+
+def test_every_in_the_file_polls_only_with_a_bare_every(tmp_path, provider):
+    """`odmrd fetch -c FILE` is one run for cron even when FILE says `every`; only a bare
+    --every (what the service scripts run) polls at that interval."""
+    p = provider
+    password = tmp_path / "pw"
+    password.write_text(PASSWORD + "\n")
+    os.chmod(str(password), 0o600)
+    conf = tmp_path / "fetch.conf"
+    conf.write_text("[fetch]\nserver = 127.0.0.1:%d\nuser = alice\npassword_file = %s\n"
+                    "tls = none\nmaildir = %s\nevery = 1s\n"
+                    % (p.odmr_port, password, tmp_path / "Maildir"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch", "-c",
+                             str(conf)], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert b"no mail waiting" in result.stderr
