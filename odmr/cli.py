@@ -209,7 +209,18 @@ def _runtime(config_path: str, need_accounts: bool = True):
     else:
         users = accounts.Accounts([], settings.users_file)
     _become_service_account(settings)
+    _log_like_the_daemon(settings)
     return Runtime(settings, users, Spool(settings.spool_dir))
+
+
+def _log_like_the_daemon(settings) -> None:
+    """`enqueue` and `queue …` change the queue: what they accept, bounce and delete is
+    logged where the detached daemon logs (SPEC §8), not dropped."""
+    from odmr import daemon
+    try:
+        daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False))
+    except daemon.DaemonError:
+        pass                        # the log out of reach must not stop a queue command
 
 
 def _become_service_account(settings) -> None:
@@ -431,18 +442,25 @@ def cmd_queue(args, config_path: str) -> int:
                 sys.stdout.buffer.write(fh.read())
             return EX_OK
         if action in ("delete", "bounce"):
-            missing = 0
+            missing = refused = 0
             for msg_id in args.ids:
-                done = queueops.delete(runtime, msg_id) if action == "delete" else queueops.bounce(runtime, msg_id)
+                try:
+                    done = queueops.delete(runtime, msg_id) if action == "delete" \
+                        else queueops.bounce(runtime, msg_id)
+                except queueops.NotBounceable as exc:
+                    print("odmrd: %s" % exc, file=sys.stderr)
+                    refused += 1
+                    continue
                 if done:
                     print("%s: %s" % (msg_id, "deleted" if action == "delete" else "bounced"))
                 else:
                     print("odmrd: no message %s" % msg_id, file=sys.stderr)
                     missing += 1
-            return EX_NOINPUT if missing else EX_OK
+            return EX_DATAERR if refused else EX_NOINPUT if missing else EX_OK
         counts = queueops.expire(runtime)
         from odmr.names import plural
-        print("%d expired, %s busy (try again)" % (counts["expired"], plural(counts["busy"], "domain")))
+        print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
+                                 % plural(counts["busy"], "domain") if counts["busy"] else ""))
         return EX_TEMPFAIL if counts["busy"] else EX_OK
     except DomainBusy as exc:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
@@ -460,8 +478,8 @@ def _queue_name(text: str) -> str:
     its domain column (.outbound, the bounces waiting for bounce_relay)."""
     from odmr.names import normalize_domain
     from odmr.spool import OUTBOUND
-    if text == OUTBOUND:
-        return text
+    if text.lower() == OUTBOUND:
+        return OUTBOUND
     try:
         return normalize_domain(text)
     except ValueError as exc:

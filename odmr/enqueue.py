@@ -5,6 +5,7 @@ Line endings are normalised to CRLF while streaming to disk.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 from typing import BinaryIO, List, Tuple
@@ -14,6 +15,8 @@ from odmr.runtime import Runtime
 from odmr.spool import SpoolError
 from odmr.submission import Submission, TooBig
 from odmr.syntax import local_received_header, printable, split_source_route
+
+log = logging.getLogger("odmrd.enqueue")
 
 EX_DATAERR = 65
 EX_NOUSER = 67
@@ -100,7 +103,7 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
                 spooling.abort()
                 raise EnqueueError("empty message", EX_DATAERR)
             spooling.end_line()
-        return spooling.commit()
+        stored = spooling.commit()
     except TooBig as exc:
         raise EnqueueError(str(exc), EX_DATAERR) from None
     except SpoolError as exc:
@@ -108,3 +111,9 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     except OSError as exc:
         spooling.abort()
         raise EnqueueError("reading stdin: %s" % exc.strerror, EX_IOERR) from None
+    by_domain = submission.by_domain()
+    for domain, msg_id in stored:
+        log.info("enqueue: accepted id=%s domain=%s size=%d from=<%s> to=%s by=%s", msg_id, domain,
+                 spooling.stored_size(domain), submission.sender,
+                 ",".join("<%s>" % a for a in by_domain[domain]), user)
+    return stored

@@ -83,7 +83,14 @@ def _delete_corrupt(runtime: Runtime, msg_id: str) -> bool:
     return True
 
 
+class NotBounceable(Exception):
+    """A bounce waiting for the relay: bouncing it would drop it without a trace."""
+
+
 def bounce(runtime: Runtime, msg_id: str, reason: str = "5.0.0 returned to sender by the mail administrator") -> bool:
+    if runtime.spool.locate(msg_id) == OUTBOUND:
+        raise NotBounceable("%s is a bounce waiting for the bounce relay; a bounce is never "
+                            "bounced: 'odmrd queue delete %s' drops it" % (msg_id, msg_id))
     message = _under_claim(runtime, msg_id, lambda m: _bounce_now(runtime, m, "550 " + reason))
     return message is not None
 

@@ -531,3 +531,33 @@ def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
     err = result.stderr.decode()
     assert "log_file %s" % (tmp_path / "missing" / "odmrd.log") in err
     assert "[smtp] listen: 192.0.2.1 is not an address of this host" in err
+
+
+def test_queue_changes_are_logged_where_the_daemon_logs(hosted, tmp_path):
+    """SPEC §8: each message accepted (also by enqueue), bounced or deleted is one log line,
+    in the daemon's log, not dropped because the command is not the daemon."""
+    log_file = tmp_path / "odmrd.log"
+    with open(hosted) as fh:
+        text = fh.read()
+    with open(hosted, "w") as fh:
+        fh.write("syslog = no\nlog_file = %s\n" % log_file + text)
+    ids = enqueue(hosted, "a@example.org", "b@example.net", sender="s@remote.test")
+    assert odmrd(hosted, "queue", "delete", ids["example.net"]).returncode == 0
+    assert odmrd(hosted, "queue", "bounce", ids["example.org"]).returncode == 0
+    lines = log_file.read_text().splitlines()
+    for msg_id in ids.values():
+        assert any("enqueue: accepted id=%s" % msg_id in l for l in lines), lines
+    assert any("deleted id=%s" % ids["example.net"] in l for l in lines), lines
+    assert any("bounced id=%s" % ids["example.org"] in l for l in lines), lines
+
+
+def test_a_pending_bounce_is_never_bounced_away(hosted):
+    """Bouncing a bounce would drop it silently: refused, it stays, and delete is named."""
+    ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
+    assert odmrd(hosted, "queue", "bounce", ids["example.org"]).returncode == 0
+    [dsn] = json.loads(odmrd(hosted, "queue", "list", ".OUTBOUND", "--json").stdout)
+    result = odmrd(hosted, "queue", "bounce", dsn["id"])
+    assert result.returncode == 65
+    assert "queue delete %s" % dsn["id"] in one_line_error(result)
+    assert [r["id"] for r in json.loads(odmrd(hosted, "queue", "list", "--json").stdout)] == [dsn["id"]]
+    assert odmrd(hosted, "queue", "expire").stdout.decode().strip() == "0 expired"
