@@ -286,3 +286,29 @@ def reuse_provider(shared: "Provider"):
     yield shared
     wait_idle(shared)
 
+
+
+# -- fixtures over the harnesses in helpers.py
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA with server, client and stranger certificates (one set for the whole run)."""
+    if which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    from helpers import make_pki
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def scripted():
+    """A factory of scripted ODMR providers, all closed at teardown."""
+    from helpers import Scripted
+    made: List[Scripted] = []
+
+    def make(**kw) -> Scripted:
+        s = Scripted(**kw)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()

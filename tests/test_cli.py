@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Customer, Provider, run_cli
+from conftest import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -229,6 +229,16 @@ def test_accounts_made_by_the_cli_can_log_in(tmp_path):
         assert auth("CRAM-MD5", "alice", PASSWORD) == 235
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("command", [["user", "add", "carol", "--domain", "c.test"],
+                                     ["user", "passwd", "alice"]])
+def test_user_password_without_a_terminal_is_one_line_not_a_traceback(provider, command):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", provider.config] + command,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30, start_new_session=True)
+    assert r.returncode == 64
+    assert r.stderr.decode().strip().splitlines() == [
+        "odmrd: no terminal to ask for the password on: use --password-stdin"]
 
 
 # -- enqueue -------------------------------------------------------------------------
@@ -488,3 +498,37 @@ def test_users_example_shows_every_field_the_readme_documents():
         example = fh.read()
     for field in fields | {"domains"}:
         assert re.search(r"^# %s = " % field, example, re.M), field
+
+
+def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: good\r\n\r\nx\r\n")
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    r = provider.run_cli("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    assert [m["recipients"] for m in json.loads(r.stdout)] == [["u@example.org"]]
+    assert os.path.exists(path)                                   # still where it was
+    assert not os.path.exists(os.path.join(provider.spool_dir, ".quarantine"))
+    assert b"corrupt" in r.stderr
+
+
+def test_queue_show_bounce_delete_of_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    for action in ("show", "bounce"):
+        r = provider.run_cli("queue", action, bad)
+        assert r.returncode == 65, (action, r.stderr)
+        [line] = r.stderr.decode().strip().splitlines()
+        assert "example.org/%s: corrupt spool file" % bad in line and "queue delete" in line
+        assert os.path.exists(path)
+    r = provider.run_cli("queue", "delete", bad)
+    assert r.returncode == 0 and b"deleted" in r.stdout, r.stderr
+    assert not os.path.exists(path)

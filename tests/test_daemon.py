@@ -23,8 +23,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, alive, free_port, run_cli, wait_for
-from odmr.daemon import read_pid_file
+from conftest import ROOT, alive, wait_for
+from helpers import Site
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -40,91 +40,12 @@ def _is_socket(path: str) -> bool:
 SYSLOG_PRESENT = any(_is_socket(p) for p in ("/dev/log", "/var/run/log", "/var/run/syslog"))
 
 
-def kill_hard(pid: int) -> None:
-    if not alive(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        wait_for(lambda: not alive(pid), 5.0)
-    except AssertionError:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        wait_for(lambda: not alive(pid), 5.0)
-
-
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except OSError:
         return True
     return False
-
-
-class Site:
-    """A configuration directory for one daemon; remembers every pid to kill."""
-
-    def __init__(self, directory: str, extra: str = "", sections: str = ""):
-        self.dir = directory
-        self.odmr_port = free_port()
-        self.smtp_port = free_port()
-        self.config = os.path.join(directory, "odmrd.conf")
-        self.pid_file = os.path.join(directory, "odmrd.pid")
-        self.log_file = os.path.join(directory, "odmrd.log")
-        self.users = os.path.join(directory, "users")
-        self.spool = os.path.join(directory, "spool")
-        self.pids: List[int] = []
-        self.write(extra, sections)
-
-    def write(self, extra: str = "", sections: str = "") -> None:
-        top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
-               "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
-               "log_level": "debug", "grace_period": "5s"}
-        for line in extra.splitlines():     # extra lines override the defaults above
-            key, _, value = line.partition("=")
-            top[key.strip()] = value.strip()
-        with open(self.config, "w") as fh:
-            fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
-            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
-                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
-                     % (self.odmr_port, self.smtp_port, sections))
-        os.chmod(self.config, 0o644)
-
-    def cli(self, *args, **kw) -> subprocess.CompletedProcess:
-        return run_cli("-c", self.config, *args, **kw)
-
-    def add_user(self, name: str, *domains: str) -> None:
-        args = ["user", "add", name, "--password-stdin"]
-        for d in domains:
-            args += ["--domain", d]
-        result = self.cli(*args, input=b"secret-pw\n")
-        assert result.returncode == 0, result.stderr
-
-    def serve(self) -> subprocess.CompletedProcess:
-        result = self.cli("serve", timeout=30)
-        pid = self.pid()
-        if pid:
-            self.pids.append(pid)
-        return result
-
-    def pid(self) -> Optional[int]:
-        return read_pid_file(self.pid_file)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in self.pids + [p for p in [self.pid()] if p]:
-            if pid != os.getpid():
-                kill_hard(pid)
 
 
 @pytest.fixture
@@ -546,7 +467,7 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
 def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_factory, public_dir):
     """A key made by root with mode 0600 starts (root loads it before the drop) and then makes
     every reload fail: both commands refuse it, naming the file and the fix."""
-    from certs import make_pki
+    from helpers import make_pki
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     pki = make_pki(os.path.join(public_dir, "pki"))

@@ -382,7 +382,7 @@ FETCHMAIL = which("fetchmail")
 
 @pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed (Debian package fetchmail)")
 def test_customer_postfix_behind_fetchmail(customer, tmp_path):
-    from test_fetchmail import run_fetchmail, transcript
+    from helpers import run_fetchmail, transcript
     provider, postfix, handover, mail = customer
     send_for_customer(provider)
 

@@ -20,11 +20,10 @@ from typing import List, Optional
 import pytest
 
 from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
+from helpers import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, atrn, dsns,
+                     queue, queued_tokens, report_fields, spool, wait_sessions_over)
 from odmr import accounts, delivery, maintenance, queueops
 from odmr.spool import MAGIC, new_id
-from test_crash import TOKEN, Daemon, queued_tokens
-from test_delivery import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, ReversedConnection, Script, atrn,
-                           dsns, queue, report_fields, spool, wait_idle)
 
 
 def tmp_debris(spool_dir: str) -> List[str]:
@@ -263,7 +262,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         s = Script()
         s.rcpt = lambda a: "550 5.1.1 no such user"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         assert queue(p, "example.org") == []
         p.service.maintenance.wake()
         assert wait_for(lambda: sink.messages, 15), "relay never got the bounce"
@@ -290,7 +289,7 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
         s.rcpt = lambda a: "550 5.1.1 no"
         with caplog.at_level(logging.ERROR, logger="odmrd.maintenance"):
             assert atrn(p, s) == "quit"
-            wait_idle(p)
+            wait_sessions_over(p)
             p.service.maintenance.wake()
             assert wait_for(lambda: queue(p) == [] and sink.connections >= 1, 10)
         assert sink.messages == []
@@ -336,7 +335,7 @@ def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
         s = Script()
         s.rcpt = lambda a: "550 5.1.1 no such user r1" if a.startswith("r1") else "451 4.3.0 try later r2"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         [record] = queue(p, "example.org")
         assert record["recipients"] == ["r2@example.org"]
         assert record["last_error"].startswith("451 4.3.0")
@@ -489,7 +488,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
     with caplog.at_level(logging.WARNING):
         s = Script()
         assert atrn(provider, s) == "quit"
-        wait_idle(provider)
+        wait_sessions_over(provider)
     assert sorted(TOKEN.findall(b"".join(m["data"] for m in s.messages))) == [b"good1", b"good2"]
     quarantine = os.path.join(provider.spool_dir, ".quarantine", "example.org")
     assert sorted(os.listdir(quarantine)) == sorted([garbage, truncated, hollow])
@@ -499,7 +498,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
     spool(provider, ["w@example.org"], token="good3")
     s2 = Script()
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert TOKEN.findall(s2.messages[0]["data"]) == [b"good3"]
     result = provider.run_cli("queue", "list", "--json")
     assert result.returncode == 0 and b"Traceback" not in result.stderr
@@ -516,7 +515,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         s = Script()
         s.rcpt = lambda a: "451 4.3.0 first failure"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
     finally:
         p.stop()
     directory = os.path.join(p.spool_dir, "example.org")
@@ -537,7 +536,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         s = Script()
         s.rcpt = lambda a: "452 4.2.2 second failure"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
     finally:
         p.stop()
     p.start()
@@ -546,7 +545,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         assert record["attempts"] == 2 and record["last_error"].startswith("452 4.2.2")
         s = Script()
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         assert TOKEN.findall(s.messages[0]["data"]) == [b"kept"]
     finally:
         p.stop()
@@ -586,3 +585,45 @@ def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_
     finally:
         if not stopped:
             p.stop()
+
+
+# -- removals become durable ---------------------------------------------------------------
+
+def test_removals_become_durable_within_a_small_window(provider, customer_factory, monkeypatch):
+    """Power-loss bound: delivery never runs more than MAX_UNSYNCED removals ahead of
+    the directory fsync that makes them durable (even with a slow disk)."""
+    import threading
+    from odmr import delivery
+    from helpers import accept_all
+    spool = provider.spool
+    lock = threading.Lock()
+    counts = {"retired": 0, "durable": 0, "worst": 0}
+    real_retire, real_sync = spool.retire, spool.sync_domain
+
+    def retire(*args, **kw):
+        with lock:
+            counts["retired"] += 1
+            counts["worst"] = max(counts["worst"], counts["retired"] - counts["durable"])
+        return real_retire(*args, **kw)
+
+    def sync_domain(domain):
+        with lock:
+            covered = counts["retired"]
+        time.sleep(0.3)                           # a slow disk
+        real_sync(domain)
+        with lock:
+            counts["durable"] = max(counts["durable"], covered)
+    monkeypatch.setattr(spool, "retire", retire)
+    monkeypatch.setattr(spool, "sync_domain", sync_domain)
+    total = 3 * delivery.MAX_UNSYNCED
+    for i in range(total):
+        send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+    c = customer_factory()
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.login()
+    c.send("ATRN example.org")
+    assert c.line() == b"250 OK now reversing the connection\r\n"
+    accept_all(c, total)
+    assert counts["retired"] == total
+    assert counts["durable"] == total             # all durable before the session ended
+    assert counts["worst"] <= delivery.MAX_UNSYNCED + 1, counts

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from conftest import Customer, Provider, alive, free_port, run_cli, send_mail, wait_for, write_config
-from test_fetch import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted, scripted_args  # noqa: F401 (fixture)
+from helpers import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted_args
 
 SENDER = "trickler@remote.test"
 
@@ -107,7 +107,7 @@ def test_trickling_sender_gets_451_when_max_data_time_is_over(tmp_path, caplog, 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed")
 def test_max_data_time_holds_after_starttls(tmp_path, caplog):
-    from certs import make_pki
+    from helpers import make_pki
     pki = make_pki(str(tmp_path / "pki"))
     caplog.set_level(logging.INFO, logger="odmrd")
     p = data_provider(tmp_path / "site", sections="[tls]\ncert_file = %s\nkey_file = %s\n"

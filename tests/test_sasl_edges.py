@@ -21,8 +21,7 @@ from typing import Tuple
 import pytest
 
 from conftest import PASSWORD, Customer, Provider
-from test_daemon import Site, kill_hard
-from test_fetch import EX_PROTOCOL, Peer, Scripted, err, run_fetch
+from helpers import EX_PROTOCOL, Peer, Scripted, Site, err, kill_hard, run_fetch
 from odmr import accounts, sasl
 from odmr.daemon import read_pid_file
 

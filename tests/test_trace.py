@@ -18,7 +18,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import Customer, Provider, reuse_provider, stop_quickly
-from test_fetch import Peer, run_fetch, scripted, scripted_args, err  # noqa: F401 (fixture)
+from helpers import Peer, err, run_fetch, scripted_args
 
 SENDER = "sender@remote.test"
 MSG = b"Subject: trace\r\n\r\nhello\r\n"
