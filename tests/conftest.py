@@ -25,6 +25,13 @@ from odmr.server import Service  # noqa: E402
 PASSWORD = "tanstaaf-secret"
 
 
+def pytest_configure(config) -> None:
+    """`-m "not slow"` is the fast subset (under a minute on two cores); CI runs everything."""
+    config.addinivalue_line(
+        "markers", "slow: over ~0.3 s here, or drives a real peer (fetchmail, Postfix, init scripts, "
+        "a pyz build, kill -9 loops)")
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768+ here), so that no
     client connection made meanwhile can take it before the server binds it."""

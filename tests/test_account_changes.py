@@ -5,7 +5,11 @@ from __future__ import annotations
 import smtplib
 import time
 
+import pytest
+
 from conftest import Customer, send_mail
+
+pytestmark = pytest.mark.slow                   # each test waits for the users file to be reloaded
 
 
 def _until_reloaded(provider, what) -> None:

@@ -239,6 +239,7 @@ def test_missing_config_file(tmp_path):
     assert code == 78 and len(lines) == 1 and "absent.conf" in lines[0]
 
 
+@pytest.mark.slow
 def test_check_config_checks_the_users_file(tmp_path):
     path = write(tmp_path, "hostname = odmr.test\nallow_root = yes\n")
     code, lines = check(path)
@@ -286,6 +287,7 @@ def test_a_single_value_is_a_one_element_list(tmp_path, text, get):
 
 # -- check-config refuses what serve would refuse ---------------------------------------
 
+@pytest.mark.slow
 def test_print_key_still_works_while_the_config_is_broken(tmp_path):
     conf = tmp_path / "odmrd.conf"
     conf.write_text("pid_file = run/o.pid\ngrace_period = 7s\nbogus_key = 1\n[odmr]\nlisten = 127.0.0.1:1\n")
@@ -308,6 +310,7 @@ def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
     return run_cli("-c", path, "check-config"), path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, sections, odmr_extra, expected", [
     ("", "[tls]\ncert_file = nocert.pem\nkey_file = nokey.pem", "", "[tls] cannot load"),
     ("", "[tls]\ncert_file = nocert.pem", "", "[tls] cert_file and key_file must both be set"),

@@ -24,6 +24,8 @@ from conftest import PASSWORD, Customer
 from helpers import ATRN_OK, TOKEN, Daemon, ReversedConnection, Script, queued_tokens
 from odmr import accounts
 
+pytestmark = pytest.mark.slow                   # kill -9 loops
+
 
 class Load:
     """Senders and an ATRN customer running against whatever daemon is up right now."""

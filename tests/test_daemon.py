@@ -91,6 +91,7 @@ def spooled(site: Site, domain: str) -> List[str]:
 
 # -- detaching ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_serve_returns_only_once_the_daemon_runs(site):
     result = site.serve()
     assert result.returncode == 0, result.stderr
@@ -104,6 +105,7 @@ def test_serve_returns_only_once_the_daemon_runs(site):
         assert c.makefile("rb").readline().startswith(b"220 odmr.test")
 
 
+@pytest.mark.slow
 def test_detached_process_state(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -124,6 +126,7 @@ def test_detached_process_state(site):
     assert mode == 0o644
 
 
+@pytest.mark.slow
 def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
     read_end, write_end = os.pipe()
     try:
@@ -141,6 +144,7 @@ def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
             os.close(write_end)
 
 
+@pytest.mark.slow
 def test_logs_written_after_detaching_reach_the_log_file(site):
     assert site.serve().returncode == 0
     assert smtp_send(site.smtp_port, "user@example.org") == {}
@@ -152,6 +156,7 @@ def test_logs_written_after_detaching_reach_the_log_file(site):
     assert "odmrd[%d]" % site.pid() in line and "user@example.org" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SYSLOG_PRESENT, reason="a syslog socket exists here")
 def test_without_syslog_says_so_once_and_uses_the_log_file(site_factory):
     s = site_factory("allow_root = yes\nsyslog = auto")
@@ -243,6 +248,7 @@ def test_config_errors_from_serve(site_factory):
 
 # -- pid file -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_start_is_refused_while_running(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -253,6 +259,7 @@ def test_second_start_is_refused_while_running(site):
     assert site.pid() == pid and alive(pid)
 
 
+@pytest.mark.slow
 def test_stale_pid_file_is_replaced(site):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -262,6 +269,7 @@ def test_stale_pid_file_is_replaced(site):
     assert site.pid() not in (None, dead.pid) and alive(site.pid())
 
 
+@pytest.mark.slow
 def test_pid_file_naming_an_unrelated_live_process_is_stale(site):
     # The pid was reused by some other process: the lock, not the number, decides.
     with open(site.pid_file, "w") as fh:
@@ -285,6 +293,7 @@ def test_pid_file_symlink_is_not_followed(site):
 
 # -- signals ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sighup_reloads_without_dropping_sessions(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -315,6 +324,7 @@ def test_sighup_reloads_without_dropping_sessions(site):
         old_odmr.close()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_detached_daemon_and_removes_pid_file(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -342,6 +352,7 @@ def start_foreground(site: Site, stderr_path: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
     err = str(tmp_path / "stderr")
@@ -360,6 +371,7 @@ def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
     assert not os.path.exists(site.log_file)
 
 
+@pytest.mark.slow
 def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
     proc = start_foreground(site, str(tmp_path / "stderr"))
     try:
@@ -385,6 +397,7 @@ def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
 
 # -- privileges --------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_root
 def test_root_without_user_is_refused(site_factory):
     s = site_factory("allow_root = no")
@@ -416,6 +429,7 @@ def public_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 @needs_root
 def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
@@ -446,6 +460,7 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     assert "running as nobody" in s.log() and "odmrd stopped" in s.log()
 
 
+@pytest.mark.slow
 @needs_root
 def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
@@ -463,6 +478,7 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     assert refused(s.smtp_port)
 
 
+@pytest.mark.slow
 @needs_root
 def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_factory, public_dir):
     """A key made by root with mode 0600 starts (root loads it before the drop) and then makes
@@ -495,6 +511,7 @@ def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_fa
     assert s.cli("check-config").returncode == 0
 
 
+@pytest.mark.slow
 @needs_root
 def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_serve(
         site_factory, public_dir):
@@ -524,6 +541,7 @@ def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_ser
     assert s.serve().returncode == 0
 
 
+@pytest.mark.slow
 @needs_root
 def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
     """A domain directory the service account lost access to after start: intake, ATRN,
@@ -565,6 +583,7 @@ def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
     assert queued.returncode == 75 and domain + ": Permission denied" in queued.stderr.decode()
 
 
+@pytest.mark.slow
 def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     """The intake log line and `queue list` give the same size: the stored message, with
     odmrd's Received: header, as it will be delivered."""

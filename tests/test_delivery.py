@@ -19,6 +19,8 @@ from helpers import (SENDER_HOSTED, Closed, Script, atrn, dsns, queue, report_fi
 from odmr import delivery, queueops
 from odmr.spool import Spool
 
+pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
+
 
 # -- the scripted customer server -----------------------------------------------
 

@@ -22,6 +22,8 @@ from conftest import ROOT, alive, free_port, wait_for, which
 from helpers import kill_hard
 from odmr.daemon import read_pid_file
 
+pytestmark = pytest.mark.slow                   # a pyz build and the init scripts
+
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd")
 DASH = which("dash")
 

@@ -32,6 +32,7 @@ def test_quoted_local_part_with_space_round_trips(provider):
     assert [r.address for r in message.envelope.recipients] == ['"john smith"@example.org']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["-f", "x\nRecipient: <victim@evil.test>\nZ: \"@example.org", "u@example.org"],
                                   ["-f", "a@b.c\n\nX", "u@example.org"],
                                   ["-f", "a@b.c", "u@example.org\nRecipient: <v@evil.test>"]],

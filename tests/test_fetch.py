@@ -47,6 +47,7 @@ def provider_args(provider, *more: str) -> List[str]:
 
 # -- against the real provider ---------------------------------------------------
 
+@pytest.mark.slow
 @needs_sink
 def test_relay_into_smtp_sink_byte_for_byte(provider):
     sent = {"one": message("one", b"hello\r\n"), "two": message("two", TRICKY),
@@ -75,6 +76,7 @@ def test_relay_into_smtp_sink_byte_for_byte(provider):
         assert got[subject].content == as_stored(data)
 
 
+@pytest.mark.slow
 @needs_sink
 @pytest.mark.parametrize("option, code", [("-r", EX_TEMPFAIL), ("-f", EX_OK)], ids=["4xx", "5xx"])
 def test_relay_exit_code_reflects_the_local_servers_refusals(provider, option, code):
@@ -95,6 +97,7 @@ def test_relay_exit_code_reflects_the_local_servers_refusals(provider, option, c
     assert len(left) == (1 if code else 0)
 
 
+@pytest.mark.slow
 def test_maildir_delivery(provider, tmp_path):
     sent = [message("m%d" % i, TRICKY if i == 1 else b"body %d\r\n" % i) for i in range(3)]
     for data in sent:
@@ -119,6 +122,7 @@ def test_maildir_delivery(provider, tmp_path):
     assert sorted(stored) == sorted(as_stored(m) for m in sent)
 
 
+@pytest.mark.slow
 def test_mbox_delivery_appends_with_mboxrd_quoting(provider, tmp_path):
     box = tmp_path / "mbox"
     send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("first", TRICKY))
@@ -139,6 +143,7 @@ def test_mbox_delivery_appends_with_mboxrd_quoting(provider, tmp_path):
     assert parsed[0]["Return-Path"] == "<sender@outside.test>"
 
 
+@pytest.mark.slow
 def test_storage_failure_is_452_and_mail_stays(provider, tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
@@ -148,12 +153,14 @@ def test_storage_failure_is_452_and_mail_stays(provider, tmp_path):
     assert "not stored" in err(result) or "could not be stored" in err(result)
 
 
+@pytest.mark.slow
 def test_no_mail_is_0(provider, tmp_path):
     result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result)
     assert err(result) == "odmrd fetch: no mail waiting\n"       # the run's one summary line
 
 
+@pytest.mark.slow
 def test_wrong_password_is_77(provider, tmp_path):
     send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
     result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")), password="wrong")
@@ -162,12 +169,14 @@ def test_wrong_password_is_77(provider, tmp_path):
     assert len(provider.spooled("example.org")) == 1
 
 
+@pytest.mark.slow
 def test_foreign_domain_is_77(provider, tmp_path):
     result = run_fetch(*provider_args(provider, "--domain", "example.net", "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_NOPERM, err(result)
     assert "450" in err(result)
 
 
+@pytest.mark.slow
 def test_config_file_fetch_section(provider, tmp_path):
     send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("cfg", b"x\r\n"))
     (tmp_path / "pw").write_text(PASSWORD + "\n")
@@ -259,6 +268,7 @@ def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
     assert os.listdir(tmp_path / "md" / "tmp") == []
 
 
+@pytest.mark.slow
 @needs_sink
 def test_drop_mid_session_relay_is_75(scripted):
     s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
@@ -327,6 +337,7 @@ def server_context(pki, name: str = "server") -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.slow
 def test_starttls_required_and_used(scripted, pki, tmp_path):
     s = scripted(starttls=server_context(pki), mechanisms="PLAIN CRAM-MD5")
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--ca-file", pki["ca.pem"],
@@ -367,6 +378,7 @@ def test_verbose_masks_cram_md5_exchange(scripted, tmp_path):
     assert lines[start + 1:start + 4] == ["S: 334 ****", "C: ****", "S: 235 ****"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["untrusted", "wrong-name"])
 def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     name, extra = ("server", []) if case == "untrusted" else ("stranger", ["--ca-file", pki["ca.pem"]])
@@ -380,6 +392,7 @@ def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     assert result.returncode == EX_OK, err(result)
 
 
+@pytest.mark.slow
 def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
     home = tmp_path / "provider"
     home.mkdir()
@@ -411,6 +424,7 @@ def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
     assert b"\nSubject: implicit\n" in raw and b"\n>From the start\n" in raw
 
 
+@pytest.mark.slow
 @needs_sink
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
 def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
@@ -441,6 +455,7 @@ def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
     assert got == {k: as_stored(v) for k, v in sent.items()}
 
 
+@pytest.mark.slow
 @needs_sink
 def test_local_server_hanging_up_ends_a_tls_relay_at_once(tmp_path, pki):
     """TLS has no half-close: when the local server drops, the splice must end the
@@ -475,6 +490,7 @@ def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
 
 # -- --every ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_polls_until_sigterm(scripted, tmp_path):
     s = scripted()
     log = open(tmp_path / "stderr", "wb")

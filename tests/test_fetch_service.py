@@ -22,6 +22,8 @@ import pytest
 from conftest import (PASSWORD, ROOT, alive, reuse_provider, send_mail, wait_for, which)
 from helpers import kill_hard
 
+pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
+
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd-fetch")
 SHELL = which("dash") or "/bin/sh"
 ODMRD = [sys.executable, os.path.join(ROOT, "odmrd.py")]

@@ -23,6 +23,8 @@ from conftest import PASSWORD, Provider, free_port, send_mail
 from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
                      run_fetch)
 
+pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
+
 DEFER_AT_END = b"X-Local-Test: defer at end of data"
 
 

@@ -23,6 +23,7 @@ from helpers import FETCHMAIL, SMTP_SINK, Dumped, Sink, as_stored, run_fetchmail
 pytestmark = [
     pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed (Debian package fetchmail)"),
     pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink is not installed (Debian package postfix)"),
+    pytest.mark.slow,           # a real fetchmail and smtp-sink per test
 ]
 
 

@@ -461,6 +461,7 @@ def test_message_split_per_domain_with_own_recipients(smtp, provider):
     assert [r.address for r in com.recipients] == ["b@example.com"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["close", "timeout"])
 def test_client_vanishing_mid_data_leaves_nothing(tmp_path, how):
     from conftest import Provider

@@ -32,7 +32,8 @@ from conftest import PASSWORD, ROOT, Provider, free_port, run_cli, send_mail, st
 from odmr import accounts
 from postfix_instance import PostfixInstance, unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+              pytest.mark.slow]           # a real Postfix instance
 
 README = os.path.join(ROOT, "README.md")
 SECTION = "## Recipes: Postfix around odmrd"

@@ -67,6 +67,7 @@ def daemon(tmp_path):
     d.cleanup()
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
     daemon.start()
     s = socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10)
@@ -96,6 +97,7 @@ def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
     assert tmp_debris(daemon.spool_dir) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_atrn_finishes_the_message_then_quits(daemon):
     daemon.start()
     for n in range(6):
@@ -128,6 +130,7 @@ def test_sigterm_during_atrn_finishes_the_message_then_quits(daemon):
     assert tmp_debris(daemon.spool_dir) == []
 
 
+@pytest.mark.slow
 def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
     daemon.start()
     idle = Customer(daemon.odmr_port, timeout=10)
@@ -252,6 +255,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
 def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast_maintenance, refusals):
@@ -280,6 +284,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         sink.close()
 
 
+@pytest.mark.slow
 def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fast_maintenance, caplog):
     sink = RelaySink(["rcpt:550 5.1.1 no such sender"] * 5)
     p = relay_provider(tmp_path, sink)
@@ -326,6 +331,7 @@ def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
         p.stop()
 
 
+@pytest.mark.slow
 def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
     """r1 refused for good (550), r2 deferred (451): the queue, the delay notice and the
     expiry DSN for r2 all speak of r2's 451, never of r1's 550."""
@@ -371,6 +377,7 @@ def test_maintenance_expires_old_mail_with_dsn(provider):
 
 # -- queue bounce / queue expire, end to end through the command line ------------------------
 
+@pytest.mark.slow
 def test_cli_queue_bounce(provider):
     spool(provider, ["u@example.org", "v@example.org"], token="cli")
     [record] = queue(provider, "example.org")
@@ -384,6 +391,7 @@ def test_cli_queue_bounce(provider):
     assert [r["domain"] for r in listing] == ["example.net"]
 
 
+@pytest.mark.slow
 def test_cli_queue_expire(tmp_path):
     p = queue_provider(tmp_path, "max_age = 1s")
     try:
@@ -414,6 +422,7 @@ def twin_daemons(tmp_path):
     b.cleanup()
 
 
+@pytest.mark.slow
 def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
     a, b = twin_daemons
     a.start()
@@ -475,6 +484,7 @@ def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
 
 # -- damaged spool files --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog):
     directory = os.path.join(provider.spool_dir, "example.org")
     spool(provider, ["u@example.org"], token="good1")
@@ -506,6 +516,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
 
 # -- restart recovery -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
@@ -551,6 +562,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         p.stop()
 
 
+@pytest.mark.slow
 def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_path):
     """SIGTERM's grace period runs out while a big message is still going to a slow
     customer: the connection is cut and the attempt recorded, as for a lost customer."""
@@ -589,6 +601,7 @@ def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_
 
 # -- removals become durable ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_removals_become_durable_within_a_small_window(provider, customer_factory, monkeypatch):
     """Power-loss bound: delivery never runs more than MAX_UNSYNCED removals ahead of
     the directory fsync that makes them durable (even with a slow disk)."""

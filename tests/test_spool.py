@@ -379,6 +379,7 @@ def test_usage_counts_messages_and_bytes(spool):
     assert fresh.usage("example.org")[0] == 3
 
 
+@pytest.mark.slow
 def test_provider_start_cleans_debris(tmp_path):
     from conftest import Provider
     p = Provider(str(tmp_path))

@@ -18,7 +18,8 @@ from configobj import ConfigObj
 from conftest import PASSWORD, Customer, Provider, free_port, send_mail, which
 from helpers import accept_all
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed"),
+              pytest.mark.slow]
 
 
 def tls_sections(pki) -> str:

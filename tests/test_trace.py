@@ -246,6 +246,7 @@ def _reversed_with_bad_names(results: list):
     return script
 
 
+@pytest.mark.slow
 def test_fetch_maildir_refuses_a_bad_provider_ehlo(scripted, tmp_path):
     results: list = []
     s = scripted(atrn_reply="250 OK now reversing the connection", after_250=_reversed_with_bad_names(results))
