@@ -28,7 +28,7 @@ PASSWORD = "tanstaaf-secret"
 def pytest_configure(config) -> None:
     """`-m "not slow"` is the fast subset (under a minute on two cores); CI runs everything."""
     config.addinivalue_line(
-        "markers", "slow: over ~0.3 s here, or drives a real peer (fetchmail, Postfix, init scripts, "
+        "markers", "slow: over ~0.25 s here, or drives a real peer (fetchmail, Postfix, init scripts, "
         "a pyz build, kill -9 loops)")
 
 

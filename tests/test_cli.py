@@ -249,6 +249,7 @@ def test_user_password_without_a_terminal_is_one_line_not_a_traceback(provider, 
 MESSAGE = b"Subject: piped\n\nline one\n.\n..two\nlast"
 
 
+@pytest.mark.slow
 def test_enqueue_spools_per_domain_with_crlf(hosted):
     result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", "b@example.com", "c@example.org",
                    input=MESSAGE)
@@ -315,6 +316,7 @@ def test_enqueue_defers_what_the_administrator_can_fix(hosted):
     one_line_error(result)
 
 
+@pytest.mark.slow
 def test_enqueue_null_sender(hosted):
     result = odmrd(hosted, "enqueue", "-f", "", "a@example.org", input=MESSAGE)
     assert result.returncode == 0
@@ -460,6 +462,7 @@ def test_queue_bounce_of_null_sender_just_removes(hosted):
     assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_queue_list_survives_a_corrupt_file(hosted):
     enqueue(hosted, "a@example.org")
     with open(os.path.join(spool_dir(hosted), "example.org", "0" * 13 + "00000000"), "wb") as fh:

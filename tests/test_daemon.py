@@ -207,6 +207,7 @@ def test_fallback_log_path_when_log_file_is_unset(site_factory):
     assert daemon.log_target(settings, foreground=True) == ("stderr", "")
 
 
+@pytest.mark.slow
 def test_startup_failure_in_the_daemon_is_reported_by_serve(site_factory):
     s = site_factory("allow_root = yes")
     s.add_user("alice", "example.org")
@@ -225,6 +226,7 @@ def test_startup_failure_in_the_daemon_is_reported_by_serve(site_factory):
     assert "not-a-dir/spool" in s.log()
 
 
+@pytest.mark.slow
 def test_bind_failure_is_one_line(site):
     with socket.socket() as busy:
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -279,6 +281,7 @@ def test_pid_file_naming_an_unrelated_live_process_is_stale(site):
     assert site.pid() != os.getpid() and alive(site.pid())
 
 
+@pytest.mark.slow
 def test_pid_file_symlink_is_not_followed(site):
     target = os.path.join(site.dir, "precious")
     with open(target, "w") as fh:
@@ -410,6 +413,7 @@ def test_root_without_user_is_refused(site_factory):
     assert not os.path.exists(s.pid_file) and refused(s.smtp_port)
 
 
+@pytest.mark.slow
 @needs_root
 def test_unknown_service_account_is_refused(site_factory):
     s = site_factory("user = no-such-account-odmrd")

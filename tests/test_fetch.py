@@ -297,6 +297,7 @@ def test_relay_target_down_is_75_and_provider_told(scripted, tmp_path):
     assert got and got[0].startswith(b"421 ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, code", [
     ("no-atrn", EX_UNAVAILABLE),
     ("no-usable-mechanism", EX_UNAVAILABLE),

@@ -181,6 +181,7 @@ def test_overlong_command_line(provider, customer_factory):
 
 # -- files -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_users_file_must_be_private(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])

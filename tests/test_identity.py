@@ -419,6 +419,7 @@ def same_by_idna(a: str, b: str) -> bool:
     return idna.decode(a, uts46=True, std3_rules=True) == idna.decode(b, uts46=True, std3_rules=True)
 
 
+@pytest.mark.slow
 @given(st.one_of(domain_text, st.text(max_size=80)))
 @settings(max_examples=200, deadline=None)
 def test_an_accepted_name_is_a_lower_case_a_label_that_maps_to_itself(text):

@@ -605,6 +605,7 @@ def test_full_disk_is_452_431_and_nothing_partial(tiny_spool):
     assert len(p.spooled("example.org")) == 1
 
 
+@pytest.mark.slow
 def test_unwritable_spool_is_452_431(tmp_path):
     p = make_provider(str(tmp_path))
     try:
@@ -674,6 +675,7 @@ def test_postmaster_setting_must_be_an_address(tmp_path):
     assert r.returncode == 78 and b"smtp.postmaster" in r.stderr and b"not an address" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_same_mailbox_twice_is_one_recipient(provider):
     """<dup@example.org> and <dup@EXAMPLE.ORG> are one mailbox: one RCPT to the customer.
     Local parts may be case-sensitive, so <Dup@example.org> stays a recipient of its own."""

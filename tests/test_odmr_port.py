@@ -606,6 +606,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
     assert spool_files(provider, "example.org") == []
 
 
+@pytest.mark.slow
 def test_concurrent_atrn_race_delivers_each_message_once(provider):
     for i in range(5):
         spool_one(provider, ["r%d@example.org" % i])
@@ -635,6 +636,7 @@ def test_concurrent_atrn_race_delivers_each_message_once(provider):
     assert delivered == ["r%d@example.org" % i for i in range(5)]
 
 
+@pytest.mark.slow
 def test_domain_never_matches_a_longer_name(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
