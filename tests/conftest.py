@@ -25,6 +25,13 @@ from odmr.server import Service  # noqa: E402
 PASSWORD = "tanstaaf-secret"
 
 
+def pytest_configure(config) -> None:
+    """`-m "not slow"` is the fast subset (under a minute on two cores); CI runs everything."""
+    config.addinivalue_line(
+        "markers", "slow: over ~0.25 s here, or drives a real peer (fetchmail, Postfix, init scripts, "
+        "a pyz build, kill -9 loops)")
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768+ here), so that no
     client connection made meanwhile can take it before the server binds it."""
@@ -286,3 +293,29 @@ def reuse_provider(shared: "Provider"):
     yield shared
     wait_idle(shared)
 
+
+
+# -- fixtures over the harnesses in helpers.py
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA with server, client and stranger certificates (one set for the whole run)."""
+    if which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    from helpers import make_pki
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def scripted():
+    """A factory of scripted ODMR providers, all closed at teardown."""
+    from helpers import Scripted
+    made: List[Scripted] = []
+
+    def make(**kw) -> Scripted:
+        s = Scripted(**kw)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()

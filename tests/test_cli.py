@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Customer, Provider, run_cli
+from conftest import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -117,6 +117,7 @@ def test_missing_dependencies_are_named_in_one_line(conf):
 
 # -- user ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_user_add_list_passwd_del(conf, open_umask):
     result = odmrd(conf, "user", "add", "alice", "--domain", "Example.ORG", "--domain", "example.com",
                    "--password-stdin", input=b"first secret\n")
@@ -201,6 +202,7 @@ def test_user_list_refuses_a_group_readable_users_file(hosted):
     assert "chmod 600" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_accounts_made_by_the_cli_can_log_in(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
@@ -231,11 +233,23 @@ def test_accounts_made_by_the_cli_can_log_in(tmp_path):
         p.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["user", "add", "carol", "--domain", "c.test"],
+                                     ["user", "passwd", "alice"]])
+def test_user_password_without_a_terminal_is_one_line_not_a_traceback(provider, command):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", provider.config] + command,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30, start_new_session=True)
+    assert r.returncode == 64
+    assert r.stderr.decode().strip().splitlines() == [
+        "odmrd: no terminal to ask for the password on: use --password-stdin"]
+
+
 # -- enqueue -------------------------------------------------------------------------
 
 MESSAGE = b"Subject: piped\n\nline one\n.\n..two\nlast"
 
 
+@pytest.mark.slow
 def test_enqueue_spools_per_domain_with_crlf(hosted):
     result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", "b@example.com", "c@example.org",
                    input=MESSAGE)
@@ -276,6 +290,7 @@ def test_enqueue_exit_codes(hosted, args, stdin, code):
         assert files == [] or all(f == ".lock" for f in files), (dirpath, files)
 
 
+@pytest.mark.slow
 def test_enqueue_defers_what_the_administrator_can_fix(hosted):
     """A pipe transport bounces on any code but 75: a broken configuration, users file or
     spool must keep the mail at the MTA, not return it to its sender."""
@@ -301,6 +316,7 @@ def test_enqueue_defers_what_the_administrator_can_fix(hosted):
     one_line_error(result)
 
 
+@pytest.mark.slow
 def test_enqueue_null_sender(hosted):
     result = odmrd(hosted, "enqueue", "-f", "", "a@example.org", input=MESSAGE)
     assert result.returncode == 0
@@ -316,6 +332,7 @@ def enqueue(conf: str, *rcpts: str, sender: str = "s@remote.test", body: bytes =
     return {l.split()[1]: l.split()[0] for l in result.stdout.decode().splitlines()}
 
 
+@pytest.mark.slow
 def test_queue_list_json_keys_and_domain_filter(hosted):
     ids = enqueue(hosted, "a@example.org", "b@example.net")
     records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
@@ -334,6 +351,7 @@ def test_queue_list_json_keys_and_domain_filter(hosted):
     assert ids["example.org"] in text and ids["example.net"] in text and "<b@example.net>" in text
 
 
+@pytest.mark.slow
 def test_queue_list_empty_and_bad_domain(hosted):
     result = odmrd(hosted, "queue", "list")
     assert result.returncode == 0 and b"empty" in result.stdout
@@ -343,6 +361,7 @@ def test_queue_list_empty_and_bad_domain(hosted):
     one_line_error(result)
 
 
+@pytest.mark.slow
 def test_queue_show_and_delete(hosted):
     ids = enqueue(hosted, "a@example.org")
     msg_id = ids["example.org"]
@@ -359,6 +378,7 @@ def test_queue_show_and_delete(hosted):
         assert msg_id in one_line_error(result) or args[1] in result.stderr.decode()
 
 
+@pytest.mark.slow
 def test_queue_delete_of_a_domain_being_delivered_is_75(hosted):
     from odmr.spool import Spool
     ids = enqueue(hosted, "a@example.org")
@@ -382,6 +402,7 @@ def age_message(conf: str, domain: str, msg_id: str, seconds: float) -> None:
         fh.write(head.replace(b"Arrival: " + old, b"Arrival: " + new) + sep + data)
 
 
+@pytest.mark.slow
 def test_queue_expire_null_sender_dropped_young_kept(hosted):
     old = enqueue(hosted, "a@example.org", sender="")["example.org"]
     young = enqueue(hosted, "b@example.org", sender="")["example.org"]
@@ -393,6 +414,7 @@ def test_queue_expire_null_sender_dropped_young_kept(hosted):
     assert [r["id"] for r in records] == [young]
 
 
+@pytest.mark.slow
 def test_queue_expire_bounces_to_sender(hosted):
     old = enqueue(hosted, "a@example.org", sender="someone@example.com")["example.org"]
     age_message(hosted, "example.org", old, 2 * 86400)
@@ -403,6 +425,7 @@ def test_queue_expire_bounces_to_sender(hosted):
     assert b"5.4.7" in odmrd(hosted, "queue", "show", dsn["id"]).stdout
 
 
+@pytest.mark.slow
 def test_queue_bounce_returns_to_sender(hosted):
     ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
     result = odmrd(hosted, "queue", "bounce", ids["example.org"])
@@ -413,6 +436,7 @@ def test_queue_bounce_returns_to_sender(hosted):
     assert records[0]["domain"] != "example.org"
 
 
+@pytest.mark.slow
 def test_pending_bounces_are_listed_by_the_name_queue_list_shows(hosted):
     """SPEC §2: whatever `queue list` shows in its domain column is a DOMAIN argument."""
     ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
@@ -430,6 +454,7 @@ def test_pending_bounces_are_listed_by_the_name_queue_list_shows(hosted):
     assert bad.returncode == 64 and ".outbound" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_queue_bounce_of_null_sender_just_removes(hosted):
     ids = enqueue(hosted, "a@example.org", sender="")
     result = odmrd(hosted, "queue", "bounce", ids["example.org"])
@@ -437,6 +462,7 @@ def test_queue_bounce_of_null_sender_just_removes(hosted):
     assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_queue_list_survives_a_corrupt_file(hosted):
     enqueue(hosted, "a@example.org")
     with open(os.path.join(spool_dir(hosted), "example.org", "0" * 13 + "00000000"), "wb") as fh:
@@ -561,3 +587,38 @@ def test_a_pending_bounce_is_never_bounced_away(hosted):
     assert "queue delete %s" % dsn["id"] in one_line_error(result)
     assert [r["id"] for r in json.loads(odmrd(hosted, "queue", "list", "--json").stdout)] == [dsn["id"]]
     assert odmrd(hosted, "queue", "expire").stdout.decode().strip() == "0 expired"
+
+
+def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: good\r\n\r\nx\r\n")
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    r = provider.run_cli("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    assert [m["recipients"] for m in json.loads(r.stdout)] == [["u@example.org"]]
+    assert os.path.exists(path)                                   # still where it was
+    assert not os.path.exists(os.path.join(provider.spool_dir, ".quarantine"))
+    assert b"corrupt" in r.stderr
+
+
+@pytest.mark.slow
+def test_queue_show_bounce_delete_of_a_corrupt_file(provider):
+    from odmr.spool import new_id
+    bad = new_id()
+    path = os.path.join(provider.spool_dir, "example.org", bad)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(b"not a spool file\n\n")
+    for action in ("show", "bounce"):
+        r = provider.run_cli("queue", action, bad)
+        assert r.returncode == 65, (action, r.stderr)
+        [line] = r.stderr.decode().strip().splitlines()
+        assert "example.org/%s: corrupt spool file" % bad in line and "queue delete" in line
+        assert os.path.exists(path)
+    r = provider.run_cli("queue", "delete", bad)
+    assert r.returncode == 0 and b"deleted" in r.stdout, r.stderr
+    assert not os.path.exists(path)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"), pytest.mark.slow]
 
 
 @pytest.fixture

@@ -239,6 +239,7 @@ def test_missing_config_file(tmp_path):
     assert code == 78 and len(lines) == 1 and "absent.conf" in lines[0]
 
 
+@pytest.mark.slow
 def test_check_config_checks_the_users_file(tmp_path):
     path = write(tmp_path, "hostname = odmr.test\nallow_root = yes\n")
     code, lines = check(path)
@@ -282,3 +283,85 @@ def test_a_single_value_is_a_one_element_list(tmp_path, text, get):
     """The SPEC's own example writes `recipients = *`: a list key must take one value."""
     value = get(config.load(write(tmp_path, text)))
     assert len(value) == 1 and value[0] == text.split("= ")[1].strip()
+
+
+# -- check-config refuses what serve would refuse ---------------------------------------
+
+@pytest.mark.slow
+def test_print_key_still_works_while_the_config_is_broken(tmp_path):
+    conf = tmp_path / "odmrd.conf"
+    conf.write_text("pid_file = run/o.pid\ngrace_period = 7s\nbogus_key = 1\n[odmr]\nlisten = 127.0.0.1:1\n")
+    r = run_cli("-c", str(conf), "check-config", "--print", "pid_file")
+    assert r.returncode == 0 and r.stdout.decode().strip() == str(tmp_path / "run" / "o.pid")
+    r = run_cli("-c", str(conf), "check-config", "--print", "grace_period")
+    assert r.returncode == 0 and float(r.stdout) == 7.0
+    r = run_cli("-c", str(conf), "check-config")
+    assert r.returncode == 78 and b"bogus_key" in r.stderr
+    conf.write_text("pid_file = run/o.pid\ngrace_period = soon\n")
+    assert run_cli("-c", str(conf), "check-config", "--print", "grace_period").returncode == 78
+
+
+def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
+    from conftest import write_config
+    from odmr import accounts
+    path = write_config(str(tmp_path), 1, 2, extra=extra, sections=sections, odmr_extra=odmr_extra)
+    if not os.path.exists(os.path.join(str(tmp_path), "users")):
+        accounts.add_user(os.path.join(str(tmp_path), "users"), "alice", ["example.org"], "pw")
+    return run_cli("-c", path, "check-config"), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, sections, odmr_extra, expected", [
+    ("", "[tls]\ncert_file = nocert.pem\nkey_file = nokey.pem", "", "[tls] cannot load"),
+    ("", "[tls]\ncert_file = nocert.pem", "", "[tls] cert_file and key_file must both be set"),
+    ("", "[tls]\nclient_ca_file = ca.pem", "", "client_ca_file needs cert_file and key_file"),
+    ("", "", "tls_listen = 127.0.0.1:3", "implicit TLS listener needs"),
+    ("user = no-such-account-here", "", "", "does not exist"),
+    ("", "[queue]\nbounce_relay = 127.0.0.1:99999", "", "bounce_relay"),
+    ("", "[queue]\nbounce_relay = relay.test:0", "", "bounce_relay"),
+    ("", "", "", None),
+], ids=["cert-missing", "key-unset", "ca-alone", "tls-listener", "user", "relay-port", "relay-port0",
+        "fine"])
+def test_check_config_finds_what_serve_would_refuse(tmp_path, extra, sections, odmr_extra, expected):
+    r, path = _check(tmp_path, extra, sections, odmr_extra)
+    if expected is None:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 78, r.stdout + r.stderr
+    lines = r.stderr.decode().strip().splitlines()
+    assert lines and all(l.startswith("odmrd: ") for l in lines)
+    assert any(expected in l for l in lines), lines
+    assert b"Traceback" not in r.stderr
+    # and serve, asked to start on it, says the same instead of starting
+    s = run_cli("-c", path, "serve", "-f", timeout=20)
+    assert s.returncode == 78 and b"Traceback" not in s.stderr
+
+
+def test_check_config_refuses_a_hostname_that_is_no_host_name(tmp_path):
+    from conftest import write_config
+    path = write_config(str(tmp_path), 1, 2)
+    with open(path) as fh:
+        text = fh.read().replace("hostname = odmr.test", "hostname = bad host name")
+    with open(path, "w") as fh:
+        fh.write(text)
+    r = run_cli("-c", path, "check-config")
+    assert r.returncode == 78 and b"hostname (line 1): not a host name" in r.stderr
+
+
+def test_duplicate_key_error_names_the_key_once(tmp_path):
+    path = tmp_path / "odmrd.conf"
+    path.write_text("hostname = a.test\nhostname = b.test\n")
+    r = run_cli("-c", str(path), "check-config")
+    [line] = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 78
+    assert line.count(str(path)) == 1 and "line 2" in line and "hostname = b.test" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root-only refusal")
+def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
+    from odmr import accounts
+    path = tmp_path / "odmrd.conf"
+    path.write_text("hostname = odmr.test\n")
+    accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], "pw")
+    r = run_cli("-c", str(path), "check-config")
+    assert r.returncode == 78 and b"refusing to run as root" in r.stderr

@@ -13,104 +13,18 @@ from __future__ import annotations
 import collections
 import os
 import random
-import re
-import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Customer, free_port, write_config
+from conftest import PASSWORD, Customer
+from helpers import ATRN_OK, TOKEN, Daemon, ReversedConnection, Script, queued_tokens
 from odmr import accounts
-from test_delivery import ATRN_OK, ReversedConnection, Script
 
-TOKEN = re.compile(rb"X-Token: (\S+)")
-
-
-class Daemon:
-    """`odmrd serve -f` in a subprocess, on free loopback ports."""
-
-    def __init__(self, directory: str, extra: str = "", sections: str = "",
-                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd"):
-        self.dir = directory
-        self.odmr_port = odmr_port or free_port()
-        self.smtp_port = smtp_port or free_port()
-        sub = os.path.join(directory, name)
-        os.makedirs(sub, exist_ok=True)
-        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections)
-        self.log_path = os.path.join(directory, name + ".log")
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 15.0) -> "Daemon":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
-                                      "serve", "-f"], stdout=log, stderr=log, cwd=self.dir)
-        log.close()
-        deadline = time.monotonic() + timeout
-        for port in (self.odmr_port, self.smtp_port):
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError("odmrd exited with %s: %s" % (self.proc.returncode, self.log()[-2000:]))
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError("odmrd did not listen on %d" % port)
-                    time.sleep(0.02)
-        return self
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def term(self, timeout: float = 40.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    @property
-    def spool_dir(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "spool")
-
-    @property
-    def users(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "users")
-
-
-def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
-    directory = os.path.join(spool_dir, domain)
-    found = []
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if re.fullmatch(r"[0-9a-f]{14,40}", name):
-            try:
-                with open(os.path.join(directory, name), "rb") as fh:
-                    found += TOKEN.findall(fh.read())
-            except FileNotFoundError:
-                pass
-    return found
+pytestmark = pytest.mark.slow                   # kill -9 loops
 
 
 class Load:

@@ -23,8 +23,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, alive, free_port, run_cli, wait_for
-from odmr.daemon import read_pid_file
+from conftest import ROOT, alive, wait_for
+from helpers import Site
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -40,91 +40,12 @@ def _is_socket(path: str) -> bool:
 SYSLOG_PRESENT = any(_is_socket(p) for p in ("/dev/log", "/var/run/log", "/var/run/syslog"))
 
 
-def kill_hard(pid: int) -> None:
-    if not alive(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        wait_for(lambda: not alive(pid), 5.0)
-    except AssertionError:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        wait_for(lambda: not alive(pid), 5.0)
-
-
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except OSError:
         return True
     return False
-
-
-class Site:
-    """A configuration directory for one daemon; remembers every pid to kill."""
-
-    def __init__(self, directory: str, extra: str = "", sections: str = ""):
-        self.dir = directory
-        self.odmr_port = free_port()
-        self.smtp_port = free_port()
-        self.config = os.path.join(directory, "odmrd.conf")
-        self.pid_file = os.path.join(directory, "odmrd.pid")
-        self.log_file = os.path.join(directory, "odmrd.log")
-        self.users = os.path.join(directory, "users")
-        self.spool = os.path.join(directory, "spool")
-        self.pids: List[int] = []
-        self.write(extra, sections)
-
-    def write(self, extra: str = "", sections: str = "") -> None:
-        top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
-               "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
-               "log_level": "debug", "grace_period": "5s"}
-        for line in extra.splitlines():     # extra lines override the defaults above
-            key, _, value = line.partition("=")
-            top[key.strip()] = value.strip()
-        with open(self.config, "w") as fh:
-            fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
-            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
-                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
-                     % (self.odmr_port, self.smtp_port, sections))
-        os.chmod(self.config, 0o644)
-
-    def cli(self, *args, **kw) -> subprocess.CompletedProcess:
-        return run_cli("-c", self.config, *args, **kw)
-
-    def add_user(self, name: str, *domains: str) -> None:
-        args = ["user", "add", name, "--password-stdin"]
-        for d in domains:
-            args += ["--domain", d]
-        result = self.cli(*args, input=b"secret-pw\n")
-        assert result.returncode == 0, result.stderr
-
-    def serve(self) -> subprocess.CompletedProcess:
-        result = self.cli("serve", timeout=30)
-        pid = self.pid()
-        if pid:
-            self.pids.append(pid)
-        return result
-
-    def pid(self) -> Optional[int]:
-        return read_pid_file(self.pid_file)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in self.pids + [p for p in [self.pid()] if p]:
-            if pid != os.getpid():
-                kill_hard(pid)
 
 
 @pytest.fixture
@@ -170,6 +91,7 @@ def spooled(site: Site, domain: str) -> List[str]:
 
 # -- detaching ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_serve_returns_only_once_the_daemon_runs(site):
     result = site.serve()
     assert result.returncode == 0, result.stderr
@@ -183,6 +105,7 @@ def test_serve_returns_only_once_the_daemon_runs(site):
         assert c.makefile("rb").readline().startswith(b"220 odmr.test")
 
 
+@pytest.mark.slow
 def test_detached_process_state(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -203,6 +126,7 @@ def test_detached_process_state(site):
     assert mode == 0o644
 
 
+@pytest.mark.slow
 def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
     read_end, write_end = os.pipe()
     try:
@@ -220,6 +144,7 @@ def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
             os.close(write_end)
 
 
+@pytest.mark.slow
 def test_logs_written_after_detaching_reach_the_log_file(site):
     assert site.serve().returncode == 0
     assert smtp_send(site.smtp_port, "user@example.org") == {}
@@ -231,6 +156,7 @@ def test_logs_written_after_detaching_reach_the_log_file(site):
     assert "odmrd[%d]" % site.pid() in line and "user@example.org" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SYSLOG_PRESENT, reason="a syslog socket exists here")
 def test_without_syslog_says_so_once_and_uses_the_log_file(site_factory):
     s = site_factory("allow_root = yes\nsyslog = auto")
@@ -281,6 +207,7 @@ def test_fallback_log_path_when_log_file_is_unset(site_factory):
     assert daemon.log_target(settings, foreground=True) == ("stderr", "")
 
 
+@pytest.mark.slow
 def test_startup_failure_in_the_daemon_is_reported_by_serve(site_factory):
     s = site_factory("allow_root = yes")
     s.add_user("alice", "example.org")
@@ -299,6 +226,7 @@ def test_startup_failure_in_the_daemon_is_reported_by_serve(site_factory):
     assert "not-a-dir/spool" in s.log()
 
 
+@pytest.mark.slow
 def test_bind_failure_is_one_line(site):
     with socket.socket() as busy:
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -322,6 +250,7 @@ def test_config_errors_from_serve(site_factory):
 
 # -- pid file -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_start_is_refused_while_running(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -332,6 +261,7 @@ def test_second_start_is_refused_while_running(site):
     assert site.pid() == pid and alive(pid)
 
 
+@pytest.mark.slow
 def test_stale_pid_file_is_replaced(site):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -341,6 +271,7 @@ def test_stale_pid_file_is_replaced(site):
     assert site.pid() not in (None, dead.pid) and alive(site.pid())
 
 
+@pytest.mark.slow
 def test_pid_file_naming_an_unrelated_live_process_is_stale(site):
     # The pid was reused by some other process: the lock, not the number, decides.
     with open(site.pid_file, "w") as fh:
@@ -350,6 +281,7 @@ def test_pid_file_naming_an_unrelated_live_process_is_stale(site):
     assert site.pid() != os.getpid() and alive(site.pid())
 
 
+@pytest.mark.slow
 def test_pid_file_symlink_is_not_followed(site):
     target = os.path.join(site.dir, "precious")
     with open(target, "w") as fh:
@@ -364,6 +296,7 @@ def test_pid_file_symlink_is_not_followed(site):
 
 # -- signals ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sighup_reloads_without_dropping_sessions(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -394,6 +327,7 @@ def test_sighup_reloads_without_dropping_sessions(site):
         old_odmr.close()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_detached_daemon_and_removes_pid_file(site):
     assert site.serve().returncode == 0
     pid = site.pid()
@@ -421,6 +355,7 @@ def start_foreground(site: Site, stderr_path: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
     err = str(tmp_path / "stderr")
@@ -439,6 +374,7 @@ def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
     assert not os.path.exists(site.log_file)
 
 
+@pytest.mark.slow
 def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
     proc = start_foreground(site, str(tmp_path / "stderr"))
     try:
@@ -464,6 +400,7 @@ def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
 
 # -- privileges --------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_root
 def test_root_without_user_is_refused(site_factory):
     s = site_factory("allow_root = no")
@@ -476,6 +413,7 @@ def test_root_without_user_is_refused(site_factory):
     assert not os.path.exists(s.pid_file) and refused(s.smtp_port)
 
 
+@pytest.mark.slow
 @needs_root
 def test_unknown_service_account_is_refused(site_factory):
     s = site_factory("user = no-such-account-odmrd")
@@ -495,6 +433,7 @@ def public_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 @needs_root
 def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
@@ -525,6 +464,7 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     assert "running as nobody" in s.log() and "odmrd stopped" in s.log()
 
 
+@pytest.mark.slow
 @needs_root
 def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
@@ -542,11 +482,12 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     assert refused(s.smtp_port)
 
 
+@pytest.mark.slow
 @needs_root
 def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_factory, public_dir):
     """A key made by root with mode 0600 starts (root loads it before the drop) and then makes
     every reload fail: both commands refuse it, naming the file and the fix."""
-    from certs import make_pki
+    from helpers import make_pki
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     pki = make_pki(os.path.join(public_dir, "pki"))
@@ -574,6 +515,7 @@ def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_fa
     assert s.cli("check-config").returncode == 0
 
 
+@pytest.mark.slow
 @needs_root
 def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_serve(
         site_factory, public_dir):
@@ -603,6 +545,7 @@ def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_ser
     assert s.serve().returncode == 0
 
 
+@pytest.mark.slow
 @needs_root
 def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
     """A domain directory the service account lost access to after start: intake, ATRN,
@@ -644,6 +587,7 @@ def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
     assert queued.returncode == 75 and domain + ": Permission denied" in queued.stderr.decode()
 
 
+@pytest.mark.slow
 def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     """The intake log line and `queue list` give the same size: the stored message, with
     odmrd's Received: header, as it will be delivered."""

@@ -8,193 +8,24 @@ DSN), and none is retried forever.
 """
 from __future__ import annotations
 
-import email
 import os
-import socket
 import time
-from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from conftest import PASSWORD, Customer, send_mail
+from conftest import send_mail
+from helpers import (SENDER_HOSTED, Closed, Script, atrn, dsns, queue, report_fields, spool,
+                     wait_sessions_over)
 from odmr import delivery, queueops
 from odmr.spool import Spool
 
-SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
-SENDER_REMOTE = "someone@remote.test"
-
-ATRN_OK = b"250 OK now reversing the connection\r\n"
+pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 
 
 # -- the scripted customer server -----------------------------------------------
 
-class Script:
-    """The customer's SMTP server on the reversed connection; override hooks to misbehave.
-
-    Each hook returns the reply line(s) to send (str, or None for no reply at all)."""
-
-    greeting = "220 customer.test ESMTP"
-    extensions = ["PIPELINING", "8BITMIME", "SIZE 50000000"]
-
-    def __init__(self):
-        self.messages: List[Dict] = []
-        self.commands: List[str] = []
-
-    def ehlo(self, arg: str) -> Optional[str]:
-        lines = ["customer.test"] + self.extensions
-        return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
-
-    def mail(self, arg: str) -> Optional[str]:
-        return "250 2.1.0 ok"
-
-    def rcpt(self, address: str) -> Optional[str]:
-        return "250 2.1.5 ok"
-
-    def data(self, rcpts: List[str]) -> Optional[str]:
-        return "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
-
-    def final(self, message: Dict) -> Optional[str]:
-        return "250 2.0.0 stored"
-
-    def in_data(self, line: bytes, received: int) -> bool:
-        """Called for each body line; False drops the connection there."""
-        return True
-
-
-class Closed(Exception):
-    pass
-
-
-class ReversedConnection:
-    """Runs a Script on the customer's socket after ATRN 250."""
-
-    def __init__(self, customer: Customer, script: Script):
-        self.sock = customer.sock
-        # one reply per write: without this, Nagle holds each reply for the provider's delayed ACK
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.script = script
-        self.buf = b""
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                raise Closed()
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def send(self, text: Optional[str]) -> None:
-        if text is not None:
-            self.sock.sendall(text.encode() + b"\r\n")
-
-    def run(self) -> str:
-        """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
-        s = self.script
-        rcpts: List[str] = []
-        mail: Optional[str] = None
-        try:
-            self.send(s.greeting)
-            while True:
-                raw = self.line().rstrip(b"\r\n").decode("utf-8", "replace")
-                s.commands.append(raw)
-                verb, _, arg = raw.partition(" ")
-                verb = verb.upper()
-                if verb in ("EHLO", "HELO"):
-                    self.send(s.ehlo(arg) if verb == "EHLO" else "250 customer.test")
-                elif verb == "MAIL":
-                    mail, rcpts = arg, []
-                    self.send(s.mail(arg))
-                elif verb == "RCPT":
-                    address = arg.split("<", 1)[1].split(">", 1)[0]
-                    reply = s.rcpt(address)
-                    if reply and reply.startswith("2"):
-                        rcpts.append(address)
-                    self.send(reply)
-                elif verb == "DATA":
-                    reply = s.data(rcpts)
-                    self.send(reply)
-                    if reply and reply.startswith("354"):
-                        body = []
-                        while True:
-                            line = self.line()
-                            if line == b".\r\n":
-                                break
-                            if not s.in_data(line, len(body)):
-                                self.sock.close()
-                                return "dropped"
-                            body.append(line[1:] if line.startswith(b".") else line)
-                        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(body)}
-                        reply = s.final(message)
-                        if reply and reply.startswith("2"):
-                            s.messages.append(message)
-                        self.send(reply)
-                elif verb == "RSET":
-                    mail, rcpts = None, []
-                    self.send("250 ok")
-                elif verb == "QUIT":
-                    self.send("221 bye")
-                    return "quit"
-                else:
-                    self.send("502 what?")
-        except Closed:
-            return "closed"
-
 
 # -- helpers -----------------------------------------------------------------------
-
-def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
-    send_mail(provider.smtp_port, sender, rcpts,
-              ("Subject: t %s\r\nX-Token: %s\r\n\r\nbody %s\r\n.dot line\r\n"
-               % (token, token, token)).encode())
-
-
-def atrn(provider, script: Script, domain: str = "example.org", user: str = "alice",
-         timeout: float = 15.0) -> str:
-    c = Customer(provider.odmr_port, timeout=timeout)
-    try:
-        c.login(user, PASSWORD)
-        c.send("ATRN " + domain)
-        assert c.line() == ATRN_OK
-        return ReversedConnection(c, script).run()
-    finally:
-        c.close()
-
-
-def queue(provider, domain: Optional[str] = None) -> List[Dict]:
-    runtime = provider.service.runtime
-    return [queueops.describe(m) for m in queueops.list_messages(runtime, domain)]
-
-
-def wait_idle(provider, timeout: float = 10.0) -> None:
-    """The provider's session may still be recording results after the customer's last reply."""
-    deadline = time.monotonic() + timeout
-    while provider.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert provider.service.active_sessions() == 0
-
-
-def dsns(provider, domain: str = "example.net") -> List[email.message.Message]:
-    found = []
-    for m in provider.spool.messages(domain):
-        if m.envelope.sender == "":
-            found.append(email.message_from_bytes(m.read_data()))
-    return found
-
-
-def report_fields(dsn: email.message.Message) -> List[Dict[str, str]]:
-    """Per-recipient field groups of a multipart/report DSN."""
-    assert dsn.get_content_type() == "multipart/report"
-    assert dsn.get_param("report-type") == "delivery-status"
-    part = [p for p in dsn.get_payload() if p.get_content_type() == "message/delivery-status"][0]
-    groups = part.get_payload()
-    out = []
-    for group in groups[1:]:
-        out.append({k.lower(): v for k, v in group.items()})
-    return out
 
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "lockstep"])
@@ -220,7 +51,7 @@ def test_refusing_greeting_gets_quit_and_mail_is_kept(provider, greeting):
     s.greeting = greeting
     assert atrn(provider, s) == "quit"
     assert s.commands == ["QUIT"]
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 0
 
@@ -232,7 +63,7 @@ def test_disconnect_mid_data_keeps_mail_and_counts_attempt(provider, pipelining)
     spool(provider, ["v@example.org"], token="two")
     s = script_with(pipelining, in_data=lambda line, n: n < 2)
     assert atrn(provider, s) == "dropped"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     records = queue(provider, "example.org")
     assert len(records) == 2
     first = [r for r in records if r["recipients"] == ["u@example.org"]][0]
@@ -240,7 +71,7 @@ def test_disconnect_mid_data_keeps_mail_and_counts_attempt(provider, pipelining)
     # the next ATRN delivers both
     s2 = Script()
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert sorted(m["rcpts"][0] for m in s2.messages) == ["u@example.org", "v@example.org"]
     assert queue(provider, "example.org") == []
 
@@ -261,14 +92,14 @@ def test_disconnect_after_an_accepted_message_keeps_only_the_rest(provider, pipe
     else:
         s.in_data = lambda line, n: not (s.messages and n >= 1)
     assert atrn(provider, s) in ("closed", "dropped")
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert [m["rcpts"] for m in s.messages] == [["u@example.org"]]
     [left] = queue(provider, "example.org")
     assert left["recipients"] == ["v@example.org"]
     assert left["attempts"] == 1 and "connection" in left["last_error"]
     s2 = Script()
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert [m["rcpts"] for m in s2.messages] == [["v@example.org"]]
 
 
@@ -294,7 +125,7 @@ def test_a_message_leaves_the_queue_before_the_next_one_can_be_accepted(provider
 
     s = script_with(pipelining, final=final)
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert len(s.messages) == 4
     assert still_queued == []
 
@@ -307,7 +138,7 @@ def test_customer_that_stops_answering_is_timed_out(provider, monkeypatch, pipel
     started = time.monotonic()
     assert atrn(provider, s) == "closed"                       # the provider hung up on us
     assert time.monotonic() - started < 8
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 1 and "timeout" in record["last_error"]
 
@@ -317,7 +148,7 @@ def test_garbage_reply_ends_session_and_keeps_mail(provider, garbage, pipelining
     spool(provider, ["u@example.org"])
     s = script_with(pipelining, mail=lambda arg: garbage)
     assert atrn(provider, s) == "closed"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 1
     assert s.messages == []
@@ -339,7 +170,7 @@ def test_4xx_keeps_mail_for_next_atrn(provider, stage, pipelining):
     spool(provider, ["w@example.org"], token="b")
     s = script_with(pipelining, **STAGES[stage](451))
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     records = queue(provider, "example.org")
     assert len(records) == 2
     for record in records:
@@ -349,7 +180,7 @@ def test_4xx_keeps_mail_for_next_atrn(provider, stage, pipelining):
     # the session stayed in step: a good customer gets everything next time
     s2 = Script()
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert len(s2.messages) == 2 and queue(provider, "example.org") == []
 
 
@@ -359,7 +190,7 @@ def test_5xx_bounces_to_sender_and_removes(provider, stage, pipelining):
     spool(provider, ["w@example.org"], token="b")
     s = script_with(pipelining, **STAGES[stage](550))
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert queue(provider, "example.org") == []
     notices = dsns(provider)
     assert len(notices) == 2
@@ -373,7 +204,7 @@ def test_5xx_bounces_to_sender_and_removes(provider, stage, pipelining):
     s2 = Script()
     s2.rcpt = lambda a: "550 5.1.1 no such user"
     assert atrn(provider, s2, domain="example.net", user="bob") == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert queue(provider) == []
 
 
@@ -383,7 +214,7 @@ def test_partial_recipient_acceptance(provider, pipelining):
                "c@example.org": "550 5.1.1 unknown"}
     s = script_with(pipelining, rcpt=lambda a: replies[a])
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert [m["rcpts"] for m in s.messages] == [["a@example.org"]]
     [record] = queue(provider, "example.org")
     assert record["recipients"] == ["b@example.org"]
@@ -394,7 +225,7 @@ def test_partial_recipient_acceptance(provider, pipelining):
     # next ATRN: only b is offered
     s2 = script_with(pipelining)
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert [m["rcpts"] for m in s2.messages] == [["b@example.org"]]
     assert queue(provider, "example.org") == []
     assert len(dsns(provider)) == 1          # c was bounced once, not again
@@ -412,7 +243,7 @@ def test_421_mid_session_keeps_the_rest(provider, pipelining):
     s = script_with(pipelining, rcpt=rcpt)       # answers 421 but keeps the connection open
     result = atrn(provider, s)
     assert result in ("closed", "quit")
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert len(s.messages) == 1
     # after the 421 the provider starts nothing new (RFC 5321 §3.8)
     assert sum(c.upper().startswith("MAIL") for c in s.commands) == 2, s.commands
@@ -429,7 +260,7 @@ def test_extra_reply_out_of_step_never_marks_delivered(provider):
     s = Script()
     s.mail = lambda arg: "250 ok\r\n250 ok"
     assert atrn(provider, s) == "closed"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 1 and "out of step" in record["last_error"]
     assert s.messages == []
@@ -440,7 +271,7 @@ def test_354_to_rcpt_is_out_of_step(provider):
     s = Script()
     s.rcpt = lambda a: "354 go ahead"
     assert atrn(provider, s) == "closed"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["recipients"] == ["u@example.org", "v@example.org"] and record["attempts"] == 1
 
@@ -452,7 +283,7 @@ def test_missing_reply_is_a_timeout_not_a_success(provider, monkeypatch):
     s = Script()
     s.rcpt = lambda a: None
     assert atrn(provider, s) == "closed"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 1
 
@@ -465,7 +296,7 @@ def test_repeated_4xx_expires_with_dsn(provider):
         s = Script()
         s.rcpt = lambda a: "450 4.2.1 try later"
         assert atrn(provider, s) == "quit"
-        wait_idle(provider)
+        wait_sessions_over(provider)
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 2
     runtime = provider.service.runtime
@@ -485,7 +316,7 @@ def test_large_message_and_dot_stuffing_survive(provider, pipelining):
     spool(provider, ["v@example.org"])
     s = script_with(pipelining)
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert len(s.messages) == 2
     big = [m for m in s.messages if m["rcpts"] == ["u@example.org"]][0]
     assert big["data"].endswith(body)
@@ -495,7 +326,7 @@ def test_no_dsn_for_null_sender(provider, pipelining):
     spool(provider, ["u@example.org"], sender="")
     s = script_with(pipelining, rcpt=lambda a: "550 5.1.1 unknown")
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert queue(provider) == []
 
 
@@ -505,12 +336,12 @@ def test_late_failure_after_earlier_bounce_is_notified_too(provider):
     s = Script()
     s.rcpt = lambda a: first[a]
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert len(dsns(provider)) == 1
     s2 = Script()
     s2.rcpt = lambda a: "553 5.1.3 refused now"
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert queue(provider, "example.org") == []
     notified = sorted(f["final-recipient"] for d in dsns(provider) for f in report_fields(d))
     assert notified == ["rfc822; a@example.org", "rfc822; b@example.org"]
@@ -534,7 +365,7 @@ def test_8bit_mail_is_returned_not_sent_raw_to_a_7bit_customer(provider, pipelin
     s = script_with(pipelining)
     s.extensions = [e for e in s.extensions if e != "8BITMIME"]
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     # the ASCII one goes out (without BODY=, which this customer does not know); the 8-bit one
     # is never sent raw but returned to its sender
     assert [m["rcpts"] for m in s.messages] == [["v@example.org"]]
@@ -549,7 +380,7 @@ def test_8bit_mail_goes_to_a_customer_that_offers_8bitmime(provider):
     _spool_8bitmime(provider, "u@example.org", b"gr\xc3\xbc\xc3\x9fe")
     s = Script()
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     [m] = s.messages
     assert "BODY=8BITMIME" in m["mail"].upper() and b"gr\xc3\xbc\xc3\x9fe" in m["data"]
 
@@ -571,7 +402,7 @@ def test_a_state_file_of_the_wrong_shape_never_stops_the_domain(provider, conten
     assert r.returncode == 0, r.stderr
     s = Script()
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert sorted(m["rcpts"][0] for m in s.messages) == ["u0@example.org", "u1@example.org",
                                                            "u2@example.org"]
     assert queue(provider, "example.org") == []
@@ -587,5 +418,5 @@ def test_a_damaged_field_keeps_the_good_ones(provider):
         fh.write(b'{"attempts": "3", "done": {"u@example.org": "250 ok"}}')
     s = Script()
     assert atrn(provider, s) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert [m["rcpts"] for m in s.messages] == [["v@example.org"]]

@@ -19,24 +19,13 @@ from typing import List, Optional
 import pytest
 
 from conftest import ROOT, alive, free_port, wait_for, which
+from helpers import kill_hard
 from odmr.daemon import read_pid_file
+
+pytestmark = pytest.mark.slow                   # a pyz build and the init scripts
 
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd")
 DASH = which("dash")
-
-
-def kill_hard(pid: int) -> None:
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if not alive(pid):
-            return
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            return
-        try:
-            wait_for(lambda: not alive(pid), 5.0)
-        except AssertionError:
-            continue
 
 
 def build(output: str, *extra: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ code, missing ATRN/STARTTLS/mechanisms, certificate failures, drops, garbage.
 from __future__ import annotations
 
 import base64
-import hmac
 import mailbox
 import os
 import re
@@ -17,45 +16,21 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
-from typing import Callable, List, Optional
+from typing import List
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from certs import make_pki
 from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
-from test_fetchmail import SMTP_SINK, Sink, as_stored, parse_dump
+from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
+                     SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, err, run_fetch, scripted_args)
 
 from odmr import replies
 from odmr.mailstore import quote_from
 
-FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
 needs_sink = pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink (postfix) is not installed")
 needs_openssl = pytest.mark.skipif(which("openssl") is None, reason="openssl is not installed")
-
-EX_OK, EX_USAGE, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 0, 64, 66, 69, 75, 76, 77
-
-
-def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
-              env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in ("ODMRD_CONFIG", "ODMR_PASSWORD")}
-    if password is not None:
-        full["ODMR_PASSWORD"] = password
-    full.update(env or {})
-    return subprocess.run(FETCH + list(args), capture_output=True, timeout=timeout, env=full,
-                          stdin=subprocess.DEVNULL)
-
-
-def err(result: subprocess.CompletedProcess) -> str:
-    return result.stderr.decode("utf-8", "replace")
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess) -> None:
-    text = err(result)
-    assert "Traceback" not in text, text
-    assert len(text.strip().splitlines()) == 1, text
 
 
 def message(subject: str, body: bytes) -> bytes:
@@ -73,6 +48,7 @@ def provider_args(provider, *more: str) -> List[str]:
 
 # -- against the real provider ---------------------------------------------------
 
+@pytest.mark.slow
 @needs_sink
 def test_relay_into_smtp_sink_byte_for_byte(provider):
     sent = {"one": message("one", b"hello\r\n"), "two": message("two", TRICKY),
@@ -101,6 +77,7 @@ def test_relay_into_smtp_sink_byte_for_byte(provider):
         assert got[subject].content == as_stored(data)
 
 
+@pytest.mark.slow
 @needs_sink
 @pytest.mark.parametrize("option, code", [("-r", EX_TEMPFAIL), ("-f", EX_OK)], ids=["4xx", "5xx"])
 def test_relay_exit_code_reflects_the_local_servers_refusals(provider, option, code):
@@ -121,6 +98,7 @@ def test_relay_exit_code_reflects_the_local_servers_refusals(provider, option, c
     assert len(left) == (1 if code else 0)
 
 
+@pytest.mark.slow
 def test_maildir_delivery(provider, tmp_path):
     sent = [message("m%d" % i, TRICKY if i == 1 else b"body %d\r\n" % i) for i in range(3)]
     for data in sent:
@@ -145,6 +123,7 @@ def test_maildir_delivery(provider, tmp_path):
     assert sorted(stored) == sorted(as_stored(m) for m in sent)
 
 
+@pytest.mark.slow
 def test_mbox_delivery_appends_with_mboxrd_quoting(provider, tmp_path):
     box = tmp_path / "mbox"
     send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("first", TRICKY))
@@ -165,6 +144,7 @@ def test_mbox_delivery_appends_with_mboxrd_quoting(provider, tmp_path):
     assert parsed[0]["Return-Path"] == "<sender@outside.test>"
 
 
+@pytest.mark.slow
 def test_storage_failure_is_452_and_mail_stays(provider, tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
@@ -174,12 +154,14 @@ def test_storage_failure_is_452_and_mail_stays(provider, tmp_path):
     assert "not stored" in err(result) or "could not be stored" in err(result)
 
 
+@pytest.mark.slow
 def test_no_mail_is_0(provider, tmp_path):
     result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result)
     assert err(result) == "odmrd fetch: no mail waiting\n"       # the run's one summary line
 
 
+@pytest.mark.slow
 def test_wrong_password_is_77(provider, tmp_path):
     send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
     result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")), password="wrong")
@@ -188,12 +170,14 @@ def test_wrong_password_is_77(provider, tmp_path):
     assert len(provider.spooled("example.org")) == 1
 
 
+@pytest.mark.slow
 def test_foreign_domain_is_77(provider, tmp_path):
     result = run_fetch(*provider_args(provider, "--domain", "example.net", "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_NOPERM, err(result)
     assert "450" in err(result)
 
 
+@pytest.mark.slow
 def test_config_file_fetch_section(provider, tmp_path):
     send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("cfg", b"x\r\n"))
     (tmp_path / "pw").write_text(PASSWORD + "\n")
@@ -212,167 +196,6 @@ def test_config_file_fetch_section(provider, tmp_path):
 
 
 # -- a scripted provider -----------------------------------------------------------
-
-class Peer:
-    """One accepted connection of the scripted provider."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.sock.settimeout(15)
-        self.buf = b""
-        self.lines: List[bytes] = []
-        self.tls = isinstance(sock, ssl.SSLSocket)
-
-    def send(self, text) -> None:
-        self.sock.sendall(text.encode() if isinstance(text, str) else text)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("customer closed")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        self.lines.append(line.rstrip(b"\r"))
-        return line.rstrip(b"\r")
-
-    def reply(self) -> List[bytes]:
-        lines = [self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.line())
-        return lines
-
-    def starttls(self, context: ssl.SSLContext) -> None:
-        assert self.buf == b""
-        self.sock = context.wrap_socket(self.sock, server_side=True)
-        self.tls = True
-
-
-class Scripted:
-    """A tiny ODMR provider: behaviour set by options, one thread per connection."""
-
-    def __init__(self, atrn_reply: str = "453 You have no mail", mechanisms: str = "CRAM-MD5",
-                 atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
-                 implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
-                 after_250: Optional[Callable[[Peer], None]] = None):
-        self.atrn_reply = atrn_reply
-        self.mechanisms = mechanisms
-        self.atrn = atrn
-        self.starttls_ctx = starttls
-        self.implicit = implicit
-        self.greeting = greeting
-        self.after_250 = after_250
-        self.peers: List[Peer] = []
-        self.errors: List[str] = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            if self.implicit is not None:
-                conn = self.implicit.wrap_socket(conn, server_side=True)
-            peer = Peer(conn)
-            self.peers.append(peer)
-            self.converse(peer)
-        except (EOFError, OSError) as exc:
-            self.errors.append(repr(exc))
-        finally:
-            conn.close()
-
-    def ehlo_lines(self, peer: Peer) -> List[str]:
-        lines = ["scripted.test"]
-        if self.starttls_ctx is not None and not peer.tls:
-            lines.append("STARTTLS")
-        if self.mechanisms:
-            lines.append("AUTH " + self.mechanisms)
-        if self.atrn:
-            lines.append("ATRN")
-        return lines
-
-    def converse(self, peer: Peer) -> None:
-        peer.send(self.greeting + "\r\n")
-        if not self.greeting.startswith("220"):
-            peer.line()
-            return
-        while True:
-            line = peer.line()
-            verb = line.split(b" ")[0].upper()
-            if verb == b"EHLO":
-                lines = self.ehlo_lines(peer)
-                peer.send("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
-                                  for i, l in enumerate(lines)))
-            elif verb == b"STARTTLS":
-                peer.send("220 2.0.0 go ahead\r\n")
-                peer.starttls(self.starttls_ctx)
-            elif verb == b"AUTH":
-                self.auth(peer, line)
-            elif verb == b"ATRN":
-                peer.send(self.atrn_reply + "\r\n")
-                if self.atrn_reply.startswith("250"):
-                    if self.after_250:
-                        self.after_250(peer)
-                    return
-            elif verb == b"QUIT":
-                peer.send("221 bye\r\n")
-                return
-            else:
-                peer.send("502 no\r\n")
-
-    def auth(self, peer: Peer, line: bytes) -> None:
-        parts = line.decode().split()
-        if parts[1] == "CRAM-MD5":
-            challenge = b"<123.456@scripted.test>"
-            peer.send("334 %s\r\n" % base64.b64encode(challenge).decode())
-            user, digest = base64.b64decode(peer.line()).decode().split()
-            ok = user == "alice" and hmac.compare_digest(
-                digest, hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest())
-        elif parts[1] == "PLAIN":
-            ok = base64.b64decode(parts[2]) == b"\0alice\0" + PASSWORD.encode()
-        else:
-            peer.send("504 unknown\r\n")
-            return
-        peer.send("235 ok\r\n" if ok else "535 5.7.8 bad\r\n")
-
-    def commands(self) -> List[bytes]:
-        return [l for p in self.peers for l in p.lines]
-
-    def close(self) -> None:
-        self.listener.close()
-        for peer in self.peers:
-            try:
-                peer.sock.close()
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def scripted():
-    made: List[Scripted] = []
-
-    def make(**kw) -> Scripted:
-        s = Scripted(**kw)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
-
-
-def scripted_args(s: Scripted, *more: str, tls: str = "none") -> List[str]:
-    return ["--server", "127.0.0.1:%d" % s.port, "--user", "alice", "--tls", tls,
-            "--domain", "example.org", "--domain", "example.com"] + list(more)
 
 
 @pytest.mark.parametrize("reply, code", [
@@ -492,6 +315,7 @@ def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
     assert os.listdir(tmp_path / "md" / "tmp") == []
 
 
+@pytest.mark.slow
 @needs_sink
 def test_drop_mid_session_relay_is_75(scripted):
     s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
@@ -520,6 +344,7 @@ def test_relay_target_down_is_75_and_provider_told(scripted, tmp_path):
     assert got and got[0].startswith(b"421 ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, code", [
     ("no-atrn", EX_UNAVAILABLE),
     ("no-usable-mechanism", EX_UNAVAILABLE),
@@ -554,19 +379,13 @@ def test_failures(scripted, tmp_path, how, code):
 
 # -- TLS --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    if which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
-
-
 def server_context(pki, name: str = "server") -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki[name + ".pem"], pki[name + ".key"])
     return context
 
 
+@pytest.mark.slow
 def test_starttls_required_and_used(scripted, pki, tmp_path):
     s = scripted(starttls=server_context(pki), mechanisms="PLAIN CRAM-MD5")
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--ca-file", pki["ca.pem"],
@@ -607,6 +426,7 @@ def test_verbose_masks_cram_md5_exchange(scripted, tmp_path):
     assert lines[start + 1:start + 4] == ["S: 334 ****", "C: ****", "S: 235 ****"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["untrusted", "wrong-name"])
 def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     name, extra = ("server", []) if case == "untrusted" else ("stranger", ["--ca-file", pki["ca.pem"]])
@@ -620,6 +440,7 @@ def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     assert result.returncode == EX_OK, err(result)
 
 
+@pytest.mark.slow
 def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
     home = tmp_path / "provider"
     home.mkdir()
@@ -651,6 +472,7 @@ def test_real_provider_over_starttls_and_implicit_tls(tmp_path, pki):
     assert b"\nSubject: implicit\n" in raw and b"\n>From the start\n" in raw
 
 
+@pytest.mark.slow
 @needs_sink
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
 def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
@@ -681,6 +503,7 @@ def test_real_provider_relay_over_tls_into_smtp_sink(tmp_path, pki, mode):
     assert got == {k: as_stored(v) for k, v in sent.items()}
 
 
+@pytest.mark.slow
 @needs_sink
 def test_local_server_hanging_up_ends_a_tls_relay_at_once(tmp_path, pki):
     """TLS has no half-close: when the local server drops, the splice must end the
@@ -715,6 +538,7 @@ def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
 
 # -- --every ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_polls_until_sigterm(scripted, tmp_path):
     s = scripted()
     log = open(tmp_path / "stderr", "wb")
@@ -814,3 +638,46 @@ def test_mboxrd_quoting_is_reversible(lines):
     unquoted = re.sub(rb"(?m)^>(>*From )", rb"\1", quoted)
     assert unquoted == text
     assert not re.search(rb"(?m)^From ", quoted)
+
+
+def test_mbox_quotes_a_from_line_cut_between_pieces(tmp_path):
+    from odmr.mailstore import Mbox
+    box = Mbox(str(tmp_path / "mbox"))
+    delivery = box.begin("a@b.c", b"Subject: x\n\n")
+    for piece in (b"hello\nFr", b"om evil\n", b"From x\n>Fro", b"m y\nend\nFrom", b" z"):
+        delivery.write(piece)
+    delivery.commit()
+    lines = (tmp_path / "mbox").read_bytes().split(b"\n")
+    assert lines[0].startswith(b"From a@b.c ")
+    assert lines[4:9] == [b">From evil", b">From x", b">>From y", b"end", b">From z"]
+    assert sum(1 for line in lines if line.startswith(b"From ")) == 1
+
+
+def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypatch):
+    from odmr import mailstore
+    path = tmp_path / "mbox"
+    path.write_bytes(b"From old@x Sat Nov 28 10:00:00 2026\nSubject: old\n\nold body\n\n")
+    before = path.read_bytes()
+    delivery = mailstore.Mbox(str(path)).begin("a@b.c", b"Subject: new\n\n")
+    delivery.write(b"line1\nline2\n" * 1000)
+    calls = []
+
+    def interrupted(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise KeyboardInterrupt()
+        os.write(fd, data)
+    monkeypatch.setattr(mailstore, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        delivery.commit()
+    assert path.read_bytes() == before
+    assert not os.path.exists(str(path) + ".lock")
+
+
+# -- the local SMTP server ------------------------------------------------------------------
+
+@pytest.mark.parametrize("peer,address", [("::1", "::1"), ("[::1]:366", "::1"), ("127.0.0.1", "127.0.0.1"),
+                                          ("127.0.0.1:366", "127.0.0.1")])
+def test_local_delivery_peer_address(peer, address):
+    from odmr.localdelivery import _address_only
+    assert _address_only(peer) == address

@@ -12,7 +12,6 @@ import email
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,9 @@ from typing import List, Optional
 import pytest
 
 from conftest import (PASSWORD, ROOT, alive, reuse_provider, send_mail, wait_for, which)
+from helpers import kill_hard
+
+pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
 
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd-fetch")
 SHELL = which("dash") or "/bin/sh"
@@ -57,20 +59,6 @@ def fetch_processes(marker: str) -> List[int]:
         if marker in cmdline and " fetch " in cmdline and alive(int(entry)):
             found.append(int(entry))
     return found
-
-
-def kill_hard(pid: int) -> None:
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if not alive(pid):
-            return
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            return
-        try:
-            wait_for(lambda: not alive(pid), 5.0)
-        except AssertionError:
-            continue
 
 
 class FetchService:

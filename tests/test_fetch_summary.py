@@ -19,10 +19,11 @@ from typing import Dict, List
 
 import pytest
 
-from certs import make_pki
-from conftest import PASSWORD, Provider, free_port, send_mail, which
-from test_fetch import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
-                        run_fetch)
+from conftest import PASSWORD, Provider, free_port, send_mail
+from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
+                     run_fetch)
+
+pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
 
 DEFER_AT_END = b"X-Local-Test: defer at end of data"
 
@@ -223,13 +224,6 @@ def test_maildir_full_disk_is_a_deferred_message(provider, full_disk):
 
 
 # -- TLS mix-ups ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    if which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
-
 
 @pytest.fixture
 def tls_provider(tmp_path, pki):

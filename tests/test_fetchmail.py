@@ -11,29 +11,21 @@ test also looks at the sink's files and at the spool.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
-import socket
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass, field
 from typing import Dict, List
 
 import pytest
 
-from conftest import PASSWORD, Provider, free_port, send_mail, which
+from conftest import Provider, send_mail
+from helpers import FETCHMAIL, SMTP_SINK, Dumped, Sink, as_stored, run_fetchmail, transcript
 
-FETCHMAIL = which("fetchmail")
-SMTP_SINK = which("smtp-sink")
 
 pytestmark = [
     pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed (Debian package fetchmail)"),
     pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink is not installed (Debian package postfix)"),
+    pytest.mark.slow,           # a real fetchmail and smtp-sink per test
 ]
 
-SINK_RECORDS = (b"X-Client-Addr:", b"X-Client-Proto:", b"X-Helo-Args:", b"X-Mail-Args:", b"X-Rcpt-Args:")
 
 # fetchmail exit codes observed on this machine (INTEROP.md)
 FM_OK = 0
@@ -41,144 +33,11 @@ FM_REFUSED = 4          # after 450
 FM_AUTHFAIL = 128       # after 535
 
 
-@dataclass
-class Dumped:
-    """One message as smtp-sink stored it, split into its parts."""
-    mail_args: str
-    rcpt_args: List[str]
-    odmrd_received: bytes               # the trace header odmrd added at intake (LF endings)
-    content: bytes                      # the message as the customer's server got it (LF endings)
-    raw: bytes = field(repr=False, default=b"")
-
-
-def _take_header(raw: bytes, pos: int) -> int:
-    """End offset of the (possibly folded) header line starting at `pos`."""
-    while True:
-        end = raw.index(b"\n", pos) + 1
-        if raw[end:end + 1] not in (b" ", b"\t"):
-            return end
-        pos = end
-
-
-def parse_dump(raw: bytes) -> Dumped:
-    """Split a smtp-sink dump file: its records, its Received, odmrd's Received, the message."""
-    pos = 0
-    mail_args = ""
-    rcpts: List[str] = []
-    while raw.startswith(SINK_RECORDS, pos):
-        end = raw.index(b"\n", pos) + 1
-        name, _, value = raw[pos:end - 1].partition(b": ")
-        if name == b"X-Mail-Args":
-            mail_args = value.decode()
-        elif name == b"X-Rcpt-Args":
-            rcpts.append(value.decode())
-        pos = end
-    end = _take_header(raw, pos)
-    assert b"(smtp-sink)" in raw[pos:end], "no smtp-sink Received header: %r" % raw[:500]
-    pos = end
-    end = _take_header(raw, pos)
-    received = raw[pos:end]
-    assert raw.endswith(b"\n\n"), "dump file does not end with the sink's empty line"
-    return Dumped(mail_args, rcpts, received, raw[end:-1], raw)
-
-
-def as_stored(data: bytes) -> bytes:
-    """What the sink stores for message `data` sent over SMTP: LF endings, a final newline."""
-    text = data.replace(b"\r\n", b"\n")
-    return text if text.endswith(b"\n") else text + b"\n"
-
-
-class Sink:
-    """Postfix's smtp-sink on a free loopback port, one dump file per message."""
-
-    def __init__(self, *options: str):
-        # tmp_path is 0700 root: the sink runs as nobody, so its directory lives in /tmp
-        self.dir = tempfile.mkdtemp(prefix="odmr-sink-", dir="/tmp")
-        os.chmod(self.dir, 0o777)
-        self.port = free_port()
-        self.log = open(os.path.join(self.dir, "sink.log"), "wb")
-        self.proc = subprocess.Popen(
-            [SMTP_SINK, "-u", "nobody", *options, "-d", os.path.join(self.dir, "%M."),
-             "127.0.0.1:%d" % self.port, "256"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("smtp-sink exited with %s" % self.proc.returncode)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as probe:
-                    if probe.recv(100).startswith(b"220"):
-                        probe.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("smtp-sink did not start listening")
-
-    def files(self) -> List[str]:
-        return sorted(n for n in os.listdir(self.dir) if n != "sink.log")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
-
-    def messages(self) -> List[Dumped]:
-        """Every stored message; stops the sink first so that every file is complete."""
-        self.stop()
-        result = []
-        for name in self.files():
-            with open(os.path.join(self.dir, name), "rb") as fh:
-                result.append(parse_dump(fh.read()))
-        return result
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def sink():
     s = Sink()
     yield s
     s.cleanup()
-
-
-def run_fetchmail(workdir: str, odmr_port: int, smtp_port: int, user: str = "alice",
-                  password: str = PASSWORD, domains: str = "example.org,example.com",
-                  timeout: float = 90) -> subprocess.CompletedProcess:
-    """One fetchmail poll in the foreground, with its own FETCHMAILHOME and a 0600 rc file."""
-    home = tempfile.mkdtemp(prefix="fetchmail-", dir=workdir)
-    rc = os.path.join(home, "fetchmailrc")
-    with open(rc, "w") as fh:
-        fh.write('set no syslog\n'
-                 'set pidfile "%s/fetchmail.pid"\n'
-                 'poll 127.0.0.1 service %d protocol ODMR\n'
-                 '    user "%s" password "%s"\n'
-                 '    fetchdomains %s\n'
-                 '    smtphost 127.0.0.1/%d\n' % (home, odmr_port, user, password, domains, smtp_port))
-    os.chmod(rc, 0o600)
-    env = dict(os.environ, FETCHMAILHOME=home)
-    proc = subprocess.Popen([FETCHMAIL, "-f", rc, "-v", "--nodetach", "--nosyslog"], env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, b"")
-
-
-def transcript(result: subprocess.CompletedProcess) -> str:
-    return result.stdout.decode("utf-8", "replace")
 
 
 def message(subject: str, body: bytes, sender: str = "sender@outside.test", to: str = "x@example.org",

@@ -19,6 +19,7 @@ SAFE = set(string.ascii_lowercase + string.digits + "-.")
 
 # -- parsers -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @given(st.text(max_size=300))
 @settings(max_examples=400)
 def test_atrn_parser_yields_only_safe_names(text):
@@ -51,6 +52,7 @@ def test_path_and_param_parsers_never_crash(text, keyword):
         parse_params(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["../etc", "example.org/../../x", "a\x00b", "..", ".", "a..b",
                                  "-a.org", "a-.org", "x" * 64 + ".org", ("a." * 130) + "org",
                                  "example.org,,example.com", "example.org,", ",", "a b", "[127.0.0.1]"],
@@ -83,6 +85,7 @@ def test_intake_refuses_bad_domains(provider, rcpt):
     assert set(os.listdir(provider.spool_dir)) <= {"example.org", "example.com", "example.net", ".quarantine"}
 
 
+@pytest.mark.slow
 def test_random_command_lines_always_get_a_reply(provider):
     """Every line gets one well-formed reply; only the bad-command budget ends the session."""
     import random
@@ -116,6 +119,7 @@ def strict(tmp_path):
     p.stop()
 
 
+@pytest.mark.slow
 def test_per_address_session_limit(strict):
     held = [Customer(strict.odmr_port) for _ in range(2)]
     for c in held:
@@ -131,6 +135,7 @@ def test_per_address_session_limit(strict):
     again.close()
 
 
+@pytest.mark.slow
 def test_slow_trickle_is_cut_off(strict):
     c = Customer(strict.odmr_port)
     c.reply()
@@ -155,6 +160,7 @@ def test_slow_trickle_is_cut_off(strict):
     c.close()
 
 
+@pytest.mark.slow
 def test_idle_session_times_out(strict):
     c = Customer(strict.odmr_port)
     c.reply()
@@ -164,6 +170,7 @@ def test_idle_session_times_out(strict):
     c.close()
 
 
+@pytest.mark.slow
 def test_overlong_command_line(provider, customer_factory):
     c = customer_factory()
     c.reply()
@@ -174,6 +181,7 @@ def test_overlong_command_line(provider, customer_factory):
 
 # -- files -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_users_file_must_be_private(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])

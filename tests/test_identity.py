@@ -309,6 +309,7 @@ def test_user_add_stores_the_a_label_of_a_u_label(conf):
     assert accounts.load(users_of(conf)).get("alice").domains == (ALICE,)
 
 
+@pytest.mark.slow
 def test_user_add_gives_a_domain_to_one_account_unless_told_to_share(conf):
     assert add(conf, "alice", "straße.de").returncode == 0
     for spelling in ("xn--strae-oqa.de", "STRAßE.DE", "straße.de"):
@@ -344,6 +345,7 @@ def write_users(conf: str, sections: Dict[str, List[str]]) -> None:
     os.chmod(users_of(conf), 0o600)
 
 
+@pytest.mark.slow
 def test_check_config_refuses_a_domain_with_two_owners_unless_both_share_it(conf):
     write_users(conf, {"alice": ["domains = straße.de"], "bob": ["domains = xn--strae-oqa.de, b.test"]})
     result = odmrd(conf, "check-config")
@@ -362,6 +364,7 @@ def test_check_config_refuses_a_domain_with_two_owners_unless_both_share_it(conf
     assert result.returncode == 78 and "b.test" in one_line(result)
 
 
+@pytest.mark.slow
 def test_the_users_file_meets_mail_in_any_spelling(conf):
     """A users file listing the U-label hosts the A-label: `enqueue` spools for it."""
     write_users(conf, {"alice": ["domains = straße.de"], "bob": ["domains = strasse.de"]})
@@ -406,6 +409,7 @@ def public_conf(conf):
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the users file")
 def test_check_config_warns_when_the_users_file_has_a_foreign_owner(public_conf):
     conf = public_conf
@@ -447,6 +451,7 @@ def same_by_idna(a: str, b: str) -> bool:
     return idna.decode(a, uts46=True, std3_rules=True) == idna.decode(b, uts46=True, std3_rules=True)
 
 
+@pytest.mark.slow
 @given(st.one_of(domain_text, st.text(max_size=80)))
 @settings(max_examples=200, deadline=None)
 def test_an_accepted_name_is_a_lower_case_a_label_that_maps_to_itself(text):
@@ -461,6 +466,7 @@ def test_an_accepted_name_is_a_lower_case_a_label_that_maps_to_itself(text):
     assert same_by_idna(text, name)
 
 
+@pytest.mark.slow
 @given(st.data())
 @settings(max_examples=200, deadline=None)
 def test_two_spellings_are_one_domain_exactly_when_idna_decodes_them_alike(data):
@@ -477,6 +483,7 @@ def test_two_spellings_are_one_domain_exactly_when_idna_decodes_them_alike(data)
     assert (first == second) == same_by_idna(a, b)
 
 
+@pytest.mark.slow
 @given(domain_text, st.sampled_from([SOFT_HYPHEN, ZWSP, VS16, "\u2060", "\u034f"]), st.integers(0, 40))
 @settings(max_examples=200, deadline=None)
 def test_a_character_idna_would_drop_makes_the_name_refused(text, invisible, where):
@@ -501,6 +508,7 @@ def test_plain_ascii_names_get_idnas_answer(text):
     assert got == expected
 
 
+@pytest.mark.slow
 @given(domain_text)
 @settings(max_examples=200, deadline=None)
 def test_deviation_characters_are_never_folded_into_their_idna_2003_forms(text):
@@ -559,6 +567,7 @@ def respell(data, name: str) -> str:
     return name
 
 
+@pytest.mark.slow
 @given(st.data())
 @settings(max_examples=200, deadline=None)
 def test_an_accepted_recipient_has_one_spool_directory_and_one_owner(runtime, data):

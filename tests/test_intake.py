@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import subprocess
+import time
 from typing import List
 
 import pytest
@@ -178,6 +180,18 @@ def test_overlong_command_line_is_500_and_session_continues(smtp):
     code, lines = smtp.cmd("MAIL FROM:<%s@remote.test>" % ("x" * 600))
     assert code == 500 and status(lines) == "5.5.2"
     assert smtp.cmd("MAIL FROM:<%s>" % SENDER)[0] == 250
+
+
+def test_intake_connections_are_logged(provider, caplog):
+    import logging
+    with caplog.at_level(logging.INFO):
+        with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
+            s.ehlo("probe.test")
+            port = s.sock.getsockname()[1]
+        deadline = time.monotonic() + 5
+        while not any("smtp: connect from 127.0.0.1:%d" % port in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
 
 
 # -- never an open relay --------------------------------------------------------
@@ -447,6 +461,55 @@ def test_message_split_per_domain_with_own_recipients(smtp, provider):
     assert [r.address for r in com.recipients] == ["b@example.com"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["close", "timeout"])
+def test_client_vanishing_mid_data_leaves_nothing(tmp_path, how):
+    from conftest import Provider
+    p = Provider(str(tmp_path), smtp_extra="idle_timeout = 1s")
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        c = Customer(p.smtp_port)
+        c.reply()
+        for line in ("EHLO x.test", "MAIL FROM:<a@remote.test>", "RCPT TO:<u@example.org>", "DATA"):
+            assert c.cmd(line)[0] in (250, 354)
+        c.sock.sendall(b"Subject: partial\r\n\r\n" + b"y" * 100000 + b"\r\n")
+        if how == "close":
+            c.close()
+        else:
+            c.sock.settimeout(10)
+            assert c.reply()[0] == 421
+        tmp = os.path.join(p.spool_dir, "example.org", "tmp")
+        deadline = time.monotonic() + 10
+        while os.listdir(tmp) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(tmp) == []
+        assert p.spooled("example.org") == []
+        c.close()
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 7], ids=lambda n: "cut-%d" % n)
+def test_data_split_anywhere_across_segments(provider, cut):
+    """The bulk DATA reader and the per-line reader hand over at any byte."""
+    body = b"Subject: split\r\n\r\n..stuffed\r\nplain\r\n.\r\n"  # ends with the terminator
+    wire_data = body
+    c = Customer(provider.smtp_port)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.reply()
+    for line in ("EHLO x.test", "MAIL FROM:<a@remote.test>", "RCPT TO:<u@example.org>", "DATA"):
+        c.cmd(line)
+    for start in range(0, len(wire_data), cut):
+        c.sock.sendall(wire_data[start:start + cut])
+        time.sleep(0.002)
+    assert c.reply()[0] == 250
+    c.close()
+    (msg_id,) = provider.spooled("example.org")
+    stored = provider.spool.load("example.org", msg_id).read_data()
+    assert stored.endswith(b"Subject: split\r\n\r\n.stuffed\r\nplain\r\n")
+
+
 # -- SMTPUTF8 -----------------------------------------------------------------
 
 def test_utf8_recipient_needs_smtputf8(smtp, provider):
@@ -542,6 +605,7 @@ def test_full_disk_is_452_431_and_nothing_partial(tiny_spool):
     assert len(p.spooled("example.org")) == 1
 
 
+@pytest.mark.slow
 def test_unwritable_spool_is_452_431(tmp_path):
     p = make_provider(str(tmp_path))
     try:
@@ -611,6 +675,7 @@ def test_postmaster_setting_must_be_an_address(tmp_path):
     assert r.returncode == 78 and b"smtp.postmaster" in r.stderr and b"not an address" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_same_mailbox_twice_is_one_recipient(provider):
     """<dup@example.org> and <dup@EXAMPLE.ORG> are one mailbox: one RCPT to the customer.
     Local parts may be case-sensitive, so <Dup@example.org> stays a recipient of its own."""

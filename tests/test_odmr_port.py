@@ -566,6 +566,7 @@ def test_atrn_accepts_any_case_and_spaces_after_commas(provider, arg):
     assert [m.rcpts for m in got] == [["a@example.org"]]
 
 
+@pytest.mark.slow
 def test_atrn_reply_is_exactly_one_line(provider):
     spool_one(provider, ["a@example.org"])
     c = login(provider)
@@ -605,6 +606,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
     assert spool_files(provider, "example.org") == []
 
 
+@pytest.mark.slow
 def test_concurrent_atrn_race_delivers_each_message_once(provider):
     for i in range(5):
         spool_one(provider, ["r%d@example.org" % i])
@@ -634,6 +636,7 @@ def test_concurrent_atrn_race_delivers_each_message_once(provider):
     assert delivered == ["r%d@example.org" % i for i in range(5)]
 
 
+@pytest.mark.slow
 def test_domain_never_matches_a_longer_name(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
@@ -693,6 +696,7 @@ PIPELINED = LOCKSTEP + ["PIPELINING"]
 both_modes = pytest.mark.parametrize("ehlo", [PIPELINED, LOCKSTEP], ids=["pipelining", "no-pipelining"])
 
 
+@pytest.mark.slow
 @both_modes
 def test_per_recipient_results_2xx_removed_4xx_kept(provider, ehlo):
     answers = {"ok@example.org": "250 2.1.5 ok",
@@ -723,6 +727,7 @@ def test_per_recipient_results_2xx_removed_4xx_kept(provider, ehlo):
     assert spool_files(provider, "example.org") == []
 
 
+@pytest.mark.slow
 @both_modes
 def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider, ehlo):
     answers = {"ok@example.org": "250 2.1.5 ok",
@@ -745,6 +750,7 @@ def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider, ehlo):
     assert b"multipart/report" in show.stdout and b"ok@example.org" not in show.stdout.split(b"\n\n", 1)[1]
 
 
+@pytest.mark.slow
 def test_5xx_after_data_bounces_and_4xx_after_data_is_kept(provider):
     spool_one(provider, ["a@example.org"], b"Subject: perm\r\n\r\nx\r\n", sender="s@example.com")
     spool_one(provider, ["b@example.org"], b"Subject: temp\r\n\r\ny\r\n", sender="s@example.com")
@@ -758,6 +764,7 @@ def test_5xx_after_data_bounces_and_4xx_after_data_is_kept(provider):
     assert len(queue_json(provider, "example.com")) == 1
 
 
+@pytest.mark.slow
 @both_modes
 def test_rejected_mail_from_and_all_rcpts_rejected(provider, ehlo):
     spool_one(provider, ["a@example.org"], b"Subject: one\r\n\r\n1\r\n", sender="bad@example.com")
@@ -828,6 +835,7 @@ def test_connection_lost_mid_delivery_keeps_the_message(provider):
         c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
 def test_pipelined_and_lockstep_customers(provider, pipelining):
     for i in range(3):
@@ -842,6 +850,7 @@ def test_pipelined_and_lockstep_customers(provider, pipelining):
     assert spool_files(provider, "example.org") == []
 
 
+@pytest.mark.slow
 def test_dot_stuffing_both_ways(provider):
     body = (b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\n...three\r\nmiddle . dot\r\n"
             b". space\r\nend.\r\n.")

@@ -32,7 +32,8 @@ from conftest import PASSWORD, ROOT, Provider, free_port, run_cli, send_mail, st
 from odmr import accounts
 from postfix_instance import PostfixInstance, unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+              pytest.mark.slow]           # a real Postfix instance
 
 README = os.path.join(ROOT, "README.md")
 SECTION = "## Recipes: Postfix around odmrd"
@@ -382,7 +383,7 @@ FETCHMAIL = which("fetchmail")
 
 @pytest.mark.skipif(FETCHMAIL is None, reason="fetchmail is not installed (Debian package fetchmail)")
 def test_customer_postfix_behind_fetchmail(customer, tmp_path):
-    from test_fetchmail import run_fetchmail, transcript
+    from helpers import run_fetchmail, transcript
     provider, postfix, handover, mail = customer
     send_for_customer(provider)
 

@@ -36,6 +36,7 @@ def connect_with(port: int, header: bytes) -> Customer:
     return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("header", [b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 3366\r\n",
                                     v2_header("192.0.2.7", 5555)], ids=["v1", "v2"])
 def test_real_client_address_is_used(proxied, caplog, header):
@@ -47,6 +48,7 @@ def test_real_client_address_is_used(proxied, caplog, header):
     assert "authenticated" in caplog.text and "192.0.2.7:5555" in caplog.text
 
 
+@pytest.mark.slow
 def test_header_sent_together_with_the_first_command(proxied):
     c = connect_with(proxied.odmr_port, b"PROXY TCP4 192.0.2.9 127.0.0.1 4444 3366\r\nEHLO x.test\r\n")
     assert c.reply()[0] == 220
@@ -54,6 +56,7 @@ def test_header_sent_together_with_the_first_command(proxied):
     c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("header", [b"EHLO no.header\r\n", b"PROXY TCP4 nonsense\r\n",
                                     b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY " + b"x" * 120 + b"\r\n",
                                     V2_SIGNATURE + b"\x31\x11\x00\x00"],
@@ -65,6 +68,7 @@ def test_bad_header_drops_the_connection(proxied, header):
     c.close()
 
 
+@pytest.mark.slow
 def test_untrusted_sender_is_dropped(tmp_path):
     p = make(tmp_path, trusted_list="10.99.0.0/16")
     try:
@@ -76,6 +80,7 @@ def test_untrusted_sender_is_dropped(tmp_path):
         p.stop()
 
 
+@pytest.mark.slow
 def test_per_address_limit_counts_the_real_client(proxied):
     held = [connect_with(proxied.odmr_port, b"PROXY TCP4 192.0.2.7 127.0.0.1 %d 3366\r\n" % port)
             for port in (1, 2)]
@@ -98,6 +103,7 @@ def test_trusted_matching():
     assert not trusted("127.0.0.1", ["not-a-network"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version,split", [(1, 3), (1, 8), (2, 3), (2, 13)],
                          ids=["v1-in-prefix", "v1-after-prefix", "v2-in-signature", "v2-after-signature"])
 def test_header_split_across_segments(proxied, version, split):

@@ -96,6 +96,7 @@ def test_quick_start_command_is_an_apt_install_then_serve():
     assert serve == "python3 odmrd.py -c conf/odmrd.conf serve -f"
 
 
+@pytest.mark.slow                   # the README's commands with a real smtp-sink and fetchmail
 @pytest.mark.skipif(os.geteuid() != 0, reason="the walk-through runs smtp-sink -u nobody as root")
 def test_quick_start_and_walk_through_as_written(checkout):
     for tool in ("swaks", "fetchmail", "smtp-sink"):

@@ -20,11 +20,10 @@ from typing import List, Optional
 import pytest
 
 from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
+from helpers import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, atrn, dsns,
+                     queue, queued_tokens, report_fields, spool, wait_sessions_over)
 from odmr import accounts, delivery, maintenance, queueops
 from odmr.spool import MAGIC, new_id
-from test_crash import TOKEN, Daemon, queued_tokens
-from test_delivery import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, ReversedConnection, Script, atrn,
-                           dsns, queue, report_fields, spool, wait_idle)
 
 
 def tmp_debris(spool_dir: str) -> List[str]:
@@ -68,6 +67,7 @@ def daemon(tmp_path):
     d.cleanup()
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
     daemon.start()
     s = socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10)
@@ -97,6 +97,7 @@ def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
     assert tmp_debris(daemon.spool_dir) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_atrn_finishes_the_message_then_quits(daemon):
     daemon.start()
     for n in range(6):
@@ -129,6 +130,7 @@ def test_sigterm_during_atrn_finishes_the_message_then_quits(daemon):
     assert tmp_debris(daemon.spool_dir) == []
 
 
+@pytest.mark.slow
 def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
     daemon.start()
     idle = Customer(daemon.odmr_port, timeout=10)
@@ -253,6 +255,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
 def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast_maintenance, refusals):
@@ -263,7 +266,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         s = Script()
         s.rcpt = lambda a: "550 5.1.1 no such user"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         assert queue(p, "example.org") == []
         p.service.maintenance.wake()
         assert wait_for(lambda: sink.messages, 15), "relay never got the bounce"
@@ -281,6 +284,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         sink.close()
 
 
+@pytest.mark.slow
 def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fast_maintenance, caplog):
     sink = RelaySink(["rcpt:550 5.1.1 no such sender"] * 5)
     p = relay_provider(tmp_path, sink)
@@ -290,7 +294,7 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
         s.rcpt = lambda a: "550 5.1.1 no"
         with caplog.at_level(logging.ERROR, logger="odmrd.maintenance"):
             assert atrn(p, s) == "quit"
-            wait_idle(p)
+            wait_sessions_over(p)
             p.service.maintenance.wake()
             assert wait_for(lambda: queue(p) == [] and sink.connections >= 1, 10)
         assert sink.messages == []
@@ -327,6 +331,7 @@ def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
         p.stop()
 
 
+@pytest.mark.slow
 def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
     """r1 refused for good (550), r2 deferred (451): the queue, the delay notice and the
     expiry DSN for r2 all speak of r2's 451, never of r1's 550."""
@@ -336,7 +341,7 @@ def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
         s = Script()
         s.rcpt = lambda a: "550 5.1.1 no such user r1" if a.startswith("r1") else "451 4.3.0 try later r2"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         [record] = queue(p, "example.org")
         assert record["recipients"] == ["r2@example.org"]
         assert record["last_error"].startswith("451 4.3.0")
@@ -372,6 +377,7 @@ def test_maintenance_expires_old_mail_with_dsn(provider):
 
 # -- queue bounce / queue expire, end to end through the command line ------------------------
 
+@pytest.mark.slow
 def test_cli_queue_bounce(provider):
     spool(provider, ["u@example.org", "v@example.org"], token="cli")
     [record] = queue(provider, "example.org")
@@ -385,6 +391,7 @@ def test_cli_queue_bounce(provider):
     assert [r["domain"] for r in listing] == ["example.net"]
 
 
+@pytest.mark.slow
 def test_cli_queue_expire(tmp_path):
     p = queue_provider(tmp_path, "max_age = 1s")
     try:
@@ -415,6 +422,7 @@ def twin_daemons(tmp_path):
     b.cleanup()
 
 
+@pytest.mark.slow
 def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
     a, b = twin_daemons
     a.start()
@@ -476,6 +484,7 @@ def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
 
 # -- damaged spool files --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog):
     directory = os.path.join(provider.spool_dir, "example.org")
     spool(provider, ["u@example.org"], token="good1")
@@ -489,7 +498,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
     with caplog.at_level(logging.WARNING):
         s = Script()
         assert atrn(provider, s) == "quit"
-        wait_idle(provider)
+        wait_sessions_over(provider)
     assert sorted(TOKEN.findall(b"".join(m["data"] for m in s.messages))) == [b"good1", b"good2"]
     quarantine = os.path.join(provider.spool_dir, ".quarantine", "example.org")
     assert sorted(os.listdir(quarantine)) == sorted([garbage, truncated, hollow])
@@ -499,7 +508,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
     spool(provider, ["w@example.org"], token="good3")
     s2 = Script()
     assert atrn(provider, s2) == "quit"
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert TOKEN.findall(s2.messages[0]["data"]) == [b"good3"]
     result = provider.run_cli("queue", "list", "--json")
     assert result.returncode == 0 and b"Traceback" not in result.stderr
@@ -507,6 +516,7 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog)
 
 # -- restart recovery -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
@@ -516,7 +526,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         s = Script()
         s.rcpt = lambda a: "451 4.3.0 first failure"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
     finally:
         p.stop()
     directory = os.path.join(p.spool_dir, "example.org")
@@ -537,7 +547,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         s = Script()
         s.rcpt = lambda a: "452 4.2.2 second failure"
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
     finally:
         p.stop()
     p.start()
@@ -546,12 +556,13 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         assert record["attempts"] == 2 and record["last_error"].startswith("452 4.2.2")
         s = Script()
         assert atrn(p, s) == "quit"
-        wait_idle(p)
+        wait_sessions_over(p)
         assert TOKEN.findall(s.messages[0]["data"]) == [b"kept"]
     finally:
         p.stop()
 
 
+@pytest.mark.slow
 def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_path):
     """SIGTERM's grace period runs out while a big message is still going to a slow
     customer: the connection is cut and the attempt recorded, as for a lost customer."""
@@ -586,3 +597,46 @@ def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_
     finally:
         if not stopped:
             p.stop()
+
+
+# -- removals become durable ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_removals_become_durable_within_a_small_window(provider, customer_factory, monkeypatch):
+    """Power-loss bound: delivery never runs more than MAX_UNSYNCED removals ahead of
+    the directory fsync that makes them durable (even with a slow disk)."""
+    import threading
+    from odmr import delivery
+    from helpers import accept_all
+    spool = provider.spool
+    lock = threading.Lock()
+    counts = {"retired": 0, "durable": 0, "worst": 0}
+    real_retire, real_sync = spool.retire, spool.sync_domain
+
+    def retire(*args, **kw):
+        with lock:
+            counts["retired"] += 1
+            counts["worst"] = max(counts["worst"], counts["retired"] - counts["durable"])
+        return real_retire(*args, **kw)
+
+    def sync_domain(domain):
+        with lock:
+            covered = counts["retired"]
+        time.sleep(0.3)                           # a slow disk
+        real_sync(domain)
+        with lock:
+            counts["durable"] = max(counts["durable"], covered)
+    monkeypatch.setattr(spool, "retire", retire)
+    monkeypatch.setattr(spool, "sync_domain", sync_domain)
+    total = 3 * delivery.MAX_UNSYNCED
+    for i in range(total):
+        send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+    c = customer_factory()
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.login()
+    c.send("ATRN example.org")
+    assert c.line() == b"250 OK now reversing the connection\r\n"
+    accept_all(c, total)
+    assert counts["retired"] == total
+    assert counts["durable"] == total             # all durable before the session ended
+    assert counts["worst"] <= delivery.MAX_UNSYNCED + 1, counts

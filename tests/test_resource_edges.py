@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from conftest import Customer, Provider, alive, free_port, run_cli, send_mail, wait_for, write_config
-from test_fetch import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted, scripted_args  # noqa: F401 (fixture)
+from helpers import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted_args
 
 SENDER = "trickler@remote.test"
 
@@ -89,6 +89,7 @@ def assert_data_deadline(p: Provider, c: Customer, piece: bytes, caplog) -> None
     assert len(slow) == 1 and SENDER in slow[0].getMessage()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("piece", [b"one more line of text\r\n", b"x"], ids=["lines", "bytes"])
 def test_trickling_sender_gets_451_when_max_data_time_is_over(tmp_path, caplog, piece):
     caplog.set_level(logging.INFO, logger="odmrd")
@@ -106,9 +107,10 @@ def test_trickling_sender_gets_451_when_max_data_time_is_over(tmp_path, caplog, 
         p.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed")
 def test_max_data_time_holds_after_starttls(tmp_path, caplog):
-    from certs import make_pki
+    from helpers import make_pki
     pki = make_pki(str(tmp_path / "pki"))
     caplog.set_level(logging.INFO, logger="odmrd")
     p = data_provider(tmp_path / "site", sections="[tls]\ncert_file = %s\nkey_file = %s\n"
@@ -124,6 +126,7 @@ def test_max_data_time_holds_after_starttls(tmp_path, caplog):
         p.stop()
 
 
+@pytest.mark.slow
 def test_max_data_time_is_reloaded(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="odmrd")
     p = data_provider(tmp_path / "site", smtp_extra="idle_timeout = 5s")    # default: 30m
@@ -146,6 +149,7 @@ def body_of(size: int) -> bytes:
     return b"Subject: %d bytes\r\n\r\n" % size + line * (size // len(line))
 
 
+@pytest.mark.slow
 def test_fetch_max_size_refuses_big_message_and_provider_bounces_it(provider, tmp_path):
     """End to end: the real provider offers SIZE=, the customer refuses it with 552 5.3.4
     at MAIL, the provider returns it to its (hosted) sender and keeps nothing; the small
@@ -208,6 +212,7 @@ def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp
         assert sorted(os.listdir(target.parent)) == ["mbox"]
 
 
+@pytest.mark.slow
 def test_fetch_section_max_size_and_bad_flags(scripted, tmp_path):
     results: list = []
     s = scripted(atrn_reply="250 OK now reversing the connection", after_250=two_without_size(results))
@@ -283,6 +288,7 @@ class Daemon:
                 os.kill(self.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_log_lines_escape_controls_and_separators_from_peers(tmp_path):
     d = Daemon(str(tmp_path))
     try:

@@ -19,6 +19,8 @@ import pytest
 
 from conftest import Customer, send_mail
 
+pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
+
 ATRN_OK = b"250 OK now reversing the connection\r\n"
 
 # what the customer answers to EHLO and to HELO (None: hang up instead of answering)

@@ -173,6 +173,7 @@ def test_allowed_still_never_relays(permissive):
     assert rcpt(permissive.smtp_port, '"a\\@b"@example.org')[0] == 501    # the spool keeps no escapes
 
 
+@pytest.mark.slow
 def test_setting_is_a_boolean(tmp_path):
     for value, code in (("yes", 0), ("no", 0), ("perhaps", 78)):
         os.makedirs(str(tmp_path / value))
@@ -196,6 +197,7 @@ def _what_an_mta_sees(address: str) -> str:
 LOCAL_ALPHABET = st.sampled_from(list("ab.+-_=/'%!@()\"\\,:;<>[] ") + ["\uff05", "\uff20", "\u00e9"])
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(local=st.text(LOCAL_ALPHABET, min_size=1, max_size=12))
 def test_an_accepted_local_part_routes_nowhere(local):

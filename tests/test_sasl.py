@@ -527,6 +527,7 @@ messages = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(name=st.sampled_from(ALL),
        initial=st.one_of(st.none(), messages),
@@ -545,6 +546,7 @@ pieces = st.sampled_from([b"", b"biws", b"eSws", b"!!", b"abc", b"abcSRV", b"A" 
                           b"A" * 44, b"=2C", b"=", b",", b"\xff"]) | st.binary(max_size=12)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(header=st.sampled_from([b"n,,", b"y,,", b"n,a=alice,", b"n,a=x=", b"p=x,,", b",,"]),
        user=usernames, nonce=pieces, cbind=pieces, final_nonce=pieces, proof=pieces,
@@ -561,6 +563,7 @@ def test_scram_server_only_raises_sasl_errors(header, user, nonce, cbind, final_
         pass
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(name=st.sampled_from(ALL), challenges=st.lists(messages, max_size=4),
        use_initial=st.booleans())

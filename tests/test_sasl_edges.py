@@ -21,8 +21,7 @@ from typing import Tuple
 import pytest
 
 from conftest import PASSWORD, Customer, Provider
-from test_daemon import Site, kill_hard
-from test_fetch import EX_PROTOCOL, Peer, Scripted, err, run_fetch
+from helpers import EX_PROTOCOL, Peer, Scripted, Site, err, kill_hard, run_fetch
 from odmr import accounts, sasl
 from odmr.daemon import read_pid_file
 
@@ -88,6 +87,7 @@ def sites(tmp_path):
 
 # -- a: decoy salts ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_unknown_user_salt_survives_a_restart_and_looks_like_a_real_one(sites):
     site = sites("one")
     site.add_user("alice", "example.org")
@@ -112,6 +112,7 @@ def test_unknown_user_salt_survives_a_restart_and_looks_like_a_real_one(sites):
     assert "Traceback" not in site.log()
 
 
+@pytest.mark.slow
 def test_two_nodes_sharing_the_users_file_agree(sites):
     first = sites("node1")
     first.add_user("alice", "example.org")
@@ -136,6 +137,7 @@ def test_two_nodes_sharing_the_users_file_agree(sites):
     assert [n for n in os.listdir(os.path.dirname(first.users)) if ".secret." in n] == []
 
 
+@pytest.mark.slow
 def test_decoys_copy_the_iteration_count_and_salt_length_of_real_accounts(tmp_path):
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
@@ -156,6 +158,7 @@ def test_decoys_copy_the_iteration_count_and_salt_length_of_real_accounts(tmp_pa
     assert shape(message) == shape(real[2])
 
 
+@pytest.mark.slow
 def test_a_secret_others_can_read_is_refused_like_the_users_file(sites):
     site = sites("open")
     site.add_user("alice", "example.org")
@@ -175,6 +178,7 @@ def test_a_secret_others_can_read_is_refused_like_the_users_file(sites):
 
 # -- b: the throttle at every AUTH ------------------------------------------------------
 
+@pytest.mark.slow
 def test_sessions_opened_before_the_throttle_tripped_get_no_more_guesses(tmp_path):
     p = Provider(str(tmp_path), odmr_extra=THROTTLE)
     p.add_user("alice", ["example.org"])
@@ -231,6 +235,7 @@ def plaintext_provider(tmp_path):
     p.stop()
 
 
+@pytest.mark.slow
 def test_auth_initial_response_up_to_12288_octets_is_read(plaintext_provider):
     c = greeted(plaintext_provider.odmr_port)
     try:
@@ -250,6 +255,7 @@ def test_auth_initial_response_up_to_12288_octets_is_read(plaintext_provider):
         c.close()
 
 
+@pytest.mark.slow
 def test_auth_continuation_line_up_to_12288_octets_is_read(plaintext_provider):
     c = greeted(plaintext_provider.odmr_port)
     try:
@@ -311,6 +317,7 @@ def fetch_with(iterations: str, tmp_path) -> Tuple[int, str, bool]:
         s.close()
 
 
+@pytest.mark.slow
 def test_fetch_iteration_cap_is_one_million(tmp_path):
     code, text, gave_up = fetch_with(str(sasl.MAX_CLIENT_ITERATIONS + 1), tmp_path)
     assert (code, gave_up) == (EX_PROTOCOL, True), text

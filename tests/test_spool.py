@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, send_mail
 from odmr.spool import (OUTBOUND, DomainBusy, Envelope, Recipient, Spool, State, new_id,
                         parse_header)
 
@@ -205,6 +205,27 @@ def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
     assert b"acked" in spool.load("example.org", acked).read_data()
 
 
+def test_prepare_leaves_a_live_writers_tmp_file_alone(tmp_path):
+    """Another process (or node) is writing: its locked tmp file survives our start-up."""
+    root = str(tmp_path / "spool")
+    spool = Spool(root)
+    spool.prepare()
+    incoming = spool.begin({"example.org": Envelope("a@b.c", [Recipient("u@example.org")])})
+    incoming.write(b"Subject: live\r\n\r\nbody\r\n")
+    tmp_dir = os.path.join(root, "example.org", "tmp")
+    debris = os.path.join(tmp_dir, "0000000000000deadbeef")
+    with open(debris, "wb") as fh:
+        fh.write(b"left by a crash")
+    code = ("import sys; sys.path.insert(0, %r); from odmr.spool import Spool; "
+            "print(Spool(%r).prepare())" % (ROOT, root))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert out.stdout.strip() == b"1", out.stderr
+    assert not os.path.exists(debris)
+    assert len(os.listdir(tmp_dir)) == 1
+    assert incoming.commit()
+    assert len(spool.message_ids("example.org")) == 1
+
+
 # -- corrupt files ------------------------------------------------------------------
 
 @pytest.mark.parametrize("content", [b"garbage\n", b"ODMR-Spool: 1\nId: x\nSender: <a@b.test>\n",
@@ -358,6 +379,7 @@ def test_usage_counts_messages_and_bytes(spool):
     assert fresh.usage("example.org")[0] == 3
 
 
+@pytest.mark.slow
 def test_provider_start_cleans_debris(tmp_path):
     from conftest import Provider
     p = Provider(str(tmp_path))
@@ -405,3 +427,11 @@ def test_ids_are_unique_across_threads_and_forked_children():
         child = fh.read().decode().split(",")
     os.waitpid(pid, 0)
     assert len(child) == 5 and child != mine
+
+
+def test_domain_directory_removed_behind_the_daemons_back_is_recreated(provider):
+    import shutil
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.net"], b"Subject: 1\r\n\r\nx\r\n")
+    shutil.rmtree(os.path.join(provider.spool_dir, "example.net"))
+    send_mail(provider.smtp_port, "a@remote.test", ["u@example.net"], b"Subject: 2\r\n\r\nx\r\n")
+    assert len(provider.spooled("example.net")) == 1

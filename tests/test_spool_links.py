@@ -179,6 +179,7 @@ def _plant_for_startup(p: Provider, kind: str) -> Tuple[str, str]:
     raise AssertionError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", STARTUP_KINDS)
 def test_startup_cleanup_reports_links_and_leaves_them_and_their_targets_alone(site, caplog, kind):
     kept = real_message(site, "example.org", "kept")
@@ -312,6 +313,7 @@ def _plant_for_atrn(p: Provider, kind: str, normal: List[str]) -> Tuple[str, str
     return os.path.join(quarantine, "example.org", corrupt), o.file, corrupt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ATRN_KINDS)
 def test_atrn_delivery_never_follows_a_planted_link(site, caplog, kind):
     """The kinds that block the domain's lock or its tmp/ make ATRN answer 451 (the
@@ -382,6 +384,7 @@ def _cli(site, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_queue_commands_on_a_message_link(site):
     real = real_message(site, "example.org", "real")
     link = os.path.join(queue_dir(site, "example.org"), site.outside.secret_id)
@@ -406,6 +409,7 @@ def test_queue_commands_on_a_message_link(site):
     assert Spool(site.spool_dir).message_ids("example.org") == []
 
 
+@pytest.mark.slow
 def test_queue_commands_on_a_state_link(site):
     real = real_message(site, "example.org", "real")
     link = os.path.join(queue_dir(site, "example.org"), real + ".state")
@@ -423,6 +427,7 @@ def test_queue_commands_on_a_state_link(site):
         os.path.exists(os.path.join(queue_dir(site, "example.org"), real))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["file", "missing"])
 def test_queue_commands_on_a_lock_link(tmp_path, target):
     p = Provider(str(tmp_path))
@@ -445,6 +450,7 @@ def test_queue_commands_on_a_lock_link(tmp_path, target):
     assert Spool(p.spool_dir).message_ids("example.org") == [real]
 
 
+@pytest.mark.slow
 def test_queue_commands_on_a_linked_domain_directory(site):
     real = real_message(site, "example.org", "real")
     link = queue_dir(site, "example.net")
@@ -463,6 +469,7 @@ def test_queue_commands_on_a_linked_domain_directory(site):
     assert_link(link, site.outside.tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["outbound", "outbound-tmp"])
 def test_bounce_never_writes_through_a_linked_outbound_queue(site, caplog, kind):
     real = real_message(site, "example.org", "real")        # from a sender outside: DSN via OUTBOUND

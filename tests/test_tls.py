@@ -15,15 +15,11 @@ import time
 import pytest
 from configobj import ConfigObj
 
-from certs import make_pki
 from conftest import PASSWORD, Customer, Provider, free_port, send_mail, which
+from helpers import accept_all
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed")
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory):
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed"),
+              pytest.mark.slow]
 
 
 def tls_sections(pki) -> str:
@@ -84,44 +80,6 @@ class TLSCustomer(Customer):
     def auth_plain(self, user="alice", password=PASSWORD):
         token = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
         return self.cmd("AUTH PLAIN " + token)
-
-
-def read_message(c: Customer) -> bytes:
-    body = []
-    while True:
-        line = c.line()
-        assert line, "connection closed in DATA"
-        if line == b".\r\n":
-            return b"".join(body)
-        body.append(line)
-
-
-def accept_all(c: Customer, expect: int):
-    """Play a PIPELINING customer after the turnaround; return the message texts."""
-    c.send("220 customer ready")
-    assert c.line().startswith(b"EHLO")
-    c.send("250-customer\r\n250 PIPELINING")
-    texts = []
-    while True:
-        line = c.line()
-        if line == b"QUIT\r\n":
-            c.send("221 bye")
-            break
-        assert line.startswith(b"MAIL FROM:"), line
-        rcpts = []
-        while True:
-            line = c.line()
-            if line == b"DATA\r\n":
-                break
-            rcpts.append(line)
-        c.send("250 ok")
-        for _ in rcpts:
-            c.send("250 ok")
-        c.send("354 go")
-        texts.append(read_message(c))
-        c.send("250 stored")
-    assert len(texts) == expect
-    return texts
 
 
 # -- STARTTLS ----------------------------------------------------------------
@@ -403,7 +361,7 @@ def test_fetchmail_over_implicit_tls(tprov, pki, tmp_path):
             b"".join(b"line %d of %d\r\n" % (n, i) for n in range(30)) + b".leading dot\r\n"
         bodies[i] = body
         send_mail(tprov.smtp_port, "s@remote.test", ["u@example.org"], body)
-    from test_fetchmail import Sink
+    from helpers import Sink
     sink = Sink()
     sink_port = sink.port
     home = tmp_path / "fm"

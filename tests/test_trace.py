@@ -18,7 +18,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import Customer, Provider, reuse_provider, stop_quickly
-from test_fetch import Peer, run_fetch, scripted, scripted_args, err  # noqa: F401 (fixture)
+from helpers import Peer, err, run_fetch, scripted_args
 
 SENDER = "sender@remote.test"
 MSG = b"Subject: trace\r\n\r\nhello\r\n"
@@ -246,6 +246,7 @@ def _reversed_with_bad_names(results: list):
     return script
 
 
+@pytest.mark.slow
 def test_fetch_maildir_refuses_a_bad_provider_ehlo(scripted, tmp_path):
     results: list = []
     s = scripted(atrn_reply="250 OK now reversing the connection", after_250=_reversed_with_bad_names(results))

@@ -1,0 +1,756 @@
+"""Harnesses the test files share: real peers on loopback, never mocks.
+
+Fixtures live in conftest.py (with the in-process `Provider` and the raw
+`Customer`); this module holds what several test files drive by hand:
+
+- PKI: a CA, server and client certificates made by the real openssl binary;
+- daemon harnesses: `Site` (a detached `odmrd serve` with its pid file) and
+  `Daemon` (`odmrd serve -f` as a child process, for kill -9 and restarts);
+- the scripted customer: `Script` played by `ReversedConnection` on the socket
+  after ATRN 250, and `accept_all`, a minimal PIPELINING customer;
+- `odmrd fetch` as a subprocess and `Scripted`, a scripted ODMR provider;
+- Postfix's smtp-sink (`Sink`) and the real fetchmail.
+"""
+from __future__ import annotations
+
+import base64
+import email
+import hmac
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from conftest import PASSWORD, ROOT, Customer, alive, free_port, run_cli, send_mail, wait_for, which, write_config
+from odmr import queueops
+from odmr.daemon import read_pid_file
+
+
+# -- PKI ------------------------------------------------------------------------------
+
+def _run(*args, cwd):
+    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: str) -> dict:
+    """Write ca.pem, server.pem/server.key (CN odmr.test, SAN 127.0.0.1) and client.pem/client.key."""
+    os.makedirs(directory, exist_ok=True)
+    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+         "-days", "30", "-subj", "/CN=odmrd test CA", cwd=directory)
+    with open(os.path.join(directory, "server.ext"), "w") as fh:
+        fh.write("subjectAltName=DNS:odmr.test,DNS:localhost,IP:127.0.0.1\n")
+    for name, cn, ext in (("server", "odmr.test", "server.ext"), ("client", "alice", None),
+                          ("stranger", "mallory", None)):
+        _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key", "-out", name + ".csr",
+             "-subj", "/CN=%s" % cn, cwd=directory)
+        args = ["x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", name + ".pem", "-days", "30"]
+        if ext:
+            args += ["-extfile", ext]
+        _run(*args, cwd=directory)
+    # a self-signed client certificate that the CA did not issue
+    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "selfsigned.key",
+         "-out", "selfsigned.pem", "-days", "30", "-subj", "/CN=alice", cwd=directory)
+    return {name: os.path.join(directory, name) for name in (
+        "ca.pem", "server.pem", "server.key", "client.pem", "client.key",
+        "stranger.pem", "stranger.key", "selfsigned.pem", "selfsigned.key")}
+
+
+# -- daemon harnesses -------------------------------------------------------------------
+
+def kill_hard(pid: int) -> None:
+    if not alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        wait_for(lambda: not alive(pid), 5.0)
+    except AssertionError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_for(lambda: not alive(pid), 5.0)
+
+
+class Site:
+    """A configuration directory for one daemon; remembers every pid to kill."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+        self.dir = directory
+        self.odmr_port = free_port()
+        self.smtp_port = free_port()
+        self.config = os.path.join(directory, "odmrd.conf")
+        self.pid_file = os.path.join(directory, "odmrd.pid")
+        self.log_file = os.path.join(directory, "odmrd.log")
+        self.users = os.path.join(directory, "users")
+        self.spool = os.path.join(directory, "spool")
+        self.pids: List[int] = []
+        self.write(extra, sections)
+
+    def write(self, extra: str = "", sections: str = "") -> None:
+        top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
+               "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
+               "log_level": "debug", "grace_period": "5s"}
+        for line in extra.splitlines():     # extra lines override the defaults above
+            key, _, value = line.partition("=")
+            top[key.strip()] = value.strip()
+        with open(self.config, "w") as fh:
+            fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
+            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
+                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
+                     % (self.odmr_port, self.smtp_port, sections))
+        os.chmod(self.config, 0o644)
+
+    def cli(self, *args, **kw) -> subprocess.CompletedProcess:
+        return run_cli("-c", self.config, *args, **kw)
+
+    def add_user(self, name: str, *domains: str) -> None:
+        args = ["user", "add", name, "--password-stdin"]
+        for d in domains:
+            args += ["--domain", d]
+        result = self.cli(*args, input=b"secret-pw\n")
+        assert result.returncode == 0, result.stderr
+
+    def serve(self) -> subprocess.CompletedProcess:
+        result = self.cli("serve", timeout=30)
+        pid = self.pid()
+        if pid:
+            self.pids.append(pid)
+        return result
+
+    def pid(self) -> Optional[int]:
+        return read_pid_file(self.pid_file)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        for pid in self.pids + [p for p in [self.pid()] if p]:
+            if pid != os.getpid():
+                kill_hard(pid)
+
+
+TOKEN = re.compile(rb"X-Token: (\S+)")
+
+
+class Daemon:
+    """`odmrd serve -f` in a subprocess, on free loopback ports."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = "",
+                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd"):
+        self.dir = directory
+        self.odmr_port = odmr_port or free_port()
+        self.smtp_port = smtp_port or free_port()
+        sub = os.path.join(directory, name)
+        os.makedirs(sub, exist_ok=True)
+        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections)
+        self.log_path = os.path.join(directory, name + ".log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 15.0) -> "Daemon":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
+                                      "serve", "-f"], stdout=log, stderr=log, cwd=self.dir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        for port in (self.odmr_port, self.smtp_port):
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError("odmrd exited with %s: %s" % (self.proc.returncode, self.log()[-2000:]))
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("odmrd did not listen on %d" % port)
+                    time.sleep(0.02)
+        return self
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def term(self, timeout: float = 40.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+
+    @property
+    def spool_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.config), "spool")
+
+    @property
+    def users(self) -> str:
+        return os.path.join(os.path.dirname(self.config), "users")
+
+
+def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
+    directory = os.path.join(spool_dir, domain)
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if re.fullmatch(r"[0-9a-f]{14,40}", name):
+            try:
+                with open(os.path.join(directory, name), "rb") as fh:
+                    found += TOKEN.findall(fh.read())
+            except FileNotFoundError:
+                pass
+    return found
+
+# -- the scripted customer on the reversed connection ----------------------------------
+
+SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
+SENDER_REMOTE = "someone@remote.test"
+
+ATRN_OK = b"250 OK now reversing the connection\r\n"
+
+
+class Script:
+    """The customer's SMTP server on the reversed connection; override hooks to misbehave.
+
+    Each hook returns the reply line(s) to send (str, or None for no reply at all)."""
+
+    greeting = "220 customer.test ESMTP"
+    extensions = ["PIPELINING", "8BITMIME", "SIZE 50000000"]
+
+    def __init__(self):
+        self.messages: List[Dict] = []
+        self.commands: List[str] = []
+
+    def ehlo(self, arg: str) -> Optional[str]:
+        lines = ["customer.test"] + self.extensions
+        return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+
+    def mail(self, arg: str) -> Optional[str]:
+        return "250 2.1.0 ok"
+
+    def rcpt(self, address: str) -> Optional[str]:
+        return "250 2.1.5 ok"
+
+    def data(self, rcpts: List[str]) -> Optional[str]:
+        return "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
+
+    def final(self, message: Dict) -> Optional[str]:
+        return "250 2.0.0 stored"
+
+    def in_data(self, line: bytes, received: int) -> bool:
+        """Called for each body line; False drops the connection there."""
+        return True
+
+
+class Closed(Exception):
+    pass
+
+
+class ReversedConnection:
+    """Runs a Script on the customer's socket after ATRN 250."""
+
+    def __init__(self, customer: Customer, script: Script):
+        self.sock = customer.sock
+        # one reply per write: without this, Nagle holds each reply for the provider's delayed ACK
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.script = script
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                raise Closed()
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def send(self, text: Optional[str]) -> None:
+        if text is not None:
+            self.sock.sendall(text.encode() + b"\r\n")
+
+    def run(self) -> str:
+        """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
+        s = self.script
+        rcpts: List[str] = []
+        mail: Optional[str] = None
+        try:
+            self.send(s.greeting)
+            while True:
+                raw = self.line().rstrip(b"\r\n").decode("utf-8", "replace")
+                s.commands.append(raw)
+                verb, _, arg = raw.partition(" ")
+                verb = verb.upper()
+                if verb in ("EHLO", "HELO"):
+                    self.send(s.ehlo(arg) if verb == "EHLO" else "250 customer.test")
+                elif verb == "MAIL":
+                    mail, rcpts = arg, []
+                    self.send(s.mail(arg))
+                elif verb == "RCPT":
+                    address = arg.split("<", 1)[1].split(">", 1)[0]
+                    reply = s.rcpt(address)
+                    if reply and reply.startswith("2"):
+                        rcpts.append(address)
+                    self.send(reply)
+                elif verb == "DATA":
+                    reply = s.data(rcpts)
+                    self.send(reply)
+                    if reply and reply.startswith("354"):
+                        body = []
+                        while True:
+                            line = self.line()
+                            if line == b".\r\n":
+                                break
+                            if not s.in_data(line, len(body)):
+                                self.sock.close()
+                                return "dropped"
+                            body.append(line[1:] if line.startswith(b".") else line)
+                        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(body)}
+                        reply = s.final(message)
+                        if reply and reply.startswith("2"):
+                            s.messages.append(message)
+                        self.send(reply)
+                elif verb == "RSET":
+                    mail, rcpts = None, []
+                    self.send("250 ok")
+                elif verb == "QUIT":
+                    self.send("221 bye")
+                    return "quit"
+                else:
+                    self.send("502 what?")
+        except Closed:
+            return "closed"
+
+
+def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
+    send_mail(provider.smtp_port, sender, rcpts,
+              ("Subject: t %s\r\nX-Token: %s\r\n\r\nbody %s\r\n.dot line\r\n"
+               % (token, token, token)).encode())
+
+
+def atrn(provider, script: Script, domain: str = "example.org", user: str = "alice",
+         timeout: float = 15.0) -> str:
+    c = Customer(provider.odmr_port, timeout=timeout)
+    try:
+        c.login(user, PASSWORD)
+        c.send("ATRN " + domain)
+        assert c.line() == ATRN_OK
+        return ReversedConnection(c, script).run()
+    finally:
+        c.close()
+
+
+def queue(provider, domain: Optional[str] = None) -> List[Dict]:
+    runtime = provider.service.runtime
+    return [queueops.describe(m) for m in queueops.list_messages(runtime, domain)]
+
+
+def wait_sessions_over(provider, timeout: float = 10.0) -> None:
+    """The provider's session may still be recording results after the customer's last reply."""
+    deadline = time.monotonic() + timeout
+    while provider.service.active_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert provider.service.active_sessions() == 0
+
+
+def dsns(provider, domain: str = "example.net") -> List[email.message.Message]:
+    found = []
+    for m in provider.spool.messages(domain):
+        if m.envelope.sender == "":
+            found.append(email.message_from_bytes(m.read_data()))
+    return found
+
+
+def report_fields(dsn: email.message.Message) -> List[Dict[str, str]]:
+    """Per-recipient field groups of a multipart/report DSN."""
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    part = [p for p in dsn.get_payload() if p.get_content_type() == "message/delivery-status"][0]
+    groups = part.get_payload()
+    out = []
+    for group in groups[1:]:
+        out.append({k.lower(): v for k, v in group.items()})
+    return out
+
+
+def read_message(c: Customer) -> bytes:
+    body = []
+    while True:
+        line = c.line()
+        assert line, "connection closed in DATA"
+        if line == b".\r\n":
+            return b"".join(body)
+        body.append(line)
+
+
+def accept_all(c: Customer, expect: int):
+    """Play a PIPELINING customer after the turnaround; return the message texts."""
+    c.send("220 customer ready")
+    assert c.line().startswith(b"EHLO")
+    c.send("250-customer\r\n250 PIPELINING")
+    texts = []
+    while True:
+        line = c.line()
+        if line == b"QUIT\r\n":
+            c.send("221 bye")
+            break
+        assert line.startswith(b"MAIL FROM:"), line
+        rcpts = []
+        while True:
+            line = c.line()
+            if line == b"DATA\r\n":
+                break
+            rcpts.append(line)
+        c.send("250 ok")
+        for _ in rcpts:
+            c.send("250 ok")
+        c.send("354 go")
+        texts.append(read_message(c))
+        c.send("250 stored")
+    assert len(texts) == expect
+    return texts
+
+# -- odmrd fetch and a scripted provider -----------------------------------------------
+
+FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
+EX_OK, EX_USAGE, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 0, 64, 66, 69, 75, 76, 77
+
+
+def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
+              env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("ODMRD_CONFIG", "ODMR_PASSWORD")}
+    if password is not None:
+        full["ODMR_PASSWORD"] = password
+    full.update(env or {})
+    return subprocess.run(FETCH + list(args), capture_output=True, timeout=timeout, env=full,
+                          stdin=subprocess.DEVNULL)
+
+
+def err(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.decode("utf-8", "replace")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> None:
+    text = err(result)
+    assert "Traceback" not in text, text
+    assert len(text.strip().splitlines()) == 1, text
+
+
+class Peer:
+    """One accepted connection of the scripted provider."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sock.settimeout(15)
+        self.buf = b""
+        self.lines: List[bytes] = []
+        self.tls = isinstance(sock, ssl.SSLSocket)
+
+    def send(self, text) -> None:
+        self.sock.sendall(text.encode() if isinstance(text, str) else text)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("customer closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        self.lines.append(line.rstrip(b"\r"))
+        return line.rstrip(b"\r")
+
+    def reply(self) -> List[bytes]:
+        lines = [self.line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.line())
+        return lines
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        assert self.buf == b""
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.tls = True
+
+
+class Scripted:
+    """A tiny ODMR provider: behaviour set by options, one thread per connection."""
+
+    def __init__(self, atrn_reply: str = "453 You have no mail", mechanisms: str = "CRAM-MD5",
+                 atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
+                 implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
+                 after_250: Optional[Callable[[Peer], None]] = None):
+        self.atrn_reply = atrn_reply
+        self.mechanisms = mechanisms
+        self.atrn = atrn
+        self.starttls_ctx = starttls
+        self.implicit = implicit
+        self.greeting = greeting
+        self.after_250 = after_250
+        self.peers: List[Peer] = []
+        self.errors: List[str] = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.implicit is not None:
+                conn = self.implicit.wrap_socket(conn, server_side=True)
+            peer = Peer(conn)
+            self.peers.append(peer)
+            self.converse(peer)
+        except (EOFError, OSError) as exc:
+            self.errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def ehlo_lines(self, peer: Peer) -> List[str]:
+        lines = ["scripted.test"]
+        if self.starttls_ctx is not None and not peer.tls:
+            lines.append("STARTTLS")
+        if self.mechanisms:
+            lines.append("AUTH " + self.mechanisms)
+        if self.atrn:
+            lines.append("ATRN")
+        return lines
+
+    def converse(self, peer: Peer) -> None:
+        peer.send(self.greeting + "\r\n")
+        if not self.greeting.startswith("220"):
+            peer.line()
+            return
+        while True:
+            line = peer.line()
+            verb = line.split(b" ")[0].upper()
+            if verb == b"EHLO":
+                lines = self.ehlo_lines(peer)
+                peer.send("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
+                                  for i, l in enumerate(lines)))
+            elif verb == b"STARTTLS":
+                peer.send("220 2.0.0 go ahead\r\n")
+                peer.starttls(self.starttls_ctx)
+            elif verb == b"AUTH":
+                self.auth(peer, line)
+            elif verb == b"ATRN":
+                peer.send(self.atrn_reply + "\r\n")
+                if self.atrn_reply.startswith("250"):
+                    if self.after_250:
+                        self.after_250(peer)
+                    return
+            elif verb == b"QUIT":
+                peer.send("221 bye\r\n")
+                return
+            else:
+                peer.send("502 no\r\n")
+
+    def auth(self, peer: Peer, line: bytes) -> None:
+        parts = line.decode().split()
+        if parts[1] == "CRAM-MD5":
+            challenge = b"<123.456@scripted.test>"
+            peer.send("334 %s\r\n" % base64.b64encode(challenge).decode())
+            user, digest = base64.b64decode(peer.line()).decode().split()
+            ok = user == "alice" and hmac.compare_digest(
+                digest, hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest())
+        elif parts[1] == "PLAIN":
+            ok = base64.b64decode(parts[2]) == b"\0alice\0" + PASSWORD.encode()
+        else:
+            peer.send("504 unknown\r\n")
+            return
+        peer.send("235 ok\r\n" if ok else "535 5.7.8 bad\r\n")
+
+    def commands(self) -> List[bytes]:
+        return [l for p in self.peers for l in p.lines]
+
+    def close(self) -> None:
+        self.listener.close()
+        for peer in self.peers:
+            try:
+                peer.sock.close()
+            except OSError:
+                pass
+
+
+def scripted_args(s: Scripted, *more: str, tls: str = "none") -> List[str]:
+    return ["--server", "127.0.0.1:%d" % s.port, "--user", "alice", "--tls", tls,
+            "--domain", "example.org", "--domain", "example.com"] + list(more)
+
+# -- Postfix's smtp-sink and fetchmail -------------------------------------------------
+
+FETCHMAIL = which("fetchmail")
+SMTP_SINK = which("smtp-sink")
+
+SINK_RECORDS = (b"X-Client-Addr:", b"X-Client-Proto:", b"X-Helo-Args:", b"X-Mail-Args:", b"X-Rcpt-Args:")
+
+
+@dataclass
+class Dumped:
+    """One message as smtp-sink stored it, split into its parts."""
+    mail_args: str
+    rcpt_args: List[str]
+    odmrd_received: bytes               # the trace header odmrd added at intake (LF endings)
+    content: bytes                      # the message as the customer's server got it (LF endings)
+    raw: bytes = field(repr=False, default=b"")
+
+
+def _take_header(raw: bytes, pos: int) -> int:
+    """End offset of the (possibly folded) header line starting at `pos`."""
+    while True:
+        end = raw.index(b"\n", pos) + 1
+        if raw[end:end + 1] not in (b" ", b"\t"):
+            return end
+        pos = end
+
+
+def parse_dump(raw: bytes) -> Dumped:
+    """Split a smtp-sink dump file: its records, its Received, odmrd's Received, the message."""
+    pos = 0
+    mail_args = ""
+    rcpts: List[str] = []
+    while raw.startswith(SINK_RECORDS, pos):
+        end = raw.index(b"\n", pos) + 1
+        name, _, value = raw[pos:end - 1].partition(b": ")
+        if name == b"X-Mail-Args":
+            mail_args = value.decode()
+        elif name == b"X-Rcpt-Args":
+            rcpts.append(value.decode())
+        pos = end
+    end = _take_header(raw, pos)
+    assert b"(smtp-sink)" in raw[pos:end], "no smtp-sink Received header: %r" % raw[:500]
+    pos = end
+    end = _take_header(raw, pos)
+    received = raw[pos:end]
+    assert raw.endswith(b"\n\n"), "dump file does not end with the sink's empty line"
+    return Dumped(mail_args, rcpts, received, raw[end:-1], raw)
+
+
+def as_stored(data: bytes) -> bytes:
+    """What the sink stores for message `data` sent over SMTP: LF endings, a final newline."""
+    text = data.replace(b"\r\n", b"\n")
+    return text if text.endswith(b"\n") else text + b"\n"
+
+
+class Sink:
+    """Postfix's smtp-sink on a free loopback port, one dump file per message."""
+
+    def __init__(self, *options: str):
+        # tmp_path is 0700 root: the sink runs as nobody, so its directory lives in /tmp
+        self.dir = tempfile.mkdtemp(prefix="odmr-sink-", dir="/tmp")
+        os.chmod(self.dir, 0o777)
+        self.port = free_port()
+        self.log = open(os.path.join(self.dir, "sink.log"), "wb")
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", *options, "-d", os.path.join(self.dir, "%M."),
+             "127.0.0.1:%d" % self.port, "256"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("smtp-sink exited with %s" % self.proc.returncode)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as probe:
+                    if probe.recv(100).startswith(b"220"):
+                        probe.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("smtp-sink did not start listening")
+
+    def files(self) -> List[str]:
+        return sorted(n for n in os.listdir(self.dir) if n != "sink.log")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+    def messages(self) -> List[Dumped]:
+        """Every stored message; stops the sink first so that every file is complete."""
+        self.stop()
+        result = []
+        for name in self.files():
+            with open(os.path.join(self.dir, name), "rb") as fh:
+                result.append(parse_dump(fh.read()))
+        return result
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_fetchmail(workdir: str, odmr_port: int, smtp_port: int, user: str = "alice",
+                  password: str = PASSWORD, domains: str = "example.org,example.com",
+                  timeout: float = 90) -> subprocess.CompletedProcess:
+    """One fetchmail poll in the foreground, with its own FETCHMAILHOME and a 0600 rc file."""
+    home = tempfile.mkdtemp(prefix="fetchmail-", dir=workdir)
+    rc = os.path.join(home, "fetchmailrc")
+    with open(rc, "w") as fh:
+        fh.write('set no syslog\n'
+                 'set pidfile "%s/fetchmail.pid"\n'
+                 'poll 127.0.0.1 service %d protocol ODMR\n'
+                 '    user "%s" password "%s"\n'
+                 '    fetchdomains %s\n'
+                 '    smtphost 127.0.0.1/%d\n' % (home, odmr_port, user, password, domains, smtp_port))
+    os.chmod(rc, 0o600)
+    env = dict(os.environ, FETCHMAILHOME=home)
+    proc = subprocess.Popen([FETCHMAIL, "-f", rc, "-v", "--nodetach", "--nosyslog"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, b"")
+
+
+def transcript(result: subprocess.CompletedProcess) -> str:
+    return result.stdout.decode("utf-8", "replace")
