@@ -216,11 +216,16 @@ def _runtime(config_path: str, need_accounts: bool = True):
 def _log_like_the_daemon(settings) -> None:
     """`enqueue` and `queue …` change the queue: what they accept, bounce and delete is
     logged where the detached daemon logs (SPEC §8), not dropped."""
+    import logging
     from odmr import daemon
     try:
         daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False))
     except daemon.DaemonError:
         pass                        # the log out of reach must not stop a queue command
+    to_operator = logging.StreamHandler(sys.stderr)    # and whoever runs it sees the warnings
+    to_operator.setLevel(logging.WARNING)
+    to_operator.setFormatter(daemon._OneLine("odmrd: %(message)s"))
+    logging.getLogger().addHandler(to_operator)
 
 
 def _become_service_account(settings) -> None:
