@@ -236,8 +236,22 @@ def _read(path: str) -> ConfigObj:
         lines = ["%s: line %s: %s" % (path, getattr(e, "line_number", "?"), getattr(e, "message", e))
                  for e in (getattr(exc, "errors", None) or [exc])]
         raise AccountsError("\n".join(lines)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AccountsError("%s: %s" % (path, exc)) from None
+    except OSError as exc:
+        raise AccountsError("%s: %s%s" % (path, exc.strerror or exc, _as_whom(exc))) from None
+    except UnicodeDecodeError as exc:
+        raise AccountsError("%s: not UTF-8 (%s)" % (path, exc.reason)) from None
+
+
+def _as_whom(exc: OSError) -> str:
+    """Who was refused: a command run as the wrong account is the usual cause."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    import pwd
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        name = "uid %d" % os.geteuid()
+    return " (running as %s; the users file belongs to the service account)" % name
 
 
 # -- editing (used by `odmrd user ...`) -------------------------------------

@@ -369,7 +369,8 @@ def load(path: Optional[str] = None) -> Settings:
                                                    ": %s" % text[:80] if text else ""))
         raise ConfigError(problems) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(["%s: %s" % (path, exc)]) from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(["%s: %s (running as uid %d)" % (path, reason, os.geteuid())]) from None
 
     validator = Validator({
         "duration": _check_duration,
