@@ -30,8 +30,7 @@ def server_context(settings: TlsSettings) -> Optional[ssl.SSLContext]:
     try:
         context.load_cert_chain(settings.cert_file, settings.key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSConfigError("[tls] cannot load %s / %s: %s" % (
-            settings.cert_file, settings.key_file, getattr(exc, "strerror", None) or exc)) from None
+        raise TLSConfigError(_chain_problem(settings, exc)) from None
     if settings.client_ca_file:
         try:
             context.load_verify_locations(cafile=settings.client_ca_file)
@@ -40,6 +39,25 @@ def server_context(settings: TlsSettings) -> Optional[ssl.SSLContext]:
                 settings.client_ca_file, getattr(exc, "strerror", None) or exc)) from None
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _chain_problem(settings: TlsSettings, exc: Exception) -> str:
+    """Which of the two files is wrong, and how, where OpenSSL only says "PEM lib"."""
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.filename:
+        return "[tls] cannot read %s: %s" % (exc.filename, exc.strerror)
+    for path, what, marker in ((settings.cert_file, "cert_file", b"-----BEGIN CERTIFICATE"),
+                               (settings.key_file, "key_file", b"PRIVATE KEY-----")):
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read(1 << 20)
+        except OSError as read_error:
+            return "[tls] cannot read %s %s: %s" % (what, path, read_error.strerror)
+        if marker not in text:
+            return "[tls] %s %s holds no PEM %s" % (
+                what, path, "certificate" if what == "cert_file" else "private key")
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+    return "[tls] key_file %s does not go with cert_file %s (%s)" % (
+        settings.key_file, settings.cert_file, reason)
 
 
 def peer_identity(sock) -> Optional[dict]:

@@ -365,3 +365,19 @@ def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], "pw")
     r = run_cli("-c", str(path), "check-config")
     assert r.returncode == 78 and b"refusing to run as root" in r.stderr
+
+
+@pytest.mark.parametrize("cert,key,says", [
+    ("server.pem", "server.pem", "key_file %(server.pem)s holds no PEM private key"),
+    ("server.key", "server.key", "cert_file %(server.key)s holds no PEM certificate"),
+    ("server.pem", "client.key", "key_file %(client.key)s does not go with cert_file %(server.pem)s"),
+], ids=["cert-as-key", "key-as-cert", "mismatch"])
+def test_a_wrong_tls_file_is_named_with_what_is_wrong(tmp_path, pki, cert, key, says):
+    """OpenSSL's "PEM lib" names neither file: check-config says which one and why."""
+    conf = tmp_path / "odmrd.conf"
+    conf.write_text("allow_root = yes\nusers_file = users\n[tls]\ncert_file = %s\nkey_file = %s\n"
+                    % (pki[cert], pki[key]))
+    accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], PASSWORD)
+    result = run_cli("-c", str(conf), "check-config")
+    assert result.returncode == 78
+    assert ("[tls] " + says % pki) in result.stderr.decode(), result.stderr
