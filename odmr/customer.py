@@ -360,7 +360,7 @@ def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
         return RunResult(EX_TEMPFAIL, "cannot connect to the local SMTP server %s: %s; the "
                          "provider keeps the mail" % (where, exc.strerror or exc), level=logging.ERROR)
     try:
-        result = splice(turn.sock, local, turn.leftover, progress=trace)
+        result = splice(turn.sock, local, turn.file, progress=trace)
     finally:
         try:
             local.close()
@@ -394,7 +394,7 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
         peer_ip = turn.sock.getpeername()[0]
     except OSError:
         peer_ip = turn.peer
-    session = serve_reversed(turn.sock, peer_ip, turn.leftover, mailbox,
+    session = serve_reversed(turn.sock, peer_ip, turn.file, mailbox,
                              options.endpoint.helo, turn.tls, trace, options.max_size)
     summary = session.tally.summary(options.maildir or options.mbox)
     if not session.quit:

@@ -767,3 +767,12 @@ def test_mboxrd_quoting_is_reversible(lines):
     unquoted = re.sub(rb"(?m)^>(>*From )", rb"\1", quoted)
     assert unquoted == text
     assert not re.search(rb"(?m)^From ", quoted)
+
+
+def test_multiline_250_to_atrn_then_delivery(scripted, tmp_path):
+    """RFC 5321 allows any reply to span lines, ATRN's 250 too."""
+    s = scripted(atrn_reply="250-OK\r\n250 now reversing the connection", after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_OK, err(result) + repr(s.errors)
+    assert len(os.listdir(tmp_path / "md" / "new")) == 1
+    assert s.errors == []
