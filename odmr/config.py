@@ -92,6 +92,30 @@ def parse_hostport(value: str, default_port: Optional[int] = None) -> Tuple[str,
     return host, port
 
 
+def parse_domains(items: Sequence[str]) -> List[str]:
+    """Domain names, each item possibly comma-separated -> normalised, without repeats."""
+    domains: List[str] = []
+    for item in items:
+        for name in str(item).split(","):
+            try:
+                domain = normalize_domain(name.strip())
+            except ValueError as exc:
+                raise ValueError("%r: %s" % (name, exc)) from None
+            if domain not in domains:
+                domains.append(domain)
+    return domains
+
+
+def parse_client_mechanism(name: str) -> str:
+    """A SASL mechanism `odmrd fetch` can use, any case -> its upper-case name."""
+    from odmr.sasl import CLIENT_MECHANISMS
+    upper = name.strip().upper()
+    if upper not in CLIENT_MECHANISMS:
+        raise ValueError("unknown mechanism %s (known: %s)"
+                         % (upper, ", ".join(sorted(CLIENT_MECHANISMS))))
+    return upper
+
+
 def _as_list(value) -> List[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
@@ -124,6 +148,33 @@ def _check_listen_list(value, *args, **kw) -> List[Tuple[str, int]]:
         except ValueError as exc:
             raise ValidateError(str(exc)) from None
     return result
+
+
+def _check_hostport(value, default_port=None, *args, **kw):
+    """HOST[:PORT] -> (host, port), or "" when empty; `default_port` when none is given."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        return parse_hostport(text, None if default_port is None else int(default_port))
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
+
+
+def _check_domain_list(value, *args, **kw) -> List[str]:
+    try:
+        return parse_domains(_as_list(value))
+    except ValueError as exc:
+        raise ValidateError("invalid domain %s" % exc) from None
+
+
+def _check_client_mechanism(value, *args, **kw) -> str:
+    if not str(value).strip():
+        return ""
+    try:
+        return parse_client_mechanism(str(value))
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
 
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -395,6 +446,9 @@ def _validator() -> Validator:
         "hostname": _check_hostname,
         "relay": _check_relay,
         "mailbox": _check_mailbox,
+        "hostport": _check_hostport,
+        "domain_list": _check_domain_list,
+        "client_mechanism": _check_client_mechanism,
     })
 
 

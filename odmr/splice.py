@@ -81,10 +81,8 @@ def _last_line(tail: bytes) -> bytes:
 def splice(provider: socket.socket, local: socket.socket, reader: Optional[BinaryIO] = None,
            idle_timeout: float = IDLE_TIMEOUT,
            progress: Optional[Callable[[str], None]] = None) -> SpliceResult:
-    """Move bytes until both directions have ended; never raises for network trouble.
-
-    `reader` is the buffered reader the ATRN negotiation read the provider
-    with: what it already holds is the start of the provider's side."""
+    """Move bytes until both directions have ended (first what `reader`, the ATRN
+    negotiation's Turnaround.file, already holds); never raises for network trouble."""
     p = _Side("provider", provider)
     l = _Side("local", local)
     p.other, l.other = l, p
@@ -95,7 +93,7 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
     for side in sides:
         _nodelay(side.sock)
         side.sock.setblocking(False)
-    leftover = _buffered(reader) if reader is not None else b""
+    leftover = _buffered(reader)
     follower.from_provider(leftover)
     l.out += leftover
     sel = selectors.DefaultSelector()
@@ -144,8 +142,10 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
                         tally=follower.tally)
 
 
-def _buffered(reader: BinaryIO) -> bytes:
+def _buffered(reader: Optional[BinaryIO]) -> bytes:
     """What the reader holds (the socket is non-blocking by now: nothing waits)."""
+    if reader is None:
+        return b""
     try:
         return reader.read1(CHUNK) or b""
     except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
