@@ -1,9 +1,11 @@
 """The customer's half of RFC 2645 up to the turnaround.
 
 Connects to the provider, sets up TLS (implicit or a required STARTTLS),
-authenticates, sends ATRN and waits for the reply. On `250` it returns the
-open connection plus any bytes already read past the reply; what happens on
-the reversed connection (relay or local delivery) is somebody else's job.
+authenticates, sends ATRN and waits for the reply, all through smtplib. On
+`250` it hands over the socket and smtplib's buffered reader (which may hold
+what the provider sent right after the reply), the way the provider hands its
+socket and reader to delivery; what happens on the reversed connection (relay
+or local delivery) is somebody else's job.
 
 Every failure is a `FetchError` carrying the sysexits code that `odmrd fetch`
 exits with, so callers never have to interpret SMTP codes themselves.
@@ -14,12 +16,14 @@ import base64
 import binascii
 import re
 import select
+import smtplib
 import socket
 import ssl
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
 
 from odmr import sasl
+from odmr.wire import reader_for
 
 EX_OK = 0
 EX_USAGE = 64
@@ -81,44 +85,70 @@ class Endpoint:
 
 @dataclass
 class Turnaround:
-    """The connection after `250`: we are now the SMTP server on it."""
+    """The connection after `250`: we are now the SMTP server on it.
+
+    `file` is the buffered reader the negotiation read the provider's replies
+    from; whatever the provider sent right after its 250 may already sit in
+    it, so the next reader of the connection reads from `file`, not `sock`."""
 
     sock: socket.socket
-    leftover: bytes
+    file: BinaryIO
     peer: str
     tls: bool
-    provider_ehlo: List[str] = field(default_factory=list)
 
 
-class ReplyReader:
-    """Reads SMTP replies from a socket with its own buffer (so nothing read ahead is lost)."""
+class ProviderClient(smtplib.SMTP):
+    """smtplib on an open connection to the provider, with our trace and limits.
 
-    def __init__(self, sock: socket.socket, trace: Trace = None):
+    smtplib does the conversation (EHLO features, STARTTLS, the AUTH loop);
+    this subclass only reads replies strictly (garbage, overlong or endless
+    replies are a broken protocol, not code -1), shows the conversation for
+    -v with AUTH data masked, and reads through `wire.reader_for` so the
+    reader it leaves behind at the turnaround is the one a session uses."""
+
+    ehlo_msg = "EHLO"
+
+    def __init__(self, sock: socket.socket, host: str, helo: str, trace: Trace = None):
+        super().__init__(local_hostname=helo, timeout=REPLY_TIMEOUT)
+        self._host = host               # starttls() checks the certificate against it
         self.sock = sock
-        self.buffer = b""
+        self.file = None                # made from the socket in use at the first reply
         self.trace = trace
+        self.secret = False             # inside AUTH: the trace shows **** for the data
+        self.last_texts: List[str] = []
+        self._last_verb = ""
 
-    def _line(self) -> bytes:
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
-                if len(line) > MAX_REPLY_LINE:
-                    raise FetchError(EX_PROTOCOL, "provider sent an overlong reply line")
-                return line
-            if len(self.buffer) > MAX_REPLY_LINE:
-                raise FetchError(EX_PROTOCOL, "provider sent an overlong reply line")
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise FetchError(EX_TEMPFAIL, "provider closed the connection")
-            self.buffer += chunk
+    def send(self, s) -> None:
+        data = s.encode("utf-8") if isinstance(s, str) else s
+        line = data.rstrip(b"\r\n").decode("utf-8", "replace")
+        self._last_verb = line.split(" ", 1)[0].upper()
+        if self.trace:
+            self.trace("C: %s" % (_masked(line) if self.secret else line))
+        self.sock.sendall(data)
 
-    def reply(self, mask: bool = False) -> Tuple[int, List[str]]:
-        """One (possibly multi-line) reply as (code, [texts])."""
+    def cancel_auth(self) -> None:
+        """Abort the AUTH exchange (RFC 4954 "*"); the error is ours to report."""
+        self.send("*\r\n")
+
+    def getreply(self) -> Tuple[int, bytes]:
+        if self.file is None:           # first reply, or starttls() dropped the plain reader
+            self.file = reader_for(self.sock)
+        code, texts = self._read_reply()
+        if code == 220 and self._last_verb == "STARTTLS" and _waiting(self.file, self.sock):
+            # anything sent before the handshake would pass for data sent under TLS
+            raise FetchError(EX_PROTOCOL, "provider sent data after its STARTTLS reply")
+        self.last_texts = texts
+        return code, "\n".join(texts).encode("utf-8")
+
+    def _read_reply(self) -> Tuple[int, List[str]]:
         texts: List[str] = []
         code = None
         while True:
-            raw = self._line()
+            raw = self.file.readline(MAX_REPLY_LINE + 1)
+            if len(raw) > MAX_REPLY_LINE:
+                raise FetchError(EX_PROTOCOL, "provider sent an overlong reply line")
+            if not raw.endswith(b"\n"):
+                raise FetchError(EX_TEMPFAIL, "provider closed the connection")
             bare = raw.rstrip(b"\r\n")
             m = _REPLY_LINE.match(bare + b" " if len(bare) == 3 else bare)
             if m is None:
@@ -130,49 +160,38 @@ class ReplyReader:
             text = m.group(3).decode("utf-8", "replace")
             texts.append(text)
             if self.trace:
-                self.trace("S: %d%s%s" % (code, m.group(2).decode(), "****" if mask and text else text))
+                shown = "****" if self.secret and text else text
+                self.trace("S: %d%s%s" % (code, m.group(2).decode(), shown))
             if m.group(2) == b" ":
                 return code, texts
             if len(texts) >= MAX_REPLY_LINES:
                 raise FetchError(EX_PROTOCOL, "provider sent an endless reply")
 
 
-class Conversation:
-    """The command/reply exchange with the provider before the turnaround."""
-
-    def __init__(self, sock: socket.socket, trace: Trace = None):
-        self.sock = sock
-        self.trace = trace
-        self.reader = ReplyReader(sock, trace)
-
-    def send(self, line: str, shown: Optional[str] = None) -> None:
-        if self.trace:
-            self.trace("C: %s" % (line if shown is None else shown))
-        self.sock.sendall(line.encode("utf-8") + b"\r\n")
-
-    def command(self, line: str, shown: Optional[str] = None, mask_reply: bool = False
-                ) -> Tuple[int, List[str]]:
-        self.send(line, shown)
-        return self.reader.reply(mask_reply)
+def _masked(line: str) -> str:
+    """An AUTH command or answer as -v shows it: the mechanism, never the data."""
+    if line == "*":
+        return line
+    words = line.split(" ")
+    if words[0].upper() == "AUTH":
+        return " ".join(words[:2] + (["****"] if len(words) > 2 else []))
+    return "****"
 
 
-def _fmt(code: int, texts: List[str]) -> str:
-    return "%d %s" % (code, " ".join(texts)[:300])
+def _waiting(reader: BinaryIO, sock: socket.socket) -> bool:
+    """Whether the reader holds, or the socket has ready, bytes nobody asked for yet."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return bool(reader.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
-def ehlo_keywords(texts: List[str]) -> dict:
-    """EHLO reply lines (without the greeting line) -> {KEYWORD: [params]}."""
-    features = {}
-    for text in texts[1:]:
-        words = text.split()
-        if not words:
-            continue
-        key = words[0].upper()
-        if key.startswith("AUTH="):          # the old, pre-standard form
-            features.setdefault("AUTH", []).extend(w.upper() for w in [key[5:]] + words[1:])
-            continue
-        features.setdefault(key, []).extend(w.upper() for w in words[1:])
-    return features
+def _fmt(code: int, text: bytes) -> str:
+    return "%d %s" % (code, text.decode("utf-8", "replace").replace("\n", " ")[:300])
 
 
 def choose_mechanism(advertised: Sequence[str], forced: str, tls: bool) -> str:
@@ -206,23 +225,28 @@ def tls_context(ca_file: str, insecure: bool) -> ssl.SSLContext:
     return context
 
 
-def _wrap(sock: socket.socket, endpoint: Endpoint, implicit: bool = False) -> ssl.SSLSocket:
+def _wrap(sock: socket.socket, endpoint: Endpoint) -> ssl.SSLSocket:
+    """Implicit TLS: the handshake comes before anything else on the port."""
     context = tls_context(endpoint.ca_file, endpoint.insecure)
     try:
         return context.wrap_socket(sock, server_hostname=endpoint.host)
-    except ssl.SSLCertVerificationError as exc:
-        sock.close()
-        raise FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s (give the CA "
-                         "that signed it with --ca-file FILE, or skip the check with --insecure)"
-                         % (endpoint.host, exc.verify_message or exc)) from None
     except ssl.SSLError as exc:
         sock.close()
-        if implicit and exc.reason in NOT_TLS_REASONS:
-            raise FetchError(EX_PROTOCOL, "TLS handshake with %s:%d failed (%s): this port may "
-                             "speak plain SMTP/STARTTLS: try --tls starttls"
-                             % (endpoint.host, endpoint.port, exc.reason)) from None
-        raise FetchError(EX_PROTOCOL, "TLS handshake with %s failed: %s"
-                         % (endpoint.host, exc.reason or exc)) from None
+        raise _handshake_failed(exc, endpoint, implicit=True) from None
+
+
+def _handshake_failed(exc: ssl.SSLError, endpoint: Endpoint, implicit: bool) -> FetchError:
+    """The one-line error for a failed handshake, with the fix when there is one."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s (give the CA "
+                          "that signed it with --ca-file FILE, or skip the check with --insecure)"
+                          % (endpoint.host, exc.verify_message or exc))
+    if implicit and exc.reason in NOT_TLS_REASONS:
+        return FetchError(EX_PROTOCOL, "TLS handshake with %s:%d failed (%s): this port may "
+                          "speak plain SMTP/STARTTLS: try --tls starttls"
+                          % (endpoint.host, endpoint.port, exc.reason))
+    return FetchError(EX_PROTOCOL, "TLS handshake with %s failed: %s"
+                      % (endpoint.host, exc.reason or exc))
 
 
 def _greeting_or_tls(sock: socket.socket, endpoint: Endpoint) -> None:
@@ -277,161 +301,195 @@ def open_reversed(endpoint: Endpoint, trace: Trace = None) -> Turnaround:
 
     Raises NoMail on 453 and FetchError for everything else that is not 250.
     """
-    sock = _connect(endpoint)
+    client = ProviderClient(_connect(endpoint), endpoint.host, endpoint.helo, trace)
     try:
-        return _negotiate(sock, endpoint, trace)
+        return _negotiate(client, endpoint)
     except BaseException:
         try:
-            sock.close()
+            client.close()
         except OSError:
             pass
         raise
 
 
-def _negotiate(sock: socket.socket, endpoint: Endpoint, trace: Trace) -> Turnaround:
+def _negotiate(client: ProviderClient, endpoint: Endpoint) -> Turnaround:
     peer = "%s:%d" % (endpoint.host, endpoint.port)
-    tls = False
     try:
         if endpoint.tls == "implicit":
-            sock = _wrap(sock, endpoint, implicit=True)
-            tls = True
+            client.sock = _wrap(client.sock, endpoint)
         else:
-            _greeting_or_tls(sock, endpoint)
-        conv = Conversation(sock, trace)
-        _expect_greeting(conv)
-        code, texts = conv.command("EHLO %s" % endpoint.helo)
-        _expect_ehlo(code, texts)
-        features = ehlo_keywords(texts)
+            _greeting_or_tls(client.sock, endpoint)
+        _expect_greeting(*client.getreply())
+        _ehlo(client)
         if endpoint.tls == "starttls":
-            if "STARTTLS" not in features:
-                raise FetchError(EX_UNAVAILABLE, "provider does not offer STARTTLS "
-                                 "(use --tls implicit, or --tls none on a trusted network)")
-            code, texts = conv.command("STARTTLS")
-            if code != 220:
-                raise FetchError(EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE,
-                                 "STARTTLS refused: %s" % _fmt(code, texts))
-            if conv.reader.buffer:
-                raise FetchError(EX_PROTOCOL, "provider sent data after its STARTTLS reply")
-            sock = _wrap(sock, endpoint)
-            tls = True
-            conv = Conversation(sock, trace)
-            code, texts = conv.command("EHLO %s" % endpoint.helo)
-            _expect_ehlo(code, texts)
-            features = ehlo_keywords(texts)
-        if "ATRN" not in features:
+            _starttls(client, endpoint)
+        if not client.has_extn("atrn"):
             raise FetchError(EX_UNAVAILABLE, "provider does not offer ATRN")
-        _authenticate(conv, endpoint, features.get("AUTH", []), tls)
-        domains = ",".join(endpoint.domains)
-        code, texts = _atrn(conv, "ATRN %s" % domains if domains else "ATRN")
-        return Turnaround(sock=sock, leftover=conv.reader.buffer, peer=peer, tls=tls,
-                          provider_ehlo=texts)
+        _authenticate(client, endpoint)
+        _atrn(client, endpoint.domains)
     except socket.timeout:
         raise FetchError(EX_TEMPFAIL, "timeout talking to %s" % peer) from None
     except ssl.SSLError as exc:
         raise FetchError(EX_PROTOCOL, "TLS error with %s: %s" % (peer, exc.reason or exc)) from None
+    except smtplib.SMTPException as exc:        # smtplib's own checks; our reader raises FetchError
+        raise FetchError(EX_PROTOCOL, "provider broke the protocol: %s" % exc) from None
     except OSError as exc:
         raise FetchError(EX_TEMPFAIL, "connection to %s failed: %s" % (peer, exc.strerror or exc)) from None
+    return Turnaround(sock=client.sock, file=client.file, peer=peer,
+                      tls=isinstance(client.sock, ssl.SSLSocket))
 
 
-def _expect_greeting(conv: Conversation) -> None:
-    code, texts = conv.reader.reply()
+def _expect_greeting(code: int, text: bytes) -> None:
     if code == 220:
         return
     if 400 <= code < 500:
-        raise FetchError(EX_TEMPFAIL, "provider is not available now: %s" % _fmt(code, texts))
-    raise FetchError(EX_UNAVAILABLE, "provider refuses service: %s" % _fmt(code, texts))
+        raise FetchError(EX_TEMPFAIL, "provider is not available now: %s" % _fmt(code, text))
+    raise FetchError(EX_UNAVAILABLE, "provider refuses service: %s" % _fmt(code, text))
 
 
-def _expect_ehlo(code: int, texts: List[str]) -> None:
+def _ehlo(client: ProviderClient) -> None:
+    code, text = client.ehlo()
     if code == 250:
         return
     if 400 <= code < 500:
-        raise FetchError(EX_TEMPFAIL, "EHLO failed: %s" % _fmt(code, texts))
-    raise FetchError(EX_UNAVAILABLE, "provider does not speak ESMTP (EHLO: %s)" % _fmt(code, texts))
+        raise FetchError(EX_TEMPFAIL, "EHLO failed: %s" % _fmt(code, text))
+    raise FetchError(EX_UNAVAILABLE, "provider does not speak ESMTP (EHLO: %s)" % _fmt(code, text))
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _starttls(client: ProviderClient, endpoint: Endpoint) -> None:
+    """--tls starttls: required, not merely used when offered; then EHLO again."""
+    if not client.has_extn("starttls"):
+        raise FetchError(EX_UNAVAILABLE, "provider does not offer STARTTLS "
+                         "(use --tls implicit, or --tls none on a trusted network)")
+    context = tls_context(endpoint.ca_file, endpoint.insecure)
+    try:
+        client.starttls(context=context)
+    except smtplib.SMTPResponseException as exc:
+        code = exc.smtp_code
+        raise FetchError(EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE,
+                         "STARTTLS refused: %s" % _fmt(code, exc.smtp_error)) from None
+    except ssl.SSLError as exc:
+        raise _handshake_failed(exc, endpoint, implicit=False) from None
+    _ehlo(client)
 
 
-def _authenticate(conv: Conversation, endpoint: Endpoint, advertised: List[str], tls: bool) -> None:
-    name = choose_mechanism(advertised, endpoint.mechanism, tls)
-    mech = sasl.client_mechanism(name, endpoint.user, endpoint.password)
-    initial = mech.initial()
-    if initial is None:
-        code, texts = conv.command("AUTH %s" % name, mask_reply=True)
-    else:
-        code, texts = conv.command("AUTH %s %s" % (name, _b64(initial) or "="),
-                                   "AUTH %s ****" % name, mask_reply=True)
-    rounds = 0
-    while code == 334:
-        rounds += 1
-        if rounds > 10:
-            raise FetchError(EX_PROTOCOL, "AUTH %s: provider keeps challenging" % name)
+class _Answer(str):
+    """A SASL answer as smtplib's auth() wants it: it calls `.encode("ascii")`
+    before base64, but answers are UTF-8 (RFC 4954), so this one encodes to
+    the mechanism's own bytes."""
+
+    data = b""
+
+    def __new__(cls, data: bytes) -> "_Answer":
+        answer = super().__new__(cls, data.decode("latin-1"))
+        answer.data = data
+        return answer
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.data
+
+
+class _AuthObject:
+    """One of sasl's client mechanisms as smtplib's authobject.
+
+    smtplib calls it without a challenge for the initial response, then once
+    per 334. The challenge is decoded again from the reply's own text,
+    strictly: smtplib's decoding skips characters that are not base64."""
+
+    def __init__(self, client: ProviderClient, mech: sasl.ClientMechanism):
+        self.client = client
+        self.mech = mech
+
+    def __call__(self, challenge: Optional[bytes] = None) -> Optional[str]:
+        if challenge is None:
+            initial = self.mech.initial()
+            return None if initial is None else _Answer(initial)
+        name = self.mech.name
         try:
-            challenge = base64.b64decode(texts[0].strip().encode("ascii"), validate=True)
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            conv.send("*")
-            raise FetchError(EX_PROTOCOL, "AUTH %s: provider sent a challenge that is not base64"
-                             % name) from None
+            text = self.client.last_texts[0].strip().encode("ascii")
+            challenge = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError, IndexError):
+            raise _not_base64(self.client, name) from None
         try:
-            answer = mech.respond(challenge)
+            return _Answer(self.mech.respond(challenge))
         except sasl.AuthFailed as exc:
             # the provider failed to prove it knows the account (SCRAM server signature)
-            conv.send("*")
-            raise FetchError(EX_PROTOCOL, "AUTH %s: the provider's proof is wrong: %s" % (name, exc)) from None
+            self.client.cancel_auth()
+            raise FetchError(EX_PROTOCOL, "AUTH %s: the provider's proof is wrong: %s"
+                             % (name, exc)) from None
         except sasl.SASLError as exc:
-            conv.send("*")
-            raise FetchError(EX_PROTOCOL, "AUTH %s: provider broke the exchange: %s" % (name, exc)) from None
-        code, texts = conv.command(_b64(answer), "****", mask_reply=True)
+            self.client.cancel_auth()
+            raise FetchError(EX_PROTOCOL, "AUTH %s: provider broke the exchange: %s"
+                             % (name, exc)) from None
+
+
+def _not_base64(client: ProviderClient, name: str) -> FetchError:
+    client.cancel_auth()
+    return FetchError(EX_PROTOCOL, "AUTH %s: provider sent a challenge that is not base64" % name)
+
+
+def _authenticate(client: ProviderClient, endpoint: Endpoint) -> None:
+    tls = isinstance(client.sock, ssl.SSLSocket)
+    name = choose_mechanism(client.esmtp_features.get("auth", "").split(), endpoint.mechanism, tls)
+    mech = sasl.client_mechanism(name, endpoint.user, endpoint.password)
+    client.secret = True
+    try:
+        code, text = client.auth(name, _AuthObject(client, mech))
+    except smtplib.SMTPAuthenticationError as exc:
+        code, text = exc.smtp_code, exc.smtp_error
+    except binascii.Error:              # smtplib's own decoding gave up before ours saw it
+        raise _not_base64(client, name) from None
+    except smtplib.SMTPException:
+        raise FetchError(EX_PROTOCOL, "AUTH %s: provider keeps challenging" % name) from None
+    finally:
+        client.secret = False
     if code == 235:
         if not mech.done():
             raise FetchError(EX_PROTOCOL, "AUTH %s: provider claimed success without proving "
                              "it knows the account" % name)
         return
-    text = _fmt(code, texts)
+    raise _auth_refused(name, endpoint.user, code, _fmt(code, text))
+
+
+def _auth_refused(name: str, user: str, code: int, text: str) -> FetchError:
     if code in (504, 538):
-        raise FetchError(EX_UNAVAILABLE, "AUTH %s not usable: %s" % (name, text))
+        return FetchError(EX_UNAVAILABLE, "AUTH %s not usable: %s" % (name, text))
     if code == 501:
-        raise FetchError(EX_PROTOCOL, "AUTH %s: provider rejected the exchange: %s" % (name, text))
+        return FetchError(EX_PROTOCOL, "AUTH %s: provider rejected the exchange: %s" % (name, text))
     if 400 <= code < 500:
-        raise FetchError(EX_TEMPFAIL, "AUTH %s temporarily failed: %s" % (name, text))
+        return FetchError(EX_TEMPFAIL, "AUTH %s temporarily failed: %s" % (name, text))
     if 500 <= code < 600:
-        raise FetchError(EX_NOPERM, "authentication as %s refused: %s" % (endpoint.user, text))
-    raise FetchError(EX_PROTOCOL, "unexpected reply to AUTH: %s" % text)
+        return FetchError(EX_NOPERM, "authentication as %s refused: %s" % (user, text))
+    return FetchError(EX_PROTOCOL, "unexpected reply to AUTH: %s" % text)
 
 
-def _atrn(conv: Conversation, line: str) -> Tuple[int, List[str]]:
-    conv.sock.settimeout(ATRN_TIMEOUT)
-    code, texts = conv.command(line)
-    conv.sock.settimeout(REPLY_TIMEOUT)
-    text = _fmt(code, texts)
+def _atrn(client: ProviderClient, domains: Sequence[str]) -> None:
+    """ATRN and its reply; returns on 250, the provider is then the client."""
+    client.sock.settimeout(ATRN_TIMEOUT)
+    code, reply = client.docmd("ATRN", ",".join(domains))
+    client.sock.settimeout(REPLY_TIMEOUT)
     if code == 250:
-        if len(texts) != 1:
-            raise FetchError(EX_PROTOCOL, "multi-line 250 reply to ATRN")
-        return code, texts
+        return
+    text = _fmt(code, reply)
+    if 400 <= code < 600:
+        _quit(client)
     if code == 453:
-        _quit(conv)
         raise NoMail(text)
     if code in (450, 530) or code == 535:
-        _quit(conv)
         raise FetchError(EX_NOPERM, "ATRN refused: %s" % text)
     if code in (502, 500):
-        _quit(conv)
         raise FetchError(EX_UNAVAILABLE, "provider does not implement ATRN: %s" % text)
     if 400 <= code < 500:
-        _quit(conv)
         raise FetchError(EX_TEMPFAIL, "ATRN temporarily refused: %s" % text)
     if 500 <= code < 600:
-        _quit(conv)
         raise FetchError(EX_NOPERM, "ATRN refused: %s" % text)
     raise FetchError(EX_PROTOCOL, "unexpected reply to ATRN: %s" % text)
 
 
-def _quit(conv: Conversation) -> None:
+def _quit(client: ProviderClient) -> None:
     """Say goodbye politely; a provider that has already gone is no error."""
     try:
-        conv.sock.settimeout(10.0)
-        conv.command("QUIT")
+        client.sock.settimeout(10.0)
+        client.docmd("QUIT")
     except (FetchError, OSError):
         pass

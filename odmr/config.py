@@ -92,6 +92,30 @@ def parse_hostport(value: str, default_port: Optional[int] = None) -> Tuple[str,
     return host, port
 
 
+def parse_domains(items: Sequence[str]) -> List[str]:
+    """Domain names, each item possibly comma-separated -> normalised, without repeats."""
+    domains: List[str] = []
+    for item in items:
+        for name in str(item).split(","):
+            try:
+                domain = normalize_domain(name.strip())
+            except ValueError as exc:
+                raise ValueError("%r: %s" % (name, exc)) from None
+            if domain not in domains:
+                domains.append(domain)
+    return domains
+
+
+def parse_client_mechanism(name: str) -> str:
+    """A SASL mechanism `odmrd fetch` can use, any case -> its upper-case name."""
+    from odmr.sasl import CLIENT_MECHANISMS
+    upper = name.strip().upper()
+    if upper not in CLIENT_MECHANISMS:
+        raise ValueError("unknown mechanism %s (known: %s)"
+                         % (upper, ", ".join(sorted(CLIENT_MECHANISMS))))
+    return upper
+
+
 def _as_list(value) -> List[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
@@ -124,6 +148,33 @@ def _check_listen_list(value, *args, **kw) -> List[Tuple[str, int]]:
         except ValueError as exc:
             raise ValidateError(str(exc)) from None
     return result
+
+
+def _check_hostport(value, default_port=None, *args, **kw):
+    """HOST[:PORT] -> (host, port), or "" when empty; `default_port` when none is given."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        return parse_hostport(text, None if default_port is None else int(default_port))
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
+
+
+def _check_domain_list(value, *args, **kw) -> List[str]:
+    try:
+        return parse_domains(_as_list(value))
+    except ValueError as exc:
+        raise ValidateError("invalid domain %s" % exc) from None
+
+
+def _check_client_mechanism(value, *args, **kw) -> str:
+    if not str(value).strip():
+        return ""
+    try:
+        return parse_client_mechanism(str(value))
+    except ValueError as exc:
+        raise ValidateError(str(exc)) from None
 
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -354,11 +405,24 @@ def default_hostname() -> str:
 def load(path: Optional[str] = None) -> Settings:
     """Read and validate the configuration file; raise ConfigError on any problem."""
     path = os.path.abspath(path or default_config_path())
+    raw = _read(path)
+    result = raw.validate(_validator(), preserve_errors=True)
+    lines = line_numbers(path)
+    problems = _validation_problems(raw, result, lines) + _unknown_names(raw, lines)
+    domains, domain_problems = _domain_policies(raw, result, lines)
+    problems += domain_problems + _listener_problems(raw, lines)
+    if problems:
+        raise ConfigError(problems)
+    return _settings(path, raw, domains)
+
+
+def _read(path: str) -> ConfigObj:
+    """The file parsed, not yet validated; syntax errors with their line numbers."""
     if not os.path.exists(path):
         raise ConfigError(["%s: no such configuration file" % path])
     try:
-        raw = ConfigObj(path, configspec=_configspec(), encoding="utf-8",
-                        file_error=True, raise_errors=False, list_values=True)
+        return ConfigObj(path, configspec=_configspec(), encoding="utf-8",
+                         file_error=True, raise_errors=False, list_values=True)
     except ConfigObjError as exc:
         problems = []
         for err in getattr(exc, "errors", []) or [exc]:
@@ -372,7 +436,10 @@ def load(path: Optional[str] = None) -> Settings:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(["%s: %s (running as uid %d)" % (path, reason, os.geteuid())]) from None
 
-    validator = Validator({
+
+def _validator() -> Validator:
+    """The configspec's own types, each a converter from the section above."""
+    return Validator({
         "duration": _check_duration,
         "size": _check_size,
         "listen_list": _check_listen_list,
@@ -380,27 +447,43 @@ def load(path: Optional[str] = None) -> Settings:
         "hostname": _check_hostname,
         "relay": _check_relay,
         "mailbox": _check_mailbox,
+        "hostport": _check_hostport,
+        "domain_list": _check_domain_list,
+        "client_mechanism": _check_client_mechanism,
     })
-    result = raw.validate(validator, preserve_errors=True)
-    lines = line_numbers(path)
-    problems: List[str] = []
-    if result is not True:
-        for sections, key, error in flatten_errors(raw, result):
-            if key is None:
-                problems.append("%s: missing section" % _where(lines, sections, ""))
-            elif error is False:
-                problems.append("%s: missing value" % _where(lines, sections, key))
-            else:
-                message = str(error) if isinstance(error, ValidateError) else "invalid value"
-                problems.append("%s: %s" % (_where(lines, sections, key), message))
+
+
+def _validation_problems(raw: ConfigObj, result, lines) -> List[str]:
+    if result is True:
+        return []
+    problems = []
+    for sections, key, error in flatten_errors(raw, result):
+        if key is None:
+            problems.append("%s: missing section" % _where(lines, sections, ""))
+        elif error is False:
+            problems.append("%s: missing value" % _where(lines, sections, key))
+        else:
+            message = str(error) if isinstance(error, ValidateError) else "invalid value"
+            problems.append("%s: %s" % (_where(lines, sections, key), message))
+    return problems
+
+
+def _unknown_names(raw: ConfigObj, lines) -> List[str]:
+    problems = []
     for sections, name in get_extra_values(raw):
         container = raw
         for section in sections:
             container = container[section]
         kind = "section" if isinstance(container.get(name), dict) else "key"
         problems.append("%s: unknown %s" % (_where(lines, sections, name), kind))
+    return problems
 
+
+def _domain_policies(raw: ConfigObj, result, lines) -> Tuple[Dict[str, DomainPolicy], List[str]]:
+    """[domains] by normalised name; a section whose values failed is left out
+    (its errors are reported already)."""
     domains: Dict[str, DomainPolicy] = {}
+    problems: List[str] = []
     for name in list(raw.get("domains", {}).keys()):
         section = raw["domains"][name]
         try:
@@ -424,15 +507,22 @@ def load(path: Optional[str] = None) -> Settings:
             max_messages=int(section["max_messages"]),
             recipients=recipients,
         )
-    if raw.get("odmr") and isinstance(raw["odmr"].get("listen"), list) and not raw["odmr"]["listen"] \
-            and not raw["odmr"].get("tls_listen"):
-        problems.append("%s: no ODMR listener configured" % _where(lines, ("odmr",), "listen"))
-    if problems:
-        raise ConfigError(problems)
+    return domains, problems
 
+
+def _listener_problems(raw: ConfigObj, lines) -> List[str]:
+    odmr = raw.get("odmr")
+    if odmr and isinstance(odmr.get("listen"), list) and not odmr["listen"] \
+            and not odmr.get("tls_listen"):
+        return ["%s: no ODMR listener configured" % _where(lines, ("odmr",), "listen")]
+    return []
+
+
+def _settings(path: str, raw: ConfigObj, domains: Dict[str, DomainPolicy]) -> Settings:
+    """The validated file as frozen settings; relative paths from the file's directory."""
     base = os.path.dirname(path)
     tls = raw["tls"]
-    settings = Settings(
+    return Settings(
         path=path,
         hostname=raw["hostname"] or default_hostname(),
         spool_dir=_resolve(base, raw["spool_dir"]),
@@ -444,37 +534,8 @@ def load(path: Optional[str] = None) -> Settings:
         log_file=_resolve(base, raw["log_file"]),
         allow_root=raw["allow_root"],
         grace_period=raw["grace_period"],
-        odmr=OdmrSettings(
-            listen=tuple(raw["odmr"]["listen"]),
-            tls_listen=tuple(raw["odmr"]["tls_listen"]),
-            mechanisms=tuple(raw["odmr"]["mechanisms"]),
-            allow_plaintext_passwords=raw["odmr"]["allow_plaintext_passwords"],
-            require_tls=raw["odmr"]["require_tls"],
-            max_sessions=raw["odmr"]["max_sessions"],
-            max_sessions_per_address=raw["odmr"]["max_sessions_per_address"],
-            idle_timeout=raw["odmr"]["idle_timeout"],
-            max_bad_commands=raw["odmr"]["max_bad_commands"],
-            max_auth_failures=raw["odmr"]["max_auth_failures"],
-            auth_throttle_failures=raw["odmr"]["auth_throttle_failures"],
-            auth_throttle_window=raw["odmr"]["auth_throttle_window"],
-            one_line_per_tls_record=raw["odmr"]["one_line_per_tls_record"],
-            proxy_protocol=raw["odmr"]["proxy_protocol"],
-            proxy_trusted=tuple(raw["odmr"]["proxy_trusted"]),
-        ),
-        smtp=SmtpSettings(
-            listen=tuple(raw["smtp"]["listen"]),
-            tls_listen=tuple(raw["smtp"]["tls_listen"]),
-            max_message_size=raw["smtp"]["max_message_size"],
-            max_recipients=raw["smtp"]["max_recipients"],
-            require_tls=raw["smtp"]["require_tls"],
-            allow_routing_local_parts=raw["smtp"]["allow_routing_local_parts"],
-            max_sessions=raw["smtp"]["max_sessions"],
-            max_sessions_per_address=raw["smtp"]["max_sessions_per_address"],
-            idle_timeout=raw["smtp"]["idle_timeout"],
-            max_bad_commands=raw["smtp"]["max_bad_commands"],
-            postmaster=raw["smtp"]["postmaster"],
-            max_data_time=raw["smtp"]["max_data_time"],
-        ),
+        odmr=_odmr_settings(raw["odmr"]),
+        smtp=_smtp_settings(raw["smtp"]),
         tls=TlsSettings(
             cert_file=_resolve(base, tls["cert_file"]),
             key_file=_resolve(base, tls["key_file"]),
@@ -488,7 +549,43 @@ def load(path: Optional[str] = None) -> Settings:
         domains=domains,
         fetch=dict(raw["fetch"]),
     )
-    return settings
+
+
+def _odmr_settings(odmr) -> OdmrSettings:
+    return OdmrSettings(
+        listen=tuple(odmr["listen"]),
+        tls_listen=tuple(odmr["tls_listen"]),
+        mechanisms=tuple(odmr["mechanisms"]),
+        allow_plaintext_passwords=odmr["allow_plaintext_passwords"],
+        require_tls=odmr["require_tls"],
+        max_sessions=odmr["max_sessions"],
+        max_sessions_per_address=odmr["max_sessions_per_address"],
+        idle_timeout=odmr["idle_timeout"],
+        max_bad_commands=odmr["max_bad_commands"],
+        max_auth_failures=odmr["max_auth_failures"],
+        auth_throttle_failures=odmr["auth_throttle_failures"],
+        auth_throttle_window=odmr["auth_throttle_window"],
+        one_line_per_tls_record=odmr["one_line_per_tls_record"],
+        proxy_protocol=odmr["proxy_protocol"],
+        proxy_trusted=tuple(odmr["proxy_trusted"]),
+    )
+
+
+def _smtp_settings(smtp) -> SmtpSettings:
+    return SmtpSettings(
+        listen=tuple(smtp["listen"]),
+        tls_listen=tuple(smtp["tls_listen"]),
+        max_message_size=smtp["max_message_size"],
+        max_recipients=smtp["max_recipients"],
+        require_tls=smtp["require_tls"],
+        allow_routing_local_parts=smtp["allow_routing_local_parts"],
+        max_sessions=smtp["max_sessions"],
+        max_sessions_per_address=smtp["max_sessions_per_address"],
+        idle_timeout=smtp["idle_timeout"],
+        max_bad_commands=smtp["max_bad_commands"],
+        postmaster=smtp["postmaster"],
+        max_data_time=smtp["max_data_time"],
+    )
 
 
 _LENIENT = {"pid_file": ("odmrd.pid", "path"), "user": ("", "text"),

@@ -17,16 +17,18 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from odmr import sasl
 from odmr.atrnclient import (DEFAULT_PORT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE,
                              Endpoint, FetchError, NoMail, open_reversed)
+from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, parse_hostport,
+                         parse_size)
 from odmr.names import plural
 
 EX_NOINPUT = 66
 EX_CONFIG = 78
 EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
+DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
 MAX_BACKOFF = 3600.0
 RELAY_CONNECT_TIMEOUT = 60.0
 
@@ -58,37 +60,91 @@ class FetchOptions:
     verbose: bool
     config_note: str = ""       # which file the settings came from, for -v and --check
     check_only: bool = False
-    max_size: int = 50 * 1024 * 1024    # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
+    max_size: int = DEFAULT_MAX_SIZE
+
+
+def _every(text: str):
+    """--every INTERVAL (more than 0), or the marker of a bare --every."""
+    if text == EVERY_FROM_CONFIG:
+        return text
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def _server(text: str) -> Tuple[str, int]:
+    return parse_hostport(text, DEFAULT_PORT)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag, its [fetch] key, the converter of the flag's text
+    (the configspec types the key with the same converter, in odmr.config),
+    and its value when neither gives one. A `path` from [fetch] is relative
+    to the config file's directory, one from a flag to the current one."""
+
+    flag: str
+    key: str
+    convert: Callable[[Any], Any]
+    default: Any
+    metavar: Optional[str]
+    help: str
+    path: bool = False
+    flag_kw: Tuple[Tuple[str, Any], ...] = ()       # more add_argument() keywords
+    from_file: bool = True      # False: the [fetch] key only serves a flag given bare (every)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("--server", "server", _server, None, "HOST[:PORT]",
+           "the provider (port default %d)" % DEFAULT_PORT),
+    Option("--user", "user", str, None, "NAME", "account name"),
+    Option("--password-file", "password_file", str, "", "FILE",
+           "file whose first line is the password (else $ODMR_PASSWORD)", path=True),
+    Option("--domain", "domains", parse_domains, [], "D",
+           "domain to collect (repeatable; default: all of the account's)",
+           flag_kw=(("action", "append"),)),
+    Option("--tls", "tls", str, "starttls", None,
+           "starttls (default; required, certificate verified), implicit, or none",
+           flag_kw=(("choices", ("starttls", "implicit", "none")),)),
+    Option("--ca-file", "ca_file", str, "", "FILE", "CA certificates to verify the provider with",
+           path=True),
+    Option("--insecure", "insecure", bool, False, None, "do not verify the provider's certificate",
+           flag_kw=(("action", "store_true"),)),
+    Option("--mechanism", "mechanism", parse_client_mechanism, "", "M",
+           "SASL mechanism (default: best offered)"),
+    Option("--relay", "relay", parse_hostport, None, "HOST:PORT",
+           "hand the mail to this local SMTP server"),
+    Option("--maildir", "maildir", str, "", "DIR", "deliver into this Maildir", path=True),
+    Option("--mbox", "mbox", str, "", "FILE", "deliver into this mbox file", path=True),
+    Option("--every", "every", _every, 0.0, "INTERVAL",
+           "poll forever at this interval (e.g. 15m); alone: at the [fetch] section's `every` "
+           "(what the init scripts run); without it one run, whatever [fetch] says",
+           flag_kw=(("nargs", "?"), ("const", EVERY_FROM_CONFIG)), from_file=False),
+    Option("--max-size", "max_size", parse_size, DEFAULT_MAX_SIZE, "SIZE",
+           "with --maildir/--mbox: refuse messages over SIZE with 552 (e.g. 10K, 50M; "
+           "default 50M; 0: no limit)"),
+)
+TARGETS = ("relay", "maildir", "mbox")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="odmrd fetch", description="Collect mail from an ODMR provider (RFC 2645).")
-    p.add_argument("--server", metavar="HOST[:PORT]", help="the provider (port default %d)" % DEFAULT_PORT)
-    p.add_argument("--user", metavar="NAME", help="account name")
-    p.add_argument("--password-file", metavar="FILE",
-                   help="file whose first line is the password (else $ODMR_PASSWORD)")
-    p.add_argument("--domain", action="append", default=None, metavar="D",
-                   help="domain to collect (repeatable; default: all of the account's)")
-    p.add_argument("--tls", choices=("starttls", "implicit", "none"), default=None,
-                   help="starttls (default; required, certificate verified), implicit, or none")
-    p.add_argument("--ca-file", metavar="FILE", help="CA certificates to verify the provider with")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="do not verify the provider's certificate")
-    p.add_argument("--mechanism", metavar="M", help="SASL mechanism (default: best offered)")
-    p.add_argument("--relay", metavar="HOST:PORT", help="hand the mail to this local SMTP server")
-    p.add_argument("--maildir", metavar="DIR", help="deliver into this Maildir")
-    p.add_argument("--mbox", metavar="FILE", help="deliver into this mbox file")
-    p.add_argument("--every", metavar="INTERVAL", nargs="?", const=EVERY_FROM_CONFIG,
-                   help="poll forever at this interval (e.g. 15m); alone: at the [fetch] "
-                        "section's `every` (what the init scripts run)")
+    for option in OPTIONS:
+        more = dict(option.flag_kw)
+        if option.metavar:
+            more["metavar"] = option.metavar
+        # None: not given, so the [fetch] key (or the default) applies
+        p.add_argument(option.flag, default=None, help=option.help, **more)
     p.add_argument("-c", "--config", metavar="FILE",
                    help="read the [fetch] section of FILE (default: $ODMRD_CONFIG or "
                         "/etc/odmrd/odmrd.conf, only if it has a [fetch] section)")
     p.add_argument("--check", action="store_true",
                    help="check the settings (files, flags, config) and exit without connecting")
-    p.add_argument("--max-size", metavar="SIZE",
-                   help="with --maildir/--mbox: refuse messages over SIZE with 552 "
-                        "(e.g. 10K, 50M; default 50M; 0: no limit)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the conversation on stderr")
     return p
 
@@ -150,125 +206,110 @@ def _read_password(path: str) -> str:
 
 def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions:
     """Flags over the config's [fetch] section; UsageError for anything unusable."""
-    from odmr.config import parse_hostport
-    from odmr.names import normalize_domain
     args = build_parser().parse_args(argv)
     config_path, note = _choose_config(args.config or config_path)
     section, base, hostname = _fetch_section(config_path)
     # a missing setting says where it was looked for
     missing = " (%s)" % note if config_path is None else \
         " (or in [fetch] of %s)" % os.path.abspath(config_path)
+    values, flagged = _values(args, section, base)
+    for key in ("server", "user"):
+        if not values[key]:
+            raise UsageError("--%s is required%s" % (key, missing))
+    password = _password(values, flagged)
+    _check_ca_file(values["ca_file"])
+    relay, maildir, mbox = _target(values, flagged, missing)
+    if relay is not None and "max_size" in flagged:
+        raise UsageError("--max-size applies to --maildir and --mbox; with --relay the "
+                         "local server enforces its own limit")
+    host, port = values["server"]
+    endpoint = Endpoint(host=host, port=port, user=values["user"], password=password,
+                        domains=values["domains"], tls=values["tls"], ca_file=values["ca_file"],
+                        insecure=values["insecure"], mechanism=values["mechanism"], helo=hostname)
+    return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
+                        every=_interval(values["every"], section, note), verbose=args.verbose,
+                        config_note=note, check_only=args.check, max_size=values["max_size"])
 
-    def pick(flag, key):
-        return flag if flag not in (None, "", []) else section.get(key)
 
-    server = pick(args.server, "server")
-    user = pick(args.user, "user")
-    if not server:
-        raise UsageError("--server is required" + missing)
-    if not user:
-        raise UsageError("--user is required" + missing)
-    try:
-        host, port = parse_hostport(server, DEFAULT_PORT)
-    except ValueError as exc:
-        raise UsageError("--server: %s" % exc) from None
-
-    if args.password_file:
-        password = _read_password(args.password_file)
-    elif os.environ.get("ODMR_PASSWORD"):
-        password = os.environ["ODMR_PASSWORD"]
-    elif section.get("password_file"):
-        password = _read_password(_relative(base, section["password_file"]))
-    else:
-        raise UsageError("no password: give --password-file FILE or set ODMR_PASSWORD")
-    if not password:
-        raise UsageError("the password is empty")
-
-    domains = []
-    for item in pick(args.domain, "domains") or []:
-        for name in str(item).split(","):
+def _values(args: argparse.Namespace, section: dict, base: str) -> Tuple[Dict[str, Any], Set[str]]:
+    """Each setting from its flag, else from [fetch] (typed by the configspec),
+    else its default; and the keys that came from flags."""
+    values: Dict[str, Any] = {}
+    flagged: Set[str] = set()
+    for option in OPTIONS:
+        given = getattr(args, option.dest)
+        if given not in (None, "", []):
             try:
-                domain = normalize_domain(name.strip())
+                values[option.key] = option.convert(given)
             except ValueError as exc:
-                raise UsageError("--domain %r: %s" % (name, exc)) from None
-            if domain not in domains:
-                domains.append(domain)
+                raise UsageError("%s: %s" % (option.flag, exc)) from None
+            flagged.add(option.key)
+        elif option.from_file and section.get(option.key) not in (None, "", []):
+            value = section[option.key]
+            values[option.key] = _relative(base, value) if option.path else value
+        else:
+            values[option.key] = option.default
+    return values, flagged
 
-    mechanism = (pick(args.mechanism, "mechanism") or "").upper()
-    if mechanism and mechanism not in sasl.CLIENT_MECHANISMS:
-        raise UsageError("--mechanism: unknown mechanism %s (known: %s)"
-                         % (mechanism, ", ".join(sorted(sasl.CLIENT_MECHANISMS))))
 
-    ca_file = args.ca_file or _relative(base, section.get("ca_file") or "")
-    if ca_file and not os.access(ca_file, os.R_OK):
+def _password(values: Dict[str, Any], flagged: Set[str]) -> str:
+    """--password-file, else $ODMR_PASSWORD, else [fetch] password_file."""
+    if "password_file" in flagged:
+        return _read_password(values["password_file"])
+    if os.environ.get("ODMR_PASSWORD"):
+        return os.environ["ODMR_PASSWORD"]
+    if values["password_file"]:
+        return _read_password(values["password_file"])
+    raise UsageError("no password: give --password-file FILE or set ODMR_PASSWORD")
+
+
+def _check_ca_file(ca_file: str) -> None:
+    """Found out now, not after connecting: unreadable, a directory, no certificates."""
+    if not ca_file:
+        return
+    if not os.access(ca_file, os.R_OK):
         raise UsageError("cannot read CA file %s" % ca_file, EX_NOINPUT)
-    if ca_file:
-        # found out now, not after connecting: a directory or a file without certificates
-        from odmr.atrnclient import FetchError, tls_context
-        try:
-            tls_context(ca_file, False)
-        except FetchError as exc:
-            raise UsageError(str(exc), EX_NOINPUT) from None
+    from odmr.atrnclient import tls_context
+    try:
+        tls_context(ca_file, False)
+    except FetchError as exc:
+        raise UsageError(str(exc), EX_NOINPUT) from None
 
-    given = [name for name in ("relay", "maildir", "mbox") if getattr(args, name)]
+
+def _target(values: Dict[str, Any], flagged: Set[str], missing: str
+            ) -> Tuple[Optional[Tuple[str, int]], str, str]:
+    """(relay, maildir, mbox), exactly one set: a flag's choice replaces the file's."""
+    given = [name for name in TARGETS if name in flagged]
     if len(given) > 1:
         raise UsageError("give only one of --relay, --maildir, --mbox")
     if not given:
-        given = [name for name in ("relay", "maildir", "mbox") if section.get(name)]
+        given = [name for name in TARGETS if values[name]]
         if len(given) > 1:
             raise UsageError("[fetch] sets more than one of relay, maildir, mbox")
     if not given:
         raise UsageError("one of --relay HOST:PORT, --maildir DIR or --mbox FILE is required"
                          + missing)
     target = given[0]
-    value = getattr(args, target) or section.get(target)
-    relay = None
-    maildir = mbox = ""
-    if target == "relay":
-        try:
-            relay = parse_hostport(value)
-        except ValueError as exc:
-            raise UsageError("--relay: %s" % exc) from None
-    elif target == "maildir":
-        maildir = value if args.maildir else _relative(base, value)
-    else:
-        mbox = value if args.mbox else _relative(base, value)
-        if os.path.isdir(mbox):
-            raise UsageError("--mbox %s is a directory (use --maildir?)" % mbox)
-
-    max_size = _max_size(args.max_size, section, relay is not None)
-    every = _interval(args.every, section, note)
-    endpoint = Endpoint(host=host, port=port, user=user, password=password, domains=domains,
-                        tls=args.tls or section.get("tls") or "starttls", ca_file=ca_file,
-                        insecure=bool(args.insecure or section.get("insecure")),
-                        mechanism=mechanism, helo=hostname)
-    return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
-                        every=every, verbose=args.verbose, config_note=note,
-                        check_only=args.check, max_size=max_size)
+    if target == "mbox" and os.path.isdir(values["mbox"]):
+        raise UsageError("--mbox %s is a directory (use --maildir?)" % values["mbox"])
+    return (values["relay"] if target == "relay" else None,
+            values["maildir"] if target == "maildir" else "",
+            values["mbox"] if target == "mbox" else "")
 
 
-def _interval(flag: Optional[str], section: dict, where: str) -> float:
-    """Seconds between runs (0: run once) from --every and the [fetch] `every`.
+def _interval(every, section: dict, where: str) -> float:
+    """Seconds between runs (0: run once); a bare --every takes the [fetch] `every`.
 
     Without --every a run is one run, whatever the file says: cron and a shell expect
-    `odmrd fetch -c FILE` to return; `every` is the interval a bare --every polls at."""
-    from odmr.config import parse_duration
+    `odmrd fetch -c FILE` to return."""
+    if every != EVERY_FROM_CONFIG:
+        return every
     configured = float(section.get("every") or 0)
-    if flag == EVERY_FROM_CONFIG:
-        if configured <= 0:
-            # what the service scripts run: one run and an exit would look like a crash
-            raise UsageError("--every without an interval needs `every` in the [fetch] section"
-                             " (%s)" % where, EX_CONFIG)
-        return configured
-    if not flag:
-        return 0.0
-    try:
-        every = parse_duration(flag)
-    except ValueError as exc:
-        raise UsageError("--every: %s" % exc) from None
-    if every <= 0:
-        raise UsageError("--every must be more than 0")
-    return every
+    if configured <= 0:
+        # what the service scripts run: one run and an exit would look like a crash
+        raise UsageError("--every without an interval needs `every` in the [fetch] section"
+                         " (%s)" % where, EX_CONFIG)
+    return configured
 
 
 def _duration(seconds: float) -> str:
@@ -289,20 +330,6 @@ def describe(options: FetchOptions) -> str:
     return "%s at %s:%d (tls %s), %s, %s; %s" % (
         endpoint.user, endpoint.host, endpoint.port, endpoint.tls, target, when,
         options.config_note)
-
-
-def _max_size(flag: Optional[str], section: dict, relaying: bool) -> int:
-    """--max-size over [fetch] max_size; with --relay the local MTA sets its own limit."""
-    from odmr.config import parse_size
-    if flag is None:
-        return int(section.get("max_size", FetchOptions.max_size))
-    if relaying:
-        raise UsageError("--max-size applies to --maildir and --mbox; with --relay the "
-                         "local server enforces its own limit")
-    try:
-        return parse_size(flag)
-    except ValueError as exc:
-        raise UsageError("--max-size: %s" % exc) from None
 
 
 # -- one run ---------------------------------------------------------------------
@@ -363,7 +390,7 @@ def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
         return RunResult(EX_TEMPFAIL, "cannot connect to the local SMTP server %s: %s; the "
                          "provider keeps the mail" % (where, exc.strerror or exc), level=logging.ERROR)
     try:
-        result = splice(turn.sock, local, turn.leftover, progress=trace)
+        result = splice(turn.sock, local, turn.file, progress=trace)
     finally:
         try:
             local.close()
@@ -397,7 +424,7 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
         peer_ip = turn.sock.getpeername()[0]
     except OSError:
         peer_ip = turn.peer
-    session = serve_reversed(turn.sock, peer_ip, turn.leftover, mailbox,
+    session = serve_reversed(turn.sock, peer_ip, turn.file, mailbox,
                              options.endpoint.helo, turn.tls, trace, options.max_size)
     summary = session.tally.summary(options.maildir or options.mbox)
     if not session.quit:

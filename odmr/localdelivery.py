@@ -10,11 +10,10 @@ end without keeping any of it), which makes the provider return it.
 """
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import time
-from typing import Callable, List, Optional
+from typing import BinaryIO, Callable, List, Optional
 
 from odmr import replies
 from odmr.mailstore import Mailbox, StorageError
@@ -30,39 +29,17 @@ DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size: so a provider cannot fill 
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
 
 
-class _Prefixed(io.RawIOBase):
-    """A socket's byte stream, preceded by bytes that were already read from it."""
-
-    def __init__(self, sock: socket.socket, leftover: bytes):
-        self.sock = sock
-        self.leftover = leftover
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.leftover:
-            n = min(len(buffer), len(self.leftover))
-            buffer[:n] = self.leftover[:n]
-            self.leftover = self.leftover[n:]
-            return n
-        return self.sock.recv_into(buffer)
-
-
 class LocalSMTPSession(Session):
     """The customer's own SMTP server, spoken on the provider's connection."""
 
     idle_timeout = IDLE_TIMEOUT
 
-    def __init__(self, sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
+    def __init__(self, sock: socket.socket, peer: str, reader: BinaryIO, mailbox: Mailbox,
                  hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
                  max_size: int = DEFAULT_MAX_SIZE):
         super().__init__(sock, peer)
-        try:
-            self.rfile.close()
-        except OSError:
-            pass
-        self.rfile = io.BufferedReader(_Prefixed(sock, leftover), 65536)
+        # the negotiation's reader: the provider's first commands may already be in it
+        self.rfile = reader
         self.mailbox = mailbox
         self.my_hostname = hostname
         self.tls = tls
@@ -250,11 +227,12 @@ class LocalSMTPSession(Session):
         return replies.TOO_BIG[1] % self.max_size
 
 
-def serve_reversed(sock: socket.socket, peer: str, leftover: bytes, mailbox: Mailbox,
+def serve_reversed(sock: socket.socket, peer: str, reader: BinaryIO, mailbox: Mailbox,
                    hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
                    max_size: int = DEFAULT_MAX_SIZE) -> LocalSMTPSession:
-    """Run the local SMTP server on the reversed connection until it ends."""
-    session = LocalSMTPSession(sock, peer, leftover, mailbox, hostname, tls, trace, max_size)
+    """Run the local SMTP server on the reversed connection until it ends;
+    `reader` is the buffered reader the ATRN negotiation left (Turnaround.file)."""
+    session = LocalSMTPSession(sock, peer, reader, mailbox, hostname, tls, trace, max_size)
     session.run()
     return session
 

@@ -25,7 +25,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Optional
+from typing import BinaryIO, Callable, Deque, Optional
 
 from odmr.tally import DATA, END, GREETING, Tally
 
@@ -78,10 +78,11 @@ def _last_line(tail: bytes) -> bytes:
     return lines[-1].lstrip(b"\r") if lines else b""
 
 
-def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
+def splice(provider: socket.socket, local: socket.socket, reader: Optional[BinaryIO] = None,
            idle_timeout: float = IDLE_TIMEOUT,
            progress: Optional[Callable[[str], None]] = None) -> SpliceResult:
-    """Move bytes until both directions have ended; never raises for network trouble."""
+    """Move bytes until both directions have ended (first what `reader`, the ATRN
+    negotiation's Turnaround.file, already holds); never raises for network trouble."""
     p = _Side("provider", provider)
     l = _Side("local", local)
     p.other, l.other = l, p
@@ -89,11 +90,12 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
     tls_sides = [side for side in sides if side.tls]
     follower = _Follower()
     p.follow, l.follow = follower.from_provider, follower.from_local
-    follower.from_provider(leftover)
-    l.out += leftover
     for side in sides:
         _nodelay(side.sock)
         side.sock.setblocking(False)
+    leftover = _buffered(reader)
+    follower.from_provider(leftover)
+    l.out += leftover
     sel = selectors.DefaultSelector()
     deadline_reason = ""
     last_activity = time.monotonic()
@@ -138,6 +140,18 @@ def splice(provider: socket.socket, local: socket.socket, leftover: bytes = b"",
                  % (reason, p.count, l.count))
     return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
                         tally=follower.tally)
+
+
+def _buffered(reader: Optional[BinaryIO]) -> bytes:
+    """What the reader holds (the socket is non-blocking by now: nothing waits)."""
+    if reader is None:
+        return b""
+    try:
+        return reader.read1(CHUNK) or b""
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return b""
+    except (OSError, ValueError):
+        return b""                      # the first read from the socket reports it
 
 
 class _Follower:

@@ -681,3 +681,28 @@ def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypa
 def test_local_delivery_peer_address(peer, address):
     from odmr.localdelivery import _address_only
     assert _address_only(peer) == address
+
+
+def test_multiline_250_to_atrn_then_delivery(scripted, tmp_path):
+    """RFC 5321 allows any reply to span lines, ATRN's 250 too."""
+    s = scripted(atrn_reply="250-OK\r\n250 now reversing the connection", after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == EX_OK, err(result) + repr(s.errors)
+    assert len(os.listdir(tmp_path / "md" / "new")) == 1
+    assert s.errors == []
+
+
+def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
+    """[fetch] is typed in the configspec: a bad value is a configuration error (78)
+    naming each key and its line, not a flag error."""
+    conf = tmp_path / "fetch.conf"
+    conf.write_text("[fetch]\nserver = h:99999\nuser = a\nrelay = nohost\n"
+                    "mechanism = FOO\ndomains = bad..name\n")
+    result = run_fetch("-c", str(conf), "--check")
+    assert result.returncode == 78, err(result)
+    assert_one_line_error(result)
+    for key, line in (("server", 2), ("relay", 4), ("mechanism", 5), ("domains", 6)):
+        assert "fetch.%s (line %d)" % (key, line) in err(result), key
+    # the same values as flags are usage errors, one at a time
+    result = run_fetch("--server", "h:99999", "--user", "a", "--maildir", "m", "--check")
+    assert result.returncode == EX_USAGE and "--server: bad port" in err(result), err(result)
