@@ -312,7 +312,7 @@ def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, sections, odmr_extra, expected", [
-    ("", "[tls]\ncert_file = nocert.pem\nkey_file = nokey.pem", "", "[tls] cannot load"),
+    ("", "[tls]\ncert_file = nocert.pem\nkey_file = nokey.pem", "", "[tls] cannot read cert_file"),
     ("", "[tls]\ncert_file = nocert.pem", "", "[tls] cert_file and key_file must both be set"),
     ("", "[tls]\nclient_ca_file = ca.pem", "", "client_ca_file needs cert_file and key_file"),
     ("", "", "tls_listen = 127.0.0.1:3", "implicit TLS listener needs"),
