@@ -238,9 +238,15 @@ def _wrap(sock: socket.socket, endpoint: Endpoint) -> ssl.SSLSocket:
 def _handshake_failed(exc: ssl.SSLError, endpoint: Endpoint, implicit: bool) -> FetchError:
     """The one-line error for a failed handshake, with the fix when there is one."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s (give the CA "
-                          "that signed it with --ca-file FILE, or skip the check with --insecure)"
-                          % (endpoint.host, exc.verify_message or exc))
+        message = exc.verify_message or str(exc)
+        if "mismatch" in message.lower():       # the CA is fine: the name is not the one signed
+            fix = "connect by a name the certificate holds: --server NAME[:PORT]"
+        elif endpoint.ca_file:
+            fix = "%s did not sign it: give the CA that did with --ca-file FILE" % endpoint.ca_file
+        else:
+            fix = "give the CA that signed it with --ca-file FILE"
+        return FetchError(EX_PROTOCOL, "certificate verification failed for %s: %s (%s, or skip "
+                          "the check with --insecure)" % (endpoint.host, message, fix))
     if implicit and exc.reason in NOT_TLS_REASONS:
         return FetchError(EX_PROTOCOL, "TLS handshake with %s:%d failed (%s): this port may "
                           "speak plain SMTP/STARTTLS: try --tls starttls"
@@ -359,8 +365,9 @@ def _ehlo(client: ProviderClient) -> None:
 def _starttls(client: ProviderClient, endpoint: Endpoint) -> None:
     """--tls starttls: required, not merely used when offered; then EHLO again."""
     if not client.has_extn("starttls"):
-        raise FetchError(EX_UNAVAILABLE, "provider does not offer STARTTLS "
-                         "(use --tls implicit, or --tls none on a trusted network)")
+        raise FetchError(EX_UNAVAILABLE, "provider does not offer STARTTLS on port %d (its "
+                         "implicit-TLS port with --tls implicit, or --tls none on a trusted "
+                         "network)" % endpoint.port)
     context = tls_context(endpoint.ca_file, endpoint.insecure)
     try:
         client.starttls(context=context)

@@ -291,6 +291,30 @@ def test_certificate_failure_names_ca_file_and_insecure(tls_provider, tmp_path, 
     assert "--ca-file" in err(result) and "--insecure" in err(result)
 
 
+def _other_name_for_loopback() -> str:
+    """A host name that resolves to 127.0.0.1 but is not in the test certificate."""
+    for name in (socket.gethostname(), "vm", "runsc"):
+        if name in ("localhost", "odmr.test"):
+            continue
+        try:
+            if socket.gethostbyname(name) == "127.0.0.1":
+                return name
+        except OSError:
+            continue
+    pytest.skip("no other name for 127.0.0.1 here")
+
+
+def test_a_name_mismatch_says_to_connect_by_the_certificates_name(tls_provider, tmp_path, pki):
+    """The CA is right (--ca-file given): the fix is the name, not another CA."""
+    name = _other_name_for_loopback()
+    result = run_fetch("--server", "%s:%d" % (name, tls_provider.odmr_port), "--user", "alice",
+                       "--ca-file", pki["ca.pem"], "--maildir", str(tmp_path / "md"))
+    assert result.returncode == EX_PROTOCOL, err(result)
+    assert_one_line_error(result)
+    assert "connect by a name the certificate holds" in err(result)
+    assert "give the CA" not in err(result)
+
+
 # -- --every ------------------------------------------------------------------------------
 
 def poll(args: List[str], until: str, log_path: str, timeout: float = 30) -> List[str]:
