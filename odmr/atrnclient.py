@@ -23,16 +23,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
 
 from odmr import sasl
+from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
 from odmr.wire import reader_for
 
-EX_OK = 0
-EX_USAGE = 64
-EX_NOINPUT = 66
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_PROTOCOL = 76
-EX_NOPERM = 77
 
 DEFAULT_PORT = 366
 CONNECT_TIMEOUT = 60.0

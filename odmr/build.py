@@ -23,6 +23,8 @@ import time
 import zipfile
 from typing import Dict, List, Optional, Tuple
 
+from odmr.exits import EX_CANTCREAT, EX_OK, EX_UNAVAILABLE, EX_USAGE
+
 SHEBANG = b"#!/usr/bin/env python3\n"
 MAIN = b'''"""odmrd single-file build: runs odmr.__main__."""
 import runpy
@@ -31,7 +33,6 @@ runpy.run_module("odmr", run_name="__main__", alter_sys=True)
 '''
 BUNDLED = ("configobj", "validate", "idna")     # validate: the shim `import validate` finds
 REQUIREMENTS = ("configobj>=5.0.7", "idna>=3.0")   # what pip fetches when one is missing
-EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT = 0, 64, 69, 70, 73
 
 
 class BuildError(Exception):

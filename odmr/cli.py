@@ -13,19 +13,9 @@ import time
 from typing import List, Optional
 
 from odmr import __version__
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
+from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT,
+                         EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE,
+                         EX_USAGE)
 
 
 class UsageError(Exception):

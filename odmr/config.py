@@ -306,10 +306,6 @@ class TlsSettings:
     key_file: str
     client_ca_file: str
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cert_file and self.key_file)
-
 
 @dataclass(frozen=True)
 class QueueSettings:

@@ -19,14 +19,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from odmr.atrnclient import (DEFAULT_PORT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE,
-                             Endpoint, FetchError, NoMail, open_reversed)
+from odmr.atrnclient import DEFAULT_PORT, Endpoint, FetchError, NoMail, open_reversed
 from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, parse_hostport,
                          parse_size)
+from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE
 from odmr.names import plural
 
-EX_NOINPUT = 66
-EX_CONFIG = 78
 EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
 MAX_BACKOFF = 3600.0

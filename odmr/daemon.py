@@ -29,19 +29,13 @@ import time
 from typing import List, Optional, Tuple
 
 from odmr import config as config_mod
+from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OK, EX_OSERR,
+                         EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE)
 from odmr.logline import OneLineFormatter
 from odmr.server import Service, StartupError
 
 log = logging.getLogger("odmrd")
 
-EX_OK = 0
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_OSERR = 71
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/log", "/var/run/syslog")
 DEFAULT_LOG_FILE = "/var/log/odmrd.log"
@@ -391,24 +385,6 @@ def drop_privileges(account: Account) -> None:
 
 
 # -- pid file --------------------------------------------------------------------
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` runs and is not a zombie (PID 1 may reap late)."""
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def read_pid_file(path: str) -> Optional[int]:
     try:

@@ -10,6 +10,7 @@ import os
 import pwd
 from typing import BinaryIO, List, Tuple
 
+from odmr.exits import EX_DATAERR, EX_IOERR, EX_NOUSER, EX_TEMPFAIL
 from odmr.names import address_is_safe
 from odmr.runtime import Runtime
 from odmr.spool import SpoolError
@@ -17,11 +18,6 @@ from odmr.submission import Submission, TooBig
 from odmr.syntax import local_received_header, printable, split_source_route
 
 log = logging.getLogger("odmrd.enqueue")
-
-EX_DATAERR = 65
-EX_NOUSER = 67
-EX_IOERR = 74
-EX_TEMPFAIL = 75
 
 
 class EnqueueError(Exception):

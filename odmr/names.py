@@ -85,14 +85,6 @@ def _clip(reason: str) -> str:
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def is_valid_domain(text: str) -> bool:
-    try:
-        normalize_domain(text)
-    except ValueError:
-        return False
-    return True
-
-
 def split_address(address: str) -> Tuple[str, str]:
     """Split `local@domain` at the last '@'; the domain is not normalised."""
     local, at, domain = address.rpartition("@")

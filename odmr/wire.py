@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Optional
 
 from odmr import replies
 from odmr.names import address_is_safe
@@ -575,10 +575,6 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return index
     return -1
-
-
-def join_lines(items: Iterable[str]) -> str:
-    return ", ".join(items)
 
 
 def _clean_lines(data: bytes) -> bytes:

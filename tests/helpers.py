@@ -444,7 +444,7 @@ def accept_all(c: Customer, expect: int):
 # -- odmrd fetch and a scripted provider -----------------------------------------------
 
 FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
-EX_OK, EX_USAGE, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 0, 64, 66, 69, 75, 76, 77
+from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # noqa: E402,F401
 
 
 def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
