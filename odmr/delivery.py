@@ -1,46 +1,39 @@
 """Delivery after the turnaround: odmrd is the SMTP client on the customer's connection.
 
 Built on `smtplib.SMTP`, given the session's socket and its buffered reader
-(so nothing the customer already sent is lost). One result per recipient:
-2xx done, 5xx failed (a DSN goes to the sender), 4xx kept for the next ATRN.
-A message leaves the spool only when all its recipients have a final result.
+(so nothing the customer already sent is lost) in a `Handoff`. The SMTP client
+only, like a Postfix delivery agent: the messages come from the queue manager
+(`queuemgr`), and every reply goes back to it as one result per recipient; it
+records them, spools DSNs and retires what is done. Nothing here opens a file.
 
 Speed: with PIPELINING the end-of-data dot of one message travels in the same
 write as the next message's MAIL/RCPT/DATA (RFC 2920 allows commands after
 the data), so a message costs one round trip instead of two. Replies are
 matched to commands through a queue of expectations; any reply that cannot
 belong to the command it answers ends the session with everything in flight
-kept (a crash may duplicate, never lose). A fully delivered message is
-retired at once, and a background thread fsyncs the directory behind it, a
-few removals per fsync; delivery waits only when more than MAX_UNSYNCED
+kept (a crash may duplicate, never lose). Each message's results go back
+before the next end-of-data dot goes out, and the queue manager retires a
+delivered message at once; delivery waits only when more than MAX_UNSYNCED
 removals are not yet durable. So a process crash re-delivers at most the one
 message in flight, and a power failure at most MAX_UNSYNCED messages.
 """
 from __future__ import annotations
 
-import atexit
 import logging
-import os
-import queue
 import smtplib
 import socket
 import threading
-import time
-import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Deque, Dict, Iterator, List, Optional, Tuple
 
-from odmr.bounce import send_dsn
-from odmr.spool import CHUNK, CorruptMessage, LinkRefused, Message, Spool, SpoolError, State, parse_envelope
-from odmr.logline import escape_for_log
+from odmr.queuemgr import MAX_UNSYNCED, Drain, QueueManager, reply_text  # noqa: F401 (MAX_UNSYNCED: the bound delivery runs under)
+from odmr.runtime import Runtime
+from odmr.spool import Message
 from odmr.wire import dot_stuff
 
 log = logging.getLogger("odmrd.delivery")
 
-MAX_UNSYNCED = 32              # removals not yet fsync'd before delivery waits (power-loss bound)
-SYNC_GATHER = 0.002            # seconds the syncer waits to cover several removals with one fsync
-REAP_BACKLOG = 20000          # retired files the reaper lets pile up while sessions run
 INLINE_BODY = 512 * 1024       # bodies up to this size are read whole and sent in one write
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
@@ -69,24 +62,6 @@ class ConnectionLost(Exception):
 
 class OutOfStep(Exception):
     """A reply that cannot answer the command it is matched with: stop talking."""
-
-
-# -- stopping -----------------------------------------------------------------
-_stop_events: "weakref.WeakKeyDictionary[Spool, threading.Event]" = weakref.WeakKeyDictionary()
-_stop_guard = threading.Lock()
-
-
-def _stop_event(spool: Spool) -> threading.Event:
-    with _stop_guard:
-        event = _stop_events.get(spool)
-        if event is None:
-            event = _stop_events[spool] = threading.Event()
-        return event
-
-
-def request_stop(spool: Spool) -> None:
-    """Graceful stop: sessions on `spool` finish the message in flight, then QUIT."""
-    _stop_event(spool).set()
 
 
 # -- the client ---------------------------------------------------------------
@@ -158,10 +133,7 @@ class ReversedClient(smtplib.SMTP):
         return self.read_reply()
 
 
-def _fmt(code: int, text: str) -> str:
-    """A customer's reply as stored (last_error), logged and quoted in DSNs: one line, its
-    control and format characters escaped (they would reach an operator's terminal)."""
-    return escape_for_log("%d %s" % (code, " ".join(text.split())))[:500]
+_fmt = reply_text
 
 
 def _described(code: int, text: str) -> str:
@@ -169,36 +141,44 @@ def _described(code: int, text: str) -> str:
     return _fmt(code, text) if code >= 0 else ("garbage %r" % text)[:500]
 
 
-def deliver_reversed(session, domains: Sequence[str]) -> None:
-    """Drive the reversed connection: greeting, EHLO, every message of `domains`, QUIT."""
-    runtime = session.runtime
-    peer = session.peer
-    one_line = bool(getattr(session, "implicit_tls", False)) and \
-        runtime.settings.odmr.one_line_per_tls_record
-    client = ReversedClient(session.sock, session.rfile, runtime.hostname, one_line)
-    run: Optional[Run] = None
-    _reaper.session(+1)
+@dataclass(frozen=True)
+class Handoff:
+    """What the ODMR session gives delivery at its 250 to ATRN: the connection and the
+    claim, not the session itself. `stop` is the service's: when set, the message in
+    flight is finished and the rest waits for the next ATRN."""
+    sock: socket.socket
+    rfile: BinaryIO                 # the session's buffered reader: nothing read ahead is lost
+    peer: str
+    implicit_tls: bool              # the connection began with TLS (an "odmrs" listener)
+    domains: Tuple[str, ...]        # claimed by the session for as long as delivery runs
+    runtime: Runtime
+    queue: QueueManager
+    stop: threading.Event
+
+
+def deliver_reversed(handoff: Handoff) -> None:
+    """Drive the reversed connection: greeting, EHLO, every message of the domains, QUIT."""
+    runtime = handoff.runtime
+    peer = handoff.peer
+    one_line = handoff.implicit_tls and runtime.settings.odmr.one_line_per_tls_record
+    client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line)
+    drain = handoff.queue.drain(runtime, handoff.domains)
     try:
         if not _introduce(client, peer):
             return
-        run = Run(client, runtime, peer)
+        run = Run(client, drain, peer, handoff.stop)
         try:
-            clean = run.deliver_all(domains)
+            clean = run.deliver_all()
         finally:
-            run.close()
+            drain.close()
         if clean:
             _quit(client)
         log.info("delivery: %s session done: %d delivered, %d deferred, %d bounced",
-                 peer, run.delivered, run.deferred, run.failed)
+                 peer, drain.delivered, drain.deferred, drain.failed)
     except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
         log.warning("delivery: %s session ended: %s", peer, exc)
     finally:
-        _reaper.session(-1)
-        for domain in domains:
-            try:
-                runtime.spool.sync_domain(domain)
-            except OSError:
-                pass
+        drain.end()
 
 
 def _introduce(client: ReversedClient, peer: str) -> bool:
@@ -252,9 +232,9 @@ def _quit(client: ReversedClient) -> None:
         pass
 
 
-# -- reading the queue quickly ------------------------------------------------
+# -- one session's deliveries -------------------------------------------------
 class Job:
-    """One message on its way: the spool record, its body if small, what is left to do."""
+    """One message on its way: the queued message, its text if small, what is left to do."""
 
     __slots__ = ("message", "payload", "rcpts", "results", "accepted", "mail_ok", "sent")
 
@@ -271,138 +251,12 @@ class Job:
         self.sent = False                      # commands went out: an attempt to count if lost
 
 
-def queued_messages(spool: Spool, domain: str) -> Iterator[Tuple[Message, Optional[bytes], bool]]:
-    """Messages of a domain, oldest first, each read with one open().
-
-    A corrupt file is quarantined and an unreadable one skipped (with a log line):
-    neither stops the rest of the domain from being delivered. Nothing is followed
-    through a symbolic link: the spool logs a link and leaves it alone."""
-    directory = spool.domain_dir(domain)
-    ids, with_state = spool.listing(domain)
-    for msg_id in ids:
-        try:
-            has_state = msg_id in with_state
-            message, body = _load(spool, domain, directory, msg_id, has_state)
-        except (FileNotFoundError, LinkRefused):
-            continue                           # removed meanwhile (queue delete), or a link (logged)
-        except CorruptMessage as exc:
-            spool.quarantine(domain, msg_id, str(exc))
-            continue
-        except IsADirectoryError:
-            spool.quarantine(domain, msg_id, "a directory where a message should be")
-            continue
-        except (SpoolError, OSError) as exc:
-            log.error("delivery: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
-            continue
-        yield message, body, has_state
-
-
-def _load(spool: Spool, domain: str, directory: str, msg_id: str,
-          has_state: bool) -> Tuple[Message, Optional[bytes]]:
-    path = os.path.join(directory, msg_id)
-    fd = spool.open_message(domain, msg_id)
-    try:
-        total = os.fstat(fd).st_size
-        if total <= INLINE_BODY:
-            head = _read_exactly(fd, total)
-            size_known = True
-        else:
-            head = _read_exactly(fd, CHUNK)
-            size_known = False
-            while b"\n\n" not in head and len(head) < 16 * CHUNK:
-                more = os.read(fd, CHUNK)
-                if not more:
-                    break
-                head += more
-    finally:
-        os.close(fd)
-    envelope, offset = parse_envelope(domain, msg_id, head)
-    state = spool.load_state(domain, msg_id) if has_state else State()
-    message = Message(domain, msg_id, path, envelope, offset, total - offset, state)
-    body = head[offset:] if size_known else None
-    return message, body
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
-    while len(data) < size:
-        more = os.read(fd, size - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-# -- one session's deliveries -------------------------------------------------
-class _RemovalSync:
-    """Makes removals durable on its own thread, a directory fsync covering every
-    removal before it; `note()` blocks only while more than MAX_UNSYNCED wait."""
-
-    def __init__(self, spool: Spool):
-        self.spool = spool
-        self._cond = threading.Condition()
-        self._pending: Dict[str, int] = {}
-        self._closed = False
-        self._thread: Optional[threading.Thread] = None
-
-    def note(self, domain: str) -> None:
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="removal-sync", daemon=True)
-                self._thread.start()
-            self._pending[domain] = self._pending.get(domain, 0) + 1
-            total = sum(self._pending.values())
-            if total == 1 or total == MAX_UNSYNCED // 2:
-                self._cond.notify_all()         # wake the syncer only when it has work to start
-            while total > MAX_UNSYNCED and self._thread.is_alive():
-                self._cond.wait(1.0)
-                total = sum(self._pending.values())
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                # gather a few removals per fsync: each wake-up costs the delivery thread
-                # a GIL hand-over, which is what limits the drain rate
-                deadline = time.monotonic() + SYNC_GATHER
-                while (not self._closed and sum(self._pending.values()) < MAX_UNSYNCED // 2
-                       and time.monotonic() < deadline):
-                    self._cond.wait(max(0.0, deadline - time.monotonic()))
-                batch = dict(self._pending)
-            for domain in batch:
-                try:
-                    self.spool.sync_domain(domain)
-                except OSError as exc:
-                    log.error("delivery: cannot sync spool directory of %s: %s", domain, exc)
-            with self._cond:
-                for domain, count in batch.items():
-                    left = self._pending.get(domain, 0) - count
-                    if left > 0:
-                        self._pending[domain] = left
-                    else:
-                        self._pending.pop(domain, None)
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        """Wait until every noted removal is durable, then let the thread end."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-
-
 class Run:
     """Delivers every message of some domains over one reversed connection."""
 
-    def __init__(self, client: ReversedClient, runtime, peer: str):
+    def __init__(self, client: ReversedClient, queue: Drain, peer: str, stop: threading.Event):
         self.client = client
-        self.runtime = runtime
-        self.spool: Spool = runtime.spool
+        self.queue = queue
         self.peer = peer
         features = client.esmtp_features if client.does_esmtp else {}
         self.pipelining = "pipelining" in features
@@ -410,12 +264,7 @@ class Run:
         self.eightbit = "8bitmime" in features
         self.smtputf8 = "smtputf8" in features
         self.dsn = "dsn" in features
-        self.delivered = self.deferred = self.failed = 0
-        self._stop = _stop_event(self.spool)
-        self._removals = _RemovalSync(self.spool)
-        self._with_state = set()                # ids that have a .state file to remove with them
-        self._log_later: List[tuple] = []
-        self._defer_logs = False
+        self._stop = stop
 
     # -- commands -----------------------------------------------------------
     def _mail_command(self, message: Message) -> str:
@@ -443,36 +292,31 @@ class Run:
         return "".join("RCPT TO:<%s>%s\r\n" % (r, params.get(r, "")) for r in job.rcpts)
 
     # -- the queue ------------------------------------------------------------
-    def _jobs(self, domains: Sequence[str]) -> Iterator[Job]:
-        for domain in domains:
-            for message, body, has_state in queued_messages(self.spool, domain):
-                if has_state:
-                    self._with_state.add(message.id)
-                pending = message.pending()
-                if not pending:                 # every recipient final (crash before removal)
-                    self._finish(message)
-                    continue
-                rcpts = [r.address for r in pending]
-                needs_utf8 = not message.envelope.sender.isascii() or not all(r.isascii() for r in rcpts)
-                if needs_utf8 and not self.smtputf8:
-                    reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
-                    self._record(message, {r: reply for r in rcpts})
-                    continue
-                if message.envelope.body == "8BITMIME" and not self.eightbit and _has_8bit(message, body):
-                    # RFC 6152 §3: convert or return it; odmrd does not rewrite MIME structure
-                    reply = (554, "5.6.3 Customer's server does not support 8BITMIME; "
-                                  "conversion to 7 bit not supported")
-                    self._record(message, {r: reply for r in rcpts})
-                    continue
-                yield Job(message, body, rcpts)
+    def _jobs(self) -> Iterator[Job]:
+        queue = self.queue
+        for message, body, rcpts in queue.messages(INLINE_BODY):
+            needs_utf8 = not message.envelope.sender.isascii() or not all(r.isascii() for r in rcpts)
+            if needs_utf8 and not self.smtputf8:
+                reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
+                queue.record(message, {r: reply for r in rcpts})
+                continue
+            if message.envelope.body == "8BITMIME" and not self.eightbit and self._has_8bit(message, body):
+                # RFC 6152 §3: convert or return it; odmrd does not rewrite MIME structure
+                reply = (554, "5.6.3 Customer's server does not support 8BITMIME; "
+                              "conversion to 7 bit not supported")
+                queue.record(message, {r: reply for r in rcpts})
+                continue
+            yield Job(message, body, rcpts)
 
-    def close(self) -> None:
-        """Every removal made durable before the session reports back."""
-        self._removals.close()
+    def _has_8bit(self, message: Message, body: Optional[bytes]) -> bool:
+        """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
+        if body is not None:
+            return not body.isascii()
+        return not all(chunk.isascii() for chunk in self.queue.text(message))
 
-    def deliver_all(self, domains: Sequence[str]) -> bool:
+    def deliver_all(self) -> bool:
         """Deliver everything; True when the conversation is still in step (QUIT may follow)."""
-        jobs = self._jobs(domains)
+        jobs = self._jobs()
         if self.pipelining:
             return self._pipelined(jobs)
         for job in jobs:
@@ -548,7 +392,7 @@ class Run:
         # RFC 5321 timeouts are lower bounds, and settimeout() is a system call.
         wait = max(timeouts.mail, timeouts.rcpt, timeouts.data_init, timeouts.data_end)
         upcoming = next(jobs, None)
-        self._defer_logs = True
+        self.queue.defer_logs = True
         try:
             while True:
                 job = None
@@ -570,7 +414,7 @@ class Run:
                 outbox = []
                 expect.extend(later)
                 later = []
-                self._flush_logs()                 # while the replies travel: log, read the next message
+                self.queue.flush_logs()            # while the replies travel: log, read the next message
                 if job is not None:
                     upcoming = next(jobs, None)
                 client.set_timeout(wait)
@@ -613,8 +457,8 @@ class Run:
             self._lost(in_flight, exc)
             raise
         finally:
-            self._defer_logs = False
-            self._flush_logs()
+            self.queue.defer_logs = False
+            self.queue.flush_logs()
 
     def _closing(self, in_flight: List[Job], reply: Reply) -> bool:
         """The customer said 421: it is going away; what is in flight waits."""
@@ -647,204 +491,26 @@ class Run:
         client.set_timeout(TIMEOUTS.data_block)
         at_line_start = True
         last = b"\n"
-        with job.message.open_data() as fh:
-            while True:
-                chunk = fh.read(CHUNK)
-                if not chunk:
-                    break
-                client.send(dot_stuff(chunk, at_line_start))
-                at_line_start = chunk.endswith(b"\n")
-                last = chunk[-1:]
+        for chunk in self.queue.text(job.message):
+            client.send(dot_stuff(chunk, at_line_start))
+            at_line_start = chunk.endswith(b"\n")
+            last = chunk[-1:]
         return b".\r\n" if last == b"\n" else b"\r\n.\r\n"
 
-    # -- results ----------------------------------------------------------------
+    # -- results: back to the queue manager -------------------------------------
     def _lost(self, jobs: List[Job], exc: BaseException) -> None:
-        """The connection broke (or went out of step): count an attempt for what was in flight."""
+        """The connection broke (or went out of step): an attempt for what was in flight."""
         for job in jobs:
             if not job.sent:
                 continue
-            state = job.message.state
-            state.attempts += 1
-            state.last_attempt = time.time()
-            state.last_error = "connection lost during delivery: %s" % exc
-            log.warning("delivery: deferred id=%s domain=%s: %s", job.message.id, job.message.domain,
-                        state.last_error)
-            self.deferred += len(job.rcpts)
             job.sent = False
-            self._save(job.message)
+            self.queue.lost(job.message, len(job.rcpts), "connection lost during delivery: %s" % exc)
         jobs.clear()
-
-    def _flush_logs(self) -> None:
-        """Log lines of recorded results (the pipelined loop writes them while replies travel)."""
-        entries, self._log_later = self._log_later, []
-        for kind, msg_id, domain, rcpts, reply in entries:
-            log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
-                     ",".join("<%s>" % r for r in rcpts), reply)
 
     def _complete(self, job: Job) -> None:
         job.sent = False                        # results recorded: nothing left to count as lost
-        self._record(job.message, job.results)
-
-    def _record(self, message: Message, results: Dict[str, Reply]) -> None:
-        state = message.state
-        state.attempts += 1
-        state.last_attempt = time.time()
-        outcomes: Dict[Tuple[str, str], List[str]] = {}
-        errors: List[str] = []                  # temporary: why recipients are still waiting
-        permanent: List[str] = []
-        newly_failed: Dict[str, str] = {}
-        for rcpt, (code, text) in results.items():
-            reply = _fmt(code, text)
-            if 200 <= code < 300:
-                state.done[rcpt] = reply
-                kind = "delivered"
-                self.delivered += 1
-            elif 500 <= code < 600:
-                state.failed[rcpt] = reply
-                newly_failed[rcpt] = reply
-                permanent.append(reply)
-                kind = "bounced"
-                self.failed += 1
-            else:
-                if code < 400:  # garbage or an impossible code: treat as temporary
-                    reply = "451 4.5.0 unusable reply: %s" % reply
-                errors.append(reply)
-                kind = "deferred"
-                self.deferred += 1
-            outcomes.setdefault((kind, reply), []).append(rcpt)
-        for (kind, reply), rcpts in outcomes.items():
-            self._log_later.append((kind, message.id, message.domain, rcpts, reply))
-        if not self._defer_logs:
-            self._flush_logs()
-        if errors or permanent:
-            # what keeps the message queued, not another recipient's final refusal
-            state.last_error = (errors or permanent)[0]
-        if newly_failed:
-            # tell the sender now about the recipients that failed for good, not when the
-            # others are finally collected (state.bounced: every failure so far was notified)
-            self._bounce(message, newly_failed if state.bounced else dict(state.failed))
-        if not message.pending():
-            self._finish(message)
-        else:
-            self._save(message)
-
-    def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
-        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be."""
-        state = message.state
-        wanted = _dsn_wanted(message, failed)
-        try:
-            if wanted:
-                send_dsn(self.spool, self.runtime.hosted_domains(), self.runtime.hostname,
-                         message, wanted)
-        except (SpoolError, OSError) as exc:
-            log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
-            state.bounced = False
-            return False
-        state.bounced = True
-        return True
-
-    def _finish(self, message: Message) -> None:
-        state = message.state
-        if state.failed and not state.bounced:
-            if not self._bounce(message, dict(state.failed)):
-                self._save(message)
-                return
-        retired = self.spool.retire(message, message.id in self._with_state)
-        if retired:
-            _reaper.put(self.spool, message.domain, retired)
-        self._removals.note(message.domain)
-
-    def _save(self, message: Message) -> None:
-        self._with_state.add(message.id)
-        try:
-            self.spool.save_state(message)
-        except OSError as exc:
-            log.error("delivery: cannot save state of id=%s: %s", message.id, exc)
-
-
-class _Reaper:
-    """Unlinks retired messages on its own low-priority thread.
-
-    Freeing a file's blocks is slow (ext4: ~0.15 ms of kernel time), so while
-    any delivery session runs the reaper waits (up to REAP_BACKLOG files) and
-    leaves the CPU to the sessions and the customers; the space comes back
-    right after the drain."""
-
-    def __init__(self):
-        self._queue: "queue.SimpleQueue[Tuple[Spool, str, str]]" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
-        self._guard = threading.Lock()
-        self._sessions = 0
-        self._quiet = threading.Event()
-        self._quiet.set()
-
-    def session(self, delta: int) -> None:
-        """A delivery session starts (+1) or ends (-1)."""
-        with self._guard:
-            self._sessions += delta
-            if self._sessions > 0:
-                self._quiet.clear()
-            else:
-                self._quiet.set()
-
-    def put(self, spool: Spool, domain: str, name: str) -> None:
-        """Unlink `name` in the domain's tmp/ later (a name Spool.retire returned)."""
-        self._queue.put((spool, domain, name))
-        if self._thread is None:
-            with self._guard:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
-                    self._thread.start()
-
-    def _run(self) -> None:
-        try:   # Linux: a thread has its own nice value; let delivery and the customer go first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
-        while True:
-            spool, domain, name = self._queue.get()
-            while not self._quiet.is_set() and self._queue.qsize() < REAP_BACKLOG:
-                self._quiet.wait(1.0)
-            spool.unlink_retired(domain, name)
-
-    def drain(self) -> None:
-        """Unlink whatever is still queued (at exit, so a clean stop leaves no debris)."""
-        while True:
-            try:
-                spool, domain, name = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            spool.unlink_retired(domain, name)
-
-
-_reaper = _Reaper()
-atexit.register(_reaper.drain)
-
-
-def _has_8bit(message: Message, body: Optional[bytes]) -> bool:
-    """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
-    if body is not None:
-        return not body.isascii()
-    with message.open_data() as fh:
-        while True:
-            chunk = fh.read(CHUNK)
-            if not chunk:
-                return False
-            if not chunk.isascii():
-                return True
+        self.queue.record(job.message, job.results)
 
 
 def _ok(reply: Reply) -> bool:
     return 200 <= reply[0] < 300
-
-
-def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
-    """Failed recipients whose sender asked for failure notices (RFC 3461 NOTIFY)."""
-    notify = {r.address: r.notify.upper() for r in message.envelope.recipients}
-    wanted = {}
-    for rcpt, reply in failed.items():
-        flags = notify.get(rcpt, "")
-        if flags and ("NEVER" in flags or "FAILURE" not in flags):
-            continue
-        wanted[rcpt] = reply
-    return wanted

@@ -24,8 +24,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from odmr import queueops
-from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
+from odmr.queuemgr import notify_delayed, under_claim
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
 
@@ -127,47 +127,31 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
     max_age = runtime.settings.queue.max_age
     spool = runtime.spool
     sent = 0
-    for domain in spool.domains():
-        candidates = [m.id for m in queueops._headers(spool, domain)
-                      if not m.state.warned and now - m.envelope.arrival >= warn_after]
-        if not candidates:
-            continue
+
+    def due(message: Message) -> bool:
+        age = now - message.envelope.arrival
+        return (not message.state.warned and age >= warn_after
+                and not (max_age > 0 and age >= max_age) and bool(message.pending()))
+
+    def warn(message: Message) -> None:
+        nonlocal sent
+        reason = _delay_reason(message.state.last_error)
         try:
-            with spool.claim([domain]):
-                for msg_id in candidates:
-                    message = _load(runtime, domain, msg_id)
-                    if message is None or message.state.warned:
-                        continue
-                    age = now - message.envelope.arrival
-                    if age < warn_after or (max_age > 0 and age >= max_age):
-                        continue
-                    pending = message.pending()
-                    if not pending:
-                        continue
-                    reason = _delay_reason(message.state.last_error)
-                    try:
-                        if send_dsn(spool, runtime.hosted_domains(), runtime.hostname, message,
-                                    {r.address: reason for r in pending}, action="delayed"):
-                            sent += 1
-                    except (SpoolError, OSError) as exc:
-                        log.error("maintenance: cannot queue a delay notice for %s/%s: %s",
-                                  domain, msg_id, exc)
-                        continue
-                    message.state.warned = True
-                    spool.save_state(message)
+            if notify_delayed(runtime, message, reason):
+                sent += 1
+        except (SpoolError, OSError) as exc:
+            log.error("maintenance: cannot queue a delay notice for %s/%s: %s",
+                      message.domain, message.id, exc)
+            return
+        message.state.warned = True
+        spool.save_state(message)
+
+    for domain in spool.domains():
+        try:
+            under_claim(spool, domain, due, warn, "maintenance: %s/%s unreadable: %s")
         except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
             continue
     return sent
-
-
-def _load(runtime: Runtime, domain: str, msg_id: str) -> Optional[Message]:
-    try:
-        return runtime.spool.load(domain, msg_id)
-    except (FileNotFoundError, LinkRefused):      # a link: logged by the spool, left alone
-        return None
-    except SpoolError as exc:       # CorruptMessage included: quarantine is delivery's business
-        log.error("maintenance: %s/%s unreadable: %s", domain, msg_id, exc)
-        return None
 
 
 # -- the bounce relay ---------------------------------------------------------

@@ -1,8 +1,10 @@
 """The ODMR port (RFC 2645, provider side): EHLO, AUTH, ATRN, then turnaround.
 
 State: initial -> (AUTH) -> authenticated -> (ATRN 250) -> reversed. On the
-250 this session hands its socket, its buffered reader and the claimed
-domains to `delivery`, which acts as the SMTP client on the same connection.
+250 this session hands a `delivery.Handoff` (its socket, its buffered reader,
+the peer, whether TLS began at connect, the claimed domains, the runtime, the
+service's queue manager and stop event) to `delivery`, which acts as the SMTP
+client on the same connection; delivery never sees the session itself.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import base64
 import binascii
 import logging
 import socket
+import threading
 from typing import Callable, List, Optional
 
 from odmr import sasl, tls
 from odmr.accounts import Account
-from odmr.delivery import deliver_reversed
+from odmr.delivery import Handoff, deliver_reversed
 from odmr.names import normalize_domain
+from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy, describe_error
 from odmr.syntax import helo_name_ok, printable
@@ -72,9 +76,12 @@ class ODMRSession(Session):
     """One customer on the ODMR port."""
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
-                 latest: Optional[Callable[[], Runtime]] = None):
+                 latest: Optional[Callable[[], Runtime]] = None,
+                 queue: Optional[QueueManager] = None, service_stop: Optional[threading.Event] = None):
         self.runtime = runtime
         self.latest = latest                # the service's current snapshot (users file edits)
+        self.queue = queue                  # the service's; None: one of its own for each ATRN
+        self.service_stop = service_stop or threading.Event()   # set when the service stops
         self.odmr = runtime.settings.odmr
         self.idle_timeout = self.odmr.idle_timeout
         self.max_bad_commands = self.odmr.max_bad_commands
@@ -360,7 +367,17 @@ class ODMRSession(Session):
                      self.peer, account.name, ",".join(domains))
             self.reply(*REPLY_ATRN_OK)
             self.closing = True
-            deliver_reversed(self, domains)
+            self._hand_over(tuple(domains))
+
+    def _hand_over(self, domains) -> None:
+        """The connection is delivery's now (the claim is held by the caller)."""
+        queue = self.queue or QueueManager(self.runtime.spool)
+        try:
+            deliver_reversed(Handoff(self.sock, self.rfile, self.peer, self.implicit_tls, domains,
+                                     self.runtime, queue, self.service_stop))
+        finally:
+            if self.queue is None:
+                queue.stop()
 
     def log_command(self, verb: str, arg: str) -> None:
         if verb == "AUTH":

@@ -9,9 +9,9 @@ import logging
 import time
 from typing import Dict, Iterable, List, Optional
 
-from odmr.bounce import send_dsn
+from odmr.queuemgr import return_to_sender, under_claim
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message, SpoolError
+from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message
 
 log = logging.getLogger("odmrd.queue")
 
@@ -96,21 +96,8 @@ def bounce(runtime: Runtime, msg_id: str, reason: str = "5.0.0 returned to sende
 
 
 def _bounce_now(runtime: Runtime, message: Message, reply: str) -> None:
-    results = {r.address: reply for r in message.pending()}
-    results.update({} if message.state.bounced else message.state.failed)
-    if results and message.domain != OUTBOUND:
-        send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, results)
-    runtime.spool.remove(message)
+    return_to_sender(runtime, message, reply)
     log.info("queue: bounced id=%s domain=%s: %s", message.id, message.domain, reply)
-
-
-def _headers(spool, domain: str) -> Iterable[Message]:
-    """Read-only walk over a domain (no claim): unreadable files are left to delivery."""
-    for msg_id in spool.message_ids(domain):
-        try:
-            yield spool.load(domain, msg_id)
-        except (FileNotFoundError, SpoolError):
-            continue
 
 
 def _human(seconds: float) -> str:
@@ -124,7 +111,8 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
     """Bounce every message older than max_age; returns counts. Busy domains are skipped.
 
     The domain is read without its claim (so ATRN is not kept waiting by a
-    scan) and claimed only to act on the messages found old enough. Bounces waiting for the bounce relay (OUTBOUND) that old are dropped
+    scan) and claimed only to act on the messages found old enough (queuemgr.under_claim).
+    Bounces waiting for the bounce relay (OUTBOUND) that old are dropped
     with an error line: a bounce is never bounced."""
     now = time.time() if now is None else now
     max_age = runtime.settings.queue.max_age
@@ -132,35 +120,28 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
     if max_age <= 0:
         return counts
     spool = runtime.spool
+
+    def old(message: Message) -> bool:
+        return now - message.envelope.arrival >= max_age
+
+    def act(message: Message) -> None:
+        if message.domain == OUTBOUND:
+            log.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
+                      "it within %s (last error: %s)", message.id,
+                      ",".join(r.address for r in message.pending()), _human(max_age),
+                      message.state.last_error or "none")
+            spool.remove(message)
+            counts["dropped"] += 1
+            return
+        reason = "550 5.4.7 Delivery time expired: not collected within %s" % _human(max_age)
+        if message.state.last_error:
+            reason += " (last error: %s)" % message.state.last_error
+        _bounce_now(runtime, message, reason)
+        counts["expired"] += 1
+
     for domain in spool.domains() + [OUTBOUND]:
-        old = [m.id for m in _headers(spool, domain) if now - m.envelope.arrival >= max_age]
-        if not old:
-            continue
         try:
-            with spool.claim([domain]):
-                for msg_id in old:
-                    try:
-                        message = spool.load(domain, msg_id)
-                    except (FileNotFoundError, LinkRefused):     # a link is logged by the spool
-                        continue
-                    except SpoolError as exc:
-                        log.error("queue: %s/%s unreadable during expiry: %s", domain, msg_id, exc)
-                        continue
-                    if now - message.envelope.arrival < max_age:
-                        continue
-                    if domain == OUTBOUND:
-                        log.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
-                                  "it within %s (last error: %s)", message.id,
-                                  ",".join(r.address for r in message.pending()), _human(max_age),
-                                  message.state.last_error or "none")
-                        spool.remove(message)
-                        counts["dropped"] += 1
-                        continue
-                    reason = "550 5.4.7 Delivery time expired: not collected within %s" % _human(max_age)
-                    if message.state.last_error:
-                        reason += " (last error: %s)" % message.state.last_error
-                    _bounce_now(runtime, message, reason)
-                    counts["expired"] += 1
+            under_claim(spool, domain, old, act, "queue: %s/%s unreadable during expiry: %s")
         except DomainBusy:
             counts["busy"] += 1
         except LinkRefused:                 # a link where the domain's lock belongs (logged)

@@ -18,11 +18,11 @@ from odmr import accounts as accounts_mod
 from odmr import config as config_mod
 from odmr import proxy
 from odmr import tls as tls_mod
-from odmr.delivery import request_stop
 from odmr.intake import IntakeSession
 from odmr.maintenance import Maintenance
 from odmr.names import plural
 from odmr.provider import ODMRSession
+from odmr.queuemgr import QueueManager
 from odmr.runtime import AuthThrottle, Runtime
 from odmr.spool import Spool
 
@@ -112,7 +112,8 @@ class Listener(socketserver.ThreadingTCPServer):
                     return
             latest = lambda: self.service.runtime      # noqa: E731
             if self.kind == "odmr":
-                session = ODMRSession(request, peer, runtime, latest)
+                session = ODMRSession(request, peer, runtime, latest, self.service.queue,
+                                      self.service.stopping)
             else:
                 session = IntakeSession(request, peer, runtime, latest)
             if not self.service.register(session):
@@ -152,12 +153,15 @@ class Listener(socketserver.ThreadingTCPServer):
 
 
 class Service:
-    """The provider: owns settings, accounts, spool and listeners."""
+    """The provider: owns settings, accounts, spool, the queue manager (and its threads),
+    the listeners, and the stop event every session and delivery watches."""
 
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.settings = config_mod.load(config_path)
         self.spool = Spool(self.settings.spool_dir)
+        self.queue = QueueManager(self.spool)       # removal sync and reaper threads
+        self.stopping = threading.Event()           # deliveries finish the message in flight, then QUIT
         self._accounts = self._load_accounts(self.settings)
         self.throttle = AuthThrottle()
         try:
@@ -173,7 +177,6 @@ class Service:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()     # one snapshot builder at a time
         self._live: set = set()
-        self._stopping = False
         self._sessions: Dict[str, Dict[str, int]] = {"odmr": {}, "smtp": {}}
         self._totals: Dict[str, int] = {"odmr": 0, "smtp": 0}
         self._idle = threading.Condition(self._lock)
@@ -315,7 +318,7 @@ class Service:
         """Track a live session so stop() can end it; False once stopping has begun."""
         with self._lock:
             self._live.add(session)
-            return not self._stopping
+            return not self.stopping.is_set()
 
     def unregister(self, session) -> None:
         with self._lock:
@@ -368,11 +371,10 @@ class Service:
             listener.shutdown()
         self.close()
         with self._lock:
-            self._stopping = True
+            self.stopping.set()             # deliveries finish the message in flight, then QUIT
             live = list(self._live)
         for session in live:                # idle ones end now, busy ones after their command
             session.request_stop()
-        request_stop(self.spool)          # deliveries finish the message in flight, then QUIT
         if getattr(self, "maintenance", None) is not None:
             self.maintenance.stop()
         deadline = time.monotonic() + (self.settings.grace_period if grace is None else grace)
@@ -389,6 +391,7 @@ class Service:
             with self._lock:
                 while sum(self._totals.values()) and time.monotonic() < deadline:
                     self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+        self.queue.stop()                   # removals durable, retired files freed
         return left
 
     def close(self) -> None:

@@ -194,6 +194,7 @@ class Message:
     data_offset: int
     size: int
     state: State
+    has_state: bool = False      # a state file exists (retiring removes it too)
 
     def pending(self) -> List[Recipient]:
         final = set(self.state.done) | set(self.state.failed)
@@ -223,6 +224,16 @@ def new_id() -> str:
 
 def _valid_id(name: str) -> bool:
     return 13 < len(name) <= 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _fsync_dir(path: str) -> None:
@@ -794,37 +805,48 @@ class Spool:
         except (FileNotFoundError, NotADirectoryError, LinkRefused):
             return False
 
-    def open_message(self, queue: str, msg_id: str) -> int:
-        """A descriptor for reading a message file (LinkRefused for a link)."""
-        directory = self._queue_dir(queue)
-        return _open_nofollow(msg_id, directory.fd, directory.show(msg_id), _READ_FLAGS)
-
-    def load(self, domain: str, msg_id: str) -> Message:
+    def read(self, queue: str, msg_id: str, inline: int = 0,
+             has_state: Optional[bool] = None) -> Tuple[Message, Optional[bytes]]:
+        """The one reader of a spool file, with one open(): the message, and its text too
+        when the file is at most `inline` bytes (delivery sends that in one write).
+        `has_state` comes from a listing (it spares looking for a state file); None: look.
+        Raises FileNotFoundError (gone), LinkRefused (logged), IsADirectoryError (a
+        directory in a message's place), CorruptMessage, SpoolError (unreadable)."""
         if not _valid_id(msg_id):
             raise CorruptMessage("invalid message id")
         try:
-            directory = self._queue_dir(domain)
-            with os.fdopen(self.open_message(domain, msg_id), "rb") as fh:
-                head = fh.read(CHUNK)
-                end = head.find(b"\n\n")
-                while end < 0 and len(head) < 16 * CHUNK:
-                    more = fh.read(CHUNK)
+            directory = self._queue_dir(queue)
+            fd = _open_nofollow(msg_id, directory.fd, directory.show(msg_id), _READ_FLAGS)
+            try:
+                total = os.fstat(fd).st_size
+                whole = total <= inline
+                head = _read_exactly(fd, total if whole else CHUNK)
+                while not whole and b"\n\n" not in head and len(head) < 16 * CHUNK:
+                    more = os.read(fd, CHUNK)
                     if not more:
                         break
                     head += more
-                    end = head.find(b"\n\n")
-                size = os.fstat(fh.fileno()).st_size
-        except (FileNotFoundError, LinkRefused):
+            finally:
+                os.close(fd)
+        except (FileNotFoundError, LinkRefused, IsADirectoryError):
             raise
         except OSError as exc:
             raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
-        envelope, offset = parse_envelope(domain, msg_id, head)
-        state = self.load_state(domain, msg_id)
-        return Message(domain, msg_id, directory.show(msg_id), envelope, offset, size - offset, state)
+        envelope, offset = parse_envelope(queue, msg_id, head)
+        state = self._read_state(queue, msg_id) if has_state is not False else None
+        message = Message(queue, msg_id, directory.show(msg_id), envelope, offset, total - offset,
+                          state or State(), state is not None)
+        return message, (head[offset:] if whole else None)
 
-    def load_state(self, domain: str, msg_id: str) -> State:
-        """The message's delivery state; a fresh one when it has none or it is unreadable.
-        LinkRefused when the state file is a link: the message waits until that is sorted out."""
+    def load(self, domain: str, msg_id: str) -> Message:
+        """One message (`read` without its text); a directory in its place is unreadable."""
+        try:
+            return self.read(domain, msg_id)[0]
+        except IsADirectoryError as exc:
+            raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
+
+    def _read_state(self, domain: str, msg_id: str) -> Optional[State]:
+        """The state file's content; None when there is none (a fresh State when unreadable)."""
         name = msg_id + ".state"
         dropped: List[str] = []
         try:
@@ -835,7 +857,7 @@ class Spool:
         except LinkRefused:
             raise
         except FileNotFoundError:
-            return State()
+            return None
         except (OSError, ValueError, RecursionError) as exc:
             log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, exc)
             return State()
@@ -844,22 +866,44 @@ class Spool:
                         domain, msg_id, ", ".join(dropped))
         return state
 
+    def walk(self, queue: str, corrupt: str = "quarantine",
+             inline: int = 0) -> Iterator[Tuple[Message, Optional[bytes]]]:
+        """Every readable message of a queue, oldest first, each with `read`.
+
+        A file that cannot be used never stops the walk: a corrupt one (or a directory
+        in a message's place) is quarantined, or with `corrupt="report"` only logged (a
+        look that must change nothing), or with `"skip"` passed over in silence (a scan
+        whose finds are read again before anything is done to them); an unreadable one
+        is logged (unless skipping) and left; a vanished one or a link is passed over."""
+        ids, with_state = self.listing(queue)
+        for msg_id in ids:
+            try:
+                found = self.read(queue, msg_id, inline, msg_id in with_state)
+            except (FileNotFoundError, LinkRefused):    # gone (queue delete), or a link (logged)
+                continue
+            except (CorruptMessage, IsADirectoryError) as exc:
+                self._corrupt(queue, msg_id, exc, corrupt)
+                continue
+            except (SpoolError, OSError) as exc:        # unreadable (EIO...): never stop the walk
+                if corrupt != "skip":
+                    log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, exc)
+                continue
+            yield found
+
+    def _corrupt(self, queue: str, msg_id: str, exc: Exception, action: str) -> None:
+        reason = "a directory where a message should be" if isinstance(exc, IsADirectoryError) \
+            else str(exc)
+        if action == "quarantine":
+            self.quarantine(queue, msg_id, reason)
+        elif action == "report":
+            log.warning("spool: %s/%s is corrupt (%s); the daemon will quarantine it",
+                        queue, msg_id, reason)
+
     def messages(self, domain: str, quarantine: bool = True) -> Iterator[Message]:
         """Every readable message of a domain, oldest first; corrupt ones are quarantined
         (or, for a look that must change nothing, only logged)."""
-        for msg_id in self.message_ids(domain):
-            try:
-                yield self.load(domain, msg_id)
-            except (FileNotFoundError, LinkRefused):    # gone, or a link (logged)
-                continue
-            except CorruptMessage as exc:
-                if quarantine:
-                    self.quarantine(domain, msg_id, str(exc))
-                else:
-                    log.warning("spool: %s/%s is corrupt (%s); the daemon will quarantine it",
-                                domain, msg_id, exc)
-            except SpoolError as exc:      # unreadable (EIO, EISDIR...): never stop the walk
-                log.error("spool: %s/%s unreadable, skipped: %s", domain, msg_id, exc)
+        for message, _ in self.walk(domain, "quarantine" if quarantine else "report"):
+            yield message
 
     def locate(self, msg_id: str) -> Optional[str]:
         """The queue (domain) holding a message file of this id, readable or not."""

@@ -1,0 +1,418 @@
+"""The queue manager: what happens to queued mail, as Postfix's qmgr does for its agents.
+
+It hands a delivery session the messages of its claimed domains (read by the
+spool's one reader), takes back one result per recipient and records it:
+2xx done, 5xx failed (a DSN goes to the sender), 4xx kept for the next ATRN.
+A message leaves the queue when every recipient has a final result: retired
+with one rename, its directory fsync'd behind it by a removal-sync thread (a
+few removals per fsync), its blocks freed later by the reaper thread. Expiry,
+delay notices and `queue bounce` go through the same DSN hand-off, and act
+only on what they re-read and re-check under the domain's claim.
+
+Its own module rather than part of `spool`: the spool is the file format and
+its durable transitions and knows nothing of SMTP replies or DSNs; this module
+is the policy over it (what a reply means for a message, when to bounce, when
+to retire), and it imports `bounce`, which imports `spool`. `delivery` is the
+SMTP client only: it asks this module for messages and gives back replies; it
+never touches a file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+from odmr.bounce import send_dsn
+from odmr.logline import escape_for_log
+from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError
+
+log = logging.getLogger("odmrd.delivery")
+
+MAX_UNSYNCED = 32              # removals not yet fsync'd before delivery waits (power-loss bound)
+SYNC_GATHER = 0.002            # seconds the syncer waits to cover several removals with one fsync
+REAP_BACKLOG = 20000           # retired files the reaper lets pile up while sessions run
+
+Reply = Tuple[int, str]
+
+
+def reply_text(code: int, text: str) -> str:
+    """A customer's reply as stored (last_error), logged and quoted in DSNs: one line of at
+    most 500 characters, its control and format characters escaped (they would reach an
+    operator's terminal through `queue list`)."""
+    return escape_for_log("%d %s" % (code, " ".join(text.split())))[:500]
+
+
+class QueueManager:
+    """The queue of one spool and the threads that make its removals durable and free
+    their blocks. The service owns it and stops it (after its sessions ended)."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.reaper = _Reaper(spool)
+        self._syncs: Set["_RemovalSync"] = set()
+        self._guard = threading.Lock()
+
+    def drain(self, runtime, domains: Sequence[str]) -> "Drain":
+        """The queue side of one delivery session over `domains` (already claimed)."""
+        return Drain(self, runtime, domains)
+
+    def _removal_sync(self) -> "_RemovalSync":
+        sync = _RemovalSync(self.spool)
+        with self._guard:
+            self._syncs.add(sync)
+        return sync
+
+    def _closed(self, sync: "_RemovalSync") -> None:
+        with self._guard:
+            self._syncs.discard(sync)
+
+    def stop(self) -> None:
+        """Make every removal durable and free what was retired; later ones are freed at once."""
+        with self._guard:
+            syncs = list(self._syncs)
+        for sync in syncs:
+            sync.close()
+        self.reaper.stop()
+
+
+class Drain:
+    """One delivery session's dealings with the queue: messages out, results in."""
+
+    def __init__(self, manager: QueueManager, runtime, domains: Sequence[str]):
+        self.manager = manager
+        self.runtime = runtime
+        self.spool: Spool = manager.spool
+        self.domains = list(domains)
+        self.delivered = self.deferred = self.failed = 0
+        self.defer_logs = False                 # the pipelined loop logs while replies travel
+        self._log_later: List[tuple] = []
+        self._removals = manager._removal_sync()
+        manager.reaper.session(+1)
+
+    def messages(self, inline: int) -> Iterator[Tuple[Message, Optional[bytes], List[str]]]:
+        """Each message still to deliver, oldest first per domain: the message, its text
+        when at most `inline` bytes, its pending recipients. One whose recipients are all
+        final (a crash came before its removal) is retired here."""
+        for domain in self.domains:
+            for message, body in self.spool.walk(domain, "quarantine", inline):
+                pending = message.pending()
+                if not pending:
+                    self._finish(message)
+                    continue
+                yield message, body, [r.address for r in pending]
+
+    def text(self, message: Message) -> Iterator[bytes]:
+        """The message text in CHUNK-sized pieces (for those too big to be held)."""
+        with message.open_data() as fh:
+            while True:
+                chunk = fh.read(CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+    def close(self) -> None:
+        """Every removal made durable before the session reports back."""
+        self._removals.close()
+        self.manager._closed(self._removals)
+
+    def end(self) -> None:
+        """The session is over: the reaper may go on; the domains' directories are synced."""
+        self.close()
+        self.manager.reaper.session(-1)
+        for domain in self.domains:
+            try:
+                self.spool.sync_domain(domain)
+            except OSError:
+                pass
+
+    # -- results ----------------------------------------------------------------
+    def lost(self, message: Message, rcpts: int, error: str) -> None:
+        """The connection broke with the message in flight: an attempt, nothing final."""
+        state = message.state
+        state.attempts += 1
+        state.last_attempt = time.time()
+        state.last_error = error
+        log.warning("delivery: deferred id=%s domain=%s: %s", message.id, message.domain, error)
+        self.deferred += rcpts
+        self._save(message)
+
+    def flush_logs(self) -> None:
+        """Log lines of recorded results (the pipelined loop writes them while replies travel)."""
+        entries, self._log_later = self._log_later, []
+        for kind, msg_id, domain, rcpts, reply in entries:
+            log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
+                     ",".join("<%s>" % r for r in rcpts), reply)
+
+    def record(self, message: Message, results: Dict[str, Reply]) -> None:
+        """One attempt's replies, per recipient; the message retired once all are final."""
+        state = message.state
+        state.attempts += 1
+        state.last_attempt = time.time()
+        outcomes: Dict[Tuple[str, str], List[str]] = {}
+        errors: List[str] = []                  # temporary: why recipients are still waiting
+        permanent: List[str] = []
+        newly_failed: Dict[str, str] = {}
+        for rcpt, (code, text) in results.items():
+            reply = reply_text(code, text)
+            if 200 <= code < 300:
+                state.done[rcpt] = reply
+                kind = "delivered"
+                self.delivered += 1
+            elif 500 <= code < 600:
+                state.failed[rcpt] = reply
+                newly_failed[rcpt] = reply
+                permanent.append(reply)
+                kind = "bounced"
+                self.failed += 1
+            else:
+                if code < 400:  # garbage or an impossible code: treat as temporary
+                    reply = "451 4.5.0 unusable reply: %s" % reply
+                errors.append(reply)
+                kind = "deferred"
+                self.deferred += 1
+            outcomes.setdefault((kind, reply), []).append(rcpt)
+        for (kind, reply), rcpts in outcomes.items():
+            self._log_later.append((kind, message.id, message.domain, rcpts, reply))
+        if not self.defer_logs:
+            self.flush_logs()
+        if errors or permanent:
+            # what keeps the message queued, not another recipient's final refusal
+            state.last_error = (errors or permanent)[0]
+        if newly_failed:
+            # tell the sender now about the recipients that failed for good, not when the
+            # others are finally collected (state.bounced: every failure so far was notified)
+            self._bounce(message, newly_failed if state.bounced else dict(state.failed))
+        if not message.pending():
+            self._finish(message)
+        else:
+            self._save(message)
+
+    def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
+        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be."""
+        state = message.state
+        try:
+            notify_failed(self.runtime, message, failed)
+        except (SpoolError, OSError) as exc:
+            log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
+            state.bounced = False
+            return False
+        state.bounced = True
+        return True
+
+    def _finish(self, message: Message) -> None:
+        state = message.state
+        if state.failed and not state.bounced:
+            if not self._bounce(message, dict(state.failed)):
+                self._save(message)
+                return
+        retired = self.spool.retire(message, message.has_state)
+        if retired:
+            self.manager.reaper.put(message.domain, retired)
+        self._removals.note(message.domain)
+
+    def _save(self, message: Message) -> None:
+        message.has_state = True
+        try:
+            self.spool.save_state(message)
+        except OSError as exc:
+            log.error("delivery: cannot save state of id=%s: %s", message.id, exc)
+
+
+# -- DSN hand-off ---------------------------------------------------------------
+def notify_failed(runtime, message: Message, failed: Dict[str, str]) -> None:
+    """Queue a failure DSN for the recipients of `failed` whose sender wants one (RFC 3461
+    NOTIFY). Raises SpoolError or OSError when it cannot be queued."""
+    wanted = _dsn_wanted(message, failed)
+    if wanted:
+        send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, wanted)
+
+
+def notify_delayed(runtime, message: Message, reason: str) -> bool:
+    """Queue an `Action: delayed` DSN for the pending recipients; False if none was wanted."""
+    return bool(send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message,
+                         {r.address: reason for r in message.pending()}, action="delayed"))
+
+
+def return_to_sender(runtime, message: Message, reply: str) -> None:
+    """Take a message out of the queue, with a DSN for every recipient not yet notified
+    (none for a bounce waiting in OUTBOUND: a bounce is never bounced)."""
+    results = {r.address: reply for r in message.pending()}
+    results.update({} if message.state.bounced else message.state.failed)
+    if results and message.domain != OUTBOUND:
+        send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, results)
+    runtime.spool.remove(message)
+
+
+def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
+    """Failed recipients whose sender asked for failure notices (RFC 3461 NOTIFY)."""
+    notify = {r.address: r.notify.upper() for r in message.envelope.recipients}
+    wanted = {}
+    for rcpt, reply in failed.items():
+        flags = notify.get(rcpt, "")
+        if flags and ("NEVER" in flags or "FAILURE" not in flags):
+            continue
+        wanted[rcpt] = reply
+    return wanted
+
+
+# -- acting on what a scan found --------------------------------------------------
+def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool],
+                act: Callable[[Message], None], unreadable: str) -> None:
+    """Scan a queue without its claim (ATRN is not kept waiting by a scan), then claim it
+    and call `act` on each message found `wanted`, read again and re-checked under the
+    claim (a session may have delivered or changed it meanwhile). `unreadable`: the log
+    line (domain, id, error) for a message that cannot be read again. Raises DomainBusy,
+    or LinkRefused for a link where the queue's lock belongs (logged by the spool)."""
+    found = [m.id for m, _ in spool.walk(queue_name, "skip") if wanted(m)]
+    if not found:
+        return
+    with spool.claim([queue_name]):
+        for msg_id in found:
+            try:
+                message = spool.load(queue_name, msg_id)
+            except (FileNotFoundError, LinkRefused):     # gone, or a link (logged by the spool)
+                continue
+            except SpoolError as exc:   # CorruptMessage included: quarantine is delivery's business
+                log.error(unreadable, queue_name, msg_id, exc)
+                continue
+            if wanted(message):
+                act(message)
+
+
+# -- background threads -------------------------------------------------------------
+class _RemovalSync:
+    """Makes removals durable on its own thread, a directory fsync covering every
+    removal before it; `note()` blocks only while more than MAX_UNSYNCED wait."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self._cond = threading.Condition()
+        self._pending: Dict[str, int] = {}
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+
+    def note(self, domain: str) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="removal-sync", daemon=True)
+                self._thread.start()
+            self._pending[domain] = self._pending.get(domain, 0) + 1
+            total = sum(self._pending.values())
+            if total == 1 or total == MAX_UNSYNCED // 2:
+                self._cond.notify_all()         # wake the syncer only when it has work to start
+            while total > MAX_UNSYNCED and self._thread.is_alive():
+                self._cond.wait(1.0)
+                total = sum(self._pending.values())
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                # gather a few removals per fsync: each wake-up costs the delivery thread
+                # a GIL hand-over, which is what limits the drain rate
+                deadline = time.monotonic() + SYNC_GATHER
+                while (not self._closed and sum(self._pending.values()) < MAX_UNSYNCED // 2
+                       and time.monotonic() < deadline):
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                batch = dict(self._pending)
+            self._sync(batch)
+
+    def _sync(self, batch: Dict[str, int]) -> None:
+        for domain in batch:
+            try:
+                self.spool.sync_domain(domain)
+            except OSError as exc:
+                log.error("delivery: cannot sync spool directory of %s: %s", domain, exc)
+        with self._cond:
+            for domain, count in batch.items():
+                left = self._pending.get(domain, 0) - count
+                if left > 0:
+                    self._pending[domain] = left
+                else:
+                    self._pending.pop(domain, None)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait until every noted removal is durable, then let the thread end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class _Reaper:
+    """Unlinks retired messages on its own low-priority thread.
+
+    Freeing a file's blocks is slow (ext4: ~0.15 ms of kernel time), so while
+    any delivery session runs the reaper waits (up to REAP_BACKLOG files) and
+    leaves the CPU to the sessions and the customers; the space comes back
+    right after the drain."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self._queue: "queue.SimpleQueue[Optional[Tuple[str, str]]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._guard = threading.Lock()
+        self._sessions = 0
+        self._quiet = threading.Event()
+        self._quiet.set()
+        self._stopped = False
+
+    def session(self, delta: int) -> None:
+        """A delivery session starts (+1) or ends (-1)."""
+        with self._guard:
+            self._sessions += delta
+            if self._sessions > 0:
+                self._quiet.clear()
+            else:
+                self._quiet.set()
+
+    def put(self, domain: str, name: str) -> None:
+        """Unlink `name` in the domain's tmp/ later (a name Spool.retire returned)."""
+        if self._stopped:
+            self.spool.unlink_retired(domain, name)
+            return
+        self._queue.put((domain, name))
+        if self._thread is None:
+            with self._guard:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        try:   # Linux: a thread has its own nice value; let delivery and the customer go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            while not self._quiet.is_set() and not self._stopped \
+                    and self._queue.qsize() < REAP_BACKLOG:
+                self._quiet.wait(1.0)
+            self.spool.unlink_retired(*item)
+
+    def stop(self) -> None:
+        """Unlink whatever is still queued (so a clean stop leaves no debris); the thread ends."""
+        self._stopped = True
+        self._queue.put(None)
+        with self._guard:
+            thread = self._thread
+        if thread is not None:
+            thread.join(5.0)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self.spool.unlink_retired(*item)
