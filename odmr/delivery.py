@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Deque, Dict, Iterator, List, Optional, Tuple
 
-from odmr.queuemgr import MAX_UNSYNCED, Drain, QueueManager, reply_text  # noqa: F401 (MAX_UNSYNCED: the bound delivery runs under)
+from odmr.queuemgr import Drain, QueueManager, reply_text
 from odmr.runtime import Runtime
 from odmr.spool import Message
 from odmr.wire import dot_stuff

@@ -606,7 +606,7 @@ def test_removals_become_durable_within_a_small_window(provider, customer_factor
     """Power-loss bound: delivery never runs more than MAX_UNSYNCED removals ahead of
     the directory fsync that makes them durable (even with a slow disk)."""
     import threading
-    from odmr import delivery
+    from odmr import queuemgr
     from helpers import accept_all
     spool = provider.spool
     lock = threading.Lock()
@@ -628,7 +628,7 @@ def test_removals_become_durable_within_a_small_window(provider, customer_factor
             counts["durable"] = max(counts["durable"], covered)
     monkeypatch.setattr(spool, "retire", retire)
     monkeypatch.setattr(spool, "sync_domain", sync_domain)
-    total = 3 * delivery.MAX_UNSYNCED
+    total = 3 * queuemgr.MAX_UNSYNCED
     for i in range(total):
         send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
     c = customer_factory()
@@ -639,4 +639,4 @@ def test_removals_become_durable_within_a_small_window(provider, customer_factor
     accept_all(c, total)
     assert counts["retired"] == total
     assert counts["durable"] == total             # all durable before the session ended
-    assert counts["worst"] <= delivery.MAX_UNSYNCED + 1, counts
+    assert counts["worst"] <= queuemgr.MAX_UNSYNCED + 1, counts
