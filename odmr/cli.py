@@ -143,9 +143,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from odmr.daemon import serve
             return serve(config_path, args.foreground)
         if args.command == "fetch":
-            from odmr import customer
+            from odmr import fetch
             # flags alone suffice; customer picks the default file only for its [fetch]
-            return customer.main(args.rest, getattr(args, "config", None))
+            return fetch.main(args.rest, getattr(args, "config", None))
         handler = {"check-config": cmd_check_config, "user": cmd_user,
                    "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
         return handler(args, config_path)

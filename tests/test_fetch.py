@@ -27,7 +27,7 @@ from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_
                      SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, err, run_fetch, scripted_args)
 
 from odmr import replies
-from odmr.mailstore import quote_from
+from odmr.fetch_mailbox import quote_from
 
 needs_sink = pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink (postfix) is not installed")
 needs_openssl = pytest.mark.skipif(which("openssl") is None, reason="openssl is not installed")
@@ -565,7 +565,7 @@ def test_every_polls_until_sigterm(scripted, tmp_path):
 
 def test_backoff_doubles_after_failures():
     import random
-    from odmr.customer import next_delay
+    from odmr.fetch import next_delay
     rng = random.Random(1)
     assert 54 <= next_delay(60, 0, rng) <= 66
     assert 216 <= next_delay(60, 2, rng) <= 264
@@ -641,7 +641,7 @@ def test_mboxrd_quoting_is_reversible(lines):
 
 
 def test_mbox_quotes_a_from_line_cut_between_pieces(tmp_path):
-    from odmr.mailstore import Mbox
+    from odmr.fetch_mailbox import Mbox
     box = Mbox(str(tmp_path / "mbox"))
     delivery = box.begin("a@b.c", b"Subject: x\n\n")
     for piece in (b"hello\nFr", b"om evil\n", b"From x\n>Fro", b"m y\nend\nFrom", b" z"):
@@ -654,7 +654,7 @@ def test_mbox_quotes_a_from_line_cut_between_pieces(tmp_path):
 
 
 def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypatch):
-    from odmr import mailstore
+    from odmr import fetch_mailbox as mailstore
     path = tmp_path / "mbox"
     path.write_bytes(b"From old@x Sat Nov 28 10:00:00 2026\nSubject: old\n\nold body\n\n")
     before = path.read_bytes()
@@ -679,7 +679,7 @@ def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypa
 @pytest.mark.parametrize("peer,address", [("::1", "::1"), ("[::1]:366", "::1"), ("127.0.0.1", "127.0.0.1"),
                                           ("127.0.0.1:366", "127.0.0.1")])
 def test_local_delivery_peer_address(peer, address):
-    from odmr.localdelivery import _address_only
+    from odmr.fetch_server import _address_only
     assert _address_only(peer) == address
 
 

@@ -2,9 +2,10 @@
 
 This module owns the command line and the `[fetch]` config section, the
 choice between relaying and local delivery, the exit code, and `--every`
-polling. The protocol work lives elsewhere: `atrnclient` (up to ATRN),
-`splice` (relay to a local SMTP server), `localdelivery` + `mailstore`
-(be the SMTP server and write a Maildir/mbox).
+polling. The protocol work lives beside it: `fetch_client` (smtplib up to
+ATRN), `fetch_relay` (splice into a local SMTP server), `fetch_server` +
+`fetch_mailbox` (be the SMTP server and write a Maildir/mbox), `fetch_tally`
+(count messages and recipients for the summary).
 """
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from odmr.atrnclient import DEFAULT_PORT, Endpoint, FetchError, NoMail, open_reversed
+from odmr.fetch_client import DEFAULT_PORT, Endpoint, FetchError, NoMail, open_reversed
 from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, parse_hostport,
                          parse_size)
 from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE
 from odmr.names import plural
 
 EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
-DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # as localdelivery.DEFAULT_MAX_SIZE; 0: no limit
+DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # as fetch_server.DEFAULT_MAX_SIZE; 0: no limit
 MAX_BACKOFF = 3600.0
 RELAY_CONNECT_TIMEOUT = 60.0
 
@@ -267,7 +268,7 @@ def _check_ca_file(ca_file: str) -> None:
         return
     if not os.access(ca_file, os.R_OK):
         raise UsageError("cannot read CA file %s" % ca_file, EX_NOINPUT)
-    from odmr.atrnclient import tls_context
+    from odmr.fetch_client import tls_context
     try:
         tls_context(ca_file, False)
     except FetchError as exc:
@@ -376,7 +377,7 @@ def run_once(options: FetchOptions) -> RunResult:
 
 
 def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
-    from odmr.splice import splice
+    from odmr.fetch_relay import splice
     where = "%s:%d" % relay
     try:
         local = socket.create_connection(relay, timeout=RELAY_CONNECT_TIMEOUT)
@@ -408,8 +409,8 @@ def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
 
 
 def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
-    from odmr.localdelivery import serve_reversed
-    from odmr.mailstore import StorageError, open_mailbox
+    from odmr.fetch_server import serve_reversed
+    from odmr.fetch_mailbox import StorageError, open_mailbox
     try:
         mailbox = open_mailbox(options.maildir, options.mbox)
     except StorageError as exc:
@@ -517,5 +518,5 @@ __all__ = ["main", "resolve_options", "describe", "fetch_once", "run_once", "pol
            "next_delay", "FetchOptions", "RunResult", "UsageError", "EX_PROTOCOL"]
 
 
-if __name__ == "__main__":  # `python3 -m odmr.customer ...`, same as `odmrd fetch ...`
+if __name__ == "__main__":  # `python3 -m odmr.fetch ...`, same as `odmrd fetch ...`
     sys.exit(main(sys.argv[1:], None))

@@ -15,7 +15,7 @@ local server's last reply was 221). On the way the provider's commands are
 followed (MAIL, RCPT, DATA and where its data ends, BDAT chunks; it may
 pipeline them) and each of the local server's replies is matched to the
 command it answers, in order, so that the run can be reported in messages
-and recipients (`odmr.tally`), not in reply lines.
+and recipients (`odmr.fetch_tally`), not in reply lines.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Deque, Optional
 
-from odmr.tally import DATA, END, GREETING, Tally
+from odmr.fetch_tally import DATA, END, GREETING, Tally
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other

@@ -16,9 +16,9 @@ import time
 from typing import BinaryIO, Callable, List, Optional
 
 from odmr import replies
-from odmr.mailstore import Mailbox, StorageError
+from odmr.fetch_mailbox import Mailbox, StorageError
 from odmr.syntax import helo_name_ok, received_header
-from odmr.tally import END, GREETING, Tally
+from odmr.fetch_tally import END, GREETING, Tally
 from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.fetch")
