@@ -7,6 +7,7 @@ key and line.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pkgutil
 import re
@@ -530,8 +531,8 @@ def _settings(path: str, raw: ConfigObj, domains: Dict[str, DomainPolicy]) -> Se
         log_file=_resolve(base, raw["log_file"]),
         allow_root=raw["allow_root"],
         grace_period=raw["grace_period"],
-        odmr=_odmr_settings(raw["odmr"]),
-        smtp=_smtp_settings(raw["smtp"]),
+        odmr=_section_settings(OdmrSettings, raw["odmr"]),
+        smtp=_section_settings(SmtpSettings, raw["smtp"]),
         tls=TlsSettings(
             cert_file=_resolve(base, tls["cert_file"]),
             key_file=_resolve(base, tls["key_file"]),
@@ -547,41 +548,11 @@ def _settings(path: str, raw: ConfigObj, domains: Dict[str, DomainPolicy]) -> Se
     )
 
 
-def _odmr_settings(odmr) -> OdmrSettings:
-    return OdmrSettings(
-        listen=tuple(odmr["listen"]),
-        tls_listen=tuple(odmr["tls_listen"]),
-        mechanisms=tuple(odmr["mechanisms"]),
-        allow_plaintext_passwords=odmr["allow_plaintext_passwords"],
-        require_tls=odmr["require_tls"],
-        max_sessions=odmr["max_sessions"],
-        max_sessions_per_address=odmr["max_sessions_per_address"],
-        idle_timeout=odmr["idle_timeout"],
-        max_bad_commands=odmr["max_bad_commands"],
-        max_auth_failures=odmr["max_auth_failures"],
-        auth_throttle_failures=odmr["auth_throttle_failures"],
-        auth_throttle_window=odmr["auth_throttle_window"],
-        one_line_per_tls_record=odmr["one_line_per_tls_record"],
-        proxy_protocol=odmr["proxy_protocol"],
-        proxy_trusted=tuple(odmr["proxy_trusted"]),
-    )
-
-
-def _smtp_settings(smtp) -> SmtpSettings:
-    return SmtpSettings(
-        listen=tuple(smtp["listen"]),
-        tls_listen=tuple(smtp["tls_listen"]),
-        max_message_size=smtp["max_message_size"],
-        max_recipients=smtp["max_recipients"],
-        require_tls=smtp["require_tls"],
-        allow_routing_local_parts=smtp["allow_routing_local_parts"],
-        max_sessions=smtp["max_sessions"],
-        max_sessions_per_address=smtp["max_sessions_per_address"],
-        idle_timeout=smtp["idle_timeout"],
-        max_bad_commands=smtp["max_bad_commands"],
-        postmaster=smtp["postmaster"],
-        max_data_time=smtp["max_data_time"],
-    )
+def _section_settings(cls, section):
+    """A settings dataclass from its validated section: one field per key of the same
+    name (the configspec names them), lists frozen into tuples."""
+    return cls(**{f.name: tuple(section[f.name]) if isinstance(section[f.name], list)
+                  else section[f.name] for f in dataclasses.fields(cls)})
 
 
 _LENIENT = {"pid_file": ("odmrd.pid", "path"), "user": ("", "text"),
