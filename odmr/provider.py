@@ -153,15 +153,6 @@ class ODMRSession(Session):
         self.reply(502, "5.5.1 Use EHLO: ODMR needs ESMTP")
         self.count_bad_command()
 
-    def smtp_NOOP(self, arg: str) -> None:
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_RSET(self, arg: str) -> None:
-        self.reply(250, "2.0.0 Ok")
-
-    def smtp_QUIT(self, arg: str) -> None:
-        self.close_after(221, "2.0.0 %s closing connection" % self.hostname())
-
     def smtp_STARTTLS(self, arg: str) -> None:
         if not self.starttls_command(self.runtime.tls, arg):
             return
