@@ -42,14 +42,15 @@ class Listener(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: Tuple[str, int], kind: str, service: "Service", implicit_tls: bool = False):
+    kind = ""               # "odmr" or "smtp": the subclass, with its session class
+
+    def __init__(self, address: Tuple[str, int], service: "Service", implicit_tls: bool = False):
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.kind = kind
         self.service = service
         self.implicit_tls = implicit_tls
         # fixed for the listener's life (a restart changes it, like the address)
-        self.proxied = kind == "odmr" and service.settings.odmr.proxy_protocol
+        self.proxied = self.behind_proxy(service.settings)
         super().__init__((host, port), socketserver.BaseRequestHandler, bind_and_activate=False)
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -64,13 +65,20 @@ class Listener(socketserver.ThreadingTCPServer):
         host, port = self.server_address[:2]
         return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
 
+    def behind_proxy(self, settings) -> bool:
+        return False
+
+    def new_session(self, request, peer: str, runtime: Runtime, latest):
+        raise NotImplementedError
+
     def _proxied(self) -> bool:
         return self.proxied
 
-    def process_request(self, request, client_address) -> None:
+    def verify_request(self, request, client_address) -> bool:
+        """socketserver's admission hook: over a session limit, a 421 and no thread.
+        Behind a PROXY-speaking balancer every connection comes from it: the real
+        client's address is counted later, in finish_request."""
         ip = client_address[0]
-        # behind a PROXY-speaking balancer every connection comes from it: count the
-        # real client's address later, in finish_request
         refusal = self.service.admit(self.kind, ip, per_address=not self._proxied())
         if refusal:
             log.warning("%s: refused connection from %s: %s", self.kind, ip, refusal)
@@ -79,9 +87,8 @@ class Listener(socketserver.ThreadingTCPServer):
                 request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
             except OSError:
                 pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+            return False
+        return True
 
     def finish_request(self, request, client_address) -> None:
         ip = client_address[0]
@@ -110,12 +117,7 @@ class Listener(socketserver.ThreadingTCPServer):
                 request = self._handshake(request, runtime, peer)
                 if request is None:
                     return
-            latest = lambda: self.service.runtime      # noqa: E731
-            if self.kind == "odmr":
-                session = ODMRSession(request, peer, runtime, latest, self.service.queue,
-                                      self.service.stopping)
-            else:
-                session = IntakeSession(request, peer, runtime, latest)
+            session = self.new_session(request, peer, runtime, lambda: self.service.runtime)
             if not self.service.register(session):
                 session.request_stop()
             try:
@@ -150,6 +152,28 @@ class Listener(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address) -> None:
         log.exception("%s: internal error in session with %s", self.kind, client_address[0])
+
+
+class ODMRListener(Listener):
+    """The ATRN port: ODMR sessions, optionally behind a PROXY-speaking balancer."""
+
+    kind = "odmr"
+
+    def behind_proxy(self, settings) -> bool:
+        return settings.odmr.proxy_protocol
+
+    def new_session(self, request, peer: str, runtime: Runtime, latest) -> ODMRSession:
+        return ODMRSession(request, peer, runtime, latest, self.service.queue,
+                           self.service.stopping)
+
+
+class IntakeListener(Listener):
+    """The SMTP port where mail for the customers' domains arrives."""
+
+    kind = "smtp"
+
+    def new_session(self, request, peer: str, runtime: Runtime, latest) -> IntakeSession:
+        return IntakeSession(request, peer, runtime, latest)
 
 
 class Service:
@@ -331,17 +355,17 @@ class Service:
     # -- lifecycle ------------------------------------------------------------------
     def bind(self) -> None:
         """Open every listening socket (before privileges are dropped)."""
-        wanted = [(a, "odmr", False) for a in self.settings.odmr.listen]
-        wanted += [(a, "odmr", True) for a in self.settings.odmr.tls_listen]
-        wanted += [(a, "smtp", False) for a in self.settings.smtp.listen]
-        wanted += [(a, "smtp", True) for a in self.settings.smtp.tls_listen]
-        for address, kind, tls in wanted:
+        wanted = [(a, ODMRListener, False) for a in self.settings.odmr.listen]
+        wanted += [(a, ODMRListener, True) for a in self.settings.odmr.tls_listen]
+        wanted += [(a, IntakeListener, False) for a in self.settings.smtp.listen]
+        wanted += [(a, IntakeListener, True) for a in self.settings.smtp.tls_listen]
+        for address, listener_class, tls in wanted:
             try:
-                self.listeners.append(Listener(address, kind, self, tls))
+                self.listeners.append(listener_class(address, self, tls))
             except OSError as exc:
                 self.close()
-                raise StartupError("cannot listen on %s (%s): %s"
-                                   % (_label(address), kind, exc.strerror or exc)) from None
+                raise StartupError("cannot listen on %s (%s): %s" % (
+                    _label(address), listener_class.kind, exc.strerror or exc)) from None
 
     def prepare_spool(self) -> None:
         """Create the spool root and clean debris of interrupted writes (after dropping privileges)."""
