@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Callable, List, Optional
 
-from odmr import sasl, tls
+from odmr import replies, sasl, tls
 from odmr.accounts import Account
 from odmr.delivery import Handoff, deliver_reversed
 from odmr.names import normalize_domain
@@ -34,12 +34,6 @@ MAX_AUTH_RESPONSE = 12288
 MAX_AUTH_LINE = MAX_AUTH_RESPONSE + 2
 MAX_AUTH_COMMAND_LINE = len("AUTH ") + 20 + 1 + MAX_AUTH_RESPONSE + 2
 
-REPLY_ATRN_OK = (250, "OK now reversing the connection")
-REPLY_ATRN_REFUSED = (450, "ATRN request refused")
-REPLY_ATRN_BUSY = (451, "Unable to process ATRN request now")
-REPLY_NO_MAIL = (453, "You have no mail")
-REPLY_AUTH_REQUIRED = (530, "5.7.0 Authentication required")
-REPLY_AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")
 
 
 class ATRNSyntaxError(ValueError):
@@ -202,7 +196,7 @@ class ODMRSession(Session):
             self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
             return self.count_bad_command()
         if len(parts) == 2 and len(parts[1]) > MAX_AUTH_RESPONSE:
-            self.reply(*REPLY_AUTH_LINE_TOO_LONG)
+            self.reply(*replies.AUTH_LINE_TOO_LONG)
             return self.count_bad_command()
         name = parts[0].upper()
         if not self._mechanism_usable(name):
@@ -215,7 +209,7 @@ class ODMRSession(Session):
             self.reply(501, "5.7.0 Authentication cancelled")
             return
         except _ResponseTooLong:
-            self.reply(*REPLY_AUTH_LINE_TOO_LONG)
+            self.reply(*replies.AUTH_LINE_TOO_LONG)
             return self.count_bad_command()
         except sasl.AuthProtocolError:
             return self._auth_failed(name, None, (501, "5.5.2 Malformed authentication exchange"))
@@ -311,7 +305,7 @@ class ODMRSession(Session):
     def smtp_ATRN(self, arg: str) -> None:
         account = self.account
         if account is None:
-            self.reply(*REPLY_AUTH_REQUIRED)
+            self.reply(*replies.AUTH_REQUIRED)
             return self.count_bad_command()
         try:
             requested = parse_atrn_domains(arg)
@@ -326,7 +320,7 @@ class ODMRSession(Session):
             if current is None:
                 log.warning("odmr: %s (%s) ATRN refused: the account no longer exists",
                             self.peer, account.name)
-                self.reply(*REPLY_ATRN_REFUSED)
+                self.reply(*replies.ATRN_REFUSED)
                 return
             account = self.account = current
         domains = requested or list(account.domains)
@@ -334,7 +328,7 @@ class ODMRSession(Session):
         if foreign:
             log.warning("odmr: %s (%s) ATRN %s refused: not the account's domains: %s",
                         self.peer, account.name, ",".join(domains), ",".join(foreign))
-            self.reply(*REPLY_ATRN_REFUSED)
+            self.reply(*replies.ATRN_REFUSED)
             return
         spool = self.runtime.spool
         try:
@@ -342,21 +336,21 @@ class ODMRSession(Session):
         except DomainBusy as busy:
             log.info("odmr: %s (%s) ATRN %s: %s is being delivered by another session",
                      self.peer, account.name, ",".join(domains), busy)
-            self.reply(*REPLY_ATRN_BUSY)
+            self.reply(*replies.ATRN_BUSY)
             return
         except OSError as exc:
             log.error("odmr: %s (%s) ATRN %s: 451, cannot claim the spool: %s", self.peer,
                       account.name, ",".join(domains), describe_error(exc))
-            self.reply(*REPLY_ATRN_BUSY)
+            self.reply(*replies.ATRN_BUSY)
             return
         with claim:
             if not any(spool.has_mail(d) for d in domains):
                 log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, account.name, ",".join(domains))
-                self.reply(*REPLY_NO_MAIL)
+                self.reply(*replies.NO_MAIL)
                 return
             log.info("odmr: %s (%s) ATRN %s: reversing the connection",
                      self.peer, account.name, ",".join(domains))
-            self.reply(*REPLY_ATRN_OK)
+            self.reply(*replies.ATRN_OK)
             self.closing = True
             self._hand_over(tuple(domains))
 

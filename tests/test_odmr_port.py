@@ -18,8 +18,9 @@ import pytest
 from conftest import PASSWORD, Customer, Provider, reuse_provider, send_mail, stop_quickly
 from odmr import sasl
 from odmr.provider import ODMRSession
+from odmr import replies
 
-ATRN_OK = b"250 OK now reversing the connection\r\n"
+ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())
 SENDER = "sender@remote.test"
 
 
@@ -952,3 +953,13 @@ def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider
     assert spool_files(provider, "example.org") == []
     [dsn] = queue_json(provider, "example.com")
     assert dsn["recipients"] == ["sender@example.com"]
+
+
+def test_the_odmr_replies_are_the_spec_texts():
+    """The texts SPEC §4 fixes, written out once here: the constants code and tests share
+    must not drift from the contract."""
+    assert replies.ATRN_OK == (250, "OK now reversing the connection")
+    assert replies.ATRN_REFUSED == (450, "ATRN request refused")
+    assert replies.ATRN_BUSY == (451, "Unable to process ATRN request now")
+    assert replies.NO_MAIL == (453, "You have no mail")
+    assert replies.AUTH_REQUIRED == (530, "5.7.0 Authentication required")
