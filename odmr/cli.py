@@ -404,8 +404,9 @@ def cmd_enqueue(args, config_path: str) -> int:
 
 
 def cmd_queue(args, config_path: str) -> int:
-    from odmr import accounts, config, queueops
-    from odmr.spool import CorruptMessage, DomainBusy, SpoolError
+    # imported before _runtime() drops privileges: an interpreter's library may be root's
+    from odmr import accounts, config, queueops  # noqa: F401
+    from odmr.spool import CorruptMessage, DomainBusy, SpoolError, describe_error
     action = args.queue_command
     if not action:
         raise UsageError("odmrd queue: list, show, delete, bounce or expire")
@@ -415,48 +416,10 @@ def cmd_queue(args, config_path: str) -> int:
         return _config_failed(exc, config_path)
     except accounts.AccountsError as exc:
         return fail(str(exc).splitlines()[0], EX_CONFIG)
+    act = {"list": _queue_list, "show": _queue_show, "delete": _queue_change,
+           "bounce": _queue_change, "expire": _queue_expire}[action]
     try:
-        if action == "list":
-            domain = _queue_name(args.domain) if args.domain else None
-            messages = queueops.list_messages(runtime, domain)
-            now = time.time()
-            records = [queueops.describe(m, now) for m in messages]
-            if args.json:
-                print(json.dumps(records, indent=1))
-            else:
-                _print_queue(records)
-            return EX_OK
-        if action == "show":
-            message = runtime.spool.find(args.id)
-            if message is None:
-                return fail("no message %s" % args.id, EX_NOINPUT)
-            print(json.dumps(queueops.describe(message), indent=1))
-            print()
-            sys.stdout.flush()
-            with message.open_data() as fh:
-                sys.stdout.buffer.write(fh.read())
-            return EX_OK
-        if action in ("delete", "bounce"):
-            missing = refused = 0
-            for msg_id in args.ids:
-                try:
-                    done = queueops.delete(runtime, msg_id) if action == "delete" \
-                        else queueops.bounce(runtime, msg_id)
-                except queueops.NotBounceable as exc:
-                    print("odmrd: %s" % exc, file=sys.stderr)
-                    refused += 1
-                    continue
-                if done:
-                    print("%s: %s" % (msg_id, "deleted" if action == "delete" else "bounced"))
-                else:
-                    print("odmrd: no message %s" % msg_id, file=sys.stderr)
-                    missing += 1
-            return EX_DATAERR if refused else EX_NOINPUT if missing else EX_OK
-        counts = queueops.expire(runtime)
-        from odmr.names import plural
-        print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
-                                 % plural(counts["busy"], "domain") if counts["busy"] else ""))
-        return EX_TEMPFAIL if counts["busy"] else EX_OK
+        return act(runtime, args)
     except DomainBusy as exc:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
     except CorruptMessage as exc:
@@ -464,8 +427,61 @@ def cmd_queue(args, config_path: str) -> int:
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
     except OSError as exc:
-        from odmr.spool import describe_error
         return fail("spool: %s" % describe_error(exc), EX_IOERR)
+
+
+def _queue_list(runtime, args) -> int:
+    from odmr import queueops
+    domain = _queue_name(args.domain) if args.domain else None
+    now = time.time()
+    records = [queueops.describe(m, now) for m in queueops.list_messages(runtime, domain)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        _print_queue(records)
+    return EX_OK
+
+
+def _queue_show(runtime, args) -> int:
+    from odmr import queueops
+    message = runtime.spool.find(args.id)
+    if message is None:
+        return fail("no message %s" % args.id, EX_NOINPUT)
+    print(json.dumps(queueops.describe(message), indent=1))
+    print()
+    sys.stdout.flush()
+    with message.open_data() as fh:
+        sys.stdout.buffer.write(fh.read())
+    return EX_OK
+
+
+def _queue_change(runtime, args) -> int:
+    """delete or bounce each ID; a pending bounce is never bounced (it would vanish)."""
+    from odmr import queueops
+    deleting = args.queue_command == "delete"
+    missing = refused = 0
+    for msg_id in args.ids:
+        try:
+            done = queueops.delete(runtime, msg_id) if deleting else queueops.bounce(runtime, msg_id)
+        except queueops.NotBounceable as exc:
+            print("odmrd: %s" % exc, file=sys.stderr)
+            refused += 1
+            continue
+        if done:
+            print("%s: %s" % (msg_id, "deleted" if deleting else "bounced"))
+        else:
+            print("odmrd: no message %s" % msg_id, file=sys.stderr)
+            missing += 1
+    return EX_DATAERR if refused else EX_NOINPUT if missing else EX_OK
+
+
+def _queue_expire(runtime, args) -> int:
+    from odmr import queueops
+    from odmr.names import plural
+    counts = queueops.expire(runtime)
+    print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
+                             % plural(counts["busy"], "domain") if counts["busy"] else ""))
+    return EX_TEMPFAIL if counts["busy"] else EX_OK
 
 
 def _queue_name(text: str) -> str:
