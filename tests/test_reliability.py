@@ -22,7 +22,7 @@ import pytest
 from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
 from helpers import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, atrn, dsns,
                      queue, queued_tokens, report_fields, spool, wait_sessions_over)
-from odmr import accounts, delivery, maintenance, queueops
+from odmr import accounts, bounce_relay, delivery, maintenance, queueops
 from odmr.spool import MAGIC, new_id
 
 
@@ -230,8 +230,8 @@ class RelaySink:
 @pytest.fixture
 def fast_maintenance(monkeypatch):
     monkeypatch.setattr(maintenance, "TICK", 0.1)
-    monkeypatch.setattr(maintenance, "RELAY_BACKOFF", 0.2)
-    monkeypatch.setattr(maintenance, "RELAY_TIMEOUT", 5.0)
+    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
+    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
 
 
 def queue_provider(tmp_path, queue_settings: str) -> Provider:
@@ -307,9 +307,9 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
 
 
 def test_relay_backoff_grows(fast_maintenance):
-    assert maintenance.relay_delay(0) == 0
-    assert maintenance.relay_delay(1) < maintenance.relay_delay(2) < maintenance.relay_delay(3)
-    assert maintenance.relay_delay(50) == maintenance.RELAY_BACKOFF_MAX
+    assert bounce_relay.relay_delay(0) == 0
+    assert bounce_relay.relay_delay(1) < bounce_relay.relay_delay(2) < bounce_relay.relay_delay(3)
+    assert bounce_relay.relay_delay(50) == bounce_relay.RELAY_BACKOFF_MAX
 
 
 def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
