@@ -1,4 +1,6 @@
-"""What every session shares: settings, accounts, the spool, and the hosting policy.
+"""What every session shares: settings, accounts, the spool, and the hosting policy
+(which recipients are taken, for which domain; quotas). The AUTH throttle lives in
+`odmr.throttle`, kept by the service across snapshots.
 
 A reload builds a new Runtime snapshot and swaps `Service.runtime`; sessions
 that already started keep the snapshot they began with.
@@ -6,11 +8,8 @@ that already started keep the snapshot they began with.
 from __future__ import annotations
 
 import ssl
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from odmr.accounts import Accounts
 from odmr.config import Settings
@@ -18,38 +17,10 @@ from odmr.names import address_is_safe, normalize_domain, split_address
 from odmr.sasl import Decoys
 from odmr.spool import Spool
 from odmr.syntax import route_in_address
+from odmr.throttle import AuthThrottle
 
 # (domain or None, SMTP code, enhanced text)
 Verdict = Tuple[Optional[str], int, str]
-
-
-class AuthThrottle:
-    """Failed AUTHs per client address across sessions, within a sliding window."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._failures: Dict[str, Deque[float]] = {}
-
-    def record(self, address: str) -> None:
-        with self._lock:
-            self._failures.setdefault(address, deque(maxlen=1000)).append(time.monotonic())
-            if len(self._failures) > 100000:          # bound memory under a spray of addresses
-                self._failures.pop(next(iter(self._failures)))
-
-    def blocked(self, address: str, limit: int, window: float) -> bool:
-        if limit <= 0 or window <= 0:
-            return False
-        now = time.monotonic()
-        with self._lock:
-            times = self._failures.get(address)
-            if not times:
-                return False
-            while times and now - times[0] > window:
-                times.popleft()
-            if not times:
-                del self._failures[address]
-                return False
-            return len(times) >= limit
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ from odmr.maintenance import Maintenance
 from odmr.names import plural
 from odmr.provider import ODMRSession
 from odmr.queuemgr import QueueManager
-from odmr.runtime import AuthThrottle, Runtime
+from odmr.runtime import Runtime
 from odmr.spool import Spool
+from odmr.throttle import AuthThrottle
 
 log = logging.getLogger("odmrd")
 
