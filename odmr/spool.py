@@ -280,7 +280,7 @@ def _open_nofollow(name: str, dir_fd: Optional[int], shown: str, flags: int, mod
         # Linux says ELOOP (ENOTDIR with O_DIRECTORY), FreeBSD EMLINK
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and _is_link(name, dir_fd):
             raise _refuse_link(shown) from None
-        raise OSError(exc.errno, exc.strerror, shown) from None   # the path, not a bare name
+        raise OSError(exc.errno, exc.strerror, _at_fault(shown, exc)) from None
 
 
 def _open_dir(name: str, dir_fd: Optional[int], shown: str, create: bool = False) -> Tuple[int, bool]:
@@ -293,7 +293,18 @@ def _open_dir(name: str, dir_fd: Optional[int], shown: str, create: bool = False
             created = True
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, _at_fault(shown, exc)) from None
     return _open_nofollow(name, dir_fd, shown, _DIR_FLAGS), created
+
+
+def _at_fault(path: str, exc: OSError) -> str:
+    """The path an operator must fix: `path`, or the directory above it when that is
+    what refused us (a spool root the account cannot search)."""
+    parent = os.path.dirname(path)
+    if exc.errno in (errno.EACCES, errno.EPERM) and parent and not os.access(parent, os.X_OK):
+        return parent
+    return path
 
 
 def _open_in_queue(path: str) -> int:

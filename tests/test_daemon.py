@@ -588,6 +588,24 @@ def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
 
 
 @pytest.mark.slow
+@needs_root
+def test_an_unsearchable_spool_root_is_named_not_its_domain(site_factory, public_dir):
+    """When the spool root itself shuts the service account out, that root is the path the
+    errors name: chmod'ing the domain directory would not help."""
+    nobody = pwd.getpwnam("nobody")
+    s = site_factory("user = nobody", directory=public_dir)
+    s.add_user("alice", "example.org")
+    domain = os.path.join(s.spool, "example.org")
+    os.makedirs(domain, mode=0o700)
+    os.chown(domain, nobody.pw_uid, nobody.pw_gid)
+    os.chown(s.spool, 0, 0)                              # root's, 0700: nobody cannot search it
+    os.chmod(s.spool, 0o700)
+    queued = s.cli("enqueue", "-f", "a@remote.test", "u@example.org", input=b"Subject: t\n\nx\n")
+    assert queued.returncode == 75, queued.stderr
+    assert s.spool + ": Permission denied" in queued.stderr.decode()
+    assert domain + ": Permission denied" not in queued.stderr.decode()
+
+
 def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     """The intake log line and `queue list` give the same size: the stored message, with
     odmrd's Received: header, as it will be delivered."""
