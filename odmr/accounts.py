@@ -333,6 +333,11 @@ def _write_atomically(path: str, config: ConfigObj) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or link in `directory` durable."""
     dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -509,10 +514,6 @@ def _create_secret(path: str, owner: Optional[Tuple[int, int]]) -> None:
             os.link(tmp, path)
         except FileExistsError:
             return
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(directory)
     finally:
         os.unlink(tmp)

@@ -20,6 +20,7 @@ from typing import List, Optional
 import pytest
 
 from conftest import (PASSWORD, ROOT, alive, reuse_provider, send_mail, wait_for, which)
+from odmr.daemon import read_pid_file
 from helpers import kill_hard
 
 pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
@@ -98,11 +99,7 @@ class FetchService:
                               timeout=60, stdin=subprocess.DEVNULL)
 
     def pid(self) -> Optional[int]:
-        try:
-            with open(self.pid_file) as fh:
-                return int(fh.read().strip())
-        except (OSError, ValueError):
-            return None
+        return read_pid_file(self.pid_file)
 
     def log(self) -> str:
         try:
