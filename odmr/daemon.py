@@ -226,15 +226,10 @@ def service_account(settings) -> Optional[Account]:
                                  "or 'allow_root = yes' in %s" % settings.path)
 
 
-def _can_read(path: str, uid: int, groups: List[int]) -> bool:
-    """Whether `uid` (with `groups`) may read `path` by its mode bits, every directory on
-    the way searchable: asked as root for the service account before it exists as a process
-    (check-config), so os.access cannot answer. ACLs are not consulted."""
-    return _allowed(path, uid, groups, 0o4)
-
-
 def _allowed(path: str, uid: int, groups: List[int], need: int) -> bool:
-    """`need` (rwx bits, 0o4 0o2 0o1) on `path` itself and search on every directory above."""
+    """`need` (rwx bits, 0o4 0o2 0o1) on `path` itself and search on every directory above,
+    by mode bits: asked as root for the service account before it exists as a process
+    (check-config), so os.access cannot answer. ACLs are not consulted."""
     if uid == 0:
         return os.path.exists(path)
     path = os.path.abspath(path)
@@ -346,7 +341,7 @@ def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
     uid, groups, name = _identity(account)
     problems = []
     for path, what in files_the_service_reads(settings):
-        if os.path.exists(path) and not _can_read(path, uid, groups):
+        if os.path.exists(path) and not _allowed(path, uid, groups, 0o4):
             problems.append("%s %s is not readable by %s, so every reload would fail: %s"
                             % (what, path, name, _read_fix(path, what, account)))
     return problems
