@@ -283,6 +283,7 @@ class OdmrSettings:
     one_line_per_tls_record: bool
     proxy_protocol: bool
     proxy_trusted: Tuple[str, ...]
+    delivery_window: int = 1        # messages in flight after the turnaround (SPEC §3, §4)
 
 
 @dataclass(frozen=True)

@@ -320,7 +320,7 @@ class Run:
         if self.pipelining:
             return self._pipelined(jobs)
         for job in jobs:
-            if self._stop.is_set():
+            if self._stop.is_set() or self.queue.must_stop:
                 log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
                 break
             self._serial(job)
@@ -396,7 +396,7 @@ class Run:
         try:
             while True:
                 job = None
-                if not self._stop.is_set():
+                if not self._stop.is_set() and not self.queue.must_stop:
                     job, upcoming = upcoming, None
                 elif in_flight or outbox:
                     log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)

@@ -88,6 +88,9 @@ class Drain:
         self.domains = list(domains)
         self.delivered = self.deferred = self.failed = 0
         self.defer_logs = False                 # the pipelined loop logs while replies travel
+        # set when a result could not be recorded: delivery sends nothing more, reads the
+        # replies still owed, and QUITs (SPEC §7: no message delivered twice)
+        self.must_stop = False
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
         manager.reaper.session(+1)

@@ -603,6 +603,10 @@ class Scripted:
         return [l for p in self.peers for l in p.lines]
 
     def close(self) -> None:
+        try:   # wakes the accept() thread: close() alone leaves the port listening
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         for peer in self.peers:
             try:
