@@ -57,21 +57,44 @@ def _clean(text: str) -> str:
 def build_dsn(hostname: str, message: Message, results: Dict[str, str], action: str = "failed") -> bytes:
     """A multipart/report DSN; `results` maps each recipient to the customer's reply (or a reason)."""
     env = message.envelope
-    failed = action == "failed"
     boundary = "=_odmrd_%s" % secrets.token_hex(12)
-    now = email.utils.formatdate(localtime=True)
-    headers = [
+    orcpt = {r.address: r.orcpt for r in env.recipients}
+    # RFC 6533: a report about an internationalised address is a global one, and names
+    # it with the utf-8 address type; raw UTF-8 never goes into an rfc822 field
+    international = not all(r.isascii() and orcpt.get(r, "").isascii() for r in results)
+    report_type = "message/global-delivery-status" if international else "message/delivery-status"
+    text = _crlf_join(_intro(hostname, results, action))
+    original, whole = _original(message, env.ret.upper() == "FULL")
+    out = [_crlf_join(_dsn_headers(hostname, env.sender, action, boundary)), b"\r\n\r\n",
+           b"This is a MIME-encapsulated delivery status notification.\r\n\r\n",
+           ("--%s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: %s\r\n\r\n"
+            % (boundary, "7bit" if text.isascii() else "8bit")).encode(),
+           text, b"\r\n\r\n",
+           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, report_type)).encode(),
+           _crlf_join(_status_fields(hostname, message, results, action)), b"\r\n\r\n",
+           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, _returned_type(original, whole))).encode(),
+           original if original.endswith(b"\r\n") else original + b"\r\n",
+           ("\r\n--%s--\r\n" % boundary).encode()]
+    return b"".join(out)
+
+
+def _dsn_headers(hostname: str, sender: str, action: str, boundary: str) -> List[str]:
+    return [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
-        "To: <%s>" % env.sender,
-        "Subject: %s" % ("Undelivered Mail Returned to Sender" if failed
+        "To: <%s>" % sender,
+        "Subject: %s" % ("Undelivered Mail Returned to Sender" if action == "failed"
                          else "Delayed Mail (still being retried)"),
-        "Date: %s" % now,
+        "Date: %s" % email.utils.formatdate(localtime=True),
         "Message-ID: %s" % email.utils.make_msgid(domain=hostname),
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="%s"' % boundary,
     ]
-    if failed:
+
+
+def _intro(hostname: str, results: Dict[str, str], action: str) -> List[str]:
+    """The human-readable part."""
+    if action == "failed":
         intro = ["This is the mail system at %s." % hostname, "",
                  "Your message could not be delivered to the following recipients.",
                  "This is a permanent error; the message has been removed from the queue.", ""]
@@ -80,39 +103,41 @@ def build_dsn(hostname: str, message: Message, results: Dict[str, str], action: 
                  "Your message has not been delivered yet to the following recipients.",
                  "It is still queued and will be delivered when the recipient's server collects",
                  "it; no action is needed. You will be told if it is finally returned.", ""]
-    intro += ["<%s>: %s" % (rcpt, _clean(reply)) for rcpt, reply in results.items()]
+    return intro + ["<%s>: %s" % (rcpt, _clean(reply)) for rcpt, reply in results.items()]
 
+
+def _status_fields(hostname: str, message: Message, results: Dict[str, str], action: str) -> List[str]:
+    """The machine-readable part (RFC 3464 §2.2, §2.3): one group per recipient."""
+    env = message.envelope
     orcpt = {r.address: r.orcpt for r in env.recipients}
     status: List[str] = ["Reporting-MTA: dns; %s" % hostname]
     if env.envid:
         status.append("Original-Envelope-Id: %s" % _clean(env.envid))
     status.append("Arrival-Date: %s" % email.utils.formatdate(env.arrival, localtime=True))
-    default = "5.0.0" if failed else "4.0.0"
+    default = "5.0.0" if action == "failed" else "4.0.0"
     for rcpt, reply in results.items():
         status.append("")
         if orcpt.get(rcpt):
             status.append("Original-Recipient: %s" % _clean(orcpt[rcpt]))
-        status += ["Final-Recipient: rfc822; %s" % rcpt,
+        status += ["Final-Recipient: %s; %s" % ("rfc822" if rcpt.isascii() else "utf-8", rcpt),
                    "Action: %s" % action,
-                   "Status: %s" % status_of(reply, default)]
-        if reply[:3].isdigit():
-            status.append("Diagnostic-Code: smtp; %s" % _clean(reply)[:900])
-        else:
-            status.append("Diagnostic-Code: x-odmrd; %s" % _clean(reply)[:900])
-    original, whole = _original(message, env.ret.upper() == "FULL")
-    returned_type = "message/rfc822" if whole else "text/rfc822-headers"
-    crlf = "\r\n"
-    out = [crlf.join(headers).encode("utf-8"), b"\r\n\r\n",
-           b"This is a MIME-encapsulated delivery status notification.\r\n\r\n",
-           ("--%s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-            % boundary).encode(),
-           crlf.join(intro).encode("utf-8"), b"\r\n\r\n",
-           ("--%s\r\nContent-Type: message/delivery-status\r\n\r\n" % boundary).encode(),
-           crlf.join(status).encode("utf-8"), b"\r\n\r\n",
-           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, returned_type)).encode(),
-           original if original.endswith(b"\r\n") else original + b"\r\n",
-           ("\r\n--%s--\r\n" % boundary).encode()]
-    return b"".join(out)
+                   "Status: %s" % status_of(reply, default),
+                   "Diagnostic-Code: %s; %s" % ("smtp" if reply[:3].isdigit() else "x-odmrd",
+                                                _clean(reply)[:900])]
+    return status
+
+
+def _crlf_join(lines: List[str]) -> bytes:
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def _returned_type(original: bytes, whole: bool) -> str:
+    """The returned part's type: RFC 6532's global types when its header is UTF-8."""
+    end = original.find(b"\r\n\r\n")
+    header = original if end < 0 else original[:end]
+    if header.isascii():
+        return "message/rfc822" if whole else "text/rfc822-headers"
+    return "message/global" if whole else "message/global-headers"
 
 
 def send_dsn(spool: Spool, hosted: frozenset, hostname: str, message: Message,
@@ -131,7 +156,8 @@ def send_dsn(spool: Spool, hosted: frozenset, hostname: str, message: Message,
     except ValueError:
         domain = ""
     queue = domain if domain and domain in hosted else OUTBOUND
-    dsn = Submission("", smtputf8=not sender.isascii(), body="8BITMIME")
+    # 8BITMIME only when the report really has 8-bit text: a 7-bit one goes anywhere
+    dsn = Submission("", smtputf8=not sender.isascii(), body="7BIT" if data.isascii() else "8BITMIME")
     dsn.add(sender, queue)
     [(_, dsn_id)] = store(spool, dsn, "odmrd bounce for %s/%s" % (message.domain, message.id), data)
     log.info("bounce: %s/%s: DSN (%s) to <%s> for %s queued as %s/%s", message.domain, message.id,

@@ -1,21 +1,23 @@
 """The bounce relay: a small delivery agent for the OUTBOUND queue.
 
-DSNs for senders outside the hosted domains wait in OUTBOUND; the daemon's
-maintenance thread hands them to `[queue] bounce_relay` (host:port) with
-smtplib, retried with exponential backoff. A bounce is never bounced: one
-refused for good, or still undelivered after max_age, is dropped with an
-error line in the log.
+DSNs for senders outside the hosted domains wait in OUTBOUND, and so does mail
+for the domainless <postmaster> when `[smtp] postmaster` is not in a hosted
+domain; the daemon's maintenance thread hands them to `[queue] bounce_relay`
+(host:port) with smtplib, retried with exponential backoff. A bounce is never
+bounced: one refused for good, or still undelivered after max_age, is dropped
+with an error line in the log (the postmaster's mail gets a DSN instead).
 """
 from __future__ import annotations
 
 import logging
 import smtplib
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
+from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -68,7 +70,7 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
                         _relay_failed(spool, message, broken, now)
                         counts["relay_deferred"] += 1
                         continue
-                outcome = _relay_one(spool, client, message, now)
+                outcome = _relay_one(runtime, client, message, now)
                 counts[outcome] += 1
                 if outcome == "relay_deferred" and _closed(client):
                     client = None
@@ -88,15 +90,16 @@ def _closed(client: smtplib.SMTP) -> bool:
     return client.sock is None
 
 
-def _relay_one(spool, client: smtplib.SMTP, message: Message, now: float) -> str:
+def _relay_one(runtime: Runtime, client: smtplib.SMTP, message: Message, now: float) -> str:
+    spool = runtime.spool
     pending = [r.address for r in message.pending()]
-    options: List[str] = []
-    if message.envelope.smtputf8 or not all(r.isascii() for r in pending):
-        options.append("SMTPUTF8")
-    if message.envelope.body == "8BITMIME" and client.has_extn("8bitmime"):
-        options.append("BODY=8BITMIME")
+    data = message.read_data()
+    refusal, options = _transport(client, message, pending, data)
     try:
-        refused = client.sendmail("", pending, message.read_data(), mail_options=options)
+        if refusal is not None:
+            refused = {r: refusal for r in pending}
+        else:
+            refused = client.sendmail(message.envelope.sender, pending, data, mail_options=options)
     except smtplib.SMTPRecipientsRefused as exc:
         refused = exc.recipients
     except smtplib.SMTPResponseException as exc:
@@ -111,8 +114,38 @@ def _relay_one(spool, client: smtplib.SMTP, message: Message, now: float) -> str
         except OSError:
             pass
         return "relay_deferred"
+    return _record(runtime, message, pending, refused, now)
+
+
+def _transport(client: smtplib.SMTP, message: Message, pending: List[str],
+               data: bytes) -> Tuple[Optional[Tuple[int, str]], List[str]]:
+    """The MAIL options the text needs, or the refusal when the relay cannot take it as
+    it is: odmrd converts nothing (RFC 6152 §3, RFC 6531 §3.2), as for customers."""
+    env = message.envelope
+    end = data.find(b"\r\n\r\n")
+    header = data if end < 0 else data[:end]
+    utf8 = not env.sender.isascii() or not all(r.isascii() for r in pending) \
+        or (env.smtputf8 and not header.isascii())
+    if utf8 and not client.has_extn("smtputf8"):
+        return (553, "5.6.7 The bounce relay does not support SMTPUTF8"), []
+    eight_bit = env.body == "8BITMIME"
+    if eight_bit and not client.has_extn("8bitmime") and not data.isascii():
+        return (554, "5.6.3 The bounce relay does not support 8BITMIME; "
+                     "conversion to 7 bit not supported"), []
+    options = ["SMTPUTF8"] if utf8 else []
+    if eight_bit and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return None, options
+
+
+def _record(runtime: Runtime, message: Message, pending: List[str],
+            refused: Dict[str, Tuple[int, object]], now: float) -> str:
+    """The relay's answers: done, failed for good (a DSN only for a message that has a
+    sender: a bounce is never bounced), or tried again later."""
+    spool = runtime.spool
     state = message.state
     temporary = []
+    failed: Dict[str, str] = {}
     for rcpt in pending:
         if rcpt not in refused:
             state.done[rcpt] = "250 relayed"
@@ -121,11 +154,19 @@ def _relay_one(spool, client: smtplib.SMTP, message: Message, now: float) -> str
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
         reply = "%d %s" % (code, " ".join(text.split()))
         if 500 <= code < 600:
-            state.failed[rcpt] = reply
-            log.error("maintenance: bounce %s to <%s> refused by the relay: %s; dropped "
-                      "(a bounce is never bounced)", message.id, rcpt, reply)
+            state.failed[rcpt] = failed[rcpt] = reply
+            if not message.envelope.sender:
+                log.error("maintenance: bounce %s to <%s> refused by the relay: %s; dropped "
+                          "(a bounce is never bounced)", message.id, rcpt, reply)
         else:
             temporary.append(reply)
+    if failed and message.envelope.sender:
+        log.error("maintenance: %s to %s refused by the relay: %s", message.id,
+                  ",".join(failed), next(iter(failed.values())))
+        try:
+            send_dsn(spool, runtime.hosted_domains(), runtime.hostname, message, failed)
+        except (SpoolError, OSError) as exc:
+            log.error("maintenance: cannot queue the DSN for %s: %s", message.id, exc)
     if not message.pending():
         spool.remove(message)
         if state.done:

@@ -300,6 +300,7 @@ class SmtpSettings:
     allow_routing_local_parts: bool = False     # user%host@, host!user@, "a@b"@ ... (SPEC §5)
     postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
     max_data_time: float = 1800.0   # a DATA phase that lasts longer is ended with 451
+    max_received_headers: int = 30  # more Received: fields: 554 5.4.6 (a mail loop)
 
 
 @dataclass(frozen=True)

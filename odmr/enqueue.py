@@ -14,6 +14,7 @@ from odmr.exits import EX_DATAERR, EX_IOERR, EX_NOUSER, EX_TEMPFAIL
 from odmr.names import address_is_safe
 from odmr.runtime import Runtime
 from odmr.spool import SpoolError
+from odmr.hops import HopCount, TooManyHops
 from odmr.submission import Submission, TooBig
 from odmr.syntax import local_received_header, printable, split_source_route
 
@@ -63,7 +64,10 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         except ValueError:
             raise EnqueueError("recipient <%s>: source route without ':'" % printable(path),
                                EX_DATAERR) from None
-        domain, code, text = runtime.classify_recipient(address, utf8_allowed=True, route=route)
+        if address.lower() == "postmaster":          # RFC 5321 §4.5.1, as at the intake port
+            address, (domain, code, text) = runtime.postmaster_recipient(True, route)
+        else:
+            domain, code, text = runtime.classify_recipient(address, utf8_allowed=True, route=route)
         if domain is None:
             status = EX_NOUSER if code in (550, 553) else EX_DATAERR
             reason = text.split(" ", 1)[1]
@@ -86,7 +90,8 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     hostname = runtime.hostname
     spooling = submission.start(runtime.spool, "local user %s" % user,
                                 lambda msg_id, rcpts: local_received_header(hostname, msg_id, rcpts),
-                                runtime.settings.smtp.max_message_size)
+                                runtime.settings.smtp.max_message_size,
+                                HopCount(hostname, runtime.settings.smtp.max_received_headers))
     if spooling.failure is not None:             # before reading: the MTA keeps it and retries
         raise EnqueueError(str(spooling.failure), EX_TEMPFAIL)
     try:
@@ -102,6 +107,8 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
         stored = spooling.commit()
     except TooBig as exc:
         raise EnqueueError(str(exc), EX_DATAERR) from None
+    except TooManyHops as exc:
+        raise EnqueueError(exc.text.split(" ", 1)[1], EX_DATAERR) from None
     except SpoolError as exc:
         raise EnqueueError(str(exc), EX_TEMPFAIL) from None   # the MTA keeps it and retries
     except OSError as exc:

@@ -13,8 +13,9 @@ import time
 from typing import Callable, List, Optional
 
 from odmr import replies, tls
+from odmr.hops import HopCount, TooManyHops
 from odmr.runtime import Runtime
-from odmr.spool import SpoolError
+from odmr.spool import OUTBOUND, SpoolError
 from odmr.submission import Submission, TooBig
 from odmr.syntax import helo_name_ok, printable, received_header, split_source_route
 from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
@@ -169,16 +170,11 @@ class IntakeSession(Session):
             return
         if address.lower() == "postmaster":
             # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
-            # administrator of this host, whose mailbox is a configured hosted address
-            target = self.runtime.postmaster_address()
-            domain, code, text = self.runtime.classify_recipient(target, tx.smtputf8, configured=True,
-                                                                 route=route)
-            if domain is None and not route:
-                log.error("smtp: %s RCPT <postmaster> refused: %s is not an address in a hosted "
-                          "domain (set [smtp] postmaster): %d %s", self.peer, target, code, text)
-                self.reply(550, "5.1.1 <postmaster>: no postmaster mailbox configured here")
-                return
-            address = target
+            # administrator of this host ([smtp] postmaster, else postmaster@hostname)
+            address, (domain, code, text) = self.runtime.postmaster_recipient(tx.smtputf8, route)
+            if domain == OUTBOUND:
+                log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
+                         "for [queue] bounce_relay", self.peer, address)
         else:
             domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8, route=route)
         if domain is None:
@@ -216,8 +212,9 @@ class IntakeSession(Session):
                                    msg_id, recipients)
 
         limit = self.limits.max_message_size
+        hops = HopCount(self.hostname(), self.limits.max_received_headers)
         spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
-                            trace, limit)
+                            trace, limit, hops)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
         deadline = time.monotonic() + max_time if max_time > 0 else None
         self.reply(*replies.START_DATA)
@@ -235,6 +232,8 @@ class IntakeSession(Session):
             stored = spooling.commit()
         except TooBig:
             return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
+        except TooManyHops as exc:
+            return self._refuse_message(tx, (554, exc.text), "mail loop")
         except SpoolError as exc:
             return self._refuse_message(tx, replies.NO_STORAGE, str(exc))
         by_domain = tx.by_domain()

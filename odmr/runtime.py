@@ -15,7 +15,7 @@ from odmr.accounts import Accounts
 from odmr.config import Settings
 from odmr.names import address_is_safe, normalize_domain, split_address
 from odmr.sasl import Decoys
-from odmr.spool import Spool
+from odmr.spool import OUTBOUND, Spool
 from odmr.syntax import route_in_address
 from odmr.throttle import AuthThrottle
 
@@ -110,6 +110,18 @@ class Runtime:
     def postmaster_address(self) -> str:
         """Where the domainless <postmaster> goes: [smtp] postmaster, else postmaster@hostname."""
         return self.settings.smtp.postmaster or "postmaster@" + self.hostname
+
+    def postmaster_recipient(self, utf8_allowed: bool, route: str = "") -> Tuple[str, Verdict]:
+        """The domainless <postmaster> (RFC 5321 §4.5.1: it must work): the configured
+        mailbox when it is in a hosted domain; otherwise kept in the OUTBOUND queue,
+        addressed to that mailbox, for `[queue] bounce_relay` to hand on. A route still
+        refuses it."""
+        target = self.postmaster_address()
+        verdict = self.classify_recipient(target, utf8_allowed, configured=True, route=route)
+        if verdict[0] is None and verdict[1] == 550 and not route \
+                and not verdict[2].startswith("5.7.1 Routing"):
+            verdict = (OUTBOUND, 250, "2.1.5 Ok")
+        return target, verdict
 
     def quota_ok(self, domain: str, incoming_size: int = 0) -> bool:
         policy = self.settings.policy(domain)

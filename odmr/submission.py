@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from odmr.hops import HopCount, TooManyHops
 from odmr.names import mailbox_key
 from odmr.spool import OUTBOUND, Envelope, IncomingMessage, Recipient, Spool, SpoolError
 
@@ -69,9 +70,10 @@ class Submission:
                 for domain, addresses in self.by_domain().items()}
 
     def start(self, spool: Spool, client: str, trace: Optional[TraceHeader] = None,
-              limit: int = 0) -> "Spooling":
-        """Open one spool file per domain for the text that follows."""
-        return Spooling(spool, self.envelopes(client), self.by_domain(), trace, limit)
+              limit: int = 0, hops: Optional[HopCount] = None) -> "Spooling":
+        """Open one spool file per domain for the text that follows; `hops` refuses a
+        message whose header says it is looping (TooManyHops from `commit`)."""
+        return Spooling(spool, self.envelopes(client), self.by_domain(), trace, limit, hops)
 
 
 class Spooling:
@@ -83,8 +85,10 @@ class Spooling:
     raised by `commit`) says what went wrong."""
 
     def __init__(self, spool: Spool, envelopes: Dict[str, Envelope], by_domain: Dict[str, List[str]],
-                 trace: Optional[TraceHeader] = None, limit: int = 0):
+                 trace: Optional[TraceHeader] = None, limit: int = 0,
+                 hops: Optional[HopCount] = None):
         self.limit = limit
+        self._hops = hops
         self.size = 0                              # of the text, as received
         self.failure: Optional[Exception] = None
         self.header_sizes: Dict[str, int] = {}
@@ -110,6 +114,13 @@ class Spooling:
             self.failure = TooBig(self.limit)
             self._incoming.abort()
             return
+        if self._hops is not None and not self._hops.done:
+            self._hops.feed(piece)
+            loop = self._hops.verdict()
+            if loop:
+                self.failure = TooManyHops(loop)
+                self._incoming.abort()
+                return
         try:
             self._incoming.write(piece)
         except SpoolError as exc:
@@ -126,7 +137,8 @@ class Spooling:
                 self.failure = exc
 
     def commit(self) -> List[Tuple[str, str]]:
-        """Make every copy durable; [(domain, id)]. Raises TooBig or SpoolError, all undone."""
+        """Make every copy durable; [(domain, id)]. Raises TooBig, TooManyHops or
+        SpoolError, all undone."""
         if self.failure is None:
             try:
                 return self._incoming.commit()

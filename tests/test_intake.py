@@ -659,11 +659,16 @@ def test_domainless_postmaster_goes_to_the_configured_mailbox(tmp_path):
         stop_quickly(p)
 
 
-def test_domainless_postmaster_without_a_mailbox_is_a_clear_550(tmp_path):
+def test_domainless_postmaster_without_a_hosted_mailbox_waits_for_the_bounce_relay(tmp_path):
+    """Out of the box (RFC 5321 §4.5.1 MUST): postmaster@hostname is not hosted, so the
+    mail is kept in the outbound queue, addressed to it, for [queue] bounce_relay."""
     p = make_provider(str(tmp_path))          # hostname odmr.test is not a hosted domain
     try:
         code, lines = _rcpt_postmaster(p)
-        assert (code, status(lines)) == (550, "5.1.1") and "postmaster" in lines[0]
+        assert (code, status(lines)) == (250, "2.1.5")
+        [env] = envelope_of(p, ".outbound")
+        assert [r.address for r in env.recipients] == ["postmaster@odmr.test"]
+        assert env.sender == SENDER
     finally:
         stop_quickly(p)
 

@@ -150,7 +150,9 @@ def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
 class RelaySink:
     """A small SMTP server on loopback for `bounce_relay`: refuses the first tries, then takes mail."""
 
-    def __init__(self, refusals: List[str], final_code: str = "250 2.0.0 queued"):
+    def __init__(self, refusals: List[str], final_code: str = "250 2.0.0 queued",
+                 features: List[str] = ("8BITMIME",)):
+        self.features = list(features)
         self.refusals = list(refusals)      # each: "greeting:421 ..." / "rcpt:451 ..." / "rcpt:550 ..."
         self.final_code = final_code
         self.messages: List[dict] = []
@@ -193,7 +195,9 @@ class RelaySink:
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                conn.sendall(b"250-relay.test\r\n250 8BITMIME\r\n")
+                lines = ["relay.test"] + self.features
+                conn.sendall("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
+                                     for i, l in enumerate(lines)).encode())
             elif verb == b"MAIL":
                 mail, rcpts = line.strip().decode(), []
                 conn.sendall(b"250 ok\r\n")

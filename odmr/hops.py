@@ -1,0 +1,100 @@
+"""Mail loop detection (RFC 5321 §6.3): the Received: fields of a message's header.
+
+In ODMR a loop is easy to build by mistake: a customer MTA that relays its own
+domain back to the provider's MX sends every message round again at each ATRN.
+Two limits catch it while the text streams in (only the header is looked at):
+all Received: fields (`[smtp] max_received_headers`, like Exim's 30), and the
+ones this provider wrote itself (`by <hostname> (odmrd`), a few of which already
+mean the message keeps coming back here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+MAX_OWN_HOPS = 3                    # our own Received: fields a message may already carry
+_MAX_LINE = 4096                    # of a header line kept for looking at
+_MAX_HEADER = 1024 * 1024           # beyond this the header is not read further
+_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+
+
+class TooManyHops(Exception):
+    """The message has passed too many hosts, or this one too often: a mail loop."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+class HopCount:
+    """Counts the Received: fields of a header fed in pieces of any size."""
+
+    def __init__(self, hostname: str, max_received: int, max_own: int = MAX_OWN_HOPS):
+        self.max_received = max_received
+        self.max_own = max_own
+        self.received = 0
+        self.own = 0
+        self.done = False
+        self._marker = ("by %s (odmrd" % hostname.lower()).encode("utf-8", "replace")
+        self._line = b""                # the start of the line being read
+        self._line_full = False         # more of that line was dropped
+        self._field: Optional[bytes] = None     # the Received: field being read
+        self._seen = 0
+
+    def feed(self, piece: bytes) -> None:
+        """Look at the next piece of the text; stops looking after the header."""
+        if self.done:
+            return
+        self._seen += len(piece)
+        start = 0
+        while not self.done:
+            end = piece.find(b"\n", start)
+            if end < 0:
+                self._keep(piece[start:])
+                break
+            self._keep(piece[start:end])
+            self._line_ended()
+            start = end + 1
+        if self._seen > _MAX_HEADER:
+            self._finish()
+
+    def verdict(self) -> Optional[str]:
+        """Why the message is refused (a reply text), or None."""
+        if self.received > self.max_received:
+            return "5.4.6 Too many hops: %d Received: header fields (limit %d); a mail loop?" \
+                % (self.received, self.max_received)
+        if self.own >= self.max_own:
+            return "5.4.6 Mail loop: the message has passed through this host %d times" % self.own
+        return None
+
+    def _keep(self, data: bytes) -> None:
+        room = _MAX_LINE - len(self._line)
+        if room > 0:
+            self._line += data[:room]
+        if len(data) > room:
+            self._line_full = True
+
+    def _line_ended(self) -> None:
+        line = self._line.rstrip(b"\r")
+        self._line, self._line_full = b"", False
+        if line[:1] in (b" ", b"\t") and line.strip():
+            if self._field is not None:
+                self._field += b" " + line.strip()
+            return
+        self._field_ended()
+        if not line:
+            self._finish()
+        elif _RECEIVED.match(line):
+            self.received += 1
+            self._field = line
+
+    def _field_ended(self) -> None:
+        if self._field is not None:
+            words = b" ".join(self._field.lower().split())
+            if self._marker in words:
+                self.own += 1
+            self._field = None
+
+    def _finish(self) -> None:
+        self._field_ended()
+        self.done = True

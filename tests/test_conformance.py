@@ -1,0 +1,257 @@
+"""Standards conformance at the edges (issue 15): mail loops (RFC 5321 §6.3), the
+domainless postmaster (§4.5.1), DSNs about internationalised addresses (RFC 6533),
+and the bounce relay's 8BITMIME/SMTPUTF8 (RFC 6152 §3, RFC 6531 §3.2).
+
+Everything over real sockets: a real provider in this process, smtplib clients,
+a scripted customer after ATRN, and a small relay server for bounce_relay."""
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import time
+from typing import List
+
+import pytest
+
+from conftest import Provider, send_mail
+from helpers import Script, atrn, queue, wait_sessions_over
+from odmr import bounce_relay, maintenance
+from odmr.exits import EX_DATAERR, EX_OK
+from odmr.spool import OUTBOUND
+from test_reliability import RelaySink
+
+SENDER = "sender@outside.test"
+
+
+def message(received: List[bytes], body: bytes = b"hello\r\n") -> bytes:
+    return b"".join(received) + b"Subject: loop test\r\n\r\n" + body
+
+
+def foreign_hop(n: int) -> bytes:
+    return b"Received: from h%d.test by mx%d.test with ESMTP; Thu, 1 Jan 2026 00:00:00 +0000\r\n" % (n, n)
+
+
+OWN_HOP = (b"Received: from customer.test (customer.test [127.0.0.1])\r\n"
+           b"\tby odmr.test (odmrd) with ESMTP id 1234;\r\n\tThu, 1 Jan 2026 00:00:00 +0000\r\n")
+
+
+def submit(p: Provider, data: bytes, rcpt: str = "x@example.org"):
+    """The intake's reply to the message: (code, text)."""
+    with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
+        try:
+            c.sendmail(SENDER, [rcpt], data)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code, exc.smtp_error.decode()
+    return 250, ""
+
+
+# -- mail loops ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("hops, code", [(30, 250), (31, 554)])
+def test_received_fields_over_the_limit_are_a_mail_loop(provider, hops, code):
+    reply = submit(provider, message([foreign_hop(i) for i in range(hops)]))
+    assert reply[0] == code, reply
+    if code == 554:
+        assert reply[1].startswith("5.4.6 ") and "hops" in reply[1]
+        assert provider.spooled("example.org") == []          # nothing kept
+    else:
+        assert len(provider.spooled("example.org")) == 1
+
+
+def test_received_fields_are_counted_in_every_spelling_and_only_in_the_header(provider):
+    spellings = [b"RECEIVED: from a.test by b.test; x\r\n", b"received :from a\r\n\tby b; x\r\n",
+                 b"Received:\r\n from a by b; x\r\n"]
+    header = [spellings[i % 3] for i in range(31)]
+    assert submit(provider, message(header))[0] == 554
+    # the same lines in the body are text, not trace fields
+    body = b"".join(foreign_hop(i) for i in range(200))
+    assert submit(provider, message([foreign_hop(0)], body))[0] == 250
+
+
+def test_the_limit_is_a_setting(tmp_path):
+    p = Provider(str(tmp_path), smtp_extra="max_received_headers = 3")
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        assert submit(p, message([foreign_hop(i) for i in range(3)]))[0] == 250
+        assert submit(p, message([foreign_hop(i) for i in range(4)]))[0] == 554
+    finally:
+        p.stop()
+
+
+def test_a_message_that_keeps_coming_back_here_is_refused(provider):
+    assert submit(provider, message([OWN_HOP, OWN_HOP]))[0] == 250
+    code, text = submit(provider, message([OWN_HOP, foreign_hop(1), OWN_HOP, OWN_HOP]))
+    assert code == 554 and text.startswith("5.4.6 ") and "loop" in text.lower()
+
+
+def test_a_customer_that_relays_its_domain_back_to_the_mx_is_stopped(provider):
+    """The ODMR loop: every message the customer collects goes back to the provider's
+    MX. It goes round a few times, then the intake refuses it (RFC 5321 §6.3)."""
+    send_mail(provider.smtp_port, SENDER, ["x@example.org"], message([], b"round and round\r\n"))
+    rounds = 0
+    refused = None
+    while refused is None and rounds < 20:
+        script = Script()
+        assert atrn(provider, script) == "quit"
+        wait_sessions_over(provider)
+        [collected] = script.messages
+        rounds += 1
+        code, text = submit(provider, collected["data"])
+        if code != 250:
+            refused = (code, text)
+    assert refused is not None and refused[0] == 554 and refused[1].startswith("5.4.6"), refused
+    assert rounds == 3
+    assert queue(provider, "example.org") == []
+
+
+def test_enqueue_refuses_a_looping_message(provider):
+    data = message([foreign_hop(i) for i in range(31)])
+    result = provider.run_cli("enqueue", "-f", SENDER, "x@example.org", input=data)
+    assert result.returncode == EX_DATAERR
+    assert result.stderr.decode().count("\n") == 1 and "hops" in result.stderr.decode()
+    assert provider.spooled("example.org") == []
+    result = provider.run_cli("enqueue", "-f", SENDER, "x@example.org", input=message([OWN_HOP]))
+    assert result.returncode == EX_OK, result.stderr
+
+
+# -- the domainless postmaster --------------------------------------------------------
+
+@pytest.fixture
+def fast_relay(monkeypatch):
+    monkeypatch.setattr(maintenance, "TICK", 0.1)
+    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
+    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_postmaster_works_out_of_the_box_through_the_bounce_relay(tmp_path, fast_relay):
+    sink = RelaySink([])
+    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        send_mail(p.smtp_port, SENDER, ["postmaster"], b"Subject: abuse report\r\n\r\nhi\r\n")
+        p.service.maintenance.wake()
+        assert wait_for(lambda: sink.messages, 15), "the relay never got the postmaster's mail"
+        [relayed] = sink.messages
+        assert relayed["rcpts"] == ["postmaster@odmr.test"]
+        assert relayed["mail"].split()[1].upper() == "FROM:<%s>" % SENDER.upper()   # not <>
+        assert b"abuse report" in relayed["data"]
+        assert wait_for(lambda: queue(p) == [], 5)
+    finally:
+        p.stop()
+        sink.close()
+
+
+def test_enqueue_to_the_bare_postmaster(provider):
+    result = provider.run_cli("enqueue", "-f", SENDER, "postmaster", input=b"Subject: x\r\n\r\nhi\r\n")
+    assert result.returncode == EX_OK, result.stderr
+    [record] = queue(provider, OUTBOUND)
+    assert record["recipients"] == ["postmaster@odmr.test"]
+
+
+# -- DSNs about internationalised addresses (RFC 6533) ----------------------------------
+
+def bounce_everything(provider, rcpts: List[str], smtputf8: bool, subject: str = "x") -> None:
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as c:
+        c.ehlo()
+        c.sendmail("sender@example.net", rcpts,
+                   ("Subject: %s\r\n\r\nbody\r\n" % subject).encode("utf-8"),
+                   mail_options=["SMTPUTF8"] if smtputf8 else [])
+    script = Script()
+    script.extensions = script.extensions + ["SMTPUTF8"]
+    script.rcpt = lambda address: "550 5.1.1 no such user"
+    assert atrn(provider, script) == "quit"
+    wait_sessions_over(provider)
+
+
+def the_dsn(provider) -> email.message.EmailMessage:
+    [dsn_id] = provider.spooled("example.net")
+    return email.message_from_bytes(provider.spool.load("example.net", dsn_id).read_data(),
+                                    policy=email.policy.default)
+
+
+def test_a_dsn_about_a_utf8_recipient_is_a_global_one(provider):
+    bounce_everything(provider, ["jörg@example.org"], smtputf8=True, subject="grüße")
+    dsn = the_dsn(provider)
+    types = [part.get_content_type() for part in dsn.iter_parts()]
+    assert types == ["text/plain", "message/global-delivery-status", "message/global-headers"]
+    [dsn_id] = provider.spooled("example.net")
+    raw = provider.spool.load("example.net", dsn_id).read_data().decode("utf-8")
+    report = raw.split("Content-Type: message/global-delivery-status")[1].split("\r\n--")[0]
+    assert "Final-Recipient: utf-8; jörg@example.org" in report
+    assert "rfc822; jörg" not in raw
+
+
+def test_a_dsn_about_ascii_recipients_stays_plain_and_7bit(provider):
+    bounce_everything(provider, ["joe@example.org"], smtputf8=False)
+    dsn = the_dsn(provider)
+    types = [part.get_content_type() for part in dsn.iter_parts()]
+    assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    [dsn_id] = provider.spooled("example.net")
+    stored = provider.spool.load("example.net", dsn_id)
+    assert stored.read_data().isascii() and stored.envelope.body == "7BIT"
+
+
+# -- the bounce relay converts nothing ------------------------------------------------
+
+def SevenBitRelay(refusals: List[str]) -> RelaySink:
+    """A relay that offers neither 8BITMIME nor SMTPUTF8."""
+    return RelaySink(refusals, features=[])
+
+
+@pytest.mark.parametrize("rcpt, subject, smtputf8", [
+    ("joe@example.org", "grüße", True),            # an 8-bit header: needs SMTPUTF8 and 8 bits
+    ("jörg@example.org", "plain", True),           # a UTF-8 address in the DSN
+], ids=["utf8-header", "utf8-address"])
+def test_the_bounce_relay_never_sends_8bit_or_utf8_raw(tmp_path, fast_relay, caplog, rcpt, subject,
+                                                        smtputf8):
+    sink = SevenBitRelay([])
+    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
+            c.ehlo()
+            c.sendmail(SENDER, [rcpt], ("Subject: %s\r\n\r\nbody\r\n" % subject).encode("utf-8"),
+                       mail_options=["SMTPUTF8"] if smtputf8 else [])
+        script = Script()
+        script.extensions = script.extensions + ["SMTPUTF8"]
+        script.rcpt = lambda address: "550 5.1.1 no such user"
+        assert atrn(p, script) == "quit"
+        wait_sessions_over(p)
+        assert len(queue(p, OUTBOUND)) == 1                  # the DSN, for the relay
+        p.service.maintenance.wake()
+        assert wait_for(lambda: queue(p, OUTBOUND) == [] and sink.connections, 15)
+        assert sink.messages == []                            # refused for good, never sent raw
+        assert "does not support" in caplog.text and "never bounced" in caplog.text
+    finally:
+        p.stop()
+        sink.close()
+
+
+def test_a_7bit_dsn_goes_through_a_7bit_relay(tmp_path, fast_relay):
+    sink = SevenBitRelay([])
+    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        send_mail(p.smtp_port, SENDER, ["joe@example.org"], b"Subject: plain\r\n\r\nbody\r\n")
+        script = Script()
+        script.rcpt = lambda address: "550 5.1.1 no such user"
+        assert atrn(p, script) == "quit"
+        wait_sessions_over(p)
+        p.service.maintenance.wake()
+        assert wait_for(lambda: sink.messages, 15)
+        assert "BODY=8BITMIME" not in sink.messages[0]["mail"].upper()
+    finally:
+        p.stop()
+        sink.close()
