@@ -179,7 +179,7 @@ class ODMRSession(Session):
         self.count_bad_command()
 
     smtp_MAIL = smtp_RCPT = smtp_DATA = smtp_BDAT = smtp_ETRN = smtp_TURN = _not_here
-    smtp_VRFY = smtp_EXPN = _not_here
+    smtp_VRFY = smtp_EXPN = smtp_HELP = _not_here
 
     def smtp_AUTH(self, arg: str) -> None:
         if self.ehlo is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 import smtplib
 import time
 from typing import List
@@ -15,10 +16,11 @@ from typing import List
 import pytest
 
 from conftest import Provider, send_mail
-from helpers import Script, atrn, queue, wait_sessions_over
+from helpers import Script, Scripted, atrn, err, queue, run_fetch, scripted_args, wait_sessions_over
 from odmr import bounce_relay, maintenance
-from odmr.exits import EX_DATAERR, EX_OK
+from odmr.exits import EX_DATAERR, EX_NOPERM, EX_OK, EX_TEMPFAIL
 from odmr.spool import OUTBOUND
+from test_fetch import deliver_one
 from test_reliability import RelaySink
 
 SENDER = "sender@outside.test"
@@ -255,3 +257,46 @@ def test_a_7bit_dsn_goes_through_a_7bit_relay(tmp_path, fast_relay):
     finally:
         p.stop()
         sink.close()
+
+
+# -- the customer side reads any legal form of a reply (RFC 5321 §4.2.1) -----------------
+
+@pytest.mark.parametrize("reply, code", [
+    ("250-OK now reversing\r\n250 the connection", EX_OK),
+    ("453-You have\r\n453 no mail", EX_OK),
+    ("450-ATRN request\r\n450 refused", EX_NOPERM),
+    ("451-Unable to process\r\n451 ATRN request now", EX_TEMPFAIL),
+], ids=["250", "453", "450", "451"])
+def test_fetch_takes_a_multi_line_atrn_reply(scripted, tmp_path, reply, code):
+    s = scripted(atrn_reply=reply, after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == code, err(result)
+    if reply.startswith("250"):
+        [name] = os.listdir(tmp_path / "md" / "new")
+        assert b"scripted" in (tmp_path / "md" / "new" / name).read_bytes()
+
+
+def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
+    class Chatty(Scripted):
+        def auth(self, peer, line):
+            super().auth(_Capture(peer), line)
+
+    class _Capture:
+        def __init__(self, peer):
+            self.peer = peer
+
+        def send(self, text):
+            if text.startswith("235"):
+                text = "235-Welcome\r\n235-to the\r\n235 2.7.0 provider\r\n"
+            self.peer.send(text)
+
+        def line(self):
+            return self.peer.line()
+
+    s = Chatty(atrn_reply="453 You have no mail")
+    try:
+        result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+        assert result.returncode == EX_OK, err(result)
+        assert any(l.startswith(b"ATRN") for l in s.commands())
+    finally:
+        s.close()

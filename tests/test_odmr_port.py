@@ -282,7 +282,7 @@ def test_multiline_ehlo_reply_is_one_write(provider, monkeypatch):
 
 @pytest.mark.parametrize("command", ["MAIL FROM:<a@b.test>", "RCPT TO:<a@example.org>", "DATA",
                                      "BDAT 10 LAST", "ETRN example.org", "TURN", "VRFY alice",
-                                     "EXPN list", "HELO customer.test"],
+                                     "EXPN list", "HELO customer.test", "HELP", "HELP ATRN"],
                          ids=lambda c: c.split()[0])
 def test_commands_refused_before_auth_with_502(provider, command):
     c = Customer(provider.odmr_port)
