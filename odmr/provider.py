@@ -348,6 +348,12 @@ class ODMRSession(Session):
                 log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, account.name, ",".join(domains))
                 self.reply(*replies.NO_MAIL)
                 return
+            trouble = (self.queue or QueueManager(spool)).trouble(self.runtime, domains)
+            if trouble:     # results could not be recorded: the mail would come again and again
+                log.error("odmr: %s (%s) ATRN %s: 451, %s", self.peer, account.name,
+                          ",".join(domains), trouble)
+                self.reply(*replies.SPOOL_UNCHANGEABLE)
+                return
             log.info("odmr: %s (%s) ATRN %s: reversing the connection",
                      self.peer, account.name, ",".join(domains))
             self.reply(*replies.ATRN_OK)
