@@ -233,3 +233,60 @@ def test_dsn_that_cannot_be_queued_is_tried_once_per_session(provider, caplog):
     assert script.got == [(b"dsn", "a@example.org")]
     bounces = [m for m in provider.spool.messages("example.net") if m.envelope.sender == ""]
     assert len(bounces) == 1 and b"c@example.org" in bounces[0].read_data()
+
+
+@pytest.mark.slow
+def test_kill_9_with_unwritable_spool_episodes(tmp_path):
+    """test_crash's kill -9 loop, with the domain directory refusing changes for a while
+    before each kill (the new fallback and remembering paths run under load):
+    acknowledged ⊆ delivered ∪ queued, duplicates ≤ kills."""
+    from test_crash import Load
+    daemon = Daemon(str(tmp_path))
+    mount = daemon.spool_dir
+    _mount_ext4(mount, str(tmp_path / "spool.img"), size_mb=32)
+    seed = int(time.time())
+    rng = random.Random(seed)
+    kills = 4
+    load = None
+    try:
+        accounts.add_user(daemon.users, "alice", ["example.org"], PASSWORD, True)
+        daemon.start()
+        load = Load(daemon)
+        load.start()
+        domain_dir = os.path.join(mount, "example.org")
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.3, 0.8))
+            if os.path.isdir(domain_dir):
+                immutable(domain_dir, True)
+                time.sleep(rng.uniform(0.2, 0.6))
+                immutable(domain_dir, False)
+                # what was remembered is recorded at the next ATRN: then kill
+                seen = load.atrn_sessions
+                deadline = time.monotonic() + 10
+                while load.atrn_sessions < seen + 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+            daemon.kill9()
+            daemon.start()
+        time.sleep(0.5)
+        load.stop_sending.set()
+        deadline = time.monotonic() + 20
+        while queued_tokens(mount, "example.org") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        load.join()
+        assert daemon.term() == 0
+        queued = set(queued_tokens(mount, "example.org"))
+        delivered = collections.Counter(load.delivered)
+        acked = set(load.acked)
+        context = "seed %d: %d acked, %d delivered, %d queued, %d ATRN sessions" % (
+            seed, len(acked), len(delivered), len(queued), load.atrn_sessions)
+        assert acked and delivered, context
+        lost = acked - set(delivered) - queued
+        assert not lost, "lost %s (%s)" % (sorted(lost)[:10], context)
+        assert sum(n - 1 for n in delivered.values()) <= kills, context
+        assert "kept in memory, not offered again" in daemon.log(), context
+    finally:
+        if load is not None:
+            load.join()
+        daemon.cleanup()
+        _unmount(mount)
