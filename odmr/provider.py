@@ -344,6 +344,13 @@ class ODMRSession(Session):
             self.reply(*replies.ATRN_BUSY)
             return
         with claim:
+            trouble = (self.queue or QueueManager(spool)).trouble(self.runtime, domains)
+            if trouble:     # results could not be recorded: the mail would come again and again
+                # (before 453: what it retries may empty the queue)
+                log.error("odmr: %s (%s) ATRN %s: 451, %s", self.peer, account.name,
+                          ",".join(domains), trouble)
+                self.reply(*replies.SPOOL_UNCHANGEABLE)
+                return
             if not any(spool.has_mail(d) for d in domains):
                 log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, account.name, ",".join(domains))
                 self.reply(*replies.NO_MAIL)

@@ -18,6 +18,8 @@ never touches a file.
 """
 from __future__ import annotations
 
+import copy
+import errno
 import logging
 import os
 import queue
@@ -27,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
-from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError
+from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
 
 log = logging.getLogger("odmrd.delivery")
 
@@ -47,13 +49,73 @@ def reply_text(code: int, text: str) -> str:
 
 class QueueManager:
     """The queue of one spool and the threads that make its removals durable and free
-    their blocks. The service owns it and stops it (after its sessions ended)."""
+    their blocks. The service owns it and stops it (after its sessions ended).
+
+    It also holds, for every session of the process, the results that could not be
+    written to the spool (a full or read-only disk, EIO...): such a message is never
+    offered again for what the customer already accepted, and the writing is tried
+    again before the next ATRN's 250 for its domain (`trouble`)."""
 
     def __init__(self, spool: Spool):
         self.spool = spool
         self.reaper = _Reaper(spool)
         self._syncs: Set["_RemovalSync"] = set()
         self._guard = threading.Lock()
+        self._unrecorded: Dict[Tuple[str, str], Message] = {}    # (domain, id) -> as delivered
+
+    def remember(self, message: Message) -> None:
+        with self._guard:
+            self._unrecorded[(message.domain, message.id)] = message
+
+    def forget(self, message: Message) -> None:
+        with self._guard:
+            self._unrecorded.pop((message.domain, message.id), None)
+
+    def remembered(self, domain: str) -> Dict[str, Message]:
+        """The domain's messages whose latest results are held here only, by id."""
+        with self._guard:
+            return {i: m for (d, i), m in self._unrecorded.items() if d == domain}
+
+    def trouble(self, runtime, domains: Sequence[str]) -> Optional[str]:
+        """Why results for these (claimed) domains could not be recorded now, or None.
+
+        Retries first what earlier sessions could not write. A full disk is no reason
+        to refuse: delivery frees space, and what is held here is not offered again."""
+        for domain in domains:
+            try:
+                self.spool.probe(domain)
+            except OSError as exc:
+                if not _no_space(exc):
+                    return "the spool directory of %s cannot be changed: %s" % (
+                        domain, describe_error(exc))
+            for message in self.remembered(domain).values():
+                try:
+                    self.settle(runtime, message)
+                except (OSError, SpoolError) as exc:
+                    if not _no_space(exc):
+                        return "the results of %s/%s still cannot be recorded: %s" % (
+                            domain, message.id, exc)
+                    log.warning("delivery: results of %s/%s still not recorded (%s); "
+                                "kept in memory", domain, message.id, exc)
+        return None
+
+    def settle(self, runtime, message: Message) -> None:
+        """Write what a session could not: the DSN owed, then the state or the retirement.
+        Raises OSError or SpoolError (the message stays remembered)."""
+        state = message.state
+        if state.failed and not state.bounced:
+            notify_failed(runtime, message, dict(state.failed))
+            state.bounced = True
+        if message.pending():
+            message.has_state = True
+            self.spool.save_state(message)
+        else:
+            retired = self.spool.retire(message, message.has_state)
+            if retired:
+                self.reaper.put(message.domain, retired)
+            self.spool.sync_domain(message.domain)
+        self.forget(message)
+        log.info("delivery: results of %s/%s recorded at last", message.domain, message.id)
 
     def drain(self, runtime, domains: Sequence[str]) -> "Drain":
         """The queue side of one delivery session over `domains` (already claimed)."""
@@ -91,6 +153,7 @@ class Drain:
         # set when a result could not be recorded: delivery sends nothing more, reads the
         # replies still owed, and QUITs (SPEC §7: no message delivered twice)
         self.must_stop = False
+        self._dsn_failed: Set[str] = set()      # ids whose DSN failed: one attempt per session
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
         manager.reaper.session(+1)
@@ -100,10 +163,15 @@ class Drain:
         when at most `inline` bytes, its pending recipients. One whose recipients are all
         final (a crash came before its removal) is retired here."""
         for domain in self.domains:
+            held = self.manager.remembered(domain)
             for message, body in self.spool.walk(domain, "quarantine", inline):
+                kept = held.get(message.id)
+                if kept is not None:             # results the spool does not have yet
+                    message.state = _overlaid(message.state, kept.state)
                 pending = message.pending()
                 if not pending:
-                    self._finish(message)
+                    if kept is None:             # (a remembered one is retried at ATRN)
+                        self._finish(message)
                     continue
                 yield message, body, [r.address for r in pending]
 
@@ -194,13 +262,18 @@ class Drain:
             self._save(message)
 
     def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
-        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be."""
+        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be.
+        Tried once per session: a spool that refused it will refuse it again."""
         state = message.state
+        state.bounced = False
+        if message.id in self._dsn_failed:
+            return False
         try:
             notify_failed(self.runtime, message, failed)
         except (SpoolError, OSError) as exc:
             log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
-            state.bounced = False
+            self._dsn_failed.add(message.id)
+            self._unrecorded(message, "its DSN could not be queued")
             return False
         state.bounced = True
         return True
@@ -211,7 +284,12 @@ class Drain:
             if not self._bounce(message, dict(state.failed)):
                 self._save(message)
                 return
-        retired = self.spool.retire(message, message.has_state)
+        try:
+            retired = self.spool.retire(message, message.has_state)
+        except OSError as exc:
+            self._unrecorded(message, "cannot take it out of the queue: %s" % describe_error(exc))
+            return
+        self.manager.forget(message)
         if retired:
             self.manager.reaper.put(message.domain, retired)
         self._removals.note(message.domain)
@@ -221,7 +299,39 @@ class Drain:
         try:
             self.spool.save_state(message)
         except OSError as exc:
-            log.error("delivery: cannot save state of id=%s: %s", message.id, exc)
+            self._unrecorded(message, "cannot save its state: %s" % describe_error(exc))
+            return
+        if not (message.state.failed and not message.state.bounced):
+            self.manager.forget(message)         # (a DSN still owed keeps it remembered)
+
+    def _unrecorded(self, message: Message, why: str) -> None:
+        """A result the spool would not take: held in memory and the session ended (SPEC §7)."""
+        self.manager.remember(message)
+        log.error("delivery: results of %s/%s not recorded: %s; kept in memory, not offered "
+                  "again, retried at the next ATRN; this session stops", message.domain,
+                  message.id, why)
+        self.must_stop = True
+
+
+def _no_space(exc: Exception) -> bool:
+    """A full disk or quota (which delivery itself relieves), not a spool that refuses changes."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)          # SpoolError from intake keeps only the reason's text
+    return os.strerror(errno.ENOSPC) in text or os.strerror(errno.EDQUOT) in text
+
+
+def _overlaid(state: State, kept: State) -> State:
+    """The state a session holds in memory (`kept`), with anything the file has besides."""
+    merged = copy.deepcopy(kept)
+    for rcpt, reply in state.done.items():
+        merged.done.setdefault(rcpt, reply)
+    for rcpt, reply in state.failed.items():
+        if rcpt not in merged.done:
+            merged.failed.setdefault(rcpt, reply)
+    merged.attempts = max(merged.attempts, state.attempts)
+    merged.warned = merged.warned or state.warned
+    return merged
 
 
 # -- DSN hand-off ---------------------------------------------------------------

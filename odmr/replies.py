@@ -41,5 +41,6 @@ ATRN_OK = (250, "OK now reversing the connection")
 ATRN_REFUSED = (450, "ATRN request refused")
 ATRN_BUSY = (451, "Unable to process ATRN request now")
 NO_MAIL = (453, "You have no mail")
+SPOOL_UNCHANGEABLE = (451, "4.3.0 Unable to process ATRN request now")   # spool read-only, EIO...
 AUTH_REQUIRED = (530, "5.7.0 Authentication required")
 AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")

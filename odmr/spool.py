@@ -990,17 +990,39 @@ class Spool:
         Unlinking a file frees its blocks (slow on ext4, ~0.2 ms); the rename is
         the state change and the caller has the returned name unlinked later
         (`unlink_retired`), off the delivery path. Whatever is left in tmp/ is
-        removed at start-up."""
+        removed at start-up. Where the rename cannot be made (ENOSPC for tmp/'s entry,
+        EPERM...) the message is unlinked at once and "" returned, as when it was gone.
+        Raises OSError when neither can be done."""
         directory = self._queue_dir(message.domain, create=True)
         retired = message.id + ".done"
         try:
             os.rename(message.id, retired, src_dir_fd=directory.fd, dst_dir_fd=directory.tmp_fd)
         except FileNotFoundError:
             return ""
+        except OSError as exc:
+            # a full disk may have no block for tmp/'s new entry, or tmp/ refuses it:
+            # an unlink needs no space and is the same state change, only slower
+            log.warning("spool: cannot retire %s/%s into tmp/ (%s); unlinking it instead",
+                        message.domain, message.id, describe_error(exc))
+            try:
+                os.unlink(message.id, dir_fd=directory.fd)
+            except FileNotFoundError:
+                return ""
+            retired = ""
         if has_state:
             _unlink_quietly(message.id + ".state", directory.fd)
         self._count_added(message.domain, -message.size, -1)
         return retired
+
+    def probe(self, domain: str) -> None:
+        """Can the queue's directory still be changed? Creates and unlinks an empty file in
+        it (named like the debris start-up removes). Raises OSError when it cannot."""
+        directory = self._queue_dir(domain, create=True, fresh=True)
+        name = ".tmp.probe.%s" % secrets.token_hex(4)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=directory.fd)
+        os.close(fd)
+        os.unlink(name, dir_fd=directory.fd)
 
     def unlink_retired(self, queue: str, name: str) -> None:
         """Free a retired message's blocks (a name `retire` returned)."""
