@@ -428,17 +428,17 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
     session = serve_reversed(turn.sock, peer_ip, turn.file, mailbox,
                              options.endpoint.helo, turn.tls, trace, options.max_size)
     summary = session.tally.summary(options.maildir or options.mbox)
-    # one line for the run, however many messages the same trouble deferred
+    # one line for the trouble, however many messages it deferred, before the run's summary
     if session.disk_full:
-        summary = "the local disk is full (%s): %s" % (session.disk_full, summary)
+        log.error("the local disk is full: %s; the provider keeps what did not fit",
+                  session.disk_full)
     elif session.storage_problem:
         summary = "%s; messages could not be stored: %s" % (summary, session.storage_problem)
     if not session.quit:
         return RunResult(EX_TEMPFAIL, "%s; then the connection to the provider was lost: the rest "
                          "stays there" % summary, provider_trouble=True, level=logging.ERROR)
-    if session.disk_full:
-        return RunResult(EX_TEMPFAIL, summary, level=logging.ERROR)
     return RunResult(EX_TEMPFAIL if session.tally.kept_at_provider() else EX_OK, summary)
+
 
 # -- polling ---------------------------------------------------------------------
 
