@@ -418,7 +418,9 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
             turn.sock.sendall(b"421 4.3.0 Local mailbox unavailable, try again later\r\n")
         except OSError:
             pass
-        return RunResult(EX_TEMPFAIL, "%s; the provider keeps the mail" % exc, level=logging.ERROR)
+        full = "the local disk is full: " if exc.disk_full else ""
+        return RunResult(EX_TEMPFAIL, "%s%s; the provider keeps the mail" % (full, exc),
+                         level=logging.ERROR)
     try:
         peer_ip = turn.sock.getpeername()[0]
     except OSError:
@@ -426,6 +428,12 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
     session = serve_reversed(turn.sock, peer_ip, turn.file, mailbox,
                              options.endpoint.helo, turn.tls, trace, options.max_size)
     summary = session.tally.summary(options.maildir or options.mbox)
+    # one line for the trouble, however many messages it deferred, before the run's summary
+    if session.disk_full:
+        log.error("the local disk is full: %s; the provider keeps what did not fit",
+                  session.disk_full)
+    elif session.storage_problem:
+        summary = "%s; messages could not be stored: %s" % (summary, session.storage_problem)
     if not session.quit:
         return RunResult(EX_TEMPFAIL, "%s; then the connection to the provider was lost: the rest "
                          "stays there" % summary, provider_trouble=True, level=logging.ERROR)

@@ -39,7 +39,17 @@ _FROM_PREFIX = re.compile(rb">{0,4096}(?:F|Fr|Fro|From)?")
 
 
 class StorageError(Exception):
-    """The message could not be stored; the session answers 452 4.3.1."""
+    """The message could not be stored; the session answers 452 4.3.1.
+
+    `disk_full` says the filesystem (or the quota) ran out of room: the
+    run's summary then says so once, instead of a failure per message."""
+
+    def __init__(self, message: str, cause: Optional[OSError] = None):
+        super().__init__(message)
+        self.disk_full = cause is not None and cause.errno in _FULL
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _fsync_dir(path: str) -> None:
@@ -117,7 +127,7 @@ class Maildir(Mailbox):
                 _fsync_dir(self.path)
                 _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
-            raise StorageError("cannot create Maildir %s: %s" % (self.path, exc.strerror or exc)) from None
+            raise StorageError("cannot create Maildir %s: %s" % (self.path, exc.strerror or exc), exc) from None
         self._ready = True
 
     def unique_name(self) -> str:
@@ -135,7 +145,7 @@ class Maildir(Mailbox):
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise StorageError("cannot create %s: %s" % (tmp, exc.strerror or exc)) from None
+                raise StorageError("cannot create %s: %s" % (tmp, exc.strerror or exc), exc) from None
             delivery = _MaildirDelivery(self, name, tmp, fd)
             try:
                 delivery.write(header)
@@ -157,7 +167,7 @@ class _MaildirDelivery(Delivery):
         try:
             self.file.write(_lf(piece))
         except OSError as exc:
-            raise StorageError("write to %s failed: %s" % (self.tmp, exc.strerror or exc)) from None
+            raise StorageError("write to %s failed: %s" % (self.tmp, exc.strerror or exc), exc) from None
 
     def commit(self) -> str:
         final = os.path.join(self.box.path, "new", self.name)
@@ -169,7 +179,8 @@ class _MaildirDelivery(Delivery):
             _fsync_dir(os.path.join(self.box.path, "new"))
         except OSError as exc:
             self.abort()
-            raise StorageError("cannot deliver into %s: %s" % (self.box.path, exc.strerror or exc)) from None
+            raise StorageError("cannot deliver into %s: %s" % (self.box.path, exc.strerror or exc),
+                               exc) from None
         return final
 
     def abort(self) -> None:
@@ -210,7 +221,7 @@ class Mbox(Mailbox):
             stage = tempfile.SpooledTemporaryFile(max_size=STAGE_IN_MEMORY,
                                                   dir=os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
-            raise StorageError("cannot stage a message for %s: %s" % (self.path, exc)) from None
+            raise StorageError("cannot stage a message for %s: %s" % (self.path, exc), exc) from None
         delivery = _MboxDelivery(self, sender, stage)
         delivery.write(header)
         return delivery
@@ -244,7 +255,7 @@ class _MboxDelivery(Delivery):
         try:
             self.stage.write(text)
         except OSError as exc:
-            raise StorageError("cannot stage message: %s" % (exc.strerror or exc)) from None
+            raise StorageError("cannot stage message: %s" % (exc.strerror or exc), exc) from None
         self.at_line_start = text.endswith(b"\n")
         self.last = text[-1:]
 
@@ -266,7 +277,7 @@ class _MboxDelivery(Delivery):
                         pass
                     raise
         except OSError as exc:
-            raise StorageError("cannot append to %s: %s" % (path, exc.strerror or exc)) from None
+            raise StorageError("cannot append to %s: %s" % (path, exc.strerror or exc), exc) from None
         finally:
             self.stage.close()
         return path

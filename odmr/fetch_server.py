@@ -7,19 +7,36 @@ per message, whatever the number of recipients) before answering 250, so a
 the provider keep the message for the next ATRN. A message over `max_size`
 is `552 5.3.4` (at MAIL when its SIZE says so, else after reading it to the
 end without keeping any of it), which makes the provider return it.
+
+Speed over long links: the server offers PIPELINING and CHUNKING (RFC 3030
+`BDAT n [LAST]`: the data comes without a 354 round trip and without dot
+stuffing). Replies are collected while more of the provider's input is
+already buffered and written in one go just before a read would wait
+(RFC 2920), so a window of pipelined messages costs one write back, and each
+message's fsync happens between reads, never waiting for the provider.
+
+A full disk is an ordinary answer, not a protocol error: the RCPT, DATA or
+BDAT that the provider pipelined after a refused MAIL get their 503 without
+counting against the bad-command budget, so the session runs to its QUIT.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
+import re
+import select
 import socket
+import ssl
 import time
-from typing import BinaryIO, Callable, List, Optional
+from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from odmr import replies
-from odmr.fetch_mailbox import Mailbox, StorageError
+from odmr.fetch_mailbox import Delivery, Mailbox, StorageError
 from odmr.syntax import helo_name_ok, received_header
-from odmr.fetch_tally import END, GREETING, Tally
-from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
+from odmr.fetch_tally import DATA, END, GREETING, Tally
+from odmr.wire import (BadParameter, Closed, Session, _TimedSocketIO, iter_data, parse_path,
+                       parse_rcpt_params)
 
 log = logging.getLogger("odmrd.fetch")
 
@@ -27,6 +44,162 @@ IDLE_TIMEOUT = 660.0            # the provider may take long between messages (R
 MAX_RECIPIENTS = 1000
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size: so a provider cannot fill the disk
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
+CHUNK = 65536                   # BDAT data is read and stored in pieces of at most this
+FLUSH_AT = 16384                # replies held back this long are written even if input waits
+BDAT_SYNTAX = (501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
+NEED_MAIL_BEFORE_BDAT = (503, "5.5.1 Need MAIL and RCPT before BDAT")
+DATA_AFTER_BDAT = (503, "5.5.1 DATA after BDAT in one transaction; transaction dropped")
+_BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.I)
+
+
+class _RepliesBeforeWait(_TimedSocketIO):
+    """The session's raw reader: first the bytes the ATRN negotiation had
+    buffered, then the socket; whenever a read would have to wait for the
+    provider, the replies held back so far are written first (RFC 2920).
+
+    Being a `_TimedSocketIO`, `Session.read_line` sets its deadline instead
+    of changing the socket timeout for every line."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes, flush: Callable[[], None]):
+        super().__init__(sock)
+        self._leftover = leftover
+        self._flush = flush
+        self._plain = not isinstance(sock, ssl.SSLSocket)
+        self._fd = sock.fileno()
+
+    def readinto(self, buffer) -> int:
+        if self._leftover:
+            taken = self._leftover[:len(buffer)]
+            buffer[:len(taken)] = taken
+            self._leftover = self._leftover[len(taken):]
+            return len(taken)
+        if self.deadline is not None:
+            self._check_deadline()
+        if self._plain:
+            try:
+                return os.readv(self._fd, [buffer])   # the socket is non-blocking (it has a timeout)
+            except BlockingIOError:
+                pass
+        elif self._sock.pending() or _readable(self._sock):
+            return super().readinto(buffer)
+        self._flush()
+        return super().readinto(buffer)
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def _readable(sock: socket.socket) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True         # let the read itself report it
+
+
+def _take_buffered(sock: socket.socket, reader: BinaryIO) -> bytes:
+    """What the negotiation's reader already holds, without waiting for more."""
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        return reader.read1(CHUNK) or b""
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, socket.timeout):
+        return b""
+    except (OSError, ValueError):
+        return b""          # the session's first read reports it
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+class _LineEnds:
+    """BDAT data to CRLF lines, as DATA's reader gives them: a bare CR or LF
+    becomes CRLF, and a CR at the end of a piece waits for the next one."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        data, self.carry = self.carry + piece, b""
+        if data.endswith(b"\r"):
+            data, self.carry = data[:-1], b"\r"
+        newlines = data.count(b"\n")
+        if data.count(b"\r") == newlines == data.count(b"\r\n"):
+            return data
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+    def end(self, last: bytes) -> bytes:
+        """The rest; a message always ends with a complete line, as after DATA."""
+        if self.carry or (last and not last.endswith(b"\n")):
+            return b"\r\n"
+        return b""
+
+
+class _Incoming:
+    """One message on its way into the mailbox, whether by DATA or by BDAT chunks:
+    what was written, and why it will not be kept (too big, storage)."""
+
+    def __init__(self, session: "LocalSMTPSession", sender: str, recipients: List[str]):
+        self.sender = sender
+        self.recipients = recipients
+        self.max_size = session.max_size
+        self.msg_id = "%x%04x" % (int(time.time() * 1000), session.delivered % 0x10000)
+        self.size = 0
+        self.too_big = False
+        self.failure: Optional[StorageError] = None
+        self.last = b""                 # the last bytes written (does the text end a line?)
+        self.line_ends = _LineEnds()
+        self.delivery: Optional[Delivery] = None
+        try:
+            self.delivery = session.mailbox.begin(sender, session.trace_header(sender, recipients,
+                                                                                self.msg_id))
+        except StorageError as exc:
+            self.failure = exc
+
+    @property
+    def refused(self) -> bool:
+        return self.too_big or self.failure is not None
+
+    def add(self, piece: bytes, counted: Optional[int] = None) -> None:
+        """Store a CRLF piece; `counted`: its size as the provider sent it."""
+        self.size += len(piece) if counted is None else counted
+        if self.refused:
+            return                          # read to the end, keep nothing
+        if self.max_size and self.size > self.max_size:
+            self.too_big = True
+            self.abort()
+            return
+        if piece:
+            self.last = piece[-2:]
+        try:
+            self.delivery.write(piece)
+        except StorageError as exc:
+            self.failure = exc
+            self.abort()
+
+    def add_chunk(self, piece: bytes) -> None:
+        self.add(self.line_ends.feed(piece), len(piece))
+
+    def commit(self) -> str:
+        """Durable (file and directory fsync'd) when it returns; StorageError if not."""
+        if self.failure is None and self.delivery is not None:
+            tail = self.line_ends.end(self.last)
+            if tail:
+                self.add(tail, 0)
+        if self.failure is not None:
+            raise self.failure
+        delivery, self.delivery = self.delivery, None
+        try:
+            return delivery.commit()
+        except StorageError as exc:
+            self.failure = exc
+            raise
+
+    def abort(self) -> None:
+        if self.delivery is not None:
+            delivery, self.delivery = self.delivery, None
+            delivery.abort()
 
 
 class LocalSMTPSession(Session):
@@ -38,8 +211,10 @@ class LocalSMTPSession(Session):
                  hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
                  max_size: int = DEFAULT_MAX_SIZE):
         super().__init__(sock, peer)
-        # the negotiation's reader: the provider's first commands may already be in it
-        self.rfile = reader
+        # the negotiation's reader may already hold the provider's first commands
+        self._held = bytearray()        # replies not written yet (more input was buffered)
+        self.rfile = io.BufferedReader(_RepliesBeforeWait(sock, _take_buffered(sock, reader),
+                                                          self.flush_replies), CHUNK)
         self.mailbox = mailbox
         self.my_hostname = hostname
         self.tls = tls
@@ -51,9 +226,14 @@ class LocalSMTPSession(Session):
         self.sender: Optional[str] = None
         self.recipients: List[str] = []
         self.smtputf8 = False
+        self.chunked: Optional[_Incoming] = None    # a message arriving in BDAT chunks
+        self.chunks_refused: Optional[replies.Reply] = None  # its chunks' answer once it failed
+        self._excused = 0               # commands pipelined after a refused MAIL: not "bad"
         self.quit = False
         self.delivered = 0
         self.deferred = 0
+        self.disk_full = ""             # the first "disk full" seen, for the run's summary
+        self.storage_problem = ""       # the first other storage failure
         self.tally = Tally()            # the run's summary counts what each reply answered
         self._answering = GREETING
         self.peer_ip = _address_only(peer)
@@ -71,6 +251,32 @@ class LocalSMTPSession(Session):
         self.tally.reply(answering, code, "%d %s" % (code, lines[-1] if lines else ""))
         super().reply(code, *lines)
 
+    # -- replies: held while more input waits, written before any wait ---------------
+    def send_raw(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) >= FLUSH_AT:
+            self.flush_replies()
+
+    def flush_replies(self) -> None:
+        if self._held:
+            data, self._held = bytes(self._held), bytearray()
+            Session.send_raw(self, data)
+
+    def hang_up(self, drain: float = 2.0) -> None:
+        try:
+            self.flush_replies()
+        except Closed:
+            pass
+        super().hang_up(drain)
+
+    def finish(self) -> None:
+        try:
+            self.flush_replies()
+        except Closed:
+            pass
+        self.reset_transaction()
+        super().finish()
+
     def log_command(self, verb: str, arg: str) -> None:
         self._answering = verb
         if self.trace:
@@ -86,7 +292,7 @@ class LocalSMTPSession(Session):
             return self.count_bad_command()
         self.reset_transaction()
         self.helo, self.esmtp = arg, True
-        self.reply(250, self.hostname(), "PIPELINING", "8BITMIME", "SMTPUTF8",
+        self.reply(250, self.hostname(), "PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
                    "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
 
     def smtp_HELO(self, arg: str) -> None:
@@ -108,39 +314,76 @@ class LocalSMTPSession(Session):
         self.reply(502, "5.5.1 Command not implemented")
         self.count_bad_command()
 
-    smtp_EXPN = smtp_BDAT = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = _not_here
+    smtp_EXPN = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = _not_here
 
     def reset_transaction(self) -> None:
         self.sender = None
         self.recipients = []
         self.smtputf8 = False
+        self._excused = 0
+        self.chunks_refused = None
+        if self.chunked is not None:
+            chunked, self.chunked = self.chunked, None
+            chunked.abort()
+
+    def out_of_sequence(self, reply: replies.Reply) -> None:
+        """A 503 that counts as a bad command, unless the provider pipelined
+        the command after a MAIL we refused: then it is the expected answer."""
+        if self._excused > 0:
+            self._excused -= 1
+            self.reply(*reply)
+        else:
+            self.refuse(reply)
+
+    def trace_header(self, sender: str, recipients: List[str], msg_id: str) -> bytes:
+        """Return-Path and our Received: header, in front of every stored message."""
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls:
+            protocol += "S"
+        return b"Return-Path: <%s>\r\n" % sender.encode("utf-8", "replace") + \
+            received_header(self.helo, self.peer_ip, self.hostname(), protocol, msg_id, recipients)
 
     # -- the transaction --------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
+        self._excused = MAX_RECIPIENTS + 2      # for the RCPTs and DATA/BDAT that may follow
         if not self.mail_allowed(bool(self.helo), self.sender is not None):
             return
         parsed = self.mail_command(arg, self.esmtp)
         if parsed is None:
             return
         address, params = parsed
-        if params.size is not None:
-            if self.max_size and params.size > self.max_size:
-                log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
-                            address, params.size, self.max_size)
-                self.too_big += 1
-                self.reply(552, self._too_big_text())
-                return
-            free = self.mailbox.free_bytes()
-            if free is not None and params.size + SLACK > free:
-                self.reply(*replies.NO_STORAGE)
-                return
+        if params.size is not None and self._refused_for_size(address, params.size):
+            return
+        self._excused = 0
         self.smtputf8 = params.smtputf8
         self.sender = address
         self.reply(*replies.MAIL_OK)
 
+    def _refused_for_size(self, sender: str, size: int) -> bool:
+        """A declared SIZE over --max-size (552) or over the free space (452)."""
+        if self.max_size and size > self.max_size:
+            log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
+                        sender, size, self.max_size)
+            self.too_big += 1
+            self.reply(552, self._too_big_text())
+            return True
+        free = self.mailbox.free_bytes()
+        if free is not None and size + SLACK > free:
+            self.deferred += 1
+            self._note_full("%s has %d bytes free, not enough for a message of %d bytes"
+                            % (self.mailbox.path, free, size))
+            log.info("message from <%s> deferred: %s", sender, self.disk_full)
+            self.reply(*replies.NO_STORAGE)
+            return True
+        return False
+
+    def _note_full(self, text: str) -> None:
+        if not self.disk_full:
+            self.disk_full = text
+
     def smtp_RCPT(self, arg: str) -> None:
         if self.sender is None:
-            return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
+            return self.out_of_sequence(replies.NEED_MAIL_BEFORE_RCPT)
         parsed = parse_path(arg, "TO:")
         if parsed is None or not parsed[0]:
             return self.refuse(replies.RCPT_SYNTAX)
@@ -156,72 +399,126 @@ class LocalSMTPSession(Session):
         self.reply(*replies.RCPT_OK)
 
     def smtp_DATA(self, arg: str) -> None:
+        if self.chunked is not None or self.chunks_refused is not None:
+            self.reset_transaction()            # RFC 3030: the state is indeterminate; drop it
+            return self.refuse(DATA_AFTER_BDAT)
         if self.sender is None:
-            return self.refuse(replies.NEED_MAIL)
+            self.out_of_sequence(replies.NEED_MAIL)
+            self._excused = 0
+            return
         if not self.recipients:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
-        sender, recipients = self.sender, self.recipients
+        incoming = _Incoming(self, self.sender, self.recipients)
         self.reset_transaction()
-        self.receive(sender, recipients)
-
-    def receive(self, sender: str, recipients: List[str]) -> None:
-        """Stream DATA into the mailbox; 250 only once it is durable."""
-        msg_id = "%x%04x" % (int(time.time() * 1000), self.delivered % 0x10000)
-        protocol = "ESMTP" if self.esmtp else "SMTP"
-        if self.tls:
-            protocol += "S"
-        header = b"Return-Path: <%s>\r\n" % sender.encode("utf-8", "replace") + \
-            received_header(self.helo, self.peer_ip, self.hostname(), protocol, msg_id, recipients)
-        failure = None
-        delivery = None
-        try:
-            delivery = self.mailbox.begin(sender, header)
-        except StorageError as exc:
-            failure = str(exc)
-        self.reply(354, "End data with <CR><LF>.<CR><LF>")
-        size = 0
-        too_big = False
+        self.reply(*replies.START_DATA)
         try:
             for piece in iter_data(self):
-                size += len(piece)
-                if failure is not None or too_big:
-                    continue                    # read to the end, keep nothing
-                if self.max_size and size > self.max_size:
-                    too_big = True
-                    if delivery is not None:
-                        delivery.abort()
-                    continue
-                try:
-                    delivery.write(piece)
-                except StorageError as exc:
-                    failure = str(exc)
-                    delivery.abort()
+                incoming.add(piece)
         except Closed:
-            if delivery is not None and failure is None and not too_big:
-                delivery.abort()
+            incoming.abort()
             raise
-        if too_big:
-            self.too_big += 1
-            log.warning("message from <%s> to %s refused: %d bytes is over --max-size %d; "
-                        "the provider returns it to the sender", sender,
-                        ",".join("<%s>" % r for r in recipients), size, self.max_size)
-            self.reply(552, self._too_big_text())
+        self.end_of_message(incoming)
+
+    # -- CHUNKING (RFC 3030) --------------------------------------------------------
+    def smtp_BDAT(self, arg: str) -> None:
+        match = _BDAT_ARGS.fullmatch(arg)
+        if match is None:
+            # the chunk's length is unknown, so where the next command starts is too
+            self.reply(*BDAT_SYNTAX)
+            self.reset_transaction()
+            return self.hang_up()
+        size, last = int(match.group(1)), bool(match.group(2))
+        self._answering = END if last else DATA
+        if self.chunks_refused is not None:         # RFC 3030: discard what was pipelined
+            self.skip_chunk(size)
+            refusal = self.chunks_refused
+            if last:
+                self.reset_transaction()
+            return self.reply(*refusal)
+        if self.sender is None or not self.recipients:
+            self.skip_chunk(size)
+            self.out_of_sequence(NEED_MAIL_BEFORE_BDAT)
+            if last:
+                self._excused = 0
             return
-        where = ""
-        if failure is None:
+        if self.chunked is None:
+            self.chunked = _Incoming(self, self.sender, self.recipients)
+        self.read_chunk(self.chunked, size)
+        if self.chunked.refused and not last:
+            self.chunks_refused = self._refusal(self.chunked)
+            self.chunked.abort()
+            self.chunked = None
+            return self.reply(*self.chunks_refused)
+        if not last:
+            return self.reply(250, "2.0.0 %d octets received" % size)
+        incoming, self.chunked = self.chunked, None
+        self.reset_transaction()
+        self.end_of_message(incoming)
+
+    def _chunk_pieces(self, size: int) -> Iterator[bytes]:
+        """Exactly `size` octets of the connection, in pieces."""
+        left = size
+        while left:
             try:
-                where = delivery.commit()
-            except StorageError as exc:
-                failure = str(exc)
-        if failure is not None:
-            self.deferred += 1
-            log.warning("message from <%s> not stored: %s", sender, failure)
-            self.reply(*replies.NO_STORAGE)
+                piece = self.rfile.read1(min(left, CHUNK))
+            except socket.timeout:
+                self.timeout()
+                raise Closed("timeout in BDAT") from None
+            except (OSError, ValueError) as exc:
+                raise Closed("read failed in BDAT: %s" % exc) from None
+            if not piece:
+                raise Closed("connection closed in BDAT")
+            left -= len(piece)
+            yield piece
+
+    def skip_chunk(self, size: int) -> None:
+        for _ in self._chunk_pieces(size):
+            pass
+
+    def read_chunk(self, incoming: _Incoming, size: int) -> None:
+        try:
+            for piece in self._chunk_pieces(size):
+                incoming.add_chunk(piece)
+        except Closed:
+            incoming.abort()
+            self.chunked = None
+            raise
+
+    # -- the end of a message -------------------------------------------------------
+    def end_of_message(self, incoming: _Incoming) -> None:
+        """Commit (250 only once it is durable) or refuse, and remember why."""
+        where = ""
+        if not incoming.refused:
+            try:
+                where = incoming.commit()
+            except StorageError:
+                pass
+        if incoming.refused:
+            self.reply(*self._refusal(incoming))
             return
         self.delivered += 1
-        log.info("stored message from <%s> to %s in %s", sender,
-                 ",".join("<%s>" % r for r in recipients), where)
-        self.reply(250, "2.0.0 Ok: delivered as %s" % msg_id)
+        log.info("stored message from <%s> to %s in %s", incoming.sender,
+                 ",".join("<%s>" % r for r in incoming.recipients), where)
+        self.reply(250, "2.0.0 Ok: delivered as %s" % incoming.msg_id)
+
+    def _refusal(self, incoming: _Incoming) -> replies.Reply:
+        """552 for a message over --max-size, 452 for one the mailbox could not take;
+        logged here, once per message."""
+        rcpts = ",".join("<%s>" % r for r in incoming.recipients)
+        if incoming.too_big:
+            self.too_big += 1
+            log.warning("message from <%s> to %s refused: %d bytes is over --max-size %d; "
+                        "the provider returns it to the sender", incoming.sender, rcpts,
+                        incoming.size, self.max_size)
+            return (552, self._too_big_text())
+        failure = incoming.failure
+        self.deferred += 1
+        if failure is not None and failure.disk_full:
+            self._note_full(str(failure))
+        elif not self.storage_problem:
+            self.storage_problem = str(failure)
+        log.info("message from <%s> to %s not stored: %s", incoming.sender, rcpts, failure)
+        return replies.NO_STORAGE
 
     def _too_big_text(self) -> str:
         return replies.TOO_BIG[1] % self.max_size
