@@ -337,7 +337,7 @@ class LocalSMTPSession(Session):
 
     def trace_header(self, sender: str, recipients: List[str], msg_id: str) -> bytes:
         """Return-Path and our Received: header, in front of every stored message."""
-        protocol = "ESMTP" if self.esmtp else "SMTP"
+        protocol = ("UTF8SMTP" if self.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
         if self.tls:
             protocol += "S"
         return b"Return-Path: <%s>\r\n" % sender.encode("utf-8", "replace") + \
@@ -352,6 +352,8 @@ class LocalSMTPSession(Session):
         if parsed is None:
             return
         address, params = parsed
+        if not address.isascii() and not params.smtputf8:
+            return self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
         if params.size is not None and self._refused_for_size(address, params.size):
             return
         self._excused = 0
@@ -391,6 +393,8 @@ class LocalSMTPSession(Session):
             parse_rcpt_params(parsed[1])
         except BadParameter as exc:
             return self.refuse(exc.reply)
+        if not parsed[0].isascii() and not self.smtputf8:     # RFC 6531 §3.4
+            return self.reply(553, "5.6.7 Non-ASCII recipient needs SMTPUTF8")
         if len(self.recipients) >= MAX_RECIPIENTS:
             self.reply(*replies.TOO_MANY_RECIPIENTS)
             return

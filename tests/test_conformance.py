@@ -21,6 +21,7 @@ from odmr import bounce_relay, maintenance
 from odmr.exits import EX_DATAERR, EX_NOPERM, EX_OK, EX_TEMPFAIL
 from odmr.spool import OUTBOUND
 from test_fetch import deliver_one
+from test_fetch_chunking import local, quit_  # noqa: F401 (a fixture)
 from test_reliability import RelaySink
 
 SENDER = "sender@outside.test"
@@ -300,3 +301,37 @@ def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
         assert any(l.startswith(b"ATRN") for l in s.commands())
     finally:
         s.close()
+
+
+# -- fetch's local server and internationalised addresses (RFC 6531) ----------------------
+
+def _fetch_server_exchange(local, commands: bytes) -> List[bytes]:
+    server = local()
+    peer = server.client()
+    peer.send(commands)
+    replies = [peer.line() for _ in range(commands.count(b"\r\n"))]
+    quit_(peer)
+    return replies, server
+
+
+def test_fetch_refuses_utf8_addresses_without_smtputf8(local):
+    replies, server = _fetch_server_exchange(local, (
+        "MAIL FROM:<jörg@outside.test>\r\n"
+        "MAIL FROM:<a@outside.test>\r\nRCPT TO:<jörg@example.org>\r\nRSET\r\n").encode("utf-8"))
+    assert [r[:9] for r in replies] == [b"553 5.6.7", b"250 2.1.0", b"553 5.6.7", b"250 2.0.0"], replies
+
+
+def test_fetch_says_utf8smtp_in_its_received_header_when_it_was_used(local):
+    server = local()
+    peer = server.client()
+    peer.send("MAIL FROM:<a@outside.test> SMTPUTF8\r\nRCPT TO:<jörg@example.org>\r\nDATA\r\n"
+              .encode("utf-8"))
+    assert [peer.line()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    peer.send("Subject: grüße\r\n\r\nhi\r\n.\r\n".encode("utf-8"))
+    assert peer.line()[:3] == b"250"
+    quit_(peer)
+    new = os.path.join(server.maildir, "new")
+    [name] = os.listdir(new)
+    with open(os.path.join(new, name), "rb") as fh:
+        header = fh.read().split(b"\n\n")[0]
+    assert b"with UTF8SMTP id" in header.replace(b"\n\t", b" ").replace(b"\n ", b" ")
