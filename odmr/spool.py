@@ -1004,8 +1004,8 @@ class Spool:
 
         A file that cannot be used never stops the walk: a corrupt or unreadable one (or
         a directory in a message's place) is quarantined, or with `corrupt="report"` only
-        logged and added to `unreadable` as (queue, id, reason) (a look that must change
-        nothing), or with `"skip"` passed over in silence (a scan whose finds are read
+        logged, an unreadable one added to `unreadable` as (queue, id, reason) (a look that
+        must change nothing), or with `"skip"` passed over in silence (a scan whose finds are read
         again before anything is done to them); a vanished one or a link is passed over.
         A file that could not be quarantined stays, logged at each walk."""
         ids, with_state = self.listing(queue)
@@ -1034,10 +1034,10 @@ class Spool:
                 return True
             self._remember_unusable(queue, msg_id)
         elif action == "report":
-            if unreadable is not None:
+            if unreadable is not None and isinstance(exc, UnreadableMessage):
                 unreadable.append((queue, msg_id, reason))
-            log.warning("spool: %s/%s cannot be used (%s); the daemon will quarantine it",
-                        queue, msg_id, reason)
+            log.warning("spool: %s/%s is %s (%s); the daemon will quarantine it", queue, msg_id,
+                        "unreadable" if isinstance(exc, UnreadableMessage) else "corrupt", reason)
         elif action != "skip":
             log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, reason)
         return False
@@ -1167,8 +1167,8 @@ class Spool:
         self._group.sync(self._queue_dir(domain))
 
     def quarantine(self, domain: str, msg_id: str, reason: str) -> bool:
-        """Move an unusable message (and its state) to .quarantine/<domain>/, with the reason
-        in <id>.reason; False (logged) when it cannot be moved: it stays where it is."""
+        """Move an unusable message (and its state) to .quarantine/<domain>/ (the reason is
+        logged); False (logged) when it cannot be moved: it stays where it is."""
         held: List[int] = []
         try:
             directory = self._queue_dir(domain)
@@ -1182,7 +1182,6 @@ class Spool:
                 pass
             os.rename(msg_id, msg_id, src_dir_fd=directory.fd, dst_dir_fd=fd)
             self._move_state(msg_id, directory.fd, fd, directory.show(msg_id + ".state"))
-            _write_reason(fd, msg_id, reason)
             os.fsync(fd)
         except OSError as exc:
             log.error("spool: cannot quarantine %s/%s (%s): %s", domain, msg_id, reason,
@@ -1270,7 +1269,6 @@ class Spool:
                 pass
             os.rename(msg_id, msg_id, src_dir_fd=fd, dst_dir_fd=directory.fd)
             self._move_state(msg_id, fd, directory.fd, shown + ".state")
-            _unlink_quietly(msg_id + ".reason", fd)
             self._group.sync(directory)
             self._unusable.pop((queue, msg_id), None)
         finally:
@@ -1327,7 +1325,7 @@ class Quarantined:
     id: str
     size: int
     when: float              # set aside at (the file's ctime: the rename that moved it)
-    reason: str
+    reason: str              # why it cannot be used now (read again for the listing)
 
 
 def _quarantined_in(top_fd: int, top: str, queue: str) -> List[Quarantined]:
@@ -1348,38 +1346,20 @@ def _quarantined_in(top_fd: int, top: str, queue: str) -> List[Quarantined]:
             except OSError:
                 continue
             found.append(Quarantined(queue, entry.name, st.st_size, st.st_ctime,
-                                     _read_reason(fd, entry.name)))
+                                     _why_unusable(fd, queue, entry.name, os.path.join(top, queue, entry.name))))
     finally:
         os.close(fd)
     return found
 
 
-def _write_reason(dir_fd: int, msg_id: str, reason: str) -> None:
-    """Best effort: the reason helps the operator, its absence loses no mail."""
+def _why_unusable(dir_fd: int, queue: str, msg_id: str, shown: str) -> str:
+    """Why a quarantined file cannot be used, as it is now (asked at each listing, so a
+    repaired file says so)."""
     try:
-        fd = os.open(msg_id + ".reason", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                     0o600, dir_fd=dir_fd)
-    except OSError:
-        return
-    try:
-        os.write(fd, (" ".join(reason.split())[:500] + "\n").encode("utf-8", "replace"))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_reason(dir_fd: int, msg_id: str) -> str:
-    try:
-        fd = os.open(msg_id + ".reason", _READ_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return ""
-    try:
-        return os.read(fd, 600).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
+        _check_whole(dir_fd, queue, msg_id, shown)
+    except (SpoolError, OSError) as exc:
+        return str(exc)
+    return "readable and parses now: odmrd queue requeue %s" % msg_id
 
 
 def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:

@@ -20,7 +20,7 @@ from typing import List
 
 import pytest
 
-from conftest import ROOT, Customer, Provider, run_cli, send_mail, wait_for
+from conftest import ROOT, Customer, Provider, send_mail, wait_for
 from helpers import Site, accept_all, assert_one_line_error, err
 from odmr.spool import Envelope, Recipient, Spool
 
