@@ -5,6 +5,7 @@ Errors a user can cause come out as one line on stderr and a sysexits code.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import os
@@ -14,7 +15,7 @@ from typing import List, Optional
 
 from odmr import __version__
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT,
-                         EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE,
+                         EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE,
                          EX_USAGE)
 
 
@@ -87,12 +88,21 @@ def build_parser() -> Parser:
     q.add_argument("domain", nargs="?", metavar="DOMAIN",
                    help="only this domain (or .outbound: the bounces waiting for bounce_relay)")
     q.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    q.add_argument("--quarantine", action="store_true",
+                   help="list the damaged or unreadable files the daemon set aside instead "
+                        "(domain, id, size, when, reason)")
     q = queue.add_parser("show", parents=[common], help="print one message")
     q.add_argument("id", metavar="ID", help="a message id from queue list")
     for name, text in (("delete", "remove messages"), ("bounce", "return messages to sender")):
         q = queue.add_parser(name, parents=[common], help=text)
         q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list")
     queue.add_parser("expire", parents=[common], help="bounce messages older than max_age now")
+    q = queue.add_parser("requeue", parents=[common], help="put repaired quarantined messages back",
+                         description="Move messages from the quarantine back into their queue "
+                                     "once repaired: each must be a regular file the service "
+                                     "account can read and that parses. Exit 66 unknown id, 77 "
+                                     "still unreadable, 65 still corrupt.")
+    q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list --quarantine")
 
     p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
                        add_help=False)
@@ -409,7 +419,7 @@ def cmd_queue(args, config_path: str) -> int:
     from odmr.spool import CorruptMessage, DomainBusy, SpoolError, describe_error
     action = args.queue_command
     if not action:
-        raise UsageError("odmrd queue: list, show, delete, bounce or expire")
+        raise UsageError("odmrd queue: list, show, delete, bounce, expire or requeue")
     try:
         runtime = _runtime(config_path, need_accounts=False)
     except config.ConfigError as exc:
@@ -417,7 +427,7 @@ def cmd_queue(args, config_path: str) -> int:
     except accounts.AccountsError as exc:
         return fail(str(exc).splitlines()[0], EX_CONFIG)
     act = {"list": _queue_list, "show": _queue_show, "delete": _queue_change,
-           "bounce": _queue_change, "expire": _queue_expire}[action]
+           "bounce": _queue_change, "expire": _queue_expire, "requeue": _queue_requeue}[action]
     try:
         return act(runtime, args)
     except DomainBusy as exc:
@@ -434,12 +444,65 @@ def _queue_list(runtime, args) -> int:
     from odmr import queueops
     domain = _queue_name(args.domain) if args.domain else None
     now = time.time()
-    records = [queueops.describe(m, now) for m in queueops.list_messages(runtime, domain)]
+    if args.quarantine:
+        return _quarantine_list(runtime, domain, args.json, now)
+    unreadable: List = []
+    records = [queueops.describe(m, now) for m in queueops.list_messages(runtime, domain, unreadable)]
+    records += [queueops.describe_unreadable(runtime, *found, now=now) for found in unreadable]
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         _print_queue(records)
     return EX_OK
+
+
+def _quarantine_list(runtime, domain: Optional[str], as_json: bool, now: float) -> int:
+    from odmr import queueops
+    from odmr.logline import escape_for_log as safe
+    from odmr.names import plural
+    records = [r for r in queueops.quarantined(runtime, now) if domain in (None, r["domain"])]
+    if as_json:
+        print(json.dumps(records, indent=1))
+        return EX_OK
+    if not records:
+        print("Quarantine is empty")
+        return EX_OK
+    print("%-22s %-24s %9s %-20s %s" % ("ID", "DOMAIN", "SIZE", "QUARANTINED", "REASON"))
+    for r in records:
+        print("%-22s %-24s %9d %-20s %s" % (
+            r["id"], r["domain"], r["size"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["quarantined"])),
+            safe(r["reason"] or "-")))
+    print("-- %s; after repairing one: odmrd queue requeue ID" % plural(len(records), "file"))
+    return EX_OK
+
+
+def _queue_requeue(runtime, args) -> int:
+    """requeue each ID; the exit code of the last failure (sysexits), 0 when all went back."""
+    from odmr import queueops
+    from odmr.spool import CorruptMessage, LinkRefused, SpoolError, UnreadableMessage
+    code = EX_OK
+    for msg_id in args.ids:
+        try:
+            queue = queueops.requeue(runtime, msg_id)
+        except FileNotFoundError:
+            print("odmrd: no quarantined message %s" % msg_id, file=sys.stderr)
+            code = EX_NOINPUT
+        except LinkRefused:
+            print("odmrd: %s: a symbolic link in the quarantine; refused" % msg_id, file=sys.stderr)
+            code = EX_DATAERR
+        except UnreadableMessage as exc:
+            print("odmrd: %s: still unreadable by this account: %s" % (msg_id, exc), file=sys.stderr)
+            code = EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM) else EX_IOERR
+        except CorruptMessage as exc:
+            print("odmrd: %s: still corrupt: %s" % (msg_id, exc), file=sys.stderr)
+            code = EX_DATAERR
+        except SpoolError as exc:
+            print("odmrd: %s" % exc, file=sys.stderr)
+            code = EX_CANTCREAT
+        else:
+            print("%s: requeued to %s" % (msg_id, queue))
+    return code
 
 
 def _queue_show(runtime, args) -> int:
@@ -511,6 +574,10 @@ def _print_queue(records) -> None:
         age = r["age"]
         age_text = "%dd" % (age // 86400) if age >= 86400 else "%dh" % (age // 3600) if age >= 3600 \
             else "%dm" % (age // 60) if age >= 60 else "%ds" % age
+        if not r["recipients"] and r["last_error"].startswith("unusable: "):
+            print("%-22s %-24s %9d %8s  %s" % (r["id"], r["domain"], r["size"], age_text,
+                                               safe(r["last_error"])))
+            continue
         print("%-22s %-24s %9d %8s  <%s>" % (r["id"], r["domain"], r["size"], age_text,
                                              safe(r["sender"])))
         for rcpt in r["recipients"]:

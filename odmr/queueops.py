@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from odmr.queuemgr import return_to_sender, under_claim
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message
+from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message, UnreadableMessage
 
 log = logging.getLogger("odmrd.queue")
 
@@ -31,15 +31,43 @@ def describe(message: Message, now: Optional[float] = None) -> Dict[str, object]
     }
 
 
-def list_messages(runtime: Runtime, domain: Optional[str] = None) -> List[Message]:
-    """What waits, read only: a listing never moves anything (corrupt files are
-    reported; the daemon quarantines them when it meets them)."""
+def list_messages(runtime: Runtime, domain: Optional[str] = None,
+                  unreadable: Optional[List[Tuple[str, str, str]]] = None) -> List[Message]:
+    """What waits, read only: a listing never moves anything (corrupt and unreadable
+    files are reported, and added to `unreadable` as (queue, id, reason); the daemon
+    quarantines them when it meets them)."""
     spool = runtime.spool
     queues = [domain] if domain else spool.domains() + [OUTBOUND]
     found: List[Message] = []
     for queue in queues:
-        found.extend(spool.messages(queue, quarantine=False))
+        found.extend(spool.messages(queue, quarantine=False, unreadable=unreadable))
     return found
+
+
+def describe_unreadable(runtime: Runtime, queue: str, msg_id: str, reason: str,
+                        now: Optional[float] = None) -> Dict[str, object]:
+    """A `queue list` record of a file that cannot be read: the same keys, what the
+    directory tells (size, age from its mtime), the reason as its last error."""
+    now = time.time() if now is None else now
+    st = runtime.spool.file_stat(queue, msg_id)
+    return {"id": msg_id, "domain": queue, "size": st.st_size if st else 0,
+            "age": int(max(0, now - st.st_mtime)) if st else 0, "sender": "",
+            "recipients": [], "attempts": 0, "last_error": "unusable: %s" % reason}
+
+
+def quarantined(runtime: Runtime, now: Optional[float] = None) -> List[Dict[str, object]]:
+    """The `queue list --quarantine` records: domain, id, size, when set aside, why."""
+    now = time.time() if now is None else now
+    return [{"id": q.id, "domain": q.domain, "size": q.size, "quarantined": int(q.when),
+             "age": int(max(0, now - q.when)), "reason": q.reason}
+            for q in runtime.spool.quarantined()]
+
+
+def requeue(runtime: Runtime, msg_id: str) -> str:
+    """Put a repaired message back into its queue (Spool.requeue); returns the queue."""
+    queue = runtime.spool.requeue(msg_id)
+    log.info("queue: requeued id=%s domain=%s by operator", msg_id, queue)
+    return queue
 
 
 def _under_claim(runtime: Runtime, msg_id: str, action) -> Optional[Message]:
@@ -63,7 +91,7 @@ def _under_claim(runtime: Runtime, msg_id: str, action) -> Optional[Message]:
 def delete(runtime: Runtime, msg_id: str) -> bool:
     try:
         message = _under_claim(runtime, msg_id, runtime.spool.remove)
-    except CorruptMessage:
+    except (CorruptMessage, UnreadableMessage):     # nobody else could use it either
         return _delete_corrupt(runtime, msg_id)
     if message is None:
         return False
@@ -72,7 +100,7 @@ def delete(runtime: Runtime, msg_id: str) -> bool:
 
 
 def _delete_corrupt(runtime: Runtime, msg_id: str) -> bool:
-    """An unparseable file can still be deleted by the operator (nobody else could use it)."""
+    """An unparseable or unreadable file can still be deleted by the operator."""
     spool = runtime.spool
     domain = spool.locate(msg_id)
     if domain is None:

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -41,6 +42,7 @@ log = logging.getLogger("odmrd.spool")
 MAGIC = b"ODMR-Spool: 1\n"
 CHUNK = 65536
 OUTBOUND = ".outbound"       # bounces for senders outside the hosted domains, waiting for bounce_relay
+QUARANTINE = ".quarantine"   # unusable messages set aside: <root>/.quarantine/<queue>/<id>
 _STAT_TTL = 30.0
 _OPEN_QUEUES = 64            # queue directories held open (two descriptors each), the oldest closed first
 _LINK_LOG_EVERY = 60.0       # one warning per planted link and minute (the relay polls every 5 s)
@@ -64,6 +66,25 @@ class SpoolError(Exception):
 class CorruptMessage(SpoolError):
     def __init__(self, message: str):
         super().__init__(message, temporary=False)
+
+
+class UnreadableMessage(SpoolError):
+    """A message file that exists but cannot be read (permissions, wrong owner, EIO);
+    `errno` says why, so a passing shortage (EMFILE...) is told from a damaged file."""
+
+    def __init__(self, msg_id: str, exc: OSError):
+        super().__init__("cannot read %s: %s" % (msg_id, exc.strerror or exc),
+                         temporary=exc.errno in _PASSING)
+        self.errno = exc.errno
+
+    @property
+    def lasting(self) -> bool:
+        """Will it fail again? (then the file is set aside, not retried forever)"""
+        return self.errno not in _PASSING
+
+
+_PASSING = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS}
+_FUTURE_SLACK = 300.0        # an Arrival this far ahead of the clock is impossible (not skew)
 
 
 class LinkRefused(SpoolError, OSError):
@@ -450,6 +471,16 @@ def parse_header(data: bytes) -> Tuple[Envelope, str]:
     return env, msg_id
 
 
+def _sane_arrival(arrival: float, written: float) -> float:
+    """An Arrival that cannot be true (missing, not finite, before 1970 or in the future)
+    counts as the time the file was written (its mtime, at most now): expiry and delay
+    notices must still come, and stay put across restarts."""
+    now = time.time()
+    if math.isfinite(arrival) and 0 < arrival <= now + _FUTURE_SLACK:
+        return arrival
+    return written if math.isfinite(written) and 0 < written <= now else now
+
+
 def parse_envelope(domain: str, msg_id: str, head: bytes) -> Tuple[Envelope, int]:
     """The envelope at the start of a spool file and where the message data begins."""
     end = head.find(b"\n\n")
@@ -586,24 +617,44 @@ class IncomingMessage:
         self.parts = []
 
 
-def _remove_if_abandoned(name: str, dir_fd: int) -> int:
-    """Unlink a temporary file unless its writer (any process, any node) still holds its lock."""
+def _remove_if_abandoned(name: str, dir_fd: int, shown: str = "") -> int:
+    """Unlink a temporary file unless its writer (any process, any node) still holds its lock.
+
+    One this account cannot open (another owner, mode 000: left by a command run under
+    another account) has no writer of ours and is removed too; an empty directory is
+    removed; a link is never followed (O_NOFOLLOW) nor removed here."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM) or _is_link(name, dir_fd):
+            return 0
+        log.warning("spool: removing leftover %s, which this account cannot open", shown or name)
+        return _unlink_or_rmdir(name, dir_fd, shown)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         return 0
     try:
-        os.unlink(name, dir_fd=dir_fd)
-        return 1
-    except OSError:
-        return 0
+        return _unlink_or_rmdir(name, dir_fd, shown)
     finally:
         os.close(fd)
+
+
+def _unlink_or_rmdir(name: str, dir_fd: int, shown: str) -> int:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return 1
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return 0
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+        return 1
+    except OSError as exc:
+        log.warning("spool: leftover directory %s not removed: %s", shown or name, exc.strerror)
+        return 0
 
 
 def _unlink_quietly(name: str, dir_fd: Optional[int]) -> None:
@@ -681,6 +732,7 @@ class Spool:
         self._open: "OrderedDict[str, _QueueDir]" = OrderedDict()   # queue -> its open directory
         self._open_guard = threading.Lock()
         self._checked: set = set()        # names known to be normalised domains
+        self._unusable: Dict[Tuple[str, str], int] = {}    # (queue, id) -> ctime: not quarantinable
 
     # -- directories ------------------------------------------------------
     def domain_dir(self, domain: str, create: bool = False) -> str:
@@ -766,8 +818,34 @@ class Spool:
                 directory = self._queue_dir(queue, fresh=True)
             except (FileNotFoundError, NotADirectoryError, LinkRefused):
                 continue
-            removed += _clean(directory)
+            removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name))
         return removed
+
+    def _set_aside(self, queue: str, directory: _QueueDir, name: str) -> int:
+        """A directory where a state file belongs: removed when empty, else moved to the
+        quarantine under a name of its own (logged either way). Returns 1 when gone."""
+        shown = directory.show(name)
+        try:
+            os.rmdir(name, dir_fd=directory.fd)
+            log.warning("spool: removed %s, a directory where a state file belongs", shown)
+            return 1
+        except OSError:
+            pass
+        held: List[int] = []
+        aside = "%s.%s" % (name, secrets.token_hex(4))
+        try:
+            fd = self._quarantine_dir(queue, held)
+            os.rename(name, aside, src_dir_fd=directory.fd, dst_dir_fd=fd)
+        except OSError as exc:
+            log.error("spool: %s is a directory where a state file belongs and cannot be "
+                      "quarantined: %s", shown, describe_error(exc))
+            return 0
+        finally:
+            for fd in held:
+                os.close(fd)
+        log.error("spool: %s is a directory where a state file belongs; moved to %s", shown,
+                  os.path.join(self.root, QUARANTINE, queue, aside))
+        return 1
 
     # -- intake -----------------------------------------------------------
     def begin(self, envelopes: Dict[str, Envelope],
@@ -810,11 +888,46 @@ class Spool:
         return ids, states.intersection(ids)
 
     def has_mail(self, domain: str) -> bool:
+        """Does a message wait that a delivery session can send? ATRN must not answer 250
+        for nothing. Headers are read in directory order until the first usable one (at
+        ATRN that is nearly always the first file); unusable ones met on the way are
+        quarantined, or passed over unread once known to stay (`_remember_unusable`)."""
         try:
             directory = self._queue_dir(domain, fresh=True)
-            return any(_valid_id(e.name) and not e.is_symlink() for e in directory.scan())
+            for entry in directory.scan():
+                name = entry.name
+                if not _valid_id(name) or entry.is_symlink() or self._known_unusable(domain, entry):
+                    continue
+                if self._deliverable(domain, name):
+                    return True
         except (FileNotFoundError, NotADirectoryError, LinkRefused):
             return False
+        return False
+
+    def _known_unusable(self, queue: str, entry: "os.DirEntry[str]") -> bool:
+        known = self._unusable.get((queue, entry.name))
+        if known is None:
+            return False
+        try:
+            return entry.stat(follow_symlinks=False).st_ctime_ns == known
+        except OSError:
+            return True
+
+    def _deliverable(self, queue: str, msg_id: str) -> bool:
+        """A message with recipients still to deliver, or a DSN still to queue."""
+        try:
+            message, _ = self.read(queue, msg_id)
+        except (FileNotFoundError, LinkRefused):
+            return False
+        except (CorruptMessage, IsADirectoryError, UnreadableMessage) as exc:
+            if isinstance(exc, UnreadableMessage) and not exc.lasting:
+                return True             # a passing shortage: the file is probably fine
+            self._corrupt(queue, msg_id, exc, "quarantine")
+            return False
+        except (SpoolError, OSError):
+            return True
+        state = message.state
+        return bool(message.pending()) or bool(state.failed and not state.bounced)
 
     def read(self, queue: str, msg_id: str, inline: int = 0,
              has_state: Optional[bool] = None) -> Tuple[Message, Optional[bytes]]:
@@ -827,9 +940,15 @@ class Spool:
             raise CorruptMessage("invalid message id")
         try:
             directory = self._queue_dir(queue)
+        except (FileNotFoundError, LinkRefused):
+            raise
+        except OSError as exc:
+            raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
+        try:
             fd = _open_nofollow(msg_id, directory.fd, directory.show(msg_id), _READ_FLAGS)
             try:
-                total = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                total = st.st_size
                 whole = total <= inline
                 head = _read_exactly(fd, total if whole else CHUNK)
                 while not whole and b"\n\n" not in head and len(head) < 16 * CHUNK:
@@ -842,8 +961,9 @@ class Spool:
         except (FileNotFoundError, LinkRefused, IsADirectoryError):
             raise
         except OSError as exc:
-            raise SpoolError("cannot read %s: %s" % (msg_id, exc.strerror)) from None
+            raise UnreadableMessage(msg_id, exc) from None
         envelope, offset = parse_envelope(queue, msg_id, head)
+        envelope.arrival = _sane_arrival(envelope.arrival, st.st_mtime)
         state = self._read_state(queue, msg_id) if has_state is not False else None
         message = Message(queue, msg_id, directory.show(msg_id), envelope, offset, total - offset,
                           state or State(), state is not None)
@@ -877,44 +997,77 @@ class Spool:
                         domain, msg_id, ", ".join(dropped))
         return state
 
-    def walk(self, queue: str, corrupt: str = "quarantine",
-             inline: int = 0) -> Iterator[Tuple[Message, Optional[bytes]]]:
+    def walk(self, queue: str, corrupt: str = "quarantine", inline: int = 0,
+             unreadable: Optional[List[Tuple[str, str, str]]] = None,
+             ) -> Iterator[Tuple[Message, Optional[bytes]]]:
         """Every readable message of a queue, oldest first, each with `read`.
 
-        A file that cannot be used never stops the walk: a corrupt one (or a directory
-        in a message's place) is quarantined, or with `corrupt="report"` only logged (a
-        look that must change nothing), or with `"skip"` passed over in silence (a scan
-        whose finds are read again before anything is done to them); an unreadable one
-        is logged (unless skipping) and left; a vanished one or a link is passed over."""
+        A file that cannot be used never stops the walk: a corrupt or unreadable one (or
+        a directory in a message's place) is quarantined, or with `corrupt="report"` only
+        logged, an unreadable one added to `unreadable` as (queue, id, reason) (a look that
+        must change nothing), or with `"skip"` passed over in silence (a scan whose finds are read
+        again before anything is done to them); a vanished one or a link is passed over.
+        A file that could not be quarantined stays, logged at each walk."""
         ids, with_state = self.listing(queue)
         for msg_id in ids:
             try:
                 found = self.read(queue, msg_id, inline, msg_id in with_state)
             except (FileNotFoundError, LinkRefused):    # gone (queue delete), or a link (logged)
                 continue
-            except (CorruptMessage, IsADirectoryError) as exc:
-                self._corrupt(queue, msg_id, exc, corrupt)
+            except (CorruptMessage, IsADirectoryError, UnreadableMessage) as exc:
+                self._corrupt(queue, msg_id, exc, corrupt, unreadable)
                 continue
-            except (SpoolError, OSError) as exc:        # unreadable (EIO...): never stop the walk
+            except (SpoolError, OSError) as exc:        # the directory itself: never stop the walk
                 if corrupt != "skip":
                     log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, exc)
                 continue
             yield found
 
-    def _corrupt(self, queue: str, msg_id: str, exc: Exception, action: str) -> None:
+    def _corrupt(self, queue: str, msg_id: str, exc: Exception, action: str,
+                 unreadable: Optional[List[Tuple[str, str, str]]] = None) -> bool:
+        """Deal with a message file that cannot be used; True when it was moved aside."""
         reason = "a directory where a message should be" if isinstance(exc, IsADirectoryError) \
             else str(exc)
-        if action == "quarantine":
-            self.quarantine(queue, msg_id, reason)
+        passing = isinstance(exc, UnreadableMessage) and not exc.lasting
+        if action == "quarantine" and not passing:
+            if self.quarantine(queue, msg_id, reason):
+                return True
+            self._remember_unusable(queue, msg_id)
         elif action == "report":
-            log.warning("spool: %s/%s is corrupt (%s); the daemon will quarantine it",
-                        queue, msg_id, reason)
+            if unreadable is not None and isinstance(exc, UnreadableMessage):
+                unreadable.append((queue, msg_id, reason))
+            log.warning("spool: %s/%s is %s (%s); the daemon will quarantine it", queue, msg_id,
+                        "unreadable" if isinstance(exc, UnreadableMessage) else "corrupt", reason)
+        elif action != "skip":
+            log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, reason)
+        return False
 
-    def messages(self, domain: str, quarantine: bool = True) -> Iterator[Message]:
-        """Every readable message of a domain, oldest first; corrupt ones are quarantined
-        (or, for a look that must change nothing, only logged)."""
-        for message, _ in self.walk(domain, "quarantine" if quarantine else "report"):
+    def _remember_unusable(self, queue: str, msg_id: str) -> None:
+        """A file that could be neither read nor quarantined: `has_mail` passes over it
+        (without reading it again) until it changes (chmod, chown, rewrite: a new ctime)."""
+        try:
+            directory = self._queue_dir(queue)
+            st = os.stat(msg_id, dir_fd=directory.fd, follow_symlinks=False)
+        except OSError:
+            return
+        if len(self._unusable) > 10000:
+            self._unusable.clear()
+        self._unusable[(queue, msg_id)] = st.st_ctime_ns
+
+    def messages(self, domain: str, quarantine: bool = True,
+                 unreadable: Optional[List[Tuple[str, str, str]]] = None) -> Iterator[Message]:
+        """Every readable message of a domain, oldest first; corrupt and unreadable ones are
+        quarantined (or, for a look that must change nothing, only reported: `walk`)."""
+        for message, _ in self.walk(domain, "quarantine" if quarantine else "report",
+                                    unreadable=unreadable):
             yield message
+
+    def file_stat(self, queue: str, msg_id: str) -> Optional[os.stat_result]:
+        """lstat of a queue's file (None when it cannot be had): for what cannot be read."""
+        try:
+            return os.stat(msg_id, dir_fd=self._queue_dir(queue).fd, follow_symlinks=False)
+        except OSError:
+            return None
 
     def locate(self, msg_id: str) -> Optional[str]:
         """The queue (domain) holding a message file of this id, readable or not."""
@@ -1035,33 +1188,114 @@ class Spool:
     def sync_domain(self, domain: str) -> None:
         self._group.sync(self._queue_dir(domain))
 
-    def quarantine(self, domain: str, msg_id: str, reason: str) -> None:
-        quarantine = os.path.join(self.root, ".quarantine")
+    def quarantine(self, domain: str, msg_id: str, reason: str) -> bool:
+        """Move an unusable message (and its state) to .quarantine/<domain>/ (the reason is
+        logged); False (logged) when it cannot be moved: it stays where it is."""
         held: List[int] = []
         try:
             directory = self._queue_dir(domain)
-            fd, _ = _open_dir(quarantine, None, quarantine, create=True)
-            held.append(fd)
-            fd, _ = _open_dir(domain, held[0], os.path.join(quarantine, domain), create=True)
-            held.append(fd)
-            if _is_link(msg_id, fd):          # never replaced either: someone put it there
-                raise _refuse_link(os.path.join(quarantine, domain, msg_id))
+            fd = self._quarantine_dir(domain, held)
+            shown = os.path.join(self.root, QUARANTINE, domain, msg_id)
+            try:                              # never replaced: someone (or something) put it there
+                os.stat(msg_id, dir_fd=fd, follow_symlinks=False)
+                raise _refuse_link(shown) if _is_link(msg_id, fd) else \
+                    FileExistsError(errno.EEXIST, "already in the quarantine", shown)
+            except FileNotFoundError:
+                pass
             os.rename(msg_id, msg_id, src_dir_fd=directory.fd, dst_dir_fd=fd)
-            state = msg_id + ".state"
-            if _is_link(state, directory.fd):
-                _refuse_link(directory.show(state))
-            else:
-                try:
-                    os.rename(state, state, src_dir_fd=directory.fd, dst_dir_fd=fd)
-                except FileNotFoundError:
-                    pass
+            self._move_state(msg_id, directory.fd, fd, directory.show(msg_id + ".state"))
+            os.fsync(fd)
         except OSError as exc:
-            log.error("spool: cannot quarantine %s/%s: %s", domain, msg_id, exc.strerror)
-            return
+            log.error("spool: cannot quarantine %s/%s (%s): %s", domain, msg_id, reason,
+                      describe_error(exc))
+            return False
         finally:
             for fd in held:
                 os.close(fd)
+        self._count_added(domain, 0, -1)
         log.error("spool: quarantined %s/%s: %s", domain, msg_id, reason)
+        return True
+
+    def _quarantine_dir(self, queue: str, held: List[int], create: bool = True) -> int:
+        """.quarantine/<queue> opened without following links (made 0700 when asked); the
+        descriptors opened are appended to `held` for the caller to close."""
+        top = os.path.join(self.root, QUARANTINE)
+        fd, _ = _open_dir(top, None, top, create)
+        held.append(fd)
+        fd, _ = _open_dir(queue, fd, os.path.join(top, queue), create)
+        held.append(fd)
+        return fd
+
+    @staticmethod
+    def _move_state(msg_id: str, from_fd: int, to_fd: int, shown: str) -> None:
+        state = msg_id + ".state"
+        if _is_link(state, from_fd):
+            _refuse_link(shown)
+            return
+        try:
+            os.rename(state, state, src_dir_fd=from_fd, dst_dir_fd=to_fd)
+        except FileNotFoundError:
+            pass
+
+    def quarantined(self) -> List["Quarantined"]:
+        """What the quarantine holds, oldest first (read only; links logged and left out)."""
+        top = os.path.join(self.root, QUARANTINE)
+        try:
+            top_fd, _ = _open_dir(top, None, top)
+        except (FileNotFoundError, NotADirectoryError, LinkRefused):
+            return []
+        found: List[Quarantined] = []
+        try:
+            for entry in [(e.name, e.is_symlink()) for e in _scan(top_fd)]:
+                name, is_link = entry
+                if is_link:
+                    _refuse_link(os.path.join(top, name))
+                elif name == OUTBOUND or _normalised(name):
+                    found.extend(_quarantined_in(top_fd, top, name))
+        finally:
+            os.close(top_fd)
+        found.sort(key=lambda q: (q.when, q.id))
+        return found
+
+    def requeue(self, msg_id: str) -> str:
+        """Put a repaired message back into its queue; returns the queue. It must be a
+        regular file (never a link) that this account can read and that parses. Raises
+        FileNotFoundError (no such id), LinkRefused, UnreadableMessage, CorruptMessage, or
+        SpoolError (the queue already holds that id)."""
+        if not _valid_id(msg_id):
+            raise FileNotFoundError(errno.ENOENT, "no quarantined message", msg_id)
+        top = os.path.join(self.root, QUARANTINE)
+        try:
+            queues = sorted(os.listdir(top))
+        except (FileNotFoundError, NotADirectoryError):
+            queues = []
+        for queue in queues:
+            if (queue == OUTBOUND or _normalised(queue)) \
+                    and os.path.lexists(os.path.join(top, queue, msg_id)):
+                self._requeue(queue, msg_id)
+                return queue
+        raise FileNotFoundError(errno.ENOENT, "no quarantined message", msg_id)
+
+    def _requeue(self, queue: str, msg_id: str) -> None:
+        held: List[int] = []
+        try:
+            fd = self._quarantine_dir(queue, held, create=False)
+            shown = os.path.join(self.root, QUARANTINE, queue, msg_id)
+            _check_whole(fd, queue, msg_id, shown)
+            directory = self._queue_dir(queue, create=True, fresh=True)
+            try:
+                os.stat(msg_id, dir_fd=directory.fd, follow_symlinks=False)
+                raise SpoolError("%s/%s: the queue holds a file of that id already" % (queue, msg_id),
+                                 temporary=False)
+            except FileNotFoundError:
+                pass
+            os.rename(msg_id, msg_id, src_dir_fd=fd, dst_dir_fd=directory.fd)
+            self._move_state(msg_id, fd, directory.fd, shown + ".state")
+            self._group.sync(directory)
+            self._unusable.pop((queue, msg_id), None)
+        finally:
+            for fd in held:
+                os.close(fd)
 
     # -- locks --------------------------------------------------------------
     def _thread_lock(self, domain: str) -> threading.Lock:
@@ -1106,6 +1340,79 @@ class Spool:
                 entry[1] += size
 
 
+@dataclass
+class Quarantined:
+    """A file in the quarantine, as `queue list --quarantine` shows it."""
+    domain: str
+    id: str
+    size: int
+    when: float              # set aside at (the file's ctime: the rename that moved it)
+    reason: str              # why it cannot be used now (read again for the listing)
+
+
+def _quarantined_in(top_fd: int, top: str, queue: str) -> List[Quarantined]:
+    try:
+        fd, _ = _open_dir(queue, top_fd, os.path.join(top, queue))
+    except (OSError, LinkRefused):
+        return []
+    found = []
+    try:
+        for entry in _scan(fd):
+            if entry.is_symlink():
+                _refuse_link(os.path.join(top, queue, entry.name))
+                continue
+            if not _valid_id(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            found.append(Quarantined(queue, entry.name, st.st_size, st.st_ctime,
+                                     _why_unusable(fd, queue, entry.name, os.path.join(top, queue, entry.name))))
+    finally:
+        os.close(fd)
+    return found
+
+
+def _why_unusable(dir_fd: int, queue: str, msg_id: str, shown: str) -> str:
+    """Why a quarantined file cannot be used, as it is now (asked at each listing, so a
+    repaired file says so)."""
+    try:
+        _check_whole(dir_fd, queue, msg_id, shown)
+    except (SpoolError, OSError) as exc:
+        return str(exc)
+    return "readable and parses now: odmrd queue requeue %s" % msg_id
+
+
+def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
+    """Read a whole file (a fault may lie past the header) and parse its envelope."""
+    try:
+        st = os.stat(msg_id, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no quarantined message", msg_id) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise LinkRefused(shown)            # the operator's command says so, in one line
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptMessage("%s/%s is not a regular file" % (queue, msg_id))
+    head = b""
+    try:
+        fd = _open_nofollow(msg_id, dir_fd, shown, _READ_FLAGS)
+        try:
+            while True:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    break
+                if len(head) < 16 * CHUNK:
+                    head += chunk
+        finally:
+            os.close(fd)
+    except LinkRefused:
+        raise
+    except OSError as exc:
+        raise UnreadableMessage(msg_id, exc) from None
+    parse_envelope(queue, msg_id, head)
+
+
 def _normalised(name: str) -> bool:
     try:
         return normalize_domain(name) == name
@@ -1113,24 +1420,27 @@ def _normalised(name: str) -> bool:
         return False
 
 
-def _clean(directory: _QueueDir) -> int:
+def _clean(directory: _QueueDir, set_aside: Callable[[str], bool]) -> int:
     """Start-up clean-up of one queue: unlink abandoned temporary files and state files
-    without a message; report every link found (and leave it). Returns files removed."""
+    without a message, set aside a directory where a state file belongs (no state could
+    ever be saved over it); report every link found (and leave it). Returns files removed."""
     removed = 0
     if directory.tmp_fd is not None:
         for name, is_link in [(e.name, e.is_symlink()) for e in _scan(directory.tmp_fd)]:
             if is_link:
                 _refuse_link(directory.show("tmp", name))
             else:
-                removed += _remove_if_abandoned(name, directory.tmp_fd)
-    entries = [(e.name, e.is_symlink()) for e in directory.scan()]
-    names = {name for name, _ in entries}
-    for name, is_link in entries:
+                removed += _remove_if_abandoned(name, directory.tmp_fd, directory.show("tmp", name))
+    entries = [(e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in directory.scan()]
+    names = {name for name, _, _ in entries}
+    for name, is_link, is_dir in entries:
         if is_link:
             _refuse_link(directory.show(name))
+        elif is_dir and name.endswith(".state"):
+            removed += set_aside(name)
         elif name.endswith(".state") and name[:-6] not in names:
             _unlink_quietly(name, directory.fd)
             removed += 1
         elif name.startswith(".state.") or name.startswith(".tmp."):
-            removed += _remove_if_abandoned(name, directory.fd)
+            removed += _remove_if_abandoned(name, directory.fd, directory.show(name))
     return removed
