@@ -140,7 +140,7 @@ class ODMRSession(Session):
         mechs = self.mechanisms()
         if mechs and self.account is None and not (self.odmr.require_tls and not self.tls_active):
             lines.append("AUTH " + " ".join(mechs))
-        lines.append("ATRN")
+        lines += ["ENHANCEDSTATUSCODES", "ATRN"]
         self.reply(250, *lines)
 
     def smtp_HELO(self, arg: str) -> None:

@@ -36,11 +36,13 @@ TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit of %d bytes")
 NO_STORAGE = (452, "4.3.1 Insufficient system storage")
 TOO_MANY_RECIPIENTS = (452, "4.5.3 Too many recipients")
 
-# the ODMR port (RFC 2645 section 4; SPEC §4 gives their order)
-ATRN_OK = (250, "OK now reversing the connection")
-ATRN_REFUSED = (450, "ATRN request refused")
-ATRN_BUSY = (451, "Unable to process ATRN request now")
-NO_MAIL = (453, "You have no mail")
+# the ODMR port (RFC 2645 section 4; SPEC §4 gives their order). RFC 2645's texts, with
+# the enhanced status code every reply carries once EHLO advertised ENHANCEDSTATUSCODES
+# (RFC 2034 §3; AUTH's replies need them, RFC 4954 §6)
+ATRN_OK = (250, "2.0.0 OK now reversing the connection")
+ATRN_REFUSED = (450, "4.7.0 ATRN request refused")
+ATRN_BUSY = (451, "4.3.0 Unable to process ATRN request now")
+NO_MAIL = (453, "4.2.0 You have no mail")
 SPOOL_UNCHANGEABLE = (451, "4.3.0 Unable to process ATRN request now")   # spool read-only, EIO...
 AUTH_REQUIRED = (530, "5.7.0 Authentication required")
 AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")

@@ -234,7 +234,7 @@ def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
 SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
 SENDER_REMOTE = "someone@remote.test"
 
-ATRN_OK = b"250 OK now reversing the connection\r\n"
+ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
 
 
 class Script:
@@ -505,7 +505,7 @@ class Peer:
 class Scripted:
     """A tiny ODMR provider: behaviour set by options, one thread per connection."""
 
-    def __init__(self, atrn_reply: str = "453 You have no mail", mechanisms: str = "CRAM-MD5",
+    def __init__(self, atrn_reply: str = "453 4.2.0 You have no mail", mechanisms: str = "CRAM-MD5",
                  atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
                  implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
                  after_250: Optional[Callable[[Peer], None]] = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 import smtplib
 import time
 from typing import List
@@ -294,7 +295,7 @@ def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
         def line(self):
             return self.peer.line()
 
-    s = Chatty(atrn_reply="453 You have no mail")
+    s = Chatty(atrn_reply="453 4.2.0 You have no mail")
     try:
         result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
         assert result.returncode == EX_OK, err(result)
@@ -335,3 +336,37 @@ def test_fetch_says_utf8smtp_in_its_received_header_when_it_was_used(local):
     with open(os.path.join(new, name), "rb") as fh:
         header = fh.read().split(b"\n\n")[0]
     assert b"with UTF8SMTP id" in header.replace(b"\n\t", b" ").replace(b"\n ", b" ")
+
+
+# -- ENHANCEDSTATUSCODES on the ODMR port (RFC 2034 §3) ---------------------------------
+
+ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def test_the_odmr_port_advertises_enhanced_codes_and_every_reply_has_one(provider):
+    from conftest import Customer
+    sent, answers = [], []
+    c = Customer(provider.odmr_port)
+    try:
+        c.reply()                                          # the greeting is exempt
+        code, lines = c.cmd("EHLO customer.test")
+        assert "ENHANCEDSTATUSCODES" in lines
+        for command in ["NOOP", "RSET", "HELP", "BOGUS", "MAIL FROM:<a@b.test>", "ATRN example.org",
+                        "AUTH NONSUCH", "AUTH CRAM-MD5", "*", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    c = Customer(provider.odmr_port)
+    try:
+        c.login("alice")
+        for command in ["ATRN example.net", "ATRN example.org", "ATRN bad..domain", "NOOP", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    for command, (code, lines) in zip(sent, answers):
+        if code == 334:
+            continue
+        assert code >= 200 and all(ENHANCED.match(l) for l in lines), (command, code, lines)
+    assert [a[0] for a in answers[-5:-2]] == [450, 453, 501]

@@ -199,9 +199,9 @@ def test_config_file_fetch_section(provider, tmp_path):
 
 
 @pytest.mark.parametrize("reply, code", [
-    ("450 ATRN request refused", EX_NOPERM),
-    ("451 Unable to process ATRN request now", EX_TEMPFAIL),
-    ("453 You have no mail", EX_OK),
+    ("450 4.7.0 ATRN request refused", EX_NOPERM),
+    ("451 4.3.0 Unable to process ATRN request now", EX_TEMPFAIL),
+    ("453 4.2.0 You have no mail", EX_OK),
     ("502 5.5.1 Command not implemented", EX_UNAVAILABLE),
     ("530 5.7.0 Authentication required", EX_NOPERM),
     ("421 4.3.2 shutting down", EX_TEMPFAIL),
@@ -241,7 +241,7 @@ def deliver_one(peer: Peer) -> None:
 
 
 def test_250_then_delivery_into_maildir(scripted, tmp_path):
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=deliver_one)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=deliver_one)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     (name,) = os.listdir(tmp_path / "md" / "new")
@@ -276,7 +276,7 @@ def test_local_server_reads_parameters_like_the_intake_port(scripted, tmp_path, 
         peer.send("QUIT\r\n")
         assert peer.line().startswith(b"221")
 
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=after)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=after)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     with socket.create_connection(("127.0.0.1", provider.smtp_port), timeout=10) as sock:
@@ -308,7 +308,7 @@ def drop_mid_message(peer: Peer) -> None:
 
 
 def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=drop_mid_message)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_TEMPFAIL, err(result)
     assert os.listdir(tmp_path / "md" / "new") == []
@@ -318,7 +318,7 @@ def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
 @pytest.mark.slow
 @needs_sink
 def test_drop_mid_session_relay_is_75(scripted):
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=drop_mid_message)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=drop_mid_message)
     sink = Sink()
     try:
         result = run_fetch(*scripted_args(s, "--relay", "127.0.0.1:%d" % sink.port))
@@ -335,7 +335,7 @@ def test_relay_target_down_is_75_and_provider_told(scripted, tmp_path):
     def after(peer: Peer) -> None:
         got.append(peer.line())
 
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=after)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=after)
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]

@@ -255,7 +255,7 @@ def pipelined_bdat(count: int, replies: List[bytes]):
 
 def test_odmrd_fetch_takes_a_bdat_window_end_to_end(scripted, tmp_path):
     replies: List[bytes] = []
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=pipelined_bdat(5, replies))
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=pipelined_bdat(5, replies))
     maildir = tmp_path / "md"
     result = run_fetch(*scripted_args(s, "--maildir", str(maildir)))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)

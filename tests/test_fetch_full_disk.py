@@ -127,7 +127,7 @@ def test_disk_filling_during_data_is_452_per_message_and_one_line(scripted, smal
     disk = small_disk("1m")
     target = os.path.join(disk, "Maildir" if kind == "maildir" else "mbox")
     replies: List[bytes] = []
-    s = scripted(atrn_reply="250 OK now reversing the connection",
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection",
                  after_250=pipelined_without_size(30, replies))
     result = run_fetch(*scripted_args(s, "--" + kind, target))
     text = err(result)

@@ -214,7 +214,7 @@ def test_greeting_and_ehlo_advertise_only_what_the_port_implements(provider):
         assert code == 250
         assert lines[0] == "odmr.test"
         keywords = {l.split()[0] for l in lines[1:]}
-        assert keywords == {"AUTH", "ATRN"}          # no STARTTLS without TLS configured
+        assert keywords == {"AUTH", "ENHANCEDSTATUSCODES", "ATRN"}   # no STARTTLS without TLS
         auth = [l for l in lines if l.startswith("AUTH ")][0].split()[1:]
         assert "CRAM-MD5" in auth and "SCRAM-SHA-256" in auth
         assert "PLAIN" not in auth and "LOGIN" not in auth
@@ -526,7 +526,7 @@ def test_atrn_foreign_domain_is_450_and_nothing_is_sent(provider, arg):
     c = login(provider)
     try:
         code, lines = c.cmd("ATRN " + arg)
-        assert (code, lines[0]) == (450, "ATRN request refused")
+        assert (code, lines[0]) == (450, "4.7.0 ATRN request refused")
         # the session stays authenticated and nothing was delivered
         assert len(spool_files(provider, "example.org")) == 1
         assert len(spool_files(provider, "example.net")) == 1
@@ -543,12 +543,12 @@ def test_atrn_453_when_no_mail_and_session_stays_authenticated(provider):
     c = login(provider)
     try:
         c.send("ATRN example.org")
-        assert c.line() == b"453 You have no mail\r\n"
+        assert c.line() == b"453 4.2.0 You have no mail\r\n"
         c.send("ATRN")
-        assert c.line() == b"453 You have no mail\r\n"
+        assert c.line() == b"453 4.2.0 You have no mail\r\n"
         spool_one(provider, ["x@example.com"])
         c.send("ATRN example.org")
-        assert c.line() == b"453 You have no mail\r\n"
+        assert c.line() == b"453 4.2.0 You have no mail\r\n"
         c.send("ATRN example.com")
         assert c.line() == ATRN_OK
         got = ReversedServer(c).run()
@@ -592,7 +592,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
         assert first.line() == ATRN_OK
         # while the first session holds example.org (not greeted yet), the second is refused
         code, lines = second.cmd("ATRN example.org,example.com")
-        assert (code, lines[0]) == (451, "Unable to process ATRN request now")
+        assert (code, lines[0]) == (451, "4.3.0 Unable to process ATRN request now")
         code, lines = second.cmd("ATRN example.org")
         assert code == 451
         # a domain nobody holds still works (and stays authenticated)
@@ -827,7 +827,7 @@ def test_connection_lost_mid_delivery_keeps_the_message(provider):
         while True:
             c.send("ATRN example.org")
             line = c.line()
-            if line != b"451 Unable to process ATRN request now\r\n" or time.time() > deadline:
+            if line != b"451 4.3.0 Unable to process ATRN request now\r\n" or time.time() > deadline:
                 break
             time.sleep(0.05)
         assert line == ATRN_OK
@@ -957,9 +957,9 @@ def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider
 
 def test_the_odmr_replies_are_the_spec_texts():
     """The texts SPEC §4 fixes, written out once here: the constants code and tests share
-    must not drift from the contract."""
-    assert replies.ATRN_OK == (250, "OK now reversing the connection")
-    assert replies.ATRN_REFUSED == (450, "ATRN request refused")
-    assert replies.ATRN_BUSY == (451, "Unable to process ATRN request now")
-    assert replies.NO_MAIL == (453, "You have no mail")
+    must not drift from the contract (each with the enhanced code the port advertises)."""
+    assert replies.ATRN_OK == (250, "2.0.0 OK now reversing the connection")
+    assert replies.ATRN_REFUSED == (450, "4.7.0 ATRN request refused")
+    assert replies.ATRN_BUSY == (451, "4.3.0 Unable to process ATRN request now")
+    assert replies.NO_MAIL == (453, "4.2.0 You have no mail")
     assert replies.AUTH_REQUIRED == (530, "5.7.0 Authentication required")

@@ -389,7 +389,7 @@ def test_customer_postfix_behind_fetchmail(customer, tmp_path):
 
     result = run_fetchmail(str(tmp_path), provider.odmr_port, handover)
     assert result.returncode == 0, transcript(result)
-    assert "250 OK now reversing the connection" in transcript(result)
+    assert "250 2.0.0 OK now reversing the connection" in transcript(result)
 
     poll(lambda: mailbox(mail, "example.org", "alice") and mailbox(mail, "example.com", "info"),
          "delivery into the virtual Maildirs", postfix)

@@ -194,7 +194,7 @@ def two_without_size(results: list):
 @pytest.mark.parametrize("store", ["maildir", "mbox"])
 def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp_path, store):
     results: list = []
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=two_without_size(results))
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=two_without_size(results))
     target = tmp_path / "box" / ("Maildir" if store == "maildir" else "mbox")
     target.parent.mkdir()
     result = run_fetch(*scripted_args(s, "--" + store, str(target), "--max-size", "10K"))
@@ -215,7 +215,7 @@ def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp
 @pytest.mark.slow
 def test_fetch_section_max_size_and_bad_flags(scripted, tmp_path):
     results: list = []
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=two_without_size(results))
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=two_without_size(results))
     conf = tmp_path / "fetch.conf"
     conf.write_text("[fetch]\nmax_size = 10K\n")
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")),
@@ -372,7 +372,7 @@ def test_fetch_log_lines_escape_what_the_provider_sends(scripted, tmp_path):
         peer.send("QUIT\r\n")
         results.append(peer.line())
 
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=converse)
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=converse)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--max-size", "10K"))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     assert [r[:3] for r in results] == [b"552", b"221"]

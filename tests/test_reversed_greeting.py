@@ -21,7 +21,7 @@ from conftest import Customer, send_mail
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 
-ATRN_OK = b"250 OK now reversing the connection\r\n"
+ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
 
 # what the customer answers to EHLO and to HELO (None: hang up instead of answering)
 REFUSALS: Dict[str, tuple] = {

@@ -153,7 +153,7 @@ def wait_idle(p: Provider) -> None:
 
 
 BUSY = ("%d %s\r\n" % replies.SPOOL_UNCHANGEABLE).encode()
-NO_MAIL = b"453 You have no mail\r\n"
+NO_MAIL = b"453 4.2.0 You have no mail\r\n"
 
 
 def test_full_disk_retires_by_unlinking(provider):

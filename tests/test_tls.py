@@ -227,7 +227,7 @@ def test_tls_session_carries_many_messages(tprov, pki, mode):
         c.cmd("EHLO customer.test")
     assert c.auth_plain()[0] == 235
     c.send("ATRN example.org")
-    assert c.line() == b"250 OK now reversing the connection\r\n"
+    assert c.line() == b"250 2.0.0 OK now reversing the connection\r\n"
     texts = accept_all(c, count)
     for text in texts:
         number = int(text.split(b"Subject: ")[1].split(b"\r\n")[0])

@@ -249,7 +249,7 @@ def _reversed_with_bad_names(results: list):
 @pytest.mark.slow
 def test_fetch_maildir_refuses_a_bad_provider_ehlo(scripted, tmp_path):
     results: list = []
-    s = scripted(atrn_reply="250 OK now reversing the connection", after_250=_reversed_with_bad_names(results))
+    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=_reversed_with_bad_names(results))
     maildir = tmp_path / "md"
     result = run_fetch(*scripted_args(s, "--maildir", str(maildir)))
     assert result.returncode == 0, err(result) + repr(s.errors)
