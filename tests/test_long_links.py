@@ -357,3 +357,24 @@ def test_a_session_cut_by_the_stopping_service_says_so(provider, caplog):
     text = _delivery_log(caplog)
     assert "cut: the service is stopping" in text, text
     assert "closed by the customer" not in text, text
+
+
+def test_an_unrecordable_result_stops_the_window_after_the_replies_owed(window4, monkeypatch):
+    """Drain.must_stop (a result could not be recorded): nothing new goes out, the replies
+    owed for what is in flight are still read and recorded, then QUIT."""
+    from odmr.queuemgr import Drain
+    real_record = Drain.record
+
+    def record(self, message, results):
+        real_record(self, message, results)
+        self.must_stop = True
+    monkeypatch.setattr(Drain, "record", record)
+    for n in range(7):
+        spool(window4, ["r%d@example.org" % n], token="t%d" % n)
+    s = chunky()
+    conn = held_atrn(window4, s, hold=4)
+    wait_sessions_over(window4)
+    assert conn.most_in_flight == 4
+    assert s.commands[-1] == "QUIT"
+    assert len([c for c in s.commands if c.startswith("MAIL")]) == 4
+    assert len(queue(window4, "example.org")) == 3          # the four in flight were recorded
