@@ -541,9 +541,9 @@ class Run:
                         continue
                     self._queue_job(upcoming, in_flight, expect, outbox)
                     upcoming = None
-                    if sum(map(len, outbox)) >= WRITE_BATCH:
+                    if len(in_flight) >= self.window or sum(map(len, outbox)) >= WRITE_BATCH:
                         self._flush(outbox)
-                    upcoming = next(jobs, None)    # read from the spool while the last write travels
+                    upcoming = next(jobs, None)    # read from the spool while the write travels
                     if upcoming is not None and len(in_flight) < self.window:
                         continue
                 self._flush(outbox)
