@@ -16,6 +16,13 @@ before the next end-of-data dot goes out, and the queue manager retires a
 delivered message at once; delivery waits only when more than MAX_UNSYNCED
 removals are not yet durable. So a process crash re-delivers at most the one
 message in flight, and a power failure at most MAX_UNSYNCED messages.
+
+Long links: when the customer offers CHUNKING too, each message goes out whole
+(MAIL, RCPTs, `BDAT n LAST` and its bytes, no 354 to wait for) and up to
+`[odmr] delivery_window` messages are on the wire before the oldest one's
+results are read; replies are still matched one per command, in order, and a
+message is recorded only from its own replies. A crash or a lost connection
+then re-delivers at most `delivery_window` messages.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from odmr.wire import dot_stuff
 log = logging.getLogger("odmrd.delivery")
 
 INLINE_BODY = 512 * 1024       # bodies up to this size are read whole and sent in one write
+WRITE_BATCH = 256 * 1024       # windowed delivery: messages gathered into one write up to this size
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 
@@ -70,12 +78,14 @@ class ReversedClient(smtplib.SMTP):
 
     ehlo_msg = "EHLO"
 
-    def __init__(self, sock: socket.socket, rfile, local_hostname: str, one_line_per_write: bool = False):
+    def __init__(self, sock: socket.socket, rfile, local_hostname: str, one_line_per_write: bool = False,
+                 stop: Optional[threading.Event] = None):
         super().__init__(local_hostname=local_hostname, timeout=TIMEOUTS.greeting)
         self.sock = sock
         self.file = rfile
         self.one_line_per_write = one_line_per_write
         self._current_timeout: Optional[float] = None
+        self._stop = stop
 
     def putcmd(self, cmd: str, args: str = "") -> None:
         super().putcmd(cmd.upper(), args)
@@ -87,8 +97,10 @@ class ReversedClient(smtplib.SMTP):
             self._current_timeout = seconds
 
     def send(self, s) -> None:
+        """Write everything; a customer that stops reading is cut at the data-block timeout."""
         if isinstance(s, str):
             s = s.encode("utf-8")
+        self.set_timeout(TIMEOUTS.data_block)
         try:
             if self.one_line_per_write:
                 # one TLS record per line: fetchmail stalls on records carrying several lines
@@ -96,24 +108,33 @@ class ReversedClient(smtplib.SMTP):
                     self.sock.sendall(line)
             else:
                 self.sock.sendall(s)
+        except socket.timeout:
+            raise ConnectionLost("timeout after %g s waiting to send data" % TIMEOUTS.data_block) from None
         except OSError as exc:
-            raise smtplib.SMTPServerDisconnected("write failed: %s" % exc) from None
+            raise ConnectionLost(self._gone("write failed: %s" % exc)) from None
+
+    def _gone(self, why: str) -> str:
+        """Why the connection failed; a cut made by the stopping service says so."""
+        if self._stop is not None and self._stop.is_set():
+            return "cut: the service is stopping (grace period over)"
+        return why
 
     def getreply(self):
         """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
-        code, text = self.read_reply()
+        self.set_timeout(TIMEOUTS.mail)
+        code, text = self.read_reply("EHLO")
         # never (-1, ""): smtplib's ehlo() takes that for a hang-up and closes our socket
         return code, (text or ("(empty line)" if code < 0 else "")).encode("utf-8")
 
-    def read_reply(self) -> Reply:
-        """One (possibly multi-line) reply; (-1, text) when it is not SMTP at all."""
+    def read_reply(self, what: str = "command") -> Reply:
+        """One (possibly multi-line) reply to `what`; (-1, text) when it is not SMTP at all."""
         lines: List[str] = []
         code = b""
         try:
             while True:
                 raw = self.file.readline(MAX_REPLY_LINE)
                 if not raw:
-                    raise ConnectionLost("connection closed by the customer")
+                    raise ConnectionLost(self._gone("connection closed by the customer"))
                 line = raw.rstrip(b"\r\n")
                 this = line[:3]
                 if len(line) < 3 or not this.isdigit() or line[3:4] not in (b"", b" ", b"-") \
@@ -124,13 +145,14 @@ class ReversedClient(smtplib.SMTP):
                 if line[3:4] != b"-":
                     return int(code), "\n".join(lines)
         except socket.timeout:
-            raise ConnectionLost("timeout waiting for the customer's reply") from None
+            raise ConnectionLost("timeout after %g s waiting for the reply to %s"
+                                 % (self._current_timeout, what)) from None
         except (OSError, ValueError) as exc:
-            raise ConnectionLost("read failed: %s" % exc) from None
+            raise ConnectionLost(self._gone("read failed: %s" % exc)) from None
 
-    def reply_at(self, timeout: float) -> Reply:
+    def reply_at(self, timeout: float, what: str = "command") -> Reply:
         self.set_timeout(timeout)
-        return self.read_reply()
+        return self.read_reply(what)
 
 
 _fmt = reply_text
@@ -161,12 +183,12 @@ def deliver_reversed(handoff: Handoff) -> None:
     runtime = handoff.runtime
     peer = handoff.peer
     one_line = handoff.implicit_tls and runtime.settings.odmr.one_line_per_tls_record
-    client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line)
+    client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line, handoff.stop)
     drain = handoff.queue.drain(runtime, handoff.domains)
     try:
         if not _introduce(client, peer):
             return
-        run = Run(client, drain, peer, handoff.stop)
+        run = Run(client, drain, peer, handoff.stop, runtime.settings.odmr.delivery_window)
         try:
             clean = run.deliver_all()
         finally:
@@ -188,7 +210,7 @@ def _introduce(client: ReversedClient, peer: str) -> bool:
     counts as a delivery attempt, QUIT went out and one line was logged."""
     stage = "greeting"
     try:
-        code, text = client.reply_at(TIMEOUTS.greeting)
+        code, text = client.reply_at(TIMEOUTS.greeting, "the greeting")
         if code != 220:
             log.warning("delivery: %s greeted with %s; nothing sent, mail kept",
                         peer, _described(code, text))
@@ -227,7 +249,7 @@ def _hello(command) -> Reply:
 def _quit(client: ReversedClient) -> None:
     try:
         client.send("QUIT\r\n")
-        client.reply_at(TIMEOUTS.quit)
+        client.reply_at(TIMEOUTS.quit, "QUIT")
     except (ConnectionLost, smtplib.SMTPException, OSError):
         pass
 
@@ -236,25 +258,34 @@ def _quit(client: ReversedClient) -> None:
 class Job:
     """One message on its way: the queued message, its text if small, what is left to do."""
 
-    __slots__ = ("message", "payload", "rcpts", "results", "accepted", "mail_ok", "sent")
+    __slots__ = ("message", "payload", "rcpts", "results", "accepted", "mail_ok", "sent", "data_failed")
 
-    def __init__(self, message: Message, body: Optional[bytes], rcpts: List[str]):
+    def __init__(self, message: Message, body: Optional[bytes], rcpts: List[str], stuffed: bool = True):
         self.message = message
-        self.payload: Optional[bytes] = None   # small messages: stuffed text and terminator, ready to send
-        if body is not None:
+        # small messages: the text ready to send (for DATA: stuffed, with its terminator;
+        # for BDAT: the spooled bytes exactly)
+        self.payload: Optional[bytes] = None
+        if body is not None and stuffed:
             tail = b".\r\n" if not body or body.endswith(b"\n") else b"\r\n.\r\n"
             self.payload = dot_stuff(body, True) + tail
+        elif body is not None:
+            self.payload = body
         self.rcpts = rcpts
         self.results: Dict[str, Reply] = {}
         self.accepted: List[str] = []
         self.mail_ok = False
         self.sent = False                      # commands went out: an attempt to count if lost
+        self.data_failed: Optional[Reply] = None   # BDAT: the first refused chunk's reply
+
+
+Expect = Tuple[str, Optional[Job], str]            # (kind of reply, its message, recipient)
 
 
 class Run:
     """Delivers every message of some domains over one reversed connection."""
 
-    def __init__(self, client: ReversedClient, queue: Drain, peer: str, stop: threading.Event):
+    def __init__(self, client: ReversedClient, queue: Drain, peer: str, stop: threading.Event,
+                 window: int = 1):
         self.client = client
         self.queue = queue
         self.peer = peer
@@ -264,7 +295,14 @@ class Run:
         self.eightbit = "8bitmime" in features
         self.smtputf8 = "smtputf8" in features
         self.dsn = "dsn" in features
+        self.chunking = "chunking" in features
+        self.window = max(1, window) if self.pipelining and self.chunking else 1
         self._stop = stop
+        self._open_transaction = False      # windowed: a refused transaction may still be open
+        # the RFC 5321 section 4.5.3.2 timeout for each kind of reply
+        self._wait = {"MAIL": TIMEOUTS.mail, "RCPT": TIMEOUTS.rcpt, "RSET": TIMEOUTS.mail,
+                      "DATA": TIMEOUTS.data_init, "BDAT": TIMEOUTS.data_block,
+                      "LAST": TIMEOUTS.data_end, "FINAL": TIMEOUTS.data_end, "DISCARD": TIMEOUTS.data_end}
 
     # -- commands -----------------------------------------------------------
     def _mail_command(self, message: Message) -> str:
@@ -306,7 +344,7 @@ class Run:
                               "conversion to 7 bit not supported")
                 queue.record(message, {r: reply for r in rcpts})
                 continue
-            yield Job(message, body, rcpts)
+            yield Job(message, body, rcpts, stuffed=not self.chunking)
 
     def _has_8bit(self, message: Message, body: Optional[bytes]) -> bool:
         """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
@@ -317,6 +355,8 @@ class Run:
     def deliver_all(self) -> bool:
         """Deliver everything; True when the conversation is still in step (QUIT may follow)."""
         jobs = self._jobs()
+        if self.pipelining and self.chunking:
+            return self._windowed(jobs)
         if self.pipelining:
             return self._pipelined(jobs)
         for job in jobs:
@@ -332,7 +372,7 @@ class Run:
         try:
             job.sent = True
             client.send(self._mail_command(job.message))
-            mail = self._expect(client.reply_at(TIMEOUTS.mail), "MAIL")
+            mail = self._expect(client.reply_at(TIMEOUTS.mail, "MAIL"), "MAIL")
             if not _ok(mail):
                 job.results = {r: mail for r in job.rcpts}
                 self._complete(job)
@@ -342,7 +382,7 @@ class Run:
             lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
             for rcpt, line in zip(job.rcpts, lines):
                 client.send(line)
-                reply = self._expect(client.reply_at(TIMEOUTS.rcpt), "RCPT")
+                reply = self._expect(client.reply_at(TIMEOUTS.rcpt, "RCPT"), "RCPT")
                 if reply[0] == 421:             # the customer is going away: nothing more for it
                     job.results = {r: job.results.get(r, reply) for r in job.rcpts}
                     self._complete(job)
@@ -352,8 +392,11 @@ class Run:
                 self._complete(job)
                 self._reset()
                 return
+            if self.chunking:
+                self._serial_chunks(job)
+                return
             client.send("DATA\r\n")
-            data = client.reply_at(TIMEOUTS.data_init)
+            data = client.reply_at(TIMEOUTS.data_init, "DATA")
             if data[0] != 354:
                 self._expect(data, "DATA")
                 if _ok(data):
@@ -366,7 +409,7 @@ class Run:
                 return
             tail = self._send_body(job)
             client.send(tail)
-            final = self._expect(client.reply_at(TIMEOUTS.data_end), "end of data")
+            final = self._expect(client.reply_at(TIMEOUTS.data_end, "the end of data"), "end of data")
             for r in job.accepted:
                 job.results[r] = final
             self._complete(job)
@@ -375,22 +418,34 @@ class Run:
             self._lost([job], exc)
             raise
 
+    def _serial_chunks(self, job: Job) -> None:
+        """BDAT without PIPELINING: each chunk waits for its reply (RFC 3030 section 4.2)."""
+        for frame, last in self._frames(job):
+            self.client.send(frame)
+            what = "BDAT LAST" if last else "BDAT"
+            reply = self._expect(self.client.reply_at(TIMEOUTS.data_end if last else TIMEOUTS.data_block,
+                                                      what), what)
+            if last or not _ok(reply):
+                for r in job.accepted:
+                    job.results[r] = reply
+                self._complete(job)
+                self._after_421(reply)
+                if not _ok(reply):
+                    self._reset()
+                return
+
     def _reset(self) -> None:
         self.client.send("RSET\r\n")
-        self._expect(self.client.reply_at(TIMEOUTS.mail), "RSET")
+        self._expect(self.client.reply_at(TIMEOUTS.mail, "RSET"), "RSET")
 
     # -- with PIPELINING: the dot travels with the next MAIL/RCPT/DATA ----------
     def _pipelined(self, jobs: Iterator[Job]) -> bool:
         client = self.client
-        Expect = Tuple[str, Optional[Job], str]            # (kind, job, recipient)
         expect: Deque[Expect] = deque()                    # replies owed for what was sent
         later: List[Expect] = []                           # replies owed for what is in `outbox`
         outbox: List[bytes] = []
         in_flight: List[Job] = []
-        timeouts = TIMEOUTS
-        # One timeout for a whole round of replies (the longest that any of them may take):
-        # RFC 5321 timeouts are lower bounds, and settimeout() is a system call.
-        wait = max(timeouts.mail, timeouts.rcpt, timeouts.data_init, timeouts.data_end)
+        wait = self._wait
         upcoming = next(jobs, None)
         self.queue.defer_logs = True
         try:
@@ -417,14 +472,12 @@ class Run:
                 self.queue.flush_logs()            # while the replies travel: log, read the next message
                 if job is not None:
                     upcoming = next(jobs, None)
-                client.set_timeout(wait)
                 while expect:
                     kind, item, rcpt = expect.popleft()
-                    reply = client.read_reply()
+                    reply = client.reply_at(wait[kind], kind)
                     if kind == "DATA" and reply[0] == 354:
                         if item.mail_ok and item.accepted:
                             outbox.append(self._send_body(item))
-                            client.set_timeout(wait)
                             later.append(("FINAL", item, ""))
                             continue
                         outbox.append(b".\r\n")          # out-of-step server opened DATA anyway
@@ -469,6 +522,114 @@ class Run:
         if reply[0] == 421:
             raise ConnectionLost("customer closing: %s" % _fmt(*reply))
 
+    # -- with PIPELINING and CHUNKING: a window of whole messages ------------------
+    def _windowed(self, jobs: Iterator[Job]) -> bool:
+        """Up to `self.window` messages sent whole (commands, BDAT and data, no 354 to wait
+        for) before the oldest one's replies are read; each message recorded from its own
+        replies as soon as its BDAT LAST is answered, and only then may another go out."""
+        expect: Deque[Expect] = deque()
+        in_flight: List[Job] = []
+        outbox: List[bytes] = []
+        upcoming = next(jobs, None)
+        self.queue.defer_logs = True
+        try:
+            while True:
+                if upcoming is not None and len(in_flight) < self.window:
+                    if self._stop.is_set() or self.queue.must_stop:
+                        log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
+                        upcoming = None
+                        continue
+                    self._queue_job(upcoming, in_flight, expect, outbox)
+                    upcoming = None
+                    if len(in_flight) >= self.window or sum(map(len, outbox)) >= WRITE_BATCH:
+                        self._flush(outbox)
+                    upcoming = next(jobs, None)    # read from the spool while the write travels
+                    if upcoming is not None and len(in_flight) < self.window:
+                        continue
+                self._flush(outbox)
+                if not expect:
+                    return True
+                if not self._settle_oldest(expect, in_flight):
+                    return False
+        except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
+            self._lost(in_flight, exc)
+            raise
+        finally:
+            self.queue.defer_logs = False
+            self.queue.flush_logs()
+
+    def _flush(self, outbox: List[bytes]) -> None:
+        if outbox:
+            self.client.send(b"".join(outbox))
+            outbox.clear()
+            self.queue.flush_logs()                # while the data travels
+
+    def _queue_job(self, job: Job, in_flight: List[Job], expect: Deque[Expect],
+                   outbox: List[bytes]) -> None:
+        """Everything of one message into `outbox` (a big text is streamed out at once).
+
+        A RSET goes first whenever an earlier transaction may still be open on the
+        customer's side (its result unread, or refused after MAIL succeeded): its next
+        MAIL must never be refused with 503 because of another message."""
+        if in_flight or self._open_transaction:
+            outbox.append(b"RSET\r\n")
+            expect.append(("RSET", None, ""))
+        self._open_transaction = True
+        job.sent = True
+        in_flight.append(job)
+        outbox.append((self._mail_command(job.message) + self._rcpt_commands(job)).encode("utf-8"))
+        expect.append(("MAIL", job, ""))
+        expect.extend(("RCPT", job, r) for r in job.rcpts)
+        for frame, last in self._frames(job):
+            outbox.append(frame)
+            expect.append(("LAST" if last else "BDAT", job, ""))
+            if not last:
+                self._flush(outbox)                # a big text: one chunk at a time
+
+    def _frames(self, job: Job) -> Iterator[Tuple[bytes, bool]]:
+        """The text as BDAT chunks (RFC 3030): the spooled bytes exactly, no dot-stuffing."""
+        if job.payload is not None:
+            yield b"BDAT %d LAST\r\n" % len(job.payload) + job.payload, True
+            return
+        pieces = self.queue.text(job.message)
+        piece = next(pieces, b"")
+        while True:
+            following = next(pieces, None)
+            last = following is None
+            yield b"BDAT %d%s\r\n" % (len(piece), b" LAST" if last else b"") + piece, last
+            if last:
+                return
+            piece = following
+
+    def _settle_oldest(self, expect: Deque[Expect], in_flight: List[Job]) -> bool:
+        """Read replies, strictly in order, until the oldest message's results are recorded.
+        False when the customer said 421 (what is unanswered waits for the next ATRN)."""
+        while expect:
+            kind, job, rcpt = expect.popleft()
+            reply = self._expect(self.client.reply_at(self._wait[kind], kind), kind)
+            if reply[0] == 421:
+                return self._closing(in_flight, reply)
+            if kind == "MAIL":
+                job.mail_ok = _ok(reply)
+                if not job.mail_ok:
+                    job.results = {r: reply for r in job.rcpts}
+            elif kind == "RCPT":
+                if job.mail_ok:
+                    self._rcpt_reply(job, rcpt, reply)
+            elif kind in ("BDAT", "LAST"):
+                if not _ok(reply) and job.data_failed is None:
+                    job.data_failed = reply
+                if kind == "LAST":
+                    final = job.data_failed or reply
+                    for r in job.accepted:
+                        job.results[r] = final
+                    in_flight.remove(job)
+                    # matters when nothing else is in flight: then this was the last one sent
+                    self._open_transaction = job.mail_ok and not _ok(final)
+                    self._complete(job)
+                    return True
+        return True
+
     # -- replies ----------------------------------------------------------------
     def _expect(self, reply: Reply, what: str) -> Reply:
         """A reply to a command other than DATA must be 2xx, 4xx or 5xx."""
@@ -488,7 +649,6 @@ class Run:
         client = self.client
         if job.payload is not None:
             return job.payload
-        client.set_timeout(TIMEOUTS.data_block)
         at_line_start = True
         last = b"\n"
         for chunk in self.queue.text(job.message):

@@ -153,13 +153,14 @@ class Daemon:
     """`odmrd serve -f` in a subprocess, on free loopback ports."""
 
     def __init__(self, directory: str, extra: str = "", sections: str = "",
-                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd"):
+                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
+                 odmr_extra: str = ""):
         self.dir = directory
         self.odmr_port = odmr_port or free_port()
         self.smtp_port = smtp_port or free_port()
         sub = os.path.join(directory, name)
         os.makedirs(sub, exist_ok=True)
-        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections)
+        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections, odmr_extra)
         self.log_path = os.path.join(directory, name + ".log")
         self.proc: Optional[subprocess.Popen] = None
 
@@ -265,6 +266,10 @@ class Script:
     def final(self, message: Dict) -> Optional[str]:
         return "250 2.0.0 stored"
 
+    def chunk(self, rcpts: List[str], size: int) -> Optional[str]:
+        """The reply to a BDAT chunk that is not the last (offered with "CHUNKING")."""
+        return "250 2.0.0 %d octets received" % size if rcpts else "554 5.5.1 no valid recipients"
+
     def in_data(self, line: bytes, received: int) -> bool:
         """Called for each body line; False drops the connection there."""
         return True
@@ -300,11 +305,41 @@ class ReversedConnection:
         if text is not None:
             self.sock.sendall(text.encode() + b"\r\n")
 
+    def octets(self, size: int) -> bytes:
+        """Exactly `size` bytes of a BDAT chunk."""
+        while len(self.buf) < size:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                raise Closed()
+            self.buf += data
+        chunk, self.buf = self.buf[:size], self.buf[size:]
+        return chunk
+
+    def bdat(self, arg: str, mail: Optional[str], rcpts: List[str], chunks: List[bytes]) -> bool:
+        """One BDAT chunk (RFC 3030); True when it was the last (the transaction is over)."""
+        words = arg.split()
+        size, last = int(words[0]), words[1:] == ["LAST"]
+        chunks.append(self.octets(size))
+        if not last:
+            self.send(self.script.chunk(rcpts, size))
+            return False
+        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(chunks)}
+        chunks.clear()
+        reply = self.script.final(message) if rcpts else self.script.data(rcpts)
+        if reply and reply.startswith("2"):
+            self.script.messages.append(message)
+        self.send(reply)
+        return True
+
     def run(self) -> str:
         """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
         s = self.script
         rcpts: List[str] = []
         mail: Optional[str] = None
+        chunks: List[bytes] = []
         try:
             self.send(s.greeting)
             while True:
@@ -341,8 +376,11 @@ class ReversedConnection:
                         if reply and reply.startswith("2"):
                             s.messages.append(message)
                         self.send(reply)
+                elif verb == "BDAT":
+                    if self.bdat(arg, mail, rcpts, chunks):
+                        mail, rcpts = None, []
                 elif verb == "RSET":
-                    mail, rcpts = None, []
+                    mail, rcpts, chunks = None, [], []
                     self.send("250 ok")
                 elif verb == "QUIT":
                     self.send("221 bye")

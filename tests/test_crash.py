@@ -16,7 +16,7 @@ import random
 import smtplib
 import threading
 import time
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow                   # kill -9 loops
 class Load:
     """Senders and an ATRN customer running against whatever daemon is up right now."""
 
-    def __init__(self, daemon: Daemon, senders: int = 3):
+    def __init__(self, daemon: Daemon, senders: int = 3, extensions: Optional[List[str]] = None):
         self.daemon = daemon
+        self.extensions = extensions             # the customer's EHLO keywords (None: Script's)
+        self.bdat_sessions = 0
         self.stop_sending = threading.Event()
         self.stop_collecting = threading.Event()
         self.acked: List[bytes] = []
@@ -72,12 +74,16 @@ class Load:
                     continue
                 self.atrn_sessions += 1
                 script = Script()
+                if self.extensions is not None:
+                    script.extensions = self.extensions
 
                 def final(message, delivered=self.delivered):
                     delivered.extend(TOKEN.findall(message["data"]))   # stored, then 250
                     return "250 2.0.0 stored"
                 script.final = final
                 ReversedConnection(c, script).run()
+                if any(command.startswith("BDAT") for command in script.commands):
+                    self.bdat_sessions += 1
             except (OSError, EOFError, AssertionError, ValueError):
                 time.sleep(0.05)
             finally:
@@ -100,11 +106,33 @@ def daemon(tmp_path):
 
 
 def test_kill_9_loses_nothing_acknowledged(daemon):
+    _kill_loop(daemon, Load(daemon), kills=6, in_flight=1)
+
+
+WINDOW = 4
+
+
+@pytest.fixture
+def windowed_daemon(tmp_path):
+    d = Daemon(str(tmp_path), odmr_extra="delivery_window = %d" % WINDOW)
+    accounts.add_user(d.users, "alice", ["example.org"], PASSWORD, True)
+    yield d
+    d.cleanup()
+
+
+def test_kill_9_with_a_delivery_window_redelivers_at_most_the_window(windowed_daemon):
+    """SPEC §7: with `delivery_window = N` a crash re-delivers at most N messages."""
+    load = Load(windowed_daemon, extensions=["PIPELINING", "CHUNKING", "8BITMIME", "SIZE 50000000"])
+    _kill_loop(windowed_daemon, load, kills=5, in_flight=WINDOW)
+    assert load.bdat_sessions > 0                    # the window (BDAT) was in use
+
+
+def _kill_loop(daemon: Daemon, load: Load, kills: int, in_flight: int) -> None:
+    """kill -9 the daemon `kills` times under load: nothing acknowledged is lost, and
+    each kill re-delivers at most `in_flight` messages."""
     seed = int(time.time())
     rng = random.Random(seed)
-    kills = 6
     daemon.start()
-    load = Load(daemon)
     load.start()
     try:
         for _ in range(kills):
@@ -130,7 +158,7 @@ def test_kill_9_loses_nothing_acknowledged(daemon):
     lost = acked - set(delivered) - queued
     assert not lost, "lost %s (%s)" % (sorted(lost)[:10], context)
     duplicates = sum(n - 1 for n in delivered.values())
-    assert duplicates <= kills, context
+    assert duplicates <= kills * in_flight, context
     # the spool is clean after the last restart and the final graceful stop
     tmp = os.path.join(daemon.spool_dir, "example.org", "tmp")
     leftovers = [n for n in os.listdir(tmp) if not n.endswith(".done")] if os.path.isdir(tmp) else []
