@@ -187,6 +187,11 @@ class IntakeListener(Listener):
         (the count stays here: `release` runs when the worker reports the session's end);
         else, or if no worker takes it, to a session thread as always."""
         pool = self.service.workers
+        if pool is not None:
+            try:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as finish_request
+            except OSError:
+                pass
         if pool is not None and pool.hand_over(request, client_address, self):
             self.close_request(request)         # our copy only: no shutdown(), the worker's is live
             return
