@@ -203,6 +203,17 @@ def _check_relay(value, *args, **kw) -> str:
     return text
 
 
+def _check_workers(value, *args, **kw) -> int:
+    """`auto` (two per CPU, at most 16: fewer session threads per process, fewer GIL
+    hand-overs) or a count of intake worker processes; 1 keeps sessions in the main process."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return max(2, min(16, 2 * (os.cpu_count() or 1)))
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ValidateError("expected auto or a number from 1 to 64, not %r" % str(value))
+    return int(text)
+
+
 def _check_mailbox(value, *args, **kw) -> str:
     """local@domain with a valid domain, or empty."""
     text = str(value).strip()
@@ -301,6 +312,7 @@ class SmtpSettings:
     postmaster: str = ""            # where RCPT TO:<postmaster> (no domain) goes
     max_data_time: float = 1800.0   # a DATA phase that lasts longer is ended with 451
     max_received_headers: int = 30  # more Received: fields: 554 5.4.6 (a mail loop)
+    workers: int = 1                # intake processes (`auto`: two per CPU); 1: sessions in the main process
 
 
 @dataclass(frozen=True)
@@ -446,6 +458,7 @@ def _validator() -> Validator:
         "hostname": _check_hostname,
         "relay": _check_relay,
         "mailbox": _check_mailbox,
+        "workers": _check_workers,
         "hostport": _check_hostport,
         "domain_list": _check_domain_list,
         "client_mechanism": _check_client_mechanism,

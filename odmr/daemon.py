@@ -56,6 +56,11 @@ _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
+def log_as(pid: int) -> None:
+    """Log lines name this pid: an intake worker logs as the daemon (the pid file's)."""
+    _pid[0] = pid
+
+
 class _OneLine(OneLineFormatter):
     """Log lines never span lines: nothing from a peer can forge or disguise entries."""
 
@@ -533,8 +538,9 @@ def run_until_stopped(service: Service, signals: Signals, pidfile: PidFile) -> i
 # -- start-up ----------------------------------------------------------------------
 
 def _start_serving(service: Service, target: Tuple[str, str], account: Optional[Account],
-                   pidfile: PidFile) -> None:
-    """Steps 5 and 6 of the start-up: log file, pid file, drop privileges, spool, listen."""
+                   pidfile: PidFile, private_fds: Tuple[int, ...] = ()) -> None:
+    """Steps 5 and 6 of the start-up: log file, pid file, drop privileges, spool, listen.
+    `private_fds` (the start-up report's pipe) and the pid file stay out of intake workers."""
     settings = service.settings
     owner = (account.uid, account.gid) if account else None
     setup_logging(settings.log_level, target, owner)
@@ -553,7 +559,7 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
     except StartupError as exc:
         raise DaemonError(EX_CANTCREAT, str(exc)) from None
     try:
-        service.start()
+        service.start(settings.smtp.workers, [pidfile.fd] + list(private_fds))
     except StartupError as exc:
         raise DaemonError(EX_UNAVAILABLE, str(exc)) from None
 
@@ -652,7 +658,7 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
             os.close(null)
         signals.install()
         try:
-            _start_serving(service, target, account, pidfile)
+            _start_serving(service, target, account, pidfile, (wfd,))
         except DaemonError as exc:
             log.error("%s", exc)
             _report(wfd, exc.code, str(exc))

@@ -12,7 +12,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
@@ -26,6 +26,7 @@ from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import Spool
 from odmr.throttle import AuthThrottle
+from odmr.workers import WorkerPool
 
 log = logging.getLogger("odmrd")
 
@@ -112,21 +113,26 @@ class Listener(socketserver.ThreadingTCPServer):
                     return
                 counted_ip = client[0]
                 client_address = client
-            ip = client_address[0]
-            peer = ("[%s]:%d" % (ip, client_address[1])) if ":" in ip else "%s:%d" % (ip, client_address[1])
-            if self.implicit_tls:
-                request = self._handshake(request, runtime, peer)
-                if request is None:
-                    return
-            session = self.new_session(request, peer, runtime, lambda: self.service.runtime)
-            if not self.service.register(session):
-                session.request_stop()
-            try:
-                session.run()
-            finally:
-                self.service.unregister(session)
+            self.serve(request, client_address, runtime)
         finally:
             self.service.release(self.kind, counted_ip)
+
+    def serve(self, request, client_address, runtime: Runtime) -> None:
+        """One admitted connection, from the TLS handshake (implicit TLS) to its end;
+        also what an intake worker process runs for a connection handed to it."""
+        ip = client_address[0]
+        peer = ("[%s]:%d" % (ip, client_address[1])) if ":" in ip else "%s:%d" % (ip, client_address[1])
+        if self.implicit_tls:
+            request = self._handshake(request, runtime, peer)
+            if request is None:
+                return
+        session = self.new_session(request, peer, runtime, lambda: self.service.runtime)
+        if not self.service.register(session):
+            session.request_stop()
+        try:
+            session.run()
+        finally:
+            self.service.unregister(session)
 
     def _proxy_header(self, request, client_address, runtime):
         """The real client from a trusted balancer's PROXY header; None drops the connection."""
@@ -176,6 +182,21 @@ class IntakeListener(Listener):
     def new_session(self, request, peer: str, runtime: Runtime, latest) -> IntakeSession:
         return IntakeSession(request, peer, runtime, latest)
 
+    def process_request(self, request, client_address) -> None:
+        """An admitted connection goes to an intake worker process when there are any
+        (the count stays here: `release` runs when the worker reports the session's end);
+        else, or if no worker takes it, to a session thread as always."""
+        pool = self.service.workers
+        if pool is not None:
+            try:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as finish_request
+            except OSError:
+                pass
+        if pool is not None and pool.hand_over(request, client_address, self):
+            self.close_request(request)         # our copy only: no shutdown(), the worker's is live
+            return
+        super().process_request(request, client_address)
+
 
 class Service:
     """The provider: owns settings, accounts, spool, the queue manager (and its threads),
@@ -207,6 +228,7 @@ class Service:
         self._idle = threading.Condition(self._lock)
         self.listeners: List[Listener] = []
         self.threads: List[threading.Thread] = []
+        self.workers: Optional[WorkerPool] = None   # intake worker processes ([smtp] workers)
 
     @staticmethod
     def _tls_context(settings):
@@ -272,6 +294,8 @@ class Service:
         """SIGHUP: fresh settings and accounts; listeners stay as they are."""
         with self._reload_lock:
             self._reload()
+        if self.workers is not None:
+            self.workers.reload()           # each reads the files again itself
 
     def _reload(self) -> None:
         try:
@@ -289,6 +313,8 @@ class Service:
         if (old.odmr.listen, old.odmr.tls_listen, old.smtp.listen, old.smtp.tls_listen) != \
                 (settings.odmr.listen, settings.odmr.tls_listen, settings.smtp.listen, settings.smtp.tls_listen):
             log.warning("reload: listen addresses changed; they take effect after a restart")
+        if old.smtp.workers != settings.smtp.workers:
+            log.warning("reload: [smtp] workers changed; it takes effect after a restart")
         if old.odmr.proxy_protocol != settings.odmr.proxy_protocol:
             log.warning("reload: proxy_protocol changed; it takes effect after a restart")
         settings = _keep(settings, old)
@@ -378,8 +404,12 @@ class Service:
         if removed:
             log.info("spool: removed %d leftover temporary files", removed)
 
-    def start(self) -> None:
-        """Serve every listener in its own thread."""
+    def start(self, workers: int = 1, private_fds: Sequence[int] = ()) -> None:
+        """Serve every listener in its own thread. `workers` > 1 forks that many intake
+        worker processes first (no other thread may run yet); `private_fds` (the pid
+        file) are closed in them."""
+        if workers > 1 and any(l.kind == "smtp" for l in self.listeners):
+            self.workers = WorkerPool(self, workers, private_fds)
         for listener in self.listeners:
             thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
                                       name="listen-%s" % listener.label(), daemon=True)
@@ -400,9 +430,12 @@ class Service:
             live = list(self._live)
         for session in live:                # idle ones end now, busy ones after their command
             session.request_stop()
+        grace = self.settings.grace_period if grace is None else grace
+        if self.workers is not None:
+            self.workers.stop(grace)        # their sessions count in _totals until they end
         if getattr(self, "maintenance", None) is not None:
             self.maintenance.stop()
-        deadline = time.monotonic() + (self.settings.grace_period if grace is None else grace)
+        deadline = time.monotonic() + grace
         with self._lock:
             while sum(self._totals.values()) and time.monotonic() < deadline:
                 self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
@@ -417,6 +450,8 @@ class Service:
                 while sum(self._totals.values()) and time.monotonic() < deadline:
                     self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
         self.queue.stop()                   # removals durable, retired files freed
+        if self.workers is not None:
+            self.workers.join(CUT_WAIT + 5.0)
         return left
 
     def close(self) -> None:
@@ -429,7 +464,8 @@ def _keep(new, old):
     import dataclasses
     odmr = dataclasses.replace(new.odmr, listen=old.odmr.listen, tls_listen=old.odmr.tls_listen,
                                proxy_protocol=old.odmr.proxy_protocol)
-    smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen)
+    smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen,
+                               workers=old.smtp.workers)
     return dataclasses.replace(new, spool_dir=old.spool_dir, user=old.user, pid_file=old.pid_file,
                                odmr=odmr, smtp=smtp)
 

@@ -1,0 +1,343 @@
+"""Intake worker processes (`[smtp] workers`): SMTP sessions on more than one core.
+
+Python runs one thread at a time per process, and an intake session is mostly
+short system calls, each a GIL hand-over between the session threads; ten busy
+senders keep one core busy handing the lock around. With `workers = N` the
+main process forks N workers right after start-up (privileges already dropped,
+the spool prepared, no other thread running yet). The main process keeps
+everything else: the listeners, the ODMR port, deliveries, maintenance, the pid
+file and the signals.
+
+The main process still accepts every intake connection and counts it
+(`max_sessions`, `max_sessions_per_address`: exact, in one place), then hands the
+descriptor to the worker with the fewest sessions over a Unix socket
+(SCM_RIGHTS). The worker runs the same session code in a thread and reports the
+session's end, which releases the count. Quotas stay one process's view too: a
+worker asks the main process for a domain's usage (its cache, which deliveries
+update) and reports each message it stores for a domain with a quota.
+
+Control messages (SOCK_SEQPACKET, one per datagram):
+    main -> worker   S <token> <listener> <ip> <port> + descriptor, R (reload),
+                     T <grace> (stop: finish, then cut after grace), u <count> <bytes>
+    worker -> main   D <token> (session over), A <domain> <bytes> (stored), U <domain>
+
+A worker ignores signals (the service manager signals the main process) and
+stops when the main process says so or goes away (end of file on its socket).
+If a worker dies, the main process releases its sessions, logs it, and serves
+with the others, or in its own threads when none is left.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from typing import Dict, List, Optional, Sequence
+
+log = logging.getLogger("odmrd")
+
+MESSAGE_MAX = 1024
+USAGE_WAIT = 10.0       # seconds a worker waits for the main process's quota figures
+CUT_WAIT = 5.0          # as in server.py: cut-off sessions get this long to record their state
+
+
+class _Worker:
+    """The main process's view of one worker."""
+
+    def __init__(self, index: int, pid: int, channel: socket.socket):
+        self.index, self.pid, self.channel = index, pid, channel
+        self.sessions: Dict[int, str] = {}      # token -> client address (counted per address)
+        self.alive = True
+        self.reader: Optional[threading.Thread] = None
+
+
+class WorkerPool:
+    """The main process's side: forks the workers, hands connections over, relays
+    reloads and stops, and answers the workers' quota questions."""
+
+    def __init__(self, service, count: int, private_fds: Sequence[int] = ()):
+        self.service = service
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._workers: List[_Worker] = []
+        for index in range(count):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            main = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                from odmr.daemon import log_as      # here: the daemon module imports this one
+                log_as(main)
+                mine.close()
+                _run_worker(service, theirs, index, [w.channel for w in self._workers],
+                            private_fds)          # never returns
+            theirs.close()
+            self._workers.append(_Worker(index, pid, mine))
+        for worker in self._workers:         # threads only now: every fork came before them
+            worker.reader = threading.Thread(target=self._read, args=(worker,), daemon=True,
+                                             name="worker-%d" % worker.index)
+            worker.reader.start()
+        log.info("intake: %d worker processes (pids %s)", count,
+                 ", ".join(str(w.pid) for w in self._workers))
+
+    def pids(self) -> List[int]:
+        return [w.pid for w in self._workers if w.alive]
+
+    def hand_over(self, request: socket.socket, client_address, listener) -> bool:
+        """Give an admitted connection to the least busy worker; False if none takes it."""
+        ip, port = client_address[0], client_address[1]
+        with self._lock:
+            live = [w for w in self._workers if w.alive]
+            if self.stopping or not live:
+                return False
+            worker = min(live, key=lambda w: len(w.sessions))
+            token = next(self._tokens)
+            worker.sessions[token] = ip
+        header = b"S %d %d %s %d" % (token, self.service.listeners.index(listener), ip.encode(), port)
+        try:
+            socket.send_fds(worker.channel, [header], [request.fileno()])
+        except OSError as exc:
+            with self._lock:
+                worker.sessions.pop(token, None)
+            log.warning("intake: cannot hand a connection to worker %d: %s", worker.index, exc)
+            return False
+        return True
+
+    def _read(self, worker: _Worker) -> None:
+        while True:
+            try:
+                data = worker.channel.recv(MESSAGE_MAX)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            kind, _, rest = data.partition(b" ")
+            if kind == b"D":
+                with self._lock:
+                    ip = worker.sessions.pop(int(rest), None)
+                if ip is not None:
+                    self.service.release("smtp", ip)
+            elif kind == b"A":
+                domain, size = rest.split()
+                self.service.spool._count_added(domain.decode("ascii"), int(size))
+            elif kind == b"U":
+                count, size = self.service.spool.usage(rest.decode("ascii"))
+                self._send(worker, b"u %d %d" % (count, size))
+        self._gone(worker)
+
+    def _gone(self, worker: _Worker) -> None:
+        with self._lock:
+            worker.alive = False
+            orphans = list(worker.sessions.values())
+            worker.sessions.clear()
+        for ip in orphans:
+            self.service.release("smtp", ip)
+        try:
+            _, status = os.waitpid(worker.pid, 0)
+        except ChildProcessError:
+            status = 0
+        worker.channel.close()
+        if not self.stopping or status:
+            log.error("intake worker %d (pid %d) ended unexpectedly (%s) with %d sessions; "
+                      "the others take its share", worker.index, worker.pid, _describe(status),
+                      len(orphans))
+
+    def _send(self, worker: _Worker, message: bytes) -> None:
+        try:
+            worker.channel.send(message)
+        except OSError:
+            pass            # gone: its reader thread cleans up
+
+    def reload(self) -> None:
+        for worker in list(self._workers):
+            if worker.alive:
+                self._send(worker, b"R")
+
+    def stop(self, grace: float) -> None:
+        """Every worker ends its sessions at their next command boundary, cuts those
+        still busy after `grace`, and exits."""
+        with self._lock:
+            self.stopping = True
+        for worker in self._workers:
+            if worker.alive:
+                self._send(worker, b"T %f" % grace)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the workers to exit; kill those that outlive `timeout`."""
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.reader is not None:
+                worker.reader.join(max(0.0, deadline - time.monotonic()))
+            if worker.reader is not None and worker.reader.is_alive():
+                log.warning("intake worker %d (pid %d) did not stop; killing it", worker.index, worker.pid)
+                try:
+                    os.kill(worker.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                worker.reader.join(5.0)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return "signal %d" % os.WTERMSIG(status)
+    return "exit code %d" % os.waitstatus_to_exitcode(status) if status else "exit code 0"
+
+
+# -- inside a worker ---------------------------------------------------------------
+
+def _run_worker(service, channel: socket.socket, index: int, others: List[socket.socket],
+                private_fds: Sequence[int]) -> None:
+    """The forked child: never returns into the caller's code."""
+    code = 0
+    try:
+        for sibling in others:
+            sibling.close()
+        for fd in private_fds:      # the pid file: its lock must go when the main process does
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for listener in service.listeners:
+            listener.socket.close()     # our copies only; the main process accepts
+        service.workers = None
+        _WorkerSide(service, channel, index).run()
+    except BaseException:
+        code = 70
+        try:
+            log.exception("intake worker %d: fatal error", index)
+        except BaseException:
+            pass
+    finally:
+        try:
+            logging.shutdown()
+        finally:
+            os._exit(code)
+
+
+class _WorkerSide:
+    """A worker's loop: sessions in threads, control messages from the main process."""
+
+    def __init__(self, service, channel: socket.socket, index: int):
+        self.service = service
+        self.channel = channel
+        self.index = index
+        self._control: "queue.Queue[bytes]" = queue.Queue()
+        self._answers: "queue.Queue[bytes]" = queue.Queue()
+        self._ask_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._active = 0
+        spool = service.spool
+        self._local_usage = spool.usage
+        self._count_locally = spool._count_added
+        spool.usage = self.usage                    # the main process's figures, see the module doc
+        spool._count_added = self.count_added
+
+    def run(self) -> None:
+        log.info("intake worker %d started (pid %d)", self.index, os.getpid())
+        threading.Thread(target=self._read, name="control", daemon=True).start()
+        while True:
+            message = self._control.get()
+            if message == b"R":
+                self.service.reload()
+                continue
+            grace = float(message[2:]) if message.startswith(b"T ") \
+                else self.service.settings.grace_period          # the main process is gone
+            self._stop(grace)
+            return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.channel, MESSAGE_MAX, 1)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._control.put(b"")
+                return
+            if data.startswith(b"S ") and fds:
+                self._start_session(data, fds[0])
+            elif data.startswith(b"u "):
+                self._answers.put(data)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                self._control.put(data)
+
+    def _start_session(self, header: bytes, fd: int) -> None:
+        _, token, listener, ip, port = header.split()
+        with self._idle:
+            self._active += 1
+        threading.Thread(target=self._session, daemon=True, name="session",
+                         args=(int(token), int(listener), ip.decode("ascii"), int(port), fd)).start()
+
+    def _session(self, token: int, listener_index: int, ip: str, port: int, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+            listener = self.service.listeners[listener_index]
+            try:
+                listener.serve(sock, (ip, port), self.service.runtime)
+            except Exception:
+                log.exception("smtp: internal error in session with %s", ip)
+            finally:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                sock.close()
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+            try:
+                self.channel.send(b"D %d" % token)
+            except OSError:
+                pass
+
+    def _stop(self, grace: float) -> None:
+        """As the main process's stop: at the next command boundary, then cut."""
+        service = self.service
+        with service._lock:
+            service.stopping.set()
+            live = list(service._live)
+        for session in live:
+            session.request_stop()
+        if not self._wait_idle(grace):
+            with service._lock:
+                live = list(service._live)
+            for session in live:
+                session.cut()
+            self._wait_idle(CUT_WAIT)
+        log.debug("intake worker %d stopped", self.index)
+
+    def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._active and time.monotonic() < deadline:
+                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+            return not self._active
+
+    # -- quotas: the main process keeps the count -----------------------------------
+    def usage(self, domain: str):
+        with self._ask_lock:
+            while not self._answers.empty():        # a late answer to a question given up on
+                self._answers.get_nowait()
+            try:
+                self.channel.send(b"U " + domain.encode("ascii"))
+                answer = self._answers.get(timeout=USAGE_WAIT)
+            except (OSError, queue.Empty):
+                return self._local_usage(domain)
+        _, count, size = answer.split()
+        return int(count), int(size)
+
+    def count_added(self, domain: str, size: int, count: int = 1) -> None:
+        self._count_locally(domain, size, count)
+        policy = self.service.settings.policy(domain) if domain[:1] != "." else None
+        if count == 1 and policy is not None and (policy.max_bytes or policy.max_messages):
+            try:
+                self.channel.send(b"A %s %d" % (domain.encode("ascii"), size))
+            except OSError:
+                pass

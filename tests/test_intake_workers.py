@@ -1,0 +1,173 @@
+"""Intake worker processes (`[smtp] workers`): a real `odmrd serve -f`, real sockets.
+
+The main process accepts and counts every intake connection and hands it to a
+forked worker; limits, quotas, reloads and stops must hold as with one process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import time
+from typing import List
+
+import pytest
+
+from conftest import alive, send_mail, wait_for
+from helpers import Daemon
+
+pytestmark = pytest.mark.slow
+
+MESSAGE = b"Subject: w\r\n\r\nbody\r\n"
+
+
+def children(pid: int) -> List[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(name))
+    return found
+
+
+def greeted(port: int) -> socket.socket:
+    """A session past its 220; a 421 (a just-closed session not yet counted out) is retried."""
+    deadline = time.monotonic() + 5
+    while True:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if first_line(sock).startswith(b"220") or time.monotonic() > deadline:
+            return sock
+        sock.close()
+        time.sleep(0.05)
+
+
+def first_line(sock: socket.socket) -> bytes:
+    return sock.makefile("rb").readline()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    made = []
+
+    def make(sections: str) -> Daemon:
+        d = Daemon(str(tmp_path), sections=sections)
+        from odmr import accounts
+        accounts.add_user(d.users, "alice", ["example.org"], "pw-alice", True)
+        made.append(d)
+        d.start()
+        count = int(sections.split("workers = ")[1].split()[0])
+        wait_for(lambda: len(children(d.proc.pid)) == count, 10, "%d worker processes" % count)
+        time.sleep(0.3)     # the start-up probes' sessions end (each counts until then)
+        return d
+    yield make
+    for d in made:
+        workers = children(d.proc.pid) if d.proc and d.proc.poll() is None else []
+        d.cleanup()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_per_address_limit_holds_across_worker_processes(daemon):
+    d = daemon("workers = 3\nmax_sessions_per_address = 2")
+    first, second = greeted(d.smtp_port), greeted(d.smtp_port)
+    with socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10) as third:
+        assert first_line(third).startswith(b"421 4.7.0 Too many connections from your address")
+    first.sendall(b"QUIT\r\n")
+    assert first_line(first).startswith(b"221")
+    first.close()
+
+    def mail_accepted() -> bool:    # the worker's report of the session's end frees the slot
+        try:
+            return send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
+        except smtplib.SMTPConnectError:
+            return False
+    wait_for(mail_accepted, 5, "the closed session's slot")
+    second.close()
+
+
+def test_quota_counts_messages_another_worker_stored(daemon):
+    d = daemon("workers = 2\n[domains]\n[[example.org]]\nmax_messages = 2")
+    with smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=10) as a, \
+            smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=10) as b:     # one per worker
+        for client in (a, b):           # both workers have looked at the (empty) queue
+            client.ehlo("client.test")
+            client.mail("a@remote.test")
+            assert client.rcpt("alice@example.org")[0] == 250
+            client.rset()
+        a.sendmail("a@remote.test", ["alice@example.org"], MESSAGE)
+        a.sendmail("a@remote.test", ["alice@example.org"], MESSAGE)
+        b.mail("a@remote.test")
+        code, text = b.rcpt("alice@example.org")
+    assert (code, text[:5]) == (452, b"4.2.2")
+
+
+def test_sighup_reaches_every_worker(daemon, tmp_path):
+    d = daemon("workers = 2")
+    with open(d.config) as fh:
+        text = fh.read()
+    with open(d.config, "w") as fh:
+        fh.write(text.replace("hostname = odmr.test", "hostname = renamed.test"))
+    d.proc.send_signal(signal.SIGHUP)
+
+    def both_renamed() -> bool:     # two sessions at once: one in each worker
+        a, b = greeted_lines(d.smtp_port)
+        return b"renamed.test" in a and b"renamed.test" in b
+    wait_for(both_renamed, 10, "the new hostname in both workers' greetings")
+
+
+def greeted_lines(port: int):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as a, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as b:
+        return first_line(a), first_line(b)
+
+
+def test_sigterm_lets_a_transaction_in_a_worker_finish_then_all_exit(daemon):
+    d = daemon("workers = 2")
+    workers = children(d.proc.pid)
+    assert len(workers) == 2
+    sock = greeted(d.smtp_port)
+    reader = sock.makefile("rb")
+    sock.sendall(b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    while not reader.readline().startswith(b"354"):
+        pass
+    sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sock.sendall(b"second half\r\n.\r\n")
+    assert reader.readline().startswith(b"250 2.0.0 Ok: queued as")
+    sock.sendall(b"NOOP\r\n")
+    assert reader.readline()[:3] in (b"421", b"")
+    sock.close()
+    assert d.proc.wait(20) == 0
+    assert not any(alive(pid) for pid in workers)
+    spooled = os.listdir(os.path.join(d.spool_dir, "example.org"))
+    assert len([n for n in spooled if len(n) > 13 and "." not in n]) == 1
+
+
+def test_workers_leave_with_the_main_process_and_free_the_pid_file(daemon, tmp_path):
+    d = daemon("workers = 2")
+    workers = children(d.proc.pid)
+    assert len(workers) == 2
+    d.kill9()
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+    d.start()           # same pid file, same ports: nothing of the old daemon holds them
+    assert send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
+
+
+def test_a_killed_worker_gives_back_its_sessions(daemon):
+    d = daemon("workers = 2\nmax_sessions_per_address = 2")
+    workers = children(d.proc.pid)
+    first, second = greeted(d.smtp_port), greeted(d.smtp_port)
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: "ended unexpectedly" in d.log(), 10, "the main process to notice")
+    # its session's slot is free again (second's still counts), and the other worker takes the mail
+    assert send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
+    first.close()
+    second.close()
