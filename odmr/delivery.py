@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Deque, Dict, Iterator, List, Optional, Tuple
 
+from odmr.folding import LineBreaker, break_long_lines
 from odmr.queuemgr import Drain, QueueManager, reply_text
 from odmr.runtime import Runtime
 from odmr.spool import Message
@@ -265,6 +266,8 @@ class Job:
         # small messages: the text ready to send (for DATA: stuffed, with its terminator;
         # for BDAT: the spooled bytes exactly)
         self.payload: Optional[bytes] = None
+        if body is not None:
+            body = break_long_lines(body)          # RFC 5321 §4.5.3.1.6: 998 octets a line
         if body is not None and stuffed:
             tail = b".\r\n" if not body or body.endswith(b"\n") else b"\r\n.\r\n"
             self.payload = dot_stuff(body, True) + tail
@@ -591,7 +594,7 @@ class Run:
         if job.payload is not None:
             yield b"BDAT %d LAST\r\n" % len(job.payload) + job.payload, True
             return
-        pieces = self.queue.text(job.message)
+        pieces = _broken(self.queue.text(job.message))
         piece = next(pieces, b"")
         while True:
             following = next(pieces, None)
@@ -651,7 +654,7 @@ class Run:
             return job.payload
         at_line_start = True
         last = b"\n"
-        for chunk in self.queue.text(job.message):
+        for chunk in _broken(self.queue.text(job.message)):
             client.send(dot_stuff(chunk, at_line_start))
             at_line_start = chunk.endswith(b"\n")
             last = chunk[-1:]
@@ -670,6 +673,18 @@ class Run:
     def _complete(self, job: Job) -> None:
         job.sent = False                        # results recorded: nothing left to count as lost
         self.queue.record(job.message, job.results)
+
+
+def _broken(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A streamed text with its long lines broken (`folding`); no empty pieces."""
+    breaker = LineBreaker()
+    for chunk in chunks:
+        out = breaker.feed(chunk)
+        if out:
+            yield out
+    tail = breaker.finish()
+    if tail:
+        yield tail
 
 
 def _ok(reply: Reply) -> bool:
