@@ -553,6 +553,10 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
     except StartupError as exc:
         raise DaemonError(EX_CANTCREAT, str(exc)) from None
     try:
+        service.open_control()              # `odmrd status`; before any thread runs
+    except StartupError as exc:
+        raise DaemonError(EX_CANTCREAT, str(exc)) from None
+    try:
         service.start()
     except StartupError as exc:
         raise DaemonError(EX_UNAVAILABLE, str(exc)) from None
