@@ -45,6 +45,10 @@ class ControlError(Exception):
         self.code = code
 
 
+class ControlInUse(ControlError):
+    """Another live daemon of this node answers on the socket (two daemons on one spool)."""
+
+
 def node_name() -> str:
     """This node's name as it may appear in a file name."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost")[:64]
@@ -145,7 +149,7 @@ class ControlServer:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise ControlError("control socket %s: %s" % (self.path, exc.strerror or exc)) from None
         else:
-            raise ControlError("another odmrd on this node answers on %s" % self.path)
+            raise ControlInUse("another odmrd on this node answers on %s" % self.path)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
