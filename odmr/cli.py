@@ -93,6 +93,10 @@ def build_parser() -> Parser:
                         "(domain, id, size, when, reason)")
     q = queue.add_parser("show", parents=[common], help="print one message")
     q.add_argument("id", metavar="ID", help="a message id from queue list")
+    q = queue.add_parser("summary", parents=[common], help="the queue's shape per domain (like qshape)",
+                         description="Messages, bytes, oldest age and age buckets per domain, "
+                                     "from directory listings and file times only.")
+    q.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     for name, text in (("delete", "remove messages"), ("bounce", "return messages to sender")):
         q = queue.add_parser(name, parents=[common], help=text)
         q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list")
@@ -103,6 +107,12 @@ def build_parser() -> Parser:
                                      "account can read and that parses. Exit 66 unknown id, 77 "
                                      "still unreadable, 65 still corrupt.")
     q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list --quarantine")
+
+    p = sub.add_parser("status", parents=[common], help="ask the running provider what it is doing",
+                       description="pid, uptime, listeners, live sessions, deliveries in progress "
+                                   "and the backlog, from the daemon of this node. Exit 0 running, "
+                                   "3 not running, 4 unknown (LSB).")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
                        add_help=False)
@@ -156,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from odmr import fetch
             # flags alone suffice; customer picks the default file only for its [fetch]
             return fetch.main(args.rest, getattr(args, "config", None))
+        if args.command == "status":
+            return cmd_status(args, config_path)
         handler = {"check-config": cmd_check_config, "user": cmd_user,
                    "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
         return handler(args, config_path)
@@ -426,6 +438,8 @@ def cmd_queue(args, config_path: str) -> int:
         return _config_failed(exc, config_path)
     except accounts.AccountsError as exc:
         return fail(str(exc).splitlines()[0], EX_CONFIG)
+    if action == "summary":
+        return _queue_summary(runtime, args)
     act = {"list": _queue_list, "show": _queue_show, "delete": _queue_change,
            "bounce": _queue_change, "expire": _queue_expire, "requeue": _queue_requeue}[action]
     try:
@@ -503,6 +517,53 @@ def _queue_requeue(runtime, args) -> int:
         else:
             print("%s: requeued to %s" % (msg_id, queue))
     return code
+
+
+def _queue_summary(runtime, args) -> int:
+    """qshape for odmrd: directory listings and file times only (no message is read)."""
+    from odmr import qshape
+    now = time.time()
+    rows = qshape.summary(runtime.spool.root)
+    if args.json:
+        print(json.dumps([row.as_json(now) for row in rows], indent=1))
+    else:
+        print("\n".join(qshape.format_table(rows, now)))
+    return EX_OK
+
+
+def cmd_status(args, config_path: str) -> int:
+    """`odmrd status`: LSB codes (0 running, 3 not running, 4 unknown), one line on failure."""
+    from odmr import config, control
+    try:
+        settings = config.load(config_path)
+    except config.ConfigError as exc:
+        return _config_failed(exc, config_path)
+    try:
+        answer = control.query(settings.spool_dir, _daemon_uids(settings))
+    except control.ControlError as exc:
+        print("odmrd: %s" % exc, file=sys.stderr)
+        return exc.code
+    if args.json:
+        print(json.dumps(answer, indent=1))
+    else:
+        print("\n".join(control.format_report(answer)))
+    return EX_OK
+
+
+def _daemon_uids(settings) -> List[int]:
+    """Who may answer on the control socket: root, us, the service account, the spool's owner."""
+    uids = [0, os.geteuid()]
+    if settings.user:
+        import pwd
+        try:
+            uids.append(pwd.getpwnam(settings.user).pw_uid)
+        except KeyError:
+            pass
+    try:
+        uids.append(os.stat(settings.spool_dir).st_uid)
+    except OSError:
+        pass
+    return uids
 
 
 def _queue_show(runtime, args) -> int:

@@ -330,6 +330,12 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: Optional[Tuple[str, int]] = None    # the Prometheus endpoint; None: off
+    per_domain: bool = False                    # queue gauges per domain (cardinality!)
+
+
+@dataclass(frozen=True)
 class Settings:
     path: str
     hostname: str
@@ -348,6 +354,7 @@ class Settings:
     queue: QueueSettings
     domains: Dict[str, DomainPolicy] = field(default_factory=dict)
     fetch: Dict[str, object] = field(default_factory=dict)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def policy(self, domain: str) -> DomainPolicy:
         return self.domains.get(domain) or DomainPolicy()
@@ -560,6 +567,8 @@ def _settings(path: str, raw: ConfigObj, domains: Dict[str, DomainPolicy]) -> Se
         ),
         domains=domains,
         fetch=dict(raw["fetch"]),
+        metrics=MetricsSettings(listen=raw["metrics"]["listen"] or None,
+                                per_domain=raw["metrics"]["per_domain"]),
     )
 
 

@@ -559,7 +559,12 @@ def _start_serving(service: Service, target: Tuple[str, str], account: Optional[
     except StartupError as exc:
         raise DaemonError(EX_CANTCREAT, str(exc)) from None
     try:
-        service.start(settings.smtp.workers, [pidfile.fd] + list(private_fds))
+        service.open_control()              # `odmrd status`: bound now, served once started
+    except StartupError as exc:
+        raise DaemonError(EX_CANTCREAT, str(exc)) from None
+    try:
+        service.start(settings.smtp.workers,
+                      [pidfile.fd] + list(private_fds) + service.monitoring_fds())
     except StartupError as exc:
         raise DaemonError(EX_UNAVAILABLE, str(exc)) from None
 

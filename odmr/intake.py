@@ -13,6 +13,7 @@ import time
 from typing import Callable, List, Optional
 
 from odmr import replies, tls
+from odmr import metrics
 from odmr.hops import HopCount, TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
@@ -241,6 +242,7 @@ class IntakeSession(Session):
             log.info("smtp: accepted id=%s domain=%s size=%d from=<%s> to=%s client=%s",
                      msg_id, domain, spooling.stored_size(domain), tx.sender,
                      ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
+            metrics.message_received(domain, spooling.stored_size(domain))
         self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
 
     def _refuse_message(self, tx: Transaction, reply: replies.Reply, why: str) -> None:

@@ -16,6 +16,7 @@ import threading
 from typing import Callable, List, Optional
 
 from odmr import replies, sasl, tls
+from odmr import metrics
 from odmr.accounts import Account
 from odmr.delivery import Handoff, deliver_reversed
 from odmr.names import normalize_domain
@@ -260,6 +261,7 @@ class ODMRSession(Session):
         already_throttled = self._throttled()
         self.auth_failures += 1
         self.runtime.throttle.record(self.peer_ip)
+        metrics.auth_failed(mechanism)
         log.warning("odmr: authentication failed from %s (%s)%s", self.peer, mechanism,
                     " user=%s" % username if username else "")
         if already_throttled:
@@ -302,6 +304,7 @@ class ODMRSession(Session):
             raise LineTooLong()
         return line
 
+    @metrics.counts_first_reply
     def smtp_ATRN(self, arg: str) -> None:
         account = self.account
         if account is None:

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
+from odmr import metrics
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
@@ -157,6 +158,7 @@ class Drain:
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
         manager.reaper.session(+1)
+        metrics.ACTIVITY.delivery_began(self)
 
     def messages(self, inline: int) -> Iterator[Tuple[Message, Optional[bytes], List[str]]]:
         """Each message still to deliver, oldest first per domain: the message, its text
@@ -193,6 +195,7 @@ class Drain:
         """The session is over: the reaper may go on; the domains' directories are synced."""
         self.close()
         self.manager.reaper.session(-1)
+        metrics.ACTIVITY.delivery_ended(self)
         for domain in self.domains:
             try:
                 self.spool.sync_domain(domain)
@@ -208,6 +211,7 @@ class Drain:
         state.last_error = error
         log.warning("delivery: deferred id=%s domain=%s: %s", message.id, message.domain, error)
         self.deferred += rcpts
+        metrics.delivery_lost(self, rcpts)
         self._save(message)
 
     def flush_logs(self) -> None:
@@ -256,6 +260,7 @@ class Drain:
             # tell the sender now about the recipients that failed for good, not when the
             # others are finally collected (state.bounced: every failure so far was notified)
             self._bounce(message, newly_failed if state.bounced else dict(state.failed))
+        metrics.delivery_recorded(self, message, results)
         if not message.pending():
             self._finish(message)
         else:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
+from odmr import control, metrics, qshape
 from odmr import proxy
 from odmr import tls as tls_mod
 from odmr.intake import IntakeSession
@@ -202,6 +203,12 @@ class Service:
     """The provider: owns settings, accounts, spool, the queue manager (and its threads),
     the listeners, and the stop event every session and delivery watches."""
 
+    metrics_server: Optional[metrics.MetricsServer] = None     # [metrics] listen
+    control_server: Optional[control.ControlServer] = None     # `odmrd status` (daemon only)
+    queue_watch: Optional[qshape.QueueWatch] = None
+    _metrics_thread: Optional[threading.Thread] = None
+    started = 0.0
+
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.settings = config_mod.load(config_path)
@@ -315,6 +322,8 @@ class Service:
             log.warning("reload: listen addresses changed; they take effect after a restart")
         if old.smtp.workers != settings.smtp.workers:
             log.warning("reload: [smtp] workers changed; it takes effect after a restart")
+        if old.metrics.listen != settings.metrics.listen:
+            log.warning("reload: [metrics] listen changed; it takes effect after a restart")
         if old.odmr.proxy_protocol != settings.odmr.proxy_protocol:
             log.warning("reload: proxy_protocol changed; it takes effect after a restart")
         settings = _keep(settings, old)
@@ -369,11 +378,13 @@ class Service:
         """Track a live session so stop() can end it; False once stopping has begun."""
         with self._lock:
             self._live.add(session)
+            metrics.ACTIVITY.session_opened(session)
             return not self.stopping.is_set()
 
     def unregister(self, session) -> None:
         with self._lock:
             self._live.discard(session)
+            metrics.ACTIVITY.session_closed(session)
 
     def active_sessions(self) -> int:
         with self._lock:
@@ -393,6 +404,7 @@ class Service:
                 self.close()
                 raise StartupError("cannot listen on %s (%s): %s" % (
                     _label(address), listener_class.kind, exc.strerror or exc)) from None
+        self._bind_metrics()
 
     def prepare_spool(self) -> None:
         """Create the spool root and clean debris of interrupted writes (after dropping privileges)."""
@@ -419,6 +431,7 @@ class Service:
                      ", implicit TLS" if listener.implicit_tls else "")
         self.maintenance = Maintenance(lambda: self.runtime)   # expiry, delay notices, bounce relay
         self.maintenance.start()
+        self._start_monitoring()
 
     def stop(self, grace: Optional[float] = None) -> int:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
@@ -452,11 +465,84 @@ class Service:
         self.queue.stop()                   # removals durable, retired files freed
         if self.workers is not None:
             self.workers.join(CUT_WAIT + 5.0)
+        self._stop_monitoring()
         return left
 
     def close(self) -> None:
         for listener in self.listeners:
             listener.server_close()
+        if self.metrics_server is not None and self._metrics_thread is None:
+            self.metrics_server.server_close()      # never served (start-up failed, or the parent)
+
+    # -- what the operator sees: status socket, metrics endpoint, queue shape ---------
+    def _bind_metrics(self) -> None:
+        """[metrics] listen is bound with the other listeners, before privileges are dropped."""
+        address = self.settings.metrics.listen
+        if address is None:
+            return
+        try:
+            self.metrics_server = metrics.MetricsServer(address, self.render_metrics)
+        except OSError as exc:
+            self.close()
+            raise StartupError("cannot listen on %s (metrics): %s" % (
+                _label(address), exc.strerror or exc)) from None
+
+    def open_control(self) -> None:
+        """The status socket in the spool: after dropping privileges (it is the service
+        account's), before any thread runs (its bind narrows the umask); served from
+        `start`, after the intake workers were forked."""
+        server = control.ControlServer(self.spool.root, self.status_report)
+        try:
+            server.open()
+        except control.ControlInUse as exc:
+            # two daemons of one node on one spool (a test of two nodes): `status` asks the other
+            log.warning("%s; this one has no control socket", exc)
+            return
+        except control.ControlError as exc:
+            raise StartupError(str(exc)) from None
+        self.started = time.time()
+        self.control_server = server
+
+    def monitoring_fds(self) -> List[int]:
+        """The status socket and metrics listener: the intake workers close them."""
+        fds = []
+        if self.control_server is not None:
+            fds.append(self.control_server.fileno())
+        if self.metrics_server is not None:
+            fds.append(self.metrics_server.fileno())
+        return fds
+
+    def _start_monitoring(self) -> None:
+        self.started = self.started or time.time()
+        if self.control_server is not None:
+            self.control_server.start()
+        if self.metrics_server is not None:
+            self._metrics_thread = self.metrics_server.start()
+            log.info("serving metrics on http://%s/metrics", _label(self.settings.metrics.listen))
+        if self.metrics_server is not None or self.control_server is not None:
+            self.queue_watch = qshape.QueueWatch(self.spool.root)
+            self.queue_watch.start()
+
+    def _stop_monitoring(self) -> None:
+        """Last of all: `status` answers while sessions finish."""
+        if self._metrics_thread is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self._metrics_thread = None
+        if self.queue_watch is not None:
+            self.queue_watch.stop()
+        if self.control_server is not None:
+            self.control_server.close()
+
+    def status_report(self) -> dict:
+        return control.report(self.started, self.listeners)
+
+    def render_metrics(self) -> str:
+        """One scrape: counters and gauges from memory, never from the spool."""
+        settings = self.settings
+        return metrics.exposition(sorted({l.server_address[1] for l in self.listeners}),
+                                  settings.metrics.per_domain,
+                                  metrics.CERTIFICATE.get(settings.tls.cert_file))
 
 
 def _keep(new, old):

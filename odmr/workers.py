@@ -19,7 +19,8 @@ update) and reports each message it stores for a domain with a quota.
 Control messages (SOCK_SEQPACKET, one per datagram):
     main -> worker   S <token> <listener> <ip> <port> + descriptor, R (reload),
                      T <grace> (stop: finish, then cut after grace), u <count> <bytes>
-    worker -> main   D <token> (session over), A <domain> <bytes> (stored), U <domain>
+    worker -> main   D <token> (session over), A <domain> <bytes> (stored, for the quota),
+                     U <domain> (its usage?), M <domain> <bytes> (stored: the metrics)
 
 A worker ignores signals (the service manager signals the main process) and
 stops when the main process says so or goes away (end of file on its socket).
@@ -38,6 +39,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
+from odmr import metrics
 log = logging.getLogger("odmrd")
 
 MESSAGE_MAX = 1024
@@ -51,6 +53,7 @@ class _Worker:
     def __init__(self, index: int, pid: int, channel: socket.socket):
         self.index, self.pid, self.channel = index, pid, channel
         self.sessions: Dict[int, str] = {}      # token -> client address (counted per address)
+        self.shown: Dict[int, "HandedSession"] = {}     # token -> what `status` shows of it
         self.alive = True
         self.reader: Optional[threading.Thread] = None
 
@@ -97,12 +100,16 @@ class WorkerPool:
             worker = min(live, key=lambda w: len(w.sessions))
             token = next(self._tokens)
             worker.sessions[token] = ip
+            worker.shown[token] = shown = HandedSession("%s:%d" % (ip, port))
+        metrics.ACTIVITY.session_opened(shown, listener.server_address[1])
         header = b"S %d %d %s %d" % (token, self.service.listeners.index(listener), ip.encode(), port)
         try:
             socket.send_fds(worker.channel, [header], [request.fileno()])
         except OSError as exc:
             with self._lock:
                 worker.sessions.pop(token, None)
+                worker.shown.pop(token, None)
+            metrics.ACTIVITY.session_closed(shown)
             log.warning("intake: cannot hand a connection to worker %d: %s", worker.index, exc)
             return False
         return True
@@ -119,11 +126,16 @@ class WorkerPool:
             if kind == b"D":
                 with self._lock:
                     ip = worker.sessions.pop(int(rest), None)
+                    shown = worker.shown.pop(int(rest), None)
+                metrics.ACTIVITY.session_closed(shown)
                 if ip is not None:
                     self.service.release("smtp", ip)
             elif kind == b"A":
                 domain, size = rest.split()
                 self.service.spool._count_added(domain.decode("ascii"), int(size))
+            elif kind == b"M":
+                domain, size = rest.split()
+                metrics.message_received(domain.decode("ascii"), int(size))
             elif kind == b"U":
                 count, size = self.service.spool.usage(rest.decode("ascii"))
                 self._send(worker, b"u %d %d" % (count, size))
@@ -134,6 +146,9 @@ class WorkerPool:
             worker.alive = False
             orphans = list(worker.sessions.values())
             worker.sessions.clear()
+            shown, worker.shown = list(worker.shown.values()), {}
+        for session in shown:
+            metrics.ACTIVITY.session_closed(session)
         for ip in orphans:
             self.service.release("smtp", ip)
         try:
@@ -179,6 +194,13 @@ class WorkerPool:
                 except ProcessLookupError:
                     pass
                 worker.reader.join(5.0)
+
+
+class HandedSession:
+    """What `status` and /metrics know of a session served by a worker."""
+
+    def __init__(self, peer: str):
+        self.peer = peer                          # its state is the worker's: "connected"
 
 
 def _describe(status: int) -> str:
@@ -235,6 +257,7 @@ class _WorkerSide:
         self._count_locally = spool._count_added
         spool.usage = self.usage                    # the main process's figures, see the module doc
         spool._count_added = self.count_added
+        metrics.message_received = self.message_received     # counted where /metrics is served
 
     def run(self) -> None:
         log.info("intake worker %d started (pid %d)", self.index, os.getpid())
@@ -332,6 +355,12 @@ class _WorkerSide:
                 return self._local_usage(domain)
         _, count, size = answer.split()
         return int(count), int(size)
+
+    def message_received(self, domain: str, size: int) -> None:
+        try:
+            self.channel.send(b"M %s %d" % (domain.encode("ascii"), size))
+        except OSError:
+            pass
 
     def count_added(self, domain: str, size: int, count: int = 1) -> None:
         self._count_locally(domain, size, count)

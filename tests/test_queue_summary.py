@@ -1,0 +1,100 @@
+"""`odmrd queue summary`: the queue's shape (Postfix's qshape) from listings and file times."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from conftest import run_cli, write_config
+from odmr.exits import EX_OK
+from odmr.spool import OUTBOUND, Envelope, Recipient, Spool
+
+LABELS = ["0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80-160m", "160-320m", "320-640m",
+          "640-1280m", "older"]
+
+
+@pytest.fixture
+def site(tmp_path):
+    config = write_config(str(tmp_path), 1, 2)
+    return config, Spool(str(tmp_path / "spool"))
+
+
+def store(spool: Spool, queue: str, minutes_old: float, size: int = 100) -> str:
+    rcpt = "postmaster@remote.test" if queue == OUTBOUND else "u@" + queue
+    msg_id = spool.store(queue, Envelope(sender="s@remote.test", recipients=[Recipient(rcpt)]),
+                         b"Subject: t\r\n\r\n" + b"x" * size + b"\r\n")
+    when = time.time() - minutes_old * 60
+    os.utime(os.path.join(spool.root, queue, msg_id), (when, when))
+    return msg_id
+
+
+def summary(config: str) -> list:
+    result = run_cli("-c", config, "queue", "summary", "--json")
+    assert result.returncode == EX_OK, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_rows_per_domain_sorted_by_messages_with_age_buckets(site):
+    config, spool = site
+    for minutes in (1, 4.9, 7, 15, 2000):
+        store(spool, "example.org", minutes)
+    store(spool, "example.net", 30, size=5000)
+    store(spool, "example.net", 100)
+    store(spool, OUTBOUND, 700)
+    rows = summary(config)
+    assert [r["domain"] for r in rows] == ["example.org", "example.net", OUTBOUND]
+    org, net, outbound = rows
+    assert set(org) == {"domain", "messages", "bytes", "oldest", "buckets"}
+    assert list(org["buckets"]) == LABELS
+    assert org["messages"] == 5
+    assert org["buckets"] == dict(zip(LABELS, [2, 1, 1, 0, 0, 0, 0, 0, 0, 1]))
+    assert 2000 * 60 - 5 <= org["oldest"] <= 2000 * 60 + 30
+    assert net["buckets"]["20-40m"] == 1 and net["buckets"]["80-160m"] == 1
+    assert net["messages"] == 2 and 100 * 60 - 5 <= net["oldest"] <= 100 * 60 + 30
+    sizes = [os.lstat(os.path.join(spool.root, "example.net", n)).st_size
+             for n in spool.message_ids("example.net")]
+    assert net["bytes"] == sum(sizes) > 5000
+    assert outbound["messages"] == 1 and outbound["buckets"]["640-1280m"] == 1
+
+
+def test_reads_only_listings_and_file_times(site):
+    """A state file, a temporary file, a link and an unparseable message: only what is a
+    message file by its name counts, and nothing is opened (garbage counts like a message)."""
+    config, spool = site
+    msg_id = store(spool, "example.org", 12)
+    directory = os.path.join(spool.root, "example.org")
+    with open(os.path.join(directory, msg_id + ".state"), "w") as fh:
+        fh.write("{}")
+    with open(os.path.join(directory, "tmp", "abandoned"), "w") as fh:
+        fh.write("x" * 1000)
+    garbage = "%013x%08x" % (int(time.time() * 1e6), 7)
+    with open(os.path.join(directory, garbage), "wb") as fh:
+        fh.write(b"not a spool file")
+    outside = os.path.join(os.path.dirname(spool.root), "outside")
+    with open(outside, "w") as fh:
+        fh.write("x" * 100000)
+    os.symlink(outside, os.path.join(directory, "%013x%08x" % (1, 1)))
+    os.symlink(directory, os.path.join(spool.root, "example.com"))
+    rows = summary(config)
+    assert [(r["domain"], r["messages"]) for r in rows] == [("example.org", 2)]
+    assert rows[0]["buckets"]["0-5m"] == 1 and rows[0]["buckets"]["10-20m"] == 1
+    assert rows[0]["bytes"] < 100000
+
+
+def test_text_output_and_an_empty_queue(site):
+    config, spool = site
+    result = run_cli("-c", config, "queue", "summary")
+    assert result.returncode == EX_OK and b"empty" in result.stdout
+    assert run_cli("-c", config, "queue", "summary", "--json").stdout.strip() == b"[]"
+    store(spool, "example.org", 50)
+    store(spool, "example.net", 1)
+    store(spool, "example.net", 2)
+    lines = run_cli("-c", config, "queue", "summary").stdout.decode().splitlines()
+    assert lines[0].split()[:4] == ["DOMAIN", "MESSAGES", "BYTES", "OLDEST"]
+    assert lines[0].split()[4:] == LABELS
+    assert lines[1].split()[:2] == ["TOTAL", "3"]
+    assert lines[2].split()[:2] == ["example.net", "2"]
+    assert lines[3].split()[:2] == ["example.org", "1"]
+    assert lines[3].split()[3] == "50m"
