@@ -218,15 +218,20 @@ class ControlServer:
             pass
 
 
-def report(started: float, listeners: Iterable, now: Optional[float] = None) -> Dict[str, object]:
-    """The `status --json` object (SPEC §2) from what the daemon keeps in memory."""
+def report(started: float, listeners: Iterable, now: Optional[float] = None,
+           elsewhere: Optional[List[Dict[str, object]]] = None) -> Dict[str, object]:
+    """The `status --json` object (SPEC §2) from what the daemon keeps in memory;
+    `elsewhere`: the sessions its intake workers serve, as they listed them."""
     now = time.time() if now is None else now
+    sessions = metrics.ACTIVITY.sessions(handed=elsewhere is None)
+    if elsewhere:
+        sessions = sorted(sessions + elsewhere, key=lambda s: (s["port"], s["since"]))
     return {
         "pid": os.getpid(),
         "uptime": int(max(0.0, now - started)),
         "listeners": [{"port": l.server_address[1], "address": l.server_address[0],
                        "tls": bool(l.implicit_tls)} for l in listeners],
-        "sessions": metrics.ACTIVITY.sessions(),
+        "sessions": sessions,
         "deliveries": metrics.ACTIVITY.deliveries(),
         "backlog": {q: v[0] for q, v in sorted(qshape.BACKLOG.snapshot().items(),
                                                 key=lambda i: (-i[1][0], i[0]))},

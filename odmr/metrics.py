@@ -108,10 +108,12 @@ class Activity:
         with self._lock:
             self._deliveries.pop(id(drain), None)
 
-    def sessions(self) -> List[Dict[str, object]]:
-        """{port, peer, state, since} of each live session (SPEC §2 `status`)."""
+    def sessions(self, handed: bool = True) -> List[Dict[str, object]]:
+        """{port, peer, state, since} of each live session (SPEC §2 `status`); `handed`:
+        with those an intake worker serves (it is asked for them itself)."""
         with self._lock:
-            sessions = list(self._sessions.values())
+            sessions = [e for e in self._sessions.values()
+                        if handed or not getattr(e[0], "handed", False)]
             reversed_peers = {getattr(d[0], "peer", "") for d in self._deliveries.values()}
         return [{"port": port, "peer": getattr(s, "peer", ""),
                  "state": session_state(s, reversed_peers), "since": int(since)}

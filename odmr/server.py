@@ -535,7 +535,8 @@ class Service:
             self.control_server.close()
 
     def status_report(self) -> dict:
-        return control.report(self.started, self.listeners)
+        elsewhere = self.workers.sessions() if self.workers is not None else None
+        return control.report(self.started, self.listeners, elsewhere=elsewhere)
 
     def render_metrics(self) -> str:
         """One scrape: counters and gauges from memory, never from the spool."""

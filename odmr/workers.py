@@ -30,6 +30,7 @@ with the others, or in its own threads when none is left.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
@@ -42,7 +43,9 @@ from typing import Dict, List, Optional, Sequence
 from odmr import metrics
 log = logging.getLogger("odmrd")
 
-MESSAGE_MAX = 1024
+MESSAGE_MAX = 65536     # a datagram on the control channel (a worker's session list)
+MAX_LISTED = 300        # sessions a worker lists for `status`
+STATUS_WAIT = 0.5       # seconds `status` waits for a worker's session list
 USAGE_WAIT = 10.0       # seconds a worker waits for the main process's quota figures
 CUT_WAIT = 5.0          # as in server.py: cut-off sessions get this long to record their state
 
@@ -56,6 +59,7 @@ class _Worker:
         self.shown: Dict[int, "HandedSession"] = {}     # token -> what `status` shows of it
         self.alive = True
         self.reader: Optional[threading.Thread] = None
+        self.listings: "queue.Queue[bytes]" = queue.Queue()     # answers to Q
 
 
 class WorkerPool:
@@ -133,6 +137,8 @@ class WorkerPool:
             elif kind == b"A":
                 domain, size = rest.split()
                 self.service.spool._count_added(domain.decode("ascii"), int(size))
+            elif kind == b"q":
+                worker.listings.put(rest)
             elif kind == b"M":
                 domain, size = rest.split()
                 metrics.message_received(domain.decode("ascii"), int(size))
@@ -167,6 +173,23 @@ class WorkerPool:
         except OSError:
             pass            # gone: its reader thread cleans up
 
+    def sessions(self) -> List[Dict[str, object]]:
+        """Every worker's live sessions as `status` shows them (a stuck worker's are left out)."""
+        with self._lock:
+            live = [w for w in self._workers if w.alive]
+        for worker in live:
+            while not worker.listings.empty():       # an answer that came too late last time
+                worker.listings.get_nowait()
+            self._send(worker, b"Q")
+        found: List[Dict[str, object]] = []
+        deadline = time.monotonic() + STATUS_WAIT
+        for worker in live:
+            try:
+                found += json.loads(worker.listings.get(timeout=max(0.0, deadline - time.monotonic())))
+            except (queue.Empty, ValueError):
+                log.warning("intake worker %d did not list its sessions in time", worker.index)
+        return found
+
     def reload(self) -> None:
         for worker in list(self._workers):
             if worker.alive:
@@ -199,8 +222,10 @@ class WorkerPool:
 class HandedSession:
     """What `status` and /metrics know of a session served by a worker."""
 
+    handed = True               # `status` asks the worker for the session itself
+
     def __init__(self, peer: str):
-        self.peer = peer                          # its state is the worker's: "connected"
+        self.peer = peer
 
 
 def _describe(status: int) -> str:
@@ -285,6 +310,12 @@ class _WorkerSide:
                 self._start_session(data, fds[0])
             elif data.startswith(b"u "):
                 self._answers.put(data)
+            elif data == b"Q":
+                listed = metrics.ACTIVITY.sessions()[:MAX_LISTED]
+                try:
+                    self.channel.send(b"q " + json.dumps(listed).encode("utf-8"))
+                except OSError:
+                    pass
             else:
                 for fd in fds:
                     os.close(fd)

@@ -81,6 +81,11 @@ def login(port: int, password: str = "pw-alice-1") -> Tuple[Customer, int]:
 
 
 def test_counters_move_with_real_traffic(daemon, metrics_port):
+    # the harness's start-up probe is a session until its intake worker says it ended
+    deadline = time.monotonic() + 5
+    while value(scrape(metrics_port), "odmrd_sessions", port=str(daemon.smtp_port)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     before = scrape(metrics_port)
     assert value(before, "odmrd_messages_received_total") == 0
     assert value(before, "odmrd_atrn_requests_total", code="250") == 0
