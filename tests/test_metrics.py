@@ -80,6 +80,10 @@ def login(port: int, password: str = "pw-alice-1") -> Tuple[Customer, int]:
     return c, c.cmd(base64.b64encode(b"alice " + digest.encode()).decode())[0]
 
 
+def metric_sessions(metrics_port: int, port: int) -> float:
+    return value(scrape(metrics_port), "odmrd_sessions", port=str(port))
+
+
 def test_counters_move_with_real_traffic(daemon, metrics_port):
     # the harness's start-up probe is a session until its intake worker says it ended
     deadline = time.monotonic() + 5
@@ -109,12 +113,14 @@ def test_counters_move_with_real_traffic(daemon, metrics_port):
     assert c.cmd("ATRN example.org")[0] == 250
     accept_all(c, 1)
     c.close()
+    wait_for(lambda: value(scrape(metrics_port), "odmrd_messages_delivered_total") == 1,
+             what="the delivery to be counted")
+    wait_for(lambda: not metric_sessions(metrics_port, daemon.odmr_port),
+             what="the delivery session to end (it holds the domain until then: 451)")
     c, _ = login(daemon.odmr_port)
     assert c.cmd("ATRN example.org")[0] == 453
     assert c.cmd("ATRN example.net")[0] == 450
     c.close()
-    wait_for(lambda: value(scrape(metrics_port), "odmrd_messages_delivered_total") == 1,
-             what="the delivery to be counted")
     after = scrape(metrics_port)
     assert value(after, "odmrd_atrn_requests_total", code="250") == 1
     assert value(after, "odmrd_atrn_requests_total", code="453") == 1
