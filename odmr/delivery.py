@@ -337,8 +337,7 @@ class Run:
     def _jobs(self) -> Iterator[Job]:
         queue = self.queue
         for message, body, rcpts in queue.messages(INLINE_BODY):
-            needs_utf8 = not message.envelope.sender.isascii() or not all(r.isascii() for r in rcpts)
-            if needs_utf8 and not self.smtputf8:
+            if not self.smtputf8 and self._needs_smtputf8(message, body, rcpts):
                 reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
                 queue.record(message, {r: reply for r in rcpts})
                 continue
@@ -349,6 +348,23 @@ class Run:
                 queue.record(message, {r: reply for r in rcpts})
                 continue
             yield Job(message, body, rcpts, stuffed=not self.chunking)
+
+    def _needs_smtputf8(self, message: Message, body: Optional[bytes], rcpts: List[str]) -> bool:
+        """UTF-8 addresses, or (RFC 6531 §3.2, RFC 6532) UTF-8 header fields in a message
+        that came with SMTPUTF8: neither may reach a customer without it; odmrd does not
+        downgrade (RFC 6857)."""
+        env = message.envelope
+        if not env.sender.isascii() or not all(r.isascii() for r in rcpts):
+            return True
+        if not env.smtputf8:
+            return False
+        if body is None:
+            chunks = self.queue.text(message)
+            body = next(chunks, b"")
+            chunks.close()
+        head = body
+        end = head.find(b"\r\n\r\n")
+        return not (head if end < 0 else head[:end]).isascii()
 
     def _has_8bit(self, message: Message, body: Optional[bytes]) -> bool:
         """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
@@ -518,8 +534,14 @@ class Run:
             self.queue.flush_logs()
 
     def _closing(self, in_flight: List[Job], reply: Reply) -> bool:
-        """The customer said 421: it is going away; what is in flight waits."""
-        self._lost(in_flight, ConnectionLost("customer closing: %s" % _fmt(*reply)))
+        """The customer said 421: it is going away; what is in flight waits. A message it
+        answered nothing for was never read (the commands came after its 421), so that
+        one is not charged an attempt."""
+        answered = [job for job in in_flight if job.mail_ok or job.results]
+        for job in in_flight:
+            job.sent = job.sent and job in answered
+        self._lost(answered, ConnectionLost("customer closing: %s" % _fmt(*reply)))
+        in_flight.clear()
         return False
 
     def _after_421(self, reply: Reply) -> None:

@@ -370,3 +370,60 @@ def test_the_odmr_port_advertises_enhanced_codes_and_every_reply_has_one(provide
             continue
         assert code >= 200 and all(ENHANCED.match(l) for l in lines), (command, code, lines)
     assert [a[0] for a in answers[-5:-2]] == [450, 453, 501]
+
+
+# -- lines longer than SMTP allows go out broken (RFC 5321 §4.5.3.1.6) --------------------
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+@pytest.mark.parametrize("filler", [0, 700 * 1024], ids=["small", "streamed"])
+def test_long_lines_are_broken_on_the_way_to_the_customer(provider, chunking, filler):
+    long_line = bytes(range(65, 91)) * 100                         # 2,600 octets, no break
+    text = (b"Subject: long\r\nX-Long: " + long_line + b"\r\n\r\n" + long_line + b"\r\n"
+            + (b"filler line\r\n" * (filler // 13)) + long_line + b"\r\nend\r\n")
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=30) as c:
+        c.sendmail(SENDER, ["x@example.org"], text)
+    script = Script()
+    if chunking:
+        script.extensions = script.extensions + ["CHUNKING"]
+    assert atrn(provider, script, timeout=60) == "quit"
+    [got] = script.messages
+    data = got["data"]
+    lines = data.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    # what was broken comes back whole when the inserted CRLF SP are taken out
+    assert data.replace(b"\r\n ", b"").endswith(text.replace(b"\r\n ", b""))
+    assert any(c.startswith("BDAT") for c in script.commands) == chunking
+
+
+# -- internationalised header fields to a customer without SMTPUTF8 (RFC 6531 §3.2) --------
+
+@pytest.mark.parametrize("subject, returned", [("grüße", True), ("plain", False)])
+def test_utf8_headers_never_reach_a_customer_without_smtputf8(provider, subject, returned):
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as c:
+        c.ehlo()
+        c.sendmail("sender@example.net", ["joe@example.org"],
+                   ("Subject: %s\r\n\r\nbody\r\n" % subject).encode("utf-8"), mail_options=["SMTPUTF8"])
+    script = Script()                                     # no SMTPUTF8 offered
+    assert atrn(provider, script) == "quit"
+    wait_sessions_over(provider)
+    if returned:
+        assert script.messages == [] and not any(c.startswith("MAIL") for c in script.commands)
+        dsn = the_dsn(provider)
+        [status] = [p for p in dsn.iter_parts() if "delivery-status" in p.get_content_type()]
+        assert "5.6.7" in str(status)
+    else:                                                 # nothing in it needs SMTPUTF8
+        [got] = script.messages
+        assert "SMTPUTF8" not in got["mail"].upper()
+
+
+# -- a 421 to the final dot charges only the message it answered ---------------------------
+
+def test_a_421_at_the_end_of_data_does_not_charge_the_next_message(provider):
+    for n in range(2):
+        send_mail(provider.smtp_port, SENDER, ["x@example.org"], b"Subject: %d\r\n\r\nhi\r\n" % n)
+    script = Script()                                     # PIPELINING, no CHUNKING
+    script.final = lambda message: "421 4.3.2 shutting down"
+    assert atrn(provider, script) == "closed"
+    wait_sessions_over(provider)
+    records = sorted(queue(provider, "example.org"), key=lambda r: r["attempts"])
+    assert [r["attempts"] for r in records] == [0, 1], records
