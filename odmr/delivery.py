@@ -525,7 +525,7 @@ class Run:
                         # a crash then re-delivers at most the one message in flight
                         self._complete(item)
                     if reply[0] == 421:
-                        return self._closing(in_flight, reply)
+                        return self._closing(in_flight, reply, charge_unanswered=False)
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
             self._lost(in_flight, exc)
             raise
@@ -533,11 +533,12 @@ class Run:
             self.queue.defer_logs = False
             self.queue.flush_logs()
 
-    def _closing(self, in_flight: List[Job], reply: Reply) -> bool:
-        """The customer said 421: it is going away; what is in flight waits. A message it
-        answered nothing for was never read (the commands came after its 421), so that
-        one is not charged an attempt."""
-        answered = [job for job in in_flight if job.mail_ok or job.results]
+    def _closing(self, in_flight: List[Job], reply: Reply, charge_unanswered: bool = True) -> bool:
+        """The customer said 421: it is going away; what is in flight waits, each message
+        charged an attempt (a window's messages were all sent whole: SPEC §4). Not
+        `charge_unanswered`: the message whose commands travelled with the end-of-data
+        dot the 421 answered was never read, so it is not charged (issue 15)."""
+        answered = [job for job in in_flight if charge_unanswered or job.mail_ok or job.results]
         for job in in_flight:
             job.sent = job.sent and job in answered
         self._lost(answered, ConnectionLost("customer closing: %s" % _fmt(*reply)))
