@@ -313,6 +313,8 @@ class SmtpSettings:
     max_data_time: float = 1800.0   # a DATA phase that lasts longer is ended with 451
     max_received_headers: int = 30  # more Received: fields: 554 5.4.6 (a mail loop)
     workers: int = 1                # intake processes (`auto`: two per CPU); 1: sessions in the main process
+    proxy_protocol: bool = False    # behind a load balancer: a PROXY header starts each connection
+    proxy_trusted: Tuple[str, ...] = ("127.0.0.1",)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ class Listener(socketserver.ThreadingTCPServer):
     def _proxy_header(self, request, client_address, runtime):
         """The real client from a trusted balancer's PROXY header; None drops the connection."""
         ip = client_address[0]
-        if not proxy.trusted(ip, runtime.settings.odmr.proxy_trusted):
+        limits = runtime.settings.odmr if self.kind == "odmr" else runtime.settings.smtp
+        if not proxy.trusted(ip, limits.proxy_trusted):
             log.warning("%s: %s is not in proxy_trusted; connection dropped", self.kind, ip)
             return None
         try:
@@ -180,14 +181,18 @@ class IntakeListener(Listener):
 
     kind = "smtp"
 
+    def behind_proxy(self, settings) -> bool:
+        return settings.smtp.proxy_protocol
+
     def new_session(self, request, peer: str, runtime: Runtime, latest) -> IntakeSession:
         return IntakeSession(request, peer, runtime, latest)
 
     def process_request(self, request, client_address) -> None:
         """An admitted connection goes to an intake worker process when there are any
         (the count stays here: `release` runs when the worker reports the session's end);
-        else, or if no worker takes it, to a session thread as always."""
-        pool = self.service.workers
+        else, or if no worker takes it, to a session thread as always. Behind a PROXY
+        balancer sessions stay here: the real client is counted before its session starts."""
+        pool = self.service.workers if not self.proxied else None
         if pool is not None:
             try:
                 request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as finish_request
@@ -324,7 +329,8 @@ class Service:
             log.warning("reload: [smtp] workers changed; it takes effect after a restart")
         if old.metrics.listen != settings.metrics.listen:
             log.warning("reload: [metrics] listen changed; it takes effect after a restart")
-        if old.odmr.proxy_protocol != settings.odmr.proxy_protocol:
+        if (old.odmr.proxy_protocol, old.smtp.proxy_protocol) != \
+                (settings.odmr.proxy_protocol, settings.smtp.proxy_protocol):
             log.warning("reload: proxy_protocol changed; it takes effect after a restart")
         settings = _keep(settings, old)
         self.settings = settings
@@ -552,7 +558,7 @@ def _keep(new, old):
     odmr = dataclasses.replace(new.odmr, listen=old.odmr.listen, tls_listen=old.odmr.tls_listen,
                                proxy_protocol=old.odmr.proxy_protocol)
     smtp = dataclasses.replace(new.smtp, listen=old.smtp.listen, tls_listen=old.smtp.tls_listen,
-                               workers=old.smtp.workers)
+                               workers=old.smtp.workers, proxy_protocol=old.smtp.proxy_protocol)
     return dataclasses.replace(new, spool_dir=old.spool_dir, user=old.user, pid_file=old.pid_file,
                                odmr=odmr, smtp=smtp)
 

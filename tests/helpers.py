@@ -154,13 +154,14 @@ class Daemon:
 
     def __init__(self, directory: str, extra: str = "", sections: str = "",
                  odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
-                 odmr_extra: str = ""):
+                 odmr_extra: str = "", smtp_extra: str = ""):
         self.dir = directory
         self.odmr_port = odmr_port or free_port()
         self.smtp_port = smtp_port or free_port()
         sub = os.path.join(directory, name)
         os.makedirs(sub, exist_ok=True)
-        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections, odmr_extra)
+        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections, odmr_extra,
+                                   smtp_extra)
         self.log_path = os.path.join(directory, name + ".log")
         self.proc: Optional[subprocess.Popen] = None
 
