@@ -82,8 +82,7 @@ def _dsn_headers(hostname: str, sender: str, action: str, boundary: str) -> List
     return [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
         "To: <%s>" % sender,
-        "Subject: %s" % ("Undelivered Mail Returned to Sender" if action == "failed"
-                         else "Delayed Mail (still being retried)"),
+        "Subject: %s" % _SUBJECTS[action],
         "Date: %s" % email.utils.formatdate(localtime=True),
         "Message-ID: %s" % email.utils.make_msgid(domain=hostname),
         "Auto-Submitted: auto-replied",
@@ -92,9 +91,18 @@ def _dsn_headers(hostname: str, sender: str, action: str, boundary: str) -> List
     ]
 
 
+_SUBJECTS = {"failed": "Undelivered Mail Returned to Sender",
+             "delayed": "Delayed Mail (still being retried)",
+             "relayed": "Delivery Status Notification (relayed)"}
+
+
 def _intro(hostname: str, results: Dict[str, str], action: str) -> List[str]:
     """The human-readable part."""
-    if action == "failed":
+    if action == "relayed":
+        intro = ["This is the mail system at %s." % hostname, "",
+                 "Your message was handed to the following recipients' server, which does not",
+                 "send delivery notices itself: this is the last notice you will get.", ""]
+    elif action == "failed":
         intro = ["This is the mail system at %s." % hostname, "",
                  "Your message could not be delivered to the following recipients.",
                  "This is a permanent error; the message has been removed from the queue.", ""]
@@ -114,7 +122,7 @@ def _status_fields(hostname: str, message: Message, results: Dict[str, str], act
     if env.envid:
         status.append("Original-Envelope-Id: %s" % _clean(env.envid))
     status.append("Arrival-Date: %s" % email.utils.formatdate(env.arrival, localtime=True))
-    default = "5.0.0" if action == "failed" else "4.0.0"
+    default = {"failed": "5.0.0", "relayed": "2.0.0"}.get(action, "4.0.0")
     for rcpt, reply in results.items():
         status.append("")
         if orcpt.get(rcpt):

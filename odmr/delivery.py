@@ -300,6 +300,7 @@ class Run:
         self.smtputf8 = "smtputf8" in features
         self.dsn = "dsn" in features
         self.chunking = "chunking" in features
+        queue.customer_dsn = self.dsn          # else success notices (NOTIFY=SUCCESS) are ours
         self.window = max(1, window) if self.pipelining and self.chunking else 1
         self._stop = stop
         self._open_transaction = False      # windowed: a refused transaction may still be open

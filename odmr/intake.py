@@ -27,8 +27,9 @@ log = logging.getLogger("odmrd.smtp")
 class Transaction(Submission):
     """The envelope being collected between MAIL and the end of DATA."""
 
-    def __init__(self, sender: str, smtputf8: bool, body: str, size: int):
-        super().__init__(sender, smtputf8, body)
+    def __init__(self, sender: str, smtputf8: bool, body: str, size: int, ret: str = "",
+                 envid: str = ""):
+        super().__init__(sender, smtputf8, body, ret, envid)
         self.declared_size = size
 
 
@@ -66,7 +67,7 @@ class IntakeSession(Session):
             return
         self.helo, self.esmtp, self.tx = arg, True, None
         lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
-                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+                 "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         if self.runtime.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
         self.reply(250, *lines)
@@ -122,7 +123,7 @@ class IntakeSession(Session):
         if self.limits.require_tls and not self.tls_active:
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
             return self.count_bad_command()
-        parsed = self.mail_command(arg, self.esmtp)
+        parsed = self.mail_command(arg, self.esmtp, dsn=True)
         if parsed is None:
             return
         sender, params = parsed
@@ -146,7 +147,7 @@ class IntakeSession(Session):
                      self.peer, printable(sender), routed)
             self.reply(550, "5.7.1 Routing refused: %s" % routed)
             return
-        self.tx = Transaction(sender, smtputf8, params.body, size)
+        self.tx = Transaction(sender, smtputf8, params.body, size, params.ret, params.envid)
         self.reply(*replies.MAIL_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
@@ -160,7 +161,7 @@ class IntakeSession(Session):
         except (TypeError, ValueError):
             return self.refuse(replies.RCPT_SYNTAX)
         try:
-            parse_rcpt_params(param_text)
+            dsn = parse_rcpt_params(param_text, dsn=True)
         except BadParameter as exc:
             return self.refuse(exc.reply)
         if len(address) > 256:
@@ -187,7 +188,7 @@ class IntakeSession(Session):
         if not self.runtime.quota_ok(domain, tx.declared_size):
             self.reply(452, "4.2.2 Mailbox full for %s, try again later" % domain)
             return
-        tx.add(address, domain)                    # the same mailbox twice is delivered once
+        tx.add(address, domain, dsn.notify, dsn.orcpt)   # the same mailbox twice is delivered once
         self.reply(250, text)
 
     def smtp_DATA(self, arg: str) -> None:

@@ -154,6 +154,7 @@ class Drain:
         # set when a result could not be recorded: delivery sends nothing more, reads the
         # replies still owed, and QUITs (SPEC §7: no message delivered twice)
         self.must_stop = False
+        self.customer_dsn = False              # the customer offered DSN: it sends success notices
         self._dsn_failed: Set[str] = set()      # ids whose DSN failed: one attempt per session
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
@@ -230,10 +231,11 @@ class Drain:
         errors: List[str] = []                  # temporary: why recipients are still waiting
         permanent: List[str] = []
         newly_failed: Dict[str, str] = {}
+        delivered: Dict[str, str] = {}
         for rcpt, (code, text) in results.items():
             reply = reply_text(code, text)
             if 200 <= code < 300:
-                state.done[rcpt] = reply
+                state.done[rcpt] = delivered[rcpt] = reply
                 kind = "delivered"
                 self.delivered += 1
             elif 500 <= code < 600:
@@ -260,11 +262,21 @@ class Drain:
             # tell the sender now about the recipients that failed for good, not when the
             # others are finally collected (state.bounced: every failure so far was notified)
             self._bounce(message, newly_failed if state.bounced else dict(state.failed))
+        if delivered and not self.customer_dsn:
+            self._relayed(message, delivered)
         metrics.delivery_recorded(self, message, results)
         if not message.pending():
             self._finish(message)
         else:
             self._save(message)
+
+    def _relayed(self, message: Message, delivered: Dict[str, str]) -> None:
+        """A success notice asked for (NOTIFY=SUCCESS) and owed by us: a courtesy, so a
+        spool that cannot take it is logged, and the delivery stands."""
+        try:
+            notify_relayed(self.runtime, message, delivered)
+        except (SpoolError, OSError) as exc:
+            log.error("delivery: cannot queue the relayed DSN for id=%s: %s", message.id, exc)
 
     def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
         """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be.
@@ -349,9 +361,22 @@ def notify_failed(runtime, message: Message, failed: Dict[str, str]) -> None:
 
 
 def notify_delayed(runtime, message: Message, reason: str) -> bool:
-    """Queue an `Action: delayed` DSN for the pending recipients; False if none was wanted."""
-    return bool(send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message,
-                         {r.address: reason for r in message.pending()}, action="delayed"))
+    """Queue an `Action: delayed` DSN for the pending recipients whose sender did not
+    ask otherwise (RFC 3461 NOTIFY without DELAY, or NEVER); False if none was wanted."""
+    wanted = {r.address: reason for r in message.pending()
+              if not r.notify or "DELAY" in r.notify.upper()}
+    return bool(wanted) and bool(send_dsn(runtime.spool, runtime.hosted_domains(),
+                                          runtime.hostname, message, wanted, action="delayed"))
+
+
+def notify_relayed(runtime, message: Message, delivered: Dict[str, str]) -> None:
+    """RFC 3461 §6.2.2.2: a customer without DSN took recipients whose sender asked for
+    NOTIFY=SUCCESS; the notice that the message left DSN's reach is ours to send."""
+    wanted = {r.address: delivered[r.address] for r in message.envelope.recipients
+              if r.address in delivered and "SUCCESS" in r.notify.upper()}
+    if wanted:
+        send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, wanted,
+                 action="relayed")
 
 
 def return_to_sender(runtime, message: Message, reply: str) -> None:

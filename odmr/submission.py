@@ -38,14 +38,17 @@ class TooBig(Exception):
 class Submission:
     """The envelope of one message on its way in: sender, options, recipients by domain."""
 
-    def __init__(self, sender: str, smtputf8: bool = False, body: str = ""):
+    def __init__(self, sender: str, smtputf8: bool = False, body: str = "",
+                 ret: str = "", envid: str = ""):
         self.sender = sender
         self.smtputf8 = smtputf8
         self.body = body
+        self.ret, self.envid = ret, envid          # DSN (RFC 3461), as the client gave them
         self.recipients: Dict[str, str] = {}       # address -> domain, in order
+        self._dsn: Dict[str, Tuple[str, str]] = {}     # address -> (NOTIFY, ORCPT)
         self._mailboxes: Set[str] = set()          # mailbox_key() of each, against duplicates
 
-    def add(self, address: str, domain: str) -> None:
+    def add(self, address: str, domain: str, notify: str = "", orcpt: str = "") -> None:
         """Take an accepted recipient; the same mailbox twice is delivered once. It is
         spooled and delivered with the domain's A-label: a customer without SMTPUTF8 can
         take it, and no IDNA 2003 MTA downstream can map it onto another domain. (A bounce
@@ -53,7 +56,10 @@ class Submission:
         key = mailbox_key(address, domain)
         if key not in self._mailboxes:
             self._mailboxes.add(key)
-            self.recipients[key if domain != OUTBOUND else address] = domain
+            stored = key if domain != OUTBOUND else address
+            self.recipients[stored] = domain
+            if notify or orcpt:
+                self._dsn[stored] = (notify, orcpt)
 
     def by_domain(self) -> Dict[str, List[str]]:
         """{domain: [addresses]} in first-seen order: one spool copy each."""
@@ -65,8 +71,10 @@ class Submission:
     def envelopes(self, client: str, arrival: Optional[float] = None) -> Dict[str, Envelope]:
         """One envelope per domain, each naming only that domain's recipients."""
         now = time.time() if arrival is None else arrival
-        return {domain: Envelope(sender=self.sender, recipients=[Recipient(a) for a in addresses],
-                                 body=self.body, smtputf8=self.smtputf8, arrival=now, client=client)
+        return {domain: Envelope(sender=self.sender,
+                                 recipients=[Recipient(a, *self._dsn.get(a, ("", ""))) for a in addresses],
+                                 body=self.body, smtputf8=self.smtputf8, ret=self.ret, envid=self.envid,
+                                 arrival=now, client=client)
                 for domain, addresses in self.by_domain().items()}
 
     def start(self, spool: Spool, client: str, trace: Optional[TraceHeader] = None,

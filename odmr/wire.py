@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -414,7 +415,7 @@ class Session:
             return False
         return True
 
-    def mail_command(self, arg: str, esmtp: bool):
+    def mail_command(self, arg: str, esmtp: bool, dsn: bool = False):
         """MAIL's path and parameters, parsed once for every server: (sender, MailParams),
         or None after the 501/555 reply."""
         parsed = parse_path(arg, "FROM:")
@@ -423,7 +424,7 @@ class Session:
             return None
         sender, param_text = parsed
         try:
-            return sender, parse_mail_params(param_text, esmtp)
+            return sender, parse_mail_params(param_text, esmtp, dsn)
         except BadParameter as exc:
             self.refuse(exc.reply)
             return None
@@ -493,22 +494,46 @@ class MailParams:
     size: Optional[int] = None      # SIZE= (RFC 1870); None when not declared
     body: str = ""                  # "", "7BIT" or "8BITMIME" (RFC 6152)
     smtputf8: bool = False          # RFC 6531
+    ret: str = ""                   # DSN (RFC 3461): "FULL", "HDRS" or ""
+    envid: str = ""                 # DSN: the sender's envelope id, as xtext
 
 
-def parse_mail_params(text: str, esmtp: bool = True) -> MailParams:
+@dataclass(frozen=True)
+class RcptParams:
+    """The DSN parameters of one RCPT (RFC 3461 §4.1, §4.2), as received."""
+    notify: str = ""                # "NEVER" or a list of SUCCESS, FAILURE, DELAY
+    orcpt: str = ""                 # addr-type;xtext
+
+
+_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")            # RFC 3461 §4
+_UTF8_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2}|[^\x00-\x7f])*$")   # RFC 6533 unitext
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def parse_mail_params(text: str, esmtp: bool = True, dsn: bool = False) -> MailParams:
     """The one reading of MAIL parameters for every SMTP server here.
 
     A malformed list, parameters after HELO, or a SIZE that is not a number is
     501 (bad syntax); a parameter, or a BODY value, or a value on SMTPUTF8,
-    that this server does not implement is 555 (RFC 5321 §4.1.1.11)."""
+    that this server does not implement is 555 (RFC 5321 §4.1.1.11). `dsn`:
+    the server offers DSN, so RET and ENVID are taken (501 when malformed)."""
     params = parse_params(text)
     if params is None or (params and not esmtp):
         raise BadParameter(replies.BAD_MAIL_PARAMETERS)
     size: Optional[int] = None
     body = ""
     smtputf8 = False
+    ret = envid = ""
     for key, value in params.items():
-        if key == "SIZE":
+        if dsn and key == "RET":
+            if value.upper() not in ("FULL", "HDRS"):
+                raise BadParameter((501, "5.5.4 Syntax: RET=FULL or RET=HDRS"))
+            ret = value.upper()
+        elif dsn and key == "ENVID":
+            if not value or len(value) > 100 or not _XTEXT.match(value):
+                raise BadParameter((501, "5.5.4 Syntax: ENVID=xtext of at most 100 characters"))
+            envid = value
+        elif key == "SIZE":
             if not (value.isascii() and value.isdigit()):
                 raise BadParameter(replies.SIZE_SYNTAX)
             size = int(value[:40])          # an absurd number is simply too big (552)
@@ -519,14 +544,33 @@ def parse_mail_params(text: str, esmtp: bool = True) -> MailParams:
         else:
             code, text = replies.UNSUPPORTED_MAIL_PARAMETER
             raise BadParameter((code, text % key))
-    return MailParams(size, body, smtputf8)
+    return MailParams(size, body, smtputf8, ret, envid)
 
 
-def parse_rcpt_params(text: str) -> None:
-    """No RCPT parameter is implemented by the SMTP servers here (no DSN): any is 555."""
+def parse_rcpt_params(text: str, dsn: bool = False) -> RcptParams:
+    """RCPT parameters: only DSN's NOTIFY and ORCPT, and only where DSN is offered
+    (`dsn`); any other is 555, a malformed one 501."""
     params = parse_params(text)
-    if params is None or params:
+    if params is None or (params and not dsn):
         raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
+    notify = orcpt = ""
+    for key, value in params.items():
+        if key == "NOTIFY":
+            words = [w.upper() for w in value.split(",")]
+            if not (words == ["NEVER"] or (words and set(words) <= _NOTIFY
+                                           and len(set(words)) == len(words))):
+                raise BadParameter((501, "5.5.4 Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY"))
+            notify = ",".join(words)
+        elif key == "ORCPT":
+            kind, semicolon, address = value.partition(";")
+            if not semicolon or not kind or not address or len(value) > 500 \
+                    or not all(c.isascii() and (c.isalnum() or c == "-") for c in kind) \
+                    or not _UTF8_XTEXT.match(address) or not address.isprintable():
+                raise BadParameter((501, "5.5.4 Syntax: ORCPT=addr-type;xtext"))
+            orcpt = value
+        else:
+            raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
+    return RcptParams(notify, orcpt)
 
 
 def parse_path(arg: str, keyword: str, raw: bool = False):
