@@ -127,10 +127,9 @@ class Runtime:
         policy = self.settings.policy(domain)
         if not policy.max_bytes and not policy.max_messages:
             return True
-        count, size = self.spool.usage(domain)
-        if policy.max_messages and count >= policy.max_messages:
-            return False
-        if policy.max_bytes and size + incoming_size > policy.max_bytes:
-            return False
-        return True
+        def room(count: int, size: int) -> bool:
+            return not ((policy.max_messages and count >= policy.max_messages)
+                        or (policy.max_bytes and size + incoming_size > policy.max_bytes))
+        # a refusal is never made on a cached count: the domain may have just been emptied
+        return room(*self.spool.usage(domain)) or room(*self.spool.usage(domain, fresh=True))
 

@@ -44,6 +44,7 @@ CHUNK = 65536
 OUTBOUND = ".outbound"       # bounces for senders outside the hosted domains, waiting for bounce_relay
 QUARANTINE = ".quarantine"   # unusable messages set aside: <root>/.quarantine/<queue>/<id>
 _STAT_TTL = 30.0
+_MTIME_TICK_NS = 20_000_000  # directory mtimes move in coarse clock ticks (1-10 ms)
 _OPEN_QUEUES = 64            # queue directories held open (two descriptors each), the oldest closed first
 _LINK_LOG_EVERY = 60.0       # one warning per planted link and minute (the relay polls every 5 s)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -727,7 +728,7 @@ class Spool:
         self._group = _GroupSync()
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._usage: Dict[str, List[float]] = {}      # domain -> [count, bytes, scanned_at]
+        self._usage: Dict[str, list] = {}      # domain -> [count, bytes, scanned_at, dir mtime_ns]
         self._usage_guard = threading.Lock()
         self._open: "OrderedDict[str, _QueueDir]" = OrderedDict()   # queue -> its open directory
         self._open_guard = threading.Lock()
@@ -1310,12 +1311,17 @@ class Spool:
         return DomainClaim(self, domains)
 
     # -- usage (quotas) -----------------------------------------------------
-    def usage(self, domain: str) -> Tuple[int, int]:
-        """(messages, bytes) waiting for a domain; cached, rescanned every 30 s."""
+    def usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
+        """(messages, bytes) waiting for a domain. Cached while the domain directory's
+        mtime stays what it was (any process or node adding or removing a message
+        changes it), at most 30 s; `fresh`: counted now."""
         now = time.monotonic()
+        stamp = self._dir_stamp(domain)
+        # a directory changed within a clock tick may change again without a new mtime
+        settled = stamp is not None and time.time_ns() - stamp > _MTIME_TICK_NS
         with self._usage_guard:
             entry = self._usage.get(domain)
-            if entry and now - entry[2] < _STAT_TTL:
+            if not fresh and settled and entry and entry[3] == stamp and now - entry[2] < _STAT_TTL:
                 return int(entry[0]), int(entry[1])
         count = total = 0
         try:
@@ -1329,15 +1335,24 @@ class Spool:
         except (FileNotFoundError, NotADirectoryError, LinkRefused):
             pass
         with self._usage_guard:
-            self._usage[domain] = [count, total, now]
+            self._usage[domain] = [count, total, now, stamp]
         return count, total
 
+    def _dir_stamp(self, domain: str) -> Optional[int]:
+        try:
+            return os.lstat(os.path.join(self.root, domain)).st_mtime_ns
+        except OSError:
+            return None
+
     def _count_added(self, domain: str, size: int, count: int = 1) -> None:
+        """This process's own change: counted, and the directory's new mtime taken as known."""
+        stamp = self._dir_stamp(domain)
         with self._usage_guard:
             entry = self._usage.get(domain)
             if entry:
                 entry[0] += count
                 entry[1] += size
+                entry[3] = stamp
 
 
 @dataclass

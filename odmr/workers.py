@@ -143,7 +143,8 @@ class WorkerPool:
                 domain, size = rest.split()
                 metrics.message_received(domain.decode("ascii"), int(size))
             elif kind == b"U":
-                count, size = self.service.spool.usage(rest.decode("ascii"))
+                domain, _, fresh = rest.partition(b" ")
+                count, size = self.service.spool.usage(domain.decode("ascii"), fresh == b"1")
                 self._send(worker, b"u %d %d" % (count, size))
         self._gone(worker)
 
@@ -375,15 +376,15 @@ class _WorkerSide:
             return not self._active
 
     # -- quotas: the main process keeps the count -----------------------------------
-    def usage(self, domain: str):
+    def usage(self, domain: str, fresh: bool = False):
         with self._ask_lock:
             while not self._answers.empty():        # a late answer to a question given up on
                 self._answers.get_nowait()
             try:
-                self.channel.send(b"U " + domain.encode("ascii"))
+                self.channel.send(b"U %s %d" % (domain.encode("ascii"), fresh))
                 answer = self._answers.get(timeout=USAGE_WAIT)
             except (OSError, queue.Empty):
-                return self._local_usage(domain)
+                return self._local_usage(domain, fresh)
         _, count, size = answer.split()
         return int(count), int(size)
 
