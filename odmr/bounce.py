@@ -11,12 +11,14 @@ were stored (bytes, CRLF), not re-folded.
 """
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import re
 import secrets
 from typing import Dict, List, Optional, Tuple
 
+from odmr.folding import break_long_lines
 from odmr.names import normalize_domain, split_address
 from odmr.spool import OUTBOUND, Message, Spool
 from odmr.submission import Submission, store
@@ -45,8 +47,7 @@ def _original(message: Message, full: bool) -> Tuple[bytes, bool]:
         data = fh.read(limit + 1)
     if full and len(data) <= limit:
         return data, True
-    end = data.find(b"\r\n\r\n")
-    return (data[: end + 2] if end >= 0 else data[:HEADERS_LIMIT]), False
+    return _headers_of(data), False
 
 
 def _clean(text: str) -> str:
@@ -55,30 +56,50 @@ def _clean(text: str) -> str:
 
 
 def build_dsn(hostname: str, message: Message, results: Dict[str, str], action: str = "failed") -> bytes:
-    """A multipart/report DSN; `results` maps each recipient to the customer's reply (or a reason)."""
+    """A multipart/report DSN; `results` maps each recipient to the customer's reply (or a reason).
+
+    Always 7-bit with lines of at most 998 octets (a UTF-8 part is base64, RFC 6533
+    §6.2-6.3), so any relay or customer can take it, with or without 8BITMIME."""
     env = message.envelope
     boundary = "=_odmrd_%s" % secrets.token_hex(12)
     orcpt = {r.address: r.orcpt for r in env.recipients}
     # RFC 6533: a report about an internationalised address is a global one, and names
     # it with the utf-8 address type; raw UTF-8 never goes into an rfc822 field
     international = not all(r.isascii() and orcpt.get(r, "").isascii() for r in results)
-    report_type = "message/global-delivery-status" if international else "message/delivery-status"
-    text = _crlf_join(_intro(hostname, results, action))
+    report_type = "global-delivery-status" if international else "delivery-status"
     original, whole = _original(message, env.ret.upper() == "FULL")
-    out = [_crlf_join(_dsn_headers(hostname, env.sender, action, boundary)), b"\r\n\r\n",
-           b"This is a MIME-encapsulated delivery status notification.\r\n\r\n",
-           ("--%s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: %s\r\n\r\n"
-            % (boundary, "7bit" if text.isascii() else "8bit")).encode(),
-           text, b"\r\n\r\n",
-           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, report_type)).encode(),
-           _crlf_join(_status_fields(hostname, message, results, action)), b"\r\n\r\n",
-           ("--%s\r\nContent-Type: %s\r\n\r\n" % (boundary, _returned_type(original, whole))).encode(),
-           original if original.endswith(b"\r\n") else original + b"\r\n",
-           ("\r\n--%s--\r\n" % boundary).encode()]
+    if whole and not original.isascii():             # message/rfc822 cannot be encoded:
+        original, whole = _headers_of(original), False     # the headers say enough
+    out = [_crlf_join(_dsn_headers(hostname, env.sender, action, boundary, report_type)),
+           b"\r\n\r\nThis is a MIME-encapsulated delivery status notification.\r\n\r\n",
+           _part(boundary, "text/plain; charset=utf-8", _crlf_join(_intro(hostname, results, action))),
+           _part(boundary, "message/" + report_type,
+                 _crlf_join(_status_fields(hostname, message, results, action))),
+           _part(boundary, _returned_type(original, whole), original),
+           ("--%s--\r\n" % boundary).encode()]
     return b"".join(out)
 
 
-def _dsn_headers(hostname: str, sender: str, action: str, boundary: str) -> List[str]:
+def _part(boundary: str, content_type: str, payload: bytes) -> bytes:
+    """One body part: as it is when 7-bit, else base64 (for UTF-8 text and global types)."""
+    if not payload.endswith(b"\r\n"):
+        payload += b"\r\n"
+    if payload.isascii():
+        encoding, payload = "7bit", break_long_lines(payload)
+    else:
+        encoding = "base64"
+        payload = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return ("--%s\r\nContent-Type: %s\r\nContent-Transfer-Encoding: %s\r\n\r\n"
+            % (boundary, content_type, encoding)).encode() + payload + b"\r\n"
+
+
+def _headers_of(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data[: end + 2] if end >= 0 else data[:HEADERS_LIMIT]
+
+
+def _dsn_headers(hostname: str, sender: str, action: str, boundary: str,
+                 report_type: str) -> List[str]:
     return [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
         "To: <%s>" % sender,
@@ -87,7 +108,7 @@ def _dsn_headers(hostname: str, sender: str, action: str, boundary: str) -> List
         "Message-ID: %s" % email.utils.make_msgid(domain=hostname),
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="%s"' % boundary,
+        'Content-Type: multipart/report; report-type=%s;\r\n boundary="%s"' % (report_type, boundary),
     ]
 
 

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
+from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
 
@@ -93,7 +94,7 @@ def _closed(client: smtplib.SMTP) -> bool:
 def _relay_one(runtime: Runtime, client: smtplib.SMTP, message: Message, now: float) -> str:
     spool = runtime.spool
     pending = [r.address for r in message.pending()]
-    data = message.read_data()
+    data = break_long_lines(message.read_data())      # RFC 5321 §4.5.3.1.6, as for customers
     refusal, options = _transport(client, message, pending, data)
     try:
         if refusal is not None:

@@ -91,7 +91,8 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     spooling = submission.start(runtime.spool, "local user %s" % user,
                                 lambda msg_id, rcpts: local_received_header(hostname, msg_id, rcpts),
                                 runtime.settings.smtp.max_message_size,
-                                HopCount(hostname, runtime.settings.smtp.max_received_headers))
+                                HopCount(hostname, runtime.settings.smtp.max_received_headers,
+                                         domains=submission.by_domain()))
     if spooling.failure is not None:             # before reading: the MTA keeps it and retries
         raise EnqueueError(str(spooling.failure), EX_TEMPFAIL)
     try:

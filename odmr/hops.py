@@ -10,12 +10,13 @@ mean the message keeps coming back here.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Iterable, Optional
 
 MAX_OWN_HOPS = 3                    # our own Received: fields a message may already carry
 _MAX_LINE = 4096                    # of a header line kept for looking at
 _MAX_HEADER = 1024 * 1024           # beyond this the header is not read further
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+_FOR = re.compile(rb" for <[^<>]*@([^<>@ ]+)>")
 
 
 class TooManyHops(Exception):
@@ -27,11 +28,18 @@ class TooManyHops(Exception):
 
 
 class HopCount:
-    """Counts the Received: fields of a header fed in pieces of any size."""
+    """Counts the Received: fields of a header fed in pieces of any size.
 
-    def __init__(self, hostname: str, max_received: int, max_own: int = MAX_OWN_HOPS):
+    Our own fields count for the message's `domains` only: one whose `for` clause
+    names another domain is another delivery (a list at one customer sending to
+    subscribers at another is no loop); one without `for` (several recipients)
+    counts for every domain."""
+
+    def __init__(self, hostname: str, max_received: int, max_own: int = MAX_OWN_HOPS,
+                 domains: Iterable[str] = ()):
         self.max_received = max_received
         self.max_own = max_own
+        self.domains = {d.lower() for d in domains}
         self.received = 0
         self.own = 0
         self.done = False
@@ -91,9 +99,15 @@ class HopCount:
     def _field_ended(self) -> None:
         if self._field is not None:
             words = b" ".join(self._field.lower().split())
-            if self._marker in words:
+            if self._marker in words and self._for_us(words):
                 self.own += 1
             self._field = None
+
+    def _for_us(self, words: bytes) -> bool:
+        named = _FOR.search(words)
+        if named is None or not self.domains:
+            return True
+        return named.group(1).decode("utf-8", "replace").rstrip(".") in self.domains
 
     def _finish(self) -> None:
         self._field_ended()

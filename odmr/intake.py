@@ -214,7 +214,7 @@ class IntakeSession(Session):
                                    msg_id, recipients)
 
         limit = self.limits.max_message_size
-        hops = HopCount(self.hostname(), self.limits.max_received_headers)
+        hops = HopCount(self.hostname(), self.limits.max_received_headers, domains=tx.by_domain())
         spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
                             trace, limit, hops)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable

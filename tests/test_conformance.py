@@ -6,6 +6,7 @@ Everything over real sockets: a real provider in this process, smtplib clients,
 a scripted customer after ATRN, and a small relay server for bounce_relay."""
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import os
@@ -186,13 +187,21 @@ def the_dsn(provider) -> email.message.EmailMessage:
 def test_a_dsn_about_a_utf8_recipient_is_a_global_one(provider):
     bounce_everything(provider, ["jörg@example.org"], smtputf8=True, subject="grüße")
     dsn = the_dsn(provider)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "global-delivery-status"      # RFC 6522 §3
     types = [part.get_content_type() for part in dsn.iter_parts()]
     assert types == ["text/plain", "message/global-delivery-status", "message/global-headers"]
     [dsn_id] = provider.spooled("example.net")
-    raw = provider.spool.load("example.net", dsn_id).read_data().decode("utf-8")
-    report = raw.split("Content-Type: message/global-delivery-status")[1].split("\r\n--")[0]
+    raw = provider.spool.load("example.net", dsn_id).read_data()
+    assert raw.isascii() and max(map(len, raw.split(b"\r\n"))) <= 998    # any relay takes it
+    report = base64.b64decode(raw.split(b"Content-Type: message/global-delivery-status")[1]
+                              .split(b"\r\n\r\n")[1].split(b"\r\n--")[0]).decode("utf-8")
     assert "Final-Recipient: utf-8; jörg@example.org" in report
-    assert "rfc822; jörg" not in raw
+    assert "rfc822; jörg" not in report
+    returned = dsn.get_payload()[2]
+    assert returned["Content-Transfer-Encoding"] == "base64"
+    assert "grüße".encode("utf-8") in base64.b64decode(
+        raw.split(b"Content-Type: message/global-headers")[1].split(b"\r\n\r\n")[1].split(b"\r\n--")[0])
 
 
 def test_a_dsn_about_ascii_recipients_stays_plain_and_7bit(provider):
@@ -212,12 +221,10 @@ def SevenBitRelay(refusals: List[str]) -> RelaySink:
     return RelaySink(refusals, features=[])
 
 
-@pytest.mark.parametrize("rcpt, subject, smtputf8", [
-    ("joe@example.org", "grüße", True),            # an 8-bit header: needs SMTPUTF8 and 8 bits
-    ("jörg@example.org", "plain", True),           # a UTF-8 address in the DSN
-], ids=["utf8-header", "utf8-address"])
-def test_the_bounce_relay_never_sends_8bit_or_utf8_raw(tmp_path, fast_relay, caplog, rcpt, subject,
-                                                        smtputf8):
+@pytest.mark.parametrize("rcpt, subject", [("joe@example.org", "grüße"), ("jörg@example.org", "plain")],
+                         ids=["utf8-header", "utf8-address"])
+def test_dsns_about_internationalised_mail_reach_a_7bit_relay_in_7_bits(tmp_path, fast_relay, rcpt,
+                                                                        subject):
     sink = SevenBitRelay([])
     p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
     p.add_user("alice", ["example.org"])
@@ -225,18 +232,42 @@ def test_the_bounce_relay_never_sends_8bit_or_utf8_raw(tmp_path, fast_relay, cap
     try:
         with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
             c.ehlo()
-            c.sendmail(SENDER, [rcpt], ("Subject: %s\r\n\r\nbody\r\n" % subject).encode("utf-8"),
-                       mail_options=["SMTPUTF8"] if smtputf8 else [])
+            c.sendmail(SENDER, [rcpt], ("Subject: %s\r\nX-Long: %s\r\n\r\nbody\r\n"
+                                        % (subject, "y" * 2500)).encode("utf-8"),
+                       mail_options=["SMTPUTF8"])
         script = Script()
         script.extensions = script.extensions + ["SMTPUTF8"]
         script.rcpt = lambda address: "550 5.1.1 no such user"
         assert atrn(p, script) == "quit"
         wait_sessions_over(p)
-        assert len(queue(p, OUTBOUND)) == 1                  # the DSN, for the relay
         p.service.maintenance.wake()
-        assert wait_for(lambda: queue(p, OUTBOUND) == [] and sink.connections, 15)
-        assert sink.messages == []                            # refused for good, never sent raw
-        assert "does not support" in caplog.text and "never bounced" in caplog.text
+        assert wait_for(lambda: sink.messages, 15), "the relay never got the DSN"
+        [relayed] = sink.messages
+        assert relayed["rcpts"] == [SENDER]
+        assert "8BITMIME" not in relayed["mail"].upper() and "SMTPUTF8" not in relayed["mail"].upper()
+        assert relayed["data"].isascii() and max(map(len, relayed["data"].split(b"\r\n"))) <= 998
+    finally:
+        p.stop()
+        sink.close()
+
+
+def test_8bit_mail_is_never_sent_raw_to_a_7bit_relay(tmp_path, fast_relay, caplog):
+    """The bare postmaster's mail (kept for the relay) with an 8-bit body: refused for
+    good by odmrd itself, and its sender told, in 7 bits, through the same relay."""
+    sink = SevenBitRelay([])
+    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
+    p.add_user("alice", ["example.org"])
+    p.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
+            c.sendmail(SENDER, ["postmaster"], "Subject: x\r\n\r\nGrüße\r\n".encode("utf-8"),
+                       mail_options=["BODY=8BITMIME"])
+        p.service.maintenance.wake()
+        assert wait_for(lambda: sink.messages, 15)
+        p.service.maintenance.wake()
+        assert wait_for(lambda: queue(p, OUTBOUND) == [], 15)
+        assert [m["rcpts"] for m in sink.messages] == [[SENDER]]        # only the DSN
+        assert "5.6.3" in sink.messages[0]["data"].decode() and "does not support" in caplog.text
     finally:
         p.stop()
         sink.close()
@@ -427,3 +458,17 @@ def test_a_421_at_the_end_of_data_does_not_charge_the_next_message(provider):
     wait_sessions_over(provider)
     records = sorted(queue(provider, "example.org"), key=lambda r: r["attempts"])
     assert [r["attempts"] for r in records] == [0, 1], records
+
+
+def own_hop_for(address: str) -> bytes:
+    return (b"Received: from c.test (c.test [127.0.0.1])\r\n\tby odmr.test (odmrd) with ESMTP id 1\r\n"
+            b"\tfor <%s>; Thu, 1 Jan 2026 00:00:00 +0000\r\n" % address.encode())
+
+
+def test_our_own_fields_count_only_for_the_same_domain(provider):
+    """A list at one customer sending to subscribers at others is no loop (issue 15.2:
+    'this provider's own Received: for the same domain')."""
+    elsewhere = [own_hop_for("list@a-list.test"), own_hop_for("x@example.net"), own_hop_for("y@b.test")]
+    assert submit(provider, message(elsewhere))[0] == 250
+    same = [own_hop_for("u@example.org"), own_hop_for("v@Example.ORG"), OWN_HOP]
+    assert submit(provider, message(same))[0] == 554
