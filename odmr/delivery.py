@@ -147,7 +147,7 @@ class ReversedClient(smtplib.SMTP):
                     return int(code), "\n".join(lines)
         except socket.timeout:
             raise ConnectionLost("timeout after %g s waiting for the reply to %s"
-                                 % (self._current_timeout, what)) from None
+                                 % (self._current_timeout, _SAID.get(what, what))) from None
         except (OSError, ValueError) as exc:
             raise ConnectionLost(self._gone("read failed: %s" % exc)) from None
 
@@ -157,6 +157,7 @@ class ReversedClient(smtplib.SMTP):
 
 
 _fmt = reply_text
+_SAID = {"FINAL": "the end of data", "LAST": "BDAT LAST", "DISCARD": "the end of data"}
 
 
 def _described(code: int, text: str) -> str:
@@ -497,6 +498,11 @@ class Run:
                     kind, item, rcpt = expect.popleft()
                     reply = client.reply_at(wait[kind], kind)
                     if kind == "DATA" and reply[0] == 354:
+                        if item.mail_ok and item.accepted and self.queue.must_stop:
+                            # its commands went out with the last dot, before that result could
+                            # not be recorded: after a 354 only hanging up sends nothing more
+                            raise ConnectionLost("results cannot be recorded: connection closed "
+                                                 "in DATA, so that nothing more is delivered")
                         if item.mail_ok and item.accepted:
                             outbox.append(self._send_body(item))
                             later.append(("FINAL", item, ""))

@@ -372,8 +372,8 @@ class LocalSMTPSession(Session):
         free = self.mailbox.free_bytes()
         if free is not None and size + SLACK > free:
             self.deferred += 1
-            self._note_full("%s has %d bytes free, not enough for a message of %d bytes"
-                            % (self.mailbox.path, free, size))
+            self._note_full("%s has %d bytes free, not enough for a message of %d bytes and "
+                            "the %d kept free" % (self.mailbox.path, free, size, SLACK))
             log.info("message from <%s> deferred: %s", sender, self.disk_full)
             self.reply(*replies.NO_STORAGE)
             return True

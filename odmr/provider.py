@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 import socket
 import threading
 from typing import Callable, List, Optional
@@ -27,6 +28,8 @@ from odmr.syntax import helo_name_ok, printable
 from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
 
 log = logging.getLogger("odmrd.odmr")
+
+CLAIM_WAIT = 2.0        # seconds ATRN waits for a domain another session is letting go
 
 # RFC 4954 section 4: a SASL response of up to 12,288 octets of base64, on the AUTH
 # command line (after "AUTH <mechanism> ", a mechanism name being at most 20
@@ -335,7 +338,7 @@ class ODMRSession(Session):
             return
         spool = self.runtime.spool
         try:
-            claim = spool.claim(domains)
+            claim = _claim_soon(spool, domains)
         except DomainBusy as busy:
             log.info("odmr: %s (%s) ATRN %s: %s is being delivered by another session",
                      self.peer, account.name, ",".join(domains), busy)
@@ -378,3 +381,17 @@ class ODMRSession(Session):
         if verb == "AUTH":
             arg = arg.split(" ", 1)[0] + (" ****" if " " in arg else "")
         log.debug("odmr: %s <- %s %s", self.peer, verb, arg[:200])
+
+
+def _claim_soon(spool, domains):
+    """The domains' claim, waiting a moment for one about to be released: a customer that
+    answered a session's QUIT and asks again at once must not get 451 from its own last
+    session still syncing and letting go."""
+    deadline = time.monotonic() + CLAIM_WAIT
+    while True:
+        try:
+            return spool.claim(domains)
+        except DomainBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

@@ -1117,11 +1117,25 @@ class Spool:
                 fh.write(message.state.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.rename(tmp, final, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+            try:
+                os.rename(tmp, final, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+            except IsADirectoryError:           # a directory in the state file's place
+                if not self._set_aside(message.domain, directory, final):
+                    raise
+                os.rename(tmp, final, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
         except BaseException:
             _unlink_quietly(tmp, directory.fd)
             raise
         self._group.sync(directory)
+
+    def _drop_state(self, queue: str, directory: "_QueueDir", msg_id: str) -> None:
+        """A finished message's state file goes with it; a directory there is set aside."""
+        try:
+            os.unlink(msg_id + ".state", dir_fd=directory.fd)
+        except IsADirectoryError:
+            self._set_aside(queue, directory, msg_id + ".state")
+        except OSError:
+            pass
 
     def remove(self, message: Message, sync: bool = True) -> None:
         """Delete a finished message (data first, then its state)."""
@@ -1133,7 +1147,7 @@ class Spool:
             os.unlink(message.id, dir_fd=directory.fd)
         except FileNotFoundError:
             pass
-        _unlink_quietly(message.id + ".state", directory.fd)
+        self._drop_state(message.domain, directory, message.id)
         self._count_added(message.domain, -message.size, -1)
         if sync:
             self._group.sync(directory)
@@ -1164,7 +1178,7 @@ class Spool:
                 return ""
             retired = ""
         if has_state:
-            _unlink_quietly(message.id + ".state", directory.fd)
+            self._drop_state(message.domain, directory, message.id)
         self._count_added(message.domain, -message.size, -1)
         return retired
 
