@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import pytest
 
@@ -47,6 +47,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def close_listener(listener: socket.socket, threads: Sequence[threading.Thread] = ()) -> None:
+    """Close a test server's listening socket only once no thread of it can use it again.
+
+    close() alone neither wakes a thread blocked in accept() nor ends that call: the
+    socket keeps listening, and when the kernel restarts the call (after a stop, a
+    ptrace attach, a signal handled with SA_RESTART) it looks the descriptor *number*
+    up again, which by then may be the next test's provider listener: one of that
+    provider's connections goes to this server's script. shutdown() wakes accept()
+    for good; the threads are joined before close() frees the number."""
+    shut_down(listener)
+    for thread in threads:
+        thread.join(10)
+    listener.close()
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, "test server threads still running: %s" % alive
+
+
+def shut_down(sock: socket.socket) -> None:
+    """Wake whatever thread blocks on `sock` (accept, recv): they return an error or EOF."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)     # also for an SSLSocket, TLS state untouched
+    except OSError:
+        pass
 
 
 def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = "",

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from conftest import PASSWORD, ROOT, Customer, alive, free_port, run_cli, send_mail, wait_for, which, write_config
+from conftest import (PASSWORD, ROOT, Customer, alive, close_listener, free_port, run_cli, send_mail,
+                      shut_down, wait_for, which, write_config)
 from odmr import queueops
 from odmr.daemon import read_pid_file
 
@@ -557,6 +558,7 @@ class Scripted:
         self.after_250 = after_250
         self.peers: List[Peer] = []
         self.errors: List[str] = []
+        self.serving: List[threading.Thread] = []
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -570,7 +572,9 @@ class Scripted:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.serving.append(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -642,11 +646,12 @@ class Scripted:
         return [l for p in self.peers for l in p.lines]
 
     def close(self) -> None:
-        try:   # wakes the accept() thread: close() alone leaves the port listening
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
+        """Stop listening and end every connection thread (see conftest.close_listener)."""
+        close_listener(self.listener, [self.thread])
+        for peer in list(self.peers):
+            shut_down(peer.sock)
+        for thread in list(self.serving):
+            thread.join(10)
         for peer in self.peers:
             try:
                 peer.sock.close()

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import free_port
+from conftest import close_listener, free_port
 
 PROXY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "delay_proxy.py")
 
@@ -52,9 +52,10 @@ def echo_port() -> Iterator[int]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
-    threading.Thread(target=echo_server, args=(listener,), daemon=True).start()
+    accepting = threading.Thread(target=echo_server, args=(listener,), daemon=True)
+    accepting.start()
     yield listener.getsockname()[1]
-    listener.close()
+    close_listener(listener, [accepting])
 
 
 @pytest.fixture

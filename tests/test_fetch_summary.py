@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import PASSWORD, Provider, free_port, send_mail
+from conftest import PASSWORD, Provider, close_listener, free_port, send_mail, shut_down
 from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
                      run_fetch)
 
@@ -40,7 +40,9 @@ class LocalMTA:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.conns: List[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
     def _accept(self) -> None:
         while True:
@@ -48,7 +50,10 @@ class LocalMTA:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(20)
@@ -110,7 +115,12 @@ class LocalMTA:
             conn.sendall(b"250 2.0.0 Ok: queued\r\n")
 
     def close(self) -> None:
-        self.listener.close()
+        """Stop listening and end the connection threads (see conftest.close_listener)."""
+        shut_down(self.listener)
+        self.threads[0].join(10)                    # no connection accepted after this
+        for conn in self.conns:
+            shut_down(conn)
+        close_listener(self.listener, self.threads)
 
 
 @pytest.fixture
