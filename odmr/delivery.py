@@ -271,7 +271,8 @@ class Job:
         if body is not None:
             body = break_long_lines(body)          # RFC 5321 §4.5.3.1.6: 998 octets a line
         if body is not None and stuffed:
-            tail = b".\r\n" if not body or body.endswith(b"\n") else b"\r\n.\r\n"
+            # the end of data is always CRLF.CRLF, never LF.CRLF (SPEC §5: smuggling)
+            tail = b".\r\n" if not body or body.endswith(b"\r\n") else b"\r\n.\r\n"
             self.payload = dot_stuff(body, True) + tail
         elif body is not None:
             self.payload = body
@@ -684,12 +685,12 @@ class Run:
         if job.payload is not None:
             return job.payload
         at_line_start = True
-        last = b"\n"
+        last = b"\r\n"
         for chunk in _broken(self.queue.text(job.message)):
             client.send(dot_stuff(chunk, at_line_start))
             at_line_start = chunk.endswith(b"\n")
-            last = chunk[-1:]
-        return b".\r\n" if last == b"\n" else b"\r\n.\r\n"
+            last = chunk[-2:] if len(chunk) > 1 else (last + chunk)[-2:]
+        return b".\r\n" if last == b"\r\n" else b"\r\n.\r\n"
 
     # -- results: back to the queue manager -------------------------------------
     def _lost(self, jobs: List[Job], exc: BaseException) -> None:

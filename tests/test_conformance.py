@@ -472,3 +472,16 @@ def test_our_own_fields_count_only_for_the_same_domain(provider):
     assert submit(provider, message(elsewhere))[0] == 250
     same = [own_hop_for("u@example.org"), own_hop_for("v@Example.ORG"), OWN_HOP]
     assert submit(provider, message(same))[0] == 554
+
+
+@pytest.mark.parametrize("filler", [0, 600 * 1024], ids=["small", "streamed"])
+def test_the_end_of_data_is_always_crlf_dot_crlf(provider, filler):
+    """A spool file whose text ends in a bare LF (written by hand, or by an old version):
+    the terminator still starts with CRLF (never <LF>.<CRLF>, SPEC §5)."""
+    from odmr.spool import Envelope, Recipient
+    text = b"Subject: lf\r\n\r\n" + b"filler\r\n" * (filler // 8) + b"ends with LF\n"
+    provider.spool.store("example.org", Envelope(SENDER, [Recipient("x@example.org")]), text)
+    script = Script()
+    assert atrn(provider, script) == "quit"
+    [got] = script.messages
+    assert got["data"].endswith(b"ends with LF\n\r\n")
