@@ -713,9 +713,21 @@ def parse_dump(raw: bytes) -> Dumped:
 
 
 def as_stored(data: bytes) -> bytes:
-    """What the sink stores for message `data` sent over SMTP: LF endings, a final newline."""
-    text = data.replace(b"\r\n", b"\n")
+    """What the sink stores for message `data` sent over SMTP: LF endings, a final newline,
+    lines over 998 octets broken by the provider (RFC 5321 §4.5.3.1.6)."""
+    from odmr.folding import break_long_lines
+    text = break_long_lines(data).replace(b"\r\n", b"\n")
     return text if text.endswith(b"\n") else text + b"\n"
+
+
+def assert_same(got: bytes, expected: bytes, what: str = "") -> None:
+    """Two (large) texts equal; else where they part, without pytest's diff of megabytes
+    (which takes minutes when CI turns its truncation off)."""
+    if got == expected:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    raise AssertionError("%s: %d octets, expected %d; they part at octet %d: %r / %r" % (
+        what or "text", len(got), len(expected), at, got[at:at + 40], expected[at:at + 40]))
 
 
 class Sink:

@@ -24,7 +24,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
-                     SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, err, run_fetch, scripted_args)
+                     SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, assert_same, err, run_fetch,
+                     scripted_args)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from
@@ -74,7 +75,7 @@ def test_relay_into_smtp_sink_byte_for_byte(provider):
         assert d.rcpt_args == ["<x@example.org>"]
     assert sorted(got) == sorted(sent)
     for subject, data in sent.items():
-        assert got[subject].content == as_stored(data)
+        assert_same(got[subject].content, as_stored(data), subject)
 
 
 @pytest.mark.slow

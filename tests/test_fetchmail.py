@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import Provider, send_mail
-from helpers import FETCHMAIL, SMTP_SINK, Dumped, Sink, as_stored, run_fetchmail, transcript
+from helpers import FETCHMAIL, SMTP_SINK, Dumped, Sink, as_stored, assert_same, run_fetchmail, transcript
 
 
 pytestmark = [
@@ -98,7 +98,7 @@ def test_several_messages_for_two_domains(provider, sink, tmp_path):
     assert sorted(got) == sorted(sent)
     for subject, (rcpt, data, options) in sent.items():
         d = got[subject]
-        assert d.content == as_stored(data), subject
+        assert_same(d.content, as_stored(data), subject)
         assert d.rcpt_args == ["<%s>" % rcpt]
         assert d.mail_args.split()[0] == "<sender@outside.test>"
         check_trace(d, [rcpt])
@@ -121,7 +121,7 @@ def test_multi_recipient_message_split_per_domain(provider, sink, tmp_path):
     assert sorted(tuple(d.rcpt_args) for d in dumps) == [
         ("<a@example.org>", "<b@example.org>"), ("<c@example.com>",)]
     for d in dumps:
-        assert d.content == as_stored(data)
+        assert_same(d.content, as_stored(data))
         assert b"(odmrd)" in d.odmrd_received
     assert provider.spooled("example.org") == [] and provider.spooled("example.com") == []
     # bob's copy is untouched by alice's run
@@ -154,7 +154,7 @@ def test_message_over_one_megabyte(tmp_path, sink):
         assert result.returncode == 0, transcript(result)
         dumps = sink.messages()
         assert len(dumps) == 1
-        assert dumps[0].content == as_stored(data)
+        assert_same(dumps[0].content, as_stored(data))
         assert p.spooled("example.org") == []
     finally:
         p.stop()
