@@ -6,12 +6,14 @@ byte-exactly from the raw socket, before TLS, so no client data is consumed.
 from __future__ import annotations
 
 import ipaddress
+import re
 import select
 import socket
 import struct
 import time
 from typing import Iterable, Optional, Tuple
 
+_ADDRESS_TEXT = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107
 
@@ -91,14 +93,23 @@ def _read_v1(sock: socket.socket) -> Optional[Tuple[str, int]]:
         return None
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         raise ProxyError("malformed PROXY v1 header")
+    if not all(_ADDRESS_TEXT.match(text) for text in parts[2:4]) \
+            or not all(text.isascii() and text.isdigit() and len(text) <= 5 for text in parts[4:6]):
+        raise ProxyError("malformed PROXY v1 addresses")     # no zone id, nothing but an address
     try:
         address = ipaddress.ip_address(parts[2])
         port = int(parts[4])
     except ValueError:
         raise ProxyError("malformed PROXY v1 addresses") from None
-    if (address.version == 4) != (parts[1] == "TCP4") or not 0 <= port <= 65535 or not parts[4].isdigit():
+    if (address.version == 4) != (parts[1] == "TCP4") or not 0 <= port <= 65535:
         raise ProxyError("malformed PROXY v1 addresses")
-    return str(address), port
+    return _plain(address), port
+
+
+def _plain(address) -> str:
+    """The client as one address for logs, limits and Received: (::ffff:a.b.c.d is a.b.c.d)."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
 
 
 def _read_v2(sock: socket.socket) -> Optional[Tuple[str, int]]:
@@ -119,7 +130,7 @@ def _read_v2(sock: socket.socket) -> Optional[Tuple[str, int]]:
     if family >> 4 == 1 and len(body) >= 12:
         return socket.inet_ntop(socket.AF_INET, body[0:4]), struct.unpack("!H", body[8:10])[0]
     if family >> 4 == 2 and len(body) >= 36:
-        return socket.inet_ntop(socket.AF_INET6, body[0:16]), struct.unpack("!H", body[32:34])[0]
+        return _plain(ipaddress.IPv6Address(body[0:16])), struct.unpack("!H", body[32:34])[0]
     if family >> 4 == 0:
         return None
     raise ProxyError("unsupported PROXY v2 address family")

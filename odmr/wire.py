@@ -474,7 +474,8 @@ def parse_params(text: str) -> Optional[Dict[str, str]]:
     params: Dict[str, str] = {}
     for item in text.split():
         key, _, value = item.partition("=")
-        if not key or not all(c.isalnum() or c == "-" for c in key) or not key.isascii():
+        if not key or not all(c.isalnum() or c == "-" for c in key) or not key.isascii() \
+                or key.upper() in params:          # a keyword at most once (RFC 5321 §4.1.2)
             return None
         params[key.upper()] = value
     return params

@@ -118,3 +118,21 @@ def test_delay_notices_follow_notify(provider, notify, warned):
     provider.service.maintenance.run_once(now=time.time() + 5 * 3600, force_expiry=True)
     found = [d for d in dsns(provider) if report_fields(d)[0]["action"] == "delayed"]
     assert len(found) == (1 if warned else 0)
+
+
+@pytest.mark.parametrize("mail, rcpt", [(" RET=FULL RET=HDRS", ""), (" ENVID=a ENVID=b", ""),
+                                        ("", " NOTIFY=SUCCESS NOTIFY=FAILURE")],
+                         ids=["ret", "envid", "notify"])
+def test_a_parameter_given_twice_is_501(provider, mail, rcpt):
+    c = Customer(provider.smtp_port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.test")
+        reply = c.cmd("MAIL FROM:<%s>%s" % (SENDER_HOSTED, mail))
+        if mail:
+            assert reply[0] == 501
+            return
+        assert reply[0] == 250
+        assert c.cmd("RCPT TO:<a@example.org>%s" % rcpt)[0] == 501
+    finally:
+        c.close()

@@ -113,3 +113,28 @@ def test_a_daemon_with_intake_workers_reads_the_header_too(tmp_path):
         assert "192.0.2.7:5555" in d.log()
     finally:
         d.cleanup()
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP6 fe80::1%a ::1 5555 25\r\n",                                  # a zone id
+    b"PROXY TCP6 fe80::1%a\nRecipient:\t<evil@b.test>\nBody:\t7BIT ::1 5555 25\r\n",
+    b"PROXY TCP4 192.0.2.7 127.0.0.1 +55 25\r\n",
+    b"PROXY TCP4 192.0.2.7\t127.0.0.1 5555 25\r\n",
+], ids=["zone-id", "zone-id-injection", "signed-port", "tab"])
+def test_anything_but_plain_addresses_in_a_v1_header_drops_the_connection(proxied, header):
+    c = connect_with(proxied.smtp_port, header)
+    c.sock.settimeout(15)
+    assert c.sock.recv(100) == b""
+    c.close()
+
+
+def test_an_ipv4_mapped_client_is_the_same_client(proxied, caplog):
+    caplog.set_level(logging.INFO)
+    held = [connect_with(proxied.smtp_port, b"PROXY TCP4 198.51.100.50 127.0.0.1 %d 25\r\n" % port)
+            for port in (1, 2)]
+    for c in held:
+        assert c.reply()[0] == 220
+    mapped = connect_with(proxied.smtp_port, b"PROXY TCP6 ::ffff:198.51.100.50 ::1 3 25\r\n")
+    assert mapped.reply()[0] == 421                       # the same address, the same limit
+    for c in held + [mapped]:
+        c.close()

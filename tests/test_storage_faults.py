@@ -285,7 +285,9 @@ def test_kill_9_with_unwritable_spool_episodes(tmp_path):
         lost = acked - set(delivered) - queued
         assert not lost, "lost %s (%s)" % (sorted(lost)[:10], context)
         assert sum(n - 1 for n in delivered.values()) <= kills, context
-        assert "kept in memory, not offered again" in daemon.log(), context
+        # the faults met the daemon: mid-delivery (held in memory) or at an ATRN (451)
+        log = daemon.log()
+        assert "kept in memory, not offered again" in log or "cannot be changed" in log, context
     finally:
         if load is not None:
             load.join()
