@@ -552,6 +552,8 @@ def parse_rcpt_params(text: str, dsn: bool = False) -> RcptParams:
     """RCPT parameters: only DSN's NOTIFY and ORCPT, and only where DSN is offered
     (`dsn`); any other is 555, a malformed one 501."""
     params = parse_params(text)
+    if params is None and dsn:
+        raise BadParameter((501, "5.5.4 Syntax error in RCPT parameters"))
     if params is None or (params and not dsn):
         raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
     notify = orcpt = ""
