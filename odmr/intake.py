@@ -17,7 +17,7 @@ from odmr import metrics
 from odmr.hops import HopCount, TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
-from odmr.submission import Submission, TooBig
+from odmr.submission import OverQuota, Submission, TooBig
 from odmr.syntax import helo_name_ok, printable, received_header, split_source_route
 from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
 
@@ -231,7 +231,13 @@ class IntakeSession(Session):
             spooling.abort()            # the client vanished or timed out mid-DATA: leave nothing behind
             raise
         try:
-            stored = spooling.commit()
+            gated = self.runtime.quota_domains(tx.by_domain())
+            stored = spooling.commit_within(self.runtime.spool, gated,
+                                            lambda d, size: self.runtime.quota_ok(d, size, fresh=True)) \
+                if gated else spooling.commit()
+        except OverQuota as exc:
+            return self._refuse_message(tx, (452, "4.2.2 Mailbox full for %s, try again later"
+                                             % exc.domain), "over quota")
         except TooBig:
             return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
         except TooManyHops as exc:

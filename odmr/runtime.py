@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from odmr.accounts import Accounts
 from odmr.config import Settings
@@ -123,7 +123,12 @@ class Runtime:
             verdict = (OUTBOUND, 250, "2.1.5 Ok")
         return target, verdict
 
-    def quota_ok(self, domain: str, incoming_size: int = 0) -> bool:
+    def quota_domains(self, domains) -> List[str]:
+        """Those of `domains` with a quota (their commits are checked under a lock)."""
+        return [d for d in domains if self.settings.policy(d).max_bytes
+                or self.settings.policy(d).max_messages]
+
+    def quota_ok(self, domain: str, incoming_size: int = 0, fresh: bool = False) -> bool:
         policy = self.settings.policy(domain)
         if not policy.max_bytes and not policy.max_messages:
             return True
@@ -131,5 +136,6 @@ class Runtime:
             return not ((policy.max_messages and count >= policy.max_messages)
                         or (policy.max_bytes and size + incoming_size > policy.max_bytes))
         # a refusal is never made on a cached count: the domain may have just been emptied
-        return room(*self.spool.usage(domain)) or room(*self.spool.usage(domain, fresh=True))
+        return (not fresh and room(*self.spool.usage(domain))) \
+            or room(*self.spool.usage(domain, fresh=True))
 

@@ -20,6 +20,7 @@ found where the spool keeps a directory or file is logged and left alone.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -1325,6 +1326,20 @@ class Spool:
         return DomainClaim(self, domains)
 
     # -- usage (quotas) -----------------------------------------------------
+    @contextlib.contextmanager
+    def quota_lock(self, domain: str) -> Iterator[None]:
+        """Held from a quota domain's fresh count to its new message's rename, by every
+        thread, process and node (flock on its own open file): concurrent transactions
+        never grow the domain past its quota together."""
+        directory = self._queue_dir(domain, create=True)
+        fd = _open_nofollow(".quota.lock", directory.fd, directory.show(".quota.lock"),
+                            os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
         """(messages, bytes) waiting for a domain. Cached while the domain directory's
         mtime stays what it was (any process or node adding or removing a message

@@ -16,6 +16,7 @@ This module knows no protocol: it never replies and never exits.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -33,6 +34,14 @@ class TooBig(Exception):
     def __init__(self, limit: int):
         super().__init__("message exceeds the size limit of %d bytes" % limit)
         self.limit = limit
+
+
+class OverQuota(Exception):
+    """A domain's quota was reached while the text came in; nothing of it was kept."""
+
+    def __init__(self, domain: str):
+        super().__init__("domain %s is over quota" % domain)
+        self.domain = domain
 
 
 class Submission:
@@ -143,6 +152,18 @@ class Spooling:
                 self._incoming.write(b"\r\n")
             except SpoolError as exc:
                 self.failure = exc
+
+    def commit_within(self, spool: Spool, gated: List[str], room: Callable[[str, int], bool]
+                      ) -> List[Tuple[str, str]]:
+        """`commit`, with the quota of each `gated` domain checked afresh under its quota
+        lock, held until the copies are in place. Raises OverQuota (nothing kept) too."""
+        with contextlib.ExitStack() as held:
+            for domain in sorted(gated):
+                held.enter_context(spool.quota_lock(domain))
+            for domain in gated:
+                if self.failure is None and not room(domain, self.stored_size(domain)):
+                    self.failure = OverQuota(domain)
+            return self.commit()
 
     def commit(self) -> List[Tuple[str, str]]:
         """Make every copy durable; [(domain, id)]. Raises TooBig, TooManyHops or

@@ -308,9 +308,16 @@ def test_quota_max_bytes_is_452_422(tmp_path):
             c.cmd("MAIL FROM:<%s> SIZE=1000" % SENDER)
             assert c.cmd("RCPT TO:<a@example.org>")[0] == 250
             c.cmd("DATA")
-            assert send_data(c, b"Subject: big\r\n\r\n" + b"x" * 4200 + b"\r\n.\r\n")[0] == 250
-            # now the domain holds more than 4K: even a small message waits
+            # more than it declared, and more than the quota: checked again at the end of DATA
+            code, lines = send_data(c, b"Subject: big\r\n\r\n" + b"x" * 4200 + b"\r\n.\r\n")
+            assert (code, status(lines)) == (452, "4.2.2")
+            assert p.spooled("example.org") == []
             c.cmd("MAIL FROM:<%s>" % SENDER)
+            assert c.cmd("RCPT TO:<b@example.org>")[0] == 250
+            c.cmd("DATA")
+            assert send_data(c, b"Subject: small\r\n\r\n" + b"x" * 3000 + b"\r\n.\r\n")[0] == 250
+            # now the domain holds 3K of its 4K: a message of 1.5K waits
+            c.cmd("MAIL FROM:<%s> SIZE=1500" % SENDER)
             code, lines = c.cmd("RCPT TO:<b@example.org>")
             assert (code, status(lines)) == (452, "4.2.2")
         finally:

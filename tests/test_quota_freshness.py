@@ -80,3 +80,24 @@ def test_a_drain_by_another_node_frees_the_quota(node, second_node):
         second_node.spool.remove(message)  # as the other node's delivery retires them
     time.sleep(0.03)                       # (past the directory's clock tick)
     assert rcpt_code(node) == 250
+
+
+def test_transactions_past_rcpt_together_never_exceed_the_quota(node, second_node):
+    """Five transactions, on two nodes, all past RCPT before any DATA: the quota is
+    checked again under a lock at the end of each DATA, so exactly three are kept."""
+    clients = []
+    for n in range(5):
+        c = smtplib.SMTP("127.0.0.1", (node if n % 2 else second_node).smtp_port, timeout=10)
+        c.ehlo("client.test")
+        c.mail("s@outside.test")
+        assert c.rcpt("u@example.org")[0] == 250
+        clients.append(c)
+    codes = []
+    for c in clients:
+        try:
+            codes.append(c.data(b"Subject: q\r\n\r\nhi\r\n")[0])
+        except smtplib.SMTPDataError as exc:
+            codes.append(exc.smtp_code)
+        c.close()
+    assert sorted(codes) == [250, 250, 250, 452, 452], codes
+    assert len(node.spooled("example.org")) == 3
