@@ -50,6 +50,13 @@ def _original(message: Message, full: bool) -> Tuple[bytes, bool]:
     return _headers_of(data), False
 
 
+def _unxtext(text: str) -> str:
+    """RFC 3461 §4: ENVID and ORCPT travel as xtext (`+40` for `@`); a DSN shows them
+    decoded (controls, which a header cannot carry, as `?`)."""
+    decoded = re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    return "".join(c if c.isprintable() else "?" for c in decoded)
+
+
 def _clean(text: str) -> str:
     """One line of header-safe text (customer replies may carry anything)."""
     return " ".join(text.replace("\r", " ").replace("\n", " ").split())
@@ -141,13 +148,13 @@ def _status_fields(hostname: str, message: Message, results: Dict[str, str], act
     orcpt = {r.address: r.orcpt for r in env.recipients}
     status: List[str] = ["Reporting-MTA: dns; %s" % hostname]
     if env.envid:
-        status.append("Original-Envelope-Id: %s" % _clean(env.envid))
+        status.append("Original-Envelope-Id: %s" % _clean(_unxtext(env.envid)))
     status.append("Arrival-Date: %s" % email.utils.formatdate(env.arrival, localtime=True))
     default = {"failed": "5.0.0", "relayed": "2.0.0"}.get(action, "4.0.0")
     for rcpt, reply in results.items():
         status.append("")
         if orcpt.get(rcpt):
-            status.append("Original-Recipient: %s" % _clean(orcpt[rcpt]))
+            status.append("Original-Recipient: %s" % _clean(_unxtext(orcpt[rcpt])))
         status += ["Final-Recipient: %s; %s" % ("rfc822" if rcpt.isascii() else "utf-8", rcpt),
                    "Action: %s" % action,
                    "Status: %s" % status_of(reply, default),

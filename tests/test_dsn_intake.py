@@ -87,15 +87,17 @@ def test_parameters_go_on_to_a_customer_that_offers_dsn(provider):
 
 
 def test_a_customer_without_dsn_earns_a_relayed_notice(provider):
-    submit(provider, ["a@example.org", "b@example.org"], " ENVID=e2",
-           [" NOTIFY=SUCCESS", " NOTIFY=FAILURE"])
+    submit(provider, ["a@example.org", "b@example.org"], " ENVID=e2+2Bx",
+           [" NOTIFY=SUCCESS ORCPT=rfc822;first+40example.org", " NOTIFY=FAILURE"])
     assert atrn(provider, Script()) == "quit"
     wait_sessions_over(provider)
     [dsn] = dsns(provider)
     [fields] = report_fields(dsn)                # only the recipient that asked
     assert fields["final-recipient"] == "rfc822; a@example.org"
     assert fields["action"] == "relayed" and fields["status"].startswith("2.")
-    assert "Original-Envelope-Id: e2" in dsn.as_string()
+    text = dsn.as_string()
+    assert "Original-Envelope-Id: e2+x" in text                  # xtext decoded (RFC 3461 §4)
+    assert "Original-Recipient: rfc822;first@example.org" in text
 
 
 @pytest.mark.parametrize("notify, bounced", [("", True), (" NOTIFY=NEVER", False),
