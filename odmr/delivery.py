@@ -514,13 +514,8 @@ class Run:
                         reply = self._expect(reply, kind)
                         if kind == "DATA" and _ok(reply):
                             raise OutOfStep("reply to DATA out of step: %s" % _fmt(*reply))
-                    if kind == "MAIL":
-                        item.mail_ok = _ok(reply)
-                        if not item.mail_ok:
-                            item.results = {r: reply for r in item.rcpts}
-                    elif kind == "RCPT":
-                        if item.mail_ok:
-                            self._rcpt_reply(item, rcpt, reply)
+                    if kind in ("MAIL", "RCPT"):
+                        self._envelope_reply(item, kind, rcpt, reply)
                     elif kind in ("DATA", "FINAL"):
                         if reply[0] != 354:
                             for r in item.accepted:
@@ -644,13 +639,8 @@ class Run:
             reply = self._expect(self.client.reply_at(self._wait[kind], kind), kind)
             if reply[0] == 421:
                 return self._closing(in_flight, reply)
-            if kind == "MAIL":
-                job.mail_ok = _ok(reply)
-                if not job.mail_ok:
-                    job.results = {r: reply for r in job.rcpts}
-            elif kind == "RCPT":
-                if job.mail_ok:
-                    self._rcpt_reply(job, rcpt, reply)
+            if kind in ("MAIL", "RCPT"):
+                self._envelope_reply(job, kind, rcpt, reply)
             elif kind in ("BDAT", "LAST"):
                 if not _ok(reply) and job.data_failed is None:
                     job.data_failed = reply
@@ -672,6 +662,15 @@ class Run:
         if not (200 <= code < 300 or 400 <= code < 600):
             raise OutOfStep("reply to %s out of step or garbled: %s" % (what, _fmt(*reply)))
         return reply
+
+    def _envelope_reply(self, job: Job, kind: str, rcpt: str, reply: Reply) -> None:
+        """A pipelined MAIL's or RCPT's reply: a refused MAIL is every recipient's result."""
+        if kind == "MAIL":
+            job.mail_ok = _ok(reply)
+            if not job.mail_ok:
+                job.results = {r: reply for r in job.rcpts}
+        elif job.mail_ok:
+            self._rcpt_reply(job, rcpt, reply)
 
     def _rcpt_reply(self, job: Job, rcpt: str, reply: Reply) -> None:
         if _ok(reply):
