@@ -16,8 +16,10 @@ def has_long_lines(text: bytes) -> bool:
     position and cost a millisecond for a 10 KB message.)"""
     if len(text) <= MAX_LINE:
         return False
-    return any(len(line) > MAX_LINE and len(line.rstrip(b"\r")) > MAX_LINE
-               for line in text.split(b"\n"))
+    lines = text.split(b"\n")
+    if max(map(len, lines)) <= MAX_LINE:          # all in C: the usual answer, at once
+        return False
+    return any(len(line) > MAX_LINE and len(line.rstrip(b"\r")) > MAX_LINE for line in lines)
 
 
 class LineBreaker:
@@ -46,8 +48,8 @@ class LineBreaker:
         if self._column + len(lines[0].rstrip(b"\r")) > MAX_LINE:
             return False
         if len(lines) > 1:
-            if len(lines[-1]) > MAX_LINE or any(
-                    len(line) > MAX_LINE and len(line.rstrip(b"\r")) > MAX_LINE for line in lines[1:-1]):
+            if len(lines[-1]) > MAX_LINE or (max(map(len, lines)) > MAX_LINE and any(
+                    len(line) > MAX_LINE and len(line.rstrip(b"\r")) > MAX_LINE for line in lines[1:-1])):
                 return False
             self._column = len(lines[-1])
         else:

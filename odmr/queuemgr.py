@@ -262,7 +262,7 @@ class Drain:
             # tell the sender now about the recipients that failed for good, not when the
             # others are finally collected (state.bounced: every failure so far was notified)
             self._bounce(message, newly_failed if state.bounced else dict(state.failed))
-        if delivered and not self.customer_dsn:
+        if delivered and not self.customer_dsn and any(r.notify for r in message.envelope.recipients):
             self._relayed(message, delivered)
         metrics.delivery_recorded(self, message, results)
         if not message.pending():

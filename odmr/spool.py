@@ -1375,6 +1375,8 @@ class Spool:
 
     def _count_added(self, domain: str, size: int, count: int = 1) -> None:
         """This process's own change: counted, and the directory's new mtime taken as known."""
+        if domain not in self._usage:             # never counted (no quota asked): nothing to keep
+            return
         stamp = self._dir_stamp(domain)
         with self._usage_guard:
             entry = self._usage.get(domain)
