@@ -25,6 +25,7 @@ log = logging.getLogger("odmrd.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_SCRAPERS = 16               # concurrent /metrics connections; more are refused
+REQUEST_DEADLINE = 5.0          # seconds a scrape may take, from its connection to its answer
 ATRN_CODES = ("250", "450", "451", "453", "501", "530")     # SPEC §4: shown from the start
 
 HELP = {
@@ -243,8 +244,8 @@ def exposition(ports: List[int], per_domain: bool, cert_expiry: Optional[float],
         samples["odmrd_tls_certificate_expiry_seconds"].append(((), int(cert_expiry - now)))
     lines = []
     for name, entries in samples.items():
-        if not entries:
-            continue
+        if not entries and not name.startswith("odmrd_queue_"):
+            continue                    # (the queue families stay, empty, when no queue is left)
         kind, text = HELP.get(name, ("untyped", name))
         lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
         lines += [_sample(name, value, labels) for labels, value in entries]
@@ -265,6 +266,13 @@ def _queue_samples(samples, per_domain: bool, now: float) -> None:
     samples["odmrd_queue_messages"].append(((), sum(q[0] for q in queues.values())))
     samples["odmrd_queue_bytes"].append(((), sum(q[1] for q in queues.values())))
     samples["odmrd_queue_oldest_seconds"].append(((), qshape.age(oldest, now)))
+
+
+def _hang_up(request) -> None:
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # -- the certificate's expiry, read again only when the file changes ----------------------
@@ -362,9 +370,15 @@ class MetricsServer(http.server.ThreadingHTTPServer):
         return self._busy.acquire(blocking=False)
 
     def process_request_thread(self, request, client_address) -> None:
+        # a whole request within REQUEST_DEADLINE: a client trickling bytes cannot hold one
+        # of the MAX_SCRAPERS places longer (each read alone has its own timeout)
+        cut = threading.Timer(REQUEST_DEADLINE, _hang_up, args=(request,))
+        cut.daemon = True
+        cut.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cut.cancel()
             self._busy.release()
 
     def handle_error(self, request, client_address) -> None:

@@ -191,3 +191,45 @@ def test_certificate_expiry(tmp_path, metrics_port, pki):
         assert 29 * 86400 < left <= 30 * 86400 + 60      # make_pki issues 30-day certificates
     finally:
         d.cleanup()
+
+
+def test_a_trickling_client_cannot_hold_the_endpoint(daemon, metrics_port, monkeypatch):
+    """Every scraper place taken by clients sending a byte now and then: each is cut at
+    the whole-request deadline, and a real scrape gets through again."""
+    from odmr import metrics
+    held = []
+    for _ in range(metrics.MAX_SCRAPERS + 2):
+        s = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+        s.sendall(b"GET /metr")
+        held.append(s)
+    allowed = getattr(metrics, "REQUEST_DEADLINE", 5.0)
+    started = time.monotonic()
+    deadline = started + allowed + 10
+    while time.monotonic() < deadline:
+        for s in held:
+            try:
+                s.sendall(b"i")                    # a byte at a time, never the end of the line
+            except OSError:
+                pass
+        try:
+            scrape(metrics_port)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the endpoint stayed blocked")
+    assert time.monotonic() - started < allowed + 10
+    for s in held:
+        s.close()
+
+
+def test_queue_families_stay_when_no_domain_is_queued(tmp_path, metrics_port):
+    d = make_daemon(tmp_path, metrics_port, more="per_domain = yes\n")
+    d.start()
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port, timeout=10) as r:
+            text = r.read().decode("utf-8")
+        for family in ("odmrd_queue_messages", "odmrd_queue_bytes", "odmrd_queue_oldest_seconds"):
+            assert "# TYPE %s gauge" % family in text
+    finally:
+        d.cleanup()
