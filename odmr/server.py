@@ -12,7 +12,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
@@ -32,6 +32,7 @@ from odmr.workers import WorkerPool
 log = logging.getLogger("odmrd")
 
 CUT_WAIT = 5.0          # after the grace period: how long cut-off sessions get to record their state
+GOODBYE_WAIT = 0.05      # seconds a client at its limit waits for a worker's report of its last QUIT
 USERS_RECHECK = 2.0     # seconds between checks of the users file's mtime
 
 
@@ -118,7 +119,8 @@ class Listener(socketserver.ThreadingTCPServer):
         finally:
             self.service.release(self.kind, counted_ip)
 
-    def serve(self, request, client_address, runtime: Runtime) -> None:
+    def serve(self, request, client_address, runtime: Runtime,
+              on_goodbye: Optional[Callable[[], None]] = None) -> None:
         """One admitted connection, from the TLS handshake (implicit TLS) to its end;
         also what an intake worker process runs for a connection handed to it."""
         ip = client_address[0]
@@ -128,6 +130,7 @@ class Listener(socketserver.ThreadingTCPServer):
             if request is None:
                 return
         session = self.new_session(request, peer, runtime, lambda: self.service.runtime)
+        session.on_goodbye = on_goodbye
         if not self.service.register(session):
             session.request_stop()
         try:
@@ -354,11 +357,26 @@ class Service:
                 return "Too many connections, try again later"
             per = self._sessions[kind]
             if per_address:
-                if per.get(ip, 0) >= limits.max_sessions_per_address:
+                if per.get(ip, 0) >= limits.max_sessions_per_address \
+                        and not self._freed_soon(per, ip, limits.max_sessions_per_address):
                     return "Too many connections from your address"
                 per[ip] = per.get(ip, 0) + 1
             self._totals[kind] += 1
         return None
+
+    def _freed_soon(self, per: Dict[str, int], ip: str, limit: int) -> bool:
+        """With intake workers a session's end reaches this process a moment after the
+        client's QUIT: wait that moment (the lock is released meanwhile) before refusing
+        a client that reconnected at once."""
+        if self.workers is None:
+            return False
+        deadline = time.monotonic() + GOODBYE_WAIT
+        while per.get(ip, 0) >= limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._idle.wait(left)
+        return True
 
     def admit_address(self, kind: str, ip: str) -> Optional[str]:
         """Count the real client behind a proxy against the per-address limit."""

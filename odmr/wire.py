@@ -148,6 +148,9 @@ def _write_now(sock: socket.socket, data: bytes) -> bytes:
 class Session:
     """One SMTP-like conversation over `sock`; subclasses define smtp_VERB methods."""
 
+    # called at QUIT, before the 221, by whoever counts the session (an intake worker)
+    on_goodbye: Optional[Callable[[], None]] = None
+
     max_bad_commands = 20
     idle_timeout = 300.0
     _verbs: Dict[str, Callable] = {}
@@ -395,6 +398,8 @@ class Session:
 
     def smtp_QUIT(self, arg: str) -> None:
         code, text = replies.CLOSING
+        if self.on_goodbye is not None:
+            self.on_goodbye()       # before the 221: the client may reconnect the moment it has it
         self.close_after(code, text % self.hostname())
 
     def reset_transaction(self) -> None:

@@ -330,11 +330,20 @@ class _WorkerSide:
                          args=(int(token), int(listener), ip.decode("ascii"), int(port), fd)).start()
 
     def _session(self, token: int, listener_index: int, ip: str, port: int, fd: int) -> None:
+        reported = []
+
+        def over() -> None:         # at QUIT (before the 221), or when the session ends
+            if not reported:
+                reported.append(True)
+                try:
+                    self.channel.send(b"D %d" % token)
+                except OSError:
+                    pass
         try:
             sock = socket.socket(fileno=fd)
             listener = self.service.listeners[listener_index]
             try:
-                listener.serve(sock, (ip, port), self.service.runtime)
+                listener.serve(sock, (ip, port), self.service.runtime, on_goodbye=over)
             except Exception:
                 log.exception("smtp: internal error in session with %s", ip)
             finally:
@@ -347,10 +356,7 @@ class _WorkerSide:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
-            try:
-                self.channel.send(b"D %d" % token)
-            except OSError:
-                pass
+            over()
 
     def _stop(self, grace: float) -> None:
         """As the main process's stop: at the next command boundary, then cut."""

@@ -9,6 +9,7 @@ import os
 import signal
 import smtplib
 import socket
+import threading
 import time
 from typing import List
 
@@ -171,3 +172,26 @@ def test_a_killed_worker_gives_back_its_sessions(daemon):
     assert send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
     first.close()
     second.close()
+
+
+def test_a_client_at_its_limit_may_reconnect_right_after_quit(daemon):
+    """The worker reports a session's end at QUIT, before its 221: a sending MTA that
+    reconnects at once is never refused for the session it just ended."""
+    d = daemon("workers = 4\nmax_sessions_per_address = 3")
+    refused = []
+
+    def client() -> None:
+        for _ in range(60):
+            with socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10) as s:
+                line = first_line(s)
+                if not line.startswith(b"220"):
+                    refused.append(line)
+                    continue
+                s.sendall(b"QUIT\r\n")
+                assert first_line(s).startswith(b"221")
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert refused == [], "%d of 180 reconnections refused: %r" % (len(refused), refused[:2])
