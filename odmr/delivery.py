@@ -26,6 +26,7 @@ then re-delivers at most `delivery_window` messages.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import smtplib
 import socket
@@ -470,8 +471,7 @@ class Run:
         in_flight: List[Job] = []
         wait = self._wait
         upcoming = next(jobs, None)
-        self.queue.defer_logs = True
-        try:
+        with self._replies_owed(in_flight):
             while True:
                 job = None
                 if not self._stop.is_set() and not self.queue.must_stop:
@@ -529,6 +529,14 @@ class Run:
                         self._complete(item)
                     if reply[0] == 421:
                         return self._closing(in_flight, reply, charge_unanswered=False)
+
+    @contextlib.contextmanager
+    def _replies_owed(self, in_flight: List[Job]) -> Iterator[None]:
+        """A pipelined conversation: log lines are written while replies travel, and a
+        broken one is an attempt for every message in flight."""
+        self.queue.defer_logs = True
+        try:
+            yield
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
             self._lost(in_flight, exc)
             raise
@@ -542,8 +550,6 @@ class Run:
         `charge_unanswered`: the message whose commands travelled with the end-of-data
         dot the 421 answered was never read, so it is not charged (issue 15)."""
         answered = [job for job in in_flight if charge_unanswered or job.mail_ok or job.results]
-        for job in in_flight:
-            job.sent = job.sent and job in answered
         self._lost(answered, ConnectionLost("customer closing: %s" % _fmt(*reply)))
         in_flight.clear()
         return False
@@ -561,8 +567,7 @@ class Run:
         in_flight: List[Job] = []
         outbox: List[bytes] = []
         upcoming = next(jobs, None)
-        self.queue.defer_logs = True
-        try:
+        with self._replies_owed(in_flight):
             while True:
                 if upcoming is not None and len(in_flight) < self.window:
                     if self._stop.is_set() or self.queue.must_stop:
@@ -581,12 +586,6 @@ class Run:
                     return True
                 if not self._settle_oldest(expect, in_flight):
                     return False
-        except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
-            self._lost(in_flight, exc)
-            raise
-        finally:
-            self.queue.defer_logs = False
-            self.queue.flush_logs()
 
     def _flush(self, outbox: List[bytes]) -> None:
         if outbox:
