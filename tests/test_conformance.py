@@ -19,12 +19,11 @@ import pytest
 
 from conftest import Provider, send_mail
 from helpers import Script, Scripted, atrn, err, queue, run_fetch, scripted_args, wait_sessions_over
-from odmr import bounce_relay, maintenance
 from odmr.exits import EX_DATAERR, EX_NOPERM, EX_OK, EX_TEMPFAIL
 from odmr.spool import OUTBOUND
 from test_fetch import deliver_one
 from test_fetch_chunking import local, quit_  # noqa: F401 (a fixture)
-from test_reliability import RelaySink
+from test_reliability import RelaySink, fast_maintenance, relay_provider  # noqa: F401 (a fixture)
 
 SENDER = "sender@outside.test"
 
@@ -124,10 +123,19 @@ def test_enqueue_refuses_a_looping_message(provider):
 # -- the domainless postmaster --------------------------------------------------------
 
 @pytest.fixture
-def fast_relay(monkeypatch):
-    monkeypatch.setattr(maintenance, "TICK", 0.1)
-    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
-    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
+def relayed(tmp_path, fast_maintenance):
+    """A provider whose bounce_relay is a RelaySink offering `features`: (provider, sink)."""
+    made = []
+
+    def make(features=("8BITMIME",)):
+        sink = RelaySink([], features=list(features))
+        made.append(sink)
+        p = relay_provider(tmp_path, sink)
+        made.append(p)
+        return p, sink
+    yield make
+    for thing in reversed(made):
+        thing.stop() if isinstance(thing, Provider) else thing.close()
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -137,23 +145,16 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
-def test_postmaster_works_out_of_the_box_through_the_bounce_relay(tmp_path, fast_relay):
-    sink = RelaySink([])
-    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
-    p.add_user("alice", ["example.org"])
-    p.start()
-    try:
-        send_mail(p.smtp_port, SENDER, ["postmaster"], b"Subject: abuse report\r\n\r\nhi\r\n")
-        p.service.maintenance.wake()
-        assert wait_for(lambda: sink.messages, 15), "the relay never got the postmaster's mail"
-        [relayed] = sink.messages
-        assert relayed["rcpts"] == ["postmaster@odmr.test"]
-        assert relayed["mail"].split()[1].upper() == "FROM:<%s>" % SENDER.upper()   # not <>
-        assert b"abuse report" in relayed["data"]
-        assert wait_for(lambda: queue(p) == [], 5)
-    finally:
-        p.stop()
-        sink.close()
+def test_postmaster_works_out_of_the_box_through_the_bounce_relay(relayed):
+    p, sink = relayed()
+    send_mail(p.smtp_port, SENDER, ["postmaster"], b"Subject: abuse report\r\n\r\nhi\r\n")
+    p.service.maintenance.wake()
+    assert wait_for(lambda: sink.messages, 15), "the relay never got the postmaster's mail"
+    [got] = sink.messages
+    assert got["rcpts"] == ["postmaster@odmr.test"]
+    assert got["mail"].split()[1].upper() == "FROM:<%s>" % SENDER.upper()   # not <>
+    assert b"abuse report" in got["data"]
+    assert wait_for(lambda: queue(p) == [], 5)
 
 
 def test_enqueue_to_the_bare_postmaster(provider):
@@ -216,80 +217,54 @@ def test_a_dsn_about_ascii_recipients_stays_plain_and_7bit(provider):
 
 # -- the bounce relay converts nothing ------------------------------------------------
 
-def SevenBitRelay(refusals: List[str]) -> RelaySink:
-    """A relay that offers neither 8BITMIME nor SMTPUTF8."""
-    return RelaySink(refusals, features=[])
-
-
 @pytest.mark.parametrize("rcpt, subject", [("joe@example.org", "grüße"), ("jörg@example.org", "plain")],
                          ids=["utf8-header", "utf8-address"])
-def test_dsns_about_internationalised_mail_reach_a_7bit_relay_in_7_bits(tmp_path, fast_relay, rcpt,
+def test_dsns_about_internationalised_mail_reach_a_7bit_relay_in_7_bits(relayed, rcpt,
                                                                         subject):
-    sink = SevenBitRelay([])
-    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
-    p.add_user("alice", ["example.org"])
-    p.start()
-    try:
-        with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
-            c.ehlo()
-            c.sendmail(SENDER, [rcpt], ("Subject: %s\r\nX-Long: %s\r\n\r\nbody\r\n"
-                                        % (subject, "y" * 2500)).encode("utf-8"),
-                       mail_options=["SMTPUTF8"])
-        script = Script()
-        script.extensions = script.extensions + ["SMTPUTF8"]
-        script.rcpt = lambda address: "550 5.1.1 no such user"
-        assert atrn(p, script) == "quit"
-        wait_sessions_over(p)
-        p.service.maintenance.wake()
-        assert wait_for(lambda: sink.messages, 15), "the relay never got the DSN"
-        [relayed] = sink.messages
-        assert relayed["rcpts"] == [SENDER]
-        assert "8BITMIME" not in relayed["mail"].upper() and "SMTPUTF8" not in relayed["mail"].upper()
-        assert relayed["data"].isascii() and max(map(len, relayed["data"].split(b"\r\n"))) <= 998
-    finally:
-        p.stop()
-        sink.close()
+    p, sink = relayed(features=[])
+    with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
+        c.ehlo()
+        c.sendmail(SENDER, [rcpt], ("Subject: %s\r\nX-Long: %s\r\n\r\nbody\r\n"
+                                    % (subject, "y" * 2500)).encode("utf-8"),
+                   mail_options=["SMTPUTF8"])
+    script = Script()
+    script.extensions = script.extensions + ["SMTPUTF8"]
+    script.rcpt = lambda address: "550 5.1.1 no such user"
+    assert atrn(p, script) == "quit"
+    wait_sessions_over(p)
+    p.service.maintenance.wake()
+    assert wait_for(lambda: sink.messages, 15), "the relay never got the DSN"
+    [got] = sink.messages
+    assert got["rcpts"] == [SENDER]
+    assert "8BITMIME" not in got["mail"].upper() and "SMTPUTF8" not in got["mail"].upper()
+    assert got["data"].isascii() and max(map(len, got["data"].split(b"\r\n"))) <= 998
 
 
-def test_8bit_mail_is_never_sent_raw_to_a_7bit_relay(tmp_path, fast_relay, caplog):
+def test_8bit_mail_is_never_sent_raw_to_a_7bit_relay(relayed, caplog):
     """The bare postmaster's mail (kept for the relay) with an 8-bit body: refused for
     good by odmrd itself, and its sender told, in 7 bits, through the same relay."""
-    sink = SevenBitRelay([])
-    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
-    p.add_user("alice", ["example.org"])
-    p.start()
-    try:
-        with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
-            c.sendmail(SENDER, ["postmaster"], "Subject: x\r\n\r\nGrüße\r\n".encode("utf-8"),
-                       mail_options=["BODY=8BITMIME"])
-        p.service.maintenance.wake()
-        assert wait_for(lambda: sink.messages, 15)
-        p.service.maintenance.wake()
-        assert wait_for(lambda: queue(p, OUTBOUND) == [], 15)
-        assert [m["rcpts"] for m in sink.messages] == [[SENDER]]        # only the DSN
-        assert "5.6.3" in sink.messages[0]["data"].decode() and "does not support" in caplog.text
-    finally:
-        p.stop()
-        sink.close()
+    p, sink = relayed(features=[])
+    with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
+        c.sendmail(SENDER, ["postmaster"], "Subject: x\r\n\r\nGrüße\r\n".encode("utf-8"),
+                   mail_options=["BODY=8BITMIME"])
+    p.service.maintenance.wake()
+    assert wait_for(lambda: sink.messages, 15)
+    p.service.maintenance.wake()
+    assert wait_for(lambda: queue(p, OUTBOUND) == [], 15)
+    assert [m["rcpts"] for m in sink.messages] == [[SENDER]]        # only the DSN
+    assert "5.6.3" in sink.messages[0]["data"].decode() and "does not support" in caplog.text
 
 
-def test_a_7bit_dsn_goes_through_a_7bit_relay(tmp_path, fast_relay):
-    sink = SevenBitRelay([])
-    p = Provider(str(tmp_path), sections="[queue]\nbounce_relay = 127.0.0.1:%d\n" % sink.port)
-    p.add_user("alice", ["example.org"])
-    p.start()
-    try:
-        send_mail(p.smtp_port, SENDER, ["joe@example.org"], b"Subject: plain\r\n\r\nbody\r\n")
-        script = Script()
-        script.rcpt = lambda address: "550 5.1.1 no such user"
-        assert atrn(p, script) == "quit"
-        wait_sessions_over(p)
-        p.service.maintenance.wake()
-        assert wait_for(lambda: sink.messages, 15)
-        assert "BODY=8BITMIME" not in sink.messages[0]["mail"].upper()
-    finally:
-        p.stop()
-        sink.close()
+def test_a_7bit_dsn_goes_through_a_7bit_relay(relayed):
+    p, sink = relayed(features=[])
+    send_mail(p.smtp_port, SENDER, ["joe@example.org"], b"Subject: plain\r\n\r\nbody\r\n")
+    script = Script()
+    script.rcpt = lambda address: "550 5.1.1 no such user"
+    assert atrn(p, script) == "quit"
+    wait_sessions_over(p)
+    p.service.maintenance.wake()
+    assert wait_for(lambda: sink.messages, 15)
+    assert "BODY=8BITMIME" not in sink.messages[0]["mail"].upper()
 
 
 # -- the customer side reads any legal form of a reply (RFC 5321 §4.2.1) -----------------
