@@ -11,9 +11,10 @@ from conftest import Customer, Provider
 from odmr.proxy import V2_SIGNATURE, trusted
 
 
-def make(tmp_path, trusted_list="127.0.0.1"):
-    p = Provider(str(tmp_path), odmr_extra="proxy_protocol = yes\nproxy_trusted = %s\n"
-                 "max_sessions_per_address = 2" % trusted_list)
+def make(tmp_path, trusted_list="127.0.0.1", port: str = "odmr"):
+    """A provider whose `port` ("odmr" or "smtp") is behind a PROXY balancer."""
+    settings = "proxy_protocol = yes\nproxy_trusted = %s\nmax_sessions_per_address = 2" % trusted_list
+    p = Provider(str(tmp_path), **{port + "_extra": settings})
     p.add_user("alice", ["example.org"])
     return p.start()
 

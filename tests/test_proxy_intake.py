@@ -11,15 +11,13 @@ import pytest
 from conftest import Customer, Provider
 from helpers import Daemon
 from test_proxy import connect_with, v2_header
+from test_proxy import make as make_proxied
 
 V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 25\r\n"
 
 
 def make(tmp_path, trusted_list: str = "127.0.0.1") -> Provider:
-    p = Provider(str(tmp_path), smtp_extra="proxy_protocol = yes\nproxy_trusted = %s\n"
-                 "max_sessions_per_address = 2" % trusted_list)
-    p.add_user("alice", ["example.org"])
-    return p.start()
+    return make_proxied(tmp_path, trusted_list, port="smtp")
 
 
 @pytest.fixture
