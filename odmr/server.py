@@ -40,6 +40,16 @@ class StartupError(Exception):
     """odmrd cannot start; the message is one line for the operator."""
 
 
+def shut_down_together(servers: Sequence[socketserver.BaseServer]) -> None:
+    """Each shutdown() waits up to one poll interval for its loop to notice: asked one
+    after another, a stop took that long per listener; asked together, once."""
+    threads = [threading.Thread(target=server.shutdown, daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class Listener(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
@@ -459,8 +469,7 @@ class Service:
 
     def stop(self, grace: Optional[float] = None) -> int:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
-        for listener in self.listeners:
-            listener.shutdown()
+        shut_down_together(self.listeners)
         self.close()
         with self._lock:
             self.stopping.set()             # deliveries finish the message in flight, then QUIT
