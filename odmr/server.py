@@ -50,6 +50,21 @@ def shut_down_together(servers: Sequence[socketserver.BaseServer]) -> None:
         thread.join()
 
 
+def section_for(settings, kind: str):
+    """A listener's own settings: the [odmr] and [smtp] sections are named like the
+    listener kinds, so no code has to branch on the kind to find them."""
+    return getattr(settings, kind)
+
+
+def _refuse(request: socket.socket, refusal: str) -> None:
+    """A connection over a session limit hears why before it is closed."""
+    try:
+        request.settimeout(2.0)
+        request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
+    except OSError:
+        pass
+
+
 class Listener(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
@@ -80,7 +95,7 @@ class Listener(socketserver.ThreadingTCPServer):
         return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
 
     def behind_proxy(self, settings) -> bool:
-        return False
+        return section_for(settings, self.kind).proxy_protocol
 
     def new_session(self, request, peer: str, runtime: Runtime, latest):
         raise NotImplementedError
@@ -96,11 +111,7 @@ class Listener(socketserver.ThreadingTCPServer):
         refusal = self.service.admit(self.kind, ip, per_address=not self._proxied())
         if refusal:
             log.warning("%s: refused connection from %s: %s", self.kind, ip, refusal)
-            try:
-                request.settimeout(2.0)
-                request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
-            except OSError:
-                pass
+            _refuse(request, refusal)
             return False
         return True
 
@@ -118,10 +129,7 @@ class Listener(socketserver.ThreadingTCPServer):
                 if refusal:
                     log.warning("%s: refused connection from %s (via %s): %s", self.kind,
                                 client[0], ip, refusal)
-                    try:
-                        request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
-                    except OSError:
-                        pass
+                    _refuse(request, refusal)
                     return
                 counted_ip = client[0]
                 client_address = client
@@ -151,8 +159,7 @@ class Listener(socketserver.ThreadingTCPServer):
     def _proxy_header(self, request, client_address, runtime):
         """The real client from a trusted balancer's PROXY header; None drops the connection."""
         ip = client_address[0]
-        limits = runtime.settings.odmr if self.kind == "odmr" else runtime.settings.smtp
-        if not proxy.trusted(ip, limits.proxy_trusted):
+        if not proxy.trusted(ip, section_for(runtime.settings, self.kind).proxy_trusted):
             log.warning("%s: %s is not in proxy_trusted; connection dropped", self.kind, ip)
             return None
         try:
@@ -164,8 +171,7 @@ class Listener(socketserver.ThreadingTCPServer):
 
     def _handshake(self, request, runtime, peer):
         """Implicit TLS ("odmrs"): the handshake runs in the session thread, bounded in time."""
-        idle = runtime.settings.odmr.idle_timeout if self.kind == "odmr" else runtime.settings.smtp.idle_timeout
-        request.settimeout(min(idle, 60.0))
+        request.settimeout(min(section_for(runtime.settings, self.kind).idle_timeout, 60.0))
         try:
             return runtime.tls.wrap_socket(request, server_side=True)
         except (OSError, ValueError) as exc:
@@ -181,9 +187,6 @@ class ODMRListener(Listener):
 
     kind = "odmr"
 
-    def behind_proxy(self, settings) -> bool:
-        return settings.odmr.proxy_protocol
-
     def new_session(self, request, peer: str, runtime: Runtime, latest) -> ODMRSession:
         return ODMRSession(request, peer, runtime, latest, self.service.queue,
                            self.service.stopping)
@@ -193,9 +196,6 @@ class IntakeListener(Listener):
     """The SMTP port where mail for the customers' domains arrives."""
 
     kind = "smtp"
-
-    def behind_proxy(self, settings) -> bool:
-        return settings.smtp.proxy_protocol
 
     def new_session(self, request, peer: str, runtime: Runtime, latest) -> IntakeSession:
         return IntakeSession(request, peer, runtime, latest)
@@ -361,7 +361,7 @@ class Service:
     # -- session limits -----------------------------------------------------------
     def admit(self, kind: str, ip: str, per_address: bool = True) -> Optional[str]:
         """Count a new session (and its address unless `per_address` is False), or say why not."""
-        limits = self.settings.odmr if kind == "odmr" else self.settings.smtp
+        limits = section_for(self.settings, kind)
         with self._lock:
             if self._totals[kind] >= limits.max_sessions:
                 return "Too many connections, try again later"
@@ -390,7 +390,7 @@ class Service:
 
     def admit_address(self, kind: str, ip: str) -> Optional[str]:
         """Count the real client behind a proxy against the per-address limit."""
-        limits = self.settings.odmr if kind == "odmr" else self.settings.smtp
+        limits = section_for(self.settings, kind)
         with self._lock:
             per = self._sessions[kind]
             if per.get(ip, 0) >= limits.max_sessions_per_address:
