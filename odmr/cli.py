@@ -323,7 +323,8 @@ def _startup_problems(settings) -> List[str]:
         problems += daemon.unreadable_problems(settings, service)
         problems += daemon.spool_problems(settings, service)
     problems += server.decoy_key_problems(settings)
-    problems += daemon.log_file_problems(settings) + daemon.listen_problems(settings)
+    problems += daemon.log_file_problems(settings) + daemon.pid_file_problems(settings)
+    problems += daemon.listen_problems(settings)
     return problems
 
 

@@ -29,6 +29,7 @@ import time
 from typing import List, Optional, Tuple
 
 from odmr import config as config_mod
+from odmr import ports
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OK, EX_OSERR,
                          EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE)
 from odmr.logline import OneLineFormatter
@@ -282,19 +283,56 @@ def log_file_problems(settings) -> List[str]:
 
 
 def listen_problems(settings) -> List[str]:
-    """Listen addresses this host does not have: binding them fails after a restart has
-    already stopped the running daemon. (A port in use cannot be told from here: the
-    running daemon holds it.)"""
+    """Listen addresses this host does not have, or that another program holds: binding
+    them fails after a restart has already stopped the running daemon."""
+    try:
+        daemon_pid = PidFile(settings.pid_file).holder()
+    except DaemonError:
+        daemon_pid = -1                 # cannot tell: a taken port is nobody's we know
     problems = []
-    sections = (("odmr", settings.odmr), ("smtp", settings.smtp))
-    for name, section in sections:
-        for key in ("listen", "tls_listen"):
-            for host, _ in getattr(section, key, ()):
-                reason = _not_local(host)
-                if reason:
-                    problems.append("[%s] %s: %s is not an address of this host (%s)"
-                                    % (name, key, host, reason))
+    for where, (host, port) in _addresses(settings):
+        reason = _not_local(host)
+        if reason:
+            problems.append("%s: %s is not an address of this host (%s)" % (where, host, reason))
+        elif ports.held_by_another(host, port, daemon_pid):
+            problems.append("%s: %s is in use by another program (ss -ltnp 'sport = :%d' "
+                            "names it)" % (where, _label(host, port), port))
     return problems
+
+
+def pid_file_problems(settings) -> List[str]:
+    """A pid file `serve` could neither write nor make the directory of (it runs as the
+    caller until the pid file is written)."""
+    path = os.path.abspath(settings.pid_file)
+    directory = os.path.dirname(path)
+    if os.path.isdir(directory):
+        target = path if os.path.lexists(path) else directory
+        if os.access(target, os.W_OK):
+            return []
+        return ["pid file %s: uid %d cannot write %s" % (path, os.geteuid(), target)]
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return ["pid file %s: %s is not a directory" % (path, existing)]
+    if os.access(existing, os.W_OK | os.X_OK):
+        return []
+    return ["pid file %s: its directory %s does not exist and uid %d cannot create it in %s"
+            % (path, directory, os.geteuid(), existing)]
+
+
+def _addresses(settings) -> List[Tuple[str, Tuple[str, int]]]:
+    """Every address `serve` binds, each with the setting that names it."""
+    found = [("[%s] %s" % (name, key), address)
+             for name, section in (("odmr", settings.odmr), ("smtp", settings.smtp))
+             for key in ("listen", "tls_listen") for address in getattr(section, key, ())]
+    if settings.metrics.listen is not None:
+        found.append(("[metrics] listen", settings.metrics.listen))
+    return found
+
+
+def _label(host: str, port: int) -> str:
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
 def _not_local(host: str) -> Optional[str]:
@@ -433,6 +471,7 @@ class PidFile:
     def claim(self, owner: Optional[Tuple[int, int]] = None) -> None:
         """Lock the file and write our pid; replace a stale one; refuse if a daemon holds it."""
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        self._make_directory()
         for _ in range(10):
             try:
                 fd = os.open(self.path, flags, 0o644)
@@ -464,6 +503,16 @@ class PidFile:
             self.fd = fd
             return
         raise DaemonError(EX_CANTCREAT, "cannot lock pid file %s" % self.path)
+
+    def _make_directory(self) -> None:
+        """/run is emptied at boot: make the pid file's directory as an init script
+        would (root's, 755: the service account must not be able to forge the file)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, 0o755, exist_ok=True)
+        except OSError as exc:
+            raise DaemonError(EX_CANTCREAT, "cannot create the pid file's directory %s: %s"
+                              % (directory, exc.strerror)) from None
 
     def release(self) -> None:
         """Remove the pid file; if its directory is not ours to write, leave it empty."""

@@ -16,6 +16,14 @@ class TLSConfigError(Exception):
     """The certificate, key or CA file cannot be used; one line for the operator."""
 
 
+class _KeyIsEncrypted(Exception):
+    """OpenSSL asked for a passphrase: a daemon has nobody to type one."""
+
+
+def _no_passphrase() -> bytes:
+    raise _KeyIsEncrypted()
+
+
 def server_context(settings: TlsSettings) -> Optional[ssl.SSLContext]:
     """An SSLContext for our listeners, or None when no certificate is configured."""
     if not settings.cert_file and not settings.key_file:
@@ -28,7 +36,13 @@ def server_context(settings: TlsSettings) -> Optional[ssl.SSLContext]:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
+        # without a callback OpenSSL would prompt on the terminal: a restart would hang
+        context.load_cert_chain(settings.cert_file, settings.key_file, password=_no_passphrase)
+    except _KeyIsEncrypted:
+        raise TLSConfigError("[tls] key_file %s is encrypted with a passphrase, which a daemon "
+                             "cannot type: write it out unencrypted (openssl pkey -in %s -out "
+                             "NEW.pem), readable only by the service account"
+                             % (settings.key_file, settings.key_file)) from None
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(_chain_problem(settings, exc)) from None
     if settings.client_ca_file:
