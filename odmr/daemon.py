@@ -238,16 +238,21 @@ def _allowed(path: str, uid: int, groups: List[int], need: int) -> bool:
     (check-config), so os.access cannot answer. ACLs are not consulted."""
     if uid == 0:
         return os.path.exists(path)
+    return _blocker(path, uid, groups, need) is None
+
+
+def _blocker(path: str, uid: int, groups: List[int], need: int) -> Optional[str]:
+    """The first of `path`'s directories (or `path` itself) that refuses `uid` access."""
     path = os.path.abspath(path)
     for step, bits in [(d, 0o1) for d in _parents(path)] + [(path, need)]:
         try:
             st = os.stat(step)
         except OSError:
-            return False
+            return step
         shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
         if (st.st_mode >> shift) & bits != bits:
-            return False
-    return True
+            return step
+    return None
 
 
 def spool_problems(settings, account: Optional[Account]) -> List[str]:
@@ -384,10 +389,30 @@ def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
     uid, groups, name = _identity(account)
     problems = []
     for path, what in files_the_service_reads(settings):
-        if os.path.exists(path) and not _allowed(path, uid, groups, 0o4):
-            problems.append("%s %s is not readable by %s, so every reload would fail: %s"
-                            % (what, path, name, _read_fix(path, what, account)))
+        if not os.path.exists(path) or _allowed(path, uid, groups, 0o4):
+            continue
+        blocker = _blocker(path, uid, groups, 0o4) or path
+        if blocker == os.path.abspath(path):
+            fix = _read_fix(path, what, account)
+        else:
+            fix = "directory %s is not searchable by %s: %s" % (blocker, name,
+                                                                 _search_fix(blocker, account))
+        problems.append("%s %s is not readable by %s, so every reload would fail: %s"
+                        % (what, path, name, fix))
     return problems
+
+
+def _search_fix(directory: str, account: Optional[Account]) -> str:
+    if account is None:
+        return "chmod o+x %s" % directory
+    return "chgrp %s %s && chmod g+x %s" % (_group_name(account), directory, directory)
+
+
+def _group_name(account: Account) -> str:
+    try:
+        return grp.getgrgid(account.gid).gr_name
+    except KeyError:
+        return str(account.gid)
 
 
 def _read_fix(path: str, what: str, account: Optional[Account]) -> str:
@@ -395,12 +420,7 @@ def _read_fix(path: str, what: str, account: Optional[Account]) -> str:
         return "make it readable by that user"
     if what.startswith("users file"):           # it must stay 0600: give it to the account
         return "chown %s %s" % (account.name, path)
-    try:
-        group = grp.getgrgid(account.gid).gr_name
-    except KeyError:
-        group = str(account.gid)
-    return "chgrp %s %s && chmod g+r %s (its directories must be searchable too)" % (
-        group, path, path)
+    return "chgrp %s %s && chmod g+r %s" % (_group_name(account), path, path)
 
 
 def drop_privileges(account: Account) -> None:

@@ -484,6 +484,28 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
 
 @pytest.mark.slow
 @needs_root
+def test_a_users_file_behind_a_closed_directory_names_the_directory(site_factory, public_dir):
+    """The file is the account's already: the fault, and the fix, is the directory above it."""
+    nobody = pwd.getpwnam("nobody")
+    private = os.path.join(public_dir, "priv")
+    os.makedirs(private, mode=0o700)
+    users = os.path.join(private, "users")
+    s = site_factory("user = nobody\nusers_file = %s" % users, directory=public_dir)
+    s.add_user("alice", "example.org")
+    os.chown(users, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool, mode=0o700)
+    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    checked = s.cli("check-config")
+    assert checked.returncode == 78
+    assert ("users file %s is not readable by nobody, so every reload would fail: directory %s "
+            "is not searchable by nobody: chgrp %s %s && chmod g+x %s"
+            % (users, private, group, private, private)) in checked.stderr.decode()
+    assert "chown nobody" not in checked.stderr.decode()
+
+
+@pytest.mark.slow
+@needs_root
 def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_factory, public_dir):
     """A key made by root with mode 0600 starts (root loads it before the drop) and then makes
     every reload fail: both commands refuse it, naming the file and the fix."""
