@@ -57,6 +57,13 @@ def describe_error(exc: OSError) -> str:
     return "%s: %s" % (exc.filename, exc.strerror) if exc.filename else str(exc.strerror or exc)
 
 
+def in_directory(exc: OSError, directory: str) -> OSError:
+    """A failure to create or remove a file named relative to a directory descriptor
+    carries the bare file name: the operator needs the directory whose mode or space
+    is at fault."""
+    return type(exc)(exc.errno, exc.strerror, directory)
+
+
 class SpoolError(Exception):
     """A spool operation failed; `temporary` says whether retrying may help."""
 
@@ -573,6 +580,8 @@ class IncomingMessage:
                 self.spool._forget(domain, directory)     # removed behind our back: recreate
                 directory = self.spool._queue_dir(domain, create=True, fresh=True)
                 recreated = True
+            except OSError as exc:
+                raise in_directory(exc, os.path.join(directory.path, "tmp")) from None
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -1188,10 +1197,13 @@ class Spool:
         it (named like the debris start-up removes). Raises OSError when it cannot."""
         directory = self._queue_dir(domain, create=True, fresh=True)
         name = ".tmp.probe.%s" % secrets.token_hex(4)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                     dir_fd=directory.fd)
-        os.close(fd)
-        os.unlink(name, dir_fd=directory.fd)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=directory.fd)
+            os.close(fd)
+            os.unlink(name, dir_fd=directory.fd)
+        except OSError as exc:
+            raise in_directory(exc, directory.path) from None
 
     def unlink_retired(self, queue: str, name: str) -> None:
         """Free a retired message's blocks (a name `retire` returned)."""

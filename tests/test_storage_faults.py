@@ -316,3 +316,37 @@ def test_a_directory_where_a_state_file_belongs_blocks_nothing(provider):
     assert not any(n.endswith(".state") for n in os.listdir(domain_dir))
     quarantined = os.listdir(os.path.join(provider.spool_dir, ".quarantine", "example.org"))
     assert any(n.startswith(first + ".state.") for n in quarantined)
+
+
+@pytest.mark.slow
+def test_an_unusable_tmp_directory_is_named_at_intake(provider, caplog):
+    """The operator reads which directory refuses: not the bare name of a file never made."""
+    spool(provider, ["user@example.org"], sender=SENDER_REMOTE, token="first")
+    tmp = os.path.join(provider.spool_dir, "example.org", "tmp")
+    immutable(tmp, True)
+    try:
+        with caplog.at_level(logging.INFO):
+            with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as client:
+                client.ehlo("client.test")
+                client.mail("sender@remote.test")
+                client.rcpt("user@example.org")
+                code, _ = client.data(b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        immutable(tmp, False)
+    assert code == 452
+    assert "%s: Operation not permitted" % tmp in caplog.text
+
+
+@pytest.mark.slow
+def test_an_unusable_domain_directory_is_named_at_atrn(provider, caplog):
+    spool(provider, ["user@example.org"], sender=SENDER_REMOTE, token="held")
+    domain_dir = os.path.join(provider.spool_dir, "example.org")
+    open(os.path.join(domain_dir, ".lock"), "a").close()     # as after any earlier ATRN
+    immutable(domain_dir, True)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert session(provider, Counting())[0] == BUSY
+    finally:
+        immutable(domain_dir, False)
+    assert "cannot be changed: %s: Operation not permitted" % domain_dir in caplog.text
+    assert ".tmp.probe" not in caplog.text
