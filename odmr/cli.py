@@ -468,7 +468,22 @@ def _queue_list(runtime, args) -> int:
         print(json.dumps(records, indent=1))
     else:
         _print_queue(records)
+        _mention_quarantine(runtime, domain, now)
     return EX_OK
+
+
+def _mention_quarantine(runtime, domain: Optional[str], now: float) -> None:
+    """Files set aside are mail too: a listing that says "empty" must not hide them
+    from an operator about to remove the spool."""
+    from odmr import queueops
+    from odmr.names import plural
+    try:
+        held = [r for r in queueops.quarantined(runtime, now) if domain in (None, r["domain"])]
+    except (OSError, ValueError):
+        return
+    if held:
+        print("and %s set aside: odmrd queue list --quarantine"
+              % plural(len(held), "quarantined file"))
 
 
 def _quarantine_list(runtime, domain: Optional[str], as_json: bool, now: float) -> int:

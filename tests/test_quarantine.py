@@ -102,6 +102,10 @@ def test_unreadable_message_is_quarantined_listed_and_requeued(site):
     assert record["size"] == os.stat(aside).st_size and "Permission denied" in record["reason"]
     text = site.cli("queue", "list", "--quarantine").stdout.decode()
     assert bad in text and "example.org" in text and "Permission denied" in text
+    plain = site.cli("queue", "list").stdout.decode().splitlines()   # "empty" hides nothing
+    assert plain == ["Mail queue is empty",
+                     "and 1 quarantined file set aside: odmrd queue list --quarantine"]
+    assert site.cli("queue", "list", "example.net").stdout.strip() == b"Mail queue is empty"
 
     still = site.cli("queue", "requeue", bad)          # not repaired yet
     assert still.returncode == 77 and "still unreadable" in err(still)
