@@ -251,7 +251,7 @@ def _become_service_account(settings) -> None:
 
 
 def cmd_check_config(args, config_path: str) -> int:
-    from odmr import accounts, config
+    from odmr import config
     try:
         settings = config.load(config_path)
     except config.ConfigError as exc:
@@ -263,6 +263,10 @@ def cmd_check_config(args, config_path: str) -> int:
                 return EX_OK
         for line in exc.lines(config_path):
             print("odmrd: %s" % line, file=sys.stderr)
+        users = config.lenient_value(config_path, "users_file")
+        if users and os.path.exists(users):                 # every error at once (SPEC §2)
+            for line in _users_file_problems(users):
+                print("odmrd: %s" % line, file=sys.stderr)
         return EX_CONFIG
     if args.print_key:
         value = getattr(settings, args.print_key, None)
@@ -270,14 +274,7 @@ def cmd_check_config(args, config_path: str) -> int:
             return fail("check-config --print: unknown or non-scalar key %r" % args.print_key, EX_USAGE)
         print(value)
         return EX_OK
-    problems = []
-    if not os.path.exists(settings.users_file):
-        problems.append("%s: no users file yet (create one with 'odmrd user add')" % settings.users_file)
-    else:
-        try:
-            accounts.load(settings.users_file)
-        except accounts.AccountsError as exc:
-            problems.extend(str(exc).splitlines())
+    problems = _users_file_problems(settings.users_file)
     problems.extend(_startup_problems(settings))
     if problems:
         for problem in problems:
@@ -288,6 +285,17 @@ def cmd_check_config(args, config_path: str) -> int:
         print("odmrd: warning: %s" % warning, file=sys.stderr)
     print("%s: ok" % settings.path)
     return EX_OK
+
+
+def _users_file_problems(path: str) -> List[str]:
+    from odmr import accounts
+    if not os.path.exists(path):
+        return ["%s: no users file yet (create one with 'odmrd user add')" % path]
+    try:
+        accounts.load(path)
+    except accounts.AccountsError as exc:
+        return str(exc).splitlines()
+    return []
 
 
 def _users_file_owner_warning(settings) -> Optional[str]:

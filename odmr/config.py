@@ -582,7 +582,8 @@ def _section_settings(cls, section):
 
 
 _LENIENT = {"pid_file": ("odmrd.pid", "path"), "user": ("", "text"),
-            "grace_period": ("30s", "duration"), "spool_dir": ("spool", "path")}
+            "grace_period": ("30s", "duration"), "spool_dir": ("spool", "path"),
+            "users_file": ("users", "path")}
 
 
 def lenient_value(path: str, key: str):

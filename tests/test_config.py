@@ -381,3 +381,15 @@ def test_a_wrong_tls_file_is_named_with_what_is_wrong(tmp_path, pki, cert, key, 
     result = run_cli("-c", str(conf), "check-config")
     assert result.returncode == 78
     assert ("[tls] " + says % pki) in result.stderr.decode(), result.stderr
+
+
+def test_check_config_reports_the_users_file_with_the_configuration(tmp_path):
+    """SPEC §2: every error at once, not the users file's only after the configuration is fixed."""
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}x:example.org\nalice:{PLAIN}y:example.net\n")
+    conf = tmp_path / "odmrd.conf"
+    conf.write_text("allow_root = yes\nusers_file = users\nhostname = not a host\n")
+    result = run_cli("-c", str(conf), "check-config")
+    err = result.stderr.decode()
+    assert result.returncode == 78
+    assert "hostname" in err and str(users) in err, err
