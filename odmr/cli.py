@@ -43,11 +43,24 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("serve", parents=[common], help="run the provider")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached, log to stderr")
-
     p = sub.add_parser("check-config", parents=[common], help="validate configuration and users file")
     p.add_argument("--print", dest="print_key", metavar="KEY",
                    help="print one setting (e.g. pid_file) and exit")
+    _user_parsers(sub, common)
+    _enqueue_parser(sub, common)
+    _queue_parsers(sub, common)
+    p = sub.add_parser("status", parents=[common], help="ask the running provider what it is doing",
+                       description="pid, uptime, listeners, live sessions, deliveries in progress "
+                                   "and the backlog, from the daemon of this node. Exit 0 running, "
+                                   "3 not running, 4 unknown (LSB).")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="fetch's own options (odmrd fetch --help)")
+    return parser
 
+
+def _user_parsers(sub, common: Parser) -> None:
     p = sub.add_parser("user", parents=[common], help="manage customer accounts")
     users = p.add_subparsers(dest="user_command", metavar="ACTION", parser_class=Parser)
     q = users.add_parser("add", parents=[common], help="create an account",
@@ -70,10 +83,14 @@ def build_parser() -> Parser:
     q.add_argument("name", help="the account")
     users.add_parser("list", parents=[common], help="list accounts and their domains")
 
+
+def _enqueue_parser(sub, common: Parser) -> None:
     p = sub.add_parser("enqueue", parents=[common], help="spool one message read from stdin",
                        description="Spool one RFC 5322 message read from stdin, like sendmail "
                                    "-oi (for an MTA's pipe transport). Exit 0 spooled, 67 domain "
-                                   "not hosted, 65 bad message, 75 try again later.")
+                                   "not hosted or a routed address, 65 bad message, 74 broken "
+                                   "input, 75 try again later (a pipe transport retries on 75 "
+                                   "and bounces on anything else).")
     p.add_argument("-f", dest="sender", default=None, metavar="SENDER",
                    help="envelope sender (empty for a bounce: -f '')")
     p.add_argument("-o", dest="sendmail_options", action="append", default=[],
@@ -82,6 +99,8 @@ def build_parser() -> Parser:
     p.add_argument("recipients", nargs="+", metavar="RCPT",
                    help="envelope recipients, each in a hosted domain")
 
+
+def _queue_parsers(sub, common: Parser) -> None:
     p = sub.add_parser("queue", parents=[common], help="inspect and manage the spool")
     queue = p.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=Parser)
     q = queue.add_parser("list", parents=[common], help="list waiting messages")
@@ -107,17 +126,6 @@ def build_parser() -> Parser:
                                      "account can read and that parses. Exit 66 unknown id, 77 "
                                      "still unreadable, 65 still corrupt.")
     q.add_argument("ids", nargs="+", metavar="ID", help="message ids from queue list --quarantine")
-
-    p = sub.add_parser("status", parents=[common], help="ask the running provider what it is doing",
-                       description="pid, uptime, listeners, live sessions, deliveries in progress "
-                                   "and the backlog, from the daemon of this node. Exit 0 running, "
-                                   "3 not running, 4 unknown (LSB).")
-    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-
-    p = sub.add_parser("fetch", parents=[common], help="the customer client (collect mail)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="fetch's own options (odmrd fetch --help)")
-    return parser
 
 
 def _password_options(parser: argparse.ArgumentParser) -> None:
