@@ -31,7 +31,6 @@ import runpy
 
 runpy.run_module("odmr", run_name="__main__", alter_sys=True)
 '''
-BUNDLED = ("configobj", "validate", "idna")     # validate: the shim `import validate` finds
 REQUIREMENTS = ("configobj>=5.0.7", "idna>=3.0")   # what pip fetches when one is missing
 
 

@@ -244,7 +244,7 @@ def _log_like_the_daemon(settings) -> None:
         pass                        # the log out of reach must not stop a queue command
     to_operator = logging.StreamHandler(sys.stderr)    # and whoever runs it sees the warnings
     to_operator.setLevel(logging.WARNING)
-    to_operator.setFormatter(daemon._OneLine("odmrd: %(message)s"))
+    to_operator.setFormatter(daemon.DaemonLineFormatter("odmrd: %(message)s"))
     logging.getLogger().addHandler(to_operator)
 
 

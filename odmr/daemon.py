@@ -62,7 +62,7 @@ def log_as(pid: int) -> None:
     _pid[0] = pid
 
 
-class _OneLine(OneLineFormatter):
+class DaemonLineFormatter(OneLineFormatter):
     """Log lines never span lines: nothing from a peer can forge or disguise entries."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -149,7 +149,7 @@ def setup_logging(level: str, target: Tuple[str, str],
     # (the logging HOWTO's "Optimization" table): the caller's frame and thread
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
-    logging.logProcesses = False            # _OneLine fills in the cached pid
+    logging.logProcesses = False            # DaemonLineFormatter fills in the cached pid
     logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -161,7 +161,7 @@ def setup_logging(level: str, target: Tuple[str, str],
     if kind == "syslog":
         handler = syslog_handler()
         if handler is not None:
-            handler.setFormatter(_OneLine("odmrd[%(process)d]: %(message)s"))
+            handler.setFormatter(DaemonLineFormatter("odmrd[%(process)d]: %(message)s"))
         else:  # the socket vanished between the probe and now
             kind, path = "stderr", ""
     if kind == "file":
@@ -179,8 +179,8 @@ def setup_logging(level: str, target: Tuple[str, str],
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
     if not isinstance(handler, logging.handlers.SysLogHandler):
-        handler.setFormatter(_OneLine("%(asctime)s odmrd[%(process)d]: %(levelname)s %(message)s",
-                                      "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(DaemonLineFormatter(
+            "%(asctime)s odmrd[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
 
 

@@ -44,8 +44,7 @@ class HopCount:
         self.own = 0
         self.done = False
         self._marker = ("by %s (odmrd" % hostname.lower()).encode("utf-8", "replace")
-        self._line = b""                # the start of the line being read
-        self._line_full = False         # more of that line was dropped
+        self._line = b""                # the start of the line being read (what fits)
         self._field: Optional[bytes] = None     # the Received: field being read
         self._seen = 0
 
@@ -79,12 +78,10 @@ class HopCount:
         room = _MAX_LINE - len(self._line)
         if room > 0:
             self._line += data[:room]
-        if len(data) > room:
-            self._line_full = True
 
     def _line_ended(self) -> None:
         line = self._line.rstrip(b"\r")
-        self._line, self._line_full = b"", False
+        self._line = b""
         if line[:1] in (b" ", b"\t") and line.strip():
             if self._field is not None:
                 self._field += b" " + line.strip()

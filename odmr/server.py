@@ -471,11 +471,7 @@ class Service:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
         shut_down_together(self.listeners)
         self.close()
-        with self._lock:
-            self.stopping.set()             # deliveries finish the message in flight, then QUIT
-            live = list(self._live)
-        for session in live:                # idle ones end now, busy ones after their command
-            session.request_stop()
+        self.stop_sessions()
         grace = self.settings.grace_period if grace is None else grace
         if self.workers is not None:
             self.workers.stop(grace)        # their sessions count in _totals until they end
@@ -486,11 +482,9 @@ class Service:
             while sum(self._totals.values()) and time.monotonic() < deadline:
                 self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
             left = sum(self._totals.values())
-            live = list(self._live)
         if left:
             # out of time: cut the connections and let the threads record what was in flight
-            for session in live:
-                session.cut()
+            self.cut_sessions()
             deadline = time.monotonic() + CUT_WAIT
             with self._lock:
                 while sum(self._totals.values()) and time.monotonic() < deadline:
@@ -500,6 +494,22 @@ class Service:
             self.workers.join(CUT_WAIT + 5.0)
         self._stop_monitoring()
         return left
+
+    def stop_sessions(self) -> None:
+        """Idle sessions end now, busy ones after their command; deliveries finish the
+        message in flight, then QUIT."""
+        with self._lock:
+            self.stopping.set()
+            live = list(self._live)
+        for session in live:
+            session.request_stop()
+
+    def cut_sessions(self) -> None:
+        """Out of time: cut the connections; their threads record what was in flight."""
+        with self._lock:
+            live = list(self._live)
+        for session in live:
+            session.cut()
 
     def close(self) -> None:
         for listener in self.listeners:

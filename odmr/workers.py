@@ -41,6 +41,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from odmr import metrics
+from odmr.exits import EX_SOFTWARE
 log = logging.getLogger("odmrd")
 
 MESSAGE_MAX = 65536     # a datagram on the control channel (a worker's session list)
@@ -90,9 +91,6 @@ class WorkerPool:
             worker.reader.start()
         log.info("intake: %d worker processes (pids %s)", count,
                  ", ".join(str(w.pid) for w in self._workers))
-
-    def pids(self) -> List[int]:
-        return [w.pid for w in self._workers if w.alive]
 
     def hand_over(self, request: socket.socket, client_address, listener) -> bool:
         """Give an admitted connection to the least busy worker; False if none takes it."""
@@ -254,7 +252,7 @@ def _run_worker(service, channel: socket.socket, index: int, others: List[socket
         service.workers = None
         _WorkerSide(service, channel, index).run()
     except BaseException:
-        code = 70
+        code = EX_SOFTWARE
         try:
             log.exception("intake worker %d: fatal error", index)
         except BaseException:
@@ -360,17 +358,9 @@ class _WorkerSide:
 
     def _stop(self, grace: float) -> None:
         """As the main process's stop: at the next command boundary, then cut."""
-        service = self.service
-        with service._lock:
-            service.stopping.set()
-            live = list(service._live)
-        for session in live:
-            session.request_stop()
+        self.service.stop_sessions()
         if not self._wait_idle(grace):
-            with service._lock:
-                live = list(service._live)
-            for session in live:
-                session.cut()
+            self.service.cut_sessions()
             self._wait_idle(CUT_WAIT)
         log.debug("intake worker %d stopped", self.index)
 
