@@ -203,6 +203,8 @@ def run_loads(mta: str, port: int, messages: int, size: int, source: Optional[st
 
 
 def measure_odmrd(base: str, args: argparse.Namespace, source: Optional[str]) -> List[Result]:
+    """odmrd's intake under both loads, started as an operator would, and stopped before
+    any other server runs, so that the two never share the CPU."""
     server = Server(base, smtp_extra="max_sessions_per_address = 100\nworkers = %s" % args.workers,
                     log_level=args.log_level)
     # Each run fills its own domain: deleting the first run's files just before the
