@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import List, Optional
+from typing import List, Optional, Set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,10 +27,28 @@ from odmr import accounts  # noqa: E402
 PASSWORD = "bench-password"
 
 
+_GIVEN: Set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port: the kernel's choice, or, when BENCH_PORTS=LO-HI is set (a
+    shared machine where each user keeps to a range), one of that range not given before."""
+    span = os.environ.get("BENCH_PORTS")
+    if not span:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    low, high = (int(part) for part in span.split("-"))
+    for port in random.sample(range(low, high + 1), high + 1 - low):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise SystemExit("no free port in BENCH_PORTS=%s" % span)
 
 
 def wait_port(port: int, timeout: float = 10.0, what: str = "nothing") -> None:
