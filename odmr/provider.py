@@ -74,12 +74,12 @@ class ODMRSession(Session):
     """One customer on the ODMR port."""
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
-                 latest: Optional[Callable[[], Runtime]] = None,
-                 queue: Optional[QueueManager] = None, service_stop: Optional[threading.Event] = None):
+                 latest: Optional[Callable[[], Runtime]], queue: QueueManager,
+                 service_stop: threading.Event):
         self.runtime = runtime
         self.latest = latest                # the service's current snapshot (users file edits)
-        self.queue = queue                  # the service's; None: one of its own for each ATRN
-        self.service_stop = service_stop or threading.Event()   # set when the service stops
+        self.queue = queue                  # the service's: what one session could not record
+        self.service_stop = service_stop    # set when the service stops
         self.odmr = runtime.settings.odmr
         self.idle_timeout = self.odmr.idle_timeout
         self.max_bad_commands = self.odmr.max_bad_commands
@@ -350,7 +350,7 @@ class ODMRSession(Session):
             self.reply(*replies.ATRN_BUSY)
             return
         with claim:
-            trouble = (self.queue or QueueManager(spool)).trouble(self.runtime, domains)
+            trouble = self.queue.trouble(self.runtime, domains)
             if trouble:     # results could not be recorded: the mail would come again and again
                 # (before 453: what it retries may empty the queue)
                 log.error("odmr: %s (%s) ATRN %s: 451, %s", self.peer, account.name,
@@ -369,13 +369,8 @@ class ODMRSession(Session):
 
     def _hand_over(self, domains) -> None:
         """The connection is delivery's now (the claim is held by the caller)."""
-        queue = self.queue or QueueManager(self.runtime.spool)
-        try:
-            deliver_reversed(Handoff(self.sock, self.rfile, self.peer, self.implicit_tls, domains,
-                                     self.runtime, queue, self.service_stop))
-        finally:
-            if self.queue is None:
-                queue.stop()
+        deliver_reversed(Handoff(self.sock, self.rfile, self.peer, self.implicit_tls, domains,
+                                 self.runtime, self.queue, self.service_stop))
 
     def log_command(self, verb: str, arg: str) -> None:
         if verb == "AUTH":

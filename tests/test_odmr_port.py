@@ -254,7 +254,9 @@ def test_multiline_ehlo_reply_is_one_write(provider, monkeypatch):
     accepted, addr = listener.accept()
     listener.close()
     server_sock = _CountingSocket(fileno=accepted.detach())
-    session = ODMRSession(server_sock, "127.0.0.1:%d" % addr[1], provider.service.runtime)
+    service = provider.service
+    session = ODMRSession(server_sock, "127.0.0.1:%d" % addr[1], service.runtime, None,
+                          service.queue, service.stopping)
     thread = threading.Thread(target=session.run, daemon=True)
     thread.start()
     try:
