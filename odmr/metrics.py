@@ -156,10 +156,10 @@ def session_state(session, reversed_peers=frozenset()) -> str:
 
 
 # -- the one-line hooks, called where the events happen -----------------------------
-def message_received(queue: str, size: int) -> None:
-    """Intake stored one domain's copy of a message."""
-    REGISTRY.count("odmrd_messages_received_total")
-    qshape.BACKLOG.added(queue, size)
+def message_received(queue: str, size: int, count: int = 1) -> None:
+    """Intake stored `count` copies for one domain, `size` bytes in all."""
+    REGISTRY.count("odmrd_messages_received_total", count)
+    qshape.BACKLOG.added(queue, size, count)
 
 
 def delivery_recorded(drain, message, results: Dict[str, Tuple[int, str]]) -> None:

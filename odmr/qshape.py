@@ -178,10 +178,10 @@ class Backlog:
             self._queues = {r.domain: [r.messages, r.bytes, r.oldest] for r in rows}
             self.scanned = time.time()
 
-    def added(self, queue: str, size: int) -> None:
+    def added(self, queue: str, size: int, count: int = 1) -> None:
         with self._lock:
             entry = self._queues.setdefault(queue, [0, 0, 0.0])
-            entry[0] += 1
+            entry[0] += count
             entry[1] += size
             if not entry[2]:
                 entry[2] = time.time()
