@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import signal
 import subprocess
 import textwrap
 import time
 from typing import Optional, Tuple
 
-from common import free_port, wait_port
+from common import free_port, stop_process, wait_port
 
 CONFIG = """\
 # Written by bench/bench_intake.py: intake only, nothing is ever delivered.
@@ -120,13 +119,7 @@ class Exim:
         return ((int(fields[11]) + int(fields[13])) / tick, (int(fields[12]) + int(fields[14])) / tick)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 20)
         if self.proc is not None:
             self._log.close()
         self.proc = None

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from odmr import qshape
+from odmr.tcpserver import BoundServer
 
 log = logging.getLogger("odmrd.metrics")
 
@@ -344,27 +345,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("metrics: %s %s", self.client_address[0], format % args)
 
 
-class MetricsServer(http.server.ThreadingHTTPServer):
+class MetricsServer(BoundServer, http.server.HTTPServer):
     """GET /metrics on its own threads; bound at start-up (before privileges are dropped)."""
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
     def __init__(self, address: Tuple[str, int], render: Callable[[], str]):
-        host, _ = address
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.render = render
         self._busy = threading.Semaphore(MAX_SCRAPERS)
-        super().__init__(address, _Handler, bind_and_activate=False)
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
+        super().__init__(address, _Handler)
 
     def verify_request(self, request, client_address) -> bool:
         return self._busy.acquire(blocking=False)

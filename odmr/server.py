@@ -26,6 +26,7 @@ from odmr.provider import ODMRSession
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import Spool
+from odmr.tcpserver import BoundServer
 from odmr.throttle import AuthThrottle
 from odmr.workers import WorkerPool
 
@@ -65,30 +66,17 @@ def _refuse(request: socket.socket, refusal: str) -> None:
         pass
 
 
-class Listener(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
+class Listener(BoundServer):
     request_queue_size = 1024
 
     kind = ""               # "odmr" or "smtp": the subclass, with its session class
 
     def __init__(self, address: Tuple[str, int], service: "Service", implicit_tls: bool = False):
-        host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service = service
         self.implicit_tls = implicit_tls
         # fixed for the listener's life (a restart changes it, like the address)
         self.proxied = self.behind_proxy(service.settings)
-        super().__init__((host, port), socketserver.BaseRequestHandler, bind_and_activate=False)
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
+        super().__init__(address)
 
     def label(self) -> str:
         host, port = self.server_address[:2]
