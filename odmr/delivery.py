@@ -39,14 +39,12 @@ from odmr.folding import LineBreaker, break_long_lines
 from odmr.queuemgr import Drain, QueueManager, reply_text
 from odmr.runtime import Runtime
 from odmr.spool import Message
-from odmr.wire import dot_stuff
+from odmr.wire import BadReply, ReplyClosed, dot_stuff, read_reply
 
 log = logging.getLogger("odmrd.delivery")
 
 INLINE_BODY = 512 * 1024       # bodies up to this size are read whole and sent in one write
 WRITE_BATCH = 256 * 1024       # windowed delivery: messages gathered into one write up to this size
-MAX_REPLY_LINE = 2048
-MAX_REPLY_LINES = 100
 
 Reply = Tuple[int, str]
 
@@ -130,27 +128,18 @@ class ReversedClient(smtplib.SMTP):
 
     def read_reply(self, what: str = "command") -> Reply:
         """One (possibly multi-line) reply to `what`; (-1, text) when it is not SMTP at all."""
-        lines: List[str] = []
-        code = b""
         try:
-            while True:
-                raw = self.file.readline(MAX_REPLY_LINE)
-                if not raw:
-                    raise ConnectionLost(self._gone("connection closed by the customer"))
-                line = raw.rstrip(b"\r\n")
-                this = line[:3]
-                if len(line) < 3 or not this.isdigit() or line[3:4] not in (b"", b" ", b"-") \
-                        or (code and this != code) or len(lines) >= MAX_REPLY_LINES:
-                    return -1, line[:200].decode("utf-8", "replace")
-                code = this
-                lines.append(line[4:].decode("utf-8", "replace"))
-                if line[3:4] != b"-":
-                    return int(code), "\n".join(lines)
+            code, texts = read_reply(self.file)
+        except BadReply as exc:
+            return -1, exc.line.rstrip(b"\r\n")[:200].decode("utf-8", "replace")
+        except ReplyClosed:
+            raise ConnectionLost(self._gone("connection closed by the customer")) from None
         except socket.timeout:
             raise ConnectionLost("timeout after %g s waiting for the reply to %s"
                                  % (self._current_timeout, _SAID.get(what, what))) from None
         except (OSError, ValueError) as exc:
             raise ConnectionLost(self._gone("read failed: %s" % exc)) from None
+        return code, "\n".join(texts)
 
     def reply_at(self, timeout: float, what: str = "command") -> Reply:
         self.set_timeout(timeout)

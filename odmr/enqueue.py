@@ -14,8 +14,8 @@ from odmr.exits import EX_DATAERR, EX_IOERR, EX_NOUSER, EX_TEMPFAIL
 from odmr.names import address_is_safe
 from odmr.runtime import Runtime
 from odmr.spool import SpoolError
-from odmr.hops import HopCount, TooManyHops
-from odmr.submission import Submission, TooBig
+from odmr.hops import TooManyHops
+from odmr.submission import Decision, OverQuota, Submission, TooBig, accept_sender
 from odmr.syntax import local_received_header, printable, split_source_route
 
 log = logging.getLogger("odmrd.enqueue")
@@ -50,12 +50,13 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
     sender = sender.strip().lstrip("<").rstrip(">")
     if not address_is_safe(sender):
         raise EnqueueError("sender %r contains characters not allowed in an address" % sender, EX_DATAERR)
-    if sender and "@" not in sender:
-        raise EnqueueError("sender %r needs a domain" % sender, EX_DATAERR)
-    routed = sender and runtime.sender_routing(sender)
-    if routed:
-        raise EnqueueError("sender <%s> is in a hosted domain and carries a route: %s"
-                           % (printable(sender), routed), EX_NOUSER)
+    decision = accept_sender(runtime, sender)
+    if not decision.accepted:
+        if decision.detail:
+            raise EnqueueError("sender <%s> is in a hosted domain and carries a route: %s"
+                               % (printable(sender), decision.detail), exit_code(decision))
+        raise EnqueueError("sender <%s>: %s" % (printable(sender, 100), decision.reason.lower()),
+                           exit_code(decision))
     submission = Submission(sender, body="8BITMIME")
     for address in recipients:
         path = address.strip().lstrip("<").rstrip(">")
@@ -64,21 +65,30 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         except ValueError:
             raise EnqueueError("recipient <%s>: source route without ':'" % printable(path),
                                EX_DATAERR) from None
-        if address.lower() == "postmaster":          # RFC 5321 §4.5.1, as at the intake port
-            address, (domain, code, text) = runtime.postmaster_recipient(True, route)
-        else:
-            domain, code, text = runtime.classify_recipient(address, utf8_allowed=True, route=route)
-        if domain is None:
-            status = EX_NOUSER if code in (550, 553) else EX_DATAERR
-            reason = text.split(" ", 1)[1]
+        decision = submission.accept_recipient(runtime, address, route, utf8_allowed=True)
+        if decision.domain is None:
+            reason = decision.reason
             if reason == "Relaying denied":     # an MTA's bounce should say why in plain words
                 reason = "domain %s is not hosted here" % printable(address.rpartition("@")[2])
-            raise EnqueueError("recipient <%s>: %s" % (printable(path), reason), status)
-        if not runtime.quota_ok(domain):
-            raise EnqueueError("<%s>: domain %s is over quota" % (address, domain), EX_TEMPFAIL)
-        submission.add(address, domain)
+            raise EnqueueError("recipient <%s>: %s" % (printable(path), reason),
+                               exit_code(decision))
+        if not runtime.quota_ok(decision.domain):
+            raise EnqueueError("<%s>: domain %s is over quota" % (decision.address, decision.domain),
+                               EX_TEMPFAIL)
+        submission.add(decision.address, decision.domain)
     submission.smtputf8 = not sender.isascii() or not all(a.isascii() for a in submission.recipients)
     return _spool(runtime, submission, stream)
+
+
+def exit_code(decision: Decision) -> int:
+    """README's scheme for a refused sender or recipient: 67 for an address that is not
+    ours to take (not hosted, no such user, a route), 65 for one that is malformed or too
+    long, 75 for what may pass later."""
+    if decision.code < 500:
+        return EX_TEMPFAIL
+    if decision.code == 501 or decision.status in ("5.1.3", "5.1.7"):
+        return EX_DATAERR
+    return EX_NOUSER
 
 
 def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[Tuple[str, str]]:
@@ -90,9 +100,8 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     hostname = runtime.hostname
     spooling = submission.start(runtime.spool, "local user %s" % user,
                                 lambda msg_id, rcpts: local_received_header(hostname, msg_id, rcpts),
-                                runtime.settings.smtp.max_message_size,
-                                HopCount(hostname, runtime.settings.smtp.max_received_headers,
-                                         domains=submission.by_domain()))
+                                runtime.settings.smtp.max_message_size, hostname,
+                                runtime.settings.smtp.max_received_headers, quotas=runtime)
     if spooling.failure is not None:             # before reading: the MTA keeps it and retries
         raise EnqueueError(str(spooling.failure), EX_TEMPFAIL)
     try:
@@ -110,14 +119,10 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
         raise EnqueueError(str(exc), EX_DATAERR) from None
     except TooManyHops as exc:
         raise EnqueueError(exc.text.split(" ", 1)[1], EX_DATAERR) from None
-    except SpoolError as exc:
+    except (OverQuota, SpoolError) as exc:
         raise EnqueueError(str(exc), EX_TEMPFAIL) from None   # the MTA keeps it and retries
     except OSError as exc:
         spooling.abort()
         raise EnqueueError("reading stdin: %s" % exc.strerror, EX_IOERR) from None
-    by_domain = submission.by_domain()
-    for domain, msg_id in stored:
-        log.info("enqueue: accepted id=%s domain=%s size=%d from=<%s> to=%s by=%s", msg_id, domain,
-                 spooling.stored_size(domain), submission.sender,
-                 ",".join("<%s>" % a for a in by_domain[domain]), user)
+    spooling.log_accepted(log, "enqueue", stored, submission.sender, "by=%s" % user)
     return stored

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from odmr.fetch_client import DEFAULT_PORT, Endpoint, FetchError, NoMail, open_reversed
+from odmr.fetch_server import DEFAULT_MAX_SIZE
 from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, parse_hostport,
                          parse_size)
 from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE
 from odmr.names import plural
 
 EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
-DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # as fetch_server.DEFAULT_MAX_SIZE; 0: no limit
 MAX_BACKOFF = 3600.0
 RELAY_CONNECT_TIMEOUT = 60.0
 

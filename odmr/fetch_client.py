@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import select
 import smtplib
 import socket
@@ -24,7 +23,7 @@ from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
 
 from odmr import sasl
 from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
-from odmr.wire import reader_for
+from odmr.wire import BadReply, ReplyClosed, read_reply, reader_for
 
 
 DEFAULT_PORT = 366
@@ -32,8 +31,6 @@ CONNECT_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0           # greeting, EHLO, AUTH (RFC 5321 style)
 GREETING_PROBE = 5.0            # silent this long: ask whether the port speaks implicit TLS
 ATRN_TIMEOUT = 660.0            # RFC 2645: wait at least 10 minutes for the ATRN reply
-MAX_REPLY_LINE = 4096
-MAX_REPLY_LINES = 200
 
 # What OpenSSL says when the first bytes it reads are "220 ..." instead of a TLS record.
 NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
@@ -43,7 +40,6 @@ NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAI
 PREFERENCE = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN")
 NEEDS_TLS = ("PLAIN", "LOGIN")
 
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.S)
 
 Trace = Optional[Callable[[str], None]]
 
@@ -134,31 +130,21 @@ class ProviderClient(smtplib.SMTP):
         return code, "\n".join(texts).encode("utf-8")
 
     def _read_reply(self) -> Tuple[int, List[str]]:
-        texts: List[str] = []
-        code = None
-        while True:
-            raw = self.file.readline(MAX_REPLY_LINE + 1)
-            if len(raw) > MAX_REPLY_LINE:
-                raise FetchError(EX_PROTOCOL, "provider sent an overlong reply line")
-            if not raw.endswith(b"\n"):
-                raise FetchError(EX_TEMPFAIL, "provider closed the connection")
-            bare = raw.rstrip(b"\r\n")
-            m = _REPLY_LINE.match(bare + b" " if len(bare) == 3 else bare)
-            if m is None:
-                raise FetchError(EX_PROTOCOL, "provider broke the protocol: %r" % raw[:80])
-            this = int(m.group(1))
-            if code is not None and this != code:
-                raise FetchError(EX_PROTOCOL, "provider mixed reply codes in one reply")
-            code = this
-            text = m.group(3).decode("utf-8", "replace")
-            texts.append(text)
-            if self.trace:
-                shown = "****" if self.secret and text else text
-                self.trace("S: %d%s%s" % (code, m.group(2).decode(), shown))
-            if m.group(2) == b" ":
-                return code, texts
-            if len(texts) >= MAX_REPLY_LINES:
-                raise FetchError(EX_PROTOCOL, "provider sent an endless reply")
+        try:
+            return read_reply(self.file, self._trace_line)
+        except ReplyClosed:
+            raise FetchError(EX_TEMPFAIL, "provider closed the connection") from None
+        except BadReply as exc:
+            if exc.kind == BadReply.MALFORMED:
+                raise FetchError(EX_PROTOCOL, "provider broke the protocol: %r" % exc.line[:80]) from None
+            if exc.kind == BadReply.MIXED:
+                raise FetchError(EX_PROTOCOL, "provider mixed reply codes in one reply") from None
+            raise FetchError(EX_PROTOCOL, "provider sent %s" % exc.kind) from None
+
+    def _trace_line(self, code: int, separator: str, text: str) -> None:
+        if self.trace:
+            shown = "****" if self.secret and text else text
+            self.trace("S: %d%s%s" % (code, separator, shown))
 
 
 def _masked(line: str) -> str:

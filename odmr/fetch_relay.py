@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Deque, Optional
 
 from odmr.fetch_tally import DATA, END, GREETING, Tally
+from odmr.wire import take_buffered
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other
@@ -93,7 +94,7 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
     for side in sides:
         _nodelay(side.sock)
         side.sock.setblocking(False)
-    leftover = _buffered(reader)
+    leftover = take_buffered(reader, limit=CHUNK)     # the sockets are non-blocking by now
     follower.from_provider(leftover)
     l.out += leftover
     sel = selectors.DefaultSelector()
@@ -140,18 +141,6 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
                  % (reason, p.count, l.count))
     return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
                         tally=follower.tally)
-
-
-def _buffered(reader: Optional[BinaryIO]) -> bytes:
-    """What the reader holds (the socket is non-blocking by now: nothing waits)."""
-    if reader is None:
-        return b""
-    try:
-        return reader.read1(CHUNK) or b""
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        return b""
-    except (OSError, ValueError):
-        return b""                      # the first read from the socket reports it
 
 
 class _Follower:

@@ -33,16 +33,16 @@ from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from odmr import replies
 from odmr.fetch_mailbox import Delivery, Mailbox, StorageError
-from odmr.syntax import helo_name_ok, received_header
+from odmr.syntax import received_header, received_protocol
 from odmr.fetch_tally import DATA, END, GREETING, Tally
-from odmr.wire import (BadParameter, Closed, Session, _TimedSocketIO, iter_data, parse_path,
-                       parse_rcpt_params)
+from odmr.wire import (BadParameter, Closed, Session, TimedSocketIO, iter_data, parse_path,
+                       parse_rcpt_params, take_buffered)
 
 log = logging.getLogger("odmrd.fetch")
 
 IDLE_TIMEOUT = 660.0            # the provider may take long between messages (RFC 5321 timeouts)
 MAX_RECIPIENTS = 1000
-DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size: so a provider cannot fill the disk
+DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size and [fetch] max_size: so a provider cannot fill the disk
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
 CHUNK = 65536                   # BDAT data is read and stored in pieces of at most this
 FLUSH_AT = 16384                # replies held back this long are written even if input waits
@@ -52,12 +52,12 @@ DATA_AFTER_BDAT = (503, "5.5.1 DATA after BDAT in one transaction; transaction d
 _BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.I)
 
 
-class _RepliesBeforeWait(_TimedSocketIO):
+class _RepliesBeforeWait(TimedSocketIO):
     """The session's raw reader: first the bytes the ATRN negotiation had
     buffered, then the socket; whenever a read would have to wait for the
     provider, the replies held back so far are written first (RFC 2920).
 
-    Being a `_TimedSocketIO`, `Session.read_line` sets its deadline instead
+    Being a `TimedSocketIO`, `Session.read_line` sets its deadline instead
     of changing the socket timeout for every line."""
 
     def __init__(self, sock: socket.socket, leftover: bytes, flush: Callable[[], None]):
@@ -94,23 +94,6 @@ def _readable(sock: socket.socket) -> bool:
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True         # let the read itself report it
-
-
-def _take_buffered(sock: socket.socket, reader: BinaryIO) -> bytes:
-    """What the negotiation's reader already holds, without waiting for more."""
-    timeout = sock.gettimeout()
-    try:
-        sock.settimeout(0.0)
-        return reader.read1(CHUNK) or b""
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, socket.timeout):
-        return b""
-    except (OSError, ValueError):
-        return b""          # the session's first read reports it
-    finally:
-        try:
-            sock.settimeout(timeout)
-        except OSError:
-            pass
 
 
 class _LineEnds:
@@ -213,7 +196,7 @@ class LocalSMTPSession(Session):
         super().__init__(sock, peer)
         # the negotiation's reader may already hold the provider's first commands
         self._held = bytearray()        # replies not written yet (more input was buffered)
-        self.rfile = io.BufferedReader(_RepliesBeforeWait(sock, _take_buffered(sock, reader),
+        self.rfile = io.BufferedReader(_RepliesBeforeWait(sock, take_buffered(reader, sock, CHUNK),
                                                           self.flush_replies), CHUNK)
         self.mailbox = mailbox
         self.my_hostname = hostname
@@ -283,38 +266,32 @@ class LocalSMTPSession(Session):
             self.trace("P: %s %s" % (verb, arg[:200]))
 
     def greet(self) -> None:
-        self.reply(220, "%s ESMTP odmrd fetch ready" % self.hostname())
+        self.reply_with(replies.FETCH_GREETING, self.hostname())
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not helo_name_ok(arg):       # it goes into the Received: header of every message
-            self.reply(501, "5.5.4 Syntax: EHLO domain or address literal")
-            return self.count_bad_command()
+        if self.helo_name_refused("EHLO", arg):
+            return
         self.reset_transaction()
         self.helo, self.esmtp = arg, True
         self.reply(250, self.hostname(), "PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
                    "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
 
     def smtp_HELO(self, arg: str) -> None:
-        if not helo_name_ok(arg):
-            self.reply(501, "5.5.4 Syntax: HELO domain or address literal")
-            return self.count_bad_command()
+        if self.helo_name_refused("HELO", arg):
+            return
         self.reset_transaction()
         self.helo, self.esmtp = arg, False
         self.reply(250, self.hostname())
 
     def smtp_VRFY(self, arg: str) -> None:
-        self.reply(252, "2.5.0 Send some mail, I'll try my best")
+        self.reply(*replies.VRFY_FETCH)
 
     def smtp_QUIT(self, arg: str) -> None:
         self.quit = True
         super().smtp_QUIT(arg)
 
-    def _not_here(self, arg: str) -> None:
-        self.reply(502, "5.5.1 Command not implemented")
-        self.count_bad_command()
-
-    smtp_EXPN = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = _not_here
+    smtp_EXPN = smtp_ETRN = smtp_ATRN = smtp_TURN = smtp_AUTH = smtp_STARTTLS = Session.not_implemented
 
     def reset_transaction(self) -> None:
         self.sender = None
@@ -337,9 +314,7 @@ class LocalSMTPSession(Session):
 
     def trace_header(self, sender: str, recipients: List[str], msg_id: str) -> bytes:
         """Return-Path and our Received: header, in front of every stored message."""
-        protocol = ("UTF8SMTP" if self.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
-        if self.tls:
-            protocol += "S"
+        protocol = received_protocol(self.esmtp, self.smtputf8, self.tls)
         return b"Return-Path: <%s>\r\n" % sender.encode("utf-8", "replace") + \
             received_header(self.helo, self.peer_ip, self.hostname(), protocol, msg_id, recipients)
 
@@ -352,8 +327,8 @@ class LocalSMTPSession(Session):
         if parsed is None:
             return
         address, params = parsed
-        if not address.isascii() and not params.smtputf8:
-            return self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
+        if self.sender_needs_smtputf8(address, params.smtputf8):
+            return
         if params.size is not None and self._refused_for_size(address, params.size):
             return
         self._excused = 0
@@ -367,7 +342,7 @@ class LocalSMTPSession(Session):
             log.warning("message from <%s> refused: SIZE=%d is over --max-size %d",
                         sender, size, self.max_size)
             self.too_big += 1
-            self.reply(552, self._too_big_text())
+            self.reply_with(replies.TOO_BIG, self.max_size)
             return True
         free = self.mailbox.free_bytes()
         if free is not None and size + SLACK > free:
@@ -394,7 +369,7 @@ class LocalSMTPSession(Session):
         except BadParameter as exc:
             return self.refuse(exc.reply)
         if not parsed[0].isascii() and not self.smtputf8:     # RFC 6531 §3.4
-            return self.reply(553, "5.6.7 Non-ASCII recipient needs SMTPUTF8")
+            return self.reply(*replies.NON_ASCII_RECIPIENT)
         if len(self.recipients) >= MAX_RECIPIENTS:
             self.reply(*replies.TOO_MANY_RECIPIENTS)
             return
@@ -454,7 +429,7 @@ class LocalSMTPSession(Session):
             self.chunked = None
             return self.reply(*self.chunks_refused)
         if not last:
-            return self.reply(250, "2.0.0 %d octets received" % size)
+            return self.reply_with(replies.CHUNK_RECEIVED, size)
         incoming, self.chunked = self.chunked, None
         self.reset_transaction()
         self.end_of_message(incoming)
@@ -503,7 +478,7 @@ class LocalSMTPSession(Session):
         self.delivered += 1
         log.info("stored message from <%s> to %s in %s", incoming.sender,
                  ",".join("<%s>" % r for r in incoming.recipients), where)
-        self.reply(250, "2.0.0 Ok: delivered as %s" % incoming.msg_id)
+        self.reply_with(replies.DELIVERED, incoming.msg_id)
 
     def _refusal(self, incoming: _Incoming) -> replies.Reply:
         """552 for a message over --max-size, 452 for one the mailbox could not take;
@@ -514,7 +489,7 @@ class LocalSMTPSession(Session):
             log.warning("message from <%s> to %s refused: %d bytes is over --max-size %d; "
                         "the provider returns it to the sender", incoming.sender, rcpts,
                         incoming.size, self.max_size)
-            return (552, self._too_big_text())
+            return replies.TOO_BIG[0], replies.TOO_BIG[1] % self.max_size
         failure = incoming.failure
         self.deferred += 1
         if failure is not None and failure.disk_full:
@@ -523,9 +498,6 @@ class LocalSMTPSession(Session):
             self.storage_problem = str(failure)
         log.info("message from <%s> to %s not stored: %s", incoming.sender, rcpts, failure)
         return replies.NO_STORAGE
-
-    def _too_big_text(self) -> str:
-        return replies.TOO_BIG[1] % self.max_size
 
 
 def serve_reversed(sock: socket.socket, peer: str, reader: BinaryIO, mailbox: Mailbox,

@@ -14,11 +14,11 @@ from typing import Callable, List, Optional
 
 from odmr import replies, tls
 from odmr import metrics
-from odmr.hops import HopCount, TooManyHops
+from odmr.hops import TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
-from odmr.submission import OverQuota, Submission, TooBig
-from odmr.syntax import helo_name_ok, printable, received_header, split_source_route
+from odmr.submission import OverQuota, Submission, TooBig, accept_sender
+from odmr.syntax import printable, received_header, received_protocol, split_source_route
 from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.smtp")
@@ -28,8 +28,8 @@ class Transaction(Submission):
     """The envelope being collected between MAIL and the end of DATA."""
 
     def __init__(self, sender: str, smtputf8: bool, body: str, size: int, ret: str = "",
-                 envid: str = ""):
-        super().__init__(sender, smtputf8, body, ret, envid)
+                 envid: str = "", max_recipients: int = 0):
+        super().__init__(sender, smtputf8, body, ret, envid, max_recipients)
         self.declared_size = size
 
 
@@ -37,6 +37,7 @@ class IntakeSession(Session):
     """One client of the intake port."""
 
     protocol_name = "ESMTP"
+    log_prefix = "smtp"
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
                  latest: Optional[Callable[[], Runtime]] = None):
@@ -58,12 +59,11 @@ class IntakeSession(Session):
     def greet(self) -> None:
         log.info("smtp: connect from %s%s", self.peer,
                  " (%s)" % tls.describe(self.sock) if self.tls_active else "")
-        self.reply(220, "%s ESMTP odmrd ready" % self.hostname())
+        self.reply_with(replies.INTAKE_GREETING, self.hostname())
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not helo_name_ok(arg):
-            self._bad_helo("EHLO", arg)
+        if self.helo_name_refused("EHLO", arg):
             return
         self.helo, self.esmtp, self.tx = arg, True, None
         lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
@@ -73,31 +73,22 @@ class IntakeSession(Session):
         self.reply(250, *lines)
 
     def smtp_HELO(self, arg: str) -> None:
-        if not helo_name_ok(arg):
-            self._bad_helo("HELO", arg)
+        if self.helo_name_refused("HELO", arg):
             return
         self.helo, self.esmtp, self.tx = arg, False, None
         self.reply(250, self.hostname())
-
-    def _bad_helo(self, verb: str, arg: str) -> None:
-        """RFC 5321 §4.1.4: a domain or an address literal, never free text (it goes
-        into the Received: header). The session's earlier EHLO, if any, still holds."""
-        log.info("smtp: %s %s refused: not a domain or address literal: %s",
-                 self.peer, verb, printable(arg, 100))
-        self.reply(501, "5.5.4 Syntax: %s domain or address literal" % verb)
-        self.count_bad_command()
 
     def reset_transaction(self) -> None:
         self.tx = None
 
     def smtp_VRFY(self, arg: str) -> None:
-        self.reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self.reply(*replies.VRFY_INTAKE)
 
     def smtp_EXPN(self, arg: str) -> None:
-        self.reply(502, "5.5.1 EXPN not implemented")
+        self.reply(*replies.EXPN_NOT_IMPLEMENTED)
 
     def smtp_HELP(self, arg: str) -> None:
-        self.reply(214, "2.0.0 See RFC 5321")
+        self.reply(*replies.HELP)
 
     def smtp_STARTTLS(self, arg: str) -> None:
         if not self.starttls_command(self.runtime.tls, arg):
@@ -106,12 +97,10 @@ class IntakeSession(Session):
         log.info("smtp: %s started TLS (%s)", self.peer, tls.describe(self.sock))
 
     def smtp_BDAT(self, arg: str) -> None:
-        self.reply(502, "5.5.1 BDAT not implemented")
-        self.count_bad_command()
+        self.refuse(replies.BDAT_NOT_IMPLEMENTED)
 
     def smtp_ETRN(self, arg: str) -> None:
-        self.reply(502, "5.5.1 ETRN not implemented; use ATRN on the ODMR port")
-        self.count_bad_command()
+        self.refuse(replies.ETRN_NOT_IMPLEMENTED)
 
     # -- the transaction ------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
@@ -121,8 +110,7 @@ class IntakeSession(Session):
             # each transaction sees the hosted domains of now, not of when the client connected
             self.runtime = self.latest()
         if self.limits.require_tls and not self.tls_active:
-            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
-            return self.count_bad_command()
+            return self.refuse(replies.TLS_REQUIRED)
         parsed = self.mail_command(arg, self.esmtp, dsn=True)
         if parsed is None:
             return
@@ -132,23 +120,16 @@ class IntakeSession(Session):
             code, text = replies.TOO_BIG
             self.reply(code, text % self.limits.max_message_size)
             return
-        if not sender.isascii() and not smtputf8:
-            self.reply(553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
+        if self.sender_needs_smtputf8(sender, smtputf8):
             return
-        if sender and "@" not in sender:
-            self.reply(553, "5.1.7 Sender address needs a domain")
-            return
-        if len(sender) > 256:
-            self.reply(553, "5.1.7 Sender address too long")
-            return
-        routed = sender and self.runtime.sender_routing(sender)
-        if routed:
+        decision = accept_sender(self.runtime, sender)
+        if decision.detail:
             log.info("smtp: %s refused MAIL <%s>: a sender in a hosted domain with %s",
-                     self.peer, printable(sender), routed)
-            self.reply(550, "5.7.1 Routing refused: %s" % routed)
-            return
-        self.tx = Transaction(sender, smtputf8, params.body, size, params.ret, params.envid)
-        self.reply(*replies.MAIL_OK)
+                     self.peer, printable(sender), decision.detail)
+        if decision.accepted:
+            self.tx = Transaction(sender, smtputf8, params.body, size, params.ret, params.envid,
+                                  self.limits.max_recipients)
+        self.reply(*decision.reply)
 
     def smtp_RCPT(self, arg: str) -> None:
         tx = self.tx
@@ -164,32 +145,22 @@ class IntakeSession(Session):
             dsn = parse_rcpt_params(param_text, dsn=True)
         except BadParameter as exc:
             return self.refuse(exc.reply)
-        if len(address) > 256:
-            self.reply(501, "5.1.3 Recipient address too long")
-            return self.count_bad_command()
-        if len(tx.recipients) >= self.limits.max_recipients:
-            self.reply(*replies.TOO_MANY_RECIPIENTS)
-            return
-        if address.lower() == "postmaster":
-            # RFC 5321 §4.5.1: the domainless postmaster must work; it means the
-            # administrator of this host ([smtp] postmaster, else postmaster@hostname)
-            address, (domain, code, text) = self.runtime.postmaster_recipient(tx.smtputf8, route)
-            if domain == OUTBOUND:
-                log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
-                         "for [queue] bounce_relay", self.peer, address)
-        else:
-            domain, code, text = self.runtime.classify_recipient(address, tx.smtputf8, route=route)
+        decision = tx.accept_recipient(self.runtime, address, route)
+        domain = decision.domain
+        if domain == OUTBOUND and address.lower() == "postmaster":
+            log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
+                     "for [queue] bounce_relay", self.peer, decision.address)
         if domain is None:
-            log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, printable(path), code, text)
-            self.reply(code, text)
-            if code >= 500:
+            log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, printable(path),
+                     decision.code, decision.text)
+            self.reply(*decision.reply)
+            if decision.code >= 500:
                 self.count_bad_command()
             return
         if not self.runtime.quota_ok(domain, tx.declared_size):
-            self.reply(452, "4.2.2 Mailbox full for %s, try again later" % domain)
-            return
-        tx.add(address, domain, dsn.notify, dsn.orcpt)   # the same mailbox twice is delivered once
-        self.reply(250, text)
+            return self.reply_with(replies.MAILBOX_FULL, domain)
+        tx.add(decision.address, domain, dsn.notify, dsn.orcpt)   # the same mailbox twice is delivered once
+        self.reply(*decision.reply)
 
     def smtp_DATA(self, arg: str) -> None:
         tx = self.tx
@@ -198,25 +169,22 @@ class IntakeSession(Session):
         if not tx.recipients:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
         if arg:
-            self.reply(501, "5.5.4 Syntax: DATA")
-            return self.count_bad_command()
+            return self.refuse(replies.DATA_SYNTAX)
         self.tx = None
         self.receive(tx)
 
     def receive(self, tx: Transaction) -> None:
         """Stream the message into one spool file per domain; reply once at the end."""
-        protocol = ("UTF8SMTP" if tx.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
-        if self.tls_active and self.esmtp:
-            protocol += "S"
+        protocol = received_protocol(self.esmtp, tx.smtputf8, self.tls_active)
 
         def trace(msg_id: str, recipients: List[str]) -> bytes:
             return received_header(self.helo or "", self.peer_ip, self.hostname(), protocol,
                                    msg_id, recipients)
 
         limit = self.limits.max_message_size
-        hops = HopCount(self.hostname(), self.limits.max_received_headers, domains=tx.by_domain())
         spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
-                            trace, limit, hops)
+                            trace, limit, self.hostname(), self.limits.max_received_headers,
+                            quotas=self.runtime)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
         deadline = time.monotonic() + max_time if max_time > 0 else None
         self.reply(*replies.START_DATA)
@@ -231,12 +199,9 @@ class IntakeSession(Session):
             spooling.abort()            # the client vanished or timed out mid-DATA: leave nothing behind
             raise
         try:
-            gated = self.runtime.quota_domains(tx.by_domain())
-            stored = spooling.commit_within(self.runtime.spool, gated,
-                                            lambda d, size: self.runtime.quota_ok(d, size, fresh=True)) \
-                if gated else spooling.commit()
+            stored = spooling.commit()
         except OverQuota as exc:
-            return self._refuse_message(tx, (452, "4.2.2 Mailbox full for %s, try again later"
+            return self._refuse_message(tx, (replies.MAILBOX_FULL[0], replies.MAILBOX_FULL[1]
                                              % exc.domain), "over quota")
         except TooBig:
             return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
@@ -244,13 +209,10 @@ class IntakeSession(Session):
             return self._refuse_message(tx, (554, exc.text), "mail loop")
         except SpoolError as exc:
             return self._refuse_message(tx, replies.NO_STORAGE, str(exc))
-        by_domain = tx.by_domain()
-        for domain, msg_id in stored:
-            log.info("smtp: accepted id=%s domain=%s size=%d from=<%s> to=%s client=%s",
-                     msg_id, domain, spooling.stored_size(domain), tx.sender,
-                     ",".join("<%s>" % a for a in by_domain[domain]), self.peer)
+        spooling.log_accepted(log, "smtp", stored, tx.sender, "client=%s" % self.peer)
+        for domain, _ in stored:
             metrics.message_received(domain, spooling.stored_size(domain))
-        self.reply(250, "2.0.0 Ok: queued as %s" % " ".join(m for _, m in stored))
+        self.reply_with(replies.QUEUED, " ".join(m for _, m in stored))
 
     def _refuse_message(self, tx: Transaction, reply: replies.Reply, why: str) -> None:
         log.warning("smtp: %s message from <%s> refused: %d %s (%s)",
@@ -264,7 +226,7 @@ class IntakeSession(Session):
                     "max_data_time (%ds, %d bytes received); nothing stored, closing",
                     self.peer, tx.sender, max_time, size)
         try:
-            self.reply(451, "4.4.2 %s DATA took too long, closing connection" % self.hostname())
+            self.reply_with(replies.DATA_TOO_SLOW, self.hostname())
         finally:
             self.hang_up()
 

@@ -24,7 +24,6 @@ from odmr.names import normalize_domain
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy, describe_error
-from odmr.syntax import helo_name_ok, printable
 from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
 
 log = logging.getLogger("odmrd.odmr")
@@ -73,6 +72,8 @@ def parse_atrn_domains(arg: str) -> List[str]:
 class ODMRSession(Session):
     """One customer on the ODMR port."""
 
+    log_prefix = "odmr"
+
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
                  latest: Optional[Callable[[], Runtime]], queue: QueueManager,
                  service_stop: threading.Event):
@@ -98,7 +99,7 @@ class ODMRSession(Session):
                  " (%s)" % tls.describe(self.sock) if self.tls_active else "")
         if self._throttled():
             return self._refuse_throttled("refused")
-        self.reply(220, "%s ESMTP odmrd on-demand mail relay server ready" % self.hostname())
+        self.reply_with(replies.ODMR_GREETING, self.hostname())
 
     def _throttled(self) -> bool:
         return self.runtime.throttle.blocked(self.peer_ip, self.odmr.auth_throttle_failures,
@@ -107,8 +108,8 @@ class ODMRSession(Session):
     def _refuse_throttled(self, what: str) -> None:
         """The address failed too often: the same 421 at connect and at every later AUTH."""
         log.warning("odmr: %s %s: too many failed authentications recently", self.peer, what)
-        self.close_after(421, "4.7.0 %s Too many failed authentications from your address, "
-                         "try again later" % self.hostname())
+        code, text = replies.AUTH_THROTTLED
+        self.close_after(code, text % self.hostname())
 
     def finish(self) -> None:
         log.debug("odmr: disconnect from %s", self.peer)
@@ -132,11 +133,8 @@ class ODMRSession(Session):
 
     # -- verbs ----------------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if not helo_name_ok(arg):
-            log.info("odmr: %s EHLO refused: not a domain or address literal: %s",
-                     self.peer, printable(arg, 100))
-            self.reply(501, "5.5.4 Syntax: EHLO domain or address literal")
-            return self.count_bad_command()
+        if self.helo_name_refused("EHLO", arg):
+            return
         self.ehlo = arg
         lines = [self.hostname()]
         if self.runtime.tls is not None and not self.tls_active:
@@ -148,8 +146,7 @@ class ODMRSession(Session):
         self.reply(250, *lines)
 
     def smtp_HELO(self, arg: str) -> None:
-        self.reply(502, "5.5.1 Use EHLO: ODMR needs ESMTP")
-        self.count_bad_command()
+        self.refuse(replies.USE_EHLO)
 
     def smtp_STARTTLS(self, arg: str) -> None:
         if not self.starttls_command(self.runtime.tls, arg):
@@ -178,27 +175,21 @@ class ODMRSession(Session):
             return None
         return account
 
-    def _not_here(self, arg: str) -> None:
-        self.reply(502, "5.5.1 Command not implemented on the ODMR port")
-        self.count_bad_command()
-
-    smtp_MAIL = smtp_RCPT = smtp_DATA = smtp_BDAT = smtp_ETRN = smtp_TURN = _not_here
-    smtp_VRFY = smtp_EXPN = smtp_HELP = _not_here
+    not_implemented_reply = replies.NOT_IMPLEMENTED_ON_ODMR_PORT
+    smtp_MAIL = smtp_RCPT = smtp_DATA = smtp_BDAT = smtp_ETRN = smtp_TURN = Session.not_implemented
+    smtp_VRFY = smtp_EXPN = smtp_HELP = Session.not_implemented
 
     def smtp_AUTH(self, arg: str) -> None:
         if self.ehlo is None:
-            self.reply(503, "5.5.1 Send EHLO first")
-            return self.count_bad_command()
+            return self.refuse(replies.NEED_EHLO)
         if self.account is not None:
-            self.reply(503, "5.5.1 Already authenticated")
-            return self.count_bad_command()
+            return self.refuse(replies.ALREADY_AUTHENTICATED)
         if self._throttled():
             # a session opened before its address ran out of guesses gets none either
             return self._refuse_throttled("AUTH refused")
         parts = arg.split()
         if not parts or len(parts) > 2:
-            self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
-            return self.count_bad_command()
+            return self.refuse(replies.AUTH_SYNTAX)
         if len(parts) == 2 and len(parts[1]) > MAX_AUTH_RESPONSE:
             self.reply(*replies.AUTH_LINE_TOO_LONG)
             return self.count_bad_command()
@@ -210,13 +201,13 @@ class ODMRSession(Session):
         except _Throttled:
             return self._refuse_throttled("AUTH refused")
         except sasl.AuthCancelled:
-            self.reply(501, "5.7.0 Authentication cancelled")
+            self.reply(*replies.AUTH_CANCELLED)
             return
         except _ResponseTooLong:
             self.reply(*replies.AUTH_LINE_TOO_LONG)
             return self.count_bad_command()
         except sasl.AuthProtocolError:
-            return self._auth_failed(name, None, (501, "5.5.2 Malformed authentication exchange"))
+            return self._auth_failed(name, None, replies.AUTH_MALFORMED)
         except sasl.AuthFailed:
             return self._auth_failed(name, None)
         account = self.runtime.accounts.get(username)
@@ -227,22 +218,22 @@ class ODMRSession(Session):
             return self._refuse_throttled("AUTH as %s refused" % account.name)
         self.account = account
         log.info("odmr: %s authenticated as %s (%s)", self.peer, account.name, name)
-        self.reply(235, "2.7.0 Authentication successful")
+        self.reply(*replies.AUTH_OK)
 
     def _mechanism_usable(self, name: str) -> bool:
         """False (after the reply) for a mechanism this session cannot use now."""
         if self.odmr.require_tls and not self.tls_active:
-            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
+            self.reply(*replies.TLS_REQUIRED)
             return False
         if name == "EXTERNAL":
             if self._external_identity() is None:
-                self.reply(504, "5.5.4 EXTERNAL needs a verified TLS client certificate")
+                self.reply(*replies.EXTERNAL_NEEDS_CERTIFICATE)
                 return False
         elif name not in self.odmr.mechanisms or name not in sasl.SERVER_MECHANISMS:
-            self.reply(504, "5.5.4 Unrecognized authentication type")
+            self.reply(*replies.UNRECOGNIZED_MECHANISM)
             return False
         elif sasl.SERVER_MECHANISMS[name].needs_tls and not self._plaintext_ok():
-            self.reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+            self.reply(*replies.MECHANISM_NEEDS_TLS)
             return False
         return True
 
@@ -259,7 +250,7 @@ class ODMRSession(Session):
         return mech.authenticate(self._challenge, initial)
 
     def _auth_failed(self, mechanism: str, username: Optional[str],
-                     reply=(535, "5.7.8 Authentication credentials invalid")) -> None:
+                     reply: replies.Reply = replies.AUTH_FAILED) -> None:
         """Count the failure (here and per address) before the client can see the reply."""
         already_throttled = self._throttled()
         self.auth_failures += 1
@@ -272,7 +263,8 @@ class ODMRSession(Session):
             return self._refuse_throttled("AUTH refused")
         self.reply(*reply)
         if self.auth_failures >= self.odmr.max_auth_failures or self._throttled():
-            self.close_after(421, "4.7.0 %s Too many authentication failures" % self.hostname())
+            code, text = replies.TOO_MANY_AUTH_FAILURES
+            self.close_after(code, text % self.hostname())
 
     def _decode(self, text: str) -> bytes:
         if text == "*":
@@ -317,8 +309,7 @@ class ODMRSession(Session):
             requested = parse_atrn_domains(arg)
         except ATRNSyntaxError as exc:
             log.info("odmr: %s ATRN syntax error: %s", self.peer, exc)
-            self.reply(501, "5.5.4 Syntax: ATRN [domain *(\",\" domain)]")
-            return self.count_bad_command()
+            return self.refuse(replies.ATRN_SYNTAX)
         if self.latest is not None:
             # the account as it is now: deleted since AUTH, or a domain taken away, counts
             self.runtime = self.latest()

@@ -14,6 +14,49 @@ MAIL_OK = (250, "2.1.0 Ok")
 RCPT_OK = (250, "2.1.5 Ok")
 CLOSING = (221, "2.0.0 %s closing connection")
 START_DATA = (354, "End data with <CR><LF>.<CR><LF>")
+QUEUED = (250, "2.0.0 Ok: queued as %s")
+DELIVERED = (250, "2.0.0 Ok: delivered as %s")
+CHUNK_RECEIVED = (250, "2.0.0 %d octets received")
+START_TLS = (220, "2.0.0 Ready to start TLS")
+
+# greetings (220), with the session's hostname
+INTAKE_GREETING = (220, "%s ESMTP odmrd ready")
+ODMR_GREETING = (220, "%s ESMTP odmrd on-demand mail relay server ready")
+FETCH_GREETING = (220, "%s ESMTP odmrd fetch ready")
+
+# the session ends (421), with the session's hostname
+TIMEOUT = (421, "4.4.2 %s Timeout, closing connection")
+SHUTTING_DOWN = (421, "4.3.2 %s Service shutting down")
+TOO_MANY_ERRORS = (421, "4.7.0 %s Too many errors, closing connection")
+DATA_TOO_SLOW = (451, "4.4.2 %s DATA took too long, closing connection")
+
+# commands the read loop refuses before any verb sees them
+LINE_TOO_LONG = (500, "5.5.2 Line too long")
+INVALID_UTF8 = (500, "5.5.2 Syntax error: invalid UTF-8")
+CONTROL_CHARACTERS_IN_ARGUMENT = (501, "5.5.4 Syntax error: control characters in the argument")
+CONTROL_CHARACTERS = (500, "5.5.2 Syntax error: control characters")
+UNRECOGNIZED = (500, "5.5.1 Command unrecognized")
+NOT_IMPLEMENTED = (502, "5.5.1 Command not implemented")
+NOT_IMPLEMENTED_ON_ODMR_PORT = (502, "5.5.1 Command not implemented on the ODMR port")
+
+# EHLO/HELO (RFC 5321 §4.1.4): a domain or an address literal; %s is the verb
+BAD_HELO_NAME = (501, "5.5.4 Syntax: %s domain or address literal")
+USE_EHLO = (502, "5.5.1 Use EHLO: ODMR needs ESMTP")
+
+# STARTTLS (RFC 3207)
+TLS_NOT_AVAILABLE = (502, "5.5.1 STARTTLS not available")
+TLS_ALREADY_ACTIVE = (503, "5.5.1 TLS already active")
+STARTTLS_SYNTAX = (501, "5.5.4 Syntax: STARTTLS")
+TLS_REQUIRED = (530, "5.7.0 Must issue a STARTTLS command first")
+
+# the intake port's other verbs
+VRFY_INTAKE = (252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_FETCH = (252, "2.5.0 Send some mail, I'll try my best")
+EXPN_NOT_IMPLEMENTED = (502, "5.5.1 EXPN not implemented")
+HELP = (214, "2.0.0 See RFC 5321")
+BDAT_NOT_IMPLEMENTED = (502, "5.5.1 BDAT not implemented")
+ETRN_NOT_IMPLEMENTED = (502, "5.5.1 ETRN not implemented; use ATRN on the ODMR port")
+DATA_SYNTAX = (501, "5.5.4 Syntax: DATA")
 
 # sequencing (RFC 5321 §4.1.4): 503, counted as a bad command
 NEED_EHLO = (503, "5.5.1 Send EHLO first")
@@ -30,6 +73,20 @@ BAD_MAIL_PARAMETERS = (501, "5.5.4 Bad MAIL parameters")
 SIZE_SYNTAX = (501, "5.5.4 Syntax: SIZE=<number of octets>")
 UNSUPPORTED_MAIL_PARAMETER = (555, "5.5.4 Unsupported MAIL parameter %s")
 UNSUPPORTED_RCPT_PARAMETERS = (555, "5.5.4 Unsupported RCPT parameters")
+RCPT_PARAMETERS_SYNTAX = (501, "5.5.4 Syntax error in RCPT parameters")
+RET_SYNTAX = (501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
+ENVID_SYNTAX = (501, "5.5.4 Syntax: ENVID=xtext of at most 100 characters")
+NOTIFY_SYNTAX = (501, "5.5.4 Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY")
+ORCPT_SYNTAX = (501, "5.5.4 Syntax: ORCPT=addr-type;xtext")
+
+# senders and recipients (odmr.submission judges them for intake and enqueue alike)
+NON_ASCII_SENDER = (553, "5.6.7 Non-ASCII sender needs SMTPUTF8")
+NON_ASCII_RECIPIENT = (553, "5.6.7 Non-ASCII recipient needs SMTPUTF8")
+SENDER_NEEDS_DOMAIN = (553, "5.1.7 Sender address needs a domain")
+SENDER_TOO_LONG = (553, "5.1.7 Sender address too long")
+RECIPIENT_TOO_LONG = (501, "5.1.3 Recipient address too long")
+ROUTING_REFUSED = (550, "5.7.1 Routing refused: %s")
+MAILBOX_FULL = (452, "4.2.2 Mailbox full for %s, try again later")
 
 # the message itself
 TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit of %d bytes")
@@ -46,3 +103,16 @@ NO_MAIL = (453, "4.2.0 You have no mail")
 SPOOL_UNCHANGEABLE = (451, "4.3.0 Unable to process ATRN request now")   # spool read-only, EIO...
 AUTH_REQUIRED = (530, "5.7.0 Authentication required")
 AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")
+ATRN_SYNTAX = (501, "5.5.4 Syntax: ATRN [domain *(\",\" domain)]")
+AUTH_SYNTAX = (501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+ALREADY_AUTHENTICATED = (503, "5.5.1 Already authenticated")
+AUTH_CANCELLED = (501, "5.7.0 Authentication cancelled")
+AUTH_MALFORMED = (501, "5.5.2 Malformed authentication exchange")
+AUTH_OK = (235, "2.7.0 Authentication successful")
+AUTH_FAILED = (535, "5.7.8 Authentication credentials invalid")
+TOO_MANY_AUTH_FAILURES = (421, "4.7.0 %s Too many authentication failures")
+AUTH_THROTTLED = (421, "4.7.0 %s Too many failed authentications from your address, "
+                       "try again later")
+EXTERNAL_NEEDS_CERTIFICATE = (504, "5.5.4 EXTERNAL needs a verified TLS client certificate")
+UNRECOGNIZED_MECHANISM = (504, "5.5.4 Unrecognized authentication type")
+MECHANISM_NEEDS_TLS = (538, "5.7.11 Encryption required for requested authentication mechanism")

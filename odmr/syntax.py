@@ -177,6 +177,15 @@ def tcp_info(peer_ip: str) -> str:
     return "[IPv6:%s]" % ip.compressed if ip.version == 6 else "[%s]" % ip
 
 
+def received_protocol(esmtp: bool, smtputf8: bool, tls: bool) -> str:
+    """The `with` word of a Received: header, from IANA's Mail Transmission Types
+    (RFC 3848, RFC 6531): SMTP, ESMTP or UTF8SMTP, with S under TLS. There is no
+    "SMTPS": a HELO session under TLS is plain SMTP there."""
+    if not esmtp:
+        return "SMTP"
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "")
+
+
 def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
                     msg_id: str, recipients: List[str]) -> bytes:
     """A RFC 5321 §4.4 trace header, folded. Each slot holds only what fits it: the

@@ -16,15 +16,22 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from odmr import replies
 from odmr.names import address_is_safe
+from odmr.syntax import helo_name_ok, printable
 
 log = logging.getLogger("odmrd")
 
 MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4, CRLF included
 MAX_TEXT_LINE = 1000            # RFC 5321 4.5.3.1.6; longer lines in DATA are still accepted
+# A reply line may be 512 octets with its CRLF (RFC 5321 4.5.3.1.5), and that much must be
+# taken; real servers go past it (long EHLO and greeting lines), so a few KB are. A reply
+# of more lines than any real EHLO answer, or a longer line, is a peer that is not SMTP.
+MAX_REPLY_LINE = 4096           # CRLF included
+MAX_REPLY_LINES = 100
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)", re.S)
 
 
 class Closed(Exception):
@@ -37,6 +44,56 @@ class LineTooLong(Exception):
 
 class DataTimeout(Closed):
     """The DATA phase outlived its deadline; the rest of the stream is not commands."""
+
+
+class ReplyClosed(Exception):
+    """The connection ended before a whole reply came."""
+
+
+class BadReply(Exception):
+    """The peer's reply is not SMTP: `kind` says how (one of the constants below),
+    `line` is what it sent (for the log)."""
+    OVERLONG = "an overlong reply line"
+    MALFORMED = "a line that is not an SMTP reply"
+    MIXED = "mixed reply codes in one reply"
+    ENDLESS = "an endless reply"
+
+    def __init__(self, kind: str, line: bytes):
+        super().__init__(kind)
+        self.kind = kind
+        self.line = line
+
+
+def read_reply(reader: BinaryIO, on_line: Optional[Callable[[int, str, str], None]] = None
+               ) -> Tuple[int, List[str]]:
+    """One reply, strictly: (code, its lines' texts). Codes 2xx to 5xx only, one code for
+    every line, at most MAX_REPLY_LINES lines of MAX_REPLY_LINE octets; BadReply for
+    anything else, ReplyClosed when the connection ends first. `on_line(code, separator,
+    text)` sees each line as it comes (a trace). Socket errors pass through."""
+    texts: List[str] = []
+    code: Optional[int] = None
+    while True:
+        raw = reader.readline(MAX_REPLY_LINE + 1)
+        if len(raw) > MAX_REPLY_LINE:
+            raise BadReply(BadReply.OVERLONG, raw)
+        if not raw.endswith(b"\n"):
+            raise ReplyClosed()
+        bare = raw.rstrip(b"\r\n")
+        match = _REPLY_LINE.fullmatch(bare + b" " if len(bare) == 3 else bare)
+        if match is None:
+            raise BadReply(BadReply.MALFORMED, raw)
+        this = int(match.group(1))
+        if code is not None and this != code:
+            raise BadReply(BadReply.MIXED, raw)
+        code = this
+        separator, text = match.group(2).decode(), match.group(3).decode("utf-8", "replace")
+        texts.append(text)
+        if on_line is not None:
+            on_line(code, separator, text)
+        if separator == " ":
+            return code, texts
+        if len(texts) >= MAX_REPLY_LINES:
+            raise BadReply(BadReply.ENDLESS, raw)
 
 
 def format_reply(code: int, lines) -> bytes:
@@ -59,7 +116,7 @@ def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
     return stuffed
 
 
-class _TimedSocketIO(io.RawIOBase):
+class TimedSocketIO(io.RawIOBase):
     """Raw reads from a socket (TLS too) that never go on past `deadline`.
 
     The socket's own timeout (the idle timeout) still bounds every wait; a
@@ -99,7 +156,7 @@ class _TimedSocketIO(io.RawIOBase):
         return self._sock.fileno()
 
 
-class _EagerSocketIO(_TimedSocketIO):
+class _EagerSocketIO(TimedSocketIO):
     """Raw reads from a plain socket that try the descriptor directly first.
 
     A Python socket with a timeout polls before every recv; when the data is
@@ -131,8 +188,32 @@ def reader_for(sock: socket.socket):
     if sock.gettimeout() in (None, 0.0):
         return sock.makefile("rb")
     if isinstance(sock, ssl.SSLSocket):
-        return io.BufferedReader(_TimedSocketIO(sock))
+        return io.BufferedReader(TimedSocketIO(sock))
     return io.BufferedReader(_EagerSocketIO(sock))
+
+
+def take_buffered(reader: Optional[BinaryIO], sock: Optional[socket.socket] = None,
+                  limit: int = 65536) -> bytes:
+    """What `reader` already holds (the ATRN negotiation's read-ahead), without waiting
+    for more: `sock` is made non-blocking for the look if it is not already. A read
+    error is left for the next reader to report."""
+    if reader is None:
+        return b""
+    timeout = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(0.0)
+        return reader.read1(limit) or b""
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return b""
+    except (OSError, ValueError):
+        return b""
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
 
 
 def _write_now(sock: socket.socket, data: bytes) -> bytes:
@@ -195,7 +276,7 @@ class Session:
         kept = 0
         too_long = False
         raw = getattr(self.rfile, "raw", None)
-        eager = isinstance(raw, _TimedSocketIO)    # it applies the deadline only when it must wait
+        eager = isinstance(raw, TimedSocketIO)    # it applies the deadline only when it must wait
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -242,18 +323,15 @@ class Session:
     def starttls_command(self, context: Optional[ssl.SSLContext], arg: str) -> bool:
         """STARTTLS (RFC 3207): the guards, the 220 and the handshake; False if refused."""
         if context is None:
-            self.reply(502, "5.5.1 STARTTLS not available")
-            self.count_bad_command()
+            self.refuse(replies.TLS_NOT_AVAILABLE)
             return False
         if self.tls_active:
-            self.reply(503, "5.5.1 TLS already active")
-            self.count_bad_command()
+            self.refuse(replies.TLS_ALREADY_ACTIVE)
             return False
         if arg:
-            self.reply(501, "5.5.4 Syntax: STARTTLS")
-            self.count_bad_command()
+            self.refuse(replies.STARTTLS_SYNTAX)
             return False
-        self.reply(220, "2.0.0 Ready to start TLS")
+        self.reply(*replies.START_TLS)
         self.start_tls(context)
         return True
 
@@ -271,7 +349,7 @@ class Session:
 
     def timeout(self) -> None:
         try:
-            self.reply(421, "4.4.2 %s Timeout, closing connection" % self.hostname())
+            self.reply_with(replies.TIMEOUT, self.hostname())
         except Closed:
             pass
 
@@ -292,8 +370,7 @@ class Session:
                 try:
                     raw = self.read_line()
                 except LineTooLong:
-                    self.reply(500, "5.5.2 Line too long")
-                    self.count_bad_command()
+                    self.refuse(replies.LINE_TOO_LONG)
                     continue
                 finally:
                     self._leave_idle()
@@ -349,7 +426,7 @@ class Session:
             upcoming = b""
         if upcoming[:4].upper() == b"QUIT":
             try:
-                self.reply(221, "2.0.0 %s closing connection" % self.hostname())
+                self.reply_with(replies.CLOSING, self.hostname())
             except Closed:
                 pass
         else:
@@ -357,7 +434,7 @@ class Session:
 
     def _say_goodbye(self) -> None:
         try:
-            self.reply(421, "4.3.2 %s Service shutting down" % self.hostname())
+            self.reply_with(replies.SHUTTING_DOWN, self.hostname())
         except Closed:
             pass
 
@@ -366,21 +443,18 @@ class Session:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self.reply(500, "5.5.2 Syntax error: invalid UTF-8")
-            self.count_bad_command()
+            self.refuse(replies.INVALID_UTF8)
             return
         if any(ord(c) < 32 and c != "\t" for c in text):
             if text.partition(" ")[0].upper() in self._verbs:     # a known verb: its argument is bad
-                self.reply(501, "5.5.4 Syntax error: control characters in the argument")
+                self.refuse(replies.CONTROL_CHARACTERS_IN_ARGUMENT)
             else:
-                self.reply(500, "5.5.2 Syntax error: control characters")
-            self.count_bad_command()
+                self.refuse(replies.CONTROL_CHARACTERS)
             return
         verb, _, arg = text.partition(" ")
         handler = self._verbs.get(verb.upper()) if verb.isascii() and verb.isalpha() else None
         if handler is None:
-            self.reply(500, "5.5.1 Command unrecognized")
-            self.count_bad_command()
+            self.refuse(replies.UNRECOGNIZED)
             return
         self.log_command(verb.upper(), arg)
         handler(self, arg.strip())
@@ -405,10 +479,42 @@ class Session:
     def reset_transaction(self) -> None:
         """Forget the envelope being collected (RSET); a session without one has nothing to do."""
 
+    def reply_with(self, reply: replies.Reply, *words) -> None:
+        """Send a named reply whose text takes `words` (a hostname, a domain...)."""
+        code, text = reply
+        self.reply(code, text % words)
+
     def refuse(self, reply: replies.Reply) -> None:
         """Answer a command sent out of turn or malformed; it counts against the budget."""
         self.reply(*reply)
         self.count_bad_command()
+
+    # the source of the log line a refused EHLO/HELO name gets ("smtp", "odmr"); none if ""
+    log_prefix = ""
+    not_implemented_reply: replies.Reply = replies.NOT_IMPLEMENTED
+
+    def helo_name_refused(self, verb: str, arg: str) -> bool:
+        """RFC 5321 §4.1.4: EHLO/HELO name a domain or an address literal, never free
+        text (it goes into the Received: header). True after the 501; the session's
+        earlier EHLO, if any, still holds."""
+        if helo_name_ok(arg):
+            return False
+        if self.log_prefix:
+            log.info("%s: %s %s refused: not a domain or address literal: %s",
+                     self.log_prefix, self.peer, verb, printable(arg, 100))
+        self.refuse((replies.BAD_HELO_NAME[0], replies.BAD_HELO_NAME[1] % verb))
+        return True
+
+    def sender_needs_smtputf8(self, sender: str, smtputf8: bool) -> bool:
+        """RFC 6531 §3.4: a non-ASCII sender only with MAIL's SMTPUTF8; True after the 553."""
+        if sender.isascii() or smtputf8:
+            return False
+        self.reply(*replies.NON_ASCII_SENDER)
+        return True
+
+    def not_implemented(self, arg: str) -> None:
+        """A verb this session knows of but does not do: 502, counted as a bad command."""
+        self.refuse(self.not_implemented_reply)
 
     def mail_allowed(self, greeted: bool, in_transaction: bool) -> bool:
         """MAIL's sequencing guards (RFC 5321 §4.1.4); False once refused."""
@@ -437,7 +543,7 @@ class Session:
     def count_bad_command(self) -> None:
         self.bad_commands += 1
         if self.bad_commands >= self.max_bad_commands:
-            self.reply(421, "4.7.0 %s Too many errors, closing connection" % self.hostname())
+            self.reply_with(replies.TOO_MANY_ERRORS, self.hostname())
             raise Closed("too many bad commands")
 
     def close_after(self, code: int, text: str) -> None:
@@ -533,11 +639,11 @@ def parse_mail_params(text: str, esmtp: bool = True, dsn: bool = False) -> MailP
     for key, value in params.items():
         if dsn and key == "RET":
             if value.upper() not in ("FULL", "HDRS"):
-                raise BadParameter((501, "5.5.4 Syntax: RET=FULL or RET=HDRS"))
+                raise BadParameter(replies.RET_SYNTAX)
             ret = value.upper()
         elif dsn and key == "ENVID":
             if not value or len(value) > 100 or not _XTEXT.match(value):
-                raise BadParameter((501, "5.5.4 Syntax: ENVID=xtext of at most 100 characters"))
+                raise BadParameter(replies.ENVID_SYNTAX)
             envid = value
         elif key == "SIZE":
             if not (value.isascii() and value.isdigit()):
@@ -558,7 +664,7 @@ def parse_rcpt_params(text: str, dsn: bool = False) -> RcptParams:
     (`dsn`); any other is 555, a malformed one 501."""
     params = parse_params(text)
     if params is None and dsn:
-        raise BadParameter((501, "5.5.4 Syntax error in RCPT parameters"))
+        raise BadParameter(replies.RCPT_PARAMETERS_SYNTAX)
     if params is None or (params and not dsn):
         raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
     notify = orcpt = ""
@@ -567,14 +673,14 @@ def parse_rcpt_params(text: str, dsn: bool = False) -> RcptParams:
             words = [w.upper() for w in value.split(",")]
             if not (words == ["NEVER"] or (words and set(words) <= _NOTIFY
                                            and len(set(words)) == len(words))):
-                raise BadParameter((501, "5.5.4 Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY"))
+                raise BadParameter(replies.NOTIFY_SYNTAX)
             notify = ",".join(words)
         elif key == "ORCPT":
             kind, semicolon, address = value.partition(";")
             if not semicolon or not kind or not address or len(value) > 500 \
                     or not all(c.isascii() and (c.isalnum() or c == "-") for c in kind) \
                     or not _UTF8_XTEXT.match(address) or not address.isprintable():
-                raise BadParameter((501, "5.5.4 Syntax: ORCPT=addr-type;xtext"))
+                raise BadParameter(replies.ORCPT_SYNTAX)
             orcpt = value
         else:
             raise BadParameter(replies.UNSUPPORTED_RCPT_PARAMETERS)
@@ -652,7 +758,7 @@ def iter_data(session: Session, chunk: int = 65536, deadline: Optional[float] = 
     phase with DataTimeout however steadily the peer trickles; each wait is
     still bounded by the idle timeout."""
     raw = getattr(session.rfile, "raw", None)
-    if deadline is None or not isinstance(raw, _TimedSocketIO):
+    if deadline is None or not isinstance(raw, TimedSocketIO):
         yield from _iter_data(session, chunk)
         return
     raw.deadline = deadline

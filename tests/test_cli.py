@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -278,8 +279,11 @@ def test_enqueue_spools_per_domain_with_crlf(hosted):
     (["-f", "nodomain", "a@example.org"], MESSAGE, 65),
     (["-f", "s@remote.test", "not an address"], MESSAGE, 65),
     (["--bogus", "a@example.org"], MESSAGE, 64),
+    # the intake port's limits (odmr.submission): 553 5.1.7 and 501 5.1.3 there
+    (["-f", "s" * 250 + "@remote.test", "a@example.org"], MESSAGE, 65),
+    (["-f", "s@remote.test", "a" * 250 + "@example.org"], MESSAGE, 65),
 ], ids=["not-hosted", "one-not-hosted", "double-at", "empty", "too-big", "bad-sender",
-        "bad-recipient", "bad-flag"])
+        "bad-recipient", "bad-flag", "sender-too-long", "recipient-too-long"])
 def test_enqueue_exit_codes(hosted, args, stdin, code):
     result = odmrd(hosted, "enqueue", *args, input=stdin)
     assert result.returncode == code, result.stderr
@@ -314,6 +318,39 @@ def test_enqueue_defers_what_the_administrator_can_fix(hosted):
     result = odmrd(hosted, "enqueue", "-f", "s@remote.test", "a@example.org", input=MESSAGE)
     assert result.returncode == 75, result.stderr
     one_line_error(result)
+
+
+@pytest.mark.slow
+def test_parallel_enqueues_never_pass_the_quota(hosted):
+    """README: transactions on any process never grow a domain past its quota. Every
+    `odmrd enqueue` below has passed its early quota check (its spool file is open)
+    before any of them gets its message; the commit checks again, under the lock."""
+    with open(hosted, "a") as fh:
+        fh.write("[domains]\n[[example.org]]\nmax_messages = 2\n")
+    command = [sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", hosted, "enqueue",
+               "-f", "s@remote.test", "a@example.org"]
+    runs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(5)]
+    try:
+        incoming = os.path.join(spool_dir(hosted), "example.org", "tmp")
+        deadline = time.monotonic() + 60
+        while not (os.path.isdir(incoming) and len(os.listdir(incoming)) >= len(runs)):
+            assert time.monotonic() < deadline, "the enqueues never opened their spool files"
+            assert all(run.poll() is None for run in runs), [r.stderr.read() for r in runs]
+            time.sleep(0.05)
+        results = [run.communicate(MESSAGE, timeout=60) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    codes = sorted(run.returncode for run in runs)
+    assert codes == [0, 0, 75, 75, 75], results
+    for run, (_, err) in zip(runs, results):
+        if run.returncode:
+            assert err.decode().strip() == "odmrd: domain example.org is over quota", err
+    records = json.loads(odmrd(hosted, "queue", "list", "--json").stdout)
+    assert len(records) == 2, records
 
 
 @pytest.mark.slow

@@ -27,9 +27,10 @@ ENVELOPE = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\n"
 class LocalServer:
     """fetch's local SMTP server on a loopback port, one connection, delivering into a Maildir."""
 
-    def __init__(self, maildir: str, max_size: int = 50 * 1024 * 1024):
+    def __init__(self, maildir: str, max_size: int = 50 * 1024 * 1024, tls: bool = False):
         self.maildir = maildir
         self.max_size = max_size
+        self.tls = tls                  # what the session is told of the connection
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
@@ -43,7 +44,7 @@ class LocalServer:
         conn.settimeout(30)
         box = open_mailbox(maildir=self.maildir)
         self.session = serve_reversed(conn, "127.0.0.1", odmr.wire.reader_for(conn), box,
-                                      "customer.test", False, max_size=self.max_size)
+                                      "customer.test", self.tls, max_size=self.max_size)
 
     def client(self) -> Peer:
         peer = Peer(socket.create_connection(("127.0.0.1", self.port), timeout=15))
@@ -107,6 +108,35 @@ def test_ehlo_offers_chunking_and_pipelining_to_smtplib(local):
         client.ehlo("provider.test")
         assert client.has_extn("chunking") and client.has_extn("pipelining")
         assert not client.has_extn("binarymime")
+
+
+@pytest.mark.parametrize("greeting,utf8,tls,word", [
+    ("HELO", False, True, "SMTP"),          # no "SMTPS" (IANA Mail Transmission Types)
+    ("HELO", False, False, "SMTP"),
+    ("EHLO", False, True, "ESMTPS"),
+    ("EHLO", True, True, "UTF8SMTPS"),
+    ("EHLO", True, False, "UTF8SMTP"),
+], ids=["helo-tls", "helo", "ehlo-tls", "utf8-tls", "utf8"])
+def test_received_protocol_word_is_the_intake_ports(local, greeting, utf8, tls, word):
+    """The `with` word of the customer's Received: header follows the intake port's rule."""
+    server = local(tls=tls)
+    peer = Peer(socket.create_connection(("127.0.0.1", server.port), timeout=15))
+    assert peer.line().startswith(b"220 ")
+    peer.send("%s provider.test\r\n" % greeting)
+    peer.reply()
+    peer.send("MAIL FROM:<a@outside.test>%s\r\n" % (" SMTPUTF8" if utf8 else ""))
+    assert peer.line().startswith(b"250")
+    peer.send("RCPT TO:<x@example.org>\r\nDATA\r\n")
+    assert peer.line().startswith(b"250") and peer.line().startswith(b"354")
+    peer.send("Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert peer.line().startswith(b"250")
+    quit_(peer)
+    server.thread.join(15)
+    new = os.path.join(server.maildir, "new")
+    [name] = os.listdir(new)
+    with open(os.path.join(new, name), "rb") as fh:
+        received = fh.read().split(b"\n")[2]
+    assert re.search(rb"\(odmrd\) with (\S+) id", received).group(1) == word.encode(), received
 
 
 EIGHT_BIT = bytes(b for b in range(256) if b not in (10, 13))
