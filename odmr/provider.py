@@ -24,7 +24,7 @@ from odmr.names import normalize_domain
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import DomainBusy, describe_error
-from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session
+from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session, split_sp
 
 log = logging.getLogger("odmrd.odmr")
 
@@ -187,7 +187,7 @@ class ODMRSession(Session):
         if self._throttled():
             # a session opened before its address ran out of guesses gets none either
             return self._refuse_throttled("AUTH refused")
-        parts = arg.split()
+        parts = split_sp(arg)
         if not parts or len(parts) > 2:
             return self.refuse(replies.AUTH_SYNTAX)
         if len(parts) == 2 and len(parts[1]) > MAX_AUTH_RESPONSE:

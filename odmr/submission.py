@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Set, Tupl
 
 from odmr import replies
 from odmr.hops import HopCount, TooManyHops
-from odmr.names import mailbox_key
+from odmr.names import mailbox_key, normalize_domain
 from odmr.spool import OUTBOUND, Envelope, IncomingMessage, Recipient, Spool, SpoolError
 
 MAX_ADDRESS = 256               # octets of a sender or recipient address we take
@@ -107,11 +107,33 @@ def accept_sender(policy: Policy, sender: str) -> Decision:
         return Decision(*replies.SENDER_NEEDS_DOMAIN)
     if len(sender) > MAX_ADDRESS:
         return Decision(*replies.SENDER_TOO_LONG)
+    bad_domain = sender and sender_domain_problem(sender.rpartition("@")[2])
+    if bad_domain:
+        code, text = replies.SENDER_BAD_DOMAIN
+        return Decision(code, text % bad_domain, detail=bad_domain)
     routed = sender and policy.sender_routing(sender)
     if routed:
         code, text = replies.ROUTING_REFUSED
         return Decision(code, text % routed, detail=routed)
     return Decision(*replies.MAIL_OK)
+
+
+def sender_domain_problem(domain: str) -> str:
+    """Why a sender's domain is refused, or "". Its DSNs are routed by its domain, so
+    a name IDNA 2008 refuses (an invisible character, a deviation the codec would map)
+    must not come in (SPEC §4). Plain ASCII names are left to the sender's MTA, as
+    other MTAs do; a trailing dot is no mail domain (RFC 5321 §4.1.2)."""
+    if domain.startswith("["):
+        return ""
+    if domain.endswith("."):
+        return "a mail domain has no trailing dot"
+    if domain.isascii():
+        return ""
+    try:
+        normalize_domain(domain)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 class Submission:

@@ -457,7 +457,7 @@ class Session:
             self.refuse(replies.UNRECOGNIZED)
             return
         self.log_command(verb.upper(), arg)
-        handler(self, arg.strip())
+        handler(self, arg.strip(SP))
 
     def log_command(self, verb: str, arg: str) -> None:
         pass
@@ -580,10 +580,19 @@ class Session:
                 pass
 
 
+SP = " \t"      # the only separators in a command (RFC 5321 §4.1.1, §4.1.2)
+
+
+def split_sp(text: str) -> List[str]:
+    """Words split at SP (and HTAB) only: str.split() would also split at U+2028, U+0085,
+    U+00A0... and let them pass as separators a peer's parser does not know."""
+    return [word for word in text.replace("\t", " ").split(" ") if word]
+
+
 def parse_params(text: str) -> Optional[Dict[str, str]]:
     """ESMTP parameters `KEY=VALUE KEY2` -> {KEY: VALUE}; None on syntax error."""
     params: Dict[str, str] = {}
-    for item in text.split():
+    for item in split_sp(text):
         key, _, value = item.partition("=")
         if not key or not all(c.isalnum() or c == "-" for c in key) or not key.isascii() \
                 or key.upper() in params:          # a keyword at most once (RFC 5321 §4.1.2)
@@ -709,7 +718,7 @@ def parse_path(arg: str, keyword: str, raw: bool = False):
     if any(c in address for c in " \t") and '"' not in address:
         return None
     if raw:
-        return address, params.strip()
+        return address, params.strip(SP)
     if address.startswith("@"):
         colon = address.find(":")
         if colon < 0:
@@ -717,7 +726,7 @@ def parse_path(arg: str, keyword: str, raw: bool = False):
         address = address[colon + 1:]
     if not address_is_safe(address):
         return None
-    return address, params.strip()
+    return address, params.strip(SP)
 
 
 def _closing_bracket(text: str) -> int:

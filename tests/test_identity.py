@@ -585,3 +585,25 @@ def test_an_accepted_recipient_has_one_spool_directory_and_one_owner(runtime, da
     assert [d for d in HOSTED[owner] if same_by_idna(d, text)], (owner, text)
     others = [n for n, domains in HOSTED.items() if n != owner and any(same_by_idna(d, text) for d in domains)]
     assert others == []
+
+
+# -- the sender's domain: its DSNs are routed by it ----------------------------------
+
+SENDER_REFUSED = {k: v for k, v in REFUSED.items() if not v.isascii() or v.endswith(".")}
+
+
+@pytest.mark.parametrize("name", SENDER_REFUSED.values(), ids=list(SENDER_REFUSED))
+def test_intake_refuses_a_sender_domain_idna_2008_refuses(provider, name):
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        code, text = s.mail("y@" + name, ["SMTPUTF8"])
+        assert (code, text[:5]) == (553, b"5.1.7"), text
+        assert s.mail("y@straße.de", ["SMTPUTF8"])[0] == 250     # a U-label that is one
+
+
+@pytest.mark.parametrize("name", SENDER_REFUSED.values(), ids=list(SENDER_REFUSED))
+def test_enqueue_refuses_a_sender_domain_idna_2008_refuses(provider, name):
+    result = provider.run_cli("enqueue", "-f", "y@" + name, "x@straße.de",
+                              input=b"Subject: x\r\n\r\nbody\r\n")
+    assert result.returncode == 65, result.stderr
+    assert len(result.stderr.splitlines()) == 1

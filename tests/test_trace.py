@@ -262,3 +262,36 @@ def test_fetch_maildir_refuses_a_bad_provider_ehlo(scripted, tmp_path):
         assert fields["from"] == "provider.test" and fields["tcp"] == "[127.0.0.1]"
         fors.append(fields["for"])
     assert sorted(fors, key=str) == sorted(["x@example.org", None], key=str)
+
+
+# -- only SP separates: Unicode line and space separators are no whitespace ---------
+
+UNICODE_SPACES = ["\u2028", "\u2029", "\u0085", "\u00a0", "\u3000", "\u205f"]
+
+
+@pytest.mark.parametrize("space", UNICODE_SPACES, ids=lambda s: "U+%04X" % ord(s))
+def test_a_unicode_space_around_the_ehlo_name_is_501(provider, space):
+    for port, verbs in ((provider.smtp_port, ("EHLO", "HELO")), (provider.odmr_port, ("EHLO",))):
+        c = greeted(port)
+        try:
+            for verb in verbs:
+                for name in ("x.test" + space, space + "x.test", "x" + space + ".test"):
+                    assert send_raw(c, "%s %s" % (verb, name))[0] == 501, (port, verb, name)
+        finally:
+            c.close()
+
+
+@pytest.mark.parametrize("space", UNICODE_SPACES, ids=lambda s: "U+%04X" % ord(s))
+def test_a_unicode_space_in_mail_and_rcpt_parameters_is_501(provider, space):
+    c = greeted(provider.smtp_port)
+    try:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert send_raw(c, "MAIL FROM:<%s> SMTPUTF8 ENVID=x%sy" % (SENDER, space))[0] in (501, 555)
+        assert send_raw(c, "MAIL FROM:<%s>%s" % (SENDER, space))[0] == 501
+        assert c.cmd("MAIL FROM:<%s>" % SENDER)[0] == 250
+        assert send_raw(c, "RCPT TO:<user@example.org>%s" % space)[0] == 501
+        assert send_raw(c, "RCPT TO:<user@example.org> NOTIFY=NEVER%sORCPT=rfc822;a@b.test"
+                        % space)[0] == 501
+        assert c.cmd("RCPT TO:<user@example.org> NOTIFY=NEVER ORCPT=rfc822;a@b.test")[0] == 250
+    finally:
+        c.close()
