@@ -138,6 +138,3 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
         except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
             continue
     return sent
-
-
-# -- the bounce relay ---------------------------------------------------------

@@ -171,12 +171,10 @@ class Backlog:
     def __init__(self):
         self._lock = threading.Lock()
         self._queues: Dict[str, List[float]] = {}
-        self.scanned = 0.0              # time.time() of the last completed scan (0: none yet)
 
     def replace(self, rows: List[QueueRow]) -> None:
         with self._lock:
             self._queues = {r.domain: [r.messages, r.bytes, r.oldest] for r in rows}
-            self.scanned = time.time()
 
     def added(self, queue: str, size: int) -> None:
         with self._lock:
@@ -204,7 +202,6 @@ class Backlog:
     def clear(self) -> None:
         with self._lock:
             self._queues = {}
-            self.scanned = 0.0
 
 
 BACKLOG = Backlog()

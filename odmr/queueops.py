@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from odmr.queuemgr import return_to_sender, under_claim
 from odmr.runtime import Runtime
@@ -175,7 +175,3 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
         except LinkRefused:                 # a link where the domain's lock belongs (logged)
             counts["refused"] += 1
     return counts
-
-
-def total(messages: Iterable[Message]) -> int:
-    return sum(m.size for m in messages)
