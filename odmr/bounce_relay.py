@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
+from odmr.delivery import needs_smtputf8, untransportable
 from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
@@ -121,20 +122,14 @@ def _relay_one(runtime: Runtime, client: smtplib.SMTP, message: Message, now: fl
 def _transport(client: smtplib.SMTP, message: Message, pending: List[str],
                data: bytes) -> Tuple[Optional[Tuple[int, str]], List[str]]:
     """The MAIL options the text needs, or the refusal when the relay cannot take it as
-    it is: odmrd converts nothing (RFC 6152 §3, RFC 6531 §3.2), as for customers."""
-    env = message.envelope
-    end = data.find(b"\r\n\r\n")
-    header = data if end < 0 else data[:end]
-    utf8 = not env.sender.isascii() or not all(r.isascii() for r in pending) \
-        or (env.smtputf8 and not header.isascii())
-    if utf8 and not client.has_extn("smtputf8"):
-        return (553, "5.6.7 The bounce relay does not support SMTPUTF8"), []
-    eight_bit = env.body == "8BITMIME"
-    if eight_bit and not client.has_extn("8bitmime") and not data.isascii():
-        return (554, "5.6.3 The bounce relay does not support 8BITMIME; "
-                     "conversion to 7 bit not supported"), []
-    options = ["SMTPUTF8"] if utf8 else []
-    if eight_bit and client.has_extn("8bitmime"):
+    it is (the same decision as for customers)."""
+    text = lambda: iter([data])         # noqa: E731
+    refusal = untransportable(message, pending, text, client.has_extn("smtputf8"),
+                              client.has_extn("8bitmime"), "The bounce relay")
+    if refusal is not None:
+        return refusal, []
+    options = ["SMTPUTF8"] if needs_smtputf8(message, pending, text) else []
+    if message.envelope.body == "8BITMIME" and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")
     return None, options
 
