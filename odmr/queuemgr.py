@@ -34,6 +34,8 @@ from odmr.logline import escape_for_log
 from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
 
 log = logging.getLogger("odmrd.delivery")
+log_queue = logging.getLogger("odmrd.queue")       # the lines of `queue` commands and expiry
+log_maintenance = logging.getLogger("odmrd.maintenance")   # delay notices
 
 MAX_UNSYNCED = 32              # removals not yet fsync'd before delivery waits (power-loss bound)
 SYNC_GATHER = 0.002            # seconds the syncer waits to cover several removals with one fsync
@@ -454,6 +456,7 @@ def return_to_sender(runtime, message: Message, reply: str) -> None:
     if results and message.domain != OUTBOUND:
         send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, results)
     runtime.spool.remove(message)
+    log_queue.info("queue: bounced id=%s domain=%s: %s", message.id, message.domain, reply)
 
 
 def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
@@ -470,15 +473,20 @@ def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
 
 # -- acting on what a scan found --------------------------------------------------
 def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool],
-                act: Callable[[Message], None], unreadable: str) -> None:
+                act: Callable[[Message], None], unreadable: Optional[str],
+                found: Optional[List[str]] = None) -> List[Message]:
     """Scan a queue without its claim (ATRN is not kept waiting by a scan), then claim it
     and call `act` on each message found `wanted`, read again and re-checked under the
-    claim (a session may have delivered or changed it meanwhile). `unreadable`: the log
-    line (domain, id, error) for a message that cannot be read again. Raises DomainBusy,
-    or LinkRefused for a link where the queue's lock belongs (logged by the spool)."""
-    found = [m.id for m, _ in spool.walk(queue_name, "skip") if wanted(m)]
+    claim (a session may have delivered or changed it meanwhile); returns those acted on.
+    `found`: the ids to look at, instead of a scan. `unreadable`: the log line (domain,
+    id, error) for a message that cannot be read again; None: raise its SpoolError.
+    Raises DomainBusy, or LinkRefused for a link where the queue's lock belongs (logged
+    by the spool)."""
+    if found is None:
+        found = [m.id for m, _ in spool.walk(queue_name, "skip") if wanted(m)]
+    acted: List[Message] = []
     if not found:
-        return
+        return acted
     with spool.claim([queue_name]):
         for msg_id in found:
             try:
@@ -486,10 +494,57 @@ def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool]
             except (FileNotFoundError, LinkRefused):     # gone, or a link (logged by the spool)
                 continue
             except SpoolError as exc:   # CorruptMessage included: quarantine is delivery's business
+                if unreadable is None:
+                    raise
                 log.error(unreadable, queue_name, msg_id, exc)
                 continue
             if wanted(message):
                 act(message)
+                acted.append(message)
+    return acted
+
+
+# -- operator and maintenance changes (each called under the queue's claim) ----------
+def drop(spool: Spool, message: Message) -> None:
+    """Take a message out of the queue without a notice (`queue delete`, an expired bounce)."""
+    spool.remove(message)
+
+
+def drop_unusable(spool: Spool, queue_name: str, msg_id: str) -> None:
+    """Take out a file that cannot be read or parsed (`queue delete` of a corrupt one)."""
+    spool.discard(queue_name, msg_id)
+
+
+def warn(runtime, message: Message, reason: str) -> bool:
+    """Send the one delay notice a message gets and remember it in its state; False when
+    none was wanted or it could not be queued (then it is not remembered: tried again)."""
+    try:
+        sent = notify_delayed(runtime, message, reason)
+    except (SpoolError, OSError) as exc:
+        log_maintenance.error("maintenance: cannot queue a delay notice for %s/%s: %s",
+                              message.domain, message.id, exc)
+        return False
+    message.state.warned = True
+    runtime.spool.save_state(message)
+    return sent
+
+
+def expire(runtime, message: Message, waited: str) -> bool:
+    """A message not collected within max_age (`waited`, in words): returned to its sender
+    with a DSN; True. A bounce waiting for the relay is dropped with an error line
+    instead (a bounce is never bounced); False."""
+    if message.domain == OUTBOUND:
+        log_queue.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
+                        "it within %s (last error: %s)", message.id,
+                        ",".join(r.address for r in message.pending()), waited,
+                        message.state.last_error or "none")
+        drop(runtime.spool, message)
+        return False
+    reason = "550 5.4.7 Delivery time expired: not collected within %s" % waited
+    if message.state.last_error:
+        reason += " (last error: %s)" % message.state.last_error
+    return_to_sender(runtime, message, reason)
+    return True
 
 
 # -- background threads -------------------------------------------------------------
