@@ -260,19 +260,18 @@ class Recorder:
 
     def _retire(self, message: Message) -> bool:
         """Take the message out of the queue now; False when the spool would not."""
-        try:
-            self.spool.remove(message)
-        except OSError as exc:
-            self._unrecorded(message, "cannot take it out of the queue: %s" % describe_error(exc))
-            return False
-        return True
+        return self._changed(message, self.spool.remove, "cannot take it out of the queue")
 
     def _save(self, message: Message) -> bool:
         message.has_state = True
+        return self._changed(message, self.spool.save_state, "cannot save its state")
+
+    def _changed(self, message: Message, change: Callable[[Message], None], failing: str) -> bool:
+        """One write of the message's results; False (and `_unrecorded`) when refused."""
         try:
-            self.spool.save_state(message)
+            change(message)
         except OSError as exc:
-            self._unrecorded(message, "cannot save its state: %s" % describe_error(exc))
+            self._unrecorded(message, "%s: %s" % (failing, describe_error(exc)))
             return False
         return True
 

@@ -871,7 +871,8 @@ class Spool:
         return IncomingMessage(self, envelopes, prefix)
 
     def store(self, domain: str, envelope: Envelope, data: bytes) -> str:
-        """Spool a whole message held in memory (bounces, `enqueue` of small input)."""
+        """Spool a whole message held in memory, as it is given: used by tests only (all
+        mail enters through `submission`)."""
         incoming = self.begin({domain: envelope})
         incoming.write(data)
         return incoming.commit()[0][1]
