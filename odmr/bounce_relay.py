@@ -6,19 +6,22 @@ domain; the daemon's maintenance thread hands them to `[queue] bounce_relay`
 (host:port) with smtplib, retried with exponential backoff. A bounce is never
 bounced: one refused for good, or still undelivered after max_age, is dropped
 with an error line in the log (the postmaster's mail gets a DSN instead).
+Only the SMTP side is here: the relay's answers are recorded by the queue
+manager (`queuemgr.Recorder`), the same way as a customer's.
 """
 from __future__ import annotations
 
 import logging
 import smtplib
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
-from odmr.bounce import send_dsn
 from odmr.config import parse_hostport
+from odmr.delivery import needs_smtputf8, untransportable
 from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
+from odmr.queuemgr import Recorder
+from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -50,14 +53,19 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
         return counts
     client: Optional[smtplib.SMTP] = None
     broken = ""
+    results = RelayResults(runtime)
     with claim:
         try:
             for message in spool.messages(OUTBOUND):
                 state = message.state
+                if not message.pending():   # final already: its DSN was owed, or a crash came
+                    results.finish(message)
+                    counts[results.outcome(message)] += 1
+                    continue
                 if state.attempts and now < state.last_attempt + relay_delay(state.attempts):
                     continue
                 if broken:
-                    _relay_failed(spool, message, broken, now)
+                    results.lost(message, broken, now)
                     counts["relay_deferred"] += 1
                     continue
                 if client is None:
@@ -68,10 +76,10 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
                     except (OSError, smtplib.SMTPException) as exc:
                         broken = "bounce relay %s unreachable: %s" % (target, exc)
                         client = None
-                        _relay_failed(spool, message, broken, now)
+                        results.lost(message, broken, now)
                         counts["relay_deferred"] += 1
                         continue
-                outcome = _relay_one(runtime, client, message, now)
+                outcome = _relay_one(results, client, message, now)
                 counts[outcome] += 1
                 if outcome == "relay_deferred" and _closed(client):
                     client = None
@@ -91,8 +99,8 @@ def _closed(client: smtplib.SMTP) -> bool:
     return client.sock is None
 
 
-def _relay_one(runtime: Runtime, client: smtplib.SMTP, message: Message, now: float) -> str:
-    spool = runtime.spool
+def _relay_one(results: "RelayResults", client: smtplib.SMTP, message: Message,
+               now: float) -> str:
     pending = [r.address for r in message.pending()]
     data = break_long_lines(message.read_data())      # RFC 5321 §4.5.3.1.6, as for customers
     refusal, options = _transport(client, message, pending, data)
@@ -104,77 +112,38 @@ def _relay_one(runtime: Runtime, client: smtplib.SMTP, message: Message, now: fl
     except smtplib.SMTPRecipientsRefused as exc:
         refused = exc.recipients
     except smtplib.SMTPResponseException as exc:
-        text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) \
-            else str(exc.smtp_error)
-        refused = {r: (exc.smtp_code, text) for r in pending}
+        refused = {r: (exc.smtp_code, exc.smtp_error) for r in pending}
         _reset(client)
     except (OSError, smtplib.SMTPException) as exc:
-        _relay_failed(spool, message, "bounce relay: %s" % exc, now)
+        results.lost(message, "bounce relay: %s" % exc, now)
         try:
             client.close()
         except OSError:
             pass
         return "relay_deferred"
-    return _record(runtime, message, pending, refused, now)
+    replies = {r: (refused[r][0], _text(refused[r][1])) if r in refused else (250, "relayed")
+               for r in pending}
+    results.record(message, replies, now)
+    return results.outcome(message)
+
+
+def _text(reply: object) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
 def _transport(client: smtplib.SMTP, message: Message, pending: List[str],
                data: bytes) -> Tuple[Optional[Tuple[int, str]], List[str]]:
     """The MAIL options the text needs, or the refusal when the relay cannot take it as
-    it is: odmrd converts nothing (RFC 6152 §3, RFC 6531 §3.2), as for customers."""
-    env = message.envelope
-    end = data.find(b"\r\n\r\n")
-    header = data if end < 0 else data[:end]
-    utf8 = not env.sender.isascii() or not all(r.isascii() for r in pending) \
-        or (env.smtputf8 and not header.isascii())
-    if utf8 and not client.has_extn("smtputf8"):
-        return (553, "5.6.7 The bounce relay does not support SMTPUTF8"), []
-    eight_bit = env.body == "8BITMIME"
-    if eight_bit and not client.has_extn("8bitmime") and not data.isascii():
-        return (554, "5.6.3 The bounce relay does not support 8BITMIME; "
-                     "conversion to 7 bit not supported"), []
-    options = ["SMTPUTF8"] if utf8 else []
-    if eight_bit and client.has_extn("8bitmime"):
+    it is (the same decision as for customers)."""
+    text = lambda: iter([data])         # noqa: E731
+    refusal = untransportable(message, pending, text, client.has_extn("smtputf8"),
+                              client.has_extn("8bitmime"), "The bounce relay")
+    if refusal is not None:
+        return refusal, []
+    options = ["SMTPUTF8"] if needs_smtputf8(message, pending, text) else []
+    if message.envelope.body == "8BITMIME" and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")
     return None, options
-
-
-def _record(runtime: Runtime, message: Message, pending: List[str],
-            refused: Dict[str, Tuple[int, object]], now: float) -> str:
-    """The relay's answers: done, failed for good (a DSN only for a message that has a
-    sender: a bounce is never bounced), or tried again later."""
-    spool = runtime.spool
-    state = message.state
-    temporary = []
-    failed: Dict[str, str] = {}
-    for rcpt in pending:
-        if rcpt not in refused:
-            state.done[rcpt] = "250 relayed"
-            continue
-        code, text = refused[rcpt]
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-        reply = "%d %s" % (code, " ".join(text.split()))
-        if 500 <= code < 600:
-            state.failed[rcpt] = failed[rcpt] = reply
-            if not message.envelope.sender:
-                log.error("maintenance: bounce %s to <%s> refused by the relay: %s; dropped "
-                          "(a bounce is never bounced)", message.id, rcpt, reply)
-        else:
-            temporary.append(reply)
-    if failed and message.envelope.sender:
-        log.error("maintenance: %s to %s refused by the relay: %s", message.id,
-                  ",".join(failed), next(iter(failed.values())))
-        try:
-            send_dsn(spool, runtime.hosted_domains(), runtime.hostname, message, failed)
-        except (SpoolError, OSError) as exc:
-            log.error("maintenance: cannot queue the DSN for %s: %s", message.id, exc)
-    if not message.pending():
-        spool.remove(message)
-        if state.done:
-            log.info("maintenance: bounce %s relayed to %s", message.id, ",".join(state.done))
-        return "relayed" if state.done else "relay_dropped"
-    _relay_failed(spool, message, temporary[0] if temporary else "temporary failure", now)
-    return "relay_deferred"
 
 
 def _reset(client: smtplib.SMTP) -> None:
@@ -187,14 +156,58 @@ def _reset(client: smtplib.SMTP) -> None:
             pass
 
 
-def _relay_failed(spool, message: Message, error: str, now: float) -> None:
-    state = message.state
-    state.attempts += 1
-    state.last_attempt = now
-    state.last_error = error[:500]
-    log.warning("maintenance: bounce %s deferred (attempt %d, next in %ds): %s", message.id,
-                state.attempts, int(relay_delay(state.attempts)), state.last_error)
-    try:
-        spool.save_state(message)
-    except OSError as exc:
-        log.error("maintenance: cannot save state of bounce %s: %s", message.id, exc)
+class RelayResults(Recorder):
+    """The relay's answers, recorded by the queue manager as a customer's are; what
+    differs is said here: a bounce refused for good is dropped with an error line (a
+    bounce is never bounced: its null sender gets no DSN), a message leaves OUTBOUND
+    with one unlink, and the relay passes no NOTIFY on and sends no success notices."""
+
+    who = "maintenance"
+    log = log
+
+    def __init__(self, runtime: Runtime):
+        super().__init__(runtime, runtime.spool)
+        self._removed: Set[str] = set()
+
+    def outcome(self, message: Message) -> str:
+        """The count a relayed message goes into."""
+        if message.id not in self._removed:
+            return "relay_deferred"
+        return "relayed" if message.state.done else "relay_dropped"
+
+    def lost(self, message: Message, error: str, now: float) -> None:
+        """No answer from the relay (unreachable, the connection broke): tried again later."""
+        self._attempted(message, now)
+        message.state.last_error = error[:500]
+        self._deferred(message)
+        self._save(message)
+
+    def _noted(self, message: Message, outcomes: Dict[Tuple[str, str], List[str]]) -> None:
+        for (kind, reply), rcpts in outcomes.items():
+            if kind != "bounced":
+                continue
+            if message.envelope.sender:
+                log.error("maintenance: %s to %s refused by the relay: %s", message.id,
+                          ",".join(rcpts), reply)
+                continue
+            for rcpt in rcpts:
+                log.error("maintenance: bounce %s to <%s> refused by the relay: %s; dropped "
+                          "(a bounce is never bounced)", message.id, rcpt, reply)
+        if message.pending():
+            self._deferred(message)
+
+    def _deferred(self, message: Message) -> None:
+        state = message.state
+        log.warning("maintenance: bounce %s deferred (attempt %d, next in %ds): %s", message.id,
+                    state.attempts, int(relay_delay(state.attempts)), state.last_error)
+
+    def _owes_success_notices(self) -> bool:
+        return False
+
+    def _retire(self, message: Message) -> bool:
+        if not super()._retire(message):
+            return False
+        self._removed.add(message.id)
+        if message.state.done:
+            log.info("maintenance: bounce %s relayed to %s", message.id, ",".join(message.state.done))
+        return True

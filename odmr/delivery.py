@@ -33,7 +33,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import BinaryIO, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from odmr.folding import LineBreaker, break_long_lines
 from odmr.queuemgr import Drain, QueueManager, reply_text
@@ -277,6 +277,48 @@ class Job:
 Expect = Tuple[str, Optional[Job], str]            # (kind of reply, its message, recipient)
 
 
+def untransportable(message: Message, rcpts: List[str], text: Callable[[], Iterator[bytes]],
+                     smtputf8: bool, eightbit: bool, server: str) -> Optional[Reply]:
+    """The refusal for every recipient when `server` (without SMTPUTF8 or 8BITMIME, as
+    told) cannot take the message as it is, else None: odmrd converts nothing (RFC 6152
+    §3, RFC 6531 §3.2, no RFC 6857 downgrade). `text` gives the text's chunks; it is
+    read only when the answer depends on it."""
+    if not smtputf8 and needs_smtputf8(message, rcpts, text):
+        return (553, "5.6.7 %s does not support SMTPUTF8" % server)
+    if message.envelope.body == "8BITMIME" and not eightbit:
+        chunks = text()             # BODY=8BITMIME mail is often plain ASCII: look
+        try:
+            if not all(chunk.isascii() for chunk in chunks):
+                return (554, "5.6.3 %s does not support 8BITMIME; conversion to 7 bit "
+                             "not supported" % server)
+        finally:
+            _close(chunks)
+    return None
+
+
+def needs_smtputf8(message: Message, rcpts: List[str], text: Callable[[], Iterator[bytes]]) -> bool:
+    """UTF-8 addresses, or (RFC 6532) UTF-8 header fields in a message that came with
+    SMTPUTF8 (in the text's first chunk): neither may reach a server without SMTPUTF8."""
+    env = message.envelope
+    if not env.sender.isascii() or not all(r.isascii() for r in rcpts):
+        return True
+    if not env.smtputf8:
+        return False
+    chunks = text()
+    try:
+        head = next(chunks, b"")
+    finally:
+        _close(chunks)
+    end = head.find(b"\r\n\r\n")
+    return not (head if end < 0 else head[:end]).isascii()
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)      # a generator holding the file open
+    if close is not None:
+        close()
+
+
 class Run:
     """Delivers every message of some domains over one reversed connection."""
 
@@ -330,40 +372,14 @@ class Run:
     def _jobs(self) -> Iterator[Job]:
         queue = self.queue
         for message, body, rcpts in queue.messages(INLINE_BODY):
-            if not self.smtputf8 and self._needs_smtputf8(message, body, rcpts):
-                reply = (553, "5.6.7 Customer's server does not support SMTPUTF8")
-                queue.record(message, {r: reply for r in rcpts})
-                continue
-            if message.envelope.body == "8BITMIME" and not self.eightbit and self._has_8bit(message, body):
-                # RFC 6152 §3: convert or return it; odmrd does not rewrite MIME structure
-                reply = (554, "5.6.3 Customer's server does not support 8BITMIME; "
-                              "conversion to 7 bit not supported")
-                queue.record(message, {r: reply for r in rcpts})
+            text = (lambda b=body: iter([b])) if body is not None \
+                else (lambda m=message: queue.text(m))
+            refusal = untransportable(message, rcpts, text, self.smtputf8, self.eightbit,
+                                      "Customer's server")
+            if refusal is not None:
+                queue.record(message, {r: refusal for r in rcpts})
                 continue
             yield Job(message, body, rcpts, stuffed=not self.chunking)
-
-    def _needs_smtputf8(self, message: Message, body: Optional[bytes], rcpts: List[str]) -> bool:
-        """UTF-8 addresses, or (RFC 6531 §3.2, RFC 6532) UTF-8 header fields in a message
-        that came with SMTPUTF8: neither may reach a customer without it; odmrd does not
-        downgrade (RFC 6857)."""
-        env = message.envelope
-        if not env.sender.isascii() or not all(r.isascii() for r in rcpts):
-            return True
-        if not env.smtputf8:
-            return False
-        if body is None:
-            chunks = self.queue.text(message)
-            body = next(chunks, b"")
-            chunks.close()
-        head = body
-        end = head.find(b"\r\n\r\n")
-        return not (head if end < 0 else head[:end]).isascii()
-
-    def _has_8bit(self, message: Message, body: Optional[bytes]) -> bool:
-        """Does the text really use 8 bits? (BODY=8BITMIME mail is often plain ASCII.)"""
-        if body is not None:
-            return not body.isascii()
-        return not all(chunk.isascii() for chunk in self.queue.text(message))
 
     def deliver_all(self) -> bool:
         """Deliver everything; True when the conversation is still in step (QUIT may follow)."""

@@ -21,9 +21,9 @@ from typing import Callable, Dict, Optional
 
 from odmr import queueops
 from odmr.bounce_relay import relay_outbound
-from odmr.queuemgr import notify_delayed, under_claim
+from odmr.queuemgr import under_claim, warn
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message, SpoolError
+from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -119,25 +119,14 @@ def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
         return (not message.state.warned and age >= warn_after
                 and not (max_age > 0 and age >= max_age) and bool(message.pending()))
 
-    def warn(message: Message) -> None:
+    def warn_one(message: Message) -> None:
         nonlocal sent
-        reason = _delay_reason(message.state.last_error)
-        try:
-            if notify_delayed(runtime, message, reason):
-                sent += 1
-        except (SpoolError, OSError) as exc:
-            log.error("maintenance: cannot queue a delay notice for %s/%s: %s",
-                      message.domain, message.id, exc)
-            return
-        message.state.warned = True
-        spool.save_state(message)
+        if warn(runtime, message, _delay_reason(message.state.last_error)):
+            sent += 1
 
     for domain in spool.domains():
         try:
-            under_claim(spool, domain, due, warn, "maintenance: %s/%s unreadable: %s")
+            under_claim(spool, domain, due, warn_one, "maintenance: %s/%s unreadable: %s")
         except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
             continue
     return sent
-
-
-# -- the bounce relay ---------------------------------------------------------

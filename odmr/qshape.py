@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
-from odmr.names import normalize_domain
-from odmr.spool import OUTBOUND, _valid_id
+from odmr.spool import Spool
 
 log = logging.getLogger("odmrd.queue")
 
@@ -29,7 +27,6 @@ BUCKETS: Tuple[Tuple[Optional[int], str], ...] = tuple(
     + [(None, "older")])
 
 RESCAN_EVERY = 30.0         # seconds between the watch's scans (at least 10x a scan's cost)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 @dataclass
@@ -64,64 +61,22 @@ def age(mtime: float, now: float) -> int:
     return int(max(0.0, now - mtime)) if mtime else 0
 
 
-def queue_names(root_fd: int) -> List[str]:
-    """The hosted domains' queues and OUTBOUND, as directories (never links) in the root."""
-    names = []
-    with os.scandir(root_fd) as entries:
-        for entry in entries:
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                continue
-            if entry.name == OUTBOUND or (not entry.name.startswith(".") and _domain_name(entry.name)):
-                names.append(entry.name)
-    return sorted(names)
-
-
-def _domain_name(name: str) -> bool:
-    try:
-        return normalize_domain(name) == name
-    except ValueError:
-        return False
-
-
-def scan_queue(root_fd: int, name: str, keep_ages: bool = True) -> QueueRow:
-    """One queue's row from its listing; a queue that is a link or vanished is empty."""
+def scan_queue(name: str, stats: Iterable[os.stat_result], keep_ages: bool = True) -> QueueRow:
+    """One queue's row from the lstat of its message files."""
     row = QueueRow(name)
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
-    except OSError:
-        return row
-    try:
-        with os.scandir(fd) as entries:
-            for entry in entries:
-                if not _valid_id(entry.name) or entry.is_symlink():
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue            # delivered while we looked
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                row.messages += 1
-                row.bytes += st.st_size
-                if keep_ages:
-                    row.ages.append(st.st_mtime)
-                if not row.oldest or st.st_mtime < row.oldest:
-                    row.oldest = st.st_mtime
-    finally:
-        os.close(fd)
+    for st in stats:
+        row.messages += 1
+        row.bytes += st.st_size
+        if keep_ages:
+            row.ages.append(st.st_mtime)
+        if not row.oldest or st.st_mtime < row.oldest:
+            row.oldest = st.st_mtime
     return row
 
 
 def summary(spool_root: str, keep_ages: bool = True) -> List[QueueRow]:
     """Every non-empty queue's row, most messages first (then by name)."""
-    try:
-        root_fd = os.open(spool_root, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return []
-    try:
-        rows = [scan_queue(root_fd, name, keep_ages) for name in queue_names(root_fd)]
-    finally:
-        os.close(root_fd)
+    rows = [scan_queue(name, stats, keep_ages) for name, stats in Spool(spool_root).shape()]
     rows = [r for r in rows if r.messages]
     rows.sort(key=lambda r: (-r.messages, r.domain))
     return rows
@@ -171,12 +126,10 @@ class Backlog:
     def __init__(self):
         self._lock = threading.Lock()
         self._queues: Dict[str, List[float]] = {}
-        self.scanned = 0.0              # time.time() of the last completed scan (0: none yet)
 
     def replace(self, rows: List[QueueRow]) -> None:
         with self._lock:
             self._queues = {r.domain: [r.messages, r.bytes, r.oldest] for r in rows}
-            self.scanned = time.time()
 
     def added(self, queue: str, size: int, count: int = 1) -> None:
         with self._lock:
@@ -204,7 +157,6 @@ class Backlog:
     def clear(self) -> None:
         with self._lock:
             self._queues = {}
-            self.scanned = 0.0
 
 
 BACKLOG = Backlog()

@@ -2,7 +2,8 @@
 
 It hands a delivery session the messages of its claimed domains (read by the
 spool's one reader), takes back one result per recipient and records it:
-2xx done, 5xx failed (a DSN goes to the sender), 4xx kept for the next ATRN.
+2xx done, 5xx failed (a DSN goes to the sender), 4xx kept for the next ATRN
+(`Recorder`; the bounce relay records its answers the same way).
 A message leaves the queue when every recipient has a final result: retired
 with one rename, its directory fsync'd behind it by a removal-sync thread (a
 few removals per fsync), its blocks freed later by the reaper thread. Expiry,
@@ -33,6 +34,8 @@ from odmr.logline import escape_for_log
 from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
 
 log = logging.getLogger("odmrd.delivery")
+log_queue = logging.getLogger("odmrd.queue")       # the lines of `queue` commands and expiry
+log_maintenance = logging.getLogger("odmrd.maintenance")   # delay notices
 
 MAX_UNSYNCED = 32              # removals not yet fsync'd before delivery waits (power-loss bound)
 SYNC_GATHER = 0.002            # seconds the syncer waits to cover several removals with one fsync
@@ -141,21 +144,155 @@ class QueueManager:
         self.reaper.stop()
 
 
-class Drain:
+class Recorder:
+    """Records what one attempt's replies mean for a message, the one way for everything
+    that sends queued mail (a delivery session, the bounce relay): 2xx done, 5xx failed
+    (a DSN to the sender, as RFC 3461 NOTIFY asks; a message whose DSN cannot be queued
+    stays queued), 4xx kept for the next attempt. A message leaves the queue once every
+    recipient has a final result. Subclasses say what they log and how a message leaves."""
+
+    who = "delivery"                            # the log lines' prefix
+    log = log                                   # and their logger
+
+    def __init__(self, runtime, spool: Spool):
+        self.runtime = runtime
+        self.spool = spool
+        self.delivered = self.deferred = self.failed = 0
+        self._dsn_failed: Set[str] = set()      # ids whose DSN failed: one attempt per session
+
+    def record(self, message: Message, results: Dict[str, Reply],
+               now: Optional[float] = None) -> None:
+        """One attempt's replies, per recipient; the message leaves once all are final."""
+        state = message.state
+        self._attempted(message, now)
+        outcomes: Dict[Tuple[str, str], List[str]] = {}
+        errors: List[str] = []                  # temporary: why recipients are still waiting
+        permanent: List[str] = []
+        newly_failed: Dict[str, str] = {}
+        delivered: Dict[str, str] = {}
+        for rcpt, (code, text) in results.items():
+            reply = reply_text(code, text)
+            if 200 <= code < 300:
+                state.done[rcpt] = delivered[rcpt] = reply
+                kind = "delivered"
+                self.delivered += 1
+            elif 500 <= code < 600:
+                state.failed[rcpt] = reply
+                newly_failed[rcpt] = reply
+                permanent.append(reply)
+                kind = "bounced"
+                self.failed += 1
+            else:
+                if code < 400:  # garbage or an impossible code: treat as temporary
+                    reply = "451 4.5.0 unusable reply: %s" % reply
+                errors.append(reply)
+                kind = "deferred"
+                self.deferred += 1
+            outcomes.setdefault((kind, reply), []).append(rcpt)
+        if errors or permanent:
+            # what keeps the message queued, not another recipient's final refusal
+            state.last_error = (errors or permanent)[0]
+        self._noted(message, outcomes)
+        if newly_failed:
+            # tell the sender now about the recipients that failed for good, not when the
+            # others are finally collected (state.bounced: every failure so far was notified)
+            self._bounce(message, newly_failed if state.bounced else dict(state.failed))
+        if delivered and self._owes_success_notices() \
+                and any(r.notify for r in message.envelope.recipients):
+            self._relayed(message, delivered)
+        self._counted(message, results)
+        if not message.pending():
+            self.finish(message)
+        else:
+            self._save(message)
+
+    def _attempted(self, message: Message, now: Optional[float] = None) -> None:
+        message.state.attempts += 1
+        message.state.last_attempt = time.time() if now is None else now
+
+    def _noted(self, message: Message, outcomes: Dict[Tuple[str, str], List[str]]) -> None:
+        """Log one attempt's outcomes: {(kind, reply): recipients}."""
+        for (kind, reply), rcpts in outcomes.items():
+            self.log.info("%s: %s id=%s domain=%s to=%s reply=%r", self.who, kind, message.id,
+                     message.domain, ",".join("<%s>" % r for r in rcpts), reply)
+
+    def _owes_success_notices(self) -> bool:
+        """Are NOTIFY=SUCCESS notices ours (the receiver did not take them over)?"""
+        return True
+
+    def _counted(self, message: Message, results: Dict[str, Reply]) -> None:
+        """For the metrics of those that count there."""
+
+    def _relayed(self, message: Message, delivered: Dict[str, str]) -> None:
+        """A success notice asked for (NOTIFY=SUCCESS) and owed by us: a courtesy, so a
+        spool that cannot take it is logged, and the delivery stands."""
+        try:
+            notify_relayed(self.runtime, message, delivered)
+        except (SpoolError, OSError) as exc:
+            self.log.error("%s: cannot queue the relayed DSN for id=%s: %s", self.who, message.id, exc)
+
+    def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
+        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be.
+        Tried once per session: a spool that refused it will refuse it again."""
+        state = message.state
+        state.bounced = False
+        if message.id in self._dsn_failed:
+            return False
+        try:
+            notify_failed(self.runtime, message, failed)
+        except (SpoolError, OSError) as exc:
+            self.log.error("%s: cannot queue DSN for id=%s: %s; message kept", self.who, message.id, exc)
+            self._dsn_failed.add(message.id)
+            self._unrecorded(message, "its DSN could not be queued")
+            return False
+        state.bounced = True
+        return True
+
+    def finish(self, message: Message) -> None:
+        """Take a message whose recipients are all final out of the queue, once the DSN
+        owed for its failures is queued (else it stays, the failures recorded)."""
+        state = message.state
+        if state.failed and not state.bounced:
+            if not self._bounce(message, dict(state.failed)):
+                self._save(message)
+                return
+        self._retire(message)
+
+    def _retire(self, message: Message) -> bool:
+        """Take the message out of the queue now; False when the spool would not."""
+        return self._changed(message, self.spool.remove, "cannot take it out of the queue")
+
+    def _save(self, message: Message) -> bool:
+        message.has_state = True
+        return self._changed(message, self.spool.save_state, "cannot save its state")
+
+    def _changed(self, message: Message, change: Callable[[Message], None], failing: str) -> bool:
+        """One write of the message's results; False (and `_unrecorded`) when refused."""
+        try:
+            change(message)
+        except OSError as exc:
+            self._unrecorded(message, "%s: %s" % (failing, describe_error(exc)))
+            return False
+        return True
+
+    def _unrecorded(self, message: Message, why: str) -> None:
+        """A result the spool would not take: the message stays as the spool has it."""
+        self.log.error("%s: results of %s/%s not recorded: %s", self.who, message.domain,
+                  message.id, why)
+
+
+class Drain(Recorder):
     """One delivery session's dealings with the queue: messages out, results in."""
 
     def __init__(self, manager: QueueManager, runtime, domains: Sequence[str]):
+        super().__init__(runtime, manager.spool)
         self.manager = manager
-        self.runtime = runtime
-        self.spool: Spool = manager.spool
         self.domains = list(domains)
-        self.delivered = self.deferred = self.failed = 0
         self.defer_logs = False                 # the pipelined loop logs while replies travel
         # set when a result could not be recorded: delivery sends nothing more, reads the
         # replies still owed, and QUITs (SPEC §7: no message delivered twice)
         self.must_stop = False
         self.customer_dsn = False              # the customer offered DSN: it sends success notices
-        self._dsn_failed: Set[str] = set()      # ids whose DSN failed: one attempt per session
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
         manager.reaper.session(+1)
@@ -174,7 +311,7 @@ class Drain:
                 pending = message.pending()
                 if not pending:
                     if kept is None:             # (a remembered one is retried at ATRN)
-                        self._finish(message)
+                        self.finish(message)
                     continue
                 yield message, body, [r.address for r in pending]
 
@@ -206,10 +343,8 @@ class Drain:
     # -- results ----------------------------------------------------------------
     def lost(self, message: Message, rcpts: int, error: str) -> None:
         """The connection broke with the message in flight: an attempt, nothing final."""
-        state = message.state
-        state.attempts += 1
-        state.last_attempt = time.time()
-        state.last_error = error
+        self._attempted(message)
+        message.state.last_error = error
         log.warning("delivery: deferred id=%s domain=%s: %s", message.id, message.domain, error)
         self.deferred += rcpts
         metrics.delivery_lost(self, rcpts)
@@ -222,104 +357,37 @@ class Drain:
             log.info("delivery: %s id=%s domain=%s to=%s reply=%r", kind, msg_id, domain,
                      ",".join("<%s>" % r for r in rcpts), reply)
 
-    def record(self, message: Message, results: Dict[str, Reply]) -> None:
-        """One attempt's replies, per recipient; the message retired once all are final."""
-        state = message.state
-        state.attempts += 1
-        state.last_attempt = time.time()
-        outcomes: Dict[Tuple[str, str], List[str]] = {}
-        errors: List[str] = []                  # temporary: why recipients are still waiting
-        permanent: List[str] = []
-        newly_failed: Dict[str, str] = {}
-        delivered: Dict[str, str] = {}
-        for rcpt, (code, text) in results.items():
-            reply = reply_text(code, text)
-            if 200 <= code < 300:
-                state.done[rcpt] = delivered[rcpt] = reply
-                kind = "delivered"
-                self.delivered += 1
-            elif 500 <= code < 600:
-                state.failed[rcpt] = reply
-                newly_failed[rcpt] = reply
-                permanent.append(reply)
-                kind = "bounced"
-                self.failed += 1
-            else:
-                if code < 400:  # garbage or an impossible code: treat as temporary
-                    reply = "451 4.5.0 unusable reply: %s" % reply
-                errors.append(reply)
-                kind = "deferred"
-                self.deferred += 1
-            outcomes.setdefault((kind, reply), []).append(rcpt)
+    def _noted(self, message: Message, outcomes: Dict[Tuple[str, str], List[str]]) -> None:
         for (kind, reply), rcpts in outcomes.items():
             self._log_later.append((kind, message.id, message.domain, rcpts, reply))
         if not self.defer_logs:
             self.flush_logs()
-        if errors or permanent:
-            # what keeps the message queued, not another recipient's final refusal
-            state.last_error = (errors or permanent)[0]
-        if newly_failed:
-            # tell the sender now about the recipients that failed for good, not when the
-            # others are finally collected (state.bounced: every failure so far was notified)
-            self._bounce(message, newly_failed if state.bounced else dict(state.failed))
-        if delivered and not self.customer_dsn and any(r.notify for r in message.envelope.recipients):
-            self._relayed(message, delivered)
+
+    def _owes_success_notices(self) -> bool:
+        return not self.customer_dsn
+
+    def _counted(self, message: Message, results: Dict[str, Reply]) -> None:
         metrics.delivery_recorded(self, message, results)
-        if not message.pending():
-            self._finish(message)
-        else:
-            self._save(message)
 
-    def _relayed(self, message: Message, delivered: Dict[str, str]) -> None:
-        """A success notice asked for (NOTIFY=SUCCESS) and owed by us: a courtesy, so a
-        spool that cannot take it is logged, and the delivery stands."""
-        try:
-            notify_relayed(self.runtime, message, delivered)
-        except (SpoolError, OSError) as exc:
-            log.error("delivery: cannot queue the relayed DSN for id=%s: %s", message.id, exc)
-
-    def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
-        """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be.
-        Tried once per session: a spool that refused it will refuse it again."""
-        state = message.state
-        state.bounced = False
-        if message.id in self._dsn_failed:
-            return False
-        try:
-            notify_failed(self.runtime, message, failed)
-        except (SpoolError, OSError) as exc:
-            log.error("delivery: cannot queue DSN for id=%s: %s; message kept", message.id, exc)
-            self._dsn_failed.add(message.id)
-            self._unrecorded(message, "its DSN could not be queued")
-            return False
-        state.bounced = True
-        return True
-
-    def _finish(self, message: Message) -> None:
-        state = message.state
-        if state.failed and not state.bounced:
-            if not self._bounce(message, dict(state.failed)):
-                self._save(message)
-                return
+    def _retire(self, message: Message) -> bool:
+        """Retired with one rename; the reaper frees it, the removal sync makes it durable."""
         try:
             retired = self.spool.retire(message, message.has_state)
         except OSError as exc:
             self._unrecorded(message, "cannot take it out of the queue: %s" % describe_error(exc))
-            return
+            return False
         self.manager.forget(message)
         if retired:
             self.manager.reaper.put(message.domain, retired)
         self._removals.note(message.domain)
+        return True
 
-    def _save(self, message: Message) -> None:
-        message.has_state = True
-        try:
-            self.spool.save_state(message)
-        except OSError as exc:
-            self._unrecorded(message, "cannot save its state: %s" % describe_error(exc))
-            return
+    def _save(self, message: Message) -> bool:
+        if not super()._save(message):
+            return False
         if not (message.state.failed and not message.state.bounced):
             self.manager.forget(message)         # (a DSN still owed keeps it remembered)
+        return True
 
     def _unrecorded(self, message: Message, why: str) -> None:
         """A result the spool would not take: held in memory and the session ended (SPEC §7)."""
@@ -387,6 +455,7 @@ def return_to_sender(runtime, message: Message, reply: str) -> None:
     if results and message.domain != OUTBOUND:
         send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, results)
     runtime.spool.remove(message)
+    log_queue.info("queue: bounced id=%s domain=%s: %s", message.id, message.domain, reply)
 
 
 def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
@@ -403,15 +472,20 @@ def _dsn_wanted(message: Message, failed: Dict[str, str]) -> Dict[str, str]:
 
 # -- acting on what a scan found --------------------------------------------------
 def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool],
-                act: Callable[[Message], None], unreadable: str) -> None:
+                act: Callable[[Message], None], unreadable: Optional[str],
+                found: Optional[List[str]] = None) -> List[Message]:
     """Scan a queue without its claim (ATRN is not kept waiting by a scan), then claim it
     and call `act` on each message found `wanted`, read again and re-checked under the
-    claim (a session may have delivered or changed it meanwhile). `unreadable`: the log
-    line (domain, id, error) for a message that cannot be read again. Raises DomainBusy,
-    or LinkRefused for a link where the queue's lock belongs (logged by the spool)."""
-    found = [m.id for m, _ in spool.walk(queue_name, "skip") if wanted(m)]
+    claim (a session may have delivered or changed it meanwhile); returns those acted on.
+    `found`: the ids to look at, instead of a scan. `unreadable`: the log line (domain,
+    id, error) for a message that cannot be read again; None: raise its SpoolError.
+    Raises DomainBusy, or LinkRefused for a link where the queue's lock belongs (logged
+    by the spool)."""
+    if found is None:
+        found = [m.id for m, _ in spool.walk(queue_name, "skip") if wanted(m)]
+    acted: List[Message] = []
     if not found:
-        return
+        return acted
     with spool.claim([queue_name]):
         for msg_id in found:
             try:
@@ -419,10 +493,57 @@ def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool]
             except (FileNotFoundError, LinkRefused):     # gone, or a link (logged by the spool)
                 continue
             except SpoolError as exc:   # CorruptMessage included: quarantine is delivery's business
+                if unreadable is None:
+                    raise
                 log.error(unreadable, queue_name, msg_id, exc)
                 continue
             if wanted(message):
                 act(message)
+                acted.append(message)
+    return acted
+
+
+# -- operator and maintenance changes (each called under the queue's claim) ----------
+def drop(spool: Spool, message: Message) -> None:
+    """Take a message out of the queue without a notice (`queue delete`, an expired bounce)."""
+    spool.remove(message)
+
+
+def drop_unusable(spool: Spool, queue_name: str, msg_id: str) -> None:
+    """Take out a file that cannot be read or parsed (`queue delete` of a corrupt one)."""
+    spool.discard(queue_name, msg_id)
+
+
+def warn(runtime, message: Message, reason: str) -> bool:
+    """Send the one delay notice a message gets and remember it in its state; False when
+    none was wanted or it could not be queued (then it is not remembered: tried again)."""
+    try:
+        sent = notify_delayed(runtime, message, reason)
+    except (SpoolError, OSError) as exc:
+        log_maintenance.error("maintenance: cannot queue a delay notice for %s/%s: %s",
+                              message.domain, message.id, exc)
+        return False
+    message.state.warned = True
+    runtime.spool.save_state(message)
+    return sent
+
+
+def expire(runtime, message: Message, waited: str) -> bool:
+    """A message not collected within max_age (`waited`, in words): returned to its sender
+    with a DSN; True. A bounce waiting for the relay is dropped with an error line
+    instead (a bounce is never bounced); False."""
+    if message.domain == OUTBOUND:
+        log_queue.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
+                        "it within %s (last error: %s)", message.id,
+                        ",".join(r.address for r in message.pending()), waited,
+                        message.state.last_error or "none")
+        drop(runtime.spool, message)
+        return False
+    reason = "550 5.4.7 Delivery time expired: not collected within %s" % waited
+    if message.state.last_error:
+        reason += " (last error: %s)" % message.state.last_error
+    return_to_sender(runtime, message, reason)
+    return True
 
 
 # -- background threads -------------------------------------------------------------

@@ -1,15 +1,17 @@
 """Operator tooling over the spool: list, show, delete, bounce, expire.
 
-Used by `odmrd queue ...` (and expiry by the daemon). Changes to a domain are
-made while holding its delivery claim, so they never race an ATRN session.
+Used by `odmrd queue ...` (and expiry by the daemon). What they change, the
+queue manager (`queuemgr`) changes, holding the domain's delivery claim, so they
+never race an ATRN session.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from odmr.queuemgr import return_to_sender, under_claim
+from odmr.queuemgr import drop, drop_unusable, return_to_sender, under_claim
+from odmr.queuemgr import expire as expire_message
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message, UnreadableMessage
 
@@ -70,27 +72,23 @@ def requeue(runtime: Runtime, msg_id: str) -> str:
     return queue
 
 
-def _under_claim(runtime: Runtime, msg_id: str, action) -> Optional[Message]:
-    """Run `action(message)` holding the message's domain claim, on a copy read under it
-    (an ATRN session may have changed the message since it was first found)."""
-    found = runtime.spool.find(msg_id)
+def _claimed(runtime: Runtime, msg_id: str, act: Callable[[Message], None]) -> Optional[Message]:
+    """Run `act(message)` holding the message's domain claim, on a copy read and checked
+    under it (an ATRN session may have changed or delivered it since it was found)."""
+    spool = runtime.spool
+    found = spool.find(msg_id)
     if found is None:
         return None
     if found.domain == OUTBOUND:
-        action(found)
+        act(found)
         return found
-    with runtime.spool.claim([found.domain]):
-        try:
-            message = runtime.spool.load(found.domain, found.id)
-        except FileNotFoundError:
-            return None                 # delivered meanwhile
-        action(message)
-        return message
+    acted = under_claim(spool, found.domain, lambda m: True, act, None, [found.id])
+    return acted[0] if acted else None
 
 
 def delete(runtime: Runtime, msg_id: str) -> bool:
     try:
-        message = _under_claim(runtime, msg_id, runtime.spool.remove)
+        message = _claimed(runtime, msg_id, lambda m: drop(runtime.spool, m))
     except (CorruptMessage, UnreadableMessage):     # nobody else could use it either
         return _delete_corrupt(runtime, msg_id)
     if message is None:
@@ -106,7 +104,7 @@ def _delete_corrupt(runtime: Runtime, msg_id: str) -> bool:
     if domain is None:
         return False
     with spool.claim([domain]):
-        spool.discard(domain, msg_id)
+        drop_unusable(spool, domain, msg_id)
     log.info("queue: deleted corrupt file id=%s domain=%s by operator", msg_id, domain)
     return True
 
@@ -119,13 +117,8 @@ def bounce(runtime: Runtime, msg_id: str, reason: str = "5.0.0 returned to sende
     if runtime.spool.locate(msg_id) == OUTBOUND:
         raise NotBounceable("%s is a bounce waiting for the bounce relay; a bounce is never "
                             "bounced: 'odmrd queue delete %s' drops it" % (msg_id, msg_id))
-    message = _under_claim(runtime, msg_id, lambda m: _bounce_now(runtime, m, "550 " + reason))
+    message = _claimed(runtime, msg_id, lambda m: return_to_sender(runtime, m, "550 " + reason))
     return message is not None
-
-
-def _bounce_now(runtime: Runtime, message: Message, reply: str) -> None:
-    return_to_sender(runtime, message, reply)
-    log.info("queue: bounced id=%s domain=%s: %s", message.id, message.domain, reply)
 
 
 def _human(seconds: float) -> str:
@@ -148,24 +141,13 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
     if max_age <= 0:
         return counts
     spool = runtime.spool
+    waited = _human(max_age)
 
     def old(message: Message) -> bool:
         return now - message.envelope.arrival >= max_age
 
     def act(message: Message) -> None:
-        if message.domain == OUTBOUND:
-            log.error("queue: bounce id=%s to %s dropped: the bounce relay did not take "
-                      "it within %s (last error: %s)", message.id,
-                      ",".join(r.address for r in message.pending()), _human(max_age),
-                      message.state.last_error or "none")
-            spool.remove(message)
-            counts["dropped"] += 1
-            return
-        reason = "550 5.4.7 Delivery time expired: not collected within %s" % _human(max_age)
-        if message.state.last_error:
-            reason += " (last error: %s)" % message.state.last_error
-        _bounce_now(runtime, message, reason)
-        counts["expired"] += 1
+        counts["expired" if expire_message(runtime, message, waited) else "dropped"] += 1
 
     for domain in spool.domains() + [OUTBOUND]:
         try:
@@ -175,7 +157,3 @@ def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
         except LinkRefused:                 # a link where the domain's lock belongs (logged)
             counts["refused"] += 1
     return counts
-
-
-def total(messages: Iterable[Message]) -> int:
-    return sum(m.size for m in messages)

@@ -819,6 +819,21 @@ class Spool:
             return []
         return sorted(name for name in result if _normalised(name))
 
+    def shape(self) -> Iterator[Tuple[str, Iterator[os.stat_result]]]:
+        """Every queue (the domains' and OUTBOUND) with the lstat of each of its message
+        files, read from directory listings only: no file opened, nothing followed through
+        a link (one in the root is logged, as by `domains`). Cheap enough for `queue
+        summary` on a million messages. Consume each queue's stats before the next."""
+        try:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        try:
+            for queue in self.domains() + [OUTBOUND]:
+                yield queue, _message_stats(root_fd, queue)
+        finally:
+            os.close(root_fd)
+
     def prepare(self) -> int:
         """At start-up: create the root, remove debris of interrupted writes, report links.
         Returns files removed."""
@@ -865,7 +880,8 @@ class Spool:
         return IncomingMessage(self, envelopes, prefix)
 
     def store(self, domain: str, envelope: Envelope, data: bytes) -> str:
-        """Spool a whole message held in memory (bounces, `enqueue` of small input)."""
+        """Spool a whole message held in memory, as it is given: used by tests only (all
+        mail enters through `submission`)."""
         incoming = self.begin({domain: envelope})
         incoming.write(data)
         return incoming.commit()[0][1]
@@ -1469,6 +1485,27 @@ def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
     except OSError as exc:
         raise UnreadableMessage(msg_id, exc) from None
     parse_envelope(queue, msg_id, head)
+
+
+def _message_stats(root_fd: int, queue: str) -> Iterator[os.stat_result]:
+    """The lstat of each message file of a queue (none when it is a link or vanished)."""
+    try:
+        fd = os.open(queue, _DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if not _valid_id(entry.name) or entry.is_symlink():
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue            # delivered while we looked
+                if stat.S_ISREG(st.st_mode):
+                    yield st
+    finally:
+        os.close(fd)
 
 
 def _normalised(name: str) -> bool:

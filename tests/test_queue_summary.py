@@ -83,6 +83,18 @@ def test_reads_only_listings_and_file_times(site):
     assert rows[0]["bytes"] < 100000
 
 
+def test_a_linked_domain_directory_is_reported_not_counted(site):
+    """The summary lists queues as the spool does: a link in the root is left alone and
+    named in the log (as every other spool reader does), not skipped in silence."""
+    config, spool = site
+    store(spool, "example.org", 1)
+    os.symlink(os.path.join(spool.root, "example.org"), os.path.join(spool.root, "example.com"))
+    result = run_cli("-c", config, "queue", "summary", "--json")
+    assert result.returncode == EX_OK, result.stderr
+    assert [r["domain"] for r in json.loads(result.stdout)] == ["example.org"]
+    assert b"example.com is a symbolic link" in result.stderr
+
+
 def test_text_output_and_an_empty_queue(site):
     config, spool = site
     result = run_cli("-c", config, "queue", "summary")

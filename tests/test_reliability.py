@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import smtplib
 import socket
 import threading
 import time
@@ -314,6 +315,88 @@ def test_relay_backoff_grows(fast_maintenance):
     assert bounce_relay.relay_delay(0) == 0
     assert bounce_relay.relay_delay(1) < bounce_relay.relay_delay(2) < bounce_relay.relay_delay(3)
     assert bounce_relay.relay_delay(50) == bounce_relay.RELAY_BACKOFF_MAX
+
+
+def to_postmaster(provider: Provider, notify: str = "") -> None:
+    """bob's mail to the bare postmaster (odmr.test is not hosted: it waits in OUTBOUND)."""
+    with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as c:
+        c.sendmail(SENDER_HOSTED, ["postmaster"], b"Subject: to the postmaster\r\n\r\nhi\r\n",
+                   rcpt_options=["NOTIFY=" + notify] if notify else [])
+
+
+@pytest.mark.parametrize("notify, notices", [("NEVER", 0), ("FAILURE", 1), ("", 1)])
+def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_maintenance, notify,
+                                                          notices):
+    """A refusal by the bounce relay is recorded as a customer's is: RFC 3461 NOTIFY=NEVER
+    means no DSN, whoever refused."""
+    sink = RelaySink(["rcpt:550 5.1.1 no such mailbox"] * 50)
+    p = relay_provider(tmp_path, sink)
+    try:
+        to_postmaster(p, notify)
+        p.service.maintenance.wake()
+        assert wait_for(lambda: sink.connections >= 1 and queue(p, ".outbound") == [], 10)
+        assert len([d for d in dsns(p) if report_fields(d)[0]["action"] == "failed"]) == notices
+        assert sink.messages == []
+    finally:
+        p.stop()
+        sink.close()
+
+
+@pytest.mark.parametrize("code", ["451 4.3.0", "550 5.1.1"])
+def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance, caplog, code):
+    """A control character in the relay's reply reaches neither `queue list`, nor the
+    log, nor the DSN: it is escaped as a customer's reply is."""
+    sink = RelaySink(["rcpt:%s \x1b[31mno\x07" % code] * 50)
+    p = relay_provider(tmp_path, sink)
+    try:
+        with caplog.at_level(logging.INFO, logger="odmrd"):
+            to_postmaster(p)
+            p.service.maintenance.wake()
+            if code.startswith("4"):
+                assert wait_for(lambda: [m["attempts"] for m in queue(p, ".outbound")] >= [1], 10)
+                [waiting] = queue(p, ".outbound")
+                assert waiting["last_error"] == code + " \\x1b[31mno\\x07"
+            else:
+                assert wait_for(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
+                [dsn] = dsns(p)
+                assert "\\x1b[31mno" in dsn.as_string() and "\x1b" not in dsn.as_string()
+        logged = [r.getMessage() for r in caplog.records if "relay" in r.getMessage()]
+        assert logged and not any("\x1b" in line for line in logged)
+    finally:
+        p.stop()
+        sink.close()
+
+
+def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fast_maintenance,
+                                                                     caplog):
+    """The postmaster's mail refused for good by the relay, and the sender's DSN cannot be
+    spooled (a file stands where bob's domain directory belongs): the message stays in
+    OUTBOUND, its failure recorded, until the DSN can be queued; the notice is never lost."""
+    sink = RelaySink(["rcpt:550 5.1.1 no such mailbox"])
+    p = relay_provider(tmp_path, sink)
+    blocker = os.path.join(p.spool_dir, "example.net")
+    try:
+        with open(blocker, "w") as fh:
+            fh.write("not a directory\n")
+        with caplog.at_level(logging.ERROR, logger="odmrd"):
+            to_postmaster(p)
+            p.service.maintenance.wake()
+            assert wait_for(lambda: any("cannot queue" in r.getMessage()
+                                        for r in caplog.records), 10)
+        [kept] = queue(p, ".outbound")
+        assert kept["recipients"] == [] and kept["last_error"].startswith("550 5.1.1")
+        os.remove(blocker)
+        p.service.maintenance.wake()
+        assert wait_for(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
+        [dsn] = dsns(p)
+        [fields] = report_fields(dsn)
+        assert fields["action"] == "failed" and fields["status"] == "5.1.1"
+        assert sink.connections == 1                # the relay was not asked again
+    finally:
+        if os.path.isfile(blocker):
+            os.remove(blocker)
+        p.stop()
+        sink.close()
 
 
 def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
