@@ -455,9 +455,7 @@ def cmd_queue(args, config_path: str) -> int:
         return _config_failed(exc, config_path)
     except accounts.AccountsError as exc:
         return fail(str(exc).splitlines()[0], EX_CONFIG)
-    if action == "summary":
-        return _queue_summary(runtime, args)
-    act = {"list": _queue_list, "show": _queue_show, "delete": _queue_change,
+    act = {"summary": _queue_summary, "list": _queue_list, "show": _queue_show, "delete": _queue_change,
            "bounce": _queue_change, "expire": _queue_expire, "requeue": _queue_requeue}[action]
     try:
         return act(runtime, args)
@@ -555,7 +553,7 @@ def _queue_summary(runtime, args) -> int:
     """qshape for odmrd: directory listings and file times only (no message is read)."""
     from odmr import qshape
     now = time.time()
-    rows = qshape.summary(runtime.spool.root)
+    rows = qshape.summary(runtime.spool.root, strict=True)
     if args.json:
         print(json.dumps([row.as_json(now) for row in rows], indent=1))
     else:
@@ -624,7 +622,7 @@ def _queue_change(runtime, args) -> int:
             refused += 1
             continue
         if done:
-            print("%s: %s" % (msg_id, "deleted" if deleting else "bounced"))
+            print("%s: %s" % (msg_id, "deleted" if deleting else done))
         else:
             print("odmrd: no message %s" % msg_id, file=sys.stderr)
             missing += 1

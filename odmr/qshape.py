@@ -74,9 +74,11 @@ def scan_queue(name: str, stats: Iterable[os.stat_result], keep_ages: bool = Tru
     return row
 
 
-def summary(spool_root: str, keep_ages: bool = True) -> List[QueueRow]:
-    """Every non-empty queue's row, most messages first (then by name)."""
-    rows = [scan_queue(name, stats, keep_ages) for name, stats in Spool(spool_root).shape()]
+def summary(spool_root: str, keep_ages: bool = True, strict: bool = False) -> List[QueueRow]:
+    """Every non-empty queue's row, most messages first (then by name); `strict`: a queue
+    directory that cannot be read raises OSError instead of being left out."""
+    shape = Spool(spool_root).shape(strict)
+    rows = [scan_queue(name, stats, keep_ages) for name, stats in shape]
     rows = [r for r in rows if r.messages]
     rows.sort(key=lambda r: (-r.messages, r.domain))
     return rows

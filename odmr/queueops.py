@@ -113,12 +113,18 @@ class NotBounceable(Exception):
     """A bounce waiting for the relay: bouncing it would drop it without a trace."""
 
 
-def bounce(runtime: Runtime, msg_id: str, reason: str = "5.0.0 returned to sender by the mail administrator") -> bool:
+def bounce(runtime: Runtime, msg_id: str,
+           reason: str = "5.0.0 returned to sender by the mail administrator") -> Optional[str]:
+    """What became of the message ("bounced", or why no bounce went), None if not found."""
     if runtime.spool.locate(msg_id) == OUTBOUND:
         raise NotBounceable("%s is a bounce waiting for the bounce relay; a bounce is never "
                             "bounced: 'odmrd queue delete %s' drops it" % (msg_id, msg_id))
     message = _claimed(runtime, msg_id, lambda m: return_to_sender(runtime, m, "550 " + reason))
-    return message is not None
+    if message is None:
+        return None
+    if not message.envelope.sender:
+        return "deleted: null sender, a bounce has nowhere to go"
+    return "bounced"
 
 
 def _human(seconds: float) -> str:

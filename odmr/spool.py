@@ -282,17 +282,32 @@ _link_guard = threading.Lock()
 def _refuse_link(path: str) -> LinkRefused:
     """Log (at most once a minute per path) a link found where the spool keeps its own
     directory or file; the caller leaves it alone and raises or skips."""
+    if _first_in_a_while(path):
+        log.warning("spool: %s is a symbolic link; refused, not followed and left in place", path)
+    return LinkRefused(path)
+
+
+def _first_in_a_while(path: str) -> bool:
+    """True at most once a minute per path: the relay polls every few seconds, and one
+    warning a minute about the same thing is enough."""
     now = time.monotonic()
     with _link_guard:
         last = _link_logged.get(path)
-        quiet = last is not None and now - last < _LINK_LOG_EVERY
-        if not quiet:
-            if len(_link_logged) > 1000:
-                _link_logged.clear()
-            _link_logged[path] = now
-    if not quiet:
-        log.warning("spool: %s is a symbolic link; refused, not followed and left in place", path)
-    return LinkRefused(path)
+        if last is not None and now - last < _LINK_LOG_EVERY:
+            return False
+        if len(_link_logged) > 1000:
+            _link_logged.clear()
+        _link_logged[path] = now
+    return True
+
+
+def _stray_directory(path: str) -> None:
+    """A directory in the root whose name is no domain as odmrd spells it (an IDNA 2003
+    spool, a U-label, upper case, a typo): nothing in it is ever delivered, so say so."""
+    if _first_in_a_while(path):
+        log.warning("spool: %s is not named like a domain's spool directory (the lower-case "
+                    "A-label, IDNA 2008); nothing in it is delivered or listed: pass its "
+                    "messages to odmrd enqueue, or remove it", path)
 
 
 def _is_link(name: str, dir_fd: Optional[int]) -> bool:
@@ -817,20 +832,25 @@ class Spool:
                         result.append(entry.name)
         except FileNotFoundError:
             return []
+        for name in result:
+            if not _normalised(name):
+                _stray_directory(os.path.join(self.root, name))
         return sorted(name for name in result if _normalised(name))
 
-    def shape(self) -> Iterator[Tuple[str, Iterator[os.stat_result]]]:
+    def shape(self, strict: bool = False) -> Iterator[Tuple[str, Iterator[os.stat_result]]]:
         """Every queue (the domains' and OUTBOUND) with the lstat of each of its message
         files, read from directory listings only: no file opened, nothing followed through
         a link (one in the root is logged, as by `domains`). Cheap enough for `queue
-        summary` on a million messages. Consume each queue's stats before the next."""
+        summary` on a million messages. Consume each queue's stats before the next.
+        A queue directory that cannot be read is skipped, or with `strict` (an operator
+        asking) raises OSError naming it: an unreadable queue is not an empty one."""
         try:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             return
         try:
             for queue in self.domains() + [OUTBOUND]:
-                yield queue, _message_stats(root_fd, queue)
+                yield queue, _message_stats(root_fd, queue, self._dir(queue) if strict else "")
         finally:
             os.close(root_fd)
 
@@ -1097,16 +1117,30 @@ class Spool:
             return None
 
     def locate(self, msg_id: str) -> Optional[str]:
-        """The queue (domain) holding a message file of this id, readable or not."""
+        """The queue (domain) holding a message file of this id, readable or not. When
+        it is in none of those that could be searched, a queue directory that could not
+        be is reported (OSError naming it): the message may well be there."""
         if not _valid_id(msg_id):
             return None
+        unsearchable: Optional[OSError] = None
         for queue in self.domains() + [OUTBOUND]:
             try:
                 directory = self._queue_dir(queue, fresh=True)
+            except (FileNotFoundError, NotADirectoryError, LinkRefused):
+                continue
+            except OSError as exc:
+                unsearchable = unsearchable or in_directory(exc, self._dir(queue))
+                continue
+            try:
                 os.stat(msg_id, dir_fd=directory.fd, follow_symlinks=False)
-            except OSError:
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                unsearchable = unsearchable or in_directory(exc, directory.path)
                 continue
             return queue
+        if unsearchable is not None:
+            raise unsearchable
         return None
 
     def find(self, msg_id: str) -> Optional[Message]:
@@ -1487,11 +1521,16 @@ def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
     parse_envelope(queue, msg_id, head)
 
 
-def _message_stats(root_fd: int, queue: str) -> Iterator[os.stat_result]:
-    """The lstat of each message file of a queue (none when it is a link or vanished)."""
+def _message_stats(root_fd: int, queue: str, shown: str = "") -> Iterator[os.stat_result]:
+    """The lstat of each message file of a queue (none when it is a link or vanished;
+    when it cannot be read either, unless `shown` names it for the error)."""
     try:
         fd = os.open(queue, _DIR_FLAGS, dir_fd=root_fd)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        if shown and exc.errno != errno.ELOOP:
+            raise in_directory(exc, shown) from None
         return
     try:
         with os.scandir(fd) as entries:
