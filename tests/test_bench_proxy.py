@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import close_listener, free_port
+from helpers import close_listener, free_port
 
 PROXY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "delay_proxy.py")
 

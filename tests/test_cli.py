@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
+from helpers import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -474,7 +474,7 @@ def test_queue_list_survives_a_corrupt_file(hosted):
 
 def test_fetch_arguments_reach_the_fetch_command(conf):
     """`-c FILE fetch --server ...`: options after `fetch` belong to it, not to the top level."""
-    from conftest import free_port
+    from helpers import free_port
     port = free_port()                      # nothing listens there
     result = odmrd(conf, "fetch", "--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", "none",
                    "--relay", "127.0.0.1:%d" % port, env={"ODMR_PASSWORD": "x"})

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import PASSWORD, run_cli
+from helpers import PASSWORD, run_cli
 from odmr import accounts, config
 
 
@@ -302,7 +302,7 @@ def test_print_key_still_works_while_the_config_is_broken(tmp_path):
 
 
 def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
-    from conftest import write_config
+    from helpers import write_config
     from odmr import accounts
     path = write_config(str(tmp_path), 1, 2, extra=extra, sections=sections, odmr_extra=odmr_extra)
     if not os.path.exists(os.path.join(str(tmp_path), "users")):
@@ -338,7 +338,7 @@ def test_check_config_finds_what_serve_would_refuse(tmp_path, extra, sections, o
 
 
 def test_check_config_refuses_a_hostname_that_is_no_host_name(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     path = write_config(str(tmp_path), 1, 2)
     with open(path) as fh:
         text = fh.read().replace("hostname = odmr.test", "hostname = bad host name")

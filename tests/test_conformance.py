@@ -17,8 +17,8 @@ from typing import List
 
 import pytest
 
-from conftest import Provider, send_mail
-from helpers import Script, Scripted, atrn, err, queue, run_fetch, scripted_args, wait_sessions_over
+from helpers import (Provider, Script, Scripted, atrn, err, queue, run_fetch, scripted_args, send_mail,
+                     wait_sessions_over)
 from odmr.exits import EX_DATAERR, EX_NOPERM, EX_OK, EX_TEMPFAIL
 from odmr.spool import OUTBOUND
 from test_fetch import deliver_one
@@ -350,7 +350,7 @@ ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
 
 def test_the_odmr_port_advertises_enhanced_codes_and_every_reply_has_one(provider):
-    from conftest import Customer
+    from helpers import Customer
     sent, answers = [], []
     c = Customer(provider.odmr_port)
     try:

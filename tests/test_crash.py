@@ -20,8 +20,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import PASSWORD, Customer
-from helpers import ATRN_OK, TOKEN, Daemon, ReversedConnection, Script, queued_tokens
+from helpers import ATRN_OK, Customer, Daemon, PASSWORD, ReversedConnection, Script, TOKEN, queued_tokens
 from odmr import accounts
 
 pytestmark = pytest.mark.slow                   # kill -9 loops

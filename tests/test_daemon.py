@@ -23,8 +23,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, alive, wait_for
-from helpers import Site
+from helpers import ROOT, Site, alive, wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")

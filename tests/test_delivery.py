@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from conftest import send_mail
-from helpers import (SENDER_HOSTED, Closed, Script, atrn, dsns, queue, report_fields, spool,
+from helpers import (Closed, SENDER_HOSTED, Script, atrn, dsns, queue, report_fields, send_mail, spool,
                      wait_sessions_over)
 from odmr import delivery, queueops
 from odmr.spool import Spool

@@ -11,8 +11,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import Customer
-from helpers import SENDER_HOSTED, Script, atrn, dsns, queue, report_fields, wait_sessions_over
+from helpers import Customer, SENDER_HOSTED, Script, atrn, dsns, queue, report_fields, wait_sessions_over
 from test_reliability import queue_provider
 
 

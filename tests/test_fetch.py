@@ -22,10 +22,9 @@ from typing import List
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
-                     SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, assert_same, err, run_fetch,
-                     scripted_args)
+                     PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Sink, as_stored, assert_one_line_error,
+                     assert_same, err, free_port, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from

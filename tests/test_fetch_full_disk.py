@@ -16,8 +16,7 @@ from typing import List
 
 import pytest
 
-from conftest import send_mail
-from helpers import EX_OK, EX_TEMPFAIL, TOKEN, Peer, err, queued_tokens, run_fetch, scripted_args
+from helpers import EX_OK, EX_TEMPFAIL, Peer, TOKEN, err, queued_tokens, run_fetch, scripted_args, send_mail
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 reply lines; TLS mix-ups with the fix in the message; `--every` backing off
 only for trouble with the provider.
 
-A real provider (conftest), the real `odmrd fetch` as a subprocess, and a small
+A real provider (helpers.Provider), the real `odmrd fetch` as a subprocess, and a small
 SMTP server thread standing in for the customer's MTA, which defers or refuses
 chosen recipients and messages.
 """
@@ -19,9 +19,8 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import PASSWORD, Provider, close_listener, free_port, send_mail, shut_down
-from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
-                     run_fetch)
+from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, PASSWORD, Provider, Scripted,
+                     assert_one_line_error, close_listener, err, free_port, run_fetch, send_mail, shut_down)
 
 pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
 
@@ -115,7 +114,7 @@ class LocalMTA:
             conn.sendall(b"250 2.0.0 Ok: queued\r\n")
 
     def close(self) -> None:
-        """Stop listening and end the connection threads (see conftest.close_listener)."""
+        """Stop listening and end the connection threads (see helpers.close_listener)."""
         shut_down(self.listener)
         self.threads[0].join(10)                    # no connection accepted after this
         for conn in self.conns:

@@ -9,7 +9,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import Customer, Provider, run_cli, send_mail
+from helpers import Customer, Provider, run_cli, send_mail
 from odmr.names import normalize_domain
 from odmr.provider import ATRNSyntaxError, parse_atrn_domains
 from odmr.wire import parse_params, parse_path

@@ -23,7 +23,7 @@ import idna
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from conftest import PASSWORD, ROOT, Customer, Provider, reuse_provider, run_cli, stop_quickly, wait_for
+from helpers import PASSWORD, ROOT, Customer, Provider, reuse_provider, run_cli, stop_quickly, wait_for
 from odmr import accounts, config
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime

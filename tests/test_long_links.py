@@ -15,9 +15,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import Customer, PASSWORD, Provider
-from helpers import (ATRN_OK, SENDER_HOSTED, Closed, ReversedConnection, Script, atrn, dsns, queue,
-                     report_fields, spool, wait_sessions_over)
+from helpers import (ATRN_OK, Closed, Customer, PASSWORD, Provider, ReversedConnection, SENDER_HOSTED, Script,
+                     atrn, dsns, queue, report_fields, spool, wait_sessions_over)
 from odmr import delivery
 from odmr.spool import CHUNK, Envelope, Recipient
 

@@ -13,8 +13,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from conftest import Customer, free_port, send_mail, wait_for
-from helpers import Daemon, accept_all
+from helpers import Customer, Daemon, accept_all, free_port, send_mail, wait_for
 from odmr import accounts
 from odmr.exits import EX_OSERR
 

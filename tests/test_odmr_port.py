@@ -1,6 +1,6 @@
 """Acceptance tests for the ODMR port (SPEC §4), over real loopback sockets.
 
-The customer side is scripted byte by byte (`conftest.Customer`), and after the
+The customer side is scripted byte by byte (`helpers.Customer`), and after the
 turnaround `ReversedServer` plays the customer's SMTP server on the same socket.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, reuse_provider, send_mail, stop_quickly
+from helpers import PASSWORD, Customer, Provider, reuse_provider, send_mail, stop_quickly
 from odmr import sasl
 from odmr.provider import ODMRSession
 from odmr import replies

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import Customer, Provider
+from helpers import Customer, Provider
 from odmr.proxy import V2_SIGNATURE, trusted
 
 

@@ -8,8 +8,7 @@ import logging
 
 import pytest
 
-from conftest import Customer, Provider
-from helpers import Daemon
+from helpers import Customer, Daemon, Provider
 from test_proxy import connect_with, v2_header
 from test_proxy import make as make_proxied
 

@@ -20,8 +20,8 @@ from typing import List
 
 import pytest
 
-from conftest import ROOT, Customer, Provider, send_mail, wait_for
-from helpers import Site, accept_all, assert_one_line_error, err
+from helpers import (Customer, Provider, ROOT, Site, accept_all, assert_one_line_error, err, send_mail,
+                     wait_for)
 from odmr.spool import Envelope, Recipient, Spool
 
 IS_ROOT = os.geteuid() == 0

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Provider
+from helpers import Provider
 
 QUOTA = "[domains]\n[[example.org]]\nmax_messages = 3\n"
 

@@ -19,9 +19,9 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
-from helpers import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, atrn, dsns,
-                     queue, queued_tokens, report_fields, spool, wait_sessions_over)
+from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ReversedConnection, SENDER_HOSTED,
+                     SENDER_REMOTE, Script, TOKEN, atrn, dsns, queue, queued_tokens, report_fields, run_cli,
+                     send_mail, spool, wait_sessions_over)
 from odmr import accounts, bounce_relay, delivery, maintenance, queueops
 from odmr.spool import MAGIC, new_id
 

@@ -18,8 +18,8 @@ import time
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import Customer, Provider, alive, free_port, run_cli, send_mail, wait_for, write_config
-from helpers import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted_args
+from helpers import (Customer, EX_OK, EX_USAGE, Peer, Provider, alive, err, free_port, run_cli, run_fetch,
+                     scripted_args, send_mail, wait_for, write_config)
 
 SENDER = "trickler@remote.test"
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import Customer, send_mail
+from helpers import Customer, send_mail
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 

@@ -15,7 +15,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import Provider, reuse_provider, stop_quickly
+from helpers import Provider, reuse_provider, stop_quickly
 
 from odmr.syntax import printable, route_in_address, split_source_route
 

@@ -20,8 +20,8 @@ from typing import Tuple
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider
-from helpers import EX_PROTOCOL, Peer, Scripted, Site, err, kill_hard, run_fetch
+from helpers import (Customer, EX_PROTOCOL, PASSWORD, Peer, Provider, Scripted, Site, err, kill_hard,
+                     run_fetch)
 from odmr import accounts, sasl
 from odmr.daemon import read_pid_file
 

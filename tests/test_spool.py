@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, send_mail
+from helpers import ROOT, send_mail
 from odmr.spool import (OUTBOUND, DomainBusy, Envelope, Recipient, Spool, State, new_id,
                         parse_header)
 
@@ -381,7 +381,7 @@ def test_usage_counts_messages_and_bytes(spool):
 
 @pytest.mark.slow
 def test_provider_start_cleans_debris(tmp_path):
-    from conftest import Provider
+    from helpers import Provider
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
     spool = Spool(p.spool_dir)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Provider, send_mail
+from helpers import PASSWORD, ROOT, Provider, send_mail
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool, new_id
 
 OLD = 1_000_000_000                       # mtime given to everything outside the spool

@@ -9,8 +9,7 @@ import stat
 
 import pytest
 
-from conftest import Customer, send_mail, wait_for
-from helpers import Daemon
+from helpers import Customer, Daemon, send_mail, wait_for
 from odmr import accounts
 from odmr.control import socket_path
 from odmr.exits import EX_CANTCREAT
@@ -28,7 +27,7 @@ def daemon(tmp_path):
 
 
 def status(d: Daemon, *flags: str):
-    from conftest import run_cli
+    from helpers import run_cli
     return run_cli("-c", d.config, "status", *flags)
 
 

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, which
-from helpers import ATRN_OK, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, queued_tokens, spool
+from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ReversedConnection, SENDER_REMOTE, Script,
+                     TOKEN, queued_tokens, spool, which)
 from odmr import accounts, replies
 
 

@@ -17,8 +17,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import Customer, Provider, reuse_provider, stop_quickly
-from helpers import Peer, err, run_fetch, scripted_args
+from helpers import Customer, Peer, Provider, err, reuse_provider, run_fetch, scripted_args, stop_quickly
 
 SENDER = "sender@remote.test"
 MSG = b"Subject: trace\r\n\r\nhello\r\n"
