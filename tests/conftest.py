@@ -5,7 +5,8 @@ from typing import List
 
 import pytest
 
-from helpers import Customer, Provider, Scripted, make_pki, stop_quickly, which
+from helpers import Customer, LocalServer, Provider, Scripted, make_pki, stop_quickly, which
+from odmr import bounce_relay, maintenance
 
 
 def pytest_configure(config) -> None:
@@ -72,3 +73,25 @@ def scripted():
     yield make
     for s in made:
         s.close()
+
+
+@pytest.fixture
+def local(tmp_path):
+    """A factory of fetch's local SMTP servers (one connection each), closed at teardown."""
+    made: List[LocalServer] = []
+
+    def make(**kw) -> LocalServer:
+        server = LocalServer(str(tmp_path / ("Maildir%d" % len(made))), **kw)
+        made.append(server)
+        return server
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def fast_maintenance(monkeypatch):
+    """The maintenance thread and the bounce relay retry within a test's patience."""
+    monkeypatch.setattr(maintenance, "TICK", 0.1)
+    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
+    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)

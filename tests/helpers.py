@@ -26,6 +26,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,10 @@ sys.path.insert(0, ROOT)
 
 from odmr import accounts, queueops  # noqa: E402
 from odmr.daemon import read_pid_file  # noqa: E402
+from odmr.fetch_mailbox import open_mailbox  # noqa: E402
+from odmr.fetch_server import serve_reversed  # noqa: E402
+from odmr.proxy import V2_SIGNATURE  # noqa: E402
+from odmr.wire import reader_for  # noqa: E402
 from odmr.server import Service, StartupError  # noqa: E402
 
 
@@ -1078,3 +1083,275 @@ def run_fetchmail(workdir: str, odmr_port: int, smtp_port: int, user: str = "ali
 
 def transcript(result: subprocess.CompletedProcess) -> str:
     return result.stdout.decode("utf-8", "replace")
+
+
+# -- PROXY protocol headers --------------------------------------------------------------
+
+
+def proxied_provider(tmp_path, trusted_list="127.0.0.1", port: str = "odmr") -> Provider:
+    """A provider whose `port` ("odmr" or "smtp") is behind a PROXY balancer."""
+    settings = "proxy_protocol = yes\nproxy_trusted = %s\nmax_sessions_per_address = 2" % trusted_list
+    p = Provider(str(tmp_path), **{port + "_extra": settings})
+    p.add_user("alice", ["example.org"])
+    return p.start()
+
+
+def v2_header(src: str, sport: int) -> bytes:
+    body = socket.inet_aton(src) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", sport, 3366)
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def connect_with(port: int, header: bytes) -> Customer:
+    c = Customer(port)
+    c.sock.sendall(header)
+    return c
+
+
+# -- load on a running daemon (for kill -9 loops) ----------------------------------------
+
+
+class Load:
+    """Senders and an ATRN customer running against whatever daemon is up right now."""
+
+    def __init__(self, daemon: Daemon, senders: int = 3, extensions: Optional[List[str]] = None):
+        self.daemon = daemon
+        self.extensions = extensions             # the customer's EHLO keywords (None: Script's)
+        self.bdat_sessions = 0
+        self.stop_sending = threading.Event()
+        self.stop_collecting = threading.Event()
+        self.acked: List[bytes] = []
+        self.delivered: List[bytes] = []
+        self.atrn_sessions = 0
+        self.threads = [threading.Thread(target=self._sender, args=(n,), daemon=True) for n in range(senders)]
+        self.threads.append(threading.Thread(target=self._customer, daemon=True))
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def _sender(self, n: int) -> None:
+        count = 0
+        while not self.stop_sending.is_set():
+            count += 1
+            token = b"s%d-%d" % (n, count)
+            message = (b"From: s%d@remote.test\r\nSubject: crash %s\r\nX-Token: %s\r\n\r\n" % (n, token, token)
+                       + b"line of text\r\n" * random.randint(1, 400))
+            try:
+                with smtplib.SMTP("127.0.0.1", self.daemon.smtp_port, timeout=5) as s:
+                    s.sendmail("s%d@remote.test" % n, ["user@example.org"], message)
+                self.acked.append(token)
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.02)
+
+    def _customer(self) -> None:
+        while not self.stop_collecting.is_set():
+            c = None
+            try:
+                c = Customer(self.daemon.odmr_port, timeout=5)
+                c.login("alice", PASSWORD)
+                c.send("ATRN example.org")
+                line = c.line()
+                if line != ATRN_OK:
+                    c.send("QUIT")
+                    time.sleep(0.05)
+                    continue
+                self.atrn_sessions += 1
+                script = Script()
+                if self.extensions is not None:
+                    script.extensions = self.extensions
+
+                def final(message, delivered=self.delivered):
+                    delivered.extend(TOKEN.findall(message["data"]))   # stored, then 250
+                    return "250 2.0.0 stored"
+                script.final = final
+                ReversedConnection(c, script).run()
+                if any(command.startswith("BDAT") for command in script.commands):
+                    self.bdat_sessions += 1
+            except (OSError, EOFError, AssertionError, ValueError):
+                time.sleep(0.05)
+            finally:
+                if c is not None:
+                    c.close()
+
+    def join(self) -> None:
+        self.stop_sending.set()
+        self.stop_collecting.set()
+        for t in self.threads:
+            t.join(15)
+
+
+# -- the provider's side after ATRN 250, played against odmrd fetch ----------------------
+
+
+def deliver_one(peer: Peer) -> None:
+    """The provider's side after 250: one message with a dot line, then QUIT."""
+    assert peer.line().startswith(b"220 ")
+    peer.send("EHLO scripted.test\r\n")
+    features = peer.reply()
+    assert b"250-PIPELINING" in features and any(b"SIZE" in f for f in features)
+    peer.send("MAIL FROM:<a@outside.test> SIZE=40 BODY=8BITMIME\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"354")
+    peer.send("Subject: scripted\r\n\r\n..dot\r\nFrom x\r\n.\r\n")
+    assert peer.line().startswith(b"250")
+    peer.send("QUIT\r\n")
+    assert peer.line().startswith(b"221")
+
+
+# -- odmrd fetch's own SMTP server on a loopback port ------------------------------------
+
+
+class LocalServer:
+    """fetch's local SMTP server on a loopback port, one connection, delivering into a Maildir."""
+
+    def __init__(self, maildir: str, max_size: int = 50 * 1024 * 1024):
+        self.maildir = maildir
+        self.max_size = max_size
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.session = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        box = open_mailbox(maildir=self.maildir)
+        self.session = serve_reversed(conn, "127.0.0.1", reader_for(conn), box,
+                                      "customer.test", False, max_size=self.max_size)
+
+    def client(self) -> Peer:
+        peer = Peer(socket.create_connection(("127.0.0.1", self.port), timeout=15))
+        assert peer.line().startswith(b"220 ")
+        peer.send("EHLO provider.test\r\n")
+        features = peer.reply()
+        assert b"250-CHUNKING" in features and b"250-PIPELINING" in features, features
+        return peer
+
+    def stored(self) -> List[bytes]:
+        """The stored messages without our two trace lines, oldest first."""
+        new = os.path.join(self.maildir, "new")
+        texts = []
+        for name in sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime_ns):
+            with open(os.path.join(new, name), "rb") as fh:
+                raw = fh.read()
+            assert raw.startswith(b"Return-Path: <a@outside.test>\nReceived: from provider.test")
+            lines = raw.split(b"\n")[2:]
+            while lines and lines[0][:1] in (b" ", b"\t"):     # the Received: header goes on
+                lines.pop(0)
+            texts.append(b"\n".join(lines))
+        return texts
+
+    def tmp_is_empty(self) -> bool:
+        return os.listdir(os.path.join(self.maildir, "tmp")) == []
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(15)
+
+
+def quit_(peer: Peer) -> None:
+    peer.send("QUIT\r\n")
+    assert peer.line().startswith(b"221")
+
+
+# -- a relay for bounce_relay and providers set up for it --------------------------------
+
+
+class RelaySink:
+    """A small SMTP server on loopback for `bounce_relay`: refuses the first tries, then takes mail."""
+
+    def __init__(self, refusals: List[str], final_code: str = "250 2.0.0 queued",
+                 features: List[str] = ("8BITMIME",)):
+        self.features = list(features)
+        self.refusals = list(refusals)      # each: "greeting:421 ..." / "rcpt:451 ..." / "rcpt:550 ..."
+        self.final_code = final_code
+        self.messages: List[dict] = []
+        self.connections = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            try:
+                self._session(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        f = conn.makefile("rb")
+        refusal = self.refusals.pop(0) if self.refusals else ""
+        stage, _, text = refusal.partition(":")
+        if stage == "greeting":
+            conn.sendall(text.encode() + b"\r\n")
+            return
+        conn.sendall(b"220 relay.test ESMTP\r\n")
+        mail = None
+        rcpts: List[str] = []
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                lines = ["relay.test"] + self.features
+                conn.sendall("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
+                                     for i, l in enumerate(lines)).encode())
+            elif verb == b"MAIL":
+                mail, rcpts = line.strip().decode(), []
+                conn.sendall(b"250 ok\r\n")
+            elif verb == b"RCPT":
+                if stage == "rcpt":
+                    conn.sendall(text.encode() + b"\r\n")
+                else:
+                    rcpts.append(line.decode().split("<", 1)[1].split(">", 1)[0])
+                    conn.sendall(b"250 ok\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                data = []
+                while True:
+                    l = f.readline()
+                    if l in (b".\r\n", b""):
+                        break
+                    data.append(l)
+                self.messages.append({"mail": mail, "rcpts": rcpts, "data": b"".join(data)})
+                conn.sendall(self.final_code.encode() + b"\r\n")
+            elif verb == b"RSET":
+                conn.sendall(b"250 ok\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"502 no\r\n")
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+def queue_provider(tmp_path, queue_settings: str) -> Provider:
+    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
+    p = Provider(str(tmp_path), sections="[queue]\n" + queue_settings)
+    p.add_user("alice", ["example.org", "example.com"])
+    p.add_user("bob", ["example.net"])
+    return p.start()
+
+
+def relay_provider(tmp_path, sink: RelaySink, queue_extra: str = "") -> Provider:
+    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))

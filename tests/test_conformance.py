@@ -17,13 +17,10 @@ from typing import List
 
 import pytest
 
-from helpers import (Provider, Script, Scripted, atrn, err, queue, run_fetch, scripted_args, send_mail,
-                     wait_sessions_over)
+from helpers import (Provider, RelaySink, Script, Scripted, atrn, deliver_one, err, queue, quit_,
+                     relay_provider, run_fetch, scripted_args, send_mail, wait_sessions_over)
 from odmr.exits import EX_DATAERR, EX_NOPERM, EX_OK, EX_TEMPFAIL
 from odmr.spool import OUTBOUND
-from test_fetch import deliver_one
-from test_fetch_chunking import local, quit_  # noqa: F401 (a fixture)
-from test_reliability import RelaySink, fast_maintenance, relay_provider  # noqa: F401 (a fixture)
 
 SENDER = "sender@outside.test"
 

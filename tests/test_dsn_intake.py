@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import pytest
 
-from helpers import Customer, SENDER_HOSTED, Script, atrn, dsns, queue, report_fields, wait_sessions_over
-from test_reliability import queue_provider
+from helpers import (Customer, SENDER_HOSTED, Script, atrn, dsns, queue, queue_provider, report_fields,
+                     wait_sessions_over)
 
 
 def submit(p, rcpts: List[str], mail_params: str = "", rcpt_params: Optional[List[str]] = None):

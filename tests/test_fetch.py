@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
                      PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Sink, as_stored, assert_one_line_error,
-                     assert_same, err, free_port, run_fetch, scripted_args, send_mail, which)
+                     assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from
@@ -222,22 +222,6 @@ def test_535_is_77(scripted, tmp_path):
     assert result.returncode == EX_NOPERM, err(result)
     assert_one_line_error(result)
     assert not any(l.startswith(b"ATRN") for l in s.commands())
-
-
-def deliver_one(peer: Peer) -> None:
-    """The provider's side after 250: one message with a dot line, then QUIT."""
-    assert peer.line().startswith(b"220 ")
-    peer.send("EHLO scripted.test\r\n")
-    features = peer.reply()
-    assert b"250-PIPELINING" in features and any(b"SIZE" in f for f in features)
-    peer.send("MAIL FROM:<a@outside.test> SIZE=40 BODY=8BITMIME\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
-    assert peer.line().startswith(b"250")
-    assert peer.line().startswith(b"250")
-    assert peer.line().startswith(b"354")
-    peer.send("Subject: scripted\r\n\r\n..dot\r\nFrom x\r\n.\r\n")
-    assert peer.line().startswith(b"250")
-    peer.send("QUIT\r\n")
-    assert peer.line().startswith(b"221")
 
 
 def test_250_then_delivery_into_maildir(scripted, tmp_path):

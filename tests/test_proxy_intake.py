@@ -8,15 +8,13 @@ import logging
 
 import pytest
 
-from helpers import Customer, Daemon, Provider
-from test_proxy import connect_with, v2_header
-from test_proxy import make as make_proxied
+from helpers import Customer, Daemon, Provider, connect_with, proxied_provider, v2_header
 
 V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 25\r\n"
 
 
 def make(tmp_path, trusted_list: str = "127.0.0.1") -> Provider:
-    return make_proxied(tmp_path, trusted_list, port="smtp")
+    return proxied_provider(tmp_path, trusted_list, port="smtp")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ it), on the shipped loopback configuration."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket

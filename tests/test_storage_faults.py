@@ -12,16 +12,14 @@ import errno
 import logging
 import os
 import random
-import smtplib
 import subprocess
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ReversedConnection, SENDER_REMOTE, Script,
-                     TOKEN, queued_tokens, spool, which)
+from helpers import (ATRN_OK, Customer, Daemon, Load, PASSWORD, Provider, ReversedConnection, SENDER_REMOTE,
+                     Script, TOKEN, queued_tokens, spool, which)
 from odmr import accounts, replies
 
 
@@ -241,7 +239,6 @@ def test_kill_9_with_unwritable_spool_episodes(tmp_path):
     """test_crash's kill -9 loop, with the domain directory refusing changes for a while
     before each kill (the new fallback and remembering paths run under load):
     acknowledged ⊆ delivered ∪ queued, duplicates ≤ kills."""
-    from test_crash import Load
     daemon = Daemon(str(tmp_path))
     mount = daemon.spool_dir
     _mount_ext4(mount, str(tmp_path / "spool.img"), size_mb=32)

@@ -13,7 +13,7 @@ import email.utils
 import os
 import re
 import smtplib
-from typing import List, Optional
+from typing import List
 
 import pytest
 
