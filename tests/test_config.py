@@ -264,6 +264,7 @@ def test_check_config_checks_the_users_file(tmp_path):
     assert "unknown key favourite (line %d)" % numbered["favourite"] in text
 
 
+@pytest.mark.slow
 def test_check_config_print(tmp_path):
     path = write(tmp_path, "pid_file = run/odmrd.pid\n")
     result = run_cli("-c", path, "check-config", "--print", "pid_file")
@@ -357,6 +358,7 @@ def test_duplicate_key_error_names_the_key_once(tmp_path):
     assert line.count(str(path)) == 1 and "line 2" in line and "hostname = b.test" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root-only refusal")
 def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     from odmr import accounts
@@ -367,6 +369,7 @@ def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     assert r.returncode == 78 and b"refusing to run as root" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cert,key,says", [
     ("server.pem", "server.pem", "key_file %(server.pem)s holds no PEM private key"),
     ("server.key", "server.key", "cert_file %(server.key)s holds no PEM certificate"),

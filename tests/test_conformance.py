@@ -107,6 +107,7 @@ def test_a_customer_that_relays_its_domain_back_to_the_mx_is_stopped(provider):
     assert queue(provider, "example.org") == []
 
 
+@pytest.mark.slow
 def test_enqueue_refuses_a_looping_message(provider):
     data = message([foreign_hop(i) for i in range(31)])
     result = provider.run_cli("enqueue", "-f", SENDER, "x@example.org", input=data)
@@ -446,6 +447,7 @@ def test_our_own_fields_count_only_for_the_same_domain(provider):
     assert submit(provider, message(same))[0] == 554
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filler", [0, 600 * 1024], ids=["small", "streamed"])
 def test_the_end_of_data_is_always_crlf_dot_crlf(provider, filler):
     """A spool file whose text ends in a bare LF (written by hand, or by an old version):

@@ -238,6 +238,7 @@ def test_bind_failure_is_one_line(site):
     assert not os.path.exists(site.pid_file)
 
 
+@pytest.mark.slow
 def test_config_errors_from_serve(site_factory):
     s = site_factory("allow_root = yes\nmax_fun = 1\nno_such_key = 1")
     result = s.serve()
@@ -605,6 +606,7 @@ def test_an_unsearchable_spool_root_is_named_not_its_domain(site_factory, public
     assert domain + ": Permission denied" not in queued.stderr.decode()
 
 
+@pytest.mark.slow
 def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     """The intake log line and `queue list` give the same size: the stored message, with
     odmrd's Received: header, as it will be delivered."""
@@ -616,6 +618,7 @@ def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     assert " size=%d " % record["size"] in line, (line, record["size"])
 
 
+@pytest.mark.slow
 @needs_root
 def test_a_users_file_out_of_reach_keeps_the_accounts_it_had(site_factory, public_dir):
     """A running daemon that can no longer read its users file (a directory's mode, an

@@ -115,6 +115,7 @@ def test_failure_notices_follow_notify(provider, notify, bounced):
     assert queue(provider, "example.org") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notify, warned", [("", True), (" NOTIFY=DELAY", True),
                                              (" NOTIFY=FAILURE", False), (" NOTIFY=NEVER", False)])
 def test_delay_notices_follow_notify(provider, notify, warned):

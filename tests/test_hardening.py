@@ -32,6 +32,7 @@ def test_atrn_parser_yields_only_safe_names(text):
         assert ".." not in domain and not domain.startswith(".") and len(domain) <= 253
 
 
+@pytest.mark.slow
 @given(st.text(max_size=300))
 @settings(max_examples=400)
 def test_domain_normaliser_never_returns_a_path(text):

@@ -290,6 +290,7 @@ def users_of(conf: str) -> str:
     return os.path.join(os.path.dirname(conf), "users")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED_IDS)
 def test_user_add_refuses_a_name_idna_2008_refuses(conf, name):
     assert add(conf, "alice", "example.org").returncode == 0

@@ -286,6 +286,7 @@ def _delivery_log(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "odmrd.delivery")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["pipelining", "window"])
 def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, script):
     monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(
@@ -304,6 +305,7 @@ def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, s
     assert m["attempts"] == 1 and "timeout after 0.5 s" in m["last_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(provider, monkeypatch, caplog,
                                                                         chunking):
@@ -342,6 +344,7 @@ def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(provider
 
 # -- stopping the service ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_session_cut_by_the_stopping_service_says_so(provider, caplog):
     spool(provider, ["u@example.org"])
     s = chunky(final=lambda message: None)          # holds the message, never answers

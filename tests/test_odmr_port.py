@@ -582,6 +582,7 @@ def test_atrn_reply_is_exactly_one_line(provider):
         c.close()
 
 
+@pytest.mark.slow
 def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
     for i in range(3):
         spool_one(provider, ["a%d@example.org" % i])
@@ -794,6 +795,7 @@ def test_rejected_mail_from_and_all_rcpts_rejected(provider, ehlo):
     assert [d["recipients"] for d in dsns] == [["bad@example.com"]]
 
 
+@pytest.mark.slow
 def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
     spool_one(provider, ["a@example.org"], sender="")
     atrn_and_serve(provider, "example.org", rcpt=lambda r: "550 5.1.1 unknown")
@@ -801,6 +803,7 @@ def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
     assert queue_json(provider) == []
 
 
+@pytest.mark.slow
 def test_connection_lost_mid_delivery_keeps_the_message(provider):
     spool_one(provider, ["a@example.org"])
     c = login(provider)

@@ -173,6 +173,7 @@ def test_unreadable_file_that_cannot_be_quarantined_is_reported(site):
 
 # -- impossible Arrival times ---------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arrival", [float("nan"), float("inf"), time.time() + 10 * 86400],
                          ids=["nan", "inf", "future"])
 def test_impossible_arrival_counts_from_the_file_time_and_expires(tmp_path, arrival):

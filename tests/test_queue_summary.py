@@ -83,6 +83,7 @@ def test_reads_only_listings_and_file_times(site):
     assert rows[0]["bytes"] < 100000
 
 
+@pytest.mark.slow
 def test_text_output_and_an_empty_queue(site):
     config, spool = site
     result = run_cli("-c", config, "queue", "summary")

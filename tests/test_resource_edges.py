@@ -191,6 +191,7 @@ def two_without_size(results: list):
     return converse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["maildir", "mbox"])
 def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp_path, store):
     results: list = []
@@ -381,6 +382,7 @@ def test_fetch_log_lines_escape_what_the_provider_sends(scripted, tmp_path):
     assert all(line.isprintable() for line in text.split("\n")), text
 
 
+@pytest.mark.slow
 def test_a_customer_reply_is_stored_escaped(provider):
     """A customer's 4xx is kept as last_error (queue list, DSNs): its control and format
     characters are escaped there too, not only in the log."""

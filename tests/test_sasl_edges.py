@@ -295,6 +295,7 @@ class ScramProvider(Scripted):
             peer.send("535 5.7.8 bad\r\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iterations", ["100000000", "2000000", "0", "-4096", "",
                                         "9" * 30])
 def test_fetch_refuses_absurd_scram_iteration_counts(tmp_path, iterations):

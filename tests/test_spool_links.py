@@ -213,6 +213,7 @@ def test_startup_cleanup_reports_links_and_leaves_them_and_their_targets_alone(s
 
 # -- intake ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["domain", "tmp", "domain-swapped", "tmp-swapped"])
 def test_intake_never_writes_through_a_linked_directory(site, caplog, kind):
     site.start()

@@ -212,6 +212,7 @@ def test_recipient_with_trace_syntax_never_breaks_the_header(permissive, rcpt):
     assert fields["for"] is None and fields["from"] == "client.test" and fields["id"] == new
 
 
+@pytest.mark.slow
 def test_enqueue_received_header(provider):
     for rcpt, expected_for in (("plain@example.org", "plain@example.org"), ('"a b"@example.org', None)):
         r = provider.run_cli("enqueue", "-f", SENDER, rcpt, input=MSG)
