@@ -5,7 +5,8 @@ from typing import List
 
 import pytest
 
-from helpers import Customer, LocalServer, Provider, Scripted, make_pki, stop_quickly, which
+from helpers import (Customer, LocalServer, Provider, RelaySink, Scripted, make_pki, relay_provider,
+                     stop_quickly, which)
 from odmr import bounce_relay, maintenance
 
 
@@ -95,3 +96,19 @@ def fast_maintenance(monkeypatch):
     monkeypatch.setattr(maintenance, "TICK", 0.1)
     monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
     monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
+
+
+@pytest.fixture
+def relayed(tmp_path, fast_maintenance):
+    """A provider whose bounce_relay is a RelaySink offering `features`: (provider, sink)."""
+    made = []
+
+    def make(features=("8BITMIME",)):
+        sink = RelaySink([], features=list(features))
+        made.append(sink)
+        p = relay_provider(tmp_path, sink)
+        made.append(p)
+        return p, sink
+    yield make
+    for thing in reversed(made):
+        thing.stop() if isinstance(thing, Provider) else thing.close()

@@ -257,6 +257,14 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (for an assert with its own message)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 def which(name: str) -> Optional[str]:
     for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/bin", "/sbin"]:
         candidate = os.path.join(directory, name)
@@ -505,6 +513,7 @@ def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
 
 SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
 SENDER_REMOTE = "someone@remote.test"
+SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce relay
 
 ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
 

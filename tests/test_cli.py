@@ -269,6 +269,7 @@ def test_enqueue_spools_per_domain_with_crlf(hosted):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,stdin,code", [
     (["-f", "s@remote.test", "a@evil.test"], MESSAGE, 67),
     (["-f", "s@remote.test", "a@example.org", "a@evil.test"], MESSAGE, 67),

@@ -7,6 +7,8 @@ code, missing ATRN/STARTTLS/mechanisms, certificate failures, drops, garbage.
 """
 from __future__ import annotations
 
+from helpers import Scripted
+
 import base64
 import mailbox
 import os
@@ -690,3 +692,44 @@ def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
     # the same values as flags are usage errors, one at a time
     result = run_fetch("--server", "h:99999", "--user", "a", "--maildir", "m", "--check")
     assert result.returncode == EX_USAGE and "--server: bad port" in err(result), err(result)
+
+
+@pytest.mark.parametrize("reply, code", [
+    ("250-OK now reversing\r\n250 the connection", EX_OK),
+    ("453-You have\r\n453 no mail", EX_OK),
+    ("450-ATRN request\r\n450 refused", EX_NOPERM),
+    ("451-Unable to process\r\n451 ATRN request now", EX_TEMPFAIL),
+], ids=["250", "453", "450", "451"])
+def test_fetch_takes_a_multi_line_atrn_reply(scripted, tmp_path, reply, code):
+    s = scripted(atrn_reply=reply, after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == code, err(result)
+    if reply.startswith("250"):
+        [name] = os.listdir(tmp_path / "md" / "new")
+        assert b"scripted" in (tmp_path / "md" / "new" / name).read_bytes()
+
+
+def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
+    class Chatty(Scripted):
+        def auth(self, peer, line):
+            super().auth(_Capture(peer), line)
+
+    class _Capture:
+        def __init__(self, peer):
+            self.peer = peer
+
+        def send(self, text):
+            if text.startswith("235"):
+                text = "235-Welcome\r\n235-to the\r\n235 2.7.0 provider\r\n"
+            self.peer.send(text)
+
+        def line(self):
+            return self.peer.line()
+
+    s = Chatty(atrn_reply="453 4.2.0 You have no mail")
+    try:
+        result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+        assert result.returncode == EX_OK, err(result)
+        assert any(l.startswith(b"ATRN") for l in s.commands())
+    finally:
+        s.close()

@@ -167,6 +167,7 @@ def test_per_domain_off_gives_one_series(daemon, metrics_port):
     assert names == [()]
 
 
+@pytest.mark.slow
 def test_port_taken_refuses_to_start(tmp_path, metrics_port):
     taken = socket.socket()
     taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,6 +185,7 @@ def test_port_taken_refuses_to_start(tmp_path, metrics_port):
         d.cleanup()
 
 
+@pytest.mark.slow
 def test_certificate_expiry(tmp_path, metrics_port, pki):
     d = make_daemon(tmp_path, metrics_port,
                     "[tls]\ncert_file = %s\nkey_file = %s\n" % (pki["server.pem"], pki["server.key"]))

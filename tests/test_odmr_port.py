@@ -5,6 +5,8 @@ turnaround `ReversedServer` plays the customer's SMTP server on the same socket.
 """
 from __future__ import annotations
 
+import re
+
 import base64
 import json
 import os
@@ -948,6 +950,7 @@ def test_smtputf8_message_to_smtputf8_customer(provider):
     assert got[0].body() == "Subject: grüße\r\n\r\nhallo\r\n".encode()
 
 
+@pytest.mark.slow
 def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider):
     _spool_utf8(provider)
     server, got = atrn_and_serve(provider, "example.org", ehlo=["customer.test", "8BITMIME", "PIPELINING"])
@@ -966,3 +969,35 @@ def test_the_odmr_replies_are_the_spec_texts():
     assert replies.ATRN_BUSY == (451, "4.3.0 Unable to process ATRN request now")
     assert replies.NO_MAIL == (453, "4.2.0 You have no mail")
     assert replies.AUTH_REQUIRED == (530, "5.7.0 Authentication required")
+
+
+ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def test_the_odmr_port_advertises_enhanced_codes_and_every_reply_has_one(provider):
+    from helpers import Customer
+    sent, answers = [], []
+    c = Customer(provider.odmr_port)
+    try:
+        c.reply()                                          # the greeting is exempt
+        code, lines = c.cmd("EHLO customer.test")
+        assert "ENHANCEDSTATUSCODES" in lines
+        for command in ["NOOP", "RSET", "HELP", "BOGUS", "MAIL FROM:<a@b.test>", "ATRN example.org",
+                        "AUTH NONSUCH", "AUTH CRAM-MD5", "*", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    c = Customer(provider.odmr_port)
+    try:
+        c.login("alice")
+        for command in ["ATRN example.net", "ATRN example.org", "ATRN bad..domain", "NOOP", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    for command, (code, lines) in zip(sent, answers):
+        if code == 334:
+            continue
+        assert code >= 200 and all(ENHANCED.match(l) for l in lines), (command, code, lines)
+    assert [a[0] for a in answers[-5:-2]] == [450, 453, 501]
