@@ -5,7 +5,7 @@ from typing import List
 
 import pytest
 
-from helpers import (Customer, LocalServer, Provider, RelaySink, Scripted, make_pki, relay_provider,
+from helpers import (Customer, LocalServer, Provider, ScriptedMTA, Scripted, make_pki, relay_provider,
                      stop_quickly, which)
 from odmr import bounce_relay, maintenance
 
@@ -100,11 +100,11 @@ def fast_maintenance(monkeypatch):
 
 @pytest.fixture
 def relayed(tmp_path, fast_maintenance):
-    """A provider whose bounce_relay is a RelaySink offering `features`: (provider, sink)."""
+    """A provider whose bounce_relay is a ScriptedMTA offering `features`: (provider, sink)."""
     made = []
 
     def make(features=("8BITMIME",)):
-        sink = RelaySink([], features=list(features))
+        sink = ScriptedMTA([], features=list(features))
         made.append(sink)
         p = relay_provider(tmp_path, sink)
         made.append(p)

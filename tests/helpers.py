@@ -6,8 +6,8 @@ the fixtures built on it. Test modules import from here, never from each other.
 - the in-process provider (`Provider`), the raw ODMR `Customer`, `run_cli`,
   `free_port`, `write_config`, `send_mail` and small waiting tools;
 - PKI: a CA, server and client certificates made by the real openssl binary;
-- daemon harnesses: `Site` (a detached `odmrd serve` with its pid file) and
-  `Daemon` (`odmrd serve -f` as a child process, for kill -9 and restarts);
+- the process harness `Daemon`: `odmrd serve -f` as a child process (kill -9,
+  restarts) or a detached `odmrd serve` with its pid and log files;
 - the scripted customer: `Script` played by `ReversedConnection` on the socket
   after ATRN 250, and `accept_all`, a minimal PIPELINING customer;
 - `odmrd fetch` as a subprocess and `Scripted`, a scripted ODMR provider;
@@ -362,22 +362,42 @@ def kill_hard(pid: int) -> None:
         wait_for(lambda: not alive(pid), 5.0)
 
 
-class Site:
-    """A configuration directory for one daemon; remembers every pid to kill."""
+TOKEN = re.compile(rb"X-Token: (\S+)")
 
-    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+
+class Daemon:
+    """A real odmrd process on free loopback ports, for what needs one: signals, kill -9,
+    restarts, detaching, privileges, a daemon's log.
+
+    Foreground (the default): `start()` runs `odmrd serve -f` as a child, with its
+    configuration (write_config's) in `directory/name` and its stderr in `name.log`.
+    Detached (`detached=True`): `serve()` runs `odmrd serve` as an init script does; the
+    configuration lives in `directory` with a log file and a pid file, `extra` lines
+    override its top-level defaults, and `cleanup()` kills every pid it had."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = "",
+                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
+                 odmr_extra: str = "", smtp_extra: str = "", detached: bool = False):
         self.dir = directory
-        self.odmr_port = free_port()
-        self.smtp_port = free_port()
-        self.config = os.path.join(directory, "odmrd.conf")
-        self.pid_file = os.path.join(directory, "odmrd.pid")
-        self.log_file = os.path.join(directory, "odmrd.log")
-        self.users = os.path.join(directory, "users")
-        self.spool = os.path.join(directory, "spool")
+        self.odmr_port = odmr_port or free_port()
+        self.smtp_port = smtp_port or free_port()
+        self.detached = detached
+        self.proc: Optional[subprocess.Popen] = None
         self.pids: List[int] = []
-        self.write(extra, sections)
+        home = directory if detached else os.path.join(directory, name)
+        os.makedirs(home, exist_ok=True)
+        self.config = os.path.join(home, "odmrd.conf")
+        self.pid_file = os.path.join(home, "odmrd.pid")
+        self.users = os.path.join(home, "users")
+        self.spool_dir = os.path.join(home, "spool")
+        self.log_file = os.path.join(home, "odmrd.log") if detached else os.path.join(directory, name + ".log")
+        if detached:
+            self.write(extra, sections, odmr_extra, smtp_extra)
+        else:
+            write_config(home, self.odmr_port, self.smtp_port, extra, sections, odmr_extra, smtp_extra)
 
-    def write(self, extra: str = "", sections: str = "") -> None:
+    def write(self, extra: str = "", sections: str = "", odmr_extra: str = "", smtp_extra: str = "") -> None:
+        """The detached layout's configuration (a log file, no syslog, a 5 s grace period)."""
         top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
                "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
                "log_level": "debug", "grace_period": "5s"}
@@ -386,15 +406,16 @@ class Site:
             top[key.strip()] = value.strip()
         with open(self.config, "w") as fh:
             fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
-            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
-                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
-                     % (self.odmr_port, self.smtp_port, sections))
+            fh.write("[odmr]\nlisten = 127.0.0.1:%d\n%s\n[smtp]\nlisten = 127.0.0.1:%d\n%s\n%s\n"
+                     % (self.odmr_port, _with_defaults(odmr_extra, idle_timeout="30s"), self.smtp_port,
+                        _with_defaults(smtp_extra, idle_timeout="30s"), sections))
         os.chmod(self.config, 0o644)
 
     def cli(self, *args, **kw) -> subprocess.CompletedProcess:
         return run_cli("-c", self.config, *args, **kw)
 
     def add_user(self, name: str, *domains: str) -> None:
+        """Through `odmrd user add`, password "secret-pw"."""
         args = ["user", "add", name, "--password-stdin"]
         for d in domains:
             args += ["--domain", d]
@@ -402,6 +423,7 @@ class Site:
         assert result.returncode == 0, result.stderr
 
     def serve(self) -> subprocess.CompletedProcess:
+        """`odmrd serve` (detached); the daemon's pid is remembered for cleanup()."""
         result = self.cli("serve", timeout=30)
         pid = self.pid()
         if pid:
@@ -411,40 +433,9 @@ class Site:
     def pid(self) -> Optional[int]:
         return read_pid_file(self.pid_file)
 
-    def log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in self.pids + [p for p in [self.pid()] if p]:
-            if pid != os.getpid():
-                kill_hard(pid)
-
-
-TOKEN = re.compile(rb"X-Token: (\S+)")
-
-
-class Daemon:
-    """`odmrd serve -f` in a subprocess, on free loopback ports."""
-
-    def __init__(self, directory: str, extra: str = "", sections: str = "",
-                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
-                 odmr_extra: str = "", smtp_extra: str = ""):
-        self.dir = directory
-        self.odmr_port = odmr_port or free_port()
-        self.smtp_port = smtp_port or free_port()
-        sub = os.path.join(directory, name)
-        os.makedirs(sub, exist_ok=True)
-        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections, odmr_extra,
-                                   smtp_extra)
-        self.log_path = os.path.join(directory, name + ".log")
-        self.proc: Optional[subprocess.Popen] = None
-
     def start(self, timeout: float = 15.0) -> "Daemon":
-        log = open(self.log_path, "ab")
+        """`odmrd serve -f` as a child; returns once both ports take connections."""
+        log = open(self.log_file, "ab")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
                                       "serve", "-f"], stdout=log, stderr=log, cwd=self.dir)
         log.close()
@@ -483,18 +474,18 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.detached:
+            for pid in self.pids + [p for p in [self.pid()] if p]:
+                if pid != os.getpid():
+                    kill_hard(pid)
 
     def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    @property
-    def spool_dir(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "spool")
-
-    @property
-    def users(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "users")
+        """What it logged: the log file when detached, stdout and stderr otherwise."""
+        try:
+            with open(self.log_file, "rb") as fh:
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
@@ -518,21 +509,50 @@ SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce r
 ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
 
 
+class Delivered(dict):
+    """One message the scripted customer took: {"mail", "rcpts", "data"}, also as attributes."""
+
+    mail = property(lambda self: self["mail"])          # MAIL's argument: FROM:<...> and parameters
+    rcpts = property(lambda self: self["rcpts"])
+    data = property(lambda self: self["data"])          # dot-unstuffed, CRLF line ends
+
+    @property
+    def sender(self) -> str:
+        return self.mail.split("<", 1)[1].split(">", 1)[0]
+
+    def body(self) -> bytes:
+        """The content without odmrd's Received header."""
+        assert self.data.startswith(b"Received: ")
+        end = self.data.find(b"\r\n", 0)
+        while self.data[end + 2:end + 3] in (b"\t", b" "):
+            end = self.data.find(b"\r\n", end + 2)
+        return self.data[end + 2:]
+
+
+HANG_UP = object()      # a hook's answer: close the connection instead of replying
+
+
 class Script:
     """The customer's SMTP server on the reversed connection; override hooks to misbehave.
 
-    Each hook returns the reply line(s) to send (str, or None for no reply at all)."""
+    Each hook returns the reply line(s) to send (str), None for no reply at all, or
+    HANG_UP to close the connection there."""
 
     greeting = "220 customer.test ESMTP"
     extensions = ["PIPELINING", "8BITMIME", "SIZE 50000000"]
+    probe_pipelining = False        # note in pipelined_batches whether more came after each MAIL
 
     def __init__(self):
-        self.messages: List[Dict] = []
+        self.messages: List[Delivered] = []
         self.commands: List[str] = []
+        self.pipelined_batches: List[bool] = []
 
     def ehlo(self, arg: str) -> Optional[str]:
         lines = ["customer.test"] + self.extensions
         return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+
+    def helo(self, arg: str) -> Optional[str]:
+        return "250 customer.test"
 
     def mail(self, arg: str) -> Optional[str]:
         return "250 2.1.0 ok"
@@ -543,7 +563,7 @@ class Script:
     def data(self, rcpts: List[str]) -> Optional[str]:
         return "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
 
-    def final(self, message: Dict) -> Optional[str]:
+    def final(self, message: Delivered) -> Optional[str]:
         return "250 2.0.0 stored"
 
     def chunk(self, rcpts: List[str], size: int) -> Optional[str]:
@@ -559,14 +579,22 @@ class Closed(Exception):
     pass
 
 
-class ReversedConnection:
-    """Runs a Script on the customer's socket after ATRN 250."""
+class HungUp(Exception):
+    pass
 
-    def __init__(self, customer: Customer, script: Script):
+
+class ReversedConnection:
+    """Runs a Script on the customer's socket after ATRN 250.
+
+    strict: answer as a real server would check, too: every line must end in CRLF,
+    a RCPT without an accepted MAIL is 503, and after its 221 the provider must close."""
+
+    def __init__(self, customer: Customer, script: Script, strict: bool = False):
         self.sock = customer.sock
         # one reply per write: without this, Nagle holds each reply for the provider's delayed ACK
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.script = script
+        self.strict = strict
         self.buf = b""
 
     def line(self) -> bytes:
@@ -579,11 +607,33 @@ class ReversedConnection:
                 raise Closed()
             self.buf += data
         line, _, self.buf = self.buf.partition(b"\n")
+        assert not self.strict or line.endswith(b"\r"), "a bare LF from the provider: %r" % line
         return line + b"\n"
 
     def send(self, text: Optional[str]) -> None:
+        if text is HANG_UP:
+            self.sock.close()
+            raise HungUp()
         if text is not None:
             self.sock.sendall(text.encode() + b"\r\n")
+
+    def more_waiting(self) -> bool:
+        """Whether the provider sent more without waiting for our reply."""
+        if self.buf:
+            return True
+        self.sock.settimeout(0.3)
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except socket.timeout:
+            return False
+        finally:
+            self.sock.settimeout(10)
+
+    def closed_by_provider(self) -> bool:
+        try:
+            return self.buf == b"" and self.sock.recv(1) == b""
+        except OSError:
+            return True
 
     def octets(self, size: int) -> bytes:
         """Exactly `size` bytes of a BDAT chunk."""
@@ -606,69 +656,105 @@ class ReversedConnection:
         if not last:
             self.send(self.script.chunk(rcpts, size))
             return False
-        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(chunks)}
+        message = Delivered(mail=mail, rcpts=list(rcpts), data=b"".join(chunks))
         chunks.clear()
         reply = self.script.final(message) if rcpts else self.script.data(rcpts)
-        if reply and reply.startswith("2"):
+        if _is(reply, "2"):
             self.script.messages.append(message)
         self.send(reply)
         return True
 
     def run(self) -> str:
-        """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
-        s = self.script
-        rcpts: List[str] = []
-        mail: Optional[str] = None
-        chunks: List[bytes] = []
+        """Serve until QUIT ("quit"), the provider's close ("closed"), a drop in DATA
+        ("dropped") or a hook's HANG_UP ("hung up")."""
+        self.mail: Optional[str] = None
+        self.rcpts: List[str] = []
+        self.chunks: List[bytes] = []
         try:
-            self.send(s.greeting)
+            self.send(self.script.greeting)
             while True:
                 raw = self.line().rstrip(b"\r\n").decode("utf-8", "replace")
-                s.commands.append(raw)
+                self.script.commands.append(raw)
                 verb, _, arg = raw.partition(" ")
-                verb = verb.upper()
-                if verb in ("EHLO", "HELO"):
-                    self.send(s.ehlo(arg) if verb == "EHLO" else "250 customer.test")
-                elif verb == "MAIL":
-                    mail, rcpts = arg, []
-                    self.send(s.mail(arg))
-                elif verb == "RCPT":
-                    address = arg.split("<", 1)[1].split(">", 1)[0]
-                    reply = s.rcpt(address)
-                    if reply and reply.startswith("2"):
-                        rcpts.append(address)
-                    self.send(reply)
-                elif verb == "DATA":
-                    reply = s.data(rcpts)
-                    self.send(reply)
-                    if reply and reply.startswith("354"):
-                        body = []
-                        while True:
-                            line = self.line()
-                            if line == b".\r\n":
-                                break
-                            if not s.in_data(line, len(body)):
-                                self.sock.close()
-                                return "dropped"
-                            body.append(line[1:] if line.startswith(b".") else line)
-                        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(body)}
-                        reply = s.final(message)
-                        if reply and reply.startswith("2"):
-                            s.messages.append(message)
-                        self.send(reply)
-                elif verb == "BDAT":
-                    if self.bdat(arg, mail, rcpts, chunks):
-                        mail, rcpts = None, []
-                elif verb == "RSET":
-                    mail, rcpts, chunks = None, [], []
-                    self.send("250 ok")
-                elif verb == "QUIT":
-                    self.send("221 bye")
-                    return "quit"
-                else:
-                    self.send("502 what?")
+                outcome = self.answer(verb.upper(), arg)
+                if outcome:
+                    return outcome
         except Closed:
             return "closed"
+        except HungUp:
+            return "hung up"
+
+    def answer(self, verb: str, arg: str) -> Optional[str]:
+        """Answer one command; the outcome when the conversation is over."""
+        s = self.script
+        if verb == "EHLO":
+            self.send(s.ehlo(arg))
+        elif verb == "HELO":
+            self.send(s.helo(arg))
+        elif verb == "MAIL":
+            if s.probe_pipelining:
+                s.pipelined_batches.append(self.more_waiting())
+            reply = s.mail(arg)
+            self.mail = arg if not self.strict or _is(reply, "2") else None
+            self.rcpts = []
+            self.send(reply)
+        elif verb == "RCPT":
+            self.rcpt(arg)
+        elif verb == "DATA":
+            return self.data()
+        elif verb == "BDAT":
+            if self.bdat(arg, self.mail, self.rcpts, self.chunks):
+                self.mail, self.rcpts = None, []
+        elif verb == "RSET":
+            self.mail, self.rcpts, self.chunks = None, [], []
+            self.send("250 ok")
+        elif verb == "QUIT":
+            self.send("221 bye")
+            assert not self.strict or self.closed_by_provider(), "provider did not close after 221"
+            return "quit"
+        else:
+            self.send("502 what?")
+        return None
+
+    def rcpt(self, arg: str) -> None:
+        if self.strict and self.mail is None:
+            self.send("503 5.5.1 need MAIL")
+            return
+        address = arg.split("<", 1)[1].split(">", 1)[0]
+        reply = self.script.rcpt(address)
+        if _is(reply, "2"):
+            self.rcpts.append(address)
+        self.send(reply)
+
+    def data(self) -> Optional[str]:
+        """DATA, the text up to the dot, the script's final reply; "dropped" if it drops."""
+        s = self.script
+        reply = s.data(self.rcpts)
+        self.send(reply)
+        if not _is(reply, "354"):
+            return None
+        body = []
+        while True:
+            line = self.line()
+            if line == b".\r\n":
+                break
+            if not s.in_data(line, len(body)):
+                self.sock.close()
+                return "dropped"
+            body.append(line[1:] if line.startswith(b".") else line)
+        message = Delivered(mail=self.mail, rcpts=list(self.rcpts), data=b"".join(body))
+        reply = s.final(message)
+        if _is(reply, "2"):
+            s.messages.append(message)
+        self.send(reply)
+        if self.strict:
+            self.mail, self.rcpts = None, []
+        return None
+
+
+def _is(reply, prefix: str) -> bool:
+    """Whether a hook's answer is a reply starting with `prefix`."""
+    return isinstance(reply, str) and reply.startswith(prefix)
 
 
 def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
@@ -1267,91 +1353,130 @@ def quit_(peer: Peer) -> None:
     assert peer.line().startswith(b"221")
 
 
-# -- a relay for bounce_relay and providers set up for it --------------------------------
+# -- a scripted MTA (the bounce relay, the customer's) and providers that relay bounces --------------------------------
 
 
-class RelaySink:
-    """A small SMTP server on loopback for `bounce_relay`: refuses the first tries, then takes mail."""
+class ScriptedMTA:
+    """A small scripted SMTP server on loopback: the bounce relay, or the customer's MTA
+    behind `odmrd fetch --relay` (Postfix's real smtp-sink is `Sink`).
 
-    def __init__(self, refusals: List[str], final_code: str = "250 2.0.0 queued",
-                 features: List[str] = ("8BITMIME",)):
-        self.features = list(features)
-        self.refusals = list(refusals)      # each: "greeting:421 ..." / "rcpt:451 ..." / "rcpt:550 ..."
+    refusals: one per connection, in order: "greeting:421 ..." answers the connection
+    with that and closes it, "rcpt:451 ..." answers every RCPT so. defer / refuse: the
+    recipients answered 450 / 550. defer_marker: a text containing it gets 451 at the end
+    of data; others get final_code. Taken messages are in `messages` (mail, rcpts, data),
+    every RCPT address given in `rcpts`."""
+
+    def __init__(self, refusals: List[str] = (), final_code: str = "250 2.0.0 Ok: queued",
+                 features: List[str] = ("8BITMIME",), defer=(), refuse=(), defer_marker: bytes = b""):
+        self.refusals = list(refusals)
         self.final_code = final_code
-        self.messages: List[dict] = []
+        self.features = list(features)
+        self.defer, self.refuse, self.defer_marker = set(defer), set(refuse), defer_marker
+        self.messages: List[Dict] = []
+        self.rcpts: List[str] = []
         self.connections = 0
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.server.settimeout(0.2)
-        self.port = self.server.getsockname()[1]
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: List[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            try:
-                self._session(conn)
-            except OSError:
-                pass
-            finally:
-                conn.close()
+    @property
+    def accepted(self) -> List[bytes]:
+        """The texts of the messages it took."""
+        return [m["data"] for m in self.messages]
 
-    def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        f = conn.makefile("rb")
-        refusal = self.refusals.pop(0) if self.refusals else ""
-        stage, _, text = refusal.partition(":")
-        if stage == "greeting":
-            conn.sendall(text.encode() + b"\r\n")
-            return
-        conn.sendall(b"220 relay.test ESMTP\r\n")
-        mail = None
-        rcpts: List[str] = []
+    def _accept(self) -> None:
         while True:
-            line = f.readline()
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.conns.append(conn)
+            refusal = self.refusals.pop(0) if self.refusals else ""
+            thread = threading.Thread(target=self._serve, args=(conn, refusal), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, refusal: str) -> None:
+        conn.settimeout(20)
+        rfile = conn.makefile("rb")
+        stage, _, text = refusal.partition(":")
+        try:
+            if stage == "greeting":
+                conn.sendall(text.encode() + b"\r\n")
+                return
+            conn.sendall(b"220 mta.test ESMTP\r\n")
+            self._converse(conn, rfile, text if stage == "rcpt" else "")
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+
+    def _converse(self, conn: socket.socket, rfile, rcpt_refusal: str) -> None:
+        mail, rcpts = "", []
+        while True:
+            line = rfile.readline()
             if not line:
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                lines = ["relay.test"] + self.features
+                lines = ["mta.test"] + self.features
                 conn.sendall("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
                                      for i, l in enumerate(lines)).encode())
-            elif verb == b"MAIL":
-                mail, rcpts = line.strip().decode(), []
-                conn.sendall(b"250 ok\r\n")
+            elif verb in (b"MAIL", b"RSET"):
+                mail, rcpts = line.strip().decode() if verb == b"MAIL" else "", []
+                conn.sendall(b"250 2.0.0 Ok\r\n")
             elif verb == b"RCPT":
-                if stage == "rcpt":
-                    conn.sendall(text.encode() + b"\r\n")
-                else:
-                    rcpts.append(line.decode().split("<", 1)[1].split(">", 1)[0])
-                    conn.sendall(b"250 ok\r\n")
+                conn.sendall(self._rcpt(line, rcpts, rcpt_refusal))
             elif verb == b"DATA":
-                conn.sendall(b"354 go\r\n")
-                data = []
-                while True:
-                    l = f.readline()
-                    if l in (b".\r\n", b""):
-                        break
-                    data.append(l)
-                self.messages.append({"mail": mail, "rcpts": rcpts, "data": b"".join(data)})
-                conn.sendall(self.final_code.encode() + b"\r\n")
-            elif verb == b"RSET":
-                conn.sendall(b"250 ok\r\n")
+                self._data(conn, rfile, mail, rcpts)
+                rcpts = []
             elif verb == b"QUIT":
-                conn.sendall(b"221 bye\r\n")
+                conn.sendall(b"221 2.0.0 Bye\r\n")
                 return
             else:
-                conn.sendall(b"502 no\r\n")
+                conn.sendall(b"502 5.5.1 Not here\r\n")
+
+    def _rcpt(self, line: bytes, rcpts: List[str], refusal: str) -> bytes:
+        address = line.decode().split("<", 1)[1].split(">", 1)[0]
+        self.rcpts.append(address)
+        if refusal:
+            return refusal.encode() + b"\r\n"
+        if address in self.defer:
+            return b"450 4.2.0 <%s>: Mailbox busy\r\n" % address.encode()
+        if address in self.refuse:
+            return b"550 5.1.1 <%s>: No such user\r\n" % address.encode()
+        rcpts.append(address)
+        return b"250 2.1.5 Ok\r\n"
+
+    def _data(self, conn: socket.socket, rfile, mail: str, rcpts: List[str]) -> None:
+        if not rcpts:
+            conn.sendall(b"554 5.5.1 No valid recipients\r\n")
+            return
+        conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        lines = []
+        while True:
+            line = rfile.readline()
+            if line in (b".\r\n", b""):
+                break
+            lines.append(line)
+        text = b"".join(lines)
+        if self.defer_marker and self.defer_marker in text:
+            conn.sendall(b"451 4.3.0 Try again later\r\n")
+            return
+        self.messages.append({"mail": mail, "rcpts": list(rcpts), "data": text})
+        conn.sendall(self.final_code.encode() + b"\r\n")
 
     def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.server.close()
+        """Stop listening and end the connection threads (see close_listener)."""
+        shut_down(self.listener)
+        self.threads[0].join(10)                    # no connection accepted after this
+        for conn in self.conns:
+            shut_down(conn)
+        close_listener(self.listener, self.threads)
 
 
 def queue_provider(tmp_path, queue_settings: str) -> Provider:
@@ -1362,5 +1487,5 @@ def queue_provider(tmp_path, queue_settings: str) -> Provider:
     return p.start()
 
 
-def relay_provider(tmp_path, sink: RelaySink, queue_extra: str = "") -> Provider:
+def relay_provider(tmp_path, sink: ScriptedMTA, queue_extra: str = "") -> Provider:
     return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))

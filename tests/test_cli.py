@@ -492,7 +492,7 @@ def _parsers(parser):
 
 
 def test_every_option_and_argument_has_help():
-    """`--help` of every subcommand describes each of its options (issue: it did not)."""
+    """`--help` of every subcommand describes each of its options."""
     from odmr.cli import build_parser
     for parser in _parsers(build_parser()):
         for action in parser._actions:

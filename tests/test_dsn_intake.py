@@ -1,4 +1,4 @@
-"""The DSN extension at intake (RFC 3461, issue 14.5): advertised, its parameters
+"""The DSN extension at intake (RFC 3461): advertised, its parameters
 stored and passed on to a customer that offers DSN; our own notices follow NOTIFY;
 a customer without DSN earns the sender a `relayed` notice when SUCCESS was asked.
 

@@ -7,8 +7,6 @@ code, missing ATRN/STARTTLS/mechanisms, certificate failures, drops, garbage.
 """
 from __future__ import annotations
 
-from helpers import Scripted
-
 import base64
 import mailbox
 import os
@@ -25,7 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
-                     PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Sink, as_stored, assert_one_line_error,
+                     PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored, assert_one_line_error,
                      assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies

@@ -1,4 +1,4 @@
-"""CHUNKING (RFC 3030) and PIPELINING at `odmrd fetch --maildir/--mbox`'s own server (issue 13, item 4).
+"""CHUNKING (RFC 3030) and PIPELINING at `odmrd fetch --maildir/--mbox`'s own server.
 
 The server the provider talks to after ATRN runs in a thread on a real
 127.0.0.1 socket, driven by raw sockets (smtplib has no BDAT); end to end,

@@ -111,8 +111,8 @@ def own_hop_for(address: str) -> bytes:
 
 
 def test_our_own_fields_count_only_for_the_same_domain(provider):
-    """A list at one customer sending to subscribers at others is no loop (issue 15.2:
-    'this provider's own Received: for the same domain')."""
+    """A list at one customer sending to subscribers at others is no loop: only this
+    provider's own Received: fields for the same domain count."""
     elsewhere = [own_hop_for("list@a-list.test"), own_hop_for("x@example.net"), own_hop_for("y@b.test")]
     assert submit(provider, message(elsewhere))[0] == 250
     same = [own_hop_for("u@example.org"), own_hop_for("v@Example.ORG"), OWN_HOP]

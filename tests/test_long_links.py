@@ -1,4 +1,4 @@
-"""Delivery over long links (SPEC §4 "Long links", §7; issue 13 items 1-3, issue 12 item 4).
+"""Delivery over long links (SPEC §4 "Long links", §7).
 
 A scripted customer on the real reversed connection (raw sockets on 127.0.0.1)
 offers CHUNKING: the provider must send `BDAT n LAST` with the spooled bytes

@@ -1,4 +1,4 @@
-"""PROXY protocol v1/v2 on the intake port (issue 14.4): behind the load balancer in
+"""PROXY protocol v1/v2 on the intake port: behind the load balancer in
 front of the MX, the real client goes into the logs, the per-address limits and the
 Received: header; anything else from the balancer, or anyone else, is dropped."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Quotas see other processes' changes (issue 14.6): a domain emptied by `queue delete`
+"""Quotas see other processes' changes: a domain emptied by `queue delete`
 or another node's drain accepts mail again at once, and a count cached by one node
 never lets another node's messages push the domain past its quota.
 

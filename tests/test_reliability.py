@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import pytest
 
-from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, RelaySink, ReversedConnection,
+from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ScriptedMTA, ReversedConnection,
                      SENDER_HOSTED, SENDER_REMOTE, Script, TOKEN, atrn, dsns, queue, queue_provider,
                      queued_tokens, relay_provider, report_fields, run_cli, send_mail, spool,
                      wait_sessions_over)
@@ -162,7 +162,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
 def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast_maintenance, refusals):
-    sink = RelaySink(refusals)
+    sink = ScriptedMTA(refusals)
     p = relay_provider(tmp_path, sink)
     try:
         spool(p, ["u@example.org"], sender=SENDER_REMOTE, token="tok1")
@@ -189,7 +189,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
 
 @pytest.mark.slow
 def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fast_maintenance, caplog):
-    sink = RelaySink(["rcpt:550 5.1.1 no such sender"] * 5)
+    sink = ScriptedMTA(["rcpt:550 5.1.1 no such sender"] * 5)
     p = relay_provider(tmp_path, sink)
     try:
         spool(p, ["u@example.org"], sender=SENDER_REMOTE)
