@@ -9,9 +9,13 @@ the fixtures built on it. Test modules import from here, never from each other.
 - the process harness `Daemon`: `odmrd serve -f` as a child process (kill -9,
   restarts) or a detached `odmrd serve` with its pid and log files;
 - the scripted customer: `Script` played by `ReversedConnection` on the socket
-  after ATRN 250, and `accept_all`, a minimal PIPELINING customer;
-- `odmrd fetch` as a subprocess and `Scripted`, a scripted ODMR provider;
-- Postfix's smtp-sink (`Sink`) and the real fetchmail.
+  after ATRN 250 (strictly, if asked), and `accept_all`, which returns the
+  messages as they were on the wire (still dot-stuffed);
+- `odmrd fetch` as a subprocess, `Scripted` (a scripted ODMR provider) and
+  `deliver_one` (its side after ATRN 250), fetch's own server (`LocalServer`);
+- `ScriptedMTA`, a scripted SMTP server (the bounce relay, the customer's MTA),
+  and the real peers: Postfix's smtp-sink (`Sink`) and fetchmail;
+- PROXY protocol headers and `Load`, traffic against a daemon being killed.
 """
 from __future__ import annotations
 
@@ -257,6 +261,11 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
+def multiline(code: int, lines: List[str]) -> str:
+    """A (multi-line) reply, lines joined by CRLF, without the final CRLF."""
+    return "\r\n".join("%d%s%s" % (code, "-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+
+
 def eventually(predicate, timeout: float = 10.0) -> bool:
     """Whether `predicate` came true within `timeout` seconds (for an assert with its own message)."""
     deadline = time.monotonic() + timeout
@@ -343,7 +352,7 @@ def make_pki(directory: str) -> dict:
         "stranger.pem", "stranger.key", "selfsigned.pem", "selfsigned.key")}
 
 
-# -- daemon harnesses -------------------------------------------------------------------
+# -- the process harness ----------------------------------------------------------------
 
 def kill_hard(pid: int) -> None:
     if not alive(pid):
@@ -549,7 +558,7 @@ class Script:
 
     def ehlo(self, arg: str) -> Optional[str]:
         lines = ["customer.test"] + self.extensions
-        return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+        return multiline(250, lines)
 
     def helo(self, arg: str) -> Optional[str]:
         return "250 customer.test"
@@ -972,8 +981,7 @@ class Scripted:
             verb = line.split(b" ")[0].upper()
             if verb == b"EHLO":
                 lines = self.ehlo_lines(peer)
-                peer.send("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
-                                  for i, l in enumerate(lines)))
+                peer.send(multiline(250, lines) + "\r\n")
             elif verb == b"STARTTLS":
                 peer.send("220 2.0.0 go ahead\r\n")
                 peer.starttls(self.starttls_ctx)
@@ -1353,7 +1361,7 @@ def quit_(peer: Peer) -> None:
     assert peer.line().startswith(b"221")
 
 
-# -- a scripted MTA (the bounce relay, the customer's) and providers that relay bounces --------------------------------
+# -- a scripted MTA (the bounce relay, the customer's) and providers relaying bounces -----
 
 
 class ScriptedMTA:
@@ -1424,8 +1432,7 @@ class ScriptedMTA:
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
                 lines = ["mta.test"] + self.features
-                conn.sendall("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
-                                     for i, l in enumerate(lines)).encode())
+                conn.sendall(multiline(250, lines).encode() + b"\r\n")
             elif verb in (b"MAIL", b"RSET"):
                 mail, rcpts = line.strip().decode() if verb == b"MAIL" else "", []
                 conn.sendall(b"250 2.0.0 Ok\r\n")
