@@ -59,8 +59,7 @@ def two_without_size(results: list):
     return converse
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("store", ["maildir", "mbox"])
+@pytest.mark.parametrize("store", [pytest.param("maildir", marks=pytest.mark.slow), "mbox"])
 def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp_path, store):
     results: list = []
     s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=two_without_size(results))

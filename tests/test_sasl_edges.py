@@ -295,9 +295,8 @@ class ScramProvider(Scripted):
             peer.send("535 5.7.8 bad\r\n")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("iterations", ["100000000", "2000000", "0", "-4096", "",
-                                        "9" * 30])
+@pytest.mark.parametrize("iterations", [pytest.param(n, marks=pytest.mark.slow)
+                                        for n in ("100000000", "2000000", "0", "-4096", "")] + ["9" * 30])
 def test_fetch_refuses_absurd_scram_iteration_counts(tmp_path, iterations):
     code, text, gave_up = fetch_with(iterations, tmp_path)
     assert code == EX_PROTOCOL, text

@@ -196,7 +196,6 @@ def test_idle_session_times_out(strict):
     c.close()
 
 
-@pytest.mark.slow
 def test_overlong_command_line(provider, customer_factory):
     c = customer_factory()
     c.reply()
