@@ -1,15 +1,21 @@
 """Harnesses the test files share: real peers on loopback, never mocks.
 
-Fixtures live in conftest.py (with the in-process `Provider` and the raw
-`Customer`); this module holds what several test files drive by hand:
+The one home of the test harness; conftest.py only holds pytest's hooks and
+the fixtures built on it. Test modules import from here, never from each other.
 
+- the in-process provider (`Provider`), the raw ODMR `Customer`, `run_cli`,
+  `free_port`, `write_config`, `send_mail` and small waiting tools;
 - PKI: a CA, server and client certificates made by the real openssl binary;
-- daemon harnesses: `Site` (a detached `odmrd serve` with its pid file) and
-  `Daemon` (`odmrd serve -f` as a child process, for kill -9 and restarts);
+- the process harness `Daemon`: `odmrd serve -f` as a child process (kill -9,
+  restarts) or a detached `odmrd serve` with its pid and log files;
 - the scripted customer: `Script` played by `ReversedConnection` on the socket
-  after ATRN 250, and `accept_all`, a minimal PIPELINING customer;
-- `odmrd fetch` as a subprocess and `Scripted`, a scripted ODMR provider;
-- Postfix's smtp-sink (`Sink`) and the real fetchmail.
+  after ATRN 250 (strictly, if asked), and `accept_all`, which returns the
+  messages as they were on the wire (still dot-stuffed);
+- `odmrd fetch` as a subprocess, `Scripted` (a scripted ODMR provider) and
+  `deliver_one` (its side after ATRN 250), fetch's own server (`LocalServer`);
+- `ScriptedMTA`, a scripted SMTP server (the bounce relay, the customer's MTA),
+  and the real peers: Postfix's smtp-sink (`Sink`) and fetchmail;
+- PROXY protocol headers and `Load`, traffic against a daemon being killed.
 """
 from __future__ import annotations
 
@@ -17,23 +23,303 @@ import base64
 import email
 import hmac
 import os
+import random
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
-from conftest import (PASSWORD, ROOT, Customer, alive, close_listener, free_port, run_cli, send_mail,
-                      shut_down, wait_for, which, write_config)
-from odmr import queueops
-from odmr.daemon import read_pid_file
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from odmr import accounts, queueops  # noqa: E402
+from odmr.daemon import read_pid_file  # noqa: E402
+from odmr.fetch_mailbox import open_mailbox  # noqa: E402
+from odmr.fetch_server import serve_reversed  # noqa: E402
+from odmr.proxy import V2_SIGNATURE  # noqa: E402
+from odmr.wire import reader_for  # noqa: E402
+from odmr.server import Service, StartupError  # noqa: E402
+
+
+# -- the in-process provider, the raw customer, small tools ------------------------------
+
+PASSWORD = "tanstaaf-secret"
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range (32768+ here), so that no
+    client connection made meanwhile can take it before the server binds it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def close_listener(listener: socket.socket, threads: Sequence[threading.Thread] = ()) -> None:
+    """Close a test server's listening socket only once no thread of it can use it again.
+
+    close() alone neither wakes a thread blocked in accept() nor ends that call: the
+    socket keeps listening, and when the kernel restarts the call (after a stop, a
+    ptrace attach, a signal handled with SA_RESTART) it looks the descriptor *number*
+    up again, which by then may be the next test's provider listener: one of that
+    provider's connections goes to this server's script. shutdown() wakes accept()
+    for good; the threads are joined before close() frees the number."""
+    shut_down(listener)
+    for thread in threads:
+        thread.join(10)
+    listener.close()
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, "test server threads still running: %s" % alive
+
+
+def shut_down(sock: socket.socket) -> None:
+    """Wake whatever thread blocks on `sock` (accept, recv): they return an error or EOF."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)     # also for an SSLSocket, TLS state untouched
+    except OSError:
+        pass
+
+
+def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = "",
+                 sections: str = "", odmr_extra: str = "", smtp_extra: str = "") -> str:
+    path = os.path.join(directory, "odmrd.conf")
+    with open(path, "w") as fh:
+        fh.write(textwrap.dedent("""\
+            hostname = odmr.test
+            spool_dir = spool
+            users_file = users
+            pid_file = odmrd.pid
+            allow_root = yes
+            log_level = debug
+            %s
+            [odmr]
+            listen = 127.0.0.1:%d
+            %s
+            [smtp]
+            listen = 127.0.0.1:%d
+            %s
+            %s
+            """) % (extra, odmr_port, _with_defaults(odmr_extra, idle_timeout="20s"), smtp_port,
+                    _with_defaults(smtp_extra, idle_timeout="20s", max_message_size="1M",
+                                   max_recipients="50"), sections))
+    return path
+
+
+def _with_defaults(text: str, **defaults) -> str:
+    """Section lines plus test defaults for the keys the text does not set itself."""
+    given = {line.split("=")[0].strip() for line in text.splitlines() if "=" in line}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines += ["%s = %s" % (k, v) for k, v in defaults.items() if k not in given]
+    return "\n".join(lines)
+
+
+class Provider:
+    """A running odmrd provider (in this process, on its own threads)."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = "",
+                 odmr_extra: str = "", smtp_extra: str = ""):
+        self.dir = directory
+        self.odmr_port = free_port()
+        self.smtp_port = free_port()
+        self._extras = (extra, sections, odmr_extra, smtp_extra)
+        self.config = write_config(directory, self.odmr_port, self.smtp_port, *self._extras)
+        self.users = os.path.join(directory, "users")
+        self.spool_dir = os.path.join(directory, "spool")
+        self.service: Optional[Service] = None
+
+    def add_user(self, name: str, domains: List[str], password: str = PASSWORD, cram: bool = True) -> None:
+        accounts.add_user(self.users, name, domains, password, cram)
+        if self.service is not None:
+            self.service.reload()
+
+    def start(self) -> "Provider":
+        for attempt in range(5):
+            self.service = Service(self.config)
+            try:
+                self.service.bind()
+                break
+            except StartupError as exc:
+                if "in use" not in str(exc) or attempt == 4:
+                    raise
+                self.odmr_port, self.smtp_port = free_port(), free_port()   # lost a race: new ports
+                self.config = write_config(self.dir, self.odmr_port, self.smtp_port, *self._extras)
+        self.service.prepare_spool()
+        self.service.start()
+        return self
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop(grace=2.0)
+            self.service = None
+
+    @property
+    def spool(self):
+        return self.service.spool
+
+    def spooled(self, domain: str) -> List[str]:
+        return self.spool.message_ids(domain) if os.path.isdir(os.path.join(self.spool_dir, domain)) else []
+
+    def run_cli(self, *args, input: Optional[bytes] = None, env=None) -> subprocess.CompletedProcess:
+        return run_cli("-c", self.config, *args, input=input, env=env)
+
+
+def run_cli(*args, input: Optional[bytes] = None, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py")] + list(args),
+                          input=input, capture_output=True, timeout=timeout, env=full_env)
+
+
+class Customer:
+    """A scripted ODMR customer over a raw socket (so every byte is visible)."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, line) -> None:
+        if isinstance(line, str):
+            line = line.encode()
+        self.sock.sendall(line + b"\r\n")
+
+    def reply(self):
+        """(code, [lines]) of one possibly multi-line reply."""
+        lines = []
+        while True:
+            raw = self.file.readline()
+            if not raw:
+                raise EOFError("connection closed")
+            lines.append(raw.rstrip(b"\r\n").decode())
+            if raw[3:4] != b"-":
+                return int(raw[:3]), [l[4:] for l in lines]
+
+    def cmd(self, line):
+        self.send(line)
+        return self.reply()
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def login(self, user: str = "alice", password: str = PASSWORD) -> None:
+        code, _ = self.reply()
+        assert code == 220
+        code, _ = self.cmd("EHLO customer.test")
+        assert code == 250
+        code, lines = self.cmd("AUTH CRAM-MD5")
+        assert code == 334
+        challenge = base64.b64decode(lines[0])
+        digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
+        code, _ = self.cmd(base64.b64encode(("%s %s" % (user, digest)).encode()).decode())
+        assert code == 235
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def send_mail(port: int, sender: str, rcpts: List[str], data: bytes) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        return s.sendmail(sender, rcpts, data)
+
+
+def alive(pid: int) -> bool:
+    """A process that runs and is no zombie (PID 1 here reaps late)."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.05)
+
+
+def multiline(code: int, lines: List[str]) -> str:
+    """A (multi-line) reply, lines joined by CRLF, without the final CRLF."""
+    return "\r\n".join("%d%s%s" % (code, "-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (for an assert with its own message)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def which(name: str) -> Optional[str]:
+    for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/bin", "/sbin"]:
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which(name)
+
+
+# -- one provider shared by a module (starting and stopping one costs more than most tests)
+
+def stop_quickly(p: Provider) -> None:
+    """Shut the listeners down in parallel (each waits for its poll interval), then stop."""
+    if p.service is not None:
+        threads = [threading.Thread(target=l.shutdown) for l in p.service.listeners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    p.stop()
+
+
+def wait_idle(p: Provider, timeout: float = 5.0) -> None:
+    """Let sessions of the previous test finish (they may still hold a domain claim)."""
+    deadline = time.monotonic() + timeout
+    while p.service.active_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def empty_spool(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                os.unlink(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                pass        # the delivery reaper removed a retired file first
+
+
+def reuse_provider(shared: "Provider"):
+    """Body of a per-test `provider` fixture over a module's `shared_provider`:
+    an empty spool and no sessions left from the previous test."""
+    wait_idle(shared)
+    empty_spool(shared.spool_dir)
+    yield shared
+    wait_idle(shared)
+
+
 
 
 # -- PKI ------------------------------------------------------------------------------
@@ -66,7 +352,7 @@ def make_pki(directory: str) -> dict:
         "stranger.pem", "stranger.key", "selfsigned.pem", "selfsigned.key")}
 
 
-# -- daemon harnesses -------------------------------------------------------------------
+# -- the process harness ----------------------------------------------------------------
 
 def kill_hard(pid: int) -> None:
     if not alive(pid):
@@ -85,22 +371,42 @@ def kill_hard(pid: int) -> None:
         wait_for(lambda: not alive(pid), 5.0)
 
 
-class Site:
-    """A configuration directory for one daemon; remembers every pid to kill."""
+TOKEN = re.compile(rb"X-Token: (\S+)")
 
-    def __init__(self, directory: str, extra: str = "", sections: str = ""):
+
+class Daemon:
+    """A real odmrd process on free loopback ports, for what needs one: signals, kill -9,
+    restarts, detaching, privileges, a daemon's log.
+
+    Foreground (the default): `start()` runs `odmrd serve -f` as a child, with its
+    configuration (write_config's) in `directory/name` and its stderr in `name.log`.
+    Detached (`detached=True`): `serve()` runs `odmrd serve` as an init script does; the
+    configuration lives in `directory` with a log file and a pid file, `extra` lines
+    override its top-level defaults, and `cleanup()` kills every pid it had."""
+
+    def __init__(self, directory: str, extra: str = "", sections: str = "",
+                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
+                 odmr_extra: str = "", smtp_extra: str = "", detached: bool = False):
         self.dir = directory
-        self.odmr_port = free_port()
-        self.smtp_port = free_port()
-        self.config = os.path.join(directory, "odmrd.conf")
-        self.pid_file = os.path.join(directory, "odmrd.pid")
-        self.log_file = os.path.join(directory, "odmrd.log")
-        self.users = os.path.join(directory, "users")
-        self.spool = os.path.join(directory, "spool")
+        self.odmr_port = odmr_port or free_port()
+        self.smtp_port = smtp_port or free_port()
+        self.detached = detached
+        self.proc: Optional[subprocess.Popen] = None
         self.pids: List[int] = []
-        self.write(extra, sections)
+        home = directory if detached else os.path.join(directory, name)
+        os.makedirs(home, exist_ok=True)
+        self.config = os.path.join(home, "odmrd.conf")
+        self.pid_file = os.path.join(home, "odmrd.pid")
+        self.users = os.path.join(home, "users")
+        self.spool_dir = os.path.join(home, "spool")
+        self.log_file = os.path.join(home, "odmrd.log") if detached else os.path.join(directory, name + ".log")
+        if detached:
+            self.write(extra, sections, odmr_extra, smtp_extra)
+        else:
+            write_config(home, self.odmr_port, self.smtp_port, extra, sections, odmr_extra, smtp_extra)
 
-    def write(self, extra: str = "", sections: str = "") -> None:
+    def write(self, extra: str = "", sections: str = "", odmr_extra: str = "", smtp_extra: str = "") -> None:
+        """The detached layout's configuration (a log file, no syslog, a 5 s grace period)."""
         top = {"hostname": "odmr.test", "spool_dir": "spool", "users_file": "users",
                "pid_file": "odmrd.pid", "log_file": "odmrd.log", "syslog": "no",
                "log_level": "debug", "grace_period": "5s"}
@@ -109,15 +415,16 @@ class Site:
             top[key.strip()] = value.strip()
         with open(self.config, "w") as fh:
             fh.write("".join("%s = %s\n" % item for item in top.items() if item[0]))
-            fh.write("[odmr]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n"
-                     "[smtp]\nlisten = 127.0.0.1:%d\nidle_timeout = 30s\n%s\n"
-                     % (self.odmr_port, self.smtp_port, sections))
+            fh.write("[odmr]\nlisten = 127.0.0.1:%d\n%s\n[smtp]\nlisten = 127.0.0.1:%d\n%s\n%s\n"
+                     % (self.odmr_port, _with_defaults(odmr_extra, idle_timeout="30s"), self.smtp_port,
+                        _with_defaults(smtp_extra, idle_timeout="30s"), sections))
         os.chmod(self.config, 0o644)
 
     def cli(self, *args, **kw) -> subprocess.CompletedProcess:
         return run_cli("-c", self.config, *args, **kw)
 
     def add_user(self, name: str, *domains: str) -> None:
+        """Through `odmrd user add`, password "secret-pw"."""
         args = ["user", "add", name, "--password-stdin"]
         for d in domains:
             args += ["--domain", d]
@@ -125,6 +432,7 @@ class Site:
         assert result.returncode == 0, result.stderr
 
     def serve(self) -> subprocess.CompletedProcess:
+        """`odmrd serve` (detached); the daemon's pid is remembered for cleanup()."""
         result = self.cli("serve", timeout=30)
         pid = self.pid()
         if pid:
@@ -134,40 +442,9 @@ class Site:
     def pid(self) -> Optional[int]:
         return read_pid_file(self.pid_file)
 
-    def log(self) -> str:
-        try:
-            with open(self.log_file, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in self.pids + [p for p in [self.pid()] if p]:
-            if pid != os.getpid():
-                kill_hard(pid)
-
-
-TOKEN = re.compile(rb"X-Token: (\S+)")
-
-
-class Daemon:
-    """`odmrd serve -f` in a subprocess, on free loopback ports."""
-
-    def __init__(self, directory: str, extra: str = "", sections: str = "",
-                 odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
-                 odmr_extra: str = "", smtp_extra: str = ""):
-        self.dir = directory
-        self.odmr_port = odmr_port or free_port()
-        self.smtp_port = smtp_port or free_port()
-        sub = os.path.join(directory, name)
-        os.makedirs(sub, exist_ok=True)
-        self.config = write_config(sub, self.odmr_port, self.smtp_port, extra, sections, odmr_extra,
-                                   smtp_extra)
-        self.log_path = os.path.join(directory, name + ".log")
-        self.proc: Optional[subprocess.Popen] = None
-
     def start(self, timeout: float = 15.0) -> "Daemon":
-        log = open(self.log_path, "ab")
+        """`odmrd serve -f` as a child; returns once both ports take connections."""
+        log = open(self.log_file, "ab")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
                                       "serve", "-f"], stdout=log, stderr=log, cwd=self.dir)
         log.close()
@@ -206,18 +483,18 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.detached:
+            for pid in self.pids + [p for p in [self.pid()] if p]:
+                if pid != os.getpid():
+                    kill_hard(pid)
 
     def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    @property
-    def spool_dir(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "spool")
-
-    @property
-    def users(self) -> str:
-        return os.path.join(os.path.dirname(self.config), "users")
+        """What it logged: the log file when detached, stdout and stderr otherwise."""
+        try:
+            with open(self.log_file, "rb") as fh:
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
@@ -236,25 +513,55 @@ def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
 
 SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (bob's domain)
 SENDER_REMOTE = "someone@remote.test"
+SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce relay
 
 ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
+
+
+class Delivered(dict):
+    """One message the scripted customer took: {"mail", "rcpts", "data"}, also as attributes."""
+
+    mail = property(lambda self: self["mail"])          # MAIL's argument: FROM:<...> and parameters
+    rcpts = property(lambda self: self["rcpts"])
+    data = property(lambda self: self["data"])          # dot-unstuffed, CRLF line ends
+
+    @property
+    def sender(self) -> str:
+        return self.mail.split("<", 1)[1].split(">", 1)[0]
+
+    def body(self) -> bytes:
+        """The content without odmrd's Received header."""
+        assert self.data.startswith(b"Received: ")
+        end = self.data.find(b"\r\n", 0)
+        while self.data[end + 2:end + 3] in (b"\t", b" "):
+            end = self.data.find(b"\r\n", end + 2)
+        return self.data[end + 2:]
+
+
+HANG_UP = object()      # a hook's answer: close the connection instead of replying
 
 
 class Script:
     """The customer's SMTP server on the reversed connection; override hooks to misbehave.
 
-    Each hook returns the reply line(s) to send (str, or None for no reply at all)."""
+    Each hook returns the reply line(s) to send (str), None for no reply at all, or
+    HANG_UP to close the connection there."""
 
     greeting = "220 customer.test ESMTP"
     extensions = ["PIPELINING", "8BITMIME", "SIZE 50000000"]
+    probe_pipelining = False        # note in pipelined_batches whether more came after each MAIL
 
     def __init__(self):
-        self.messages: List[Dict] = []
+        self.messages: List[Delivered] = []
         self.commands: List[str] = []
+        self.pipelined_batches: List[bool] = []
 
     def ehlo(self, arg: str) -> Optional[str]:
         lines = ["customer.test"] + self.extensions
-        return "\r\n".join("250%s%s" % ("-" if i < len(lines) - 1 else " ", l) for i, l in enumerate(lines))
+        return multiline(250, lines)
+
+    def helo(self, arg: str) -> Optional[str]:
+        return "250 customer.test"
 
     def mail(self, arg: str) -> Optional[str]:
         return "250 2.1.0 ok"
@@ -265,7 +572,7 @@ class Script:
     def data(self, rcpts: List[str]) -> Optional[str]:
         return "354 go ahead" if rcpts else "554 5.5.1 no valid recipients"
 
-    def final(self, message: Dict) -> Optional[str]:
+    def final(self, message: Delivered) -> Optional[str]:
         return "250 2.0.0 stored"
 
     def chunk(self, rcpts: List[str], size: int) -> Optional[str]:
@@ -281,14 +588,22 @@ class Closed(Exception):
     pass
 
 
-class ReversedConnection:
-    """Runs a Script on the customer's socket after ATRN 250."""
+class HungUp(Exception):
+    pass
 
-    def __init__(self, customer: Customer, script: Script):
+
+class ReversedConnection:
+    """Runs a Script on the customer's socket after ATRN 250.
+
+    strict: answer as a real server would check, too: every line must end in CRLF,
+    a RCPT without an accepted MAIL is 503, and after its 221 the provider must close."""
+
+    def __init__(self, customer: Customer, script: Script, strict: bool = False):
         self.sock = customer.sock
         # one reply per write: without this, Nagle holds each reply for the provider's delayed ACK
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.script = script
+        self.strict = strict
         self.buf = b""
 
     def line(self) -> bytes:
@@ -301,11 +616,33 @@ class ReversedConnection:
                 raise Closed()
             self.buf += data
         line, _, self.buf = self.buf.partition(b"\n")
+        assert not self.strict or line.endswith(b"\r"), "a bare LF from the provider: %r" % line
         return line + b"\n"
 
     def send(self, text: Optional[str]) -> None:
+        if text is HANG_UP:
+            self.sock.close()
+            raise HungUp()
         if text is not None:
             self.sock.sendall(text.encode() + b"\r\n")
+
+    def more_waiting(self) -> bool:
+        """Whether the provider sent more without waiting for our reply."""
+        if self.buf:
+            return True
+        self.sock.settimeout(0.3)
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except socket.timeout:
+            return False
+        finally:
+            self.sock.settimeout(10)
+
+    def closed_by_provider(self) -> bool:
+        try:
+            return self.buf == b"" and self.sock.recv(1) == b""
+        except OSError:
+            return True
 
     def octets(self, size: int) -> bytes:
         """Exactly `size` bytes of a BDAT chunk."""
@@ -328,69 +665,105 @@ class ReversedConnection:
         if not last:
             self.send(self.script.chunk(rcpts, size))
             return False
-        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(chunks)}
+        message = Delivered(mail=mail, rcpts=list(rcpts), data=b"".join(chunks))
         chunks.clear()
         reply = self.script.final(message) if rcpts else self.script.data(rcpts)
-        if reply and reply.startswith("2"):
+        if _is(reply, "2"):
             self.script.messages.append(message)
         self.send(reply)
         return True
 
     def run(self) -> str:
-        """Serve until QUIT (returns "quit") or the provider closes (returns "closed")."""
-        s = self.script
-        rcpts: List[str] = []
-        mail: Optional[str] = None
-        chunks: List[bytes] = []
+        """Serve until QUIT ("quit"), the provider's close ("closed"), a drop in DATA
+        ("dropped") or a hook's HANG_UP ("hung up")."""
+        self.mail: Optional[str] = None
+        self.rcpts: List[str] = []
+        self.chunks: List[bytes] = []
         try:
-            self.send(s.greeting)
+            self.send(self.script.greeting)
             while True:
                 raw = self.line().rstrip(b"\r\n").decode("utf-8", "replace")
-                s.commands.append(raw)
+                self.script.commands.append(raw)
                 verb, _, arg = raw.partition(" ")
-                verb = verb.upper()
-                if verb in ("EHLO", "HELO"):
-                    self.send(s.ehlo(arg) if verb == "EHLO" else "250 customer.test")
-                elif verb == "MAIL":
-                    mail, rcpts = arg, []
-                    self.send(s.mail(arg))
-                elif verb == "RCPT":
-                    address = arg.split("<", 1)[1].split(">", 1)[0]
-                    reply = s.rcpt(address)
-                    if reply and reply.startswith("2"):
-                        rcpts.append(address)
-                    self.send(reply)
-                elif verb == "DATA":
-                    reply = s.data(rcpts)
-                    self.send(reply)
-                    if reply and reply.startswith("354"):
-                        body = []
-                        while True:
-                            line = self.line()
-                            if line == b".\r\n":
-                                break
-                            if not s.in_data(line, len(body)):
-                                self.sock.close()
-                                return "dropped"
-                            body.append(line[1:] if line.startswith(b".") else line)
-                        message = {"mail": mail, "rcpts": list(rcpts), "data": b"".join(body)}
-                        reply = s.final(message)
-                        if reply and reply.startswith("2"):
-                            s.messages.append(message)
-                        self.send(reply)
-                elif verb == "BDAT":
-                    if self.bdat(arg, mail, rcpts, chunks):
-                        mail, rcpts = None, []
-                elif verb == "RSET":
-                    mail, rcpts, chunks = None, [], []
-                    self.send("250 ok")
-                elif verb == "QUIT":
-                    self.send("221 bye")
-                    return "quit"
-                else:
-                    self.send("502 what?")
+                outcome = self.answer(verb.upper(), arg)
+                if outcome:
+                    return outcome
         except Closed:
             return "closed"
+        except HungUp:
+            return "hung up"
+
+    def answer(self, verb: str, arg: str) -> Optional[str]:
+        """Answer one command; the outcome when the conversation is over."""
+        s = self.script
+        if verb == "EHLO":
+            self.send(s.ehlo(arg))
+        elif verb == "HELO":
+            self.send(s.helo(arg))
+        elif verb == "MAIL":
+            if s.probe_pipelining:
+                s.pipelined_batches.append(self.more_waiting())
+            reply = s.mail(arg)
+            self.mail = arg if not self.strict or _is(reply, "2") else None
+            self.rcpts = []
+            self.send(reply)
+        elif verb == "RCPT":
+            self.rcpt(arg)
+        elif verb == "DATA":
+            return self.data()
+        elif verb == "BDAT":
+            if self.bdat(arg, self.mail, self.rcpts, self.chunks):
+                self.mail, self.rcpts = None, []
+        elif verb == "RSET":
+            self.mail, self.rcpts, self.chunks = None, [], []
+            self.send("250 ok")
+        elif verb == "QUIT":
+            self.send("221 bye")
+            assert not self.strict or self.closed_by_provider(), "provider did not close after 221"
+            return "quit"
+        else:
+            self.send("502 what?")
+        return None
+
+    def rcpt(self, arg: str) -> None:
+        if self.strict and self.mail is None:
+            self.send("503 5.5.1 need MAIL")
+            return
+        address = arg.split("<", 1)[1].split(">", 1)[0]
+        reply = self.script.rcpt(address)
+        if _is(reply, "2"):
+            self.rcpts.append(address)
+        self.send(reply)
+
+    def data(self) -> Optional[str]:
+        """DATA, the text up to the dot, the script's final reply; "dropped" if it drops."""
+        s = self.script
+        reply = s.data(self.rcpts)
+        self.send(reply)
+        if not _is(reply, "354"):
+            return None
+        body = []
+        while True:
+            line = self.line()
+            if line == b".\r\n":
+                break
+            if not s.in_data(line, len(body)):
+                self.sock.close()
+                return "dropped"
+            body.append(line[1:] if line.startswith(b".") else line)
+        message = Delivered(mail=self.mail, rcpts=list(self.rcpts), data=b"".join(body))
+        reply = s.final(message)
+        if _is(reply, "2"):
+            s.messages.append(message)
+        self.send(reply)
+        if self.strict:
+            self.mail, self.rcpts = None, []
+        return None
+
+
+def _is(reply, prefix: str) -> bool:
+    """Whether a hook's answer is a reply starting with `prefix`."""
+    return isinstance(reply, str) and reply.startswith(prefix)
 
 
 def spool(provider, rcpts: List[str], sender: str = SENDER_HOSTED, token: str = "x") -> None:
@@ -608,8 +981,7 @@ class Scripted:
             verb = line.split(b" ")[0].upper()
             if verb == b"EHLO":
                 lines = self.ehlo_lines(peer)
-                peer.send("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
-                                  for i, l in enumerate(lines)))
+                peer.send(multiline(250, lines) + "\r\n")
             elif verb == b"STARTTLS":
                 peer.send("220 2.0.0 go ahead\r\n")
                 peer.starttls(self.starttls_ctx)
@@ -646,7 +1018,7 @@ class Scripted:
         return [l for p in self.peers for l in p.lines]
 
     def close(self) -> None:
-        """Stop listening and end every connection thread (see conftest.close_listener)."""
+        """Stop listening and end every connection thread (see close_listener)."""
         close_listener(self.listener, [self.thread])
         for peer in list(self.peers):
             shut_down(peer.sock)
@@ -814,3 +1186,314 @@ def run_fetchmail(workdir: str, odmr_port: int, smtp_port: int, user: str = "ali
 
 def transcript(result: subprocess.CompletedProcess) -> str:
     return result.stdout.decode("utf-8", "replace")
+
+
+# -- PROXY protocol headers --------------------------------------------------------------
+
+
+def proxied_provider(tmp_path, trusted_list="127.0.0.1", port: str = "odmr") -> Provider:
+    """A provider whose `port` ("odmr" or "smtp") is behind a PROXY balancer."""
+    settings = "proxy_protocol = yes\nproxy_trusted = %s\nmax_sessions_per_address = 2" % trusted_list
+    p = Provider(str(tmp_path), **{port + "_extra": settings})
+    p.add_user("alice", ["example.org"])
+    return p.start()
+
+
+def v2_header(src: str, sport: int) -> bytes:
+    body = socket.inet_aton(src) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", sport, 3366)
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def connect_with(port: int, header: bytes) -> Customer:
+    c = Customer(port)
+    c.sock.sendall(header)
+    return c
+
+
+# -- load on a running daemon (for kill -9 loops) ----------------------------------------
+
+
+class Load:
+    """Senders and an ATRN customer running against whatever daemon is up right now."""
+
+    def __init__(self, daemon: Daemon, senders: int = 3, extensions: Optional[List[str]] = None):
+        self.daemon = daemon
+        self.extensions = extensions             # the customer's EHLO keywords (None: Script's)
+        self.bdat_sessions = 0
+        self.stop_sending = threading.Event()
+        self.stop_collecting = threading.Event()
+        self.acked: List[bytes] = []
+        self.delivered: List[bytes] = []
+        self.atrn_sessions = 0
+        self.threads = [threading.Thread(target=self._sender, args=(n,), daemon=True) for n in range(senders)]
+        self.threads.append(threading.Thread(target=self._customer, daemon=True))
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def _sender(self, n: int) -> None:
+        count = 0
+        while not self.stop_sending.is_set():
+            count += 1
+            token = b"s%d-%d" % (n, count)
+            message = (b"From: s%d@remote.test\r\nSubject: crash %s\r\nX-Token: %s\r\n\r\n" % (n, token, token)
+                       + b"line of text\r\n" * random.randint(1, 400))
+            try:
+                with smtplib.SMTP("127.0.0.1", self.daemon.smtp_port, timeout=5) as s:
+                    s.sendmail("s%d@remote.test" % n, ["user@example.org"], message)
+                self.acked.append(token)
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.02)
+
+    def _customer(self) -> None:
+        while not self.stop_collecting.is_set():
+            c = None
+            try:
+                c = Customer(self.daemon.odmr_port, timeout=5)
+                c.login("alice", PASSWORD)
+                c.send("ATRN example.org")
+                line = c.line()
+                if line != ATRN_OK:
+                    c.send("QUIT")
+                    time.sleep(0.05)
+                    continue
+                self.atrn_sessions += 1
+                script = Script()
+                if self.extensions is not None:
+                    script.extensions = self.extensions
+
+                def final(message, delivered=self.delivered):
+                    delivered.extend(TOKEN.findall(message["data"]))   # stored, then 250
+                    return "250 2.0.0 stored"
+                script.final = final
+                ReversedConnection(c, script).run()
+                if any(command.startswith("BDAT") for command in script.commands):
+                    self.bdat_sessions += 1
+            except (OSError, EOFError, AssertionError, ValueError):
+                time.sleep(0.05)
+            finally:
+                if c is not None:
+                    c.close()
+
+    def join(self) -> None:
+        self.stop_sending.set()
+        self.stop_collecting.set()
+        for t in self.threads:
+            t.join(15)
+
+
+# -- the provider's side after ATRN 250, played against odmrd fetch ----------------------
+
+
+def deliver_one(peer: Peer) -> None:
+    """The provider's side after 250: one message with a dot line, then QUIT."""
+    assert peer.line().startswith(b"220 ")
+    peer.send("EHLO scripted.test\r\n")
+    features = peer.reply()
+    assert b"250-PIPELINING" in features and any(b"SIZE" in f for f in features)
+    peer.send("MAIL FROM:<a@outside.test> SIZE=40 BODY=8BITMIME\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"354")
+    peer.send("Subject: scripted\r\n\r\n..dot\r\nFrom x\r\n.\r\n")
+    assert peer.line().startswith(b"250")
+    peer.send("QUIT\r\n")
+    assert peer.line().startswith(b"221")
+
+
+# -- odmrd fetch's own SMTP server on a loopback port ------------------------------------
+
+
+class LocalServer:
+    """fetch's local SMTP server on a loopback port, one connection, delivering into a Maildir."""
+
+    def __init__(self, maildir: str, max_size: int = 50 * 1024 * 1024, tls: bool = False):
+        self.maildir = maildir
+        self.max_size = max_size
+        self.tls = tls                  # what the session is told of the connection
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.session = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        box = open_mailbox(maildir=self.maildir)
+        self.session = serve_reversed(conn, "127.0.0.1", reader_for(conn), box,
+                                      "customer.test", self.tls, max_size=self.max_size)
+
+    def client(self) -> Peer:
+        peer = Peer(socket.create_connection(("127.0.0.1", self.port), timeout=15))
+        assert peer.line().startswith(b"220 ")
+        peer.send("EHLO provider.test\r\n")
+        features = peer.reply()
+        assert b"250-CHUNKING" in features and b"250-PIPELINING" in features, features
+        return peer
+
+    def stored(self) -> List[bytes]:
+        """The stored messages without our two trace lines, oldest first."""
+        new = os.path.join(self.maildir, "new")
+        texts = []
+        for name in sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime_ns):
+            with open(os.path.join(new, name), "rb") as fh:
+                raw = fh.read()
+            assert raw.startswith(b"Return-Path: <a@outside.test>\nReceived: from provider.test")
+            lines = raw.split(b"\n")[2:]
+            while lines and lines[0][:1] in (b" ", b"\t"):     # the Received: header goes on
+                lines.pop(0)
+            texts.append(b"\n".join(lines))
+        return texts
+
+    def tmp_is_empty(self) -> bool:
+        return os.listdir(os.path.join(self.maildir, "tmp")) == []
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(15)
+
+
+def quit_(peer: Peer) -> None:
+    peer.send("QUIT\r\n")
+    assert peer.line().startswith(b"221")
+
+
+# -- a scripted MTA (the bounce relay, the customer's) and providers relaying bounces -----
+
+
+class ScriptedMTA:
+    """A small scripted SMTP server on loopback: the bounce relay, or the customer's MTA
+    behind `odmrd fetch --relay` (Postfix's real smtp-sink is `Sink`).
+
+    refusals: one per connection, in order: "greeting:421 ..." answers the connection
+    with that and closes it, "rcpt:451 ..." answers every RCPT so. defer / refuse: the
+    recipients answered 450 / 550. defer_marker: a text containing it gets 451 at the end
+    of data; others get final_code. Taken messages are in `messages` (mail, rcpts, data),
+    every RCPT address given in `rcpts`."""
+
+    def __init__(self, refusals: List[str] = (), final_code: str = "250 2.0.0 Ok: queued",
+                 features: List[str] = ("8BITMIME",), defer=(), refuse=(), defer_marker: bytes = b""):
+        self.refusals = list(refusals)
+        self.final_code = final_code
+        self.features = list(features)
+        self.defer, self.refuse, self.defer_marker = set(defer), set(refuse), defer_marker
+        self.messages: List[Dict] = []
+        self.rcpts: List[str] = []
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: List[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def accepted(self) -> List[bytes]:
+        """The texts of the messages it took."""
+        return [m["data"] for m in self.messages]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.conns.append(conn)
+            refusal = self.refusals.pop(0) if self.refusals else ""
+            thread = threading.Thread(target=self._serve, args=(conn, refusal), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, refusal: str) -> None:
+        conn.settimeout(20)
+        rfile = conn.makefile("rb")
+        stage, _, text = refusal.partition(":")
+        try:
+            if stage == "greeting":
+                conn.sendall(text.encode() + b"\r\n")
+                return
+            conn.sendall(b"220 mta.test ESMTP\r\n")
+            self._converse(conn, rfile, text if stage == "rcpt" else "")
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+
+    def _converse(self, conn: socket.socket, rfile, rcpt_refusal: str) -> None:
+        mail, rcpts = "", []
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                lines = ["mta.test"] + self.features
+                conn.sendall(multiline(250, lines).encode() + b"\r\n")
+            elif verb in (b"MAIL", b"RSET"):
+                mail, rcpts = line.strip().decode() if verb == b"MAIL" else "", []
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+            elif verb == b"RCPT":
+                conn.sendall(self._rcpt(line, rcpts, rcpt_refusal))
+            elif verb == b"DATA":
+                self._data(conn, rfile, mail, rcpts)
+                rcpts = []
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"502 5.5.1 Not here\r\n")
+
+    def _rcpt(self, line: bytes, rcpts: List[str], refusal: str) -> bytes:
+        address = line.decode().split("<", 1)[1].split(">", 1)[0]
+        self.rcpts.append(address)
+        if refusal:
+            return refusal.encode() + b"\r\n"
+        if address in self.defer:
+            return b"450 4.2.0 <%s>: Mailbox busy\r\n" % address.encode()
+        if address in self.refuse:
+            return b"550 5.1.1 <%s>: No such user\r\n" % address.encode()
+        rcpts.append(address)
+        return b"250 2.1.5 Ok\r\n"
+
+    def _data(self, conn: socket.socket, rfile, mail: str, rcpts: List[str]) -> None:
+        if not rcpts:
+            conn.sendall(b"554 5.5.1 No valid recipients\r\n")
+            return
+        conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        lines = []
+        while True:
+            line = rfile.readline()
+            if line in (b".\r\n", b""):
+                break
+            lines.append(line)
+        text = b"".join(lines)
+        if self.defer_marker and self.defer_marker in text:
+            conn.sendall(b"451 4.3.0 Try again later\r\n")
+            return
+        self.messages.append({"mail": mail, "rcpts": list(rcpts), "data": text})
+        conn.sendall(self.final_code.encode() + b"\r\n")
+
+    def close(self) -> None:
+        """Stop listening and end the connection threads (see close_listener)."""
+        shut_down(self.listener)
+        self.threads[0].join(10)                    # no connection accepted after this
+        for conn in self.conns:
+            shut_down(conn)
+        close_listener(self.listener, self.threads)
+
+
+def queue_provider(tmp_path, queue_settings: str) -> Provider:
+    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
+    p = Provider(str(tmp_path), sections="[queue]\n" + queue_settings)
+    p.add_user("alice", ["example.org", "example.com"])
+    p.add_user("bob", ["example.net"])
+    return p.start()
+
+
+def relay_provider(tmp_path, sink: ScriptedMTA, queue_extra: str = "") -> Provider:
+    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from conftest import alive, which
+from helpers import alive, which
 
 POSTFIX = which("postfix")
 POSTQUEUE = which("postqueue")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import Customer, send_mail
+from helpers import Customer, send_mail
 
 pytestmark = pytest.mark.slow                   # each test waits for the users file to be reloaded
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import close_listener, free_port
+from helpers import close_listener, free_port
 
 PROXY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "delay_proxy.py")
 
@@ -100,6 +100,7 @@ def test_each_direction_holds_the_delay(proxy):
     assert elapsed >= 0.095, elapsed                        # 50 ms there, 50 ms back
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proxy", [200], indirect=True, ids=["200ms"])
 def test_chunks_are_delayed_independently_not_one_after_another(proxy):
     """20 chunks 10 ms apart through 400 ms of RTT: ~0.6 s; one at a time would be 8 s."""

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
+from helpers import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -270,6 +270,7 @@ def test_enqueue_spools_per_domain_with_crlf(hosted):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,stdin,code", [
     (["-f", "s@remote.test", "a@evil.test"], MESSAGE, 67),
     (["-f", "s@remote.test", "a@example.org", "a@evil.test"], MESSAGE, 67),
@@ -511,7 +512,7 @@ def test_queue_list_survives_a_corrupt_file(hosted):
 
 def test_fetch_arguments_reach_the_fetch_command(conf):
     """`-c FILE fetch --server ...`: options after `fetch` belong to it, not to the top level."""
-    from conftest import free_port
+    from helpers import free_port
     port = free_port()                      # nothing listens there
     result = odmrd(conf, "fetch", "--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", "none",
                    "--relay", "127.0.0.1:%d" % port, env={"ODMR_PASSWORD": "x"})
@@ -528,7 +529,7 @@ def _parsers(parser):
 
 
 def test_every_option_and_argument_has_help():
-    """`--help` of every subcommand describes each of its options (issue: it did not)."""
+    """`--help` of every subcommand describes each of its options."""
     from odmr.cli import build_parser
     for parser in _parsers(build_parser()):
         for action in parser._actions:
@@ -570,6 +571,7 @@ def test_user_commands_never_follow_a_planted_lock_link(hosted, tmp_path):
     assert victim.read_text() == "keep me" and os.path.islink(lock)
 
 
+@pytest.mark.slow
 def test_queue_list_escapes_what_peers_wrote(hosted):
     """Bidi overrides and escape sequences in an address never reach the operator's terminal."""
     enqueue(hosted, "a\u202eb@example.org", sender="x\u2066y@remote.test")
@@ -578,6 +580,7 @@ def test_queue_list_escapes_what_peers_wrote(hosted):
     assert "a\\u202eb@example.org" in text and "x\\u2066y@remote.test" in text
 
 
+@pytest.mark.slow
 def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
     """A log file in a missing directory or a listen address this host does not have:
     serve stops on them after an init script's restart has already stopped the daemon."""
@@ -596,6 +599,7 @@ def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
     assert "[smtp] listen: 192.0.2.1 is not an address of this host" in err
 
 
+@pytest.mark.slow
 def test_queue_changes_are_logged_where_the_daemon_logs(hosted, tmp_path):
     """SPEC §8: each message accepted (also by enqueue), bounced or deleted is one log line,
     in the daemon's log, not dropped because the command is not the daemon."""
@@ -614,6 +618,7 @@ def test_queue_changes_are_logged_where_the_daemon_logs(hosted, tmp_path):
     assert any("bounced id=%s" % ids["example.org"] in l for l in lines), lines
 
 
+@pytest.mark.slow
 def test_a_pending_bounce_is_never_bounced_away(hosted):
     """Bouncing a bounce would drop it silently: refused, it stays, and delete is named."""
     ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
@@ -626,6 +631,7 @@ def test_a_pending_bounce_is_never_bounced_away(hosted):
     assert odmrd(hosted, "queue", "expire").stdout.decode().strip() == "0 expired"
 
 
+@pytest.mark.slow
 def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
     from odmr.spool import new_id
     send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: good\r\n\r\nx\r\n")

@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"), pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import PASSWORD, run_cli
+from helpers import PASSWORD, run_cli
 from odmr import accounts, config
 
 
@@ -264,6 +264,7 @@ def test_check_config_checks_the_users_file(tmp_path):
     assert "unknown key favourite (line %d)" % numbered["favourite"] in text
 
 
+@pytest.mark.slow
 def test_check_config_print(tmp_path):
     path = write(tmp_path, "pid_file = run/odmrd.pid\n")
     result = run_cli("-c", path, "check-config", "--print", "pid_file")
@@ -302,7 +303,7 @@ def test_print_key_still_works_while_the_config_is_broken(tmp_path):
 
 
 def _check(tmp_path, extra: str = "", sections: str = "", odmr_extra: str = ""):
-    from conftest import write_config
+    from helpers import write_config
     from odmr import accounts
     path = write_config(str(tmp_path), 1, 2, extra=extra, sections=sections, odmr_extra=odmr_extra)
     if not os.path.exists(os.path.join(str(tmp_path), "users")):
@@ -338,7 +339,7 @@ def test_check_config_finds_what_serve_would_refuse(tmp_path, extra, sections, o
 
 
 def test_check_config_refuses_a_hostname_that_is_no_host_name(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     path = write_config(str(tmp_path), 1, 2)
     with open(path) as fh:
         text = fh.read().replace("hostname = odmr.test", "hostname = bad host name")
@@ -357,6 +358,7 @@ def test_duplicate_key_error_names_the_key_once(tmp_path):
     assert line.count(str(path)) == 1 and "line 2" in line and "hostname = b.test" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root-only refusal")
 def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     from odmr import accounts
@@ -367,6 +369,7 @@ def test_check_config_as_root_refuses_what_serve_refuses_as_root(tmp_path):
     assert r.returncode == 78 and b"refusing to run as root" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cert,key,says", [
     ("server.pem", "server.pem", "key_file %(server.pem)s holds no PEM private key"),
     ("server.key", "server.key", "cert_file %(server.key)s holds no PEM certificate"),

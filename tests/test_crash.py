@@ -13,88 +13,14 @@ from __future__ import annotations
 import collections
 import os
 import random
-import smtplib
-import threading
 import time
-from typing import List, Optional
 
 import pytest
 
-from conftest import PASSWORD, Customer
-from helpers import ATRN_OK, TOKEN, Daemon, ReversedConnection, Script, queued_tokens
+from helpers import Daemon, Load, PASSWORD, queued_tokens
 from odmr import accounts
 
 pytestmark = pytest.mark.slow                   # kill -9 loops
-
-
-class Load:
-    """Senders and an ATRN customer running against whatever daemon is up right now."""
-
-    def __init__(self, daemon: Daemon, senders: int = 3, extensions: Optional[List[str]] = None):
-        self.daemon = daemon
-        self.extensions = extensions             # the customer's EHLO keywords (None: Script's)
-        self.bdat_sessions = 0
-        self.stop_sending = threading.Event()
-        self.stop_collecting = threading.Event()
-        self.acked: List[bytes] = []
-        self.delivered: List[bytes] = []
-        self.atrn_sessions = 0
-        self.threads = [threading.Thread(target=self._sender, args=(n,), daemon=True) for n in range(senders)]
-        self.threads.append(threading.Thread(target=self._customer, daemon=True))
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def _sender(self, n: int) -> None:
-        count = 0
-        while not self.stop_sending.is_set():
-            count += 1
-            token = b"s%d-%d" % (n, count)
-            message = (b"From: s%d@remote.test\r\nSubject: crash %s\r\nX-Token: %s\r\n\r\n" % (n, token, token)
-                       + b"line of text\r\n" * random.randint(1, 400))
-            try:
-                with smtplib.SMTP("127.0.0.1", self.daemon.smtp_port, timeout=5) as s:
-                    s.sendmail("s%d@remote.test" % n, ["user@example.org"], message)
-                self.acked.append(token)
-            except (OSError, smtplib.SMTPException):
-                time.sleep(0.02)
-
-    def _customer(self) -> None:
-        while not self.stop_collecting.is_set():
-            c = None
-            try:
-                c = Customer(self.daemon.odmr_port, timeout=5)
-                c.login("alice", PASSWORD)
-                c.send("ATRN example.org")
-                line = c.line()
-                if line != ATRN_OK:
-                    c.send("QUIT")
-                    time.sleep(0.05)
-                    continue
-                self.atrn_sessions += 1
-                script = Script()
-                if self.extensions is not None:
-                    script.extensions = self.extensions
-
-                def final(message, delivered=self.delivered):
-                    delivered.extend(TOKEN.findall(message["data"]))   # stored, then 250
-                    return "250 2.0.0 stored"
-                script.final = final
-                ReversedConnection(c, script).run()
-                if any(command.startswith("BDAT") for command in script.commands):
-                    self.bdat_sessions += 1
-            except (OSError, EOFError, AssertionError, ValueError):
-                time.sleep(0.05)
-            finally:
-                if c is not None:
-                    c.close()
-
-    def join(self) -> None:
-        self.stop_sending.set()
-        self.stop_collecting.set()
-        for t in self.threads:
-            t.join(15)
 
 
 @pytest.fixture

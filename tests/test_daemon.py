@@ -23,8 +23,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, alive, wait_for
-from helpers import Site
+from helpers import Daemon, ROOT, alive, wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -50,12 +49,12 @@ def refused(port: int) -> bool:
 
 @pytest.fixture
 def site_factory(tmp_path):
-    made: List[Site] = []
+    made: List[Daemon] = []
 
-    def make(extra: str = "", sections: str = "", directory: Optional[str] = None) -> Site:
+    def make(extra: str = "", sections: str = "", directory: Optional[str] = None) -> Daemon:
         d = directory or str(tmp_path / ("site%d" % len(made)))
         os.makedirs(d, exist_ok=True)
-        s = Site(d, extra, sections)
+        s = Daemon(d, extra, sections, detached=True)
         made.append(s)
         return s
     yield make
@@ -82,8 +81,8 @@ def rcpt_code(port: int, rcpt: str) -> int:
         return s.rcpt(rcpt)[0]
 
 
-def spooled(site: Site, domain: str) -> List[str]:
-    directory = os.path.join(site.spool, domain)
+def spooled(site: Daemon, domain: str) -> List[str]:
+    directory = os.path.join(site.spool_dir, domain)
     if not os.path.isdir(directory):
         return []
     return [n for n in os.listdir(directory) if n != "tmp" and not n.startswith(".")]
@@ -239,6 +238,7 @@ def test_bind_failure_is_one_line(site):
     assert not os.path.exists(site.pid_file)
 
 
+@pytest.mark.slow
 def test_config_errors_from_serve(site_factory):
     s = site_factory("allow_root = yes\nmax_fun = 1\nno_such_key = 1")
     result = s.serve()
@@ -338,7 +338,7 @@ def test_sigterm_stops_detached_daemon_and_removes_pid_file(site):
     assert refused(site.smtp_port)
 
 
-def start_foreground(site: Site, stderr_path: str) -> subprocess.Popen:
+def start_foreground(site: Daemon, stderr_path: str) -> subprocess.Popen:
     err = open(stderr_path, "wb")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", site.config,
                              "serve", "-f"], stdout=subprocess.DEVNULL, stderr=err)
@@ -440,8 +440,8 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     s = site_factory("user = nobody\nallow_root = no", directory=public_dir)
     s.add_user("alice", "example.org")
     os.chown(s.users, nobody.pw_uid, nobody.pw_gid)
-    os.makedirs(s.spool, mode=0o700)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool_dir, mode=0o700)
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
     result = s.serve()
     assert result.returncode == 0, result.stderr
     pid = s.pid()
@@ -451,7 +451,7 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
     assert status["Groups"].split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
     assert smtp_send(s.smtp_port, "user@example.org") == {}
-    domain_dir = os.path.join(s.spool, "example.org")
+    domain_dir = os.path.join(s.spool_dir, "example.org")
     names = spooled(s, "example.org")
     assert names
     for path in [domain_dir] + [os.path.join(domain_dir, n) for n in names]:
@@ -471,8 +471,8 @@ def test_users_file_unreadable_by_the_service_account(site_factory, public_dir):
     s = site_factory("user = nobody", directory=public_dir)
     s.add_user("alice", "example.org")
     os.chown(s.users, 0, 0)                     # root's, mode 0600: as if edited by hand
-    os.makedirs(s.spool, mode=0o700)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool_dir, mode=0o700)
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
     result = s.serve()
     assert result.returncode == 77
     lines = result.stderr.decode().splitlines()
@@ -520,8 +520,8 @@ def test_tls_key_only_root_can_read_is_refused_by_check_config_and_serve(site_fa
                      % (pki["server.pem"], pki["server.key"]), directory=public_dir)
     s.add_user("alice", "example.org")
     os.chown(s.users, nobody.pw_uid, nobody.pw_gid)
-    os.makedirs(s.spool, mode=0o700)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool_dir, mode=0o700)
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
     key = pki["server.key"]
     fix = "chgrp %s %s && chmod g+r %s" % (group, key, key)
     checked = s.cli("check-config")
@@ -546,16 +546,16 @@ def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_ser
     nobody = pwd.getpwnam("nobody")
     s = site_factory("user = nobody", directory=public_dir)
     s.add_user("alice", "example.org")
-    os.makedirs(s.spool, mode=0o700)                    # root's: nobody cannot write it
+    os.makedirs(s.spool_dir, mode=0o700)                    # root's: nobody cannot write it
     checked = s.cli("check-config")
     assert checked.returncode == 78
-    line = "spool directory %s is not writable by nobody: chown -R nobody %s" % (s.spool, s.spool)
+    line = "spool directory %s is not writable by nobody: chown -R nobody %s" % (s.spool_dir, s.spool_dir)
     assert line in checked.stderr.decode()
     served = s.serve()
     assert served.returncode == 73 and line in served.stderr.decode()
     assert refused(s.smtp_port)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
-    domain = os.path.join(s.spool, "example.org")
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
+    domain = os.path.join(s.spool_dir, "example.org")
     os.makedirs(domain, mode=0o700)                     # one domain's directory is root's
     line = "spool directory %s is not writable by nobody: chown -R nobody %s" % (domain, domain)
     checked = s.cli("check-config")
@@ -575,9 +575,9 @@ def test_errors_name_the_domain_directory_at_fault(site_factory, public_dir):
     nobody = pwd.getpwnam("nobody")
     s = site_factory("user = nobody", directory=public_dir)
     s.add_user("alice", "example.org")
-    domain = os.path.join(s.spool, "example.org")
+    domain = os.path.join(s.spool_dir, "example.org")
     os.makedirs(domain, mode=0o700)
-    for path in (s.spool, domain):
+    for path in (s.spool_dir, domain):
         os.chown(path, nobody.pw_uid, nobody.pw_gid)
     assert s.serve().returncode == 0
     os.chown(domain, 0, 0)                                  # e.g. restored from a backup as root
@@ -617,17 +617,18 @@ def test_an_unsearchable_spool_root_is_named_not_its_domain(site_factory, public
     nobody = pwd.getpwnam("nobody")
     s = site_factory("user = nobody", directory=public_dir)
     s.add_user("alice", "example.org")
-    domain = os.path.join(s.spool, "example.org")
+    domain = os.path.join(s.spool_dir, "example.org")
     os.makedirs(domain, mode=0o700)
     os.chown(domain, nobody.pw_uid, nobody.pw_gid)
-    os.chown(s.spool, 0, 0)                              # root's, 0700: nobody cannot search it
-    os.chmod(s.spool, 0o700)
+    os.chown(s.spool_dir, 0, 0)                              # root's, 0700: nobody cannot search it
+    os.chmod(s.spool_dir, 0o700)
     queued = s.cli("enqueue", "-f", "a@remote.test", "u@example.org", input=b"Subject: t\n\nx\n")
     assert queued.returncode == 75, queued.stderr
-    assert s.spool + ": Permission denied" in queued.stderr.decode()
+    assert s.spool_dir + ": Permission denied" in queued.stderr.decode()
     assert domain + ": Permission denied" not in queued.stderr.decode()
 
 
+@pytest.mark.slow
 def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     """The intake log line and `queue list` give the same size: the stored message, with
     odmrd's Received: header, as it will be delivered."""
@@ -639,6 +640,7 @@ def test_a_message_has_one_size_in_the_log_and_the_queue(site):
     assert " size=%d " % record["size"] in line, (line, record["size"])
 
 
+@pytest.mark.slow
 @needs_root
 def test_a_users_file_out_of_reach_keeps_the_accounts_it_had(site_factory, public_dir):
     """A running daemon that can no longer read its users file (a directory's mode, an
@@ -649,8 +651,8 @@ def test_a_users_file_out_of_reach_keeps_the_accounts_it_had(site_factory, publi
     os.mkdir(etc, 0o755)
     s = site_factory("user = nobody\nusers_file = etc/users", directory=public_dir)
     s.add_user("alice", "example.org")
-    os.makedirs(s.spool, mode=0o700)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool_dir, mode=0o700)
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
     assert s.serve().returncode == 0
     assert rcpt_code(s.smtp_port, "u@example.org") == 250
     os.chmod(etc, 0o700)                                 # the service account is locked out

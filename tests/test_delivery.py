@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from conftest import send_mail
-from helpers import (SENDER_HOSTED, Closed, Script, atrn, dsns, queue, report_fields, spool,
-                     wait_sessions_over)
+from helpers import (Closed, SENDER_HOSTED, SENDER_OUTSIDE, Script, atrn, dsns, queue, report_fields,
+                     send_mail, spool, wait_sessions_over)
 from odmr import delivery, queueops
 from odmr.spool import Spool
 
@@ -420,3 +419,14 @@ def test_a_damaged_field_keeps_the_good_ones(provider):
     assert atrn(provider, s) == "quit"
     wait_sessions_over(provider)
     assert [m["rcpts"] for m in s.messages] == [["v@example.org"]]
+
+
+def test_a_421_at_the_end_of_data_does_not_charge_the_next_message(provider):
+    for n in range(2):
+        send_mail(provider.smtp_port, SENDER_OUTSIDE, ["x@example.org"], b"Subject: %d\r\n\r\nhi\r\n" % n)
+    script = Script()                                     # PIPELINING, no CHUNKING
+    script.final = lambda message: "421 4.3.2 shutting down"
+    assert atrn(provider, script) == "closed"
+    wait_sessions_over(provider)
+    records = sorted(queue(provider, "example.org"), key=lambda r: r["attempts"])
+    assert [r["attempts"] for r in records] == [0, 1], records

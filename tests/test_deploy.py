@@ -18,8 +18,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, alive, free_port, wait_for, which
-from helpers import kill_hard
+from helpers import ROOT, alive, free_port, kill_hard, wait_for, which
 from odmr.daemon import read_pid_file
 
 pytestmark = pytest.mark.slow                   # a pyz build and the init scripts

@@ -1,4 +1,4 @@
-"""The DSN extension at intake (RFC 3461, issue 14.5): advertised, its parameters
+"""The DSN extension at intake (RFC 3461): advertised, its parameters
 stored and passed on to a customer that offers DSN; our own notices follow NOTIFY;
 a customer without DSN earns the sender a `relayed` notice when SUCCESS was asked.
 
@@ -11,9 +11,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import Customer
-from helpers import SENDER_HOSTED, Script, atrn, dsns, queue, report_fields, wait_sessions_over
-from test_reliability import queue_provider
+from helpers import (Customer, SENDER_HOSTED, Script, atrn, dsns, queue, queue_provider, report_fields,
+                     wait_sessions_over)
 
 
 def submit(p, rcpts: List[str], mail_params: str = "", rcpt_params: Optional[List[str]] = None):
@@ -116,6 +115,7 @@ def test_failure_notices_follow_notify(provider, notify, bounced):
     assert queue(provider, "example.org") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notify, warned", [("", True), (" NOTIFY=DELAY", True),
                                              (" NOTIFY=FAILURE", False), (" NOTIFY=NEVER", False)])
 def test_delay_notices_follow_notify(provider, notify, warned):

@@ -8,7 +8,7 @@ import smtplib
 
 import pytest
 
-from conftest import run_cli, send_mail
+from helpers import run_cli, send_mail
 from odmr.spool import Envelope, Recipient, Spool, SpoolError
 
 

@@ -22,10 +22,9 @@ from typing import List
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import PASSWORD, ROOT, Provider, free_port, send_mail, which
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
-                     SMTP_SINK, Peer, Sink, as_stored, assert_one_line_error, assert_same, err, run_fetch,
-                     scripted_args)
+                     PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored, assert_one_line_error,
+                     assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from
@@ -223,22 +222,6 @@ def test_535_is_77(scripted, tmp_path):
     assert result.returncode == EX_NOPERM, err(result)
     assert_one_line_error(result)
     assert not any(l.startswith(b"ATRN") for l in s.commands())
-
-
-def deliver_one(peer: Peer) -> None:
-    """The provider's side after 250: one message with a dot line, then QUIT."""
-    assert peer.line().startswith(b"220 ")
-    peer.send("EHLO scripted.test\r\n")
-    features = peer.reply()
-    assert b"250-PIPELINING" in features and any(b"SIZE" in f for f in features)
-    peer.send("MAIL FROM:<a@outside.test> SIZE=40 BODY=8BITMIME\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
-    assert peer.line().startswith(b"250")
-    assert peer.line().startswith(b"250")
-    assert peer.line().startswith(b"354")
-    peer.send("Subject: scripted\r\n\r\n..dot\r\nFrom x\r\n.\r\n")
-    assert peer.line().startswith(b"250")
-    peer.send("QUIT\r\n")
-    assert peer.line().startswith(b"221")
 
 
 def test_250_then_delivery_into_maildir(scripted, tmp_path):
@@ -707,3 +690,44 @@ def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
     # the same values as flags are usage errors, one at a time
     result = run_fetch("--server", "h:99999", "--user", "a", "--maildir", "m", "--check")
     assert result.returncode == EX_USAGE and "--server: bad port" in err(result), err(result)
+
+
+@pytest.mark.parametrize("reply, code", [
+    ("250-OK now reversing\r\n250 the connection", EX_OK),
+    ("453-You have\r\n453 no mail", EX_OK),
+    ("450-ATRN request\r\n450 refused", EX_NOPERM),
+    ("451-Unable to process\r\n451 ATRN request now", EX_TEMPFAIL),
+], ids=["250", "453", "450", "451"])
+def test_fetch_takes_a_multi_line_atrn_reply(scripted, tmp_path, reply, code):
+    s = scripted(atrn_reply=reply, after_250=deliver_one)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert result.returncode == code, err(result)
+    if reply.startswith("250"):
+        [name] = os.listdir(tmp_path / "md" / "new")
+        assert b"scripted" in (tmp_path / "md" / "new" / name).read_bytes()
+
+
+def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
+    class Chatty(Scripted):
+        def auth(self, peer, line):
+            super().auth(_Capture(peer), line)
+
+    class _Capture:
+        def __init__(self, peer):
+            self.peer = peer
+
+        def send(self, text):
+            if text.startswith("235"):
+                text = "235-Welcome\r\n235-to the\r\n235 2.7.0 provider\r\n"
+            self.peer.send(text)
+
+        def line(self):
+            return self.peer.line()
+
+    s = Chatty(atrn_reply="453 4.2.0 You have no mail")
+    try:
+        result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+        assert result.returncode == EX_OK, err(result)
+        assert any(l.startswith(b"ATRN") for l in s.commands())
+    finally:
+        s.close()

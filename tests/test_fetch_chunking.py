@@ -1,4 +1,4 @@
-"""CHUNKING (RFC 3030) and PIPELINING at `odmrd fetch --maildir/--mbox`'s own server (issue 13, item 4).
+"""CHUNKING (RFC 3030) and PIPELINING at `odmrd fetch --maildir/--mbox`'s own server.
 
 The server the provider talks to after ATRN runs in a thread on a real
 127.0.0.1 socket, driven by raw sockets (smtplib has no BDAT); end to end,
@@ -10,83 +10,15 @@ import os
 import re
 import smtplib
 import socket
-import threading
-from typing import List, Optional, Tuple
+from typing import List
 
 import pytest
 
 import odmr.wire
-from helpers import EX_OK, Peer, err, run_fetch, scripted_args
-from odmr.fetch_mailbox import open_mailbox
-from odmr.fetch_server import serve_reversed
+from helpers import EX_OK, Peer, err, quit_, run_fetch, scripted_args
 
 CHUNK = 65536                   # the server's read size (fetch_server.CHUNK)
 ENVELOPE = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\n"
-
-
-class LocalServer:
-    """fetch's local SMTP server on a loopback port, one connection, delivering into a Maildir."""
-
-    def __init__(self, maildir: str, max_size: int = 50 * 1024 * 1024, tls: bool = False):
-        self.maildir = maildir
-        self.max_size = max_size
-        self.tls = tls                  # what the session is told of the connection
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1)
-        self.port = self.listener.getsockname()[1]
-        self.session = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        conn.settimeout(30)
-        box = open_mailbox(maildir=self.maildir)
-        self.session = serve_reversed(conn, "127.0.0.1", odmr.wire.reader_for(conn), box,
-                                      "customer.test", self.tls, max_size=self.max_size)
-
-    def client(self) -> Peer:
-        peer = Peer(socket.create_connection(("127.0.0.1", self.port), timeout=15))
-        assert peer.line().startswith(b"220 ")
-        peer.send("EHLO provider.test\r\n")
-        features = peer.reply()
-        assert b"250-CHUNKING" in features and b"250-PIPELINING" in features, features
-        return peer
-
-    def stored(self) -> List[bytes]:
-        """The stored messages without our two trace lines, oldest first."""
-        new = os.path.join(self.maildir, "new")
-        texts = []
-        for name in sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime_ns):
-            with open(os.path.join(new, name), "rb") as fh:
-                raw = fh.read()
-            assert raw.startswith(b"Return-Path: <a@outside.test>\nReceived: from provider.test")
-            lines = raw.split(b"\n")[2:]
-            while lines and lines[0][:1] in (b" ", b"\t"):     # the Received: header goes on
-                lines.pop(0)
-            texts.append(b"\n".join(lines))
-        return texts
-
-    def tmp_is_empty(self) -> bool:
-        return os.listdir(os.path.join(self.maildir, "tmp")) == []
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(15)
-
-
-@pytest.fixture
-def local(tmp_path):
-    made: List[LocalServer] = []
-
-    def make(**kw) -> LocalServer:
-        server = LocalServer(str(tmp_path / ("Maildir%d" % len(made))), **kw)
-        made.append(server)
-        return server
-    yield make
-    for server in made:
-        server.close()
 
 
 def bdat(*chunks: bytes) -> bytes:
@@ -95,11 +27,6 @@ def bdat(*chunks: bytes) -> bytes:
     for index, chunk in enumerate(chunks):
         out += b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if index == len(chunks) - 1 else b"") + chunk
     return out
-
-
-def quit_(peer: Peer) -> None:
-    peer.send("QUIT\r\n")
-    assert peer.line().startswith(b"221")
 
 
 def test_ehlo_offers_chunking_and_pipelining_to_smtplib(local):

@@ -1,4 +1,4 @@
-"""`odmrd fetch --maildir/--mbox` when the customer's own disk fills up (issue 12, item 3).
+"""`odmrd fetch --maildir/--mbox` when the customer's own disk fills up.
 
 A real small tmpfs made by each test, many messages waiting at a real provider
 (more than 20, so a bad-command budget of 20 would show): every message is
@@ -16,8 +16,7 @@ from typing import List
 
 import pytest
 
-from conftest import send_mail
-from helpers import EX_OK, EX_TEMPFAIL, TOKEN, Peer, err, queued_tokens, run_fetch, scripted_args
+from helpers import EX_OK, EX_TEMPFAIL, Peer, TOKEN, err, queued_tokens, run_fetch, scripted_args, send_mail
 
 pytestmark = pytest.mark.slow
 

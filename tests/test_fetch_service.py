@@ -19,9 +19,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import (PASSWORD, ROOT, alive, reuse_provider, send_mail, wait_for, which)
+from helpers import PASSWORD, ROOT, alive, kill_hard, reuse_provider, send_mail, wait_for, which
 from odmr.daemon import read_pid_file
-from helpers import kill_hard
 
 pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
 

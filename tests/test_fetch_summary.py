@@ -2,8 +2,8 @@
 reply lines; TLS mix-ups with the fix in the message; `--every` backing off
 only for trouble with the provider.
 
-A real provider (conftest), the real `odmrd fetch` as a subprocess, and a small
-SMTP server thread standing in for the customer's MTA, which defers or refuses
+A real provider (helpers.Provider), the real `odmrd fetch` as a subprocess, and
+helpers.ScriptedMTA standing in for the customer's MTA, which defers or refuses
 chosen recipients and messages.
 """
 from __future__ import annotations
@@ -13,122 +13,27 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 from typing import Dict, List
 
 import pytest
 
-from conftest import PASSWORD, Provider, close_listener, free_port, send_mail, shut_down
-from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, Scripted, assert_one_line_error, err,
-                     run_fetch)
+from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, PASSWORD, Provider, Scripted, ScriptedMTA,
+                     assert_one_line_error, err, free_port, run_fetch, send_mail)
 
 pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
 
 DEFER_AT_END = b"X-Local-Test: defer at end of data"
 
 
-class LocalMTA:
-    """The customer's MTA: PIPELINING; 450 to the recipients in `defer`, 550 to those in
-    `refuse`, 451 at the end of data of a message carrying DEFER_AT_END; 250 otherwise."""
-
-    def __init__(self, defer=(), refuse=()):
-        self.defer, self.refuse = set(defer), set(refuse)
-        self.accepted: List[bytes] = []             # texts of the messages it took
-        self.rcpts: List[str] = []                  # every RCPT it was given
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.conns: List[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(20)
-        rfile = conn.makefile("rb")
-        try:
-            conn.sendall(b"220 mta.customer.test ESMTP\r\n")
-            rcpts: List[str] = []
-            while True:
-                line = rfile.readline()
-                if not line:
-                    return
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-mta.customer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                elif verb in (b"MAIL", b"RSET"):
-                    rcpts = []
-                    conn.sendall(b"250 2.0.0 Ok\r\n")
-                elif verb == b"RCPT":
-                    conn.sendall(self._rcpt(line, rcpts))
-                elif verb == b"DATA":
-                    self._data(conn, rfile, rcpts)
-                    rcpts = []
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 2.0.0 Bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"502 5.5.1 Not here\r\n")
-        except OSError:
-            pass
-        finally:
-            rfile.close()
-            conn.close()
-
-    def _rcpt(self, line: bytes, rcpts: List[str]) -> bytes:
-        address = line.decode().split("<", 1)[1].split(">", 1)[0]
-        self.rcpts.append(address)
-        if address in self.defer:
-            return b"450 4.2.0 <%s>: Mailbox busy\r\n" % address.encode()
-        if address in self.refuse:
-            return b"550 5.1.1 <%s>: No such user\r\n" % address.encode()
-        rcpts.append(address)
-        return b"250 2.1.5 Ok\r\n"
-
-    def _data(self, conn: socket.socket, rfile, rcpts: List[str]) -> None:
-        if not rcpts:
-            conn.sendall(b"554 5.5.1 No valid recipients\r\n")
-            return
-        conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-        text = b""
-        while True:
-            line = rfile.readline()
-            if not line or line == b".\r\n":
-                break
-            text += line
-        if DEFER_AT_END in text:
-            conn.sendall(b"451 4.3.0 Try again later\r\n")
-        else:
-            self.accepted.append(text)
-            conn.sendall(b"250 2.0.0 Ok: queued\r\n")
-
-    def close(self) -> None:
-        """Stop listening and end the connection threads (see conftest.close_listener)."""
-        shut_down(self.listener)
-        self.threads[0].join(10)                    # no connection accepted after this
-        for conn in self.conns:
-            shut_down(conn)
-        close_listener(self.listener, self.threads)
-
-
 @pytest.fixture
 def mta():
-    made: List[LocalMTA] = []
+    """The customer's MTA: PIPELINING; 450 to the recipients in `defer`, 550 to those in
+    `refuse`, 451 at the end of data of a message carrying DEFER_AT_END; 250 otherwise."""
+    made: List[ScriptedMTA] = []
 
-    def make(**kw) -> LocalMTA:
-        made.append(LocalMTA(**kw))
+    def make(**kw) -> ScriptedMTA:
+        made.append(ScriptedMTA(features=["PIPELINING", "8BITMIME"], defer_marker=DEFER_AT_END, **kw))
         return made[-1]
     yield make
     for m in made:

@@ -16,8 +16,8 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import Provider, send_mail
-from helpers import FETCHMAIL, SMTP_SINK, Dumped, Sink, as_stored, assert_same, run_fetchmail, transcript
+from helpers import (Dumped, FETCHMAIL, Provider, SMTP_SINK, Sink, as_stored, assert_same, run_fetchmail,
+                     send_mail, transcript)
 
 
 pytestmark = [
@@ -132,7 +132,7 @@ def test_message_over_one_megabyte(tmp_path, sink):
     p = Provider(str(tmp_path))
     with open(p.config) as fh:
         text = fh.read()
-    assert "max_message_size = 1M" in text       # the conftest default this test raises
+    assert "max_message_size = 1M" in text       # write_config's default this test raises
     with open(p.config, "w") as fh:
         fh.write(text.replace("max_message_size = 1M", "max_message_size = 8M"))
     p.add_user("alice", ["example.org", "example.com"])

@@ -23,7 +23,7 @@ import idna
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from conftest import PASSWORD, ROOT, Customer, Provider, reuse_provider, run_cli, stop_quickly, wait_for
+from helpers import PASSWORD, ROOT, Customer, Provider, reuse_provider, run_cli, stop_quickly, wait_for
 from odmr import accounts, config
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
@@ -290,6 +290,7 @@ def users_of(conf: str) -> str:
     return os.path.join(os.path.dirname(conf), "users")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED_IDS)
 def test_user_add_refuses_a_name_idna_2008_refuses(conf, name):
     assert add(conf, "alice", "example.org").returncode == 0

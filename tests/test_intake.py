@@ -10,7 +10,7 @@ from typing import List
 
 import pytest
 
-from conftest import Customer, Provider, reuse_provider, run_cli, send_mail, stop_quickly
+from helpers import Customer, Provider, reuse_provider, run_cli, send_mail, stop_quickly
 from odmr import replies
 
 SENDER = "sender@remote.test"
@@ -472,7 +472,7 @@ def test_message_split_per_domain_with_own_recipients(smtp, provider):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["close", "timeout"])
 def test_client_vanishing_mid_data_leaves_nothing(tmp_path, how):
-    from conftest import Provider
+    from helpers import Provider
     p = Provider(str(tmp_path), smtp_extra="idle_timeout = 1s")
     p.add_user("alice", ["example.org"])
     p.start()
@@ -682,7 +682,7 @@ def test_domainless_postmaster_without_a_hosted_mailbox_waits_for_the_bounce_rel
 
 
 def test_postmaster_setting_must_be_an_address(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     path = write_config(str(tmp_path), 1, 2, smtp_extra="postmaster = nobody at all")
     r = run_cli("-c", path, "check-config")
     assert r.returncode == 78 and b"smtp.postmaster" in r.stderr and b"not an address" in r.stderr

@@ -15,8 +15,7 @@ from typing import List
 
 import pytest
 
-from conftest import alive, send_mail, wait_for
-from helpers import Daemon
+from helpers import Daemon, alive, send_mail, wait_for
 
 pytestmark = pytest.mark.slow
 

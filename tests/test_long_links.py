@@ -1,4 +1,4 @@
-"""Delivery over long links (SPEC §4 "Long links", §7; issue 13 items 1-3, issue 12 item 4).
+"""Delivery over long links (SPEC §4 "Long links", §7).
 
 A scripted customer on the real reversed connection (raw sockets on 127.0.0.1)
 offers CHUNKING: the provider must send `BDAT n LAST` with the spooled bytes
@@ -15,9 +15,8 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import Customer, PASSWORD, Provider
-from helpers import (ATRN_OK, SENDER_HOSTED, Closed, ReversedConnection, Script, atrn, dsns, queue,
-                     report_fields, spool, wait_sessions_over)
+from helpers import (ATRN_OK, Closed, Customer, PASSWORD, Provider, ReversedConnection, SENDER_HOSTED, Script,
+                     atrn, dsns, queue, report_fields, spool, wait_sessions_over)
 from odmr import delivery
 from odmr.spool import CHUNK, Envelope, Recipient
 
@@ -287,6 +286,7 @@ def _delivery_log(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "odmrd.delivery")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["pipelining", "window"])
 def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, script):
     monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(
@@ -305,6 +305,7 @@ def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, s
     assert m["attempts"] == 1 and "timeout after 0.5 s" in m["last_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(provider, monkeypatch, caplog,
                                                                         chunking):
@@ -343,6 +344,7 @@ def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(provider
 
 # -- stopping the service ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_session_cut_by_the_stopping_service_says_so(provider, caplog):
     spool(provider, ["u@example.org"])
     s = chunky(final=lambda message: None)          # holds the message, never answers

@@ -13,8 +13,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from conftest import Customer, free_port, send_mail, wait_for
-from helpers import Daemon, accept_all
+from helpers import Customer, Daemon, accept_all, free_port, send_mail, wait_for
 from odmr import accounts
 from odmr.exits import EX_OSERR
 
@@ -136,12 +135,14 @@ def test_counters_move_with_real_traffic(daemon, metrics_port):
     assert value(reloaded, "odmrd_atrn_requests_total", code="250") == 1
 
 
+@pytest.mark.slow
 def test_other_paths_are_404(daemon, metrics_port):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen("http://127.0.0.1:%d/" % metrics_port, timeout=10)
     assert caught.value.code == 404
 
 
+@pytest.mark.slow
 def test_queue_gauges_per_domain_only_when_asked(tmp_path, metrics_port):
     d = make_daemon(tmp_path, metrics_port, "per_domain = yes\n")
     accounts.add_user(d.users, "bob", ["example.net"], "pw-bob-1", True)
@@ -158,6 +159,7 @@ def test_queue_gauges_per_domain_only_when_asked(tmp_path, metrics_port):
         d.cleanup()
 
 
+@pytest.mark.slow
 def test_per_domain_off_gives_one_series(daemon, metrics_port):
     send_mail(daemon.smtp_port, "s@remote.test", ["u@example.org"], b"Subject: a\r\n\r\nhi\r\n")
     samples = scrape(metrics_port)
@@ -165,6 +167,7 @@ def test_per_domain_off_gives_one_series(daemon, metrics_port):
     assert names == [()]
 
 
+@pytest.mark.slow
 def test_port_taken_refuses_to_start(tmp_path, metrics_port):
     taken = socket.socket()
     taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,6 +185,7 @@ def test_port_taken_refuses_to_start(tmp_path, metrics_port):
         d.cleanup()
 
 
+@pytest.mark.slow
 def test_certificate_expiry(tmp_path, metrics_port, pki):
     d = make_daemon(tmp_path, metrics_port,
                     "[tls]\ncert_file = %s\nkey_file = %s\n" % (pki["server.pem"], pki["server.key"]))
@@ -193,6 +197,7 @@ def test_certificate_expiry(tmp_path, metrics_port, pki):
         d.cleanup()
 
 
+@pytest.mark.slow
 def test_a_trickling_client_cannot_hold_the_endpoint(daemon, metrics_port, monkeypatch):
     """Every scraper place taken by clients sending a byte now and then: each is cut at
     the whole-request deadline, and a real scrape gets through again."""

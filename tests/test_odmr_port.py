@@ -1,21 +1,23 @@
 """Acceptance tests for the ODMR port (SPEC §4), over real loopback sockets.
 
-The customer side is scripted byte by byte (`conftest.Customer`), and after the
-turnaround `ReversedServer` plays the customer's SMTP server on the same socket.
+The customer side is scripted byte by byte (`helpers.Customer`), and after the
+turnaround `helpers.Script` plays the customer's SMTP server on the same socket.
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, reuse_provider, send_mail, stop_quickly
+from helpers import (Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script, reuse_provider,
+                     send_mail, stop_quickly)
 from odmr import sasl
 from odmr.provider import ODMRSession
 from odmr import replies
@@ -46,148 +48,31 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-class Delivered:
-    """One message as the customer's SMTP server saw it."""
-
-    def __init__(self, mail: str, rcpts: List[str]):
-        self.mail = mail
-        self.rcpts = rcpts
-        self.data = b""
-
-    @property
-    def sender(self) -> str:
-        return self.mail.split("<", 1)[1].split(">", 1)[0]
-
-    def body(self) -> bytes:
-        """The content without odmrd's Received header."""
-        assert self.data.startswith(b"Received: ")
-        end = self.data.find(b"\r\n", 0)
-        while self.data[end + 2:end + 3] in (b"\t", b" "):
-            end = self.data.find(b"\r\n", end + 2)
-        return self.data[end + 2:]
+CUSTOMER_EHLO = ["customer.test", "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 10000000"]
 
 
-class ReversedServer:
-    """The customer's SMTP server after ATRN 250, scripted on the customer's socket."""
-
-    def __init__(self, customer: Customer, *, greeting: str = "220 customer.test ESMTP",
-                 ehlo: Optional[List[str]] = None, ehlo_code: int = 250,
-                 mail: Callable[[str], str] = lambda line: "250 2.1.0 ok",
-                 rcpt: Callable[[str], str] = lambda r: "250 2.1.5 ok",
-                 final: Callable[[Delivered], str] = lambda m: "250 2.0.0 stored",
-                 pipelining_probe: bool = False):
-        self.c = customer
-        self.greeting = greeting
-        self.ehlo = ehlo if ehlo is not None else ["customer.test", "PIPELINING", "8BITMIME",
-                                                      "SMTPUTF8", "SIZE 10000000"]
-        self.ehlo_code = ehlo_code
-        self.mail = mail
-        self.rcpt = rcpt
-        self.final = final
-        self.commands: List[str] = []
-        self.messages: List[Delivered] = []
-        self.pipelining_probe = pipelining_probe
-        self.pipelined_batches: List[bool] = []
-        self.buf = b""
-
-    def _line(self) -> bytes:
-        """One line from the raw socket (nothing is buffered by the customer after ATRN 250)."""
-        while b"\n" not in self.buf:
-            data = self.c.sock.recv(65536)
-            if not data:
-                line, self.buf = self.buf, b""
-                return line
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def _read(self) -> str:
-        raw = self._line()
-        if not raw:
-            raise EOFError("provider closed the reversed connection")
-        assert raw.endswith(b"\r\n"), raw
-        line = raw[:-2].decode("utf-8")
-        self.commands.append(line)
-        return line
-
-    def _more_waiting(self) -> bool:
-        """Whether the provider sent more without waiting for our reply."""
-        if self.buf:
-            return True
-        self.c.sock.settimeout(0.3)
-        try:
-            return bool(self.c.sock.recv(1, socket.MSG_PEEK))
-        except socket.timeout:
-            return False
-        finally:
-            self.c.sock.settimeout(10)
-
-    def run(self) -> List[Delivered]:
-        """Serve until the provider sends QUIT; answer it with 221 and wait for the close."""
-        self.c.send(self.greeting)
-        if not self.greeting.startswith("220"):
-            assert self._read() == "QUIT"
-            self.c.send("221 bye")
-            assert self._line() == b"", "provider did not close after 221"
-            return self.messages
-        current: Optional[Delivered] = None
-        while True:
-            line = self._read()
-            verb = line.split(" ", 1)[0].upper()
-            if verb == "EHLO":
-                if self.ehlo_code != 250:
-                    self.c.send("%d 5.5.1 EHLO not understood" % self.ehlo_code)
-                else:
-                    self.c.send("\r\n".join("250%s%s" % ("-" if i < len(self.ehlo) - 1 else " ", t)
-                                            for i, t in enumerate(self.ehlo)))
-            elif verb == "HELO":
-                self.c.send("250 customer.test")
-            elif verb == "MAIL":
-                if self.pipelining_probe:
-                    self.pipelined_batches.append(self._more_waiting())
-                reply = self.mail(line)
-                current = Delivered(line, []) if reply.startswith("2") else None
-                self.c.send(reply)
-            elif verb == "RCPT":
-                address = line.split("<", 1)[1].rsplit(">", 1)[0]
-                reply = self.rcpt(address) if current is not None else "503 5.5.1 need MAIL"
-                if reply.startswith("2"):
-                    current.rcpts.append(address)
-                self.c.send(reply)
-            elif verb == "DATA":
-                if current is None or not current.rcpts:
-                    self.c.send("554 5.5.1 no valid recipients")
-                    continue
-                self.c.send("354 go ahead")
-                chunks = []
-                while True:
-                    raw = self._line()
-                    assert raw.endswith(b"\r\n"), "connection closed in DATA or bare LF"
-                    if raw == b".\r\n":
-                        break
-                    chunks.append(raw[1:] if raw.startswith(b".") else raw)
-                current.data = b"".join(chunks)
-                self.messages.append(current)
-                self.c.send(self.final(current))
-                current = None
-            elif verb == "RSET":
-                current = None
-                self.c.send("250 ok")
-            elif verb == "QUIT":
-                self.c.send("221 2.0.0 bye")
-                assert self._line() == b"", "provider did not close after 221"
-                return self.messages
-            else:
-                self.c.send("502 5.5.1 what?")
+def play_customer(c: Customer, ehlo: List[str] = CUSTOMER_EHLO, ehlo_code: int = 250,
+                  pipelining_probe: bool = False, **hooks) -> Script:
+    """Be the customer's SMTP server (strictly) on the reversed socket until the provider's
+    QUIT; `hooks` replace the Script's (greeting, mail, rcpt, final)."""
+    script = Script()
+    script.extensions = list(ehlo[1:])
+    script.probe_pipelining = pipelining_probe
+    if ehlo_code != 250:
+        script.ehlo = lambda arg: "%d 5.5.1 EHLO not understood" % ehlo_code
+    for name, hook in hooks.items():
+        setattr(script, name, hook)
+    assert ReversedConnection(c, script, strict=True).run() == "quit"
+    return script
 
 
-def atrn_and_serve(provider, arg: str = "", user: str = "alice", **kw) -> Tuple[ReversedServer, List[Delivered]]:
+def atrn_and_serve(provider, arg: str = "", user: str = "alice", **kw) -> Tuple[Script, List[Delivered]]:
     c = login(provider, user)
     try:
         c.send(("ATRN " + arg).rstrip())
         assert c.line() == ATRN_OK
-        server = ReversedServer(c, **kw)
-        return server, server.run()
+        script = play_customer(c, **kw)
+        return script, script.messages
     finally:
         c.close()
 
@@ -534,7 +419,7 @@ def test_atrn_foreign_domain_is_450_and_nothing_is_sent(provider, arg):
         assert len(spool_files(provider, "example.net")) == 1
         c.send("ATRN example.org")
         assert c.line() == ATRN_OK
-        got = ReversedServer(c).run()
+        got = play_customer(c).messages
     finally:
         c.close()
     assert [m.rcpts for m in got] == [["a@example.org"]]
@@ -553,7 +438,7 @@ def test_atrn_453_when_no_mail_and_session_stays_authenticated(provider):
         assert c.line() == b"453 4.2.0 You have no mail\r\n"
         c.send("ATRN example.com")
         assert c.line() == ATRN_OK
-        got = ReversedServer(c).run()
+        got = play_customer(c).messages
         assert [m.rcpts for m in got] == [["x@example.com"]]
     finally:
         c.close()
@@ -584,6 +469,7 @@ def test_atrn_reply_is_exactly_one_line(provider):
         c.close()
 
 
+@pytest.mark.slow
 def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
     for i in range(3):
         spool_one(provider, ["a%d@example.org" % i])
@@ -599,7 +485,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
         assert code == 451
         # a domain nobody holds still works (and stays authenticated)
         assert second.cmd("ATRN example.com")[0] == 453
-        got_first = ReversedServer(first).run()
+        got_first = play_customer(first).messages
         assert len(got_first) == 3
         code, lines = second.cmd("ATRN example.org")
         assert code == 453
@@ -623,7 +509,7 @@ def test_concurrent_atrn_race_delivers_each_message_once(provider):
         line = c.line()
         codes[i] = int(line[:3])
         if line == ATRN_OK:
-            results[i] = ReversedServer(c).run()
+            results[i] = play_customer(c).messages
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(customers))]
     try:
@@ -654,7 +540,7 @@ def test_domain_never_matches_a_longer_name(tmp_path):
             assert c.cmd("ATRN example.org.")[0] == 501
             c.send("ATRN example.org")
             assert c.line() == ATRN_OK
-            got = ReversedServer(c).run()
+            got = play_customer(c).messages
         finally:
             c.close()
         assert [m.rcpts for m in got] == [["a@example.org"]]
@@ -796,6 +682,7 @@ def test_rejected_mail_from_and_all_rcpts_rejected(provider, ehlo):
     assert [d["recipients"] for d in dsns] == [["bad@example.com"]]
 
 
+@pytest.mark.slow
 def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
     spool_one(provider, ["a@example.org"], sender="")
     atrn_and_serve(provider, "example.org", rcpt=lambda r: "550 5.1.1 unknown")
@@ -803,6 +690,7 @@ def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
     assert queue_json(provider) == []
 
 
+@pytest.mark.slow
 def test_connection_lost_mid_delivery_keeps_the_message(provider):
     spool_one(provider, ["a@example.org"])
     c = login(provider)
@@ -833,7 +721,7 @@ def test_connection_lost_mid_delivery_keeps_the_message(provider):
                 break
             time.sleep(0.05)
         assert line == ATRN_OK
-        assert len(ReversedServer(c).run()) == 1
+        assert len(play_customer(c).messages) == 1
     finally:
         c.close()
 
@@ -873,7 +761,7 @@ def test_dot_stuffing_both_ways(provider):
     shown = provider.run_cli("queue", "show", record["id"]).stdout
     assert body + b"\r\n" in shown               # stored unstuffed
     server, got = atrn_and_serve(provider, "example.org")
-    assert got[0].body() == body + b"\r\n"       # ReversedServer unstuffs what it receives
+    assert got[0].body() == body + b"\r\n"       # the scripted customer unstuffs what it receives
 
 
 def test_eight_bit_content_arrives_byte_identical(provider):
@@ -947,6 +835,7 @@ def test_smtputf8_message_to_smtputf8_customer(provider):
     assert got[0].body() == "Subject: grüße\r\n\r\nhallo\r\n".encode()
 
 
+@pytest.mark.slow
 def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider):
     _spool_utf8(provider)
     server, got = atrn_and_serve(provider, "example.org", ehlo=["customer.test", "8BITMIME", "PIPELINING"])
@@ -965,3 +854,35 @@ def test_the_odmr_replies_are_the_spec_texts():
     assert replies.ATRN_BUSY == (451, "4.3.0 Unable to process ATRN request now")
     assert replies.NO_MAIL == (453, "4.2.0 You have no mail")
     assert replies.AUTH_REQUIRED == (530, "5.7.0 Authentication required")
+
+
+ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def test_the_odmr_port_advertises_enhanced_codes_and_every_reply_has_one(provider):
+    from helpers import Customer
+    sent, answers = [], []
+    c = Customer(provider.odmr_port)
+    try:
+        c.reply()                                          # the greeting is exempt
+        code, lines = c.cmd("EHLO customer.test")
+        assert "ENHANCEDSTATUSCODES" in lines
+        for command in ["NOOP", "RSET", "HELP", "BOGUS", "MAIL FROM:<a@b.test>", "ATRN example.org",
+                        "AUTH NONSUCH", "AUTH CRAM-MD5", "*", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    c = Customer(provider.odmr_port)
+    try:
+        c.login("alice")
+        for command in ["ATRN example.net", "ATRN example.org", "ATRN bad..domain", "NOOP", "QUIT"]:
+            sent.append(command)
+            answers.append(c.cmd(command))
+    finally:
+        c.close()
+    for command, (code, lines) in zip(sent, answers):
+        if code == 334:
+            continue
+        assert code >= 200 and all(ENHANCED.match(l) for l in lines), (command, code, lines)
+    assert [a[0] for a in answers[-5:-2]] == [450, 453, 501]

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Provider, free_port, run_cli, send_mail, stop_quickly, wait_idle, \
+from helpers import PASSWORD, ROOT, Provider, free_port, run_cli, send_mail, stop_quickly, wait_idle, \
     empty_spool, which, write_config
 from odmr import accounts
 from postfix_instance import PostfixInstance, unavailable

@@ -2,39 +2,18 @@
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 
 import pytest
 
-from conftest import Customer, Provider
+from helpers import Customer, connect_with, proxied_provider, v2_header
 from odmr.proxy import V2_SIGNATURE, trusted
-
-
-def make(tmp_path, trusted_list="127.0.0.1", port: str = "odmr"):
-    """A provider whose `port` ("odmr" or "smtp") is behind a PROXY balancer."""
-    settings = "proxy_protocol = yes\nproxy_trusted = %s\nmax_sessions_per_address = 2" % trusted_list
-    p = Provider(str(tmp_path), **{port + "_extra": settings})
-    p.add_user("alice", ["example.org"])
-    return p.start()
 
 
 @pytest.fixture
 def proxied(tmp_path):
-    p = make(tmp_path)
+    p = proxied_provider(tmp_path)
     yield p
     p.stop()
-
-
-def v2_header(src: str, sport: int) -> bytes:
-    body = socket.inet_aton(src) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", sport, 3366)
-    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
-
-
-def connect_with(port: int, header: bytes) -> Customer:
-    c = Customer(port)
-    c.sock.sendall(header)
-    return c
 
 
 @pytest.mark.slow
@@ -71,7 +50,7 @@ def test_bad_header_drops_the_connection(proxied, header):
 
 @pytest.mark.slow
 def test_untrusted_sender_is_dropped(tmp_path):
-    p = make(tmp_path, trusted_list="10.99.0.0/16")
+    p = proxied_provider(tmp_path, trusted_list="10.99.0.0/16")
     try:
         c = connect_with(p.odmr_port, b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 3366\r\n")
         c.sock.settimeout(10)

@@ -1,4 +1,4 @@
-"""PROXY protocol v1/v2 on the intake port (issue 14.4): behind the load balancer in
+"""PROXY protocol v1/v2 on the intake port: behind the load balancer in
 front of the MX, the real client goes into the logs, the per-address limits and the
 Received: header; anything else from the balancer, or anyone else, is dropped."""
 from __future__ import annotations
@@ -8,16 +8,13 @@ import logging
 
 import pytest
 
-from conftest import Customer, Provider
-from helpers import Daemon
-from test_proxy import connect_with, v2_header
-from test_proxy import make as make_proxied
+from helpers import Customer, Daemon, Provider, connect_with, proxied_provider, v2_header
 
 V1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 25\r\n"
 
 
 def make(tmp_path, trusted_list: str = "127.0.0.1") -> Provider:
-    return make_proxied(tmp_path, trusted_list, port="smtp")
+    return proxied_provider(tmp_path, trusted_list, port="smtp")
 
 
 @pytest.fixture

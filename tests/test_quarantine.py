@@ -20,13 +20,13 @@ from typing import List
 
 import pytest
 
-from conftest import ROOT, Customer, Provider, send_mail, wait_for
-from helpers import Site, accept_all, assert_one_line_error, err
+from helpers import (Customer, Daemon, Provider, ROOT, accept_all, assert_one_line_error, err, send_mail,
+                     wait_for)
 from odmr.spool import Envelope, Recipient, Spool
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (a daemon running as nobody)")
-PASSWORD = "secret-pw"          # helpers.Site.add_user's
+PASSWORD = "secret-pw"          # helpers.Daemon.add_user's
 
 
 @pytest.fixture
@@ -34,34 +34,34 @@ def site():
     """A detached daemon's site that the service account `nobody` owns (alice: example.org)."""
     base = tempfile.mkdtemp(prefix="odmrd-quar.", dir="/tmp")
     os.chmod(base, 0o755)                      # pytest's tmp is root-only
-    made = Site(base, "user = nobody")
+    made = Daemon(base, "user = nobody", detached=True)
     made.add_user("alice", "example.org")
     nobody = pwd.getpwnam("nobody")
     os.chown(made.users, nobody.pw_uid, nobody.pw_gid)
-    os.makedirs(made.spool, mode=0o700)
-    os.chown(made.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(made.spool_dir, mode=0o700)
+    os.chown(made.spool_dir, nobody.pw_uid, nobody.pw_gid)
     yield made
     made.cleanup()
     shutil.rmtree(base, ignore_errors=True)
 
 
-def serve(s: Site) -> None:
+def serve(s: Daemon) -> None:
     result = s.serve()
     assert result.returncode == 0, result.stderr
 
 
-def spool_mail(s: Site, token: str) -> str:
+def spool_mail(s: Daemon, token: str) -> str:
     send_mail(s.smtp_port, "someone@remote.test", ["u@example.org"],
               ("Subject: %s\r\nX-Token: %s\r\n\r\nbody\r\n" % (token, token)).encode())
     return queued_ids(s)[-1]
 
 
-def queued_ids(s: Site, domain: str = "example.org") -> List[str]:
-    directory = os.path.join(s.spool, domain)
+def queued_ids(s: Daemon, domain: str = "example.org") -> List[str]:
+    directory = os.path.join(s.spool_dir, domain)
     return sorted(n for n in os.listdir(directory) if len(n) > 13 and "." not in n and n != "tmp")
 
 
-def atrn(s: Site) -> Customer:
+def atrn(s: Daemon) -> Customer:
     c = Customer(s.odmr_port)
     c.login("alice", PASSWORD)
     c.send("ATRN example.org")
@@ -85,13 +85,13 @@ def give_back(path: str) -> None:
 def test_unreadable_message_is_quarantined_listed_and_requeued(site):
     serve(site)
     bad = spool_mail(site, "bad")
-    take_away(os.path.join(site.spool, "example.org", bad))
+    take_away(os.path.join(site.spool_dir, "example.org", bad))
     c = atrn(site)
     try:
         assert c.reply()[0] == 453                 # no 250 for a message that never comes
     finally:
         c.close()
-    aside = os.path.join(site.spool, ".quarantine", "example.org", bad)
+    aside = os.path.join(site.spool_dir, ".quarantine", "example.org", bad)
     assert os.path.exists(aside) and queued_ids(site) == []
     wait_for(lambda: "quarantined example.org/%s" % bad in site.log(), 10, "the log line")
 
@@ -113,7 +113,7 @@ def test_unreadable_message_is_quarantined_listed_and_requeued(site):
     unknown = site.cli("queue", "requeue", "0123456789abcdef0123")
     assert unknown.returncode == 66 and "no quarantined message" in err(unknown)
     assert_one_line_error(unknown)
-    os.symlink(aside, os.path.join(site.spool, ".quarantine", "example.org", "0" * 21))
+    os.symlink(aside, os.path.join(site.spool_dir, ".quarantine", "example.org", "0" * 21))
     linked = site.cli("queue", "requeue", "0" * 21)
     assert linked.returncode == 65 and os.path.exists(aside)
     assert_one_line_error(linked)
@@ -139,7 +139,7 @@ def test_readable_mail_behind_an_unreadable_file_is_delivered(site):
     serve(site)
     bad = spool_mail(site, "bad")
     spool_mail(site, "good")
-    take_away(os.path.join(site.spool, "example.org", bad))
+    take_away(os.path.join(site.spool_dir, "example.org", bad))
     c = atrn(site)
     try:
         assert c.reply()[0] == 250
@@ -147,7 +147,7 @@ def test_readable_mail_behind_an_unreadable_file_is_delivered(site):
         assert b"X-Token: good" in text
     finally:
         c.close()
-    assert os.path.exists(os.path.join(site.spool, ".quarantine", "example.org", bad))
+    assert os.path.exists(os.path.join(site.spool_dir, ".quarantine", "example.org", bad))
 
 
 @pytest.mark.slow
@@ -156,9 +156,9 @@ def test_unreadable_file_that_cannot_be_quarantined_is_reported(site):
     """The quarantine itself unwritable: the file stays, every ATRN says 453 and logs it,
     and `queue list` shows it instead of "Mail queue is empty"."""
     serve(site)
-    os.mkdir(os.path.join(site.spool, ".quarantine"), 0o700)    # root's: nobody cannot use it
+    os.mkdir(os.path.join(site.spool_dir, ".quarantine"), 0o700)    # root's: nobody cannot use it
     bad = spool_mail(site, "bad")
-    take_away(os.path.join(site.spool, "example.org", bad))
+    take_away(os.path.join(site.spool_dir, "example.org", bad))
     for _ in range(2):
         c = atrn(site)
         try:
@@ -177,6 +177,7 @@ def test_unreadable_file_that_cannot_be_quarantined_is_reported(site):
 
 # -- impossible Arrival times ---------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arrival", [float("nan"), float("inf"), time.time() + 10 * 86400],
                          ids=["nan", "inf", "future"])
 def test_impossible_arrival_counts_from_the_file_time_and_expires(tmp_path, arrival):
@@ -235,11 +236,11 @@ def test_state_directory_is_set_aside_at_start_up(tmp_path):
 def test_start_up_removes_tmp_debris_of_killed_queue_commands(site):
     """`queue bounce`/`queue expire` killed mid-run, and debris this account cannot even
     open (left by a command run as another user): all gone after start-up, links kept."""
-    spool = Spool(site.spool)
+    spool = Spool(site.spool_dir)
     nobody = pwd.getpwnam("nobody")
     ids = [spool.store("example.org", Envelope("s@remote.test", [Recipient("u%d@example.org" % i)]),
                        b"Subject: t\r\n\r\n" + b"x" * 20000 + b"\r\n") for i in range(300)]
-    for dirpath, dirs, files in os.walk(site.spool):
+    for dirpath, dirs, files in os.walk(site.spool_dir):
         for name in dirs + files:
             os.chown(os.path.join(dirpath, name), nobody.pw_uid, nobody.pw_gid)
     for args in (["bounce"] + ids[:150], ["expire"]):
@@ -248,7 +249,7 @@ def test_start_up_removes_tmp_debris_of_killed_queue_commands(site):
         time.sleep(0.6)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    tmp = os.path.join(site.spool, "example.org", "tmp")
+    tmp = os.path.join(site.spool_dir, "example.org", "tmp")
     stray = os.path.join(tmp, "0123456789abcdef0123")
     with open(stray, "wb") as fh:
         fh.write(b"half a message")
@@ -256,7 +257,7 @@ def test_start_up_removes_tmp_debris_of_killed_queue_commands(site):
     os.symlink("/etc/passwd", os.path.join(tmp, "planted"))
     serve(site)
     for queue in ("example.org", ".outbound"):
-        left = os.listdir(os.path.join(site.spool, queue, "tmp")) \
-            if os.path.isdir(os.path.join(site.spool, queue, "tmp")) else []
+        left = os.listdir(os.path.join(site.spool_dir, queue, "tmp")) \
+            if os.path.isdir(os.path.join(site.spool_dir, queue, "tmp")) else []
         assert left == (["planted"] if queue == "example.org" else []), (queue, left)
     assert os.path.exists("/etc/passwd")

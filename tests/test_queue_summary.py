@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool
 
@@ -95,6 +95,7 @@ def test_a_linked_domain_directory_is_reported_not_counted(site):
     assert b"example.com is a symbolic link" in result.stderr
 
 
+@pytest.mark.slow
 def test_text_output_and_an_empty_queue(site):
     config, spool = site
     result = run_cli("-c", config, "queue", "summary")

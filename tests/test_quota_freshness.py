@@ -1,4 +1,4 @@
-"""Quotas see other processes' changes (issue 14.6): a domain emptied by `queue delete`
+"""Quotas see other processes' changes: a domain emptied by `queue delete`
 or another node's drain accepts mail again at once, and a count cached by one node
 never lets another node's messages push the domain past its quota.
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Provider
+from helpers import Provider
 
 QUOTA = "[domains]\n[[example.org]]\nmax_messages = 3\n"
 
@@ -52,6 +52,7 @@ def second_node(node, tmp_path):
     other.stop()
 
 
+@pytest.mark.slow
 def test_a_full_domain_accepts_again_as_soon_as_it_is_emptied(node):
     for _ in range(3):
         store(node)
@@ -61,6 +62,7 @@ def test_a_full_domain_accepts_again_as_soon_as_it_is_emptied(node):
     assert rcpt_code(node) == 250                                       # not 30 s later
 
 
+@pytest.mark.slow
 def test_another_nodes_messages_count_at_once(node, second_node):
     store(node)
     store(node)
@@ -82,6 +84,7 @@ def test_a_drain_by_another_node_frees_the_quota(node, second_node):
     assert rcpt_code(node) == 250
 
 
+@pytest.mark.slow
 def test_transactions_past_rcpt_together_never_exceed_the_quota(node, second_node):
     """Five transactions, on two nodes, all past RCPT before any DATA: the quota is
     checked again under a lock at the end of each DATA, so exactly three are kept."""

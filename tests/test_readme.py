@@ -4,7 +4,6 @@ it), on the shipped loopback configuration."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -15,7 +14,7 @@ from typing import List
 
 import pytest
 
-from conftest import ROOT, wait_for, which
+from helpers import ROOT, wait_for, which
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 WALK_THROUGH_DIRS = ("/tmp/odmr-sink", "/tmp/odmr-fetchmail", "/tmp/odmr-maildir", "/tmp/odmr-pw")

@@ -20,10 +20,11 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import PASSWORD, Customer, Provider, run_cli, send_mail
-from helpers import (ATRN_OK, SENDER_HOSTED, SENDER_REMOTE, TOKEN, Daemon, ReversedConnection, Script, atrn, dsns,
-                     queue, queued_tokens, report_fields, spool, wait_sessions_over)
-from odmr import accounts, bounce_relay, delivery, maintenance, queueops
+from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ScriptedMTA, ReversedConnection,
+                     SENDER_HOSTED, SENDER_REMOTE, Script, TOKEN, atrn, dsns, queue, queue_provider,
+                     queued_tokens, relay_provider, report_fields, run_cli, send_mail, spool,
+                     wait_sessions_over)
+from odmr import accounts, bounce_relay, delivery, queueops
 from odmr.spool import MAGIC, new_id
 
 
@@ -148,108 +149,6 @@ def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
 
 # -- bounces and the bounce relay --------------------------------------------------------
 
-class RelaySink:
-    """A small SMTP server on loopback for `bounce_relay`: refuses the first tries, then takes mail."""
-
-    def __init__(self, refusals: List[str], final_code: str = "250 2.0.0 queued",
-                 features: List[str] = ("8BITMIME",)):
-        self.features = list(features)
-        self.refusals = list(refusals)      # each: "greeting:421 ..." / "rcpt:451 ..." / "rcpt:550 ..."
-        self.final_code = final_code
-        self.messages: List[dict] = []
-        self.connections = 0
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.server.settimeout(0.2)
-        self.port = self.server.getsockname()[1]
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            try:
-                self._session(conn)
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        f = conn.makefile("rb")
-        refusal = self.refusals.pop(0) if self.refusals else ""
-        stage, _, text = refusal.partition(":")
-        if stage == "greeting":
-            conn.sendall(text.encode() + b"\r\n")
-            return
-        conn.sendall(b"220 relay.test ESMTP\r\n")
-        mail = None
-        rcpts: List[str] = []
-        while True:
-            line = f.readline()
-            if not line:
-                return
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                lines = ["relay.test"] + self.features
-                conn.sendall("".join("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", l)
-                                     for i, l in enumerate(lines)).encode())
-            elif verb == b"MAIL":
-                mail, rcpts = line.strip().decode(), []
-                conn.sendall(b"250 ok\r\n")
-            elif verb == b"RCPT":
-                if stage == "rcpt":
-                    conn.sendall(text.encode() + b"\r\n")
-                else:
-                    rcpts.append(line.decode().split("<", 1)[1].split(">", 1)[0])
-                    conn.sendall(b"250 ok\r\n")
-            elif verb == b"DATA":
-                conn.sendall(b"354 go\r\n")
-                data = []
-                while True:
-                    l = f.readline()
-                    if l in (b".\r\n", b""):
-                        break
-                    data.append(l)
-                self.messages.append({"mail": mail, "rcpts": rcpts, "data": b"".join(data)})
-                conn.sendall(self.final_code.encode() + b"\r\n")
-            elif verb == b"RSET":
-                conn.sendall(b"250 ok\r\n")
-            elif verb == b"QUIT":
-                conn.sendall(b"221 bye\r\n")
-                return
-            else:
-                conn.sendall(b"502 no\r\n")
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.server.close()
-
-
-@pytest.fixture
-def fast_maintenance(monkeypatch):
-    monkeypatch.setattr(maintenance, "TICK", 0.1)
-    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
-    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
-
-
-def queue_provider(tmp_path, queue_settings: str) -> Provider:
-    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
-    p = Provider(str(tmp_path), sections="[queue]\n" + queue_settings)
-    p.add_user("alice", ["example.org", "example.com"])
-    p.add_user("bob", ["example.net"])
-    return p.start()
-
-
-def relay_provider(tmp_path, sink: RelaySink, queue_extra: str = "") -> Provider:
-    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))
-
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -264,7 +163,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
 def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast_maintenance, refusals):
-    sink = RelaySink(refusals)
+    sink = ScriptedMTA(refusals)
     p = relay_provider(tmp_path, sink)
     try:
         spool(p, ["u@example.org"], sender=SENDER_REMOTE, token="tok1")
@@ -291,7 +190,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
 
 @pytest.mark.slow
 def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fast_maintenance, caplog):
-    sink = RelaySink(["rcpt:550 5.1.1 no such sender"] * 5)
+    sink = ScriptedMTA(["rcpt:550 5.1.1 no such sender"] * 5)
     p = relay_provider(tmp_path, sink)
     try:
         spool(p, ["u@example.org"], sender=SENDER_REMOTE)
@@ -329,7 +228,7 @@ def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_mainten
                                                           notices):
     """A refusal by the bounce relay is recorded as a customer's is: RFC 3461 NOTIFY=NEVER
     means no DSN, whoever refused."""
-    sink = RelaySink(["rcpt:550 5.1.1 no such mailbox"] * 50)
+    sink = ScriptedMTA(["rcpt:550 5.1.1 no such mailbox"] * 50)
     p = relay_provider(tmp_path, sink)
     try:
         to_postmaster(p, notify)
@@ -346,7 +245,7 @@ def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_mainten
 def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance, caplog, code):
     """A control character in the relay's reply reaches neither `queue list`, nor the
     log, nor the DSN: it is escaped as a customer's reply is."""
-    sink = RelaySink(["rcpt:%s \x1b[31mno\x07" % code] * 50)
+    sink = ScriptedMTA(["rcpt:%s \x1b[31mno\x07" % code] * 50)
     p = relay_provider(tmp_path, sink)
     try:
         with caplog.at_level(logging.INFO, logger="odmrd"):
@@ -372,7 +271,7 @@ def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fa
     """The postmaster's mail refused for good by the relay, and the sender's DSN cannot be
     spooled (a file stands where bob's domain directory belongs): the message stays in
     OUTBOUND, its failure recorded, until the DSN can be queued; the notice is never lost."""
-    sink = RelaySink(["rcpt:550 5.1.1 no such mailbox"])
+    sink = ScriptedMTA(["rcpt:550 5.1.1 no such mailbox"])
     p = relay_provider(tmp_path, sink)
     blocker = os.path.join(p.spool_dir, "example.net")
     try:

@@ -1,23 +1,22 @@
-"""The reversed connection when the customer will not take EHLO or HELO (issue 9, item 6).
+"""The reversed connection when the customer will not take EHLO or HELO.
 
 After ATRN 250 the provider waits for the customer's 220 and sends EHLO,
 then HELO if EHLO is refused. A customer that refuses both (5xx, 4xx), that
 answers with garbage, or that hangs up, gets QUIT (if it is still there);
 every message stays queued exactly as it was, one line is logged, nothing
 counts as a delivery attempt, and the next normal ATRN delivers everything.
-The customer here is a scripted server on the real reversed socket.
+The customer here is `helpers.Script` on the real reversed socket.
 """
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import Customer, send_mail
+from helpers import Customer, HANG_UP, ReversedConnection, Script, send_mail
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 
@@ -33,76 +32,18 @@ REFUSALS: Dict[str, tuple] = {
 }
 
 
-class ScriptedCustomer:
-    """The customer's SMTP server on the reversed connection, scripted."""
-
-    def __init__(self, customer: Customer, ehlo: Optional[str], helo: Optional[str]):
-        self.sock = customer.sock
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.ehlo, self.helo = ehlo, helo
-        self.buf = b""
-        self.commands: List[str] = []
-        self.messages: List[bytes] = []
-        self.outcome = ""
-
-    def line(self) -> Optional[bytes]:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.rstrip(b"\r")
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode("utf-8") + b"\r\n")
-
-    def run(self) -> str:
-        """Serve until QUIT ("quit"), our hang-up ("hung up") or the provider's ("closed")."""
-        self.send("220 customer.test ESMTP")
-        while True:
-            raw = self.line()
-            if raw is None:
-                return "closed"
-            line = raw.decode("utf-8", "replace")
-            self.commands.append(line)
-            verb = line.split(" ", 1)[0].upper()
-            if verb in ("EHLO", "HELO"):
-                answer = self.ehlo if verb == "EHLO" else self.helo
-                if answer is None:
-                    self.sock.close()
-                    return "hung up"
-                self.send(answer)
-            elif verb in ("MAIL", "RCPT", "RSET"):
-                self.send("250 ok")
-            elif verb == "DATA":
-                self.send("354 go ahead")
-                body = []
-                while True:
-                    raw = self.line()
-                    if raw is None:
-                        return "closed"
-                    if raw == b".":
-                        break
-                    body.append(raw)
-                self.messages.append(b"\r\n".join(body))
-                self.send("250 2.0.0 stored")
-            elif verb == "QUIT":
-                self.send("221 bye")
-                return "quit"
-            else:
-                self.send("502 what?")
-
-
-def atrn(provider, ehlo: Optional[str], helo: Optional[str]) -> ScriptedCustomer:
+def atrn(provider, ehlo: Optional[str], helo: Optional[str]) -> Tuple[Script, str]:
+    """ATRN, then the customer's server answering EHLO and HELO so (None: hanging up);
+    the script and how the conversation ended."""
     c = Customer(provider.odmr_port, timeout=15)
     try:
         c.login()
         c.send("ATRN")
         assert c.line() == ATRN_OK
-        server = ScriptedCustomer(c, ehlo, helo)
-        server.outcome = server.run()
-        return server
+        script = Script()
+        script.ehlo = lambda arg: HANG_UP if ehlo is None else ehlo
+        script.helo = lambda arg: HANG_UP if helo is None else helo
+        return script, ReversedConnection(c, script).run()
     finally:
         c.close()
 
@@ -133,7 +74,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
     caplog.set_level(logging.DEBUG)
 
     ehlo, helo = REFUSALS[case]
-    server = atrn(provider, ehlo, helo)
+    server, _ = atrn(provider, ehlo, helo)
     wait_idle(provider)
 
     expected = {"5xx": ["EHLO odmr.test", "HELO odmr.test", "QUIT"],
@@ -156,17 +97,17 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
                 or "internal error" in r.getMessage() or "Traceback" in r.getMessage()]
 
     # a customer that behaves gets everything
-    server = atrn(provider, "250 customer.test", "250 customer.test")
+    server, outcome = atrn(provider, "250 customer.test", "250 customer.test")
     wait_idle(provider)
-    assert server.outcome == "quit"
-    assert sorted(m.split(b"\r\n")[-1] for m in server.messages) == [b"body 0", b"body 1", b"body 2"]
+    assert outcome == "quit"
+    assert sorted(m.data.splitlines()[-1] for m in server.messages) == [b"body 0", b"body 1", b"body 2"]
     assert queue_list(provider) == []
 
 
 def test_421_to_ehlo_gets_no_helo(provider, caplog):
     send_mail(provider.smtp_port, "sender@remote.test", ["a@example.org"], b"Subject: x\r\n\r\nx\r\n")
     before = queue_list(provider)
-    server = atrn(provider, "421 4.3.2 customer.test closing", "250 customer.test")
+    server, _ = atrn(provider, "421 4.3.2 customer.test closing", "250 customer.test")
     wait_idle(provider)
     assert server.commands == ["EHLO odmr.test", "QUIT"]
     assert queue_list(provider) == before

@@ -15,7 +15,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import Provider, reuse_provider, stop_quickly
+from helpers import Provider, reuse_provider, stop_quickly
 
 from odmr.syntax import printable, route_in_address, split_source_route
 
@@ -128,6 +128,7 @@ def test_sender_in_a_hosted_domain_with_a_route_is_refused(provider):
         assert s.mail("odd%local@remote.test")[0] == 250     # its bounces go to the bounce relay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("address", ["user%evil.test@example.org", "evil.test!user@example.org",
                                      '"user@evil.test"@example.org', '"a\\@b"@example.org',
                                      "user@evil.test@example.org", "(c)user@example.org",
@@ -141,6 +142,7 @@ def test_enqueue_refuses_routed_recipients_with_67(provider, address):
     assert nothing_spooled(provider)
 
 
+@pytest.mark.slow
 def test_enqueue_refuses_a_routed_sender_in_a_hosted_domain(provider):
     r = provider.run_cli("enqueue", "-f", "x!victim@example.com", "ok@example.org", input=MSG)
     assert r.returncode == 67, r.stderr
@@ -150,6 +152,7 @@ def test_enqueue_refuses_a_routed_sender_in_a_hosted_domain(provider):
 
 # -- allow_routing_local_parts = yes: the old behaviour ---------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sent,stored", [
     ("user%evil.test@example.org", "user%evil.test@example.org"),
     ("evil.test!user@example.org", "evil.test!user@example.org"),
@@ -167,6 +170,7 @@ def test_allowed_routing_local_parts_are_accepted(permissive, sent, stored):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_allowed_still_never_relays(permissive):
     code, text = rcpt(permissive.smtp_port, '"user@example.org"@evil.test')
     assert (code, text.split()[0]) == (550, "5.7.1")

@@ -1,5 +1,5 @@
 """The seed conversation of RFC 2645, end to end over real sockets."""
-from conftest import send_mail
+from helpers import send_mail
 
 
 def test_seed_conversation(provider, customer_factory):
@@ -13,7 +13,7 @@ def test_seed_conversation(provider, customer_factory):
     assert any(l.startswith("AUTH") and "CRAM-MD5" in l.split() for l in lines)
     assert "ATRN" in lines
     import base64, hmac
-    from conftest import PASSWORD
+    from helpers import PASSWORD
     code, lines = c.cmd("AUTH CRAM-MD5")
     assert code == 334
     digest = hmac.new(PASSWORD.encode(), base64.b64decode(lines[0]), "md5").hexdigest()

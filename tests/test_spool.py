@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, send_mail
+from helpers import ROOT, send_mail
 from odmr.spool import (OUTBOUND, DomainBusy, Envelope, Recipient, Spool, State, new_id,
                         parse_header)
 
@@ -127,6 +127,7 @@ def test_unreadable_state_file_starts_afresh(spool):
     assert message.state == State()
 
 
+@pytest.mark.slow
 def test_ids_are_unique_and_sort_by_arrival(spool):
     ids = [spool.store("example.org", env(), DATA) for _ in range(50)]
     assert len(set(ids)) == 50
@@ -303,6 +304,7 @@ HOLDER = """
 """
 
 
+@pytest.mark.slow
 def test_claim_excludes_another_process_and_a_crashed_holder_frees_it(spool):
     holder = python(HOLDER % spool.root)
     try:
@@ -335,6 +337,7 @@ def test_claim_released_by_another_process_can_be_taken(spool):
         holder.wait(10)
 
 
+@pytest.mark.slow
 def test_this_process_holding_excludes_another_process(spool):
     with spool.claim(["example.org"]):
         probe = python("""
@@ -381,7 +384,7 @@ def test_usage_counts_messages_and_bytes(spool):
 
 @pytest.mark.slow
 def test_provider_start_cleans_debris(tmp_path):
-    from conftest import Provider
+    from helpers import Provider
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
     spool = Spool(p.spool_dir)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import PASSWORD, ROOT, Provider, send_mail
+from helpers import PASSWORD, ROOT, Provider, send_mail
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool, new_id
 
 OLD = 1_000_000_000                       # mtime given to everything outside the spool
@@ -213,6 +213,7 @@ def test_startup_cleanup_reports_links_and_leaves_them_and_their_targets_alone(s
 
 # -- intake ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["domain", "tmp", "domain-swapped", "tmp-swapped"])
 def test_intake_never_writes_through_a_linked_directory(site, caplog, kind):
     site.start()

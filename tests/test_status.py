@@ -9,8 +9,7 @@ import stat
 
 import pytest
 
-from conftest import Customer, send_mail, wait_for
-from helpers import Daemon
+from helpers import Customer, Daemon, send_mail, wait_for
 from odmr import accounts
 from odmr.control import socket_path
 from odmr.exits import EX_CANTCREAT
@@ -28,7 +27,7 @@ def daemon(tmp_path):
 
 
 def status(d: Daemon, *flags: str):
-    from conftest import run_cli
+    from helpers import run_cli
     return run_cli("-c", d.config, "status", *flags)
 
 
@@ -57,6 +56,7 @@ def test_not_running_is_exit_3_with_one_line(daemon):
     assert b"not running" in result.stderr and b"Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_running_daemon_reports_sessions_and_backlog(daemon):
     daemon.start()
     send_mail(daemon.smtp_port, "s@remote.test", ["u@example.org"], b"Subject: a\r\n\r\nhi\r\n")
@@ -87,6 +87,7 @@ def test_running_daemon_reports_sessions_and_backlog(daemon):
     wait_for(lambda: as_json(daemon)["sessions"] == [], what="sessions to end")
 
 
+@pytest.mark.slow
 def test_delivery_in_progress_is_listed(daemon):
     daemon.start()
     for n in range(2):
@@ -119,6 +120,7 @@ def test_delivery_in_progress_is_listed(daemon):
     wait_for(lambda: as_json(daemon)["deliveries"] == [], what="the delivery to end")
 
 
+@pytest.mark.slow
 def test_socket_is_owner_only_and_removed_on_stop(daemon):
     daemon.start()
     path = socket_path(daemon.spool_dir)
@@ -131,6 +133,7 @@ def test_socket_is_owner_only_and_removed_on_stop(daemon):
     assert status(daemon).returncode == 3
 
 
+@pytest.mark.slow
 def test_stale_socket_after_a_crash_is_replaced(daemon):
     daemon.start()
     daemon.kill9()
@@ -142,6 +145,7 @@ def test_stale_socket_after_a_crash_is_replaced(daemon):
     assert as_json(daemon)["pid"] == daemon.proc.pid
 
 
+@pytest.mark.slow
 def test_a_link_where_the_socket_belongs_stops_the_start(daemon, tmp_path):
     os.makedirs(daemon.spool_dir, exist_ok=True)
     target = str(tmp_path / "elsewhere")
@@ -187,6 +191,7 @@ def _ask_as(uid: int, path: str) -> bytes:
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_another_user_gets_nothing(daemon):
     daemon.start()

@@ -15,8 +15,7 @@ import time
 import pytest
 from configobj import ConfigObj
 
-from conftest import PASSWORD, Customer, Provider, free_port, send_mail, which
-from helpers import accept_all
+from helpers import Customer, PASSWORD, Provider, accept_all, free_port, send_mail, which
 
 pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary needed"),
               pytest.mark.slow]

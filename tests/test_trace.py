@@ -13,12 +13,11 @@ import email.utils
 import os
 import re
 import smtplib
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from conftest import Customer, Provider, reuse_provider, stop_quickly
-from helpers import Peer, err, run_fetch, scripted_args
+from helpers import Customer, Peer, Provider, err, reuse_provider, run_fetch, scripted_args, stop_quickly
 from odmr import replies
 
 SENDER = "sender@remote.test"
@@ -214,6 +213,7 @@ def test_recipient_with_trace_syntax_never_breaks_the_header(permissive, rcpt):
     assert fields["for"] is None and fields["from"] == "client.test" and fields["id"] == new
 
 
+@pytest.mark.slow
 def test_enqueue_received_header(provider):
     for rcpt, expected_for in (("plain@example.org", "plain@example.org"), ('"a b"@example.org', None)):
         r = provider.run_cli("enqueue", "-f", SENDER, rcpt, input=MSG)
