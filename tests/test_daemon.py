@@ -493,8 +493,8 @@ def test_a_users_file_behind_a_closed_directory_names_the_directory(site_factory
     s = site_factory("user = nobody\nusers_file = %s" % users, directory=public_dir)
     s.add_user("alice", "example.org")
     os.chown(users, nobody.pw_uid, nobody.pw_gid)
-    os.makedirs(s.spool, mode=0o700)
-    os.chown(s.spool, nobody.pw_uid, nobody.pw_gid)
+    os.makedirs(s.spool_dir, mode=0o700)
+    os.chown(s.spool_dir, nobody.pw_uid, nobody.pw_gid)
     group = grp.getgrgid(nobody.pw_gid).gr_name
     checked = s.cli("check-config")
     assert checked.returncode == 78

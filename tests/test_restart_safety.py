@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import PASSWORD, run_cli, write_config
-from helpers import Daemon
+from helpers import PASSWORD, Daemon, run_cli, write_config
 from odmr import accounts
 
 
