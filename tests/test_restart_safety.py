@@ -71,6 +71,7 @@ def _daemon(tmp_path) -> Daemon:
     return daemon
 
 
+@pytest.mark.slow
 def test_the_running_daemons_own_ports_are_no_problem(tmp_path):
     daemon = _daemon(tmp_path).start()
     try:
@@ -95,6 +96,7 @@ def test_a_key_with_a_passphrase_is_named_as_such(tmp_path, pki):
     assert "key_file %s is encrypted with a passphrase" % key in result.stderr.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="script(1) is not installed")
 def test_a_key_with_a_passphrase_never_prompts_at_a_terminal(tmp_path, pki):
     """At a terminal OpenSSL would ask for the passphrase: a restart typed by hand hung."""
@@ -117,6 +119,7 @@ def test_a_pid_file_directory_serve_could_not_make_is_refused(tmp_path):
     assert "pid file %s" % (blocked / "run" / "odmrd.pid") in result.stderr.decode()
 
 
+@pytest.mark.slow
 def test_serve_makes_a_missing_pid_file_directory(tmp_path):
     """/run is emptied at boot: `serve` run by hand makes the directory like the init script."""
     piddir = tmp_path / "run" / "odmrd"
