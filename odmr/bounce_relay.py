@@ -45,7 +45,7 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
     try:
         host, port = parse_hostport(target, 25)
     except ValueError as exc:
-        log.error("maintenance: bad [queue] bounce_relay %r: %s", target, exc)
+        log.error("maintenance: bad [queue] bounce_relay %r: %s", target, str(exc))
         return counts
     try:
         claim = spool.claim([OUTBOUND])

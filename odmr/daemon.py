@@ -700,7 +700,7 @@ def _preload() -> None:
         try:
             importlib.import_module("odmr." + module.name)
         except Exception as exc:  # the import will fail again, and be reported, where it is used
-            log.debug("preloading odmr.%s failed: %s", module.name, exc)
+            log.debug("preloading odmr.%s failed: %s", module.name, str(exc))
 
 
 def _detach_and_serve(service: Service, target: Tuple[str, str], account: Optional[Account],
@@ -734,7 +734,7 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
         try:
             _start_serving(service, target, account, pidfile, (wfd,))
         except DaemonError as exc:
-            log.error("%s", exc)
+            log.error("%s", str(exc))
             _report(wfd, exc.code, str(exc))
             service.close()
             pidfile.release()

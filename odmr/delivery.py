@@ -191,7 +191,7 @@ def deliver_reversed(handoff: Handoff) -> None:
         log.info("delivery: %s session done: %d delivered, %d deferred, %d bounced",
                  peer, drain.delivered, drain.deferred, drain.failed)
     except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
-        log.warning("delivery: %s session ended: %s", peer, exc)
+        log.warning("delivery: %s session ended: %s", peer, str(exc))
     finally:
         drain.end()
 
@@ -229,7 +229,7 @@ def _introduce(client: ReversedClient, peer: str) -> bool:
         _quit(client)
         return False
     except (ConnectionLost, smtplib.SMTPServerDisconnected) as exc:
-        log.warning("delivery: customer at %s gone at %s: %s; nothing sent, mail kept", peer, stage, exc)
+        log.warning("delivery: customer at %s gone at %s: %s; nothing sent, mail kept", peer, stage, str(exc))
         return False
 
 

@@ -361,7 +361,7 @@ def run_once(options: FetchOptions) -> RunResult:
     try:
         turn = open_reversed(endpoint, trace)
     except NoMail as exc:
-        log.info("the provider answered %s", exc)
+        log.info("the provider answered %s", str(exc))
         return RunResult(EX_OK, "no mail waiting")
     except FetchError as exc:
         return RunResult(exc.code, str(exc), provider_trouble=True, level=logging.ERROR)

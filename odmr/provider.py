@@ -308,7 +308,7 @@ class ODMRSession(Session):
         try:
             requested = parse_atrn_domains(arg)
         except ATRNSyntaxError as exc:
-            log.info("odmr: %s ATRN syntax error: %s", self.peer, exc)
+            log.info("odmr: %s ATRN syntax error: %s", self.peer, str(exc))
             return self.refuse(replies.ATRN_SYNTAX)
         if self.latest is not None:
             # the account as it is now: deleted since AUTH, or a domain taken away, counts

@@ -188,7 +188,7 @@ class QueueWatch:
             try:
                 self.backlog.replace(summary(self.spool_root, keep_ages=False))
             except OSError as exc:
-                log.warning("queue: cannot scan the spool for its shape: %s", exc)
+                log.warning("queue: cannot scan the spool for its shape: %s", str(exc))
             spent = time.monotonic() - started
             self._stop.wait(max(self.every, 10 * spent))
 

@@ -229,7 +229,7 @@ class Recorder:
         try:
             notify_relayed(self.runtime, message, delivered)
         except (SpoolError, OSError) as exc:
-            self.log.error("%s: cannot queue the relayed DSN for id=%s: %s", self.who, message.id, exc)
+            self.log.error("%s: cannot queue the relayed DSN for id=%s: %s", self.who, message.id, str(exc))
 
     def _bounce(self, message: Message, failed: Dict[str, str]) -> bool:
         """Queue the DSN for `failed`; False (and state.bounced unset) when it could not be.
@@ -241,7 +241,7 @@ class Recorder:
         try:
             notify_failed(self.runtime, message, failed)
         except (SpoolError, OSError) as exc:
-            self.log.error("%s: cannot queue DSN for id=%s: %s; message kept", self.who, message.id, exc)
+            self.log.error("%s: cannot queue DSN for id=%s: %s; message kept", self.who, message.id, str(exc))
             self._dsn_failed.add(message.id)
             self._unrecorded(message, "its DSN could not be queued")
             return False
@@ -495,7 +495,7 @@ def under_claim(spool: Spool, queue_name: str, wanted: Callable[[Message], bool]
             except SpoolError as exc:   # CorruptMessage included: quarantine is delivery's business
                 if unreadable is None:
                     raise
-                log.error(unreadable, queue_name, msg_id, exc)
+                log.error(unreadable, queue_name, msg_id, str(exc))
                 continue
             if wanted(message):
                 act(message)
@@ -592,7 +592,7 @@ class _RemovalSync:
             try:
                 self.spool.sync_domain(domain)
             except OSError as exc:
-                log.error("delivery: cannot sync spool directory of %s: %s", domain, exc)
+                log.error("delivery: cannot sync spool directory of %s: %s", domain, str(exc))
         with self._cond:
             for domain, count in batch.items():
                 left = self._pending.get(domain, 0) - count

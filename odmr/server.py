@@ -153,7 +153,7 @@ class Listener(BoundServer):
         try:
             client = proxy.read_header(request)
         except proxy.ProxyError as exc:
-            log.warning("%s: bad PROXY header from %s: %s", self.kind, ip, exc)
+            log.warning("%s: bad PROXY header from %s: %s", self.kind, ip, str(exc))
             return None
         return client or tuple(client_address[:2])
 
@@ -163,7 +163,7 @@ class Listener(BoundServer):
         try:
             return runtime.tls.wrap_socket(request, server_side=True)
         except (OSError, ValueError) as exc:
-            log.info("%s: TLS handshake with %s failed: %s", self.kind, peer, exc)
+            log.info("%s: TLS handshake with %s failed: %s", self.kind, peer, str(exc))
             return None
 
     def handle_error(self, request, client_address) -> None:
@@ -273,7 +273,7 @@ class Service:
         try:
             self.decoy_key = load_decoy_key(settings) or self.decoy_key
         except accounts_mod.AccountsError as exc:
-            log.error("keeping the previous decoy secret: %s", exc)
+            log.error("keeping the previous decoy secret: %s", str(exc))
 
     # -- the current snapshot ---------------------------------------------------
     @property
@@ -295,7 +295,7 @@ class Service:
         try:
             accounts = self._load_accounts(self.settings)
         except StartupError as exc:
-            log.error("users file not reloaded, keeping the previous accounts: %s", exc)
+            log.error("users file not reloaded, keeping the previous accounts: %s", str(exc))
             return
         self._refresh_decoy_key(self.settings)
         self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle,
@@ -527,7 +527,7 @@ class Service:
             server.open()
         except control.ControlInUse as exc:
             # two daemons of one node on one spool (a test of two nodes): `status` asks the other
-            log.warning("%s; this one has no control socket", exc)
+            log.warning("%s; this one has no control socket", str(exc))
             return
         except control.ControlError as exc:
             raise StartupError(str(exc)) from None

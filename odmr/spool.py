@@ -1037,7 +1037,7 @@ class Spool:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:
-            log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, exc)
+            log.warning("spool: %s/%s: unreadable state file (%s); starting afresh", domain, msg_id, str(exc))
             return State()
         if dropped:
             log.warning("spool: %s/%s: state file fields of the wrong type ignored: %s",
@@ -1066,7 +1066,7 @@ class Spool:
                 continue
             except (SpoolError, OSError) as exc:        # the directory itself: never stop the walk
                 if corrupt != "skip":
-                    log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, exc)
+                    log.error("spool: %s/%s unreadable, skipped: %s", queue, msg_id, str(exc))
                 continue
             yield found
 

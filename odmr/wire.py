@@ -378,7 +378,7 @@ class Session:
         except Closed as exc:
             if self.stopping:
                 self._say_goodbye()
-            log.debug("%s: %s", self.peer, exc)
+            log.debug("%s: %s", self.peer, str(exc))
         finally:
             self.finish()
 

@@ -115,7 +115,7 @@ class WorkerPool:
                 worker.sessions.pop(token, None)
                 worker.shown.pop(token, None)
             metrics.ACTIVITY.session_closed(shown)
-            log.warning("intake: cannot hand a connection to worker %d: %s", worker.index, exc)
+            log.warning("intake: cannot hand a connection to worker %d: %s", worker.index, str(exc))
             return False
         return True
 
