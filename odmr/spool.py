@@ -900,8 +900,9 @@ class Spool:
         return IncomingMessage(self, envelopes, prefix)
 
     def store(self, domain: str, envelope: Envelope, data: bytes) -> str:
-        """Spool a whole message held in memory, as it is given: used by tests only (all
-        mail enters through `submission`)."""
+        """Spool a whole message held in memory through the one writer (`begin`), with no
+        policy applied: for tests and benches that fill a spool directly. Mail from
+        outside always enters through `submission`, which checks what this does not."""
         incoming = self.begin({domain: envelope})
         incoming.write(data)
         return incoming.commit()[0][1]
