@@ -444,7 +444,7 @@ def cmd_enqueue(args, config_path: str) -> int:
 
 def cmd_queue(args, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
-    from odmr import accounts, config, queueops  # noqa: F401
+    from odmr import accounts, config, queue_commands  # noqa: F401
     from odmr.spool import CorruptMessage, DomainBusy, SpoolError, describe_error
     action = args.queue_command
     if not action:
@@ -470,14 +470,14 @@ def cmd_queue(args, config_path: str) -> int:
 
 
 def _queue_list(runtime, args) -> int:
-    from odmr import queueops
+    from odmr import queue_commands
     domain = _queue_name(args.domain) if args.domain else None
     now = time.time()
     if args.quarantine:
         return _quarantine_list(runtime, domain, args.json, now)
     unreadable: List = []
-    records = [queueops.describe(m, now) for m in queueops.list_messages(runtime, domain, unreadable)]
-    records += [queueops.describe_unreadable(runtime, *found, now=now) for found in unreadable]
+    records = [queue_commands.describe(m, now) for m in queue_commands.list_messages(runtime, domain, unreadable)]
+    records += [queue_commands.describe_unreadable(runtime, *found, now=now) for found in unreadable]
     if args.json:
         print(json.dumps(records, indent=1))
     else:
@@ -489,10 +489,10 @@ def _queue_list(runtime, args) -> int:
 def _mention_quarantine(runtime, domain: Optional[str], now: float) -> None:
     """Files set aside are mail too: a listing that says "empty" must not hide them
     from an operator about to remove the spool."""
-    from odmr import queueops
+    from odmr import queue_commands
     from odmr.names import plural
     try:
-        held = [r for r in queueops.quarantined(runtime, now) if domain in (None, r["domain"])]
+        held = [r for r in queue_commands.quarantined(runtime, now) if domain in (None, r["domain"])]
     except (OSError, ValueError):
         return
     if held:
@@ -501,10 +501,10 @@ def _mention_quarantine(runtime, domain: Optional[str], now: float) -> None:
 
 
 def _quarantine_list(runtime, domain: Optional[str], as_json: bool, now: float) -> int:
-    from odmr import queueops
+    from odmr import queue_commands
     from odmr.logline import escape_for_log as safe
     from odmr.names import plural
-    records = [r for r in queueops.quarantined(runtime, now) if domain in (None, r["domain"])]
+    records = [r for r in queue_commands.quarantined(runtime, now) if domain in (None, r["domain"])]
     if as_json:
         print(json.dumps(records, indent=1))
         return EX_OK
@@ -523,12 +523,12 @@ def _quarantine_list(runtime, domain: Optional[str], as_json: bool, now: float) 
 
 def _queue_requeue(runtime, args) -> int:
     """requeue each ID; the exit code of the last failure (sysexits), 0 when all went back."""
-    from odmr import queueops
+    from odmr import queue_commands
     from odmr.spool import CorruptMessage, LinkRefused, SpoolError, UnreadableMessage
     code = EX_OK
     for msg_id in args.ids:
         try:
-            queue = queueops.requeue(runtime, msg_id)
+            queue = queue_commands.requeue(runtime, msg_id)
         except FileNotFoundError:
             print("odmrd: no quarantined message %s" % msg_id, file=sys.stderr)
             code = EX_NOINPUT
@@ -597,11 +597,11 @@ def _daemon_uids(settings) -> List[int]:
 
 
 def _queue_show(runtime, args) -> int:
-    from odmr import queueops
+    from odmr import queue_commands
     message = runtime.spool.find(args.id)
     if message is None:
         return fail("no message %s" % args.id, EX_NOINPUT)
-    print(json.dumps(queueops.describe(message), indent=1))
+    print(json.dumps(queue_commands.describe(message), indent=1))
     print()
     sys.stdout.flush()
     with message.open_data() as fh:
@@ -611,13 +611,13 @@ def _queue_show(runtime, args) -> int:
 
 def _queue_change(runtime, args) -> int:
     """delete or bounce each ID; a pending bounce is never bounced (it would vanish)."""
-    from odmr import queueops
+    from odmr import queue_commands
     deleting = args.queue_command == "delete"
     missing = refused = 0
     for msg_id in args.ids:
         try:
-            done = queueops.delete(runtime, msg_id) if deleting else queueops.bounce(runtime, msg_id)
-        except queueops.NotBounceable as exc:
+            done = queue_commands.delete(runtime, msg_id) if deleting else queue_commands.bounce(runtime, msg_id)
+        except queue_commands.NotBounceable as exc:
             print("odmrd: %s" % exc, file=sys.stderr)
             refused += 1
             continue
@@ -630,9 +630,9 @@ def _queue_change(runtime, args) -> int:
 
 
 def _queue_expire(runtime, args) -> int:
-    from odmr import queueops
+    from odmr import queue_commands
     from odmr.names import plural
-    counts = queueops.expire(runtime)
+    counts = queue_commands.expire(runtime)
     print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
                              % plural(counts["busy"], "domain") if counts["busy"] else ""))
     return EX_TEMPFAIL if counts["busy"] else EX_OK

@@ -1,6 +1,6 @@
 """Periodic work of a running provider, on one background thread.
 
-- expiry: every EXPIRE_EVERY seconds, `queueops.expire` returns messages older
+- expiry: every EXPIRE_EVERY seconds, `queue_commands.expire` returns messages older
   than `[queue] max_age` to their senders (DSN), exactly as `odmrd queue expire`;
 - delay notices: when `[queue] warn_after` > 0, one "delayed" DSN per message
   that has waited that long (remembered in its state, so never twice);
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
-from odmr import queueops
+from odmr import queue_commands
 from odmr.bounce_relay import relay_outbound
 from odmr.queuemgr import under_claim, warn
 from odmr.runtime import Runtime
@@ -74,7 +74,7 @@ class Maintenance:
         counts: Dict[str, int] = {}
         if force_expiry or clock >= self._next_expiry:
             self._next_expiry = clock + EXPIRE_EVERY
-            counts.update(queueops.expire(runtime, now))
+            counts.update(queue_commands.expire(runtime, now))
             if runtime.settings.queue.warn_after > 0:
                 counts["warned"] = warn_delayed(runtime, now)
         if not self._stop.is_set():

@@ -28,7 +28,7 @@ from odmr.runtime import Runtime
 from odmr.spool import Spool
 from odmr.tcpserver import BoundServer
 from odmr.throttle import AuthThrottle
-from odmr.workers import WorkerPool
+from odmr.intake_workers import WorkerPool
 
 log = logging.getLogger("odmrd")
 

@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from odmr import accounts, queueops  # noqa: E402
+from odmr import accounts, queue_commands  # noqa: E402
 from odmr.daemon import read_pid_file  # noqa: E402
 from odmr.fetch_mailbox import open_mailbox  # noqa: E402
 from odmr.fetch_server import serve_reversed  # noqa: E402
@@ -786,7 +786,7 @@ def atrn(provider, script: Script, domain: str = "example.org", user: str = "ali
 
 def queue(provider, domain: Optional[str] = None) -> List[Dict]:
     runtime = provider.service.runtime
-    return [queueops.describe(m) for m in queueops.list_messages(runtime, domain)]
+    return [queue_commands.describe(m) for m in queue_commands.list_messages(runtime, domain)]
 
 
 def wait_sessions_over(provider, timeout: float = 10.0) -> None:

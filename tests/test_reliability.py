@@ -24,7 +24,7 @@ from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ScriptedMTA,
                      SENDER_HOSTED, SENDER_REMOTE, Script, TOKEN, atrn, dsns, queue, queue_provider,
                      queued_tokens, relay_provider, report_fields, run_cli, send_mail, spool,
                      wait_sessions_over)
-from odmr import accounts, bounce_relay, delivery, queueops
+from odmr import accounts, bounce_relay, delivery, queue_commands
 from odmr.spool import MAGIC, new_id
 
 
@@ -577,7 +577,7 @@ def test_delivery_cut_off_at_the_end_of_the_grace_period_counts_the_attempt(tmp_
             assert left == 1 and time.monotonic() - started < 5
         finally:
             c.close()
-        records = [queueops.describe(m) for m in queueops.list_messages(p.service.runtime, "example.org")]
+        records = [queue_commands.describe(m) for m in queue_commands.list_messages(p.service.runtime, "example.org")]
         [record] = records
         assert record["attempts"] == 1 and "connection" in record["last_error"], record
     finally:
