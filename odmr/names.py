@@ -9,6 +9,7 @@ dots — never raw client input.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import unicodedata
 from typing import Tuple
@@ -16,6 +17,11 @@ from typing import Tuple
 import idna
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# idna loads these at first use; after the privilege drop a library out of the service
+# account's reach (a Python under /root) could not be read: load them now
+for _lazy in ("encodings.punycode", "idna.uts46data"):
+    importlib.import_module(_lazy)
 
 
 def normalize_domain(text: str) -> str:

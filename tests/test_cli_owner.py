@@ -1,6 +1,7 @@
 """Root running `odmrd user|enqueue` for a daemon that runs as `user`: files stay usable by it."""
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import tempfile
@@ -47,3 +48,69 @@ def test_root_edits_keep_files_for_the_service_account(nobody_setup):
     assert os.stat(domain_dir).st_uid == nobody.pw_uid
     files = [f for f in os.listdir(domain_dir) if f not in ("tmp", ".lock")]
     assert files and all(os.stat(os.path.join(domain_dir, f)).st_uid == nobody.pw_uid for f in files)
+
+
+def _one_queued(conf: str, base: str):
+    r = run_cli("-c", conf, "user", "add", "bob", "--domain", "example.net", "--password-stdin",
+                input=b"pw-one\n")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("-c", conf, "enqueue", "-f", "a@remote.test", "u@example.net",
+                input=b"Subject: x\n\nhello\n")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("-c", conf, "queue", "list", "--json")
+    [record] = json.loads(r.stdout)
+    return record["id"], os.path.join(base, "spool", "example.net")
+
+
+def test_a_queue_the_service_account_cannot_read_is_never_called_empty(nobody_setup):
+    """An operator checking that nothing waits (before an uninstall) must not be told
+    "empty" about mail the command could not see: the directory at fault is named."""
+    conf, base, nobody = nobody_setup
+    msg_id, domain_dir = _one_queued(conf, base)
+    os.chown(domain_dir, 0, 0)
+    os.chmod(domain_dir, 0o700)
+    for args in (["queue", "summary"], ["queue", "summary", "--json"], ["queue", "list"],
+                 ["queue", "show", msg_id], ["queue", "delete", msg_id], ["queue", "bounce", msg_id]):
+        r = run_cli("-c", conf, *args)
+        err = r.stderr.decode()
+        assert r.returncode == 74, (args, r)
+        assert "%s: Permission denied" % domain_dir in err, (args, err)
+        assert b"empty" not in r.stdout and "no message" not in err and "internal error" not in err
+    os.chown(domain_dir, nobody.pw_uid, nobody.pw_gid)
+    assert os.path.exists(os.path.join(domain_dir, msg_id))
+
+
+def test_an_unreadable_spool_root_is_one_line_not_an_internal_error(nobody_setup):
+    conf, base, nobody = nobody_setup
+    _one_queued(conf, base)
+    root = os.path.join(base, "spool")
+    os.chown(root, 0, 0)
+    try:
+        r = run_cli("-c", conf, "queue", "summary")
+        assert r.returncode == 74, r
+        assert r.stderr.decode().strip() == "odmrd: spool: %s: Permission denied" % root
+    finally:
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+
+
+def test_bouncing_a_null_sender_message_says_it_was_deleted(nobody_setup):
+    conf, base, nobody = nobody_setup
+    run_cli("-c", conf, "user", "add", "bob", "--domain", "example.net", "--password-stdin",
+            input=b"pw-one\n")
+    r = run_cli("-c", conf, "enqueue", "-f", "", "u@example.net", input=b"Subject: dsn\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    [record] = json.loads(run_cli("-c", conf, "queue", "list", "--json").stdout)
+    r = run_cli("-c", conf, "queue", "bounce", record["id"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == "%s: deleted: null sender, a bounce has nowhere to go" % record["id"]
+
+
+def test_a_directory_not_named_like_a_domain_is_reported(nobody_setup):
+    """An IDNA 2003 spool or a hand-made U-label directory is never delivered: say so."""
+    conf, base, nobody = nobody_setup
+    stray = os.path.join(base, "spool", "straße.de")
+    os.mkdir(stray, 0o700)
+    os.chown(stray, nobody.pw_uid, nobody.pw_gid)
+    r = run_cli("-c", conf, "queue", "list")
+    assert r.returncode == 0
+    assert "%s is not named like a domain's spool directory" % stray in r.stderr.decode()

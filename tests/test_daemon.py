@@ -451,6 +451,10 @@ def test_drops_to_nobody_before_touching_the_spool(site_factory, public_dir):
     assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
     assert status["Groups"].split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
     assert smtp_send(s.smtp_port, "user@example.org") == {}
+    with smtplib.SMTP("127.0.0.1", s.smtp_port, timeout=10) as client:     # IDNA after the drop
+        client.ehlo("client.test")
+        assert client.mail("someone@bücher.example", ["SMTPUTF8"])[0] == 250
+        assert client.rcpt("user@straße.example")[0] == 550        # not hosted: no internal error
     domain_dir = os.path.join(s.spool_dir, "example.org")
     names = spooled(s, "example.org")
     assert names
