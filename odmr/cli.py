@@ -445,7 +445,7 @@ def cmd_enqueue(args, config_path: str) -> int:
 def cmd_queue(args, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
     from odmr import accounts, config, queue_commands  # noqa: F401
-    from odmr.spool import CorruptMessage, DomainBusy, SpoolError, describe_error
+    from odmr.spool import CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
     action = args.queue_command
     if not action:
         raise UsageError("odmrd queue: list, show, delete, bounce, expire or requeue")
@@ -463,6 +463,9 @@ def cmd_queue(args, config_path: str) -> int:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
     except CorruptMessage as exc:
         return fail("%s; 'odmrd queue delete' removes it, the daemon quarantines it" % exc, EX_DATAERR)
+    except LinkRefused as exc:      # lasts until someone removes it: no use trying again
+        return fail("spool: %s is a symbolic link; refused, not followed: remove the link "
+                    "by hand" % exc.filename, EX_DATAERR)
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
     except OSError as exc:
