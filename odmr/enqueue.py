@@ -72,9 +72,6 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
                 reason = "domain %s is not hosted here" % printable(address.rpartition("@")[2])
             raise EnqueueError("recipient <%s>: %s" % (printable(path), reason),
                                exit_code(decision))
-        if not runtime.quota_ok(decision.domain):
-            raise EnqueueError("<%s>: domain %s is over quota" % (decision.address, decision.domain),
-                               EX_TEMPFAIL)
         submission.add(decision.address, decision.domain)
     submission.smtputf8 = not sender.isascii() or not all(a.isascii() for a in submission.recipients)
     return _spool(runtime, submission, stream)

@@ -24,19 +24,9 @@ from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path,
 log = logging.getLogger("odmrd.smtp")
 
 
-class Transaction(Submission):
-    """The envelope being collected between MAIL and the end of DATA."""
-
-    def __init__(self, sender: str, smtputf8: bool, body: str, size: int, ret: str = "",
-                 envid: str = "", max_recipients: int = 0):
-        super().__init__(sender, smtputf8, body, ret, envid, max_recipients)
-        self.declared_size = size
-
-
 class IntakeSession(Session):
     """One client of the intake port."""
 
-    protocol_name = "ESMTP"
     log_prefix = "smtp"
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
@@ -50,7 +40,7 @@ class IntakeSession(Session):
         super().__init__(sock, peer)
         self.helo: Optional[str] = None
         self.esmtp = False
-        self.tx: Optional[Transaction] = None
+        self.tx: Optional[Submission] = None
         self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
 
     def hostname(self) -> str:
@@ -124,11 +114,11 @@ class IntakeSession(Session):
             return
         decision = accept_sender(self.runtime, sender)
         if decision.detail:
-            log.info("smtp: %s refused MAIL <%s>: a sender in a hosted domain with %s",
-                     self.peer, printable(sender), decision.detail)
+            log.info("smtp: %s refused MAIL <%s>: %d %s", self.peer, printable(sender),
+                     decision.code, decision.text)
         if decision.accepted:
-            self.tx = Transaction(sender, smtputf8, params.body, size, params.ret, params.envid,
-                                  self.limits.max_recipients)
+            self.tx = Submission(sender, smtputf8, params.body, params.ret, params.envid,
+                                 self.limits.max_recipients, declared_size=size)
         self.reply(*decision.reply)
 
     def smtp_RCPT(self, arg: str) -> None:
@@ -157,8 +147,6 @@ class IntakeSession(Session):
             if decision.code >= 500:
                 self.count_bad_command()
             return
-        if not self.runtime.quota_ok(domain, tx.declared_size):
-            return self.reply_with(replies.MAILBOX_FULL, domain)
         tx.add(decision.address, domain, dsn.notify, dsn.orcpt)   # the same mailbox twice is delivered once
         self.reply(*decision.reply)
 
@@ -173,7 +161,7 @@ class IntakeSession(Session):
         self.tx = None
         self.receive(tx)
 
-    def receive(self, tx: Transaction) -> None:
+    def receive(self, tx: Submission) -> None:
         """Stream the message into one spool file per domain; reply once at the end."""
         protocol = received_protocol(self.esmtp, tx.smtputf8, self.tls_active)
 
@@ -214,12 +202,12 @@ class IntakeSession(Session):
             metrics.message_received(domain, spooling.stored_size(domain))
         self.reply_with(replies.QUEUED, " ".join(m for _, m in stored))
 
-    def _refuse_message(self, tx: Transaction, reply: replies.Reply, why: str) -> None:
+    def _refuse_message(self, tx: Submission, reply: replies.Reply, why: str) -> None:
         log.warning("smtp: %s message from <%s> refused: %d %s (%s)",
                     self.peer, tx.sender, reply[0], reply[1], why)
         self.reply(*reply)
 
-    def data_too_slow(self, tx: Transaction, size: int, max_time: float) -> None:
+    def data_too_slow(self, tx: Submission, size: int, max_time: float) -> None:
         """max_data_time is over: nothing was stored; the rest of the client's
         stream is message text, not commands, so the session ends after the 451."""
         log.warning("smtp: %s message from <%s> refused: 451 DATA took longer than "

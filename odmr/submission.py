@@ -140,8 +140,9 @@ class Submission:
     """The envelope of one message on its way in: sender, options, recipients by domain."""
 
     def __init__(self, sender: str, smtputf8: bool = False, body: str = "",
-                 ret: str = "", envid: str = "", max_recipients: int = 0):
+                 ret: str = "", envid: str = "", max_recipients: int = 0, declared_size: int = 0):
         self.sender = sender
+        self.declared_size = declared_size          # MAIL's SIZE=, for the quota at RCPT
         self.max_recipients = max_recipients       # 0: no limit
         self.smtputf8 = smtputf8
         self.body = body
@@ -164,6 +165,9 @@ class Submission:
             address, (domain, code, text) = policy.postmaster_recipient(utf8, route)
         else:
             domain, code, text = policy.classify_recipient(address, utf8, route=route)
+        if domain is not None and not policy.quota_ok(domain, self.declared_size):
+            code, text = replies.MAILBOX_FULL       # a quick look; the commit checks for good
+            return Decision(code, text % domain, None, address, detail="over quota")
         return Decision(code, text, domain, address)
 
     def add(self, address: str, domain: str, notify: str = "", orcpt: str = "") -> None:
