@@ -463,7 +463,11 @@ def cmd_queue(args, config_path: str) -> int:
         return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
     except CorruptMessage as exc:
         return fail("%s; 'odmrd queue delete' removes it, the daemon quarantines it" % exc, EX_DATAERR)
-    except LinkRefused as exc:      # lasts until someone removes it: no use trying again
+    except LinkRefused as exc:
+        named = set(getattr(args, "ids", None) or [getattr(args, "id", None)])
+        if os.path.basename(exc.filename or "") not in named:
+            return fail(str(exc), EX_TEMPFAIL)      # in the way of the change: it waits
+        # the message itself is a link: it lasts until someone removes it
         return fail("spool: %s is a symbolic link; refused, not followed: remove the link "
                     "by hand" % exc.filename, EX_DATAERR)
     except SpoolError as exc:
