@@ -128,13 +128,30 @@ class Backlog:
     def __init__(self):
         self._lock = threading.Lock()
         self._queues: Dict[str, List[float]] = {}
+        self._touched: Optional[set] = None     # queues changed since the scan began
+
+    def begin_scan(self) -> None:
+        with self._lock:
+            self._touched = set()
 
     def replace(self, rows: List[QueueRow]) -> None:
+        """The scan's figures, except for a queue that changed while it ran: a listing
+        taken before a delivery's removal must not bring the message back."""
         with self._lock:
-            self._queues = {r.domain: [r.messages, r.bytes, r.oldest] for r in rows}
+            fresh = {r.domain: [r.messages, r.bytes, r.oldest] for r in rows}
+            for queue in self._touched or ():
+                if queue in self._queues:
+                    fresh[queue] = self._queues[queue]
+            self._queues = fresh
+            self._touched = None
+
+    def _touch(self, queue: str) -> None:
+        if self._touched is not None:
+            self._touched.add(queue)
 
     def added(self, queue: str, size: int, count: int = 1) -> None:
         with self._lock:
+            self._touch(queue)
             entry = self._queues.setdefault(queue, [0, 0, 0.0])
             entry[0] += count
             entry[1] += size
@@ -143,6 +160,7 @@ class Backlog:
 
     def removed(self, queue: str, size: int) -> None:
         with self._lock:
+            self._touch(queue)
             entry = self._queues.get(queue)
             if entry is None:
                 return
@@ -186,6 +204,7 @@ class QueueWatch:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
+                self.backlog.begin_scan()
                 self.backlog.replace(summary(self.spool_root, keep_ages=False))
             except OSError as exc:
                 log.warning("queue: cannot scan the spool for its shape: %s", str(exc))

@@ -460,6 +460,12 @@ class Daemon:
                     if time.monotonic() > deadline:
                         raise AssertionError("odmrd did not listen on %d" % port)
                     time.sleep(0.02)
+        # the ports take connections from the bind on; the status socket, the workers
+        # and the serving threads come a moment later, before this line is logged
+        while "odmrd started in the foreground" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("odmrd did not start: %s" % self.log()[-2000:])
+            time.sleep(0.02)
         return self
 
     def kill9(self) -> None:

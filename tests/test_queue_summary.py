@@ -111,3 +111,21 @@ def test_text_output_and_an_empty_queue(site):
     assert lines[2].split()[:2] == ["example.net", "2"]
     assert lines[3].split()[:2] == ["example.org", "1"]
     assert lines[3].split()[3] == "50m"
+
+
+def test_a_rescan_never_brings_back_what_was_delivered_while_it_ran():
+    """The daemon's backlog (status, /metrics) is rescanned in the background: a listing
+    taken before a delivery removed a message must not count that message again."""
+    from odmr.qshape import Backlog, QueueRow
+    backlog = Backlog()
+    backlog.added("example.org", 100)
+    backlog.added("example.org", 100)
+    backlog.begin_scan()
+    listed_before = [QueueRow("example.org", 2, 200, 1.0), QueueRow("example.net", 3, 300, 1.0)]
+    backlog.removed("example.org", 100)             # delivered while the scan ran
+    backlog.replace(listed_before)
+    assert backlog.snapshot()["example.org"][:2] == (1, 100)
+    assert backlog.snapshot()["example.net"][:2] == (3, 300)     # quiet queues take the scan
+    backlog.begin_scan()
+    backlog.replace([QueueRow("example.org", 4, 400, 1.0)])     # another process queued more
+    assert set(backlog.snapshot()) == {"example.org"} and backlog.snapshot()["example.org"][0] == 4

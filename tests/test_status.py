@@ -124,6 +124,7 @@ def test_delivery_in_progress_is_listed(daemon):
 def test_socket_is_owner_only_and_removed_on_stop(daemon):
     daemon.start()
     path = socket_path(daemon.spool_dir)
+    wait_for(lambda: os.path.lexists(path), what="the status socket")   # made after the bind
     st = os.lstat(path)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.geteuid()
