@@ -9,6 +9,7 @@ import errno
 import getpass
 import json
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -26,6 +27,16 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError("%s: %s" % (self.prog, message))
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (`| head`): quietly, with the status of a process that
+    SIGPIPE would have ended; stdout is pointed at /dev/null so the final flush is silent."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def fail(message: str, code: int) -> int:
@@ -184,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         return fail(str(exc), EX_USAGE)
     except BrokenPipeError:
-        return EX_IOERR
+        return _reader_gone()
     except Exception as exc:
         from odmr.daemon import DaemonError
         if isinstance(exc, DaemonError):
@@ -228,18 +239,25 @@ def _runtime(config_path: str, need_accounts: bool = True):
         users = accounts.load(settings.users_file)
     else:
         users = accounts.Accounts([], settings.users_file)
-    _become_service_account(settings)
-    _log_like_the_daemon(settings)
+    account = _service_account(settings)
+    _log_like_the_daemon(settings, account)     # opened as root, like the daemon's
+    if account is not None:
+        from odmr import daemon
+        daemon.drop_privileges(account)         # root touches the spool as the daemon would
     return Runtime(settings, users, Spool(settings.spool_dir))
 
 
-def _log_like_the_daemon(settings) -> None:
+def _log_like_the_daemon(settings, account) -> None:
     """`enqueue` and `queue …` change the queue: what they accept, bounce and delete is
-    logged where the detached daemon logs (SPEC §8), not dropped."""
+    logged where the detached daemon logs (SPEC §8), not dropped. The daemon opens its
+    log as root, so the file is chosen and opened before the privileges are dropped
+    (as the service account, /var/log is out of reach: the line went nowhere)."""
     import logging
     from odmr import daemon
+    owner = (account.uid, account.gid) if account is not None else None
     try:
-        daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False))
+        daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False),
+                             owner)
     except daemon.DaemonError:
         pass                        # the log out of reach must not stop a queue command
     to_operator = logging.StreamHandler(sys.stderr)    # and whoever runs it sees the warnings
@@ -248,14 +266,13 @@ def _log_like_the_daemon(settings) -> None:
     logging.getLogger().addHandler(to_operator)
 
 
-def _become_service_account(settings) -> None:
-    """Root touching the spool does so as `user`, so the daemon can read what it writes."""
+def _service_account(settings):
+    """The account root runs a queue command as (`user`), so the daemon can read what
+    it writes; None when not root or none is set."""
     if os.geteuid() != 0 or not settings.user:
-        return
+        return None
     from odmr import daemon
-    account = daemon.service_account(settings)
-    if account is not None:
-        daemon.drop_privileges(account)
+    return daemon.service_account(settings)
 
 
 def cmd_check_config(args, config_path: str) -> int:
@@ -472,6 +489,8 @@ def cmd_queue(args, config_path: str) -> int:
                     "by hand" % exc.filename, EX_DATAERR)
     except SpoolError as exc:
         return fail(str(exc), EX_TEMPFAIL if exc.temporary else EX_IOERR)
+    except BrokenPipeError:
+        raise                       # our reader (| head) left: not the spool's fault
     except OSError as exc:
         return fail("spool: %s" % describe_error(exc), EX_IOERR)
 

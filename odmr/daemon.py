@@ -268,13 +268,27 @@ def spool_problems(settings, account: Optional[Account]) -> List[str]:
                 "install -d -o %s -m 700 %s" % (root, name, parent, name, root)]
     if not os.path.isdir(root):
         return ["spool directory %s is not a directory" % root]
-    unusable = "spool directory %s is not writable by {0}: chown -R {0} %s".format(name)
     if not _allowed(root, uid, groups, 0o7):
-        return [unusable % (root, root)]
+        return [_unusable(root, uid, groups, name)]
     domains = sorted(os.path.join(root, e) for e in os.listdir(root))
-    return [unusable % (path, path) for path in domains
+    return [_unusable(path, uid, groups, name) for path in domains
             if os.path.isdir(path) and not os.path.islink(path)
             and not _allowed(path, uid, groups, 0o7)]
+
+
+def _unusable(path: str, uid: int, groups: List[int], name: str) -> str:
+    """The fix that works: a directory above that cannot be searched is named; one the
+    account owns already wants its mode back; else a chown."""
+    blocker = _blocker(path, uid, groups, 0o7) or os.path.abspath(path)
+    if blocker != os.path.abspath(path):
+        return ("spool directory %s is not usable by %s: directory %s above it is not "
+                "searchable by it: chmod o+x %s" % (path, name, blocker, blocker))
+    try:
+        owned = os.stat(path).st_uid == uid
+    except OSError:
+        owned = False
+    fix = "chmod 700 %s" % path if owned else "chown -R %s %s" % (name, path)
+    return "spool directory %s is not writable by %s: %s" % (path, name, fix)
 
 
 def log_file_problems(settings) -> List[str]:

@@ -253,6 +253,7 @@ def _run_worker(service, channel: socket.socket, index: int, others: List[socket
         for listener in service.listeners:
             listener.socket.close()     # our copies only; the main process accepts
         service.workers = None
+        service.echo_reload = False
         _WorkerSide(service, channel, index).run()
     except BaseException:
         code = EX_SOFTWARE

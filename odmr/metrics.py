@@ -42,7 +42,7 @@ HELP = {
     "odmrd_sessions": ("gauge", "Live sessions by listening port."),
     "odmrd_queue_messages": ("gauge", "Messages waiting (as of the last queue scan, "
                              "plus intake and delivery since)."),
-    "odmrd_queue_bytes": ("gauge", "Bytes waiting."),
+    "odmrd_queue_bytes": ("gauge", "Bytes the waiting messages take in the spool."),
     "odmrd_queue_oldest_seconds": ("gauge", "Age of the oldest waiting message."),
     "odmrd_tls_certificate_expiry_seconds": ("gauge", "Seconds until the [tls] cert_file "
                                              "expires (negative: expired)."),

@@ -51,6 +51,20 @@ def shut_down_together(servers: Sequence[socketserver.BaseServer]) -> None:
         thread.join()
 
 
+def _restart_only_changes(old, new) -> List[str]:
+    """What a reload changed that only a restart applies (bound sockets, forked workers)."""
+    changed = [name for name in ("spool_dir", "user", "pid_file")
+               if getattr(old, name) != getattr(new, name)]
+    for what, read in (("listen addresses", lambda s: (s.odmr.listen, s.odmr.tls_listen,
+                                                       s.smtp.listen, s.smtp.tls_listen)),
+                       ("[smtp] workers", lambda s: s.smtp.workers),
+                       ("[metrics] listen", lambda s: s.metrics.listen),
+                       ("proxy_protocol", lambda s: (s.odmr.proxy_protocol, s.smtp.proxy_protocol))):
+        if read(old) != read(new):
+            changed.append(what)
+    return changed
+
+
 def section_for(settings, kind: str):
     """A listener's own settings: the [odmr] and [smtp] sections are named like the
     listener kinds, so no code has to branch on the kind to find them."""
@@ -212,6 +226,7 @@ class Service:
     metrics_server: Optional[metrics.MetricsServer] = None     # [metrics] listen
     control_server: Optional[control.ControlServer] = None     # `odmrd status` (daemon only)
     queue_watch: Optional[qshape.QueueWatch] = None
+    echo_reload = True              # False in an intake worker: the main process says it
     _metrics_thread: Optional[threading.Thread] = None
     started = 0.0
 
@@ -300,7 +315,7 @@ class Service:
         self._refresh_decoy_key(self.settings)
         self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle,
                                 self.decoy_key)
-        log.info("users file reloaded: %s, %s", plural(len(accounts), "account"),
+        self._say(logging.INFO, "users file reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
 
     def reload(self) -> None:
@@ -316,35 +331,29 @@ class Service:
             accounts = self._load_accounts(settings)
             context = self._tls_context(settings)
         except (config_mod.ConfigError, StartupError) as exc:
-            log.error("reload failed, keeping the running configuration: %s",
+            self._say(logging.ERROR, "reload failed, keeping the running configuration: %s",
                       str(exc).replace("\n", "; "))
             return
         old = self.settings
-        for name in ("spool_dir", "user", "pid_file"):
-            if getattr(old, name) != getattr(settings, name):
-                log.warning("reload: %s changed; it takes effect after a restart", name)
-        if (old.odmr.listen, old.odmr.tls_listen, old.smtp.listen, old.smtp.tls_listen) != \
-                (settings.odmr.listen, settings.odmr.tls_listen, settings.smtp.listen, settings.smtp.tls_listen):
-            log.warning("reload: listen addresses changed; they take effect after a restart")
-        if old.smtp.workers != settings.smtp.workers:
-            log.warning("reload: [smtp] workers changed; it takes effect after a restart")
-        if old.metrics.listen != settings.metrics.listen:
-            log.warning("reload: [metrics] listen changed; it takes effect after a restart")
-        if (old.odmr.proxy_protocol, old.smtp.proxy_protocol) != \
-                (settings.odmr.proxy_protocol, settings.smtp.proxy_protocol):
-            log.warning("reload: proxy_protocol changed; it takes effect after a restart")
+        for what in _restart_only_changes(old, settings):
+            self._say(logging.WARNING, "reload: %s changed; that takes effect after a restart", what)
         settings = _keep(settings, old)
         self.settings = settings
         self._users_mtime = _mtime(settings.users_file)
         if context is None and any(l.implicit_tls for l in self.listeners):
-            log.error("reload: TLS certificates removed but implicit-TLS listeners are running; "
-                      "keeping the previous certificates")
+            self._say(logging.ERROR, "reload: TLS certificates removed but implicit-TLS listeners "
+                      "are running; keeping the previous certificates")
             context = self._runtime.tls
         self._refresh_decoy_key(settings)
         self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle, self.decoy_key)
         logging.getLogger().setLevel(settings.log_level.upper())
-        log.info("configuration reloaded: %s, %s", plural(len(accounts), "account"),
+        self._say(logging.INFO, "configuration reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
+
+    def _say(self, level: int, message: str, *args) -> None:
+        """A reload's outcome, logged once: the intake workers reload too, and say it
+        only at debug level (their lines carry the daemon's pid)."""
+        log.log(level if self.echo_reload else logging.DEBUG, message, *args)
 
     # -- session limits -----------------------------------------------------------
     def admit(self, kind: str, ip: str, per_address: bool = True) -> Optional[str]:

@@ -339,15 +339,16 @@ def _open_dir(name: str, dir_fd: Optional[int], shown: str, create: bool = False
         except FileExistsError:
             pass
         except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, _at_fault(shown, exc)) from None
+            # making it needs write access to the directory above: that is the one at fault
+            raise OSError(exc.errno, exc.strerror, _at_fault(shown, exc, os.W_OK | os.X_OK)) from None
     return _open_nofollow(name, dir_fd, shown, _DIR_FLAGS), created
 
 
-def _at_fault(path: str, exc: OSError) -> str:
+def _at_fault(path: str, exc: OSError, need: int = os.X_OK) -> str:
     """The path an operator must fix: `path`, or the directory above it when that is
-    what refused us (a spool root the account cannot search)."""
+    what refused us (a spool root the account cannot search, or write in to make `path`)."""
     parent = os.path.dirname(path)
-    if exc.errno in (errno.EACCES, errno.EPERM) and parent and not os.access(parent, os.X_OK):
+    if exc.errno in (errno.EACCES, errno.EPERM) and parent and not os.access(parent, need):
         return parent
     return path
 

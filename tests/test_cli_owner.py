@@ -114,3 +114,22 @@ def test_a_directory_not_named_like_a_domain_is_reported(nobody_setup):
     r = run_cli("-c", conf, "queue", "list")
     assert r.returncode == 0
     assert "%s is not named like a domain's spool directory" % stray in r.stderr.decode()
+
+
+def test_queue_changes_reach_the_daemons_log_where_only_root_may_create_it(nobody_setup):
+    """Like /var/log/odmrd.log: the daemon opens its log as root; enqueue and the queue
+    commands, run by root for a daemon that runs as `user`, log there too (SPEC §8)."""
+    conf, base, nobody = nobody_setup
+    logs = os.path.join(base, "log")
+    os.mkdir(logs, 0o755)                           # root's: nobody may not create files here
+    log_file = os.path.join(logs, "odmrd.log")
+    with open(conf) as fh:
+        text = fh.read()
+    with open(conf, "w") as fh:
+        fh.write("syslog = no\nlog_file = %s\n" % log_file + text)
+    msg_id, _ = _one_queued(conf, base)
+    assert run_cli("-c", conf, "queue", "delete", msg_id).returncode == 0
+    with open(log_file) as fh:
+        logged = fh.read()
+    assert "accepted id=%s" % msg_id in logged and "deleted" in logged and msg_id in logged
+    assert os.stat(log_file).st_uid == nobody.pw_uid      # the daemon can go on writing it

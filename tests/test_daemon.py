@@ -568,6 +568,19 @@ def test_spool_the_service_account_cannot_write_is_named_by_check_config_and_ser
     assert served.returncode == 73 and line in served.stderr.decode()
     os.chown(domain, nobody.pw_uid, nobody.pw_gid)
     assert s.cli("check-config").returncode == 0
+    os.chmod(domain, 0o500)                     # nobody's already: the mode is what is wrong
+    checked = s.cli("check-config")
+    assert checked.returncode == 78
+    assert ("spool directory %s is not writable by nobody: chmod 700 %s" % (domain, domain)
+            in checked.stderr.decode())
+    os.chmod(domain, 0o700)
+    os.chmod(s.spool_dir, 0o500)                # a new domain's directory cannot be made
+    s.add_user("carol", "example.net")
+    enqueued = s.cli("enqueue", "-f", "a@remote.test", "x@example.net", input=b"Subject: x\n\nx\n")
+    assert enqueued.returncode == 75
+    assert "%s: Permission denied" % s.spool_dir in enqueued.stderr.decode()
+    assert os.path.join(s.spool_dir, "example.net") not in enqueued.stderr.decode()
+    os.chmod(s.spool_dir, 0o700)
     assert s.serve().returncode == 0
 
 
