@@ -120,6 +120,9 @@ def test_sighup_reaches_every_worker(daemon, tmp_path):
         a, b = greeted_lines(d.smtp_port)
         return b"renamed.test" in a and b"renamed.test" in b
     wait_for(both_renamed, 10, "the new hostname in both workers' greetings")
+    time.sleep(0.2)
+    # SPEC §8, one line per event: the workers reload too, but only the daemon says so
+    assert d.log().count("INFO configuration reloaded") == 1, d.log()
 
 
 def greeted_lines(port: int):
