@@ -497,6 +497,7 @@ def cmd_queue(args, config_path: str) -> int:
 
 def _queue_list(runtime, args) -> int:
     from odmr import queue_commands
+    from odmr.spool import OUTBOUND
     domain = _queue_name(args.domain) if args.domain else None
     now = time.time()
     if args.quarantine:
@@ -509,6 +510,9 @@ def _queue_list(runtime, args) -> int:
     else:
         _print_queue(records)
         _mention_quarantine(runtime, domain, now)
+        if not records and domain and domain != OUTBOUND and domain not in runtime.hosted_domains():
+            print("odmrd: note: %s is not a hosted domain (%s holds the bounces waiting for "
+                  "bounce_relay)" % (domain, OUTBOUND), file=sys.stderr)
     return EX_OK
 
 

@@ -309,7 +309,8 @@ def _negotiate(client: ProviderClient, endpoint: Endpoint) -> Turnaround:
         if endpoint.tls == "starttls":
             _starttls(client, endpoint)
         if not client.has_extn("atrn"):
-            raise FetchError(EX_UNAVAILABLE, "provider does not offer ATRN")
+            raise FetchError(EX_UNAVAILABLE, "provider does not offer ATRN: is this its ODMR "
+                                             "port (366), not an SMTP port?")
         _authenticate(client, endpoint)
         _atrn(client, endpoint.domains)
     except socket.timeout:

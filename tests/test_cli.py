@@ -683,3 +683,11 @@ def test_a_reader_that_leaves_early_is_no_spool_error(hosted):
     proc.stderr.close()
     assert proc.wait(30) == 141
     assert err == b"", err
+
+
+def test_listing_a_domain_that_is_not_hosted_says_so(hosted):
+    for name in ("nosuch.example", "outbound"):
+        result = odmrd(hosted, "queue", "list", name)
+        assert result.returncode == 0 and result.stdout.strip() == b"Mail queue is empty"
+        assert b"is not a hosted domain (.outbound holds the bounces" in result.stderr
+    assert odmrd(hosted, "queue", "list", "example.org").stderr == b""
