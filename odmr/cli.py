@@ -8,6 +8,7 @@ import argparse
 import errno
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
@@ -453,6 +454,8 @@ def cmd_enqueue(args, config_path: str) -> int:
     try:
         ids = enqueue(runtime, args.sender or "", args.recipients, sys.stdin.buffer)
     except EnqueueError as exc:
+        # logged where the daemon logs, as intake logs its refusals (SPEC §8)
+        logging.getLogger("odmrd").info("enqueue: refused (exit %d): %s", exc.code, exc)
         return fail(str(exc), exc.code)
     for domain, msg_id in ids:
         print("%s %s" % (msg_id, domain))

@@ -48,14 +48,16 @@ def _normalise(stream: BinaryIO, chunk: int = 65536):
 def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: BinaryIO) -> List[Tuple[str, str]]:
     """Spool the message for every recipient's domain; returns [(domain, id)]."""
     sender = sender.strip().lstrip("<").rstrip(">")
+    try:
+        _, sender = split_source_route(sender)      # ignored, as intake's MAIL does (RFC 5321 §C)
+    except ValueError:
+        raise EnqueueError("sender <%s>: source route without ':'" % printable(sender, 100),
+                           EX_DATAERR) from None
     if not address_is_safe(sender):
         raise EnqueueError("sender %r contains characters not allowed in an address" % sender, EX_DATAERR)
     decision = accept_sender(runtime, sender)
     if not decision.accepted:
-        if decision.detail:
-            raise EnqueueError("sender <%s> is in a hosted domain and carries a route: %s"
-                               % (printable(sender), decision.detail), exit_code(decision))
-        raise EnqueueError("sender <%s>: %s" % (printable(sender, 100), decision.reason.lower()),
+        raise EnqueueError("sender <%s>: %s" % (printable(sender, 100), decision.reason),
                            exit_code(decision))
     submission = Submission(sender, body="8BITMIME")
     for address in recipients:

@@ -215,3 +215,26 @@ def test_an_accepted_local_part_routes_nowhere(local):
     seen = _what_an_mta_sees(rest)
     # exactly one '@' (the hosted domain's), no percent hack, no bang path, no comment
     assert seen.count("@") == 1 and not set(seen) & set("%!()"), (address, seen)
+
+
+@pytest.mark.slow
+def test_enqueue_refusals_are_logged_where_the_daemon_logs(tmp_path):
+    """Each refusal is one log line, as at the intake port (issue: log each refusal)."""
+    log_file = tmp_path / "odmrd.log"
+    p = Provider(str(tmp_path), extra="syslog = no\nlog_file = %s" % log_file)
+    p.add_user("alice", ["example.org"])
+    for rcpt in ("user%evil.test@example.org", "u@nothosted.example"):
+        assert p.run_cli("enqueue", "-f", SENDER, rcpt, input=MSG).returncode == 67
+    logged = log_file.read_text()
+    assert "enqueue: refused (exit 67): recipient <user%evil.test@example.org>: Routing refused" in logged
+    assert "enqueue: refused (exit 67): recipient <u@nothosted.example>" in logged
+
+
+@pytest.mark.slow
+def test_enqueue_ignores_a_senders_source_route_as_intake_does(provider):
+    r = provider.run_cli("enqueue", "-f", "@evil.example:v@other.example", "ok@example.org", input=MSG)
+    assert r.returncode == 0, r.stderr
+    [msg_id] = provider.spooled("example.org")
+    assert provider.spool.load("example.org", msg_id).envelope.sender == "v@other.example"
+    routed = provider.run_cli("enqueue", "-f", "x!v@example.com", "ok@example.org", input=MSG)
+    assert routed.returncode == 67 and b"sender <x!v@example.com>: Routing refused" in routed.stderr
