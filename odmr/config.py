@@ -22,6 +22,7 @@ except ImportError:                     # configobj before 5.0.7 (Ubuntu 22.04) 
     from validate import ValidateError, Validator
 
 from odmr.names import address_is_safe, normalize_domain
+from odmr.syntax import route_in_address
 
 DEFAULT_CONFIG = "/etc/odmrd/odmrd.conf"
 KNOWN_MECHANISMS = ("CRAM-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN", "EXTERNAL")
@@ -225,6 +226,9 @@ def _check_mailbox(value, *args, **kw) -> str:
             normalize_domain(domain)
         except ValueError:
             raise ValidateError("not an address (local@domain): %r" % text) from None
+        routed = route_in_address(text)     # refused at RCPT: the address would be unreachable
+        if routed:
+            raise ValidateError("%r carries a route (%s)" % (text, routed))
     return text
 
 

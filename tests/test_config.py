@@ -396,3 +396,13 @@ def test_check_config_reports_the_users_file_with_the_configuration(tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 78
     assert "hostname" in err and str(users) in err, err
+
+
+def test_a_postmaster_address_with_a_route_is_a_configuration_error(tmp_path):
+    """It would be refused at every RCPT TO:<postmaster>: unreachable, so refused here."""
+    conf = tmp_path / "odmrd.conf"
+    conf.write_text("allow_root = yes\nusers_file = users\n[smtp]\npostmaster = pm%evil.com@example.org\n")
+    accounts.add_user(str(tmp_path / "users"), "alice", ["example.org"], PASSWORD)
+    result = run_cli("-c", str(conf), "check-config")
+    assert result.returncode == 78
+    assert "postmaster" in result.stderr.decode() and "carries a route" in result.stderr.decode()
