@@ -190,7 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_status(args, config_path)
         handler = {"check-config": cmd_check_config, "user": cmd_user,
                    "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
-        return handler(args, config_path)
+        code = handler(args, config_path)
+        sys.stdout.flush()          # a reader gone shows here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         return fail("interrupted", EX_TEMPFAIL)
     except UsageError as exc:
@@ -639,6 +641,7 @@ def _queue_show(runtime, args) -> int:
     sys.stdout.flush()
     with message.open_data() as fh:
         sys.stdout.buffer.write(fh.read())
+    sys.stdout.buffer.flush()
     return EX_OK
 
 
