@@ -38,6 +38,7 @@ class IntakeSession(Session):
 
     protocol_name = "ESMTP"
     log_prefix = "smtp"
+    hold_replies = True         # a pipelined MAIL, RCPT, DATA is answered in one write
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
                  latest: Optional[Callable[[], Runtime]] = None):

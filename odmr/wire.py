@@ -129,11 +129,15 @@ class TimedSocketIO(io.RawIOBase):
         self._sock = sock
         self.deadline: Optional[float] = None   # set by Session.read_line and iter_data
         self.timeout_changed = False
+        # called before a read may wait; True if it wrote held replies (Session.hold_replies)
+        self.before_wait: Optional[Callable[[], bool]] = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.before_wait is not None:
+            self.before_wait()
         self._before_wait()
         return self._sock.recv_into(buffer)
 
@@ -172,10 +176,13 @@ class _EagerSocketIO(TimedSocketIO):
     def readinto(self, buffer) -> int:
         if self.deadline is not None:
             self._check_deadline()
-        try:
-            return os.readv(self._fd, [buffer])
-        except BlockingIOError:
-            pass
+        # held replies just written: the peer reads them before it sends more, so a
+        # read(2) now would only find nothing; wait at once
+        if self.before_wait is None or not self.before_wait():
+            try:
+                return os.readv(self._fd, [buffer])
+            except BlockingIOError:
+                pass
         self._before_wait()
         return self._sock.recv_into(buffer)
 
@@ -234,6 +241,10 @@ class Session:
 
     max_bad_commands = 20
     idle_timeout = 300.0
+    # RFC 2920 §3.1: the replies to a pipelined group may go out together. A session
+    # that holds them writes them only when its reader must wait for more input (and
+    # at the end), so MAIL, RCPT, DATA and the 354 cost one write, not four.
+    hold_replies = False
     _verbs: Dict[str, Callable] = {}
 
     def __init_subclass__(cls, **kw):
@@ -244,7 +255,9 @@ class Session:
         self.sock = sock
         self.peer = peer
         self.sock.settimeout(self.idle_timeout)
-        self.rfile = reader_for(sock)
+        self._held_replies: List[bytes] = []
+        self._holding = False
+        self.rfile = self._reader()
         self.bad_commands = 0
         self.closing = False
         self.stopping = False
@@ -252,8 +265,27 @@ class Session:
         self._state_lock = threading.Lock()
         self.tls_active = isinstance(sock, ssl.SSLSocket)
 
+    def _reader(self):
+        """The session's buffered reader; one that tells before it waits, when replies are held."""
+        reader = reader_for(self.sock)
+        raw = getattr(reader, "raw", None)
+        self._holding = self.hold_replies and isinstance(raw, TimedSocketIO)
+        if self._holding:
+            raw.before_wait = self.flush_held_replies
+        return reader
+
     # -- output ---------------------------------------------------------------
+    def flush_held_replies(self) -> bool:
+        """Write the replies held back (hold_replies); True if there were any."""
+        if not self._held_replies:
+            return False
+        self.send_raw(b"")
+        return True
+
     def send_raw(self, data: bytes) -> None:
+        if self._held_replies:
+            data = b"".join(self._held_replies) + data
+            self._held_replies = []
         try:
             if not self.tls_active:
                 data = _write_now(self.sock, data)
@@ -263,7 +295,10 @@ class Session:
             raise Closed("write failed: %s" % exc) from None
 
     def reply(self, code: int, *lines: str) -> None:
-        self.send_raw(format_reply(code, lines))
+        if self._holding:
+            self._held_replies.append(format_reply(code, lines))
+        else:
+            self.send_raw(format_reply(code, lines))
 
     # -- input ----------------------------------------------------------------
     def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
@@ -337,6 +372,7 @@ class Session:
 
     def start_tls(self, context: ssl.SSLContext) -> None:
         """Switch to TLS (RFC 3207): plaintext already buffered is discarded with the old reader."""
+        self.flush_held_replies()           # the 220 goes out in plaintext, before the handshake
         old, self.rfile = self.rfile, None
         old.close()
         try:
@@ -344,7 +380,7 @@ class Session:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (OSError, ValueError) as exc:
             raise Closed("TLS handshake failed: %s" % exc) from None
-        self.rfile = reader_for(self.sock)
+        self.rfile = self._reader()
         self.tls_active = True
 
     def timeout(self) -> None:
@@ -559,6 +595,10 @@ class Session:
         closing with unread input (a reset) cannot destroy that reply in flight."""
         self.closing = True
         try:
+            self.flush_held_replies()
+        except Closed:
+            return
+        try:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
             stop = time.monotonic() + drain
             while True:
@@ -572,6 +612,10 @@ class Session:
             pass
 
     def finish(self) -> None:
+        try:
+            self.flush_held_replies()           # the last replies: a 221, a 421
+        except Closed:
+            pass
         for thing in (self.rfile, self.sock):
             try:
                 if thing is not None:
