@@ -32,6 +32,7 @@ MAX_TEXT_LINE = 1000            # RFC 5321 4.5.3.1.6; longer lines in DATA are s
 MAX_REPLY_LINE = 4096           # CRLF included
 MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)", re.S)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")       # in a command line; HTAB is a separator
 
 
 class Closed(Exception):
@@ -481,7 +482,7 @@ class Session:
         except UnicodeDecodeError:
             self.refuse(replies.INVALID_UTF8)
             return
-        if any(ord(c) < 32 and c != "\t" for c in text):
+        if _CONTROL.search(text):
             if text.partition(" ")[0].upper() in self._verbs:     # a known verb: its argument is bad
                 self.refuse(replies.CONTROL_CHARACTERS_IN_ARGUMENT)
             else:
@@ -836,40 +837,20 @@ def _read_timed_out(session: Session, deadline: Optional[float]) -> Closed:
 
 
 def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
-    rfile = session.rfile
     at_line_start = True
     prev_crlf = True
     carry = b""
     while True:
         if at_line_start and prev_crlf and not carry:
-            # fast path: every complete line already buffered, when they are all
-            # plain CRLF lines, is handled in one go (the per-line loop below is
-            # for anything unusual: bare CR or LF, overlong lines, partial lines)
-            try:
-                buffered = rfile.peek(chunk)
-            except socket.timeout:
-                raise _read_timed_out(session, deadline) from None
-            except (OSError, ValueError) as exc:
-                raise Closed("read failed in DATA: %s" % exc) from None
-            block = _clean_lines(buffered)
-            if block:
-                end = (b"\r\n" + block).find(b"\r\n.\r\n")
-                if end >= 0:
-                    block = block[:end]
-                rfile.read(len(block) + (3 if end >= 0 else 0))
+            taken = _clean_block(session, chunk, deadline)
+            if taken is not None:
+                block, ended = taken
                 if block:
-                    yield (b"\n" + block).replace(b"\n.", b"\n")[1:]
-                if end >= 0:
+                    yield block
+                if ended:
                     return
                 continue
-        try:
-            piece = rfile.readline(chunk)
-        except socket.timeout:
-            raise _read_timed_out(session, deadline) from None
-        except (OSError, ValueError) as exc:
-            raise Closed("read failed in DATA: %s" % exc) from None
-        if not piece:
-            raise Closed("connection closed in DATA")
+        piece = _data_line(session, chunk, deadline)
         if carry:
             piece = carry + piece
             carry = b""
@@ -878,20 +859,62 @@ def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
                 return
             if piece.startswith(b"."):
                 piece = piece[1:]
-        if piece.endswith(b"\n"):
-            crlf = piece.endswith(b"\r\n")
-            body = piece[:-2] if crlf else piece[:-1]
+        if piece.endswith(b"\n"):        # a whole line: bare CR or LF inside it made CRLF
+            prev_crlf = piece.endswith(b"\r\n")
+            body = piece[:-2] if prev_crlf else piece[:-1]
             if b"\r" in body or b"\n" in body:
                 body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             yield body + b"\r\n"
             at_line_start = True
-            prev_crlf = crlf
         else:
-            if piece.endswith(b"\r"):
-                carry = b"\r"
-                piece = piece[:-1]
-            if b"\r" in piece:
-                piece = piece.replace(b"\r", b"\r\n")
+            piece, carry = _partial_line(piece)
             if piece:
                 yield piece
             at_line_start = False
+
+
+def _clean_block(session: Session, chunk: int, deadline: Optional[float]
+                 ) -> Optional[Tuple[bytes, bool]]:
+    """The fast path: every complete line already buffered, when they are all plain
+    CRLF lines, unstuffed in one go: (text, whether the final dot ended it). None when
+    the per-line path must take over (bare CR or LF, overlong or partial lines)."""
+    rfile = session.rfile
+    try:
+        buffered = rfile.peek(chunk)
+    except socket.timeout:
+        raise _read_timed_out(session, deadline) from None
+    except (OSError, ValueError) as exc:
+        raise Closed("read failed in DATA: %s" % exc) from None
+    block = _clean_lines(buffered)
+    if not block:
+        return None
+    end = (b"\r\n" + block).find(b"\r\n.\r\n")
+    if end >= 0:
+        block = block[:end]
+    rfile.read(len(block) + (3 if end >= 0 else 0))
+    return (b"\n" + block).replace(b"\n.", b"\n")[1:] if block else b"", end >= 0
+
+
+def _data_line(session: Session, chunk: int, deadline: Optional[float]) -> bytes:
+    """One line of the message text (or its first `chunk` octets), as received."""
+    try:
+        piece = session.rfile.readline(chunk)
+    except socket.timeout:
+        raise _read_timed_out(session, deadline) from None
+    except (OSError, ValueError) as exc:
+        raise Closed("read failed in DATA: %s" % exc) from None
+    if not piece:
+        raise Closed("connection closed in DATA")
+    return piece
+
+
+def _partial_line(piece: bytes) -> Tuple[bytes, bytes]:
+    """The start of a line longer than a chunk: (its text, bare CRs made CRLF; a CR at
+    its end, held back until the next piece says whether an LF follows it)."""
+    carry = b""
+    if piece.endswith(b"\r"):
+        carry = b"\r"
+        piece = piece[:-1]
+    if b"\r" in piece:
+        piece = piece.replace(b"\r", b"\r\n")
+    return piece, carry
