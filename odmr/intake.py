@@ -28,6 +28,7 @@ class IntakeSession(Session):
     """One client of the intake port."""
 
     log_prefix = "smtp"
+    hold_replies = True         # a pipelined MAIL, RCPT, DATA is answered in one write
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
                  latest: Optional[Callable[[], Runtime]] = None):

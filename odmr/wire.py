@@ -32,6 +32,7 @@ MAX_TEXT_LINE = 1000            # RFC 5321 4.5.3.1.6; longer lines in DATA are s
 MAX_REPLY_LINE = 4096           # CRLF included
 MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)", re.S)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")       # in a command line; HTAB is a separator
 
 
 class Closed(Exception):
@@ -129,11 +130,15 @@ class TimedSocketIO(io.RawIOBase):
         self._sock = sock
         self.deadline: Optional[float] = None   # set by Session.read_line and iter_data
         self.timeout_changed = False
+        # called before a read may wait; True if it wrote held replies (Session.hold_replies)
+        self.before_wait: Optional[Callable[[], bool]] = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.before_wait is not None:
+            self.before_wait()
         self._before_wait()
         return self._sock.recv_into(buffer)
 
@@ -172,10 +177,13 @@ class _EagerSocketIO(TimedSocketIO):
     def readinto(self, buffer) -> int:
         if self.deadline is not None:
             self._check_deadline()
-        try:
-            return os.readv(self._fd, [buffer])
-        except BlockingIOError:
-            pass
+        # held replies just written: the peer reads them before it sends more, so a
+        # read(2) now would only find nothing; wait at once
+        if self.before_wait is None or not self.before_wait():
+            try:
+                return os.readv(self._fd, [buffer])
+            except BlockingIOError:
+                pass
         self._before_wait()
         return self._sock.recv_into(buffer)
 
@@ -234,6 +242,10 @@ class Session:
 
     max_bad_commands = 20
     idle_timeout = 300.0
+    # RFC 2920 §3.1: the replies to a pipelined group may go out together. A session
+    # that holds them writes them only when its reader must wait for more input (and
+    # at the end), so MAIL, RCPT, DATA and the 354 cost one write, not four.
+    hold_replies = False
     _verbs: Dict[str, Callable] = {}
 
     def __init_subclass__(cls, **kw):
@@ -244,7 +256,9 @@ class Session:
         self.sock = sock
         self.peer = peer
         self.sock.settimeout(self.idle_timeout)
-        self.rfile = reader_for(sock)
+        self._held_replies: List[bytes] = []
+        self._holding = False
+        self.rfile = self._reader()
         self.bad_commands = 0
         self.closing = False
         self.stopping = False
@@ -252,8 +266,27 @@ class Session:
         self._state_lock = threading.Lock()
         self.tls_active = isinstance(sock, ssl.SSLSocket)
 
+    def _reader(self):
+        """The session's buffered reader; one that tells before it waits, when replies are held."""
+        reader = reader_for(self.sock)
+        raw = getattr(reader, "raw", None)
+        self._holding = self.hold_replies and isinstance(raw, TimedSocketIO)
+        if self._holding:
+            raw.before_wait = self.flush_held_replies
+        return reader
+
     # -- output ---------------------------------------------------------------
+    def flush_held_replies(self) -> bool:
+        """Write the replies held back (hold_replies); True if there were any."""
+        if not self._held_replies:
+            return False
+        self.send_raw(b"")
+        return True
+
     def send_raw(self, data: bytes) -> None:
+        if self._held_replies:
+            data = b"".join(self._held_replies) + data
+            self._held_replies = []
         try:
             if not self.tls_active:
                 data = _write_now(self.sock, data)
@@ -263,7 +296,10 @@ class Session:
             raise Closed("write failed: %s" % exc) from None
 
     def reply(self, code: int, *lines: str) -> None:
-        self.send_raw(format_reply(code, lines))
+        if self._holding:
+            self._held_replies.append(format_reply(code, lines))
+        else:
+            self.send_raw(format_reply(code, lines))
 
     # -- input ----------------------------------------------------------------
     def read_line(self, limit: int = MAX_COMMAND_LINE) -> bytes:
@@ -337,6 +373,7 @@ class Session:
 
     def start_tls(self, context: ssl.SSLContext) -> None:
         """Switch to TLS (RFC 3207): plaintext already buffered is discarded with the old reader."""
+        self.flush_held_replies()           # the 220 goes out in plaintext, before the handshake
         old, self.rfile = self.rfile, None
         old.close()
         try:
@@ -344,7 +381,7 @@ class Session:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (OSError, ValueError) as exc:
             raise Closed("TLS handshake failed: %s" % exc) from None
-        self.rfile = reader_for(self.sock)
+        self.rfile = self._reader()
         self.tls_active = True
 
     def timeout(self) -> None:
@@ -445,7 +482,7 @@ class Session:
         except UnicodeDecodeError:
             self.refuse(replies.INVALID_UTF8)
             return
-        if any(ord(c) < 32 and c != "\t" for c in text):
+        if _CONTROL.search(text):
             if text.partition(" ")[0].upper() in self._verbs:     # a known verb: its argument is bad
                 self.refuse(replies.CONTROL_CHARACTERS_IN_ARGUMENT)
             else:
@@ -559,6 +596,10 @@ class Session:
         closing with unread input (a reset) cannot destroy that reply in flight."""
         self.closing = True
         try:
+            self.flush_held_replies()
+        except Closed:
+            return
+        try:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
             stop = time.monotonic() + drain
             while True:
@@ -572,6 +613,10 @@ class Session:
             pass
 
     def finish(self) -> None:
+        try:
+            self.flush_held_replies()           # the last replies: a 221, a 421
+        except Closed:
+            pass
         for thing in (self.rfile, self.sock):
             try:
                 if thing is not None:
@@ -792,40 +837,20 @@ def _read_timed_out(session: Session, deadline: Optional[float]) -> Closed:
 
 
 def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
-    rfile = session.rfile
     at_line_start = True
     prev_crlf = True
     carry = b""
     while True:
         if at_line_start and prev_crlf and not carry:
-            # fast path: every complete line already buffered, when they are all
-            # plain CRLF lines, is handled in one go (the per-line loop below is
-            # for anything unusual: bare CR or LF, overlong lines, partial lines)
-            try:
-                buffered = rfile.peek(chunk)
-            except socket.timeout:
-                raise _read_timed_out(session, deadline) from None
-            except (OSError, ValueError) as exc:
-                raise Closed("read failed in DATA: %s" % exc) from None
-            block = _clean_lines(buffered)
-            if block:
-                end = (b"\r\n" + block).find(b"\r\n.\r\n")
-                if end >= 0:
-                    block = block[:end]
-                rfile.read(len(block) + (3 if end >= 0 else 0))
+            taken = _clean_block(session, chunk, deadline)
+            if taken is not None:
+                block, ended = taken
                 if block:
-                    yield (b"\n" + block).replace(b"\n.", b"\n")[1:]
-                if end >= 0:
+                    yield block
+                if ended:
                     return
                 continue
-        try:
-            piece = rfile.readline(chunk)
-        except socket.timeout:
-            raise _read_timed_out(session, deadline) from None
-        except (OSError, ValueError) as exc:
-            raise Closed("read failed in DATA: %s" % exc) from None
-        if not piece:
-            raise Closed("connection closed in DATA")
+        piece = _data_line(session, chunk, deadline)
         if carry:
             piece = carry + piece
             carry = b""
@@ -834,20 +859,62 @@ def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
                 return
             if piece.startswith(b"."):
                 piece = piece[1:]
-        if piece.endswith(b"\n"):
-            crlf = piece.endswith(b"\r\n")
-            body = piece[:-2] if crlf else piece[:-1]
+        if piece.endswith(b"\n"):        # a whole line: bare CR or LF inside it made CRLF
+            prev_crlf = piece.endswith(b"\r\n")
+            body = piece[:-2] if prev_crlf else piece[:-1]
             if b"\r" in body or b"\n" in body:
                 body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             yield body + b"\r\n"
             at_line_start = True
-            prev_crlf = crlf
         else:
-            if piece.endswith(b"\r"):
-                carry = b"\r"
-                piece = piece[:-1]
-            if b"\r" in piece:
-                piece = piece.replace(b"\r", b"\r\n")
+            piece, carry = _partial_line(piece)
             if piece:
                 yield piece
             at_line_start = False
+
+
+def _clean_block(session: Session, chunk: int, deadline: Optional[float]
+                 ) -> Optional[Tuple[bytes, bool]]:
+    """The fast path: every complete line already buffered, when they are all plain
+    CRLF lines, unstuffed in one go: (text, whether the final dot ended it). None when
+    the per-line path must take over (bare CR or LF, overlong or partial lines)."""
+    rfile = session.rfile
+    try:
+        buffered = rfile.peek(chunk)
+    except socket.timeout:
+        raise _read_timed_out(session, deadline) from None
+    except (OSError, ValueError) as exc:
+        raise Closed("read failed in DATA: %s" % exc) from None
+    block = _clean_lines(buffered)
+    if not block:
+        return None
+    end = (b"\r\n" + block).find(b"\r\n.\r\n")
+    if end >= 0:
+        block = block[:end]
+    rfile.read(len(block) + (3 if end >= 0 else 0))
+    return (b"\n" + block).replace(b"\n.", b"\n")[1:] if block else b"", end >= 0
+
+
+def _data_line(session: Session, chunk: int, deadline: Optional[float]) -> bytes:
+    """One line of the message text (or its first `chunk` octets), as received."""
+    try:
+        piece = session.rfile.readline(chunk)
+    except socket.timeout:
+        raise _read_timed_out(session, deadline) from None
+    except (OSError, ValueError) as exc:
+        raise Closed("read failed in DATA: %s" % exc) from None
+    if not piece:
+        raise Closed("connection closed in DATA")
+    return piece
+
+
+def _partial_line(piece: bytes) -> Tuple[bytes, bytes]:
+    """The start of a line longer than a chunk: (its text, bare CRs made CRLF; a CR at
+    its end, held back until the next piece says whether an LF follows it)."""
+    carry = b""
+    if piece.endswith(b"\r"):
+        carry = b"\r"
+        piece = piece[:-1]
+    if b"\r" in piece:
+        piece = piece.replace(b"\r", b"\r\n")
+    return piece, carry

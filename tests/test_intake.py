@@ -86,6 +86,34 @@ def test_pipelined_client(smtp, provider):
     assert len(provider.spooled("example.net")) == 1
 
 
+def test_pipelined_replies_go_out_together(smtp, provider, monkeypatch):
+    """RFC 2920 §3.1: a reply waits while more pipelined commands are buffered, so a
+    group's replies leave in one write; RSET's 250 is held until MAIL is answered."""
+    from odmr import intake
+    judged = intake.accept_sender
+
+    def slow_sender_check(policy, sender):
+        time.sleep(0.6)
+        return judged(policy, sender)
+    monkeypatch.setattr(intake, "accept_sender", slow_sender_check)
+    smtp.sock.sendall(b"RSET\r\nMAIL FROM:<%s>\r\n" % SENDER.encode())
+    smtp.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        smtp.sock.recv(1, socket.MSG_PEEK)
+    smtp.sock.settimeout(10)
+    assert [smtp.reply()[0] for _ in range(2)] == [250, 250]
+
+
+def test_held_replies_are_written_before_the_server_waits(smtp, provider):
+    smtp.sock.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<a@example.org>\r\nDA" % SENDER.encode())
+    assert [smtp.reply()[0] for _ in range(2)] == [250, 250]     # the rest of DATA not yet sent
+    smtp.sock.sendall(b"TA\r\n")
+    assert smtp.reply()[0] == 354
+    smtp.sock.sendall(MSG + b".\r\n")
+    assert smtp.reply()[0] == 250
+    assert len(provider.spooled("example.org")) == 1
+
+
 def test_smtplib_client_works(provider):
     refused = send_mail(provider.smtp_port, SENDER, ["x@example.org"], MSG)
     assert refused == {}
