@@ -3,8 +3,10 @@
 Built on `smtplib.SMTP`, given the session's socket and its buffered reader
 (so nothing the customer already sent is lost) in a `Handoff`. The SMTP client
 only, like a Postfix delivery agent: the messages come from the queue manager
-(`queuemgr`), and every reply goes back to it as one result per recipient; it
-records them, spools DSNs and retires what is done. Nothing here opens a file.
+(`queuemgr`) and every reply goes back to it as one result per recipient. What a
+reply means for the message (its state, a DSN, its retirement) is decided and
+written there, so that delivery and the bounce relay share one recording and
+nothing here opens a file.
 
 Speed: with PIPELINING the end-of-data dot of one message travels in the same
 write as the next message's MAIL/RCPT/DATA (RFC 2920 allows commands after
