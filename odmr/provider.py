@@ -301,7 +301,8 @@ class ODMRSession(Session):
 
     @metrics.counts_first_reply
     def smtp_ATRN(self, arg: str) -> None:
-        if self.account is None:
+        account = self.account
+        if account is None:
             self.reply(*replies.AUTH_REQUIRED)
             return self.count_bad_command()
         try:
@@ -309,19 +310,18 @@ class ODMRSession(Session):
         except ATRNSyntaxError as exc:
             log.info("odmr: %s ATRN syntax error: %s", self.peer, str(exc))
             return self.refuse(replies.ATRN_SYNTAX)
-        domains = self._permitted_domains(requested)
+        domains = self._permitted_domains(account, requested)
         if domains is None:
             return
-        claim = self._claim(domains)
+        claim = self._claim(domains, account.name)
         if claim is None:
             return
         with claim:
-            self._reverse_if_mail(domains)
+            self._reverse_if_mail(domains, account.name)
 
-    def _permitted_domains(self, requested: List[str]) -> Optional[List[str]]:
+    def _permitted_domains(self, account: Account, requested: List[str]) -> Optional[List[str]]:
         """The domains asked for (all the account's when none are), if the account as it
         is now still holds every one; else None, refused and logged."""
-        account = self.account
         if self.latest is not None:
             # the account as it is now: deleted since AUTH, or a domain taken away, counts
             self.runtime = self.latest()
@@ -341,24 +341,23 @@ class ODMRSession(Session):
             return None
         return domains
 
-    def _claim(self, domains: List[str]) -> Optional[DomainClaim]:
+    def _claim(self, domains: List[str], name: str) -> Optional[DomainClaim]:
         """The domains' claim; None when another session holds one or the spool cannot
         be claimed (451 sent and logged)."""
         try:
             return _claim_soon(self.runtime.spool, domains)
         except DomainBusy as busy:
             log.info("odmr: %s (%s) ATRN %s: %s is being delivered by another session",
-                     self.peer, self.account.name, ",".join(domains), busy)
+                     self.peer, name, ",".join(domains), busy)
         except OSError as exc:
             log.error("odmr: %s (%s) ATRN %s: 451, cannot claim the spool: %s", self.peer,
-                      self.account.name, ",".join(domains), describe_error(exc))
+                      name, ",".join(domains), describe_error(exc))
         self.reply(*replies.ATRN_BUSY)
         return None
 
-    def _reverse_if_mail(self, domains: List[str]) -> None:
+    def _reverse_if_mail(self, domains: List[str], name: str) -> None:
         """Under the claim: 250 and the hand-over to delivery, unless the queue cannot
         record results (451) or holds nothing for the domains (453)."""
-        name = self.account.name
         trouble = self.queue.trouble(self.runtime, domains)
         if trouble:     # results could not be recorded: the mail would come again and again
             # (before 453: what it retries may empty the queue)
