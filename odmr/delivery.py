@@ -35,7 +35,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 from odmr.folding import LineBreaker, break_long_lines
 from odmr.queuemgr import Drain, QueueManager, reply_text
@@ -80,8 +80,8 @@ class ReversedClient(smtplib.SMTP):
 
     ehlo_msg = "EHLO"
 
-    def __init__(self, sock: socket.socket, rfile, local_hostname: str, one_line_per_write: bool = False,
-                 stop: Optional[threading.Event] = None):
+    def __init__(self, sock: socket.socket, rfile: BinaryIO, local_hostname: str,
+                 one_line_per_write: bool = False, stop: Optional[threading.Event] = None):
         super().__init__(local_hostname=local_hostname, timeout=TIMEOUTS.greeting)
         self.sock = sock
         self.file = rfile
@@ -98,7 +98,7 @@ class ReversedClient(smtplib.SMTP):
             self.sock.settimeout(seconds)
             self._current_timeout = seconds
 
-    def send(self, s) -> None:
+    def send(self, s: Union[str, bytes]) -> None:
         """Write everything; a customer that stops reading is cut at the data-block timeout."""
         if isinstance(s, str):
             s = s.encode("utf-8")
@@ -121,7 +121,7 @@ class ReversedClient(smtplib.SMTP):
             return "cut: the service is stopping (grace period over)"
         return why
 
-    def getreply(self):
+    def getreply(self) -> Tuple[int, bytes]:
         """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
         self.set_timeout(TIMEOUTS.mail)
         code, text = self.read_reply("EHLO")
