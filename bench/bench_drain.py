@@ -23,18 +23,15 @@ import subprocess
 import sys
 import tempfile
 import select
-import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from odmr import accounts  # noqa: E402
 from odmr.spool import Envelope, Recipient, new_id  # noqa: E402
-from common import free_port, stop_process, wait_port  # noqa: E402
+from common import PASSWORD, Server, free_port, stop_process, wait_port  # noqa: E402
 
 EXIM_DRAIN = 86.0
-PASSWORD = "bench-password"
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
 
@@ -170,33 +167,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def write_config(work: str, odmr_port: int, smtp_port: int) -> str:
-    """odmrd.conf and the users file (alice, example.org) in `work`; the config's path."""
-    conf = os.path.join(work, "odmrd.conf")
-    with open(conf, "w") as fh:
-        fh.write(textwrap.dedent("""\
-            hostname = odmr.bench
-            spool_dir = spool
-            users_file = users
-            pid_file = odmrd.pid
-            allow_root = yes
-            log_level = info
-            [odmr]
-            listen = 127.0.0.1:%d
-            [smtp]
-            listen = 127.0.0.1:%d
-            """ % (odmr_port, smtp_port)))
-    accounts.add_user(os.path.join(work, "users"), "alice", ["example.org"], PASSWORD, True)
-    return conf
-
-
-def start_daemon(work: str, conf: str) -> subprocess.Popen:
-    """`odmrd serve -f` in its own process, logging to odmrd.log in `work`."""
-    log = open(os.path.join(work, "odmrd.log"), "wb")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", conf, "serve", "-f"],
-                            stdout=log, stderr=log)
-
-
 def report(ref_before: float, ref_after: float, messages: int, elapsed: float, left: int) -> None:
     """The drain's rate beside the two reference runs, the target and Exim."""
     ref = (ref_before + ref_after) / 2   # this machine is shared and noisy: average the two runs
@@ -223,25 +193,26 @@ def main() -> int:
 
     work = tempfile.mkdtemp(prefix="odmrd-bench-drain-")
     os.chmod(work, 0o755)
-    procs = []
+    sink = server = None
     try:
-        sink_port, odmr_port, smtp_port = free_port(), free_port(), free_port()
-        procs.append(start_sink(work, sink_port))
+        server = Server(work)
+        sink_port = free_port()
+        sink = start_sink(work, sink_port)
         ref_before = reference_rate(sink_port, args.reference_messages, args.size)
-        conf = write_config(work, odmr_port, smtp_port)
+        server.add_user("alice", ["example.org"])
         t0 = time.monotonic()
-        fill_spool(os.path.join(work, "spool"), "example.org", args.messages, args.size)
+        fill_spool(server.spool_dir, "example.org", args.messages, args.size)
         print("spooled %d messages of %d bytes in %.1f s" % (args.messages, args.size, time.monotonic() - t0))
-        procs.append(start_daemon(work, conf))
-        wait_port(odmr_port)
-        elapsed = atrn_drain(odmr_port, sink_port, "example.org")
+        server.start()
+        elapsed = atrn_drain(server.odmr_port, sink_port, "example.org")
         ref_after = reference_rate(sink_port, args.reference_messages, args.size)
-        left = [n for n in os.listdir(os.path.join(work, "spool", "example.org")) if len(n) > 13 and "." not in n]
+        left = [n for n in os.listdir(os.path.join(server.spool_dir, "example.org")) if len(n) > 13 and "." not in n]
         report(ref_before, ref_after, args.messages, elapsed, len(left))
         return 0
     finally:
-        for proc in reversed(procs):
-            stop_process(proc, 10)
+        if server is not None:
+            server.stop()
+        stop_process(sink, 10)
         if args.keep:
             print("work directory kept:", work)
         else:
