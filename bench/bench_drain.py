@@ -18,24 +18,20 @@ import base64
 import hmac
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import select
-import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from odmr import accounts  # noqa: E402
 from odmr.spool import Envelope, Recipient, new_id  # noqa: E402
-from common import free_port, wait_port  # noqa: E402
+from common import PASSWORD, Server, free_port, stop_process, wait_port  # noqa: E402
 
 EXIM_DRAIN = 86.0
-PASSWORD = "bench-password"
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
 
@@ -162,77 +158,61 @@ def atrn_drain(odmr_port: int, sink_port: int, domain: str) -> float:
     return elapsed
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=10000)
     parser.add_argument("--reference-messages", type=int, default=5000)
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def report(ref_before: float, ref_after: float, messages: int, elapsed: float, left: int) -> None:
+    """The drain's rate beside the two reference runs, the target and Exim."""
+    ref = (ref_before + ref_after) / 2   # this machine is shared and noisy: average the two runs
+    rate = messages / elapsed
+    print()
+    print("%-52s %10s" % ("figure", "msgs/s"))
+    print("%-52s %10.0f" % ("smtp-source -> smtp-sink, 1 connection, before", ref_before))
+    print("%-52s %10.0f" % ("smtp-source -> smtp-sink, 1 connection, after", ref_after))
+    print("%-52s %10.0f" % ("target: 2x the mean of the two reference runs", 2 * ref))
+    print("%-52s %10.0f" % ("Exim 4.99 ATRN drain (SPEC section 9)", EXIM_DRAIN))
+    print("%-52s %10.0f   (%d messages in %.2f s, %d left in the spool)"
+          % ("odmrd ATRN drain -> relay customer -> smtp-sink", rate, messages, elapsed, left))
+    print()
+    print("result: %s (%.2fx the mean reference; %.2fx the slower run, %.2fx the faster)"
+          % ("PASS" if rate >= 2 * ref and not left else "BELOW TARGET", rate / ref,
+             rate / min(ref_before, ref_after), rate / max(ref_before, ref_after)))
+
+
+def main() -> int:
+    args = parse_args()
     for tool in (SINK, SOURCE):
         if not os.access(tool, os.X_OK):
             raise SystemExit("%s is missing (install postfix)" % tool)
 
     work = tempfile.mkdtemp(prefix="odmrd-bench-drain-")
     os.chmod(work, 0o755)
-    procs = []
+    sink = server = None
     try:
-        sink_port, odmr_port, smtp_port = free_port(), free_port(), free_port()
+        server = Server(work)
+        sink_port = free_port()
         sink = start_sink(work, sink_port)
-        procs.append(sink)
         ref_before = reference_rate(sink_port, args.reference_messages, args.size)
-
-        conf = os.path.join(work, "odmrd.conf")
-        with open(conf, "w") as fh:
-            fh.write(textwrap.dedent("""\
-                hostname = odmr.bench
-                spool_dir = spool
-                users_file = users
-                pid_file = odmrd.pid
-                allow_root = yes
-                log_level = info
-                [odmr]
-                listen = 127.0.0.1:%d
-                [smtp]
-                listen = 127.0.0.1:%d
-                """ % (odmr_port, smtp_port)))
-        accounts.add_user(os.path.join(work, "users"), "alice", ["example.org"], PASSWORD, True)
+        server.add_user("alice", ["example.org"])
         t0 = time.monotonic()
-        fill_spool(os.path.join(work, "spool"), "example.org", args.messages, args.size)
+        fill_spool(server.spool_dir, "example.org", args.messages, args.size)
         print("spooled %d messages of %d bytes in %.1f s" % (args.messages, args.size, time.monotonic() - t0))
-
-        log = open(os.path.join(work, "odmrd.log"), "wb")
-        daemon = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", conf, "serve", "-f"],
-                                  stdout=log, stderr=log)
-        procs.append(daemon)
-        wait_port(odmr_port)
-        elapsed = atrn_drain(odmr_port, sink_port, "example.org")
+        server.start()
+        elapsed = atrn_drain(server.odmr_port, sink_port, "example.org")
         ref_after = reference_rate(sink_port, args.reference_messages, args.size)
-        ref = (ref_before + ref_after) / 2   # this machine is shared and noisy: average the two runs
-        left = [n for n in os.listdir(os.path.join(work, "spool", "example.org")) if len(n) > 13 and "." not in n]
-        rate = args.messages / elapsed
-        print()
-        print("%-52s %10s" % ("figure", "msgs/s"))
-        print("%-52s %10.0f" % ("smtp-source -> smtp-sink, 1 connection, before", ref_before))
-        print("%-52s %10.0f" % ("smtp-source -> smtp-sink, 1 connection, after", ref_after))
-        print("%-52s %10.0f" % ("target: 2x the mean of the two reference runs", 2 * ref))
-        print("%-52s %10.0f" % ("Exim 4.99 ATRN drain (SPEC section 9)", EXIM_DRAIN))
-        print("%-52s %10.0f   (%d messages in %.2f s, %d left in the spool)"
-              % ("odmrd ATRN drain -> relay customer -> smtp-sink", rate, args.messages, elapsed, len(left)))
-        print()
-        print("result: %s (%.2fx the mean reference; %.2fx the slower run, %.2fx the faster)"
-              % ("PASS" if rate >= 2 * ref and not left else "BELOW TARGET", rate / ref,
-                 rate / min(ref_before, ref_after), rate / max(ref_before, ref_after)))
+        left = [n for n in os.listdir(os.path.join(server.spool_dir, "example.org")) if len(n) > 13 and "." not in n]
+        report(ref_before, ref_after, args.messages, elapsed, len(left))
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if server is not None:
+            server.stop()
+        stop_process(sink, 10)
         if args.keep:
             print("work directory kept:", work)
         else:

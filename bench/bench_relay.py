@@ -16,19 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from conftest import PASSWORD, Provider, free_port, which  # noqa: E402
-from common import wait_port  # noqa: E402
+from helpers import PASSWORD, Provider, free_port, which  # noqa: E402
+from common import stop_process, wait_port  # noqa: E402
 
 FETCHMAIL_RATE = 23.0
 TARGET_RATE = 1000.0
@@ -50,13 +50,85 @@ def enqueue(port: int, count: int, size: int) -> float:
     return time.monotonic() - started
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--local", type=int, default=500, metavar="N",
                         help="then N messages each into --maildir and --mbox (0: skip)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def start_sink(sink_bin: str) -> Tuple[subprocess.Popen, int]:
+    """smtp-sink as the customer's local SMTP server, on a free port."""
+    sink_port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    # -c prints counters on stdout: a pipe nobody reads would fill up and stall the sink
+    sink = subprocess.Popen([sink_bin] + user + ["-c", "127.0.0.1:%d" % sink_port, "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(sink_port, what="no smtp-sink")
+    return sink, sink_port
+
+
+def fetch_command(provider: Provider) -> List[str]:
+    """`odmrd fetch` for alice's example.org, without TLS and without a destination yet."""
+    # BENCH_PY_ARGS="-m cProfile -o prof.out" profiles the fetch process.
+    return [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [
+        os.path.join(ROOT, "odmrd.py"), "fetch",
+        "--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice",
+        "--tls", "none", "--domain", "example.org"]
+
+
+def time_relay(provider: Provider, base: List[str], env: Dict[str, str], sink_port: int,
+               messages: int) -> bool:
+    """Drain the backlog with --relay into the sink; print the rate and CPU beside the references."""
+    command = base + ["--relay", "127.0.0.1:%d" % sink_port]
+    started = time.monotonic()
+    before = os.times()
+    result = subprocess.run(command, env=env, capture_output=True, timeout=3600)
+    after = os.times()
+    elapsed = time.monotonic() - started
+    left = len(provider.spooled("example.org"))
+    if result.returncode != 0 or left:
+        print("fetch exited %d, %d messages left in the spool: %s"
+              % (result.returncode, left, result.stderr.decode(errors="replace").strip()))
+        return False
+    rate = messages / elapsed
+    cpu = (after.children_user - before.children_user) + \
+        (after.children_system - before.children_system)
+    own = (after.user - before.user) + (after.system - before.system)
+    print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall"
+          % (cpu, own, elapsed))
+    print("odmrd fetch --relay into smtp-sink: %d msgs in %.2fs (process start included)"
+          % (messages, elapsed))
+    print("%-34s %10s %10s" % ("figure", "measured", "reference"))
+    print("%-34s %10.0f %10.0f" % ("relay msgs/s (fetchmail)", rate, FETCHMAIL_RATE))
+    print("%-34s %10.0f %10.0f  %s" % ("relay msgs/s (target)", rate, TARGET_RATE,
+                                        "ok" if rate >= TARGET_RATE else "BELOW TARGET"))
+    return True
+
+
+def time_local(provider: Provider, base: List[str], env: Dict[str, str], work: str,
+               args: argparse.Namespace) -> bool:
+    """--local messages into a Maildir, then as many into an mbox, each fsync'd before its 250."""
+    for flag, path in (("--maildir", os.path.join(work, "Maildir")),
+                       ("--mbox", os.path.join(work, "mbox"))):
+        enqueue(provider.smtp_port, args.local, args.size)
+        started = time.monotonic()
+        result = subprocess.run(base + [flag, path], env=env, capture_output=True, timeout=3600)
+        elapsed = time.monotonic() - started
+        if result.returncode != 0 or provider.spooled("example.org"):
+            print("fetch %s exited %d: %s" % (flag, result.returncode,
+                                               result.stderr.decode(errors="replace").strip()))
+            return False
+        print("%-34s %10.0f %10.0f  (fetchmail; one durable file ~2 ms => ~%d)"
+              % ("%s msgs/s (fsync each)" % flag, args.local / elapsed, FETCHMAIL_RATE,
+                 DURABLE_FILE_RATE))
+    return True
+
+
+def main() -> int:
+    args = parse_args()
     sink_bin = which("smtp-sink")
     if not sink_bin:
         print("smtp-sink (postfix) is not installed", file=sys.stderr)
@@ -70,66 +142,17 @@ def main() -> int:
     try:
         took = enqueue(provider.smtp_port, args.messages, args.size)
         print("enqueued %d x %d bytes in %.1fs" % (args.messages, args.size, took))
-        sink_port = free_port()
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        # -c prints counters on stdout: a pipe nobody reads would fill up and stall the sink
-        sink = subprocess.Popen([sink_bin] + user + ["-c", "127.0.0.1:%d" % sink_port, "256"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(sink_port, what="no smtp-sink")
+        sink, sink_port = start_sink(sink_bin)
         env = dict(os.environ, ODMR_PASSWORD=PASSWORD)
         env.pop("ODMRD_CONFIG", None)
-        # BENCH_PY_ARGS="-m cProfile -o prof.out" profiles the fetch process.
-        command = [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [
-                   os.path.join(ROOT, "odmrd.py"), "fetch",
-                   "--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice",
-                   "--tls", "none", "--domain", "example.org",
-                   "--relay", "127.0.0.1:%d" % sink_port]
-        started = time.monotonic()
-        before = os.times()
-        result = subprocess.run(command, env=env, capture_output=True, timeout=3600)
-        after = os.times()
-        elapsed = time.monotonic() - started
-        left = len(provider.spooled("example.org"))
-        if result.returncode != 0 or left:
-            print("fetch exited %d, %d messages left in the spool: %s"
-                  % (result.returncode, left, result.stderr.decode(errors="replace").strip()))
+        base = fetch_command(provider)
+        if not time_relay(provider, base, env, sink_port, args.messages):
             return 1
-        rate = args.messages / elapsed
-        cpu = (after.children_user - before.children_user) + \
-            (after.children_system - before.children_system)
-        own = (after.user - before.user) + (after.system - before.system)
-        print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall"
-              % (cpu, own, elapsed))
-        print("odmrd fetch --relay into smtp-sink: %d msgs in %.2fs (process start included)"
-              % (args.messages, elapsed))
-        print("%-34s %10s %10s" % ("figure", "measured", "reference"))
-        print("%-34s %10.0f %10.0f" % ("relay msgs/s (fetchmail)", rate, FETCHMAIL_RATE))
-        print("%-34s %10.0f %10.0f  %s" % ("relay msgs/s (target)", rate, TARGET_RATE,
-                                            "ok" if rate >= TARGET_RATE else "BELOW TARGET"))
-        if args.local:
-            base = command[:command.index("--relay")]
-            for flag, path in (("--maildir", os.path.join(work, "Maildir")),
-                               ("--mbox", os.path.join(work, "mbox"))):
-                enqueue(provider.smtp_port, args.local, args.size)
-                started = time.monotonic()
-                result = subprocess.run(base + [flag, path], env=env, capture_output=True, timeout=3600)
-                elapsed = time.monotonic() - started
-                if result.returncode != 0 or provider.spooled("example.org"):
-                    print("fetch %s exited %d: %s" % (flag, result.returncode,
-                                                       result.stderr.decode(errors="replace").strip()))
-                    return 1
-                print("%-34s %10.0f %10.0f  (fetchmail; one durable file ~2 ms => ~%d)"
-                      % ("%s msgs/s (fsync each)" % flag, args.local / elapsed, FETCHMAIL_RATE,
-                         DURABLE_FILE_RATE))
+        if args.local and not time_local(provider, base, env, work, args):
+            return 1
         return 0
     finally:
-        if sink is not None:
-            sink.send_signal(signal.SIGTERM)
-            try:
-                sink.wait(5)
-            except subprocess.TimeoutExpired:
-                sink.kill()
-                sink.wait()
+        stop_process(sink, 5)
         provider.stop()
         shutil.rmtree(work, ignore_errors=True)
 

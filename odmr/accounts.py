@@ -135,54 +135,62 @@ def load(path: str, check_mode: bool = True) -> Accounts:
     numbers = line_numbers(path)
     problems: List[str] = []
     accounts = []
-
-    def at(name: str, key: str = "") -> str:
-        number = numbers.get(((name,), key))
-        return " (line %d)" % number if number else ""
-
     for name in raw.sections:
-        section = raw[name]
-        where = "%s: [%s]%s" % (path, name, at(name))
+        where = "%s: [%s]%s" % (path, name, _line(numbers, (name,)))
         if not valid_account_name(name):
             problems.append("%s: invalid account name" % where)
             continue
-        for key in section.keys():
-            if key not in _KEYS:
-                problems.append("%s: unknown key %s%s" % (where, key, at(name, key)))
-        for sub in section.sections:
-            problems.append("%s: unexpected subsection %s" % (where, sub))
-        domains = _normalized_list(section, "domains", where, problems)
-        if not domains:
-            problems.append("%s: domains: at least one domain is needed" % where)
-        shared = _normalized_list(section, "shared_domains", where, problems)
-        for domain in shared:
-            if domain not in domains:
-                problems.append("%s: shared_domains: %s is not one of the account's domains"
-                                % (where, domain))
-        scram = None
-        if section.get("scram_sha_256"):
-            try:
-                scram = ScramSecret.from_string(section["scram_sha_256"])
-            except ValueError:
-                problems.append("%s: scram_sha_256: malformed" % where)
-        cram = None
-        if section.get("cram_md5"):
-            try:
-                cram = _decode_cram(section["cram_md5"])
-            except (ValueError, binascii.Error, UnicodeDecodeError):
-                problems.append("%s: cram_md5: malformed" % where)
-        if scram is None and cram is None and not section.get("client_cert"):
-            problems.append("%s: no credentials" % where)
-        accounts.append(Account(name, tuple(dict.fromkeys(domains)), scram, cram,
-                                str(section.get("client_cert", "")), tuple(dict.fromkeys(shared))))
+        accounts.append(_account(name, raw[name], where, numbers, problems))
     for key in raw.scalars:
-        number = numbers.get(((), key))
         problems.append("%s: %s%s: values must be inside an [account] section"
-                        % (path, key, " (line %d)" % number if number else ""))
+                        % (path, key, _line(numbers, (), key)))
     problems.extend(_ownership_problems(path, accounts))
     if problems:
         raise AccountsError("\n".join(problems))
     return Accounts(accounts, path)
+
+
+_LineNumbers = Dict[Tuple[Tuple[str, ...], str], int]
+
+
+def _line(numbers: _LineNumbers, section: Tuple[str, ...], key: str = "") -> str:
+    """" (line N)" for an error message, when the line is known."""
+    number = numbers.get((section, key))
+    return " (line %d)" % number if number else ""
+
+
+def _account(name: str, section, where: str, numbers: _LineNumbers, problems: List[str]) -> Account:
+    """One [account] section; what is wrong with it goes to `problems` (the account is
+    still returned, so that every problem of the file is listed at once)."""
+    for key in section.keys():
+        if key not in _KEYS:
+            problems.append("%s: unknown key %s%s" % (where, key, _line(numbers, (name,), key)))
+    for sub in section.sections:
+        problems.append("%s: unexpected subsection %s" % (where, sub))
+    domains = _normalized_list(section, "domains", where, problems)
+    if not domains:
+        problems.append("%s: domains: at least one domain is needed" % where)
+    shared = _normalized_list(section, "shared_domains", where, problems)
+    for domain in shared:
+        if domain not in domains:
+            problems.append("%s: shared_domains: %s is not one of the account's domains"
+                            % (where, domain))
+    scram = None
+    if section.get("scram_sha_256"):
+        try:
+            scram = ScramSecret.from_string(section["scram_sha_256"])
+        except ValueError:
+            problems.append("%s: scram_sha_256: malformed" % where)
+    cram = None
+    if section.get("cram_md5"):
+        try:
+            cram = _decode_cram(section["cram_md5"])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            problems.append("%s: cram_md5: malformed" % where)
+    if scram is None and cram is None and not section.get("client_cert"):
+        problems.append("%s: no credentials" % where)
+    return Account(name, tuple(dict.fromkeys(domains)), scram, cram,
+                   str(section.get("client_cert", "")), tuple(dict.fromkeys(shared)))
 
 
 def _normalized_list(section, key: str, where: str, problems: List[str]) -> List[str]:

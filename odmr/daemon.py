@@ -29,6 +29,7 @@ import time
 from typing import List, Optional, Tuple
 
 from odmr import config as config_mod
+from odmr.config import Settings
 from odmr import ports
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OK, EX_OSERR,
                          EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE)
@@ -120,7 +121,7 @@ def syslog_handler() -> Optional[logging.Handler]:
     return None
 
 
-def fallback_log_file(settings) -> str:
+def fallback_log_file(settings: Settings) -> str:
     """Where a detached daemon logs without syslog: `log_file`, /var/log/odmrd.log, or beside the pid file."""
     if settings.log_file:
         return settings.log_file
@@ -129,7 +130,7 @@ def fallback_log_file(settings) -> str:
     return os.path.join(os.path.dirname(settings.pid_file), "odmrd.log")
 
 
-def log_target(settings, foreground: bool) -> Tuple[str, str]:
+def log_target(settings: Settings, foreground: bool) -> Tuple[str, str]:
     """Decide where logs go: ("stderr", ""), ("syslog", "") or ("file", path)."""
     wants_syslog = settings.syslog == "yes" or (settings.syslog == "auto" and not foreground)
     if wants_syslog:
@@ -202,7 +203,7 @@ def _user_entry(settings):
                           % (settings.user, settings.path)) from None
 
 
-def account_problem(settings) -> Optional[str]:
+def account_problem(settings: Settings) -> Optional[str]:
     """What `serve` would refuse about the service account, also asked when not root
     (check-config: the init script starts the daemon as root)."""
     try:
@@ -214,7 +215,7 @@ def account_problem(settings) -> Optional[str]:
     return None
 
 
-def service_account(settings) -> Optional[Account]:
+def service_account(settings: Settings) -> Optional[Account]:
     """The account to drop to, None to stay as we are; refuses root without `user`."""
     if os.geteuid() != 0:
         return None
@@ -255,7 +256,7 @@ def _blocker(path: str, uid: int, groups: List[int], need: int) -> Optional[str]
     return None
 
 
-def spool_problems(settings, account: Optional[Account]) -> List[str]:
+def spool_problems(settings: Settings, account: Optional[Account]) -> List[str]:
     """What keeps the account the daemon runs as from using the spool, each naming the
     directory at fault: `serve` refuses to start on any of them, so check-config asks too."""
     uid, groups, name = _identity(account)
@@ -291,7 +292,7 @@ def _unusable(path: str, uid: int, groups: List[int], name: str) -> str:
     return "spool directory %s is not writable by %s: %s" % (path, name, fix)
 
 
-def log_file_problems(settings) -> List[str]:
+def log_file_problems(settings: Settings) -> List[str]:
     """A log file whose directory is missing: `serve` (detached, without syslog) stops
     at start-up on it, so an init script's restart would take the daemon down."""
     path = settings.log_file
@@ -301,7 +302,7 @@ def log_file_problems(settings) -> List[str]:
             % (path, os.path.dirname(os.path.abspath(path)))]
 
 
-def listen_problems(settings) -> List[str]:
+def listen_problems(settings: Settings) -> List[str]:
     """Listen addresses this host does not have, or that another program holds: binding
     them fails after a restart has already stopped the running daemon."""
     try:
@@ -319,7 +320,7 @@ def listen_problems(settings) -> List[str]:
     return problems
 
 
-def pid_file_problems(settings) -> List[str]:
+def pid_file_problems(settings: Settings) -> List[str]:
     """A pid file `serve` could neither write nor make the directory of (it runs as the
     caller until the pid file is written)."""
     path = os.path.abspath(settings.pid_file)
@@ -384,7 +385,7 @@ def _parents(path: str) -> List[str]:
     return list(reversed(parents))
 
 
-def files_the_service_reads(settings) -> List[Tuple[str, str]]:
+def files_the_service_reads(settings: Settings) -> List[Tuple[str, str]]:
     """(path, what) of every file a reload reads again, after privileges are dropped."""
     from odmr.accounts import secret_path
     files = [(settings.path, "configuration file"), (settings.users_file, "users file"),
@@ -397,7 +398,7 @@ def files_the_service_reads(settings) -> List[Tuple[str, str]]:
     return files
 
 
-def unreadable_problems(settings, account: Optional[Account]) -> List[str]:
+def unreadable_problems(settings: Settings, account: Optional[Account]) -> List[str]:
     """One line per file the service account could not read, with the fix: the daemon
     would start (root reads them before dropping privileges), but every reload would fail."""
     uid, groups, name = _identity(account)

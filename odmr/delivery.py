@@ -3,8 +3,10 @@
 Built on `smtplib.SMTP`, given the session's socket and its buffered reader
 (so nothing the customer already sent is lost) in a `Handoff`. The SMTP client
 only, like a Postfix delivery agent: the messages come from the queue manager
-(`queuemgr`), and every reply goes back to it as one result per recipient; it
-records them, spools DSNs and retires what is done. Nothing here opens a file.
+(`queuemgr`) and every reply goes back to it as one result per recipient. What a
+reply means for the message (its state, a DSN, its retirement) is decided and
+written there, so that delivery and the bounce relay share one recording and
+nothing here opens a file.
 
 Speed: with PIPELINING the end-of-data dot of one message travels in the same
 write as the next message's MAIL/RCPT/DATA (RFC 2920 allows commands after
@@ -33,7 +35,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 from odmr.folding import LineBreaker, break_long_lines
 from odmr.queuemgr import Drain, QueueManager, reply_text
@@ -78,8 +80,8 @@ class ReversedClient(smtplib.SMTP):
 
     ehlo_msg = "EHLO"
 
-    def __init__(self, sock: socket.socket, rfile, local_hostname: str, one_line_per_write: bool = False,
-                 stop: Optional[threading.Event] = None):
+    def __init__(self, sock: socket.socket, rfile: BinaryIO, local_hostname: str,
+                 one_line_per_write: bool = False, stop: Optional[threading.Event] = None):
         super().__init__(local_hostname=local_hostname, timeout=TIMEOUTS.greeting)
         self.sock = sock
         self.file = rfile
@@ -96,7 +98,7 @@ class ReversedClient(smtplib.SMTP):
             self.sock.settimeout(seconds)
             self._current_timeout = seconds
 
-    def send(self, s) -> None:
+    def send(self, s: Union[str, bytes]) -> None:
         """Write everything; a customer that stops reading is cut at the data-block timeout."""
         if isinstance(s, str):
             s = s.encode("utf-8")
@@ -119,7 +121,7 @@ class ReversedClient(smtplib.SMTP):
             return "cut: the service is stopping (grace period over)"
         return why
 
-    def getreply(self):
+    def getreply(self) -> Tuple[int, bytes]:
         """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
         self.set_timeout(TIMEOUTS.mail)
         code, text = self.read_reply("EHLO")
@@ -469,12 +471,12 @@ class Run:
 
     # -- with PIPELINING: the dot travels with the next MAIL/RCPT/DATA ----------
     def _pipelined(self, jobs: Iterator[Job]) -> bool:
-        client = self.client
+        """One write per message: its MAIL, RCPTs and DATA go out with the previous
+        message's text and end-of-data dot; then every reply owed is read, in order."""
         expect: Deque[Expect] = deque()                    # replies owed for what was sent
         later: List[Expect] = []                           # replies owed for what is in `outbox`
         outbox: List[bytes] = []
         in_flight: List[Job] = []
-        wait = self._wait
         upcoming = next(jobs, None)
         with self._replies_owed(in_flight):
             while True:
@@ -484,56 +486,82 @@ class Run:
                 elif in_flight or outbox:
                     log.info("delivery: %s stopping: the rest waits for the next ATRN", self.peer)
                 if job is not None:
-                    job.sent = True
-                    in_flight.append(job)
-                    outbox.append((self._mail_command(job.message) + self._rcpt_commands(job)
-                                   + "DATA\r\n").encode("utf-8"))
-                    later.append(("MAIL", job, ""))
-                    later.extend(("RCPT", job, r) for r in job.rcpts)
-                    later.append(("DATA", job, ""))
+                    self._queue_commands(job, in_flight, outbox, later)
                 if not outbox:
                     return True
-                client.send(b"".join(outbox))
-                outbox = []
+                self.client.send(b"".join(outbox))
+                outbox.clear()
                 expect.extend(later)
-                later = []
+                later.clear()
                 self.queue.flush_logs()            # while the replies travel: log, read the next message
                 if job is not None:
                     upcoming = next(jobs, None)
-                while expect:
-                    kind, item, rcpt = expect.popleft()
-                    reply = client.reply_at(wait[kind], kind)
-                    if kind == "DATA" and reply[0] == 354:
-                        if item.mail_ok and item.accepted and self.queue.must_stop:
-                            # its commands went out with the last dot, before that result could
-                            # not be recorded: after a 354 only hanging up sends nothing more
-                            raise ConnectionLost("results cannot be recorded: connection closed "
-                                                 "in DATA, so that nothing more is delivered")
-                        if item.mail_ok and item.accepted:
-                            outbox.append(self._send_body(item))
-                            later.append(("FINAL", item, ""))
-                            continue
-                        outbox.append(b".\r\n")          # out-of-step server opened DATA anyway
-                        later.append(("DISCARD", None, ""))
-                    else:
-                        reply = self._expect(reply, kind)
-                        if kind == "DATA" and _ok(reply):
-                            raise OutOfStep("reply to DATA out of step: %s" % _fmt(*reply))
-                    if kind in ("MAIL", "RCPT"):
-                        self._envelope_reply(item, kind, rcpt, reply)
-                    elif kind in ("DATA", "FINAL"):
-                        if reply[0] != 354:
-                            for r in item.accepted:
-                                item.results[r] = reply
-                        if kind == "DATA" and item.mail_ok and reply[0] != 421:
-                            outbox.append(b"RSET\r\n")   # close the half-open transaction
-                            later.append(("RSET", None, ""))
-                        in_flight.remove(item)
-                        # recorded (and retired) before the next end-of-data dot goes out:
-                        # a crash then re-delivers at most the one message in flight
-                        self._complete(item)
-                    if reply[0] == 421:
-                        return self._closing(in_flight, reply, charge_unanswered=False)
+                if not self._read_pipelined(expect, in_flight, outbox, later):
+                    return False
+
+    def _queue_commands(self, job: Job, in_flight: List[Job], outbox: List[bytes],
+                        later: List[Expect]) -> None:
+        job.sent = True
+        in_flight.append(job)
+        outbox.append((self._mail_command(job.message) + self._rcpt_commands(job)
+                       + "DATA\r\n").encode("utf-8"))
+        later.append(("MAIL", job, ""))
+        later.extend(("RCPT", job, r) for r in job.rcpts)
+        later.append(("DATA", job, ""))
+
+    def _read_pipelined(self, expect: Deque[Expect], in_flight: List[Job], outbox: List[bytes],
+                        later: List[Expect]) -> bool:
+        """Every reply owed, in order; what the replies call for (a text, a RSET) goes into
+        `outbox` to travel with the next commands. False when the customer said 421."""
+        client = self.client
+        wait = self._wait
+        while expect:
+            kind, item, rcpt = expect.popleft()
+            reply = client.reply_at(wait[kind], kind)
+            if kind == "DATA" and reply[0] == 354:
+                if self._open_data(item, outbox, later):
+                    continue
+            else:
+                reply = self._expect(reply, kind)
+                if kind == "DATA" and _ok(reply):
+                    raise OutOfStep("reply to DATA out of step: %s" % _fmt(*reply))
+            if kind in ("MAIL", "RCPT"):
+                self._envelope_reply(item, kind, rcpt, reply)
+            elif kind in ("DATA", "FINAL"):
+                self._data_result(item, kind, reply, in_flight, outbox, later)
+            if reply[0] == 421:
+                return self._closing(in_flight, reply, charge_unanswered=False)
+        return True
+
+    def _open_data(self, job: Job, outbox: List[bytes], later: List[Expect]) -> bool:
+        """DATA was answered 354: True when the text follows; False when the transaction
+        has nothing to deliver and only an empty text (the dot) closes it."""
+        if job.mail_ok and job.accepted and self.queue.must_stop:
+            # its commands went out with the last dot, before that result could
+            # not be recorded: after a 354 only hanging up sends nothing more
+            raise ConnectionLost("results cannot be recorded: connection closed "
+                                 "in DATA, so that nothing more is delivered")
+        if job.mail_ok and job.accepted:
+            outbox.append(self._send_body(job))
+            later.append(("FINAL", job, ""))
+            return True
+        outbox.append(b".\r\n")          # out-of-step server opened DATA anyway
+        later.append(("DISCARD", None, ""))
+        return False
+
+    def _data_result(self, job: Job, kind: str, reply: Reply, in_flight: List[Job],
+                     outbox: List[bytes], later: List[Expect]) -> None:
+        """The reply that ends a message's transaction (DATA refused, or the end of data)."""
+        if reply[0] != 354:
+            for r in job.accepted:
+                job.results[r] = reply
+        if kind == "DATA" and job.mail_ok and reply[0] != 421:
+            outbox.append(b"RSET\r\n")   # close the half-open transaction
+            later.append(("RSET", None, ""))
+        in_flight.remove(job)
+        # recorded (and retired) before the next end-of-data dot goes out:
+        # a crash then re-delivers at most the one message in flight
+        self._complete(job)
 
     @contextlib.contextmanager
     def _replies_owed(self, in_flight: List[Job]) -> Iterator[None]:

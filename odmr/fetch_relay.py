@@ -25,7 +25,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Deque, Optional
+from typing import BinaryIO, Callable, Deque, Optional, Tuple
 
 from odmr.fetch_tally import DATA, END, GREETING, Tally
 from odmr.wire import take_buffered
@@ -84,21 +84,40 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
            progress: Optional[Callable[[str], None]] = None) -> SpliceResult:
     """Move bytes until both directions have ended (first what `reader`, the ATRN
     negotiation's Turnaround.file, already holds); never raises for network trouble."""
-    p = _Side("provider", provider)
-    l = _Side("local", local)
-    p.other, l.other = l, p
-    sides = (p, l)
-    tls_sides = [side for side in sides if side.tls]
     follower = _Follower()
-    p.follow, l.follow = follower.from_provider, follower.from_local
-    for side in sides:
-        _nodelay(side.sock)
-        side.sock.setblocking(False)
+    p, l = _pair(provider, local, follower)
     leftover = take_buffered(reader, limit=CHUNK)     # the sockets are non-blocking by now
     follower.from_provider(leftover)
     l.out += leftover
+    deadline_reason = _pump(p, l, idle_timeout)
+    clean = _last_line(p.tail).upper() == b"QUIT" and _last_line(l.tail)[:3] == b"221"
+    reason = deadline_reason or p.error or l.error or "closed"
+    if progress:
+        progress("splice ended (%s): %d bytes from provider, %d from local server"
+                 % (reason, p.count, l.count))
+    return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
+                        tally=follower.tally)
+
+
+def _pair(provider: socket.socket, local: socket.socket, follower: "_Follower") -> Tuple[_Side, _Side]:
+    """The two sides, each the other's destination and followed by `follower`,
+    made non-blocking with TCP_NODELAY."""
+    p = _Side("provider", provider)
+    l = _Side("local", local)
+    p.other, l.other = l, p
+    p.follow, l.follow = follower.from_provider, follower.from_local
+    for side in (p, l):
+        _nodelay(side.sock)
+        side.sock.setblocking(False)
+    return p, l
+
+
+def _pump(p: _Side, l: _Side, idle_timeout: float) -> str:
+    """The selector loop: "" once both directions have ended, else why it gave up
+    ("timeout": idle or lingering too long; "stalled": nothing left to wait for)."""
+    sides = (p, l)
+    tls_sides = [side for side in sides if side.tls]
     sel = selectors.DefaultSelector()
-    deadline_reason = ""
     last_activity = time.monotonic()
     linger_from: Optional[float] = None
     try:
@@ -112,13 +131,11 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
             if linger_from is not None:
                 limit = min(limit, linger_from + LINGER)
             if now >= limit:
-                deadline_reason = "timeout"
-                break
+                return "timeout"
             # Data OpenSSL holds already decrypted is invisible to the selector: take it first.
             ready = [s for s in tls_sides if s.reading and _may_read(s) and _pending(s)]
             if not ready and not (p.events or l.events):
-                deadline_reason = "stalled"
-                break
+                return "stalled"
             events = sel.select(0 if ready else limit - now)
             if events or ready:
                 last_activity = now
@@ -134,13 +151,7 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
                 _update(sel, side)
     finally:
         sel.close()
-    clean = _last_line(p.tail).upper() == b"QUIT" and _last_line(l.tail)[:3] == b"221"
-    reason = deadline_reason or p.error or l.error or "closed"
-    if progress:
-        progress("splice ended (%s): %d bytes from provider, %d from local server"
-                 % (reason, p.count, l.count))
-    return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
-                        tally=follower.tally)
+    return ""
 
 
 class _Follower:

@@ -17,10 +17,14 @@ import socket
 import ssl
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Dict, List, Optional, Tuple
 
 from odmr import qshape
+from odmr.spool import Message
 from odmr.tcpserver import BoundServer
+
+if TYPE_CHECKING:                   # queuemgr imports this module
+    from odmr.queuemgr import Drain
 
 log = logging.getLogger("odmrd.metrics")
 
@@ -54,7 +58,7 @@ Labels = Tuple[Tuple[str, str], ...]
 class Registry:
     """Counters by (name, labels); thread-safe, process-wide."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: Dict[Tuple[str, Labels], float] = {}
 
@@ -75,15 +79,20 @@ class Registry:
 REGISTRY = Registry()
 
 
+# A session as `status` shows it: a wire.Session, or an intake worker's
+# intake_workers.HandedSession (None once gone); only what it has is read.
+Shown = Any
+
+
 class Activity:
     """Live sessions (per listening port) and deliveries in progress."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: Dict[int, Tuple[object, int, float]] = {}      # id -> (session, port, since)
         self._deliveries: Dict[int, List] = {}     # id -> [drain, since, messages sent]
 
-    def session_opened(self, session, port: int = 0) -> None:
+    def session_opened(self, session: Shown, port: int = 0) -> None:
         """`port`: for a session served elsewhere (an intake worker), without its socket."""
         try:
             port = port or session.sock.getsockname()[1]
@@ -92,21 +101,21 @@ class Activity:
         with self._lock:
             self._sessions[id(session)] = (session, port, time.time())
 
-    def session_closed(self, session) -> None:
+    def session_closed(self, session: Shown) -> None:
         with self._lock:
             self._sessions.pop(id(session), None)
 
-    def delivery_began(self, drain) -> None:
+    def delivery_began(self, drain: Drain) -> None:
         with self._lock:
             self._deliveries[id(drain)] = [drain, time.time(), 0]
 
-    def delivery_sent(self, drain) -> None:
+    def delivery_sent(self, drain: Drain) -> None:
         with self._lock:
             entry = self._deliveries.get(id(drain))
             if entry is not None:
                 entry[2] += 1
 
-    def delivery_ended(self, drain) -> None:
+    def delivery_ended(self, drain: Drain) -> None:
         with self._lock:
             self._deliveries.pop(id(drain), None)
 
@@ -145,7 +154,7 @@ class Activity:
 ACTIVITY = Activity()
 
 
-def session_state(session, reversed_peers=frozenset()) -> str:
+def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()) -> str:
     """What a session is doing, from what it already keeps (no bookkeeping of its own)."""
     if hasattr(session, "account"):                 # the ODMR port
         if session.peer in reversed_peers:
@@ -163,7 +172,7 @@ def message_received(queue: str, size: int, count: int = 1) -> None:
     qshape.BACKLOG.added(queue, size, count)
 
 
-def delivery_recorded(drain, message, results: Dict[str, Tuple[int, str]]) -> None:
+def delivery_recorded(drain: Drain, message: Message, results: Dict[str, Tuple[int, str]]) -> None:
     """One message's replies from a customer (queuemgr.Drain.record)."""
     codes = [code for code, _ in results.values()]
     if any(200 <= c < 300 for c in codes):
@@ -179,7 +188,7 @@ def delivery_recorded(drain, message, results: Dict[str, Tuple[int, str]]) -> No
         qshape.BACKLOG.removed(message.domain, message.size)
 
 
-def delivery_lost(drain, recipients: int) -> None:
+def delivery_lost(drain: Drain, recipients: int) -> None:
     """The connection broke with a message in flight: its recipients wait."""
     REGISTRY.count("odmrd_recipients_deferred_total", recipients)
 
@@ -280,7 +289,7 @@ def _hang_up(request) -> None:
 class CertificateExpiry:
     """notAfter of the configured certificate, cached by the file's identity."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: Optional[tuple] = None
         self._value: Optional[float] = None
@@ -353,10 +362,10 @@ class MetricsServer(BoundServer, http.server.HTTPServer):
         self._busy = threading.Semaphore(MAX_SCRAPERS)
         super().__init__(address, _Handler)
 
-    def verify_request(self, request, client_address) -> bool:
+    def verify_request(self, request: socket.socket, client_address: Tuple[Any, ...]) -> bool:
         return self._busy.acquire(blocking=False)
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: socket.socket, client_address: Tuple[Any, ...]) -> None:
         # a whole request within REQUEST_DEADLINE: a client trickling bytes cannot hold one
         # of the MAX_SCRAPERS places longer (each read alone has its own timeout)
         cut = threading.Timer(REQUEST_DEADLINE, _hang_up, args=(request,))
@@ -368,7 +377,7 @@ class MetricsServer(BoundServer, http.server.HTTPServer):
             cut.cancel()
             self._busy.release()
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: socket.socket, client_address: Tuple[Any, ...]) -> None:
         log.debug("metrics: error answering %s", client_address[0], exc_info=True)
 
     def start(self) -> threading.Thread:

@@ -23,7 +23,7 @@ from odmr.delivery import Handoff, deliver_reversed
 from odmr.names import normalize_domain
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
-from odmr.spool import DomainBusy, describe_error
+from odmr.spool import DomainBusy, DomainClaim, describe_error
 from odmr.wire import MAX_COMMAND_LINE, LineTooLong, Session, split_sp
 
 log = logging.getLogger("odmrd.odmr")
@@ -310,6 +310,18 @@ class ODMRSession(Session):
         except ATRNSyntaxError as exc:
             log.info("odmr: %s ATRN syntax error: %s", self.peer, str(exc))
             return self.refuse(replies.ATRN_SYNTAX)
+        domains = self._permitted_domains(account, requested)
+        if domains is None:
+            return
+        claim = self._claim(domains, account.name)
+        if claim is None:
+            return
+        with claim:
+            self._reverse_if_mail(domains, account.name)
+
+    def _permitted_domains(self, account: Account, requested: List[str]) -> Optional[List[str]]:
+        """The domains asked for (all the account's when none are), if the account as it
+        is now still holds every one; else None, refused and logged."""
         if self.latest is not None:
             # the account as it is now: deleted since AUTH, or a domain taken away, counts
             self.runtime = self.latest()
@@ -318,7 +330,7 @@ class ODMRSession(Session):
                 log.warning("odmr: %s (%s) ATRN refused: the account no longer exists",
                             self.peer, account.name)
                 self.reply(*replies.ATRN_REFUSED)
-                return
+                return None
             account = self.account = current
         domains = requested or list(account.domains)
         foreign = [d for d in domains if d not in account.domains]
@@ -326,37 +338,40 @@ class ODMRSession(Session):
             log.warning("odmr: %s (%s) ATRN %s refused: not the account's domains: %s",
                         self.peer, account.name, ",".join(domains), ",".join(foreign))
             self.reply(*replies.ATRN_REFUSED)
-            return
-        spool = self.runtime.spool
+            return None
+        return domains
+
+    def _claim(self, domains: List[str], name: str) -> Optional[DomainClaim]:
+        """The domains' claim; None when another session holds one or the spool cannot
+        be claimed (451 sent and logged)."""
         try:
-            claim = _claim_soon(spool, domains)
+            return _claim_soon(self.runtime.spool, domains)
         except DomainBusy as busy:
             log.info("odmr: %s (%s) ATRN %s: %s is being delivered by another session",
-                     self.peer, account.name, ",".join(domains), busy)
-            self.reply(*replies.ATRN_BUSY)
-            return
+                     self.peer, name, ",".join(domains), busy)
         except OSError as exc:
             log.error("odmr: %s (%s) ATRN %s: 451, cannot claim the spool: %s", self.peer,
-                      account.name, ",".join(domains), describe_error(exc))
-            self.reply(*replies.ATRN_BUSY)
+                      name, ",".join(domains), describe_error(exc))
+        self.reply(*replies.ATRN_BUSY)
+        return None
+
+    def _reverse_if_mail(self, domains: List[str], name: str) -> None:
+        """Under the claim: 250 and the hand-over to delivery, unless the queue cannot
+        record results (451) or holds nothing for the domains (453)."""
+        trouble = self.queue.trouble(self.runtime, domains)
+        if trouble:     # results could not be recorded: the mail would come again and again
+            # (before 453: what it retries may empty the queue)
+            log.error("odmr: %s (%s) ATRN %s: 451, %s", self.peer, name, ",".join(domains), trouble)
+            self.reply(*replies.SPOOL_UNCHANGEABLE)
             return
-        with claim:
-            trouble = self.queue.trouble(self.runtime, domains)
-            if trouble:     # results could not be recorded: the mail would come again and again
-                # (before 453: what it retries may empty the queue)
-                log.error("odmr: %s (%s) ATRN %s: 451, %s", self.peer, account.name,
-                          ",".join(domains), trouble)
-                self.reply(*replies.SPOOL_UNCHANGEABLE)
-                return
-            if not any(spool.has_mail(d) for d in domains):
-                log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, account.name, ",".join(domains))
-                self.reply(*replies.NO_MAIL)
-                return
-            log.info("odmr: %s (%s) ATRN %s: reversing the connection",
-                     self.peer, account.name, ",".join(domains))
-            self.reply(*replies.ATRN_OK)
-            self.closing = True
-            self._hand_over(tuple(domains))
+        if not any(self.runtime.spool.has_mail(d) for d in domains):
+            log.info("odmr: %s (%s) ATRN %s: no mail", self.peer, name, ",".join(domains))
+            self.reply(*replies.NO_MAIL)
+            return
+        log.info("odmr: %s (%s) ATRN %s: reversing the connection", self.peer, name, ",".join(domains))
+        self.reply(*replies.ATRN_OK)
+        self.closing = True
+        self._hand_over(tuple(domains))
 
     def _hand_over(self, domains) -> None:
         """The connection is delivery's now (the claim is held by the caller)."""

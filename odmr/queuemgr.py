@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 from odmr import metrics
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
+from odmr.runtime import Runtime
 from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
 
 log = logging.getLogger("odmrd.delivery")
@@ -80,7 +81,7 @@ class QueueManager:
         with self._guard:
             return {i: m for (d, i), m in self._unrecorded.items() if d == domain}
 
-    def trouble(self, runtime, domains: Sequence[str]) -> Optional[str]:
+    def trouble(self, runtime: Runtime, domains: Sequence[str]) -> Optional[str]:
         """Why results for these (claimed) domains could not be recorded now, or None.
 
         Retries first what earlier sessions could not write. A full disk is no reason
@@ -103,7 +104,7 @@ class QueueManager:
                                 "kept in memory", domain, message.id, exc)
         return None
 
-    def settle(self, runtime, message: Message) -> None:
+    def settle(self, runtime: Runtime, message: Message) -> None:
         """Write what a session could not: the DSN owed, then the state or the retirement.
         Raises OSError or SpoolError (the message stays remembered)."""
         state = message.state
@@ -121,8 +122,10 @@ class QueueManager:
         self.forget(message)
         log.info("delivery: results of %s/%s recorded at last", message.domain, message.id)
 
-    def drain(self, runtime, domains: Sequence[str]) -> "Drain":
-        """The queue side of one delivery session over `domains` (already claimed)."""
+    def drain(self, runtime: Runtime, domains: Sequence[str]) -> "Drain":
+        """A delivery session takes its messages and gives its results through this, so
+        that the SMTP client never touches the spool; `domains` must be claimed already,
+        or another session could deliver the same messages at the same time."""
         return Drain(self, runtime, domains)
 
     def _removal_sync(self) -> "_RemovalSync":
@@ -154,7 +157,7 @@ class Recorder:
     who = "delivery"                            # the log lines' prefix
     log = log                                   # and their logger
 
-    def __init__(self, runtime, spool: Spool):
+    def __init__(self, runtime: Runtime, spool: Spool):
         self.runtime = runtime
         self.spool = spool
         self.delivered = self.deferred = self.failed = 0
@@ -284,7 +287,7 @@ class Recorder:
 class Drain(Recorder):
     """One delivery session's dealings with the queue: messages out, results in."""
 
-    def __init__(self, manager: QueueManager, runtime, domains: Sequence[str]):
+    def __init__(self, manager: QueueManager, runtime: Runtime, domains: Sequence[str]):
         super().__init__(runtime, manager.spool)
         self.manager = manager
         self.domains = list(domains)
@@ -316,7 +319,9 @@ class Drain(Recorder):
                 yield message, body, [r.address for r in pending]
 
     def text(self, message: Message) -> Iterator[bytes]:
-        """The message text in CHUNK-sized pieces (for those too big to be held)."""
+        """A text too big to be held (`messages` gives the small ones whole) streamed in
+        CHUNK-sized pieces: memory stays bounded whatever the size, and delivery still
+        opens no file."""
         with message.open_data() as fh:
             while True:
                 chunk = fh.read(CHUNK)
@@ -420,7 +425,7 @@ def _overlaid(state: State, kept: State) -> State:
 
 
 # -- DSN hand-off ---------------------------------------------------------------
-def notify_failed(runtime, message: Message, failed: Dict[str, str]) -> None:
+def notify_failed(runtime: Runtime, message: Message, failed: Dict[str, str]) -> None:
     """Queue a failure DSN for the recipients of `failed` whose sender wants one (RFC 3461
     NOTIFY). Raises SpoolError or OSError when it cannot be queued."""
     wanted = _dsn_wanted(message, failed)
@@ -428,7 +433,7 @@ def notify_failed(runtime, message: Message, failed: Dict[str, str]) -> None:
         send_dsn(runtime.spool, runtime.hosted_domains(), runtime.hostname, message, wanted)
 
 
-def notify_delayed(runtime, message: Message, reason: str) -> bool:
+def notify_delayed(runtime: Runtime, message: Message, reason: str) -> bool:
     """Queue an `Action: delayed` DSN for the pending recipients whose sender did not
     ask otherwise (RFC 3461 NOTIFY without DELAY, or NEVER); False if none was wanted."""
     wanted = {r.address: reason for r in message.pending()
@@ -437,7 +442,7 @@ def notify_delayed(runtime, message: Message, reason: str) -> bool:
                                           runtime.hostname, message, wanted, action="delayed"))
 
 
-def notify_relayed(runtime, message: Message, delivered: Dict[str, str]) -> None:
+def notify_relayed(runtime: Runtime, message: Message, delivered: Dict[str, str]) -> None:
     """RFC 3461 §6.2.2.2: a customer without DSN took recipients whose sender asked for
     NOTIFY=SUCCESS; the notice that the message left DSN's reach is ours to send."""
     wanted = {r.address: delivered[r.address] for r in message.envelope.recipients
@@ -447,7 +452,7 @@ def notify_relayed(runtime, message: Message, delivered: Dict[str, str]) -> None
                  action="relayed")
 
 
-def return_to_sender(runtime, message: Message, reply: str) -> None:
+def return_to_sender(runtime: Runtime, message: Message, reply: str) -> None:
     """Take a message out of the queue, with a DSN for every recipient not yet notified
     (none for a bounce waiting in OUTBOUND: a bounce is never bounced)."""
     results = {r.address: reply for r in message.pending()}
@@ -514,7 +519,7 @@ def drop_unusable(spool: Spool, queue_name: str, msg_id: str) -> None:
     spool.discard(queue_name, msg_id)
 
 
-def warn(runtime, message: Message, reason: str) -> bool:
+def warn(runtime: Runtime, message: Message, reason: str) -> bool:
     """Send the one delay notice a message gets and remember it in its state; False when
     none was wanted or it could not be queued (then it is not remembered: tried again)."""
     try:
@@ -528,7 +533,7 @@ def warn(runtime, message: Message, reason: str) -> bool:
     return sent
 
 
-def expire(runtime, message: Message, waited: str) -> bool:
+def expire(runtime: Runtime, message: Message, waited: str) -> bool:
     """A message not collected within max_age (`waited`, in words): returned to its sender
     with a DSN; True. A bounce waiting for the relay is dropped with an error line
     instead (a bounce is never bounced); False."""

@@ -10,15 +10,17 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
 from odmr import control, metrics, qshape
 from odmr import proxy
 from odmr import tls as tls_mod
+from odmr.config import OdmrSettings, Settings, SmtpSettings
 from odmr.intake import IntakeSession
 from odmr.maintenance import Maintenance
 from odmr.names import plural
@@ -28,6 +30,7 @@ from odmr.runtime import Runtime
 from odmr.spool import Spool
 from odmr.tcpserver import BoundServer
 from odmr.throttle import AuthThrottle
+from odmr.wire import Session
 from odmr.intake_workers import WorkerPool
 
 log = logging.getLogger("odmrd")
@@ -51,7 +54,7 @@ def shut_down_together(servers: Sequence[socketserver.BaseServer]) -> None:
         thread.join()
 
 
-def _restart_only_changes(old, new) -> List[str]:
+def _restart_only_changes(old: Settings, new: Settings) -> List[str]:
     """What a reload changed that only a restart applies (bound sockets, forked workers)."""
     changed = [name for name in ("spool_dir", "user", "pid_file")
                if getattr(old, name) != getattr(new, name)]
@@ -65,7 +68,7 @@ def _restart_only_changes(old, new) -> List[str]:
     return changed
 
 
-def section_for(settings, kind: str):
+def section_for(settings: Settings, kind: str) -> Union[OdmrSettings, SmtpSettings]:
     """A listener's own settings: the [odmr] and [smtp] sections are named like the
     listener kinds, so no code has to branch on the kind to find them."""
     return getattr(settings, kind)
@@ -78,6 +81,9 @@ def _refuse(request: socket.socket, refusal: str) -> None:
         request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
     except OSError:
         pass
+
+
+Address = Tuple[Any, ...]     # (host, port), or IPv6's (host, port, flowinfo, scope_id)
 
 
 class Listener(BoundServer):
@@ -96,16 +102,17 @@ class Listener(BoundServer):
         host, port = self.server_address[:2]
         return ("[%s]:%d" % (host, port)) if ":" in host else "%s:%d" % (host, port)
 
-    def behind_proxy(self, settings) -> bool:
+    def behind_proxy(self, settings: Settings) -> bool:
         return section_for(settings, self.kind).proxy_protocol
 
-    def new_session(self, request, peer: str, runtime: Runtime, latest):
+    def new_session(self, request: socket.socket, peer: str, runtime: Runtime,
+                    latest: Callable[[], Runtime]) -> Session:
         raise NotImplementedError
 
     def _proxied(self) -> bool:
         return self.proxied
 
-    def verify_request(self, request, client_address) -> bool:
+    def verify_request(self, request: socket.socket, client_address: Address) -> bool:
         """socketserver's admission hook: over a session limit, a 421 and no thread.
         Behind a PROXY-speaking balancer every connection comes from it: the real
         client's address is counted later, in finish_request."""
@@ -117,7 +124,7 @@ class Listener(BoundServer):
             return False
         return True
 
-    def finish_request(self, request, client_address) -> None:
+    def finish_request(self, request: socket.socket, client_address: Address) -> None:
         ip = client_address[0]
         counted_ip = None if self._proxied() else ip
         try:
@@ -139,7 +146,7 @@ class Listener(BoundServer):
         finally:
             self.service.release(self.kind, counted_ip)
 
-    def serve(self, request, client_address, runtime: Runtime,
+    def serve(self, request: socket.socket, client_address: Address, runtime: Runtime,
               on_goodbye: Optional[Callable[[], None]] = None) -> None:
         """One admitted connection, from the TLS handshake (implicit TLS) to its end;
         also what an intake worker process runs for a connection handed to it."""
@@ -180,7 +187,7 @@ class Listener(BoundServer):
             log.info("%s: TLS handshake with %s failed: %s", self.kind, peer, str(exc))
             return None
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: socket.socket, client_address: Address) -> None:
         log.exception("%s: internal error in session with %s", self.kind, client_address[0])
 
 
@@ -189,7 +196,8 @@ class ODMRListener(Listener):
 
     kind = "odmr"
 
-    def new_session(self, request, peer: str, runtime: Runtime, latest) -> ODMRSession:
+    def new_session(self, request: socket.socket, peer: str, runtime: Runtime,
+                    latest: Callable[[], Runtime]) -> ODMRSession:
         return ODMRSession(request, peer, runtime, latest, self.service.queue,
                            self.service.stopping)
 
@@ -199,10 +207,11 @@ class IntakeListener(Listener):
 
     kind = "smtp"
 
-    def new_session(self, request, peer: str, runtime: Runtime, latest) -> IntakeSession:
+    def new_session(self, request: socket.socket, peer: str, runtime: Runtime,
+                    latest: Callable[[], Runtime]) -> IntakeSession:
         return IntakeSession(request, peer, runtime, latest)
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: socket.socket, client_address: Address) -> None:
         """An admitted connection goes to an intake worker process when there are any
         (the count stays here: `release` runs when the worker reports the session's end);
         else, or if no worker takes it, to a session thread as always. Behind a PROXY
@@ -405,14 +414,14 @@ class Service:
             self._totals[kind] -= 1
             self._idle.notify_all()
 
-    def register(self, session) -> bool:
+    def register(self, session: Session) -> bool:
         """Track a live session so stop() can end it; False once stopping has begun."""
         with self._lock:
             self._live.add(session)
             metrics.ACTIVITY.session_opened(session)
             return not self.stopping.is_set()
 
-    def unregister(self, session) -> None:
+    def unregister(self, session: Session) -> None:
         with self._lock:
             self._live.discard(session)
             metrics.ACTIVITY.session_closed(session)
@@ -597,7 +606,7 @@ def _keep(new, old):
                                odmr=odmr, smtp=smtp)
 
 
-def tls_listener_problems(settings, context) -> List[str]:
+def tls_listener_problems(settings: Settings, context: Optional[ssl.SSLContext]) -> List[str]:
     """Implicit-TLS listeners configured without a certificate to serve them with."""
     if context is not None:
         return []
@@ -622,7 +631,7 @@ def _mtime(path: str) -> object:
     return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_uid, st.st_mode)
 
 
-def load_decoy_key(settings) -> bytes:
+def load_decoy_key(settings: Settings) -> bytes:
     """The key for unknown users' SCRAM salts, from beside the users file.
 
     Made if missing (start-up runs before privileges are dropped, so it can);
@@ -639,7 +648,7 @@ def load_decoy_key(settings) -> bytes:
         return b""
 
 
-def decoy_key_problems(settings) -> List[str]:
+def decoy_key_problems(settings: Settings) -> List[str]:
     """For check-config: an existing decoy secret that serve would refuse."""
     try:
         accounts_mod.decoy_secret(settings.users_file, create=False)
