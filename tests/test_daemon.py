@@ -315,6 +315,8 @@ def test_sighup_reloads_without_dropping_sessions(site):
         os.kill(pid, signal.SIGHUP)
         wait_for(lambda: site.log().count("configuration reloaded") > reloads, 10, "the reload")
         assert alive(pid) and site.pid() == pid
+        # the intake workers read the files again a moment after the daemon has said so
+        wait_for(lambda: rcpt_code(site.smtp_port, "x@example.net") == 250, 10, "every worker")
         assert rcpt_code(site.smtp_port, "x@example.net") == 250
         assert rcpt_code(site.smtp_port, "nobody@example.net") == 550
         assert rcpt_code(site.smtp_port, "y@example.com") == 250
