@@ -196,8 +196,9 @@ class IntakeSession(Session):
             return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
         except TooManyHops as exc:
             return self._refuse_message(tx, (554, exc.text), "mail loop")
-        except SpoolError as exc:
-            return self._refuse_message(tx, replies.NO_STORAGE, str(exc))
+        except SpoolError as exc:   # a full disk, or a spool the administrator must repair
+            reply = replies.NO_STORAGE if exc.no_space else replies.LOCAL_ERROR
+            return self._refuse_message(tx, reply, str(exc))
         spooling.log_accepted(log, "smtp", stored, tx.sender, "client=%s" % self.peer)
         for domain, _ in stored:
             metrics.message_received(domain, spooling.stored_size(domain))

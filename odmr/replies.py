@@ -92,6 +92,7 @@ MAILBOX_FULL = (452, "4.2.2 Mailbox full for %s, try again later")
 # the message itself
 TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit of %d bytes")
 NO_STORAGE = (452, "4.3.1 Insufficient system storage")
+LOCAL_ERROR = (451, "4.3.0 Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = (452, "4.5.3 Too many recipients")
 
 # the ODMR port (RFC 2645 section 4; SPEC §4 gives their order). RFC 2645's texts, with

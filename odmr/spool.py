@@ -67,9 +67,16 @@ def in_directory(exc: OSError, directory: str) -> OSError:
 class SpoolError(Exception):
     """A spool operation failed; `temporary` says whether retrying may help."""
 
-    def __init__(self, message: str, temporary: bool = True):
+    no_space = False
+
+    def __init__(self, message: str, temporary: bool = True, no_space: bool = False):
         super().__init__(message)
         self.temporary = temporary
+        self.no_space = no_space        # the disk or a quota is full (452 4.3.1, not 451 4.3.0)
+
+
+def _full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class CorruptMessage(SpoolError):
@@ -574,7 +581,8 @@ class IncomingMessage:
             raise
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot create spool file: %s" % describe_error(exc)) from None
+            raise SpoolError("cannot create spool file: %s" % describe_error(exc),
+                             no_space=_full(exc)) from None
 
     def _create(self, domain: str) -> Tuple[_QueueDir, str, int]:
         """A new file in the domain's tmp/ (O_EXCL: never an existing name, never a link).
@@ -606,7 +614,8 @@ class IncomingMessage:
                 part[3].write(chunk)
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot write spool file: %s" % describe_error(exc)) from None
+            raise SpoolError("cannot write spool file: %s" % describe_error(exc),
+                             no_space=_full(exc)) from None
 
     def commit(self) -> List[Tuple[str, str]]:
         """Make every copy durable; return [(domain, id)]. Raises SpoolError (all undone)."""
@@ -617,7 +626,8 @@ class IncomingMessage:
                 fh.close()
         except OSError as exc:
             self.abort()
-            raise SpoolError("cannot sync spool file: %s" % describe_error(exc)) from None
+            raise SpoolError("cannot sync spool file: %s" % describe_error(exc),
+                             no_space=_full(exc)) from None
         done: List[Tuple[_QueueDir, str]] = []
         try:
             for _, msg_id, directory, _ in self.parts:
@@ -629,7 +639,8 @@ class IncomingMessage:
             for directory, msg_id in done:
                 _unlink_quietly(msg_id, directory.fd)
             self.abort()
-            raise SpoolError("cannot commit spool file: %s" % describe_error(exc)) from None
+            raise SpoolError("cannot commit spool file: %s" % describe_error(exc),
+                             no_space=_full(exc)) from None
         for domain, _, _, _ in self.parts:
             self.spool._count_added(domain, self.size)
         return [(domain, msg_id) for domain, msg_id, _, _ in self.parts]

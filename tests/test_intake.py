@@ -642,7 +642,9 @@ def test_full_disk_is_452_431_and_nothing_partial(tiny_spool):
 
 
 @pytest.mark.slow
-def test_unwritable_spool_is_452_431(tmp_path):
+def test_an_unusable_spool_is_451_430_not_a_full_disk(tmp_path):
+    """452 4.3.1 says the disk is full (SPEC §5): a spool that refuses otherwise is a
+    local error the administrator must repair."""
     p = make_provider(str(tmp_path))
     try:
         send_mail(p.smtp_port, SENDER, ["a@example.org"], MSG)
@@ -656,7 +658,7 @@ def test_unwritable_spool_is_452_431(tmp_path):
             c.cmd("EHLO client.test")
             _transaction(c)
             code, lines = send_data(c, MSG + b".\r\n")
-            assert (code, status(lines)) == (452, "4.3.1")
+            assert (code, status(lines)) == (451, "4.3.0")
             assert c.cmd("NOOP")[0] == 250
         finally:
             c.close()
