@@ -32,7 +32,7 @@ from odmr import config as config_mod
 from odmr.config import Settings
 from odmr import ports
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OK, EX_OSERR,
-                         EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE)
+                         EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, leave_forked_process)
 from odmr.logline import OneLineFormatter
 from odmr.server import Service, StartupError
 
@@ -766,10 +766,7 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
         except BaseException:
             pass
     finally:
-        try:
-            logging.shutdown()
-        finally:
-            os._exit(code)
+        leave_forked_process(code)
 
 
 def _close_inherited() -> None:

@@ -3,6 +3,8 @@
 `os.EX_*` has the same values but exists only on Unix builds of Python and
 lacks nothing we need except a single place to read them all.
 """
+from typing import NoReturn
+
 EX_OK = 0
 EX_USAGE = 64          # bad flags
 EX_DATAERR = 65        # bad input (a message, an address, a corrupt spool file)
@@ -17,3 +19,15 @@ EX_TEMPFAIL = 75       # try again later; an MTA's pipe transport retries
 EX_PROTOCOL = 76       # the peer broke the protocol, or its certificate failed
 EX_NOPERM = 77         # refused: authentication, permissions
 EX_CONFIG = 78         # configuration error
+
+
+def leave_forked_process(code: int) -> NoReturn:
+    """A forked process (the detached daemon, an intake worker) ends here, never back in
+    its parent's code: the log is flushed, then os._exit (no atexit, no stdio of the
+    parent flushed a second time)."""
+    import logging
+    import os
+    try:
+        logging.shutdown()
+    finally:
+        os._exit(code)

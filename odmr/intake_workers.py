@@ -42,7 +42,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from odmr import metrics
-from odmr.exits import EX_SOFTWARE
+from odmr.exits import EX_SOFTWARE, leave_forked_process
 log = logging.getLogger("odmrd")
 
 MESSAGE_MAX = 65536     # a datagram on the control channel (a worker's session list)
@@ -262,10 +262,7 @@ def _run_worker(service, channel: socket.socket, index: int, others: List[socket
         except BaseException:
             pass
     finally:
-        try:
-            logging.shutdown()
-        finally:
-            os._exit(code)
+        leave_forked_process(code)
 
 
 class _WorkerSide:
