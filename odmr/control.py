@@ -26,6 +26,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional
 
 from odmr import metrics, qshape
+from odmr.exits import LSB_NOT_RUNNING, LSB_UNKNOWN
 
 log = logging.getLogger("odmrd.control")
 
@@ -33,14 +34,12 @@ REQUEST = b"status"
 MAX_REPLY = 16 * 1024 * 1024
 _SUN_PATH_MAX = 100            # sun_path is 108 bytes; longer paths are bound via /proc/self/fd
 
-# LSB status codes (SPEC §2, §8)
-RUNNING, NOT_RUNNING, UNKNOWN = 0, 3, 4
 
 
 class ControlError(Exception):
     """A one-line message for the operator; `code` is the LSB status code for the client."""
 
-    def __init__(self, message: str, code: int = UNKNOWN):
+    def __init__(self, message: str, code: int = LSB_UNKNOWN):
         super().__init__(message)
         self.code = code
 
@@ -245,7 +244,7 @@ def query(spool_root: str, trusted_uids: Iterable[int], timeout: float = 5.0) ->
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise ControlError("odmrd is not running (no control socket %s)" % path, NOT_RUNNING) from None
+        raise ControlError("odmrd is not running (no control socket %s)" % path, LSB_NOT_RUNNING) from None
     except PermissionError:
         raise ControlError("cannot reach %s: permission denied (run as root or as the service "
                            "account)" % path) from None
@@ -254,7 +253,7 @@ def query(spool_root: str, trusted_uids: Iterable[int], timeout: float = 5.0) ->
     try:
         sock = _connect(path, timeout)
     except (ConnectionRefusedError, FileNotFoundError):
-        raise ControlError("odmrd is not running (stale control socket %s)" % path, NOT_RUNNING) from None
+        raise ControlError("odmrd is not running (stale control socket %s)" % path, LSB_NOT_RUNNING) from None
     except PermissionError:
         raise ControlError("cannot connect to %s: permission denied (run as root or as the "
                            "service account)" % path) from None

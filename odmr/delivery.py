@@ -148,13 +148,12 @@ class ReversedClient(smtplib.SMTP):
         return self.read_reply(what)
 
 
-_fmt = reply_text
 _SAID = {"FINAL": "the end of data", "LAST": "BDAT LAST", "DISCARD": "the end of data"}
 
 
 def _described(code: int, text: str) -> str:
     """A reply for a log line; garbage (code -1) said to be garbage."""
-    return _fmt(code, text) if code >= 0 else ("garbage %r" % text)[:500]
+    return reply_text(code, text) if code >= 0 else ("garbage %r" % text)[:500]
 
 
 @dataclass(frozen=True)
@@ -431,7 +430,7 @@ class Run:
             if data[0] != 354:
                 self._expect(data, "DATA")
                 if _ok(data):
-                    raise OutOfStep("reply to DATA out of step: %s" % _fmt(*data))
+                    raise OutOfStep("reply to DATA out of step: %s" % reply_text(*data))
                 for r in job.accepted:
                     job.results[r] = data
                 self._complete(job)
@@ -524,7 +523,7 @@ class Run:
             else:
                 reply = self._expect(reply, kind)
                 if kind == "DATA" and _ok(reply):
-                    raise OutOfStep("reply to DATA out of step: %s" % _fmt(*reply))
+                    raise OutOfStep("reply to DATA out of step: %s" % reply_text(*reply))
             if kind in ("MAIL", "RCPT"):
                 self._envelope_reply(item, kind, rcpt, reply)
             elif kind in ("DATA", "FINAL"):
@@ -583,13 +582,13 @@ class Run:
         `charge_unanswered`: the message whose commands travelled with the end-of-data
         dot the 421 answered was never read, so it is not charged (issue 15)."""
         answered = [job for job in in_flight if charge_unanswered or job.mail_ok or job.results]
-        self._lost(answered, ConnectionLost("customer closing: %s" % _fmt(*reply)))
+        self._lost(answered, ConnectionLost("customer closing: %s" % reply_text(*reply)))
         in_flight.clear()
         return False
 
     def _after_421(self, reply: Reply) -> None:
         if reply[0] == 421:
-            raise ConnectionLost("customer closing: %s" % _fmt(*reply))
+            raise ConnectionLost("customer closing: %s" % reply_text(*reply))
 
     # -- with PIPELINING and CHUNKING: a window of whole messages ------------------
     def _windowed(self, jobs: Iterator[Job]) -> bool:
@@ -692,7 +691,7 @@ class Run:
         """A reply to a command other than DATA must be 2xx, 4xx or 5xx."""
         code = reply[0]
         if not (200 <= code < 300 or 400 <= code < 600):
-            raise OutOfStep("reply to %s out of step or garbled: %s" % (what, _fmt(*reply)))
+            raise OutOfStep("reply to %s out of step or garbled: %s" % (what, reply_text(*reply)))
         return reply
 
     def _envelope_reply(self, job: Job, kind: str, rcpt: str, reply: Reply) -> None:

@@ -10,6 +10,7 @@ import os
 import pwd
 from typing import BinaryIO, List, Tuple
 
+from odmr import replies
 from odmr.exits import EX_DATAERR, EX_IOERR, EX_NOUSER, EX_TEMPFAIL
 from odmr.names import address_is_safe
 from odmr.runtime import Runtime
@@ -70,7 +71,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         decision = submission.accept_recipient(runtime, address, route, utf8_allowed=True)
         if decision.domain is None:
             reason = decision.reason
-            if reason == "Relaying denied":     # an MTA's bounce should say why in plain words
+            if decision.reply == replies.RELAYING_DENIED:   # an MTA's bounce says why in plain words
                 reason = "domain %s is not hosted here" % printable(address.rpartition("@")[2])
             raise EnqueueError("recipient <%s>: %s" % (printable(path), reason),
                                exit_code(decision))

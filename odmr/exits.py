@@ -20,6 +20,9 @@ EX_PROTOCOL = 76       # the peer broke the protocol, or its certificate failed
 EX_NOPERM = 77         # refused: authentication, permissions
 EX_CONFIG = 78         # configuration error
 
+# LSB init-script status codes (`odmrd status`, the init scripts; SPEC §2, §8)
+LSB_RUNNING, LSB_NOT_RUNNING, LSB_UNKNOWN = 0, 3, 4
+
 
 def leave_forked_process(code: int) -> NoReturn:
     """A forked process (the detached daemon, an intake worker) ends here, never back in

@@ -26,6 +26,8 @@ from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, 
                          parse_size)
 from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE
 from odmr.names import plural
+from odmr import replies
+from odmr.wire import format_reply
 
 EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
 MAX_BACKOFF = 3600.0
@@ -383,7 +385,7 @@ def _relay(turn, relay: Tuple[str, int], trace) -> RunResult:
         local = socket.create_connection(relay, timeout=RELAY_CONNECT_TIMEOUT)
     except OSError as exc:
         try:
-            turn.sock.sendall(b"421 4.3.0 Local mail server unavailable, try again later\r\n")
+            turn.sock.sendall(format_reply(*replies.LOCAL_SERVER_UNAVAILABLE))
         except OSError:
             pass
         return RunResult(EX_TEMPFAIL, "cannot connect to the local SMTP server %s: %s; the "
@@ -415,7 +417,7 @@ def _deliver_locally(turn, options: FetchOptions, trace) -> RunResult:
         mailbox = open_mailbox(options.maildir, options.mbox)
     except StorageError as exc:
         try:
-            turn.sock.sendall(b"421 4.3.0 Local mailbox unavailable, try again later\r\n")
+            turn.sock.sendall(format_reply(*replies.LOCAL_MAILBOX_UNAVAILABLE))
         except OSError:
             pass
         full = "the local disk is full: " if exc.disk_full else ""

@@ -46,9 +46,6 @@ DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size and [fetch] max_size: so a 
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
 CHUNK = 65536                   # BDAT data is read and stored in pieces of at most this
 FLUSH_AT = 16384                # replies held back this long are written even if input waits
-BDAT_SYNTAX = (501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
-NEED_MAIL_BEFORE_BDAT = (503, "5.5.1 Need MAIL and RCPT before BDAT")
-DATA_AFTER_BDAT = (503, "5.5.1 DATA after BDAT in one transaction; transaction dropped")
 _BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.I)
 
 
@@ -380,7 +377,7 @@ class LocalSMTPSession(Session):
     def smtp_DATA(self, arg: str) -> None:
         if self.chunked is not None or self.chunks_refused is not None:
             self.reset_transaction()            # RFC 3030: the state is indeterminate; drop it
-            return self.refuse(DATA_AFTER_BDAT)
+            return self.refuse(replies.DATA_AFTER_BDAT)
         if self.sender is None:
             self.out_of_sequence(replies.NEED_MAIL)
             self._excused = 0
@@ -403,7 +400,7 @@ class LocalSMTPSession(Session):
         match = _BDAT_ARGS.fullmatch(arg)
         if match is None:
             # the chunk's length is unknown, so where the next command starts is too
-            self.reply(*BDAT_SYNTAX)
+            self.reply(*replies.BDAT_SYNTAX)
             self.reset_transaction()
             return self.hang_up()
         size, last = int(match.group(1)), bool(match.group(2))
@@ -416,7 +413,7 @@ class LocalSMTPSession(Session):
             return self.reply(*refusal)
         if self.sender is None or not self.recipients:
             self.skip_chunk(size)
-            self.out_of_sequence(NEED_MAIL_BEFORE_BDAT)
+            self.out_of_sequence(replies.NEED_MAIL_BEFORE_BDAT)
             if last:
                 self._excused = 0
             return

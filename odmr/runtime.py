@@ -11,6 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from odmr import replies
 from odmr.accounts import Accounts
 from odmr.config import Settings
 from odmr.names import address_is_safe, normalize_domain, split_address
@@ -59,35 +60,35 @@ class Runtime:
         domain's recipient list does not restrict. `route`: the source route the
         client put before the address (`@a,@b` of <@a,@b:u@d>)."""
         if not address:
-            return None, 501, "5.1.3 Null recipient not allowed"
+            return (None,) + replies.NULL_RECIPIENT
         # controls and brackets first (they could break the spool's envelope lines); a
         # backslash is judged as routing first, since an escape can hide an '@' in quotes
         if not address_is_safe(address.replace("\\", "")):
-            return None, 501, "5.1.3 Bad recipient address syntax"
+            return (None,) + replies.BAD_RECIPIENT
         routed = self.routing(address, route)
         if routed:
-            return None, 550, "5.7.1 Routing refused: %s" % routed
+            return None, replies.ROUTING_REFUSED[0], replies.ROUTING_REFUSED[1] % routed
         if "\\" in address:
-            return None, 501, "5.1.3 Bad recipient address syntax"
+            return (None,) + replies.BAD_RECIPIENT
         if not address.isascii() and not utf8_allowed:
-            return None, 553, "5.6.7 Non-ASCII address needs SMTPUTF8"
+            return (None,) + replies.NON_ASCII_ADDRESS
         try:
             local, domain_text = split_address(address)
         except ValueError:
-            return None, 501, "5.1.3 Bad recipient address syntax"
+            return (None,) + replies.BAD_RECIPIENT
         if len(local) > 64 * 4 or domain_text.startswith("["):
-            return None, 550, "5.7.1 Relaying denied"
+            return (None,) + replies.RELAYING_DENIED
         try:
             domain = normalize_domain(domain_text)
         except ValueError:
-            return None, 501, "5.1.3 Bad recipient address syntax"
+            return (None,) + replies.BAD_RECIPIENT
         if domain not in self.hosted_domains():
-            return None, 550, "5.7.1 Relaying denied"
+            return (None,) + replies.RELAYING_DENIED
         if not configured and local.lower() != "postmaster" \
                 and not self.settings.policy(domain).accepts(local, domain):
             # postmaster@ every domain we take mail for is always accepted (RFC 5321 §4.5.1)
-            return None, 550, "5.1.1 No such user here"
-        return domain, 250, "2.1.5 Ok"
+            return (None,) + replies.NO_SUCH_USER
+        return (domain,) + replies.RCPT_OK
 
     def routing(self, address: str, route: str = "") -> Optional[str]:
         """Why the address would be routed onward by the customer's MTA, when
@@ -118,9 +119,9 @@ class Runtime:
         refuses it."""
         target = self.postmaster_address()
         verdict = self.classify_recipient(target, utf8_allowed, configured=True, route=route)
-        if verdict[0] is None and verdict[1] == 550 and not route \
-                and not verdict[2].startswith("5.7.1 Routing"):
-            verdict = (OUTBOUND, 250, "2.1.5 Ok")
+        if verdict[0] is None and verdict[1:] in (replies.RELAYING_DENIED, replies.NO_SUCH_USER) \
+                and not route:
+            verdict = (OUTBOUND,) + replies.RCPT_OK
         return target, verdict
 
     def quota_domains(self, domains) -> List[str]:

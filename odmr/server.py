@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
-from odmr import control, metrics, qshape
+from odmr import control, metrics, qshape, replies
 from odmr import proxy
 from odmr import tls as tls_mod
 from odmr.config import OdmrSettings, Settings, SmtpSettings
@@ -29,6 +29,7 @@ from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import Spool
 from odmr.tcpserver import BoundServer
+from odmr.wire import format_reply
 from odmr.throttle import AuthThrottle
 from odmr.wire import Session
 from odmr.intake_workers import WorkerPool
@@ -78,7 +79,7 @@ def _refuse(request: socket.socket, refusal: str) -> None:
     """A connection over a session limit hears why before it is closed."""
     try:
         request.settimeout(2.0)
-        request.sendall(b"421 4.7.0 %s\r\n" % refusal.encode())
+        request.sendall(format_reply(replies.SESSION_LIMIT[0], replies.SESSION_LIMIT[1] % refusal))
     except OSError:
         pass
 

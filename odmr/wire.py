@@ -25,7 +25,6 @@ from odmr.syntax import helo_name_ok, printable
 log = logging.getLogger("odmrd")
 
 MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4, CRLF included
-MAX_TEXT_LINE = 1000            # RFC 5321 4.5.3.1.6; longer lines in DATA are still accepted
 # A reply line may be 512 octets with its CRLF (RFC 5321 4.5.3.1.5), and that much must be
 # taken; real servers go past it (long EHLO and greeting lines), so a few KB are. A reply
 # of more lines than any real EHLO answer, or a longer line, is a peer that is not SMTP.
