@@ -20,8 +20,8 @@ from odmr.config import parse_hostport
 from odmr.delivery import needs_smtputf8, untransportable
 from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
-from odmr.queuemgr import Recorder
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
+from odmr.queuemgr import Recorder, outbound_due, whole_text
+from odmr.spool import Message
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -40,29 +40,23 @@ def relay_delay(attempts: int) -> float:
 def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -> Dict[str, int]:
     """Hand every due OUTBOUND message to the bounce relay over one SMTP connection."""
     now = time.time() if now is None else now
-    spool = runtime.spool
     counts = {"relayed": 0, "relay_deferred": 0, "relay_dropped": 0}
     try:
         host, port = parse_hostport(target, 25)
     except ValueError as exc:
         log.error("maintenance: bad [queue] bounce_relay %r: %s", target, str(exc))
         return counts
-    try:
-        claim = spool.claim([OUTBOUND])
-    except (DomainBusy, LinkRefused):
-        return counts
     client: Optional[smtplib.SMTP] = None
     broken = ""
     results = RelayResults(runtime)
-    with claim:
+    with outbound_due(runtime.spool, now, relay_delay) as work:
+        if work is None:
+            return counts                   # another process relays them now
         try:
-            for message in spool.messages(OUTBOUND):
-                state = message.state
-                if not message.pending():   # final already: its DSN was owed, or a crash came
+            for message, final in work:
+                if final:                   # its DSN was owed, or a crash came
                     results.finish(message)
                     counts[results.outcome(message)] += 1
-                    continue
-                if state.attempts and now < state.last_attempt + relay_delay(state.attempts):
                     continue
                 if broken:
                     results.lost(message, broken, now)
@@ -102,7 +96,7 @@ def _closed(client: smtplib.SMTP) -> bool:
 def _relay_one(results: "RelayResults", client: smtplib.SMTP, message: Message,
                now: float) -> str:
     pending = [r.address for r in message.pending()]
-    data = break_long_lines(message.read_data())      # RFC 5321 §4.5.3.1.6, as for customers
+    data = break_long_lines(whole_text(message))      # RFC 5321 §4.5.3.1.6, as for customers
     refusal, options = _transport(client, message, pending, data)
     try:
         if refusal is not None:

@@ -19,6 +19,7 @@ never touches a file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -32,7 +33,8 @@ from odmr import metrics
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.runtime import Runtime
-from odmr.spool import CHUNK, OUTBOUND, LinkRefused, Message, Spool, SpoolError, State, describe_error
+from odmr.spool import (CHUNK, OUTBOUND, DomainBusy, LinkRefused, Message, Spool, SpoolError,
+                        State, describe_error)
 
 log = logging.getLogger("odmrd.delivery")
 log_queue = logging.getLogger("odmrd.queue")       # the lines of `queue` commands and expiry
@@ -685,3 +687,35 @@ class _Reaper:
                 return
             if item is not None:
                 self.spool.unlink_retired(*item)
+
+
+# -- the bounce relay's share of the queue ----------------------------------------
+@contextlib.contextmanager
+def outbound_due(spool: Spool, now: float, delay: Callable[[int], float]
+                 ) -> Iterator[Optional[Iterator[Tuple[Message, bool]]]]:
+    """The bounces waiting for `[queue] bounce_relay`, under the OUTBOUND claim: each as
+    (message, final) for those already final (their DSN was owed, or a crash came) and
+    those due for another try after `delay(attempts)`. None when another process holds
+    the queue: the relay only speaks SMTP and hands its results to a `Recorder`."""
+    try:
+        claim = spool.claim([OUTBOUND])
+    except (DomainBusy, LinkRefused):
+        yield None
+        return
+    with claim:
+        yield _due(spool, now, delay)
+
+
+def _due(spool: Spool, now: float, delay: Callable[[int], float]
+         ) -> Iterator[Tuple[Message, bool]]:
+    for message in spool.messages(OUTBOUND):
+        state = message.state
+        if not message.pending():
+            yield message, True
+        elif not state.attempts or now >= state.last_attempt + delay(state.attempts):
+            yield message, False
+
+
+def whole_text(message: Message) -> bytes:
+    """A bounce's text in one piece (DSNs are small; the relay sends it with smtplib)."""
+    return message.read_data()
