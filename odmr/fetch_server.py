@@ -216,7 +216,6 @@ class LocalSMTPSession(Session):
         self.storage_problem = ""       # the first other storage failure
         self.tally = Tally()            # the run's summary counts what each reply answered
         self._answering = GREETING
-        self.peer_ip = _address_only(peer)
 
     def hostname(self) -> str:
         return self.my_hostname
@@ -505,14 +504,3 @@ def serve_reversed(sock: socket.socket, peer: str, reader: BinaryIO, mailbox: Ma
     session = LocalSMTPSession(sock, peer, reader, mailbox, hostname, tls, trace, max_size)
     session.run()
     return session
-
-
-def _address_only(peer: str) -> str:
-    """'192.0.2.1', '::1', '[::1]:366' or '192.0.2.1:366' -> the bare address."""
-    import ipaddress
-    try:
-        return str(ipaddress.ip_address(peer.strip("[]")))
-    except ValueError:
-        pass
-    host = peer.rsplit(":", 1)[0].strip("[]")
-    return host

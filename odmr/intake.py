@@ -42,7 +42,6 @@ class IntakeSession(Session):
         self.helo: Optional[str] = None
         self.esmtp = False
         self.tx: Optional[Submission] = None
-        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
 
     def hostname(self) -> str:
         return self.runtime.hostname

@@ -86,7 +86,6 @@ class ODMRSession(Session):
         self.max_bad_commands = self.odmr.max_bad_commands
         super().__init__(sock, peer)
         self.implicit_tls = self.tls_active
-        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
         self.ehlo: Optional[str] = None
         self.account: Optional[Account] = None
         self.auth_failures = 0

@@ -8,6 +8,7 @@ Subclasses (intake, provider, the customer's local server) only add verbs.
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -233,6 +234,14 @@ def _write_now(sock: socket.socket, data: bytes) -> bytes:
     return data[sent:]
 
 
+def address_only(peer: str) -> str:
+    """'192.0.2.1', '::1', '[::1]:366' or '192.0.2.1:366' -> the bare address."""
+    try:
+        return str(ipaddress.ip_address(peer.strip("[]")))
+    except ValueError:
+        return peer.rsplit(":", 1)[0].strip("[]")
+
+
 class Session:
     """One SMTP-like conversation over `sock`; subclasses define smtp_VERB methods."""
 
@@ -254,6 +263,7 @@ class Session:
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer
+        self.peer_ip = address_only(peer)           # what Received: and the limits name
         self.sock.settimeout(self.idle_timeout)
         self._held_replies: List[bytes] = []
         self._holding = False

@@ -663,8 +663,8 @@ def test_mbox_append_interrupted_leaves_the_mailbox_as_it_was(tmp_path, monkeypa
 @pytest.mark.parametrize("peer,address", [("::1", "::1"), ("[::1]:366", "::1"), ("127.0.0.1", "127.0.0.1"),
                                           ("127.0.0.1:366", "127.0.0.1")])
 def test_local_delivery_peer_address(peer, address):
-    from odmr.fetch_server import _address_only
-    assert _address_only(peer) == address
+    from odmr.wire import address_only
+    assert address_only(peer) == address
 
 
 def test_multiline_250_to_atrn_then_delivery(scripted, tmp_path):
