@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from odmr import accounts, queue_commands  # noqa: E402
+from odmr import accounts, queue_commands, replies  # noqa: E402
 from odmr.daemon import read_pid_file  # noqa: E402
 from odmr.fetch_mailbox import open_mailbox  # noqa: E402
 from odmr.fetch_server import serve_reversed  # noqa: E402
@@ -521,7 +521,8 @@ SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (
 SENDER_REMOTE = "someone@remote.test"
 SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce relay
 
-ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
+ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())   # our own lines, as sent
+NO_MAIL = b"%d %s\r\n" % (replies.NO_MAIL[0], replies.NO_MAIL[1].encode())
 
 
 class Delivered(dict):

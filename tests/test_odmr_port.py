@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 import pytest
 
-from helpers import (Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script, reuse_provider,
+from helpers import (NO_MAIL, Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script, reuse_provider,
                      send_mail, stop_quickly)
 from odmr import sasl
 from odmr.provider import ODMRSession
@@ -430,12 +430,12 @@ def test_atrn_453_when_no_mail_and_session_stays_authenticated(provider):
     c = login(provider)
     try:
         c.send("ATRN example.org")
-        assert c.line() == b"453 4.2.0 You have no mail\r\n"
+        assert c.line() == NO_MAIL
         c.send("ATRN")
-        assert c.line() == b"453 4.2.0 You have no mail\r\n"
+        assert c.line() == NO_MAIL
         spool_one(provider, ["x@example.com"])
         c.send("ATRN example.org")
-        assert c.line() == b"453 4.2.0 You have no mail\r\n"
+        assert c.line() == NO_MAIL
         c.send("ATRN example.com")
         assert c.line() == ATRN_OK
         got = play_customer(c).messages

@@ -16,11 +16,10 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from helpers import Customer, HANG_UP, ReversedConnection, Script, send_mail
+from helpers import ATRN_OK, Customer, HANG_UP, ReversedConnection, Script, send_mail
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 
-ATRN_OK = b"250 2.0.0 OK now reversing the connection\r\n"
 
 # what the customer answers to EHLO and to HELO (None: hang up instead of answering)
 REFUSALS: Dict[str, tuple] = {

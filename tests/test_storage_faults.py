@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from helpers import (ATRN_OK, Customer, Daemon, Load, PASSWORD, Provider, ReversedConnection, SENDER_REMOTE,
+from helpers import (ATRN_OK, NO_MAIL, Customer, Daemon, Load, PASSWORD, Provider, ReversedConnection, SENDER_REMOTE,
                      Script, TOKEN, queued_tokens, spool, which)
 from odmr import accounts, replies
 
@@ -154,7 +154,6 @@ def wait_idle(p: Provider) -> None:
 
 
 BUSY = ("%d %s\r\n" % replies.SPOOL_UNCHANGEABLE).encode()
-NO_MAIL = b"453 4.2.0 You have no mail\r\n"
 
 
 def test_full_disk_retires_by_unlinking(provider):
