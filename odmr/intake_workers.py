@@ -50,8 +50,8 @@ MAX_LISTED = 300        # sessions a worker lists for `status`
 STATUS_WAIT = 0.5       # seconds `status` waits for a worker's session list
 USAGE_WAIT = 10.0       # seconds a worker waits for the main process's quota figures
 CUT_WAIT = 5.0          # as in server.py: cut-off sessions get this long to record their state
-METRICS_EVERY = 0.1     # seconds a worker gathers "stored" reports: one wake-up of the main
-                        # process per message cost about a tenth of intake's rate
+METRICS_EVERY = 0.1     # seconds a worker gathers "stored" reports: one datagram, and one
+                        # wake-up of the main process, per domain and interval, not per message
 
 
 class _Worker:

@@ -212,9 +212,7 @@ def take_buffered(reader: Optional[BinaryIO], sock: Optional[socket.socket] = No
         if sock is not None:
             sock.settimeout(0.0)
         return reader.read1(limit) or b""
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        return b""
-    except (OSError, ValueError):
+    except (OSError, ValueError):     # nothing there (BlockingIOError, SSLWantRead...) or broken
         return b""
     finally:
         if sock is not None:
