@@ -282,6 +282,9 @@ class DomainPolicy:
         return False
 
 
+NO_POLICY = DomainPolicy()      # a domain without a [domains] section: no limits
+
+
 @dataclass(frozen=True)
 class OdmrSettings:
     listen: Tuple[Tuple[str, int], ...]
@@ -364,7 +367,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def policy(self, domain: str) -> DomainPolicy:
-        return self.domains.get(domain) or DomainPolicy()
+        return self.domains.get(domain) or NO_POLICY
 
 
 # -- loading ---------------------------------------------------------------

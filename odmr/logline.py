@@ -11,6 +11,7 @@ provider (stderr, syslog, log file) and of `odmrd fetch`.
 from __future__ import annotations
 
 import logging
+import time
 
 _NAMED = {"\n": " | ", "\r": "\\r", "\t": "\\t"}
 
@@ -39,8 +40,21 @@ def escape_for_log(text: str) -> str:
 class OneLineFormatter(logging.Formatter):
     """A Formatter whose every record, arguments and traceback included, is one safe line."""
 
+    _stamped = (-1, "")     # (second, its text), one tuple: threads read it whole
+
     def format(self, record: logging.LogRecord) -> str:
         return escape_for_log(super().format(record))
+
+    def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:
+        """The time, formatted once per second: a busy intake logs a line per message."""
+        if not datefmt:
+            return super().formatTime(record, datefmt)
+        second, text = self._stamped
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime(datefmt, self.converter(second))
+            self._stamped = (second, text)
+        return text
 
 
 __all__ = ["escape_for_log", "OneLineFormatter"]

@@ -126,8 +126,9 @@ class Runtime:
 
     def quota_domains(self, domains) -> List[str]:
         """Those of `domains` with a quota (their commits are checked under a lock)."""
-        return [d for d in domains if self.settings.policy(d).max_bytes
-                or self.settings.policy(d).max_messages]
+        policies = self.settings.domains
+        return [d for d in domains if d in policies
+                and (policies[d].max_bytes or policies[d].max_messages)]
 
     def quota_ok(self, domain: str, incoming_size: int = 0, fresh: bool = False) -> bool:
         policy = self.settings.policy(domain)

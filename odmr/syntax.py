@@ -16,10 +16,12 @@ Two things odmrd passes on downstream are dangerous when taken as sent:
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import os
 import re
 import string
+import time
 import unicodedata
 from typing import Iterable, List, Optional, Tuple
 
@@ -191,14 +193,31 @@ def received_header(helo: str, peer_ip: str, hostname: str, protocol: str,
     """A RFC 5321 §4.4 trace header, folded. Each slot holds only what fits it: the
     EHLO name if it is a domain or an address literal (the sessions refuse others),
     the peer as an address literal, `for` only for one plain address."""
-    text = "Received: from %s" % (helo if helo_name_ok(helo) else "unknown")
-    info = tcp_info(peer_ip)
-    if info:
-        text += " (%s)" % info
-    text += "\r\n\tby %s (odmrd) with %s id %s" % (hostname, protocol, msg_id)
-    text += for_clause(recipients)
-    text += ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)
+    text = "Received: from %s\r\n\tby %s (odmrd) with %s id %s%s;\r\n\t%s\r\n" % (
+        _from_part(helo, peer_ip), hostname, protocol, msg_id, for_clause(recipients), _date_now())
     return text.encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=256)
+def _from_part(helo: str, peer_ip: str) -> str:
+    """The `from` slot; the same for every message of a session, so worked out once."""
+    info = tcp_info(peer_ip)
+    return (helo if helo_name_ok(helo) else "unknown") + (" (%s)" % info if info else "")
+
+
+_dated = (-1.0, "")     # (second, its RFC 5322 date): one tuple, read whole by every thread
+
+
+def _date_now() -> str:
+    """The date of a trace header, formatted once per second (a busy intake stamps a
+    few thousand messages in each)."""
+    global _dated
+    second, text = _dated
+    now = int(time.time())
+    if now != second:
+        text = email.utils.formatdate(now, localtime=True)
+        _dated = (now, text)
+    return text
 
 
 def local_received_header(hostname: str, msg_id: str, recipients: List[str]) -> bytes:
@@ -206,7 +225,7 @@ def local_received_header(hostname: str, msg_id: str, recipients: List[str]) -> 
     client to name, so the submitting user's uid instead."""
     text = "Received: by %s (odmrd enqueue, uid %d) id %s" % (hostname, os.getuid(), msg_id)
     text += for_clause(recipients)
-    return (text + ";\r\n\t%s\r\n" % email.utils.formatdate(localtime=True)).encode("utf-8")
+    return (text + ";\r\n\t%s\r\n" % _date_now()).encode("utf-8")
 
 
 def printable(text: str, limit: int = 300) -> str:

@@ -31,6 +31,8 @@ MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4, CRLF included
 # of more lines than any real EHLO answer, or a longer line, is a peer that is not SMTP.
 MAX_REPLY_LINE = 4096           # CRLF included
 MAX_REPLY_LINES = 100
+READ_BUFFER = 65536             # a session's read buffer: a 10 KB message (and the next
+                                # pipelined commands) in one read(2), one look for the final dot
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)", re.S)
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")       # in a command line; HTAB is a separator
 
@@ -196,8 +198,8 @@ def reader_for(sock: socket.socket):
     if sock.gettimeout() in (None, 0.0):
         return sock.makefile("rb")
     if isinstance(sock, ssl.SSLSocket):
-        return io.BufferedReader(TimedSocketIO(sock))
-    return io.BufferedReader(_EagerSocketIO(sock))
+        return io.BufferedReader(TimedSocketIO(sock), READ_BUFFER)
+    return io.BufferedReader(_EagerSocketIO(sock), READ_BUFFER)
 
 
 def take_buffered(reader: Optional[BinaryIO], sock: Optional[socket.socket] = None,
@@ -782,6 +784,8 @@ def parse_path(arg: str, keyword: str, raw: bool = False):
 
 
 def _closing_bracket(text: str) -> int:
+    if '"' not in text and "\\" not in text:     # nothing quoted: the first '>' closes it
+        return text.find(">")
     quoted = False
     escaped = False
     for index, char in enumerate(text):
@@ -899,7 +903,9 @@ def _clean_block(session: Session, chunk: int, deadline: Optional[float]
     if end >= 0:
         block = block[:end]
     rfile.read(len(block) + (3 if end >= 0 else 0))
-    return (b"\n" + block).replace(b"\n.", b"\n")[1:] if block else b"", end >= 0
+    if block.startswith(b".") or b"\n." in block:
+        block = (b"\n" + block).replace(b"\n.", b"\n")[1:]
+    return block, end >= 0
 
 
 def _data_line(session: Session, chunk: int, deadline: Optional[float]) -> bytes:
