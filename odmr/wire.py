@@ -103,6 +103,8 @@ def format_reply(code: int, lines) -> bytes:
     """Render one reply; several lines become a multi-line reply (`250-...`)."""
     if isinstance(lines, str):
         lines = [lines]
+    if len(lines) == 1:                 # most replies
+        return ("%d %s\r\n" % (code, lines[0])).encode("utf-8")
     lines = list(lines) or [""]
     out = []
     for index, text in enumerate(lines):
@@ -317,35 +319,19 @@ class Session:
         The whole line must arrive within idle_timeout (a client trickling one
         byte at a time is cut off too), and at most `limit` octets are kept."""
         deadline = time.monotonic() + self.idle_timeout
-        parts = []
-        kept = 0
-        too_long = False
         raw = getattr(self.rfile, "raw", None)
         eager = isinstance(raw, TimedSocketIO)    # it applies the deadline only when it must wait
+        too_long = False
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout()
-                if eager:
-                    raw.deadline = deadline
-                else:
-                    self.sock.settimeout(remaining)
-                buffered = self.rfile.peek(1)
-                if not buffered:
+            if eager:           # the common case in one call; no copy of what follows the line
+                raw.deadline = deadline
+                line = self.rfile.readline(limit)
+                if line.endswith(b"\n"):
+                    return line
+                if len(line) < limit:
                     raise Closed("connection closed by peer")
-                end = buffered.find(b"\n")
-                take = end + 1 if end >= 0 else len(buffered)
-                data = self.rfile.read(take)
-                if not too_long:
-                    if kept + len(data) > limit:
-                        too_long = True
-                        parts = []
-                    else:
-                        parts.append(data)
-                        kept += len(data)
-                if end >= 0:
-                    break
+                too_long = True         # the rest of it is read and thrown away below
+            return self._gather_line(limit, deadline, raw if eager else None, too_long)
         except socket.timeout:
             self.timeout()
             raise Closed("timeout") from None
@@ -361,6 +347,36 @@ class Session:
                     pass
                 if eager:
                     raw.timeout_changed = False
+
+    def _gather_line(self, limit: int, deadline: float, raw: Optional["TimedSocketIO"],
+                     too_long: bool) -> bytes:
+        """read_line piece by piece: a reader without a deadline of its own, or the rest of
+        an overlong line to throw away (LineTooLong once its end is read)."""
+        parts = []
+        kept = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            if raw is not None:
+                raw.deadline = deadline
+            else:
+                self.sock.settimeout(remaining)
+            buffered = self.rfile.peek(1)
+            if not buffered:
+                raise Closed("connection closed by peer")
+            end = buffered.find(b"\n")
+            take = end + 1 if end >= 0 else len(buffered)
+            data = self.rfile.read(take)
+            if not too_long:
+                if kept + len(data) > limit:
+                    too_long = True
+                    parts = []
+                else:
+                    parts.append(data)
+                    kept += len(data)
+            if end >= 0:
+                break
         if too_long:
             raise LineTooLong()
         return b"".join(parts)
