@@ -131,6 +131,8 @@ def route_in_address(address: str) -> Optional[str]:
             return "%s inside a quoted local part" % _describe(char)
         return None
     # a backslash outside quotes routes nothing; it is left to the syntax check (501)
+    if local.isascii() and _PLAIN_LOCAL.issuperset(local):      # the common case, in C
+        return None
     char = _forbidden(local, lambda c: c in _PLAIN_LOCAL or c == "\\")
     if char is not None:
         return "%s in the local part" % _describe(char)
@@ -143,6 +145,10 @@ def _describe(char: str) -> str:
     return names.get(char, "the character %s" % ascii(char))
 
 
+_FOR_LOCAL = _PLAIN_LOCAL | frozenset("%!")         # harmless in a `for` slot
+_FOR_DOMAIN = frozenset(string.ascii_letters + string.digits + "-.")
+
+
 def plain_address(address: str) -> bool:
     """An address that can stand in a `Received: ... for <...>` slot as it is:
     a dot-string local part and a domain of letters, digits, hyphens and dots
@@ -150,6 +156,8 @@ def plain_address(address: str) -> bool:
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return False
+    if address.isascii():                                       # the common case, in C
+        return _FOR_LOCAL.issuperset(local) and _FOR_DOMAIN.issuperset(domain)
     for char in local:
         if char.isascii() and char not in _PLAIN_LOCAL and char not in "%!":   # harmless here
             return False
