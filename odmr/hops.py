@@ -10,12 +10,14 @@ mean the message keeps coming back here.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 MAX_OWN_HOPS = 3                    # our own Received: fields a message may already carry
 _MAX_LINE = 4096                    # of a header line kept for looking at
 _MAX_HEADER = 1024 * 1024           # beyond this the header is not read further
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+_LINES_AT_ONCE = 32
+_MAY_MATTER = b"Rr \t\r"          # first octets of a Received: line, a continuation, an empty line
 _FOR = re.compile(rb" for <[^<>]*@([^<>@ ]+)>")
 
 
@@ -53,17 +55,28 @@ class HopCount:
         if self.done:
             return
         self._seen += len(piece)
-        start = 0
-        while not self.done:
-            end = piece.find(b"\n", start)
-            if end < 0:
-                self._keep(piece[start:])
-                break
-            self._keep(piece[start:end])
-            self._line_ended()
-            start = end + 1
+        while piece and not self.done:
+            lines = piece.split(b"\n", _LINES_AT_ONCE)        # the body is not split up
+            piece = b""
+            if len(lines) > _LINES_AT_ONCE:
+                piece = lines.pop()         # the rest, from a line's start
+                lines.append(b"")
+            self._take_lines(lines)
         if self._seen > _MAX_HEADER:
             self._finish()
+
+    def _take_lines(self, lines: List[bytes]) -> None:
+        """`lines`: each but the last ended by a line break; the last is a line begun."""
+        partial = lines.pop()
+        for line in lines:
+            if self._line:
+                line, self._line = self._line + line, b""
+            elif self._field is None and line[:1] not in _MAY_MATTER:
+                continue        # another field's line: nothing to count, nothing to end
+            self._line_ended(line[:_MAX_LINE])
+            if self.done:
+                return
+        self._keep(partial)
 
     def verdict(self) -> Optional[str]:
         """Why the message is refused (a reply text), or None."""
@@ -79,9 +92,8 @@ class HopCount:
         if room > 0:
             self._line += data[:room]
 
-    def _line_ended(self) -> None:
-        line = self._line.rstrip(b"\r")
-        self._line = b""
+    def _line_ended(self, line: bytes) -> None:
+        line = line.rstrip(b"\r")
         if line[:1] in (b" ", b"\t") and line.strip():
             if self._field is not None:
                 self._field += b" " + line.strip()
