@@ -32,7 +32,7 @@ import time
 from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from odmr import replies
-from odmr.fetch_mailbox import Delivery, Mailbox, StorageError
+from odmr.fetch_mailbox import Mailbox, MailboxWriter, StorageError
 from odmr.syntax import received_header, received_protocol
 from odmr.fetch_tally import DATA, END, GREETING, Tally
 from odmr.wire import (BadParameter, Closed, Session, TimedSocketIO, iter_data, parse_path,
@@ -130,10 +130,10 @@ class _Incoming:
         self.failure: Optional[StorageError] = None
         self.last = b""                 # the last bytes written (does the text end a line?)
         self.line_ends = _LineEnds()
-        self.delivery: Optional[Delivery] = None
+        self.writer: Optional[MailboxWriter] = None
         try:
-            self.delivery = session.mailbox.begin(sender, session.trace_header(sender, recipients,
-                                                                                self.msg_id))
+            self.writer = session.mailbox.begin(sender, session.trace_header(sender, recipients,
+                                                                              self.msg_id))
         except StorageError as exc:
             self.failure = exc
 
@@ -153,7 +153,7 @@ class _Incoming:
         if piece:
             self.last = piece[-2:]
         try:
-            self.delivery.write(piece)
+            self.writer.write(piece)
         except StorageError as exc:
             self.failure = exc
             self.abort()
@@ -163,23 +163,23 @@ class _Incoming:
 
     def commit(self) -> str:
         """Durable (file and directory fsync'd) when it returns; StorageError if not."""
-        if self.failure is None and self.delivery is not None:
+        if self.failure is None and self.writer is not None:
             tail = self.line_ends.end(self.last)
             if tail:
                 self.add(tail, 0)
         if self.failure is not None:
             raise self.failure
-        delivery, self.delivery = self.delivery, None
+        writer, self.writer = self.writer, None
         try:
-            return delivery.commit()
+            return writer.commit()
         except StorageError as exc:
             self.failure = exc
             raise
 
     def abort(self) -> None:
-        if self.delivery is not None:
-            delivery, self.delivery = self.delivery, None
-            delivery.abort()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.abort()
 
 
 class LocalSMTPSession(Session):
