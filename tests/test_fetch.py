@@ -692,6 +692,30 @@ def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
     assert result.returncode == EX_USAGE and "--server: bad port" in err(result), err(result)
 
 
+def test_every_fetch_key_is_a_flag_with_the_configspec_default(tmp_path, monkeypatch):
+    """One table of (flag, [fetch] key, converter, default): each [fetch] key of the
+    configspec has its flag, and what a key left out of the file means is the flag's
+    own default, so an empty [fetch] section and no file at all resolve alike."""
+    from odmr import config
+    from odmr.fetch import OPTIONS, resolve_options
+    conf = tmp_path / "fetch.conf"
+    conf.write_text("[fetch]\n")
+    section = config.load(str(conf)).fetch
+    assert sorted(section) == sorted(option.key for option in OPTIONS)
+    unset = (None, "", [])          # what fetch reads as "not in the file"
+    for option in OPTIONS:
+        file_default = section[option.key]
+        assert file_default == option.default or (file_default in unset and option.default in unset), \
+            "[fetch] %s defaults to %r, %s to %r" % (option.key, file_default, option.flag, option.default)
+    flags = ["--server", "127.0.0.1", "--user", "a", "--maildir", str(tmp_path / "m")]
+    monkeypatch.setenv("ODMR_PASSWORD", "x")
+    monkeypatch.setenv("ODMRD_CONFIG", str(tmp_path / "none.conf"))
+    from_file = resolve_options(flags + ["-c", str(conf)], None)
+    without = resolve_options(flags, None)
+    from_file.config_note = without.config_note = ""
+    assert from_file == without and from_file.max_size == 50 * 1024 * 1024 and from_file.every == 0
+
+
 @pytest.mark.parametrize("reply, code", [
     ("250-OK now reversing\r\n250 the connection", EX_OK),
     ("453-You have\r\n453 no mail", EX_OK),
