@@ -29,7 +29,7 @@ from odmr.names import plural
 from odmr import replies
 from odmr.wire import format_reply
 
-EVERY_FROM_CONFIG = "config"    # `--every` without a value: the [fetch] section's interval
+FROM_SECTION = "config"         # a flag given bare (`--every` alone): its [fetch] key's value
 MAX_BACKOFF = 3600.0
 RELAY_CONNECT_TIMEOUT = 60.0
 
@@ -64,10 +64,8 @@ class FetchOptions:
     max_size: int = DEFAULT_MAX_SIZE
 
 
-def _every(text: str):
-    """--every INTERVAL (more than 0), or the marker of a bare --every."""
-    if text == EVERY_FROM_CONFIG:
-        return text
+def _every(text: str) -> float:
+    """--every INTERVAL: more than 0."""
     seconds = parse_duration(text)
     if seconds <= 0:
         raise ValueError("must be more than 0")
@@ -83,7 +81,8 @@ class Option:
     """One setting: its flag, its [fetch] key, the converter of the flag's text
     (the configspec types the key with the same converter, in odmr.config),
     and its value when neither gives one. A `path` from [fetch] is relative
-    to the config file's directory, one from a flag to the current one."""
+    to the config file's directory, one from a flag to the current one. The
+    configspec's default for the key is this default too (tests hold them equal)."""
 
     flag: str
     key: str
@@ -93,7 +92,7 @@ class Option:
     help: str
     path: bool = False
     flag_kw: Tuple[Tuple[str, Any], ...] = ()       # more add_argument() keywords
-    from_file: bool = True      # False: the [fetch] key only serves a flag given bare (every)
+    only_when_bare: bool = False    # the [fetch] key serves only the flag given bare (every)
 
     @property
     def dest(self) -> str:
@@ -125,7 +124,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--every", "every", _every, 0.0, "INTERVAL",
            "poll forever at this interval (e.g. 15m); alone: at the [fetch] section's `every` "
            "(what the init scripts run); without it one run, whatever [fetch] says",
-           flag_kw=(("nargs", "?"), ("const", EVERY_FROM_CONFIG)), from_file=False),
+           flag_kw=(("nargs", "?"), ("const", FROM_SECTION)), only_when_bare=True),
     Option("--max-size", "max_size", parse_size, DEFAULT_MAX_SIZE, "SIZE",
            "with --maildir/--mbox: refuse messages over SIZE with 552 (e.g. 10K, 50M; "
            "default 50M; 0: no limit)"),
@@ -228,24 +227,27 @@ def resolve_options(argv: List[str], config_path: Optional[str]) -> FetchOptions
                         domains=values["domains"], tls=values["tls"], ca_file=values["ca_file"],
                         insecure=values["insecure"], mechanism=values["mechanism"], helo=hostname)
     return FetchOptions(endpoint=endpoint, relay=relay, maildir=maildir, mbox=mbox,
-                        every=_interval(values["every"], section, note), verbose=args.verbose,
-                        config_note=note, check_only=args.check, max_size=values["max_size"])
+                        every=_interval(values["every"], "every" in flagged, note),
+                        verbose=args.verbose, config_note=note, check_only=args.check,
+                        max_size=values["max_size"])
 
 
 def _values(args: argparse.Namespace, section: dict, base: str) -> Tuple[Dict[str, Any], Set[str]]:
     """Each setting from its flag, else from [fetch] (typed by the configspec),
-    else its default; and the keys that came from flags."""
+    else its default; and the keys that came from flags (given bare or not)."""
     values: Dict[str, Any] = {}
     flagged: Set[str] = set()
     for option in OPTIONS:
         given = getattr(args, option.dest)
         if given not in (None, "", []):
+            flagged.add(option.key)
+        if given not in (None, "", [], FROM_SECTION):
             try:
                 values[option.key] = option.convert(given)
             except ValueError as exc:
                 raise UsageError("%s: %s" % (option.flag, exc)) from None
-            flagged.add(option.key)
-        elif option.from_file and section.get(option.key) not in (None, "", []):
+        elif section.get(option.key) not in (None, "", []) and \
+                (given == FROM_SECTION or not option.only_when_bare):
             value = section[option.key]
             values[option.key] = _relative(base, value) if option.path else value
         else:
@@ -298,19 +300,16 @@ def _target(values: Dict[str, Any], flagged: Set[str], missing: str
             values["mbox"] if target == "mbox" else "")
 
 
-def _interval(every, section: dict, where: str) -> float:
-    """Seconds between runs (0: run once); a bare --every takes the [fetch] `every`.
+def _interval(every: float, given: bool, where: str) -> float:
+    """Seconds between runs (0: run once); a bare --every has taken the [fetch] `every`.
 
     Without --every a run is one run, whatever the file says: cron and a shell expect
     `odmrd fetch -c FILE` to return."""
-    if every != EVERY_FROM_CONFIG:
-        return every
-    configured = float(section.get("every") or 0)
-    if configured <= 0:
+    if given and every <= 0:
         # what the service scripts run: one run and an exit would look like a crash
         raise UsageError("--every without an interval needs `every` in the [fetch] section"
                          " (%s)" % where, EX_CONFIG)
-    return configured
+    return every
 
 
 def _duration(seconds: float) -> str:

@@ -31,7 +31,6 @@ CONNECT_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0           # greeting, EHLO, AUTH (RFC 5321 style)
 GREETING_PROBE = 5.0            # silent this long: ask whether the port speaks implicit TLS
 ATRN_TIMEOUT = 660.0            # RFC 2645: wait at least 10 minutes for the ATRN reply
-
 # What OpenSSL says when the first bytes it reads are "220 ..." instead of a TLS record.
 NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
                    "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "RECORD_TOO_LARGE")
@@ -121,7 +120,7 @@ class ProviderClient(smtplib.SMTP):
 
     def getreply(self) -> Tuple[int, bytes]:
         if self.file is None:           # first reply, or starttls() dropped the plain reader
-            self.file = reader_for(self.sock)
+            self.file = reader_for(self.sock)     # the local server reads on with it
         code, texts = self._read_reply()
         if code == 220 and self._last_verb == "STARTTLS" and _waiting(self.file, self.sock):
             # anything sent before the handshake would pass for data sent under TLS

@@ -64,8 +64,8 @@ def _lf(piece: bytes) -> bytes:
     return piece.replace(b"\r\n", b"\n")
 
 
-class Delivery:
-    """One message being stored: write() pieces, then commit() or abort()."""
+class MailboxWriter:
+    """One message on its way into a mailbox: write() pieces, then commit() or abort()."""
 
     def write(self, piece: bytes) -> None:
         raise NotImplementedError
@@ -83,7 +83,7 @@ class Mailbox:
 
     path = ""
 
-    def begin(self, sender: str, header: bytes) -> Delivery:
+    def begin(self, sender: str, header: bytes) -> MailboxWriter:
         """Start a message; `header` (CRLF lines) goes in front of it."""
         raise NotImplementedError
 
@@ -135,7 +135,7 @@ class Maildir(Mailbox):
         return "%d.M%06dP%dQ%d.%s" % (int(now), int((now % 1) * 1e6), os.getpid(),
                                       next(_counter), self.host)
 
-    def begin(self, sender: str, header: bytes) -> Delivery:
+    def begin(self, sender: str, header: bytes) -> MailboxWriter:
         self.prepare()
         for _ in range(5):
             name = self.unique_name()
@@ -146,17 +146,17 @@ class Maildir(Mailbox):
                 continue
             except OSError as exc:
                 raise StorageError("cannot create %s: %s" % (tmp, exc.strerror or exc), exc) from None
-            delivery = _MaildirDelivery(self, name, tmp, fd)
+            writer = _MaildirWriter(self, name, tmp, fd)
             try:
-                delivery.write(header)
+                writer.write(header)
             except BaseException:
-                delivery.abort()
+                writer.abort()
                 raise
-            return delivery
+            return writer
         raise StorageError("cannot find a unique file name in %s/tmp" % self.path)
 
 
-class _MaildirDelivery(Delivery):
+class _MaildirWriter(MailboxWriter):
     def __init__(self, box: Maildir, name: str, tmp: str, fd: int):
         self.box = box
         self.name = name
@@ -216,18 +216,18 @@ class Mbox(Mailbox):
     def __init__(self, path: str):
         self.path = path
 
-    def begin(self, sender: str, header: bytes) -> Delivery:
+    def begin(self, sender: str, header: bytes) -> MailboxWriter:
         try:
             stage = tempfile.SpooledTemporaryFile(max_size=STAGE_IN_MEMORY,
                                                   dir=os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
             raise StorageError("cannot stage a message for %s: %s" % (self.path, exc), exc) from None
-        delivery = _MboxDelivery(self, sender, stage)
-        delivery.write(header)
-        return delivery
+        writer = _MboxWriter(self, sender, stage)
+        writer.write(header)
+        return writer
 
 
-class _MboxDelivery(Delivery):
+class _MboxWriter(MailboxWriter):
     def __init__(self, box: Mbox, sender: str, stage):
         self.box = box
         self.sender = sender
@@ -396,5 +396,5 @@ def open_mailbox(maildir: str = "", mbox: str = "") -> Mailbox:
     return Mbox(mbox)
 
 
-__all__: List[str] = ["StorageError", "Mailbox", "Maildir", "Mbox", "Delivery",
+__all__: List[str] = ["StorageError", "Mailbox", "Maildir", "Mbox", "MailboxWriter",
                       "open_mailbox", "from_line", "quote_from"]

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Deque, Optional, Tuple
 
 from odmr.fetch_tally import DATA, END, GREETING, Tally
-from odmr.wire import take_buffered
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other
@@ -82,13 +81,14 @@ def _last_line(tail: bytes) -> bytes:
 def splice(provider: socket.socket, local: socket.socket, reader: Optional[BinaryIO] = None,
            idle_timeout: float = IDLE_TIMEOUT,
            progress: Optional[Callable[[str], None]] = None) -> SpliceResult:
-    """Move bytes until both directions have ended (first what `reader`, the ATRN
-    negotiation's Turnaround.file, already holds); never raises for network trouble."""
+    """Move bytes until both directions have ended, first what `reader` (the ATRN
+    negotiation's Turnaround.file, the provider's side) already holds; never raises
+    for network trouble."""
     follower = _Follower()
     p, l = _pair(provider, local, follower)
-    leftover = take_buffered(reader, limit=CHUNK)     # the sockets are non-blocking by now
-    follower.from_provider(leftover)
-    l.out += leftover
+    held = _held_by(reader)
+    follower.from_provider(held)
+    l.out += held
     deadline_reason = _pump(p, l, idle_timeout)
     clean = _last_line(p.tail).upper() == b"QUIT" and _last_line(l.tail)[:3] == b"221"
     reason = deadline_reason or p.error or l.error or "closed"
@@ -97,6 +97,18 @@ def splice(provider: socket.socket, local: socket.socket, reader: Optional[Binar
                  % (reason, p.count, l.count))
     return SpliceResult(clean=clean, reason=reason, from_provider=p.count, from_local=l.count,
                         tally=follower.tally)
+
+
+def _held_by(reader: Optional[BinaryIO]) -> bytes:
+    """What the provider sent that the reader has read already (the selector will
+    never report it). The socket is non-blocking by now: when the reader holds
+    nothing, one read takes what is ready, or fails at once and is left to the loop."""
+    if reader is None:
+        return b""
+    try:
+        return reader.read1(CHUNK) or b""
+    except (OSError, ValueError):
+        return b""
 
 
 def _pair(provider: socket.socket, local: socket.socket, follower: "_Follower") -> Tuple[_Side, _Side]:

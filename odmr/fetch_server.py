@@ -10,10 +10,15 @@ end without keeping any of it), which makes the provider return it.
 
 Speed over long links: the server offers PIPELINING and CHUNKING (RFC 3030
 `BDAT n [LAST]`: the data comes without a 354 round trip and without dot
-stuffing). Replies are collected while more of the provider's input is
-already buffered and written in one go just before a read would wait
-(RFC 2920), so a window of pipelined messages costs one write back, and each
-message's fsync happens between reads, never waiting for the provider.
+stuffing). Replies are held while more of the provider's input is already
+there and written in one go just before a read would wait (RFC 2920,
+`wire.Session.hold_while_input_ready`), so a window of pipelined messages
+costs one write back, and each message's fsync happens between reads, never
+waiting for the provider.
+
+The session reads from the reader the ATRN negotiation read the provider's
+250 with (`Turnaround.file`): what the provider sent right behind that reply
+is already in it.
 
 A full disk is an ordinary answer, not a protocol error: the RCPT, DATA or
 BDAT that the provider pipelined after a refused MAIL get their 503 without
@@ -21,22 +26,17 @@ counting against the bad-command budget, so the session runs to its QUIT.
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 import re
-import select
 import socket
-import ssl
 import time
 from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from odmr import replies
-from odmr.fetch_mailbox import Delivery, Mailbox, StorageError
+from odmr.fetch_mailbox import Mailbox, MailboxWriter, StorageError
 from odmr.syntax import received_header, received_protocol
 from odmr.fetch_tally import DATA, END, GREETING, Tally
-from odmr.wire import (BadParameter, Closed, Session, TimedSocketIO, iter_data, parse_path,
-                       parse_rcpt_params, take_buffered)
+from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
 
 log = logging.getLogger("odmrd.fetch")
 
@@ -47,50 +47,6 @@ SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
 CHUNK = 65536                   # BDAT data is read and stored in pieces of at most this
 FLUSH_AT = 16384                # replies held back this long are written even if input waits
 _BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.I)
-
-
-class _RepliesBeforeWait(TimedSocketIO):
-    """The session's raw reader: first the bytes the ATRN negotiation had
-    buffered, then the socket; whenever a read would have to wait for the
-    provider, the replies held back so far are written first (RFC 2920).
-
-    Being a `TimedSocketIO`, `Session.read_line` sets its deadline instead
-    of changing the socket timeout for every line."""
-
-    def __init__(self, sock: socket.socket, leftover: bytes, flush: Callable[[], None]):
-        super().__init__(sock)
-        self._leftover = leftover
-        self._flush = flush
-        self._plain = not isinstance(sock, ssl.SSLSocket)
-        self._fd = sock.fileno()
-
-    def readinto(self, buffer) -> int:
-        if self._leftover:
-            taken = self._leftover[:len(buffer)]
-            buffer[:len(taken)] = taken
-            self._leftover = self._leftover[len(taken):]
-            return len(taken)
-        if self.deadline is not None:
-            self._check_deadline()
-        if self._plain:
-            try:
-                return os.readv(self._fd, [buffer])   # the socket is non-blocking (it has a timeout)
-            except BlockingIOError:
-                pass
-        elif self._sock.pending() or _readable(self._sock):
-            return super().readinto(buffer)
-        self._flush()
-        return super().readinto(buffer)
-
-    def fileno(self) -> int:
-        return self._fd
-
-
-def _readable(sock: socket.socket) -> bool:
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True         # let the read itself report it
 
 
 class _LineEnds:
@@ -130,10 +86,10 @@ class _Incoming:
         self.failure: Optional[StorageError] = None
         self.last = b""                 # the last bytes written (does the text end a line?)
         self.line_ends = _LineEnds()
-        self.delivery: Optional[Delivery] = None
+        self.writer: Optional[MailboxWriter] = None
         try:
-            self.delivery = session.mailbox.begin(sender, session.trace_header(sender, recipients,
-                                                                                self.msg_id))
+            self.writer = session.mailbox.begin(sender, session.trace_header(sender, recipients,
+                                                                              self.msg_id))
         except StorageError as exc:
             self.failure = exc
 
@@ -153,7 +109,7 @@ class _Incoming:
         if piece:
             self.last = piece[-2:]
         try:
-            self.delivery.write(piece)
+            self.writer.write(piece)
         except StorageError as exc:
             self.failure = exc
             self.abort()
@@ -163,38 +119,39 @@ class _Incoming:
 
     def commit(self) -> str:
         """Durable (file and directory fsync'd) when it returns; StorageError if not."""
-        if self.failure is None and self.delivery is not None:
+        if self.failure is None and self.writer is not None:
             tail = self.line_ends.end(self.last)
             if tail:
                 self.add(tail, 0)
         if self.failure is not None:
             raise self.failure
-        delivery, self.delivery = self.delivery, None
+        writer, self.writer = self.writer, None
         try:
-            return delivery.commit()
+            return writer.commit()
         except StorageError as exc:
             self.failure = exc
             raise
 
     def abort(self) -> None:
-        if self.delivery is not None:
-            delivery, self.delivery = self.delivery, None
-            delivery.abort()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.abort()
 
 
 class LocalSMTPSession(Session):
     """The customer's own SMTP server, spoken on the provider's connection."""
 
     idle_timeout = IDLE_TIMEOUT
+    # a window of pipelined messages is answered in one write, once its input is used up
+    hold_replies = True
+    hold_while_input_ready = True
+    held_replies_limit = FLUSH_AT
 
     def __init__(self, sock: socket.socket, peer: str, reader: BinaryIO, mailbox: Mailbox,
                  hostname: str, tls: bool, trace: Optional[Callable[[str], None]] = None,
                  max_size: int = DEFAULT_MAX_SIZE):
-        super().__init__(sock, peer)
         # the negotiation's reader may already hold the provider's first commands
-        self._held = bytearray()        # replies not written yet (more input was buffered)
-        self.rfile = io.BufferedReader(_RepliesBeforeWait(sock, take_buffered(reader, sock, CHUNK),
-                                                          self.flush_replies), CHUNK)
+        super().__init__(sock, peer, reader)
         self.mailbox = mailbox
         self.my_hostname = hostname
         self.tls = tls
@@ -230,29 +187,7 @@ class LocalSMTPSession(Session):
         self.tally.reply(answering, code, "%d %s" % (code, lines[-1] if lines else ""))
         super().reply(code, *lines)
 
-    # -- replies: held while more input waits, written before any wait ---------------
-    def send_raw(self, data: bytes) -> None:
-        self._held += data
-        if len(self._held) >= FLUSH_AT:
-            self.flush_replies()
-
-    def flush_replies(self) -> None:
-        if self._held:
-            data, self._held = bytes(self._held), bytearray()
-            Session.send_raw(self, data)
-
-    def hang_up(self, drain: float = 2.0) -> None:
-        try:
-            self.flush_replies()
-        except Closed:
-            pass
-        super().hang_up(drain)
-
     def finish(self) -> None:
-        try:
-            self.flush_replies()
-        except Closed:
-            pass
         self.reset_transaction()
         super().finish()
 

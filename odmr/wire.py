@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -136,15 +137,26 @@ class TimedSocketIO(io.RawIOBase):
         self.timeout_changed = False
         # called before a read may wait; True if it wrote held replies (Session.hold_replies)
         self.before_wait: Optional[Callable[[], bool]] = None
+        # only when the socket has nothing ready either (Session.hold_while_input_ready)
+        self.read_before_flush = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        if self.before_wait is not None:
+        if self.before_wait is not None and not (self.read_before_flush and self._input_ready()):
             self.before_wait()
         self._before_wait()
         return self._sock.recv_into(buffer)
+
+    def _input_ready(self) -> bool:
+        """Whether a read now finds input: decrypted bytes OpenSSL holds, or the socket's."""
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            return True
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True         # let the read itself report it
 
     def _check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -183,11 +195,13 @@ class _EagerSocketIO(TimedSocketIO):
             self._check_deadline()
         # held replies just written: the peer reads them before it sends more, so a
         # read(2) now would only find nothing; wait at once
-        if self.before_wait is None or not self.before_wait():
+        if self.before_wait is None or self.read_before_flush or not self.before_wait():
             try:
                 return os.readv(self._fd, [buffer])
             except BlockingIOError:
                 pass
+            if self.read_before_flush:
+                self.before_wait()
         self._before_wait()
         return self._sock.recv_into(buffer)
 
@@ -195,35 +209,13 @@ class _EagerSocketIO(TimedSocketIO):
         return self._fd
 
 
-def reader_for(sock: socket.socket):
+def reader_for(sock: socket.socket, buffer_size: int = READ_BUFFER):
     """The buffered reader a session (and smtplib after the turnaround) reads from."""
     if sock.gettimeout() in (None, 0.0):
-        return sock.makefile("rb")
+        return sock.makefile("rb", buffering=buffer_size)
     if isinstance(sock, ssl.SSLSocket):
-        return io.BufferedReader(TimedSocketIO(sock), READ_BUFFER)
-    return io.BufferedReader(_EagerSocketIO(sock), READ_BUFFER)
-
-
-def take_buffered(reader: Optional[BinaryIO], sock: Optional[socket.socket] = None,
-                  limit: int = 65536) -> bytes:
-    """What `reader` already holds (the ATRN negotiation's read-ahead), without waiting
-    for more: `sock` is made non-blocking for the look if it is not already. A read
-    error is left for the next reader to report."""
-    if reader is None:
-        return b""
-    timeout = sock.gettimeout() if sock is not None else None
-    try:
-        if sock is not None:
-            sock.settimeout(0.0)
-        return reader.read1(limit) or b""
-    except (OSError, ValueError):     # nothing there (BlockingIOError, SSLWantRead...) or broken
-        return b""
-    finally:
-        if sock is not None:
-            try:
-                sock.settimeout(timeout)
-            except OSError:
-                pass
+        return io.BufferedReader(TimedSocketIO(sock), buffer_size)
+    return io.BufferedReader(_EagerSocketIO(sock), buffer_size)
 
 
 def _write_now(sock: socket.socket, data: bytes) -> bytes:
@@ -256,20 +248,28 @@ class Session:
     # that holds them writes them only when its reader must wait for more input (and
     # at the end), so MAIL, RCPT, DATA and the 354 cost one write, not four.
     hold_replies = False
+    # True: held replies stay held while the socket already has more input ready, not
+    # only while the reader's buffer lasts (a window of pipelined messages, one write
+    # back); held_replies_limit bytes of them go out anyway. 0: no limit.
+    hold_while_input_ready = False
+    held_replies_limit = 0
     _verbs: Dict[str, Callable] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         cls._verbs = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, reader: Optional[BinaryIO] = None):
+        """`reader`: the connection's buffered reader when somebody has read from it
+        already (the customer's ATRN negotiation); by default, a new one."""
         self.sock = sock
         self.peer = peer
         self.peer_ip = address_only(peer)           # what Received: and the limits name
         self.sock.settimeout(self.idle_timeout)
         self._held_replies: List[bytes] = []
+        self._held_size = 0                         # counted only under held_replies_limit
         self._holding = False
-        self.rfile = self._reader()
+        self.rfile = self._reader(reader)
         self.bad_commands = 0
         self.closing = False
         self.stopping = False
@@ -277,13 +277,15 @@ class Session:
         self._state_lock = threading.Lock()
         self.tls_active = isinstance(sock, ssl.SSLSocket)
 
-    def _reader(self):
+    def _reader(self, reader: Optional[BinaryIO] = None):
         """The session's buffered reader; one that tells before it waits, when replies are held."""
-        reader = reader_for(self.sock)
+        if reader is None:
+            reader = reader_for(self.sock)
         raw = getattr(reader, "raw", None)
         self._holding = self.hold_replies and isinstance(raw, TimedSocketIO)
         if self._holding:
             raw.before_wait = self.flush_held_replies
+            raw.read_before_flush = self.hold_while_input_ready
         return reader
 
     # -- output ---------------------------------------------------------------
@@ -298,6 +300,7 @@ class Session:
         if self._held_replies:
             data = b"".join(self._held_replies) + data
             self._held_replies = []
+            self._held_size = 0
         try:
             if not self.tls_active:
                 data = _write_now(self.sock, data)
@@ -308,7 +311,12 @@ class Session:
 
     def reply(self, code: int, *lines: str) -> None:
         if self._holding:
-            self._held_replies.append(format_reply(code, lines))
+            data = format_reply(code, lines)
+            self._held_replies.append(data)
+            if self.held_replies_limit:
+                self._held_size += len(data)
+                if self._held_size >= self.held_replies_limit:
+                    self.flush_held_replies()
         else:
             self.send_raw(format_reply(code, lines))
 

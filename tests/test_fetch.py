@@ -24,7 +24,8 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
                      PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored, assert_one_line_error,
-                     assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail, which)
+                     ScriptedMTA, assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail,
+                     which)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from
@@ -231,6 +232,46 @@ def test_250_then_delivery_into_maildir(scripted, tmp_path):
     (name,) = os.listdir(tmp_path / "md" / "new")
     raw = (tmp_path / "md" / "new" / name).read_bytes()
     assert raw.endswith(b"\nSubject: scripted\n\n.dot\nFrom x\n")
+    assert s.errors == []
+
+
+# A provider may send the reversed session's first commands in the same write as its
+# 250 to ATRN, before our 220: they sit in the reader that read the 250 (Turnaround.file).
+PIPELINED_BEHIND_250 = ("250 2.0.0 OK now reversing the connection\r\nEHLO scripted.test\r\n"
+                        "MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\nDATA")
+
+
+def _rest_of_the_pipelined_session(peer: Peer) -> None:
+    assert peer.line().startswith(b"220 ")
+    assert peer.reply()[-1].startswith(b"250 ")                 # to the EHLO sent with the 250
+    assert [peer.line()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    peer.send("Subject: behind the 250\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert peer.line().startswith(b"250")
+    assert peer.line().startswith(b"221")
+
+
+@pytest.mark.parametrize("tls", ["none", "implicit"])
+@pytest.mark.parametrize("target", ["maildir", "relay"])
+def test_commands_sent_with_the_250_reach_the_local_side(scripted, pki, tmp_path, target, tls):
+    """Nothing the provider pipelined right behind its 250 is lost at the hand-over,
+    whether fetch is the SMTP server itself or splices into a local MTA."""
+    s = scripted(atrn_reply=PIPELINED_BEHIND_250, after_250=_rest_of_the_pipelined_session,
+                 implicit=server_context(pki) if tls == "implicit" else None)
+    extra = ["--ca-file", pki["ca.pem"]] if tls == "implicit" else []
+    mta = ScriptedMTA() if target == "relay" else None
+    try:
+        where = ["--relay", "127.0.0.1:%d" % mta.port] if mta else ["--maildir", str(tmp_path / "md")]
+        result = run_fetch(*scripted_args(s, *where, *extra, tls=tls))
+        assert result.returncode == EX_OK, err(result) + repr(s.errors)
+        if mta:
+            assert [m["rcpts"] for m in mta.messages] == [["x@example.org"]]
+            assert mta.accepted[0].startswith(b"Subject: behind the 250\r\n")
+        else:
+            (name,) = os.listdir(tmp_path / "md" / "new")
+            assert (tmp_path / "md" / "new" / name).read_bytes().endswith(b"\nSubject: behind the 250\n\nbody\n")
+    finally:
+        if mta:
+            mta.close()
     assert s.errors == []
 
 
@@ -690,6 +731,30 @@ def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
     # the same values as flags are usage errors, one at a time
     result = run_fetch("--server", "h:99999", "--user", "a", "--maildir", "m", "--check")
     assert result.returncode == EX_USAGE and "--server: bad port" in err(result), err(result)
+
+
+def test_every_fetch_key_is_a_flag_with_the_configspec_default(tmp_path, monkeypatch):
+    """One table of (flag, [fetch] key, converter, default): each [fetch] key of the
+    configspec has its flag, and what a key left out of the file means is the flag's
+    own default, so an empty [fetch] section and no file at all resolve alike."""
+    from odmr import config
+    from odmr.fetch import OPTIONS, resolve_options
+    conf = tmp_path / "fetch.conf"
+    conf.write_text("[fetch]\n")
+    section = config.load(str(conf)).fetch
+    assert sorted(section) == sorted(option.key for option in OPTIONS)
+    unset = (None, "", [])          # what fetch reads as "not in the file"
+    for option in OPTIONS:
+        file_default = section[option.key]
+        assert file_default == option.default or (file_default in unset and option.default in unset), \
+            "[fetch] %s defaults to %r, %s to %r" % (option.key, file_default, option.flag, option.default)
+    flags = ["--server", "127.0.0.1", "--user", "a", "--maildir", str(tmp_path / "m")]
+    monkeypatch.setenv("ODMR_PASSWORD", "x")
+    monkeypatch.setenv("ODMRD_CONFIG", str(tmp_path / "none.conf"))
+    from_file = resolve_options(flags + ["-c", str(conf)], None)
+    without = resolve_options(flags, None)
+    from_file.config_note = without.config_note = ""
+    assert from_file == without and from_file.max_size == 50 * 1024 * 1024 and from_file.every == 0
 
 
 @pytest.mark.parametrize("reply, code", [
