@@ -266,19 +266,12 @@ class LocalSMTPSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if self.helo_name_refused("EHLO", arg):
-            return
-        self.reset_transaction()
-        self.helo, self.esmtp = arg, True
-        self.reply(250, self.hostname(), "PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
-                   "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
+        self.hello_command("EHLO", arg, ["PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
+                                         "SIZE %d" % self.max_size if self.max_size else "SIZE",
+                                         "ENHANCEDSTATUSCODES"])
 
     def smtp_HELO(self, arg: str) -> None:
-        if self.helo_name_refused("HELO", arg):
-            return
-        self.reset_transaction()
-        self.helo, self.esmtp = arg, False
-        self.reply(250, self.hostname())
+        self.hello_command("HELO", arg)
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(*replies.VRFY_FETCH)

@@ -53,20 +53,14 @@ class IntakeSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if self.helo_name_refused("EHLO", arg):
-            return
-        self.helo, self.esmtp, self.tx = arg, True, None
-        lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
-                 "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        keywords = ["PIPELINING", "SIZE %d" % self.limits.max_message_size,
+                    "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         if self.runtime.tls is not None and not self.tls_active:
-            lines.append("STARTTLS")
-        self.reply(250, *lines)
+            keywords.append("STARTTLS")
+        self.hello_command("EHLO", arg, keywords)
 
     def smtp_HELO(self, arg: str) -> None:
-        if self.helo_name_refused("HELO", arg):
-            return
-        self.helo, self.esmtp, self.tx = arg, False, None
-        self.reply(250, self.hostname())
+        self.hello_command("HELO", arg)
 
     def reset_transaction(self) -> None:
         self.tx = None

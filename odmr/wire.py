@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 from odmr import replies
 from odmr.names import address_is_safe
@@ -248,6 +248,8 @@ class Session:
 
     max_bad_commands = 20
     idle_timeout = 300.0
+    helo: Optional[str] = None      # the client's EHLO/HELO name, once it has greeted
+    esmtp = False                   # it said EHLO
     # RFC 2920 §3.1: the replies to a pipelined group may go out together. A session
     # that holds them writes them only when its reader must wait for more input (and
     # at the end), so MAIL, RCPT, DATA and the 354 cost one write, not four.
@@ -547,6 +549,17 @@ class Session:
             log.info("%s: %s %s refused: not a domain or address literal: %s",
                      self.log_prefix, self.peer, verb, printable(arg, 100))
         self.refuse((replies.BAD_HELO_NAME[0], replies.BAD_HELO_NAME[1] % verb))
+        return True
+
+    def hello_command(self, verb: str, arg: str, keywords: Sequence[str] = ()) -> bool:
+        """EHLO or HELO (RFC 5321 §4.1.1.1), alike on every port: the name check, a
+        fresh start (a transaction under way is dropped), and the 250 with this
+        server's EHLO `keywords` (none after HELO). False after the 501."""
+        if self.helo_name_refused(verb, arg):
+            return False
+        self.reset_transaction()
+        self.helo, self.esmtp = arg, verb == "EHLO"
+        self.reply(250, self.hostname(), *(keywords if self.esmtp else ()))
         return True
 
     def sender_needs_smtputf8(self, sender: str, smtputf8: bool) -> bool:
