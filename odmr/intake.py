@@ -18,8 +18,8 @@ from odmr.hops import TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
 from odmr.submission import OverQuota, Submission, TooBig, accept_sender
-from odmr.syntax import printable, received_header, received_protocol, split_source_route
-from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
+from odmr.syntax import printable, received_header, received_protocol
+from odmr.wire import DataTimeout, Session, iter_data
 
 log = logging.getLogger("odmrd.smtp")
 
@@ -119,22 +119,17 @@ class IntakeSession(Session):
         tx = self.tx
         if tx is None:
             return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
-        parsed = parse_path(arg, "TO:", raw=True)     # a source route too: classify_recipient judges it
-        try:
-            path, param_text = parsed
-            route, address = split_source_route(path)
-        except (TypeError, ValueError):
-            return self.refuse(replies.RCPT_SYNTAX)
-        try:
-            dsn = parse_rcpt_params(param_text, dsn=True)
-        except BadParameter as exc:
-            return self.refuse(exc.reply)
+        parsed = self.rcpt_command(arg, dsn=True)
+        if parsed is None:
+            return
+        address, route, dsn = parsed            # a source route too: accept_recipient judges it
         decision = tx.accept_recipient(self.runtime, address, route)
         domain = decision.domain
         if domain == OUTBOUND and address.lower() == "postmaster":
             log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
                      "for [queue] bounce_relay", self.peer, decision.address)
         if domain is None:
+            path = route + ":" + address if route else address
             log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, printable(path),
                      decision.code, decision.text)
             self.reply(*decision.reply)

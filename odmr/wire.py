@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 from odmr import replies
 from odmr.names import address_is_safe
-from odmr.syntax import helo_name_ok, printable
+from odmr.syntax import helo_name_ok, printable, split_source_route
 
 log = logging.getLogger("odmrd")
 
@@ -597,6 +597,26 @@ class Session:
             self.refuse(exc.reply)
             return None
 
+    def rcpt_command(self, arg: str, dsn: bool = False) -> Optional[Tuple[str, str, RcptParams]]:
+        """RCPT's path and parameters, parsed once for every server: (address, source
+        route, RcptParams), or None after the 501/555 reply. The route (`@a,@b` of
+        <@a,@b:u@d>) is returned, not judged: RFC 5321 §4.1.1.3 lets a server ignore it
+        or decline the relaying it implies, and the address is left to the caller's
+        policy (intake's `Submission.accept_recipient`)."""
+        parsed = parse_path(arg, "TO:", raw=True)
+        try:
+            if parsed is None:
+                raise ValueError("not a path")
+            route, address = split_source_route(parsed[0])
+        except ValueError:
+            self.refuse(replies.RCPT_SYNTAX)
+            return None
+        try:
+            return address, route, parse_rcpt_params(parsed[1], dsn)
+        except BadParameter as exc:
+            self.refuse(exc.reply)
+            return None
+
     def count_bad_command(self) -> None:
         self.bad_commands += 1
         if self.bad_commands >= self.max_bad_commands:
@@ -765,8 +785,7 @@ def parse_path(arg: str, keyword: str, raw: bool = False):
     """`FROM:<a@b> PARAMS` -> (address, params-text); None on syntax error.
 
     Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>).
-    `raw`: the path as sent, route and all, for a caller that judges it itself
-    (intake RCPT: `Runtime.classify_recipient`)."""
+    `raw`: the path as sent, route and all, unchecked (`Session.rcpt_command`)."""
     head = arg[: len(keyword)]
     if head.upper() != keyword:
         return None
