@@ -106,7 +106,7 @@ class IntakeSession(Session):
             return
         if self.sender_needs_smtputf8(sender, smtputf8):
             return
-        decision = accept_sender(self.runtime, sender)
+        decision = accept_sender(self.runtime.hosting, sender)
         if decision.detail:
             log.info("smtp: %s refused MAIL <%s>: %d %s", self.peer, printable(sender),
                      decision.code, decision.text)
@@ -123,7 +123,7 @@ class IntakeSession(Session):
         if parsed is None:
             return
         address, route, dsn = parsed            # a source route too: accept_recipient judges it
-        decision = tx.accept_recipient(self.runtime, address, route)
+        decision = tx.accept_recipient(self.runtime.hosting, address, route)
         domain = decision.domain
         if domain == OUTBOUND and address.lower() == "postmaster":
             log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
@@ -161,7 +161,7 @@ class IntakeSession(Session):
         limit = self.limits.max_message_size
         spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
                             trace, limit, self.hostname(), self.limits.max_received_headers,
-                            quotas=self.runtime)
+                            quotas=self.runtime.hosting)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
         deadline = time.monotonic() + max_time if max_time > 0 else None
         self.reply(*replies.START_DATA)
