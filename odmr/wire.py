@@ -3,7 +3,7 @@
 `Session` owns the socket and its one buffered reader: bounded command lines,
 replies sent in one write, a bad-command budget, a timeout on every read, and
 dispatch to `smtp_<VERB>` methods (the table is built once per class).
-Subclasses (intake, provider, the customer's local server) only add verbs.
+Subclasses (intake, odmr_session, the customer's local server) only add verbs.
 """
 from __future__ import annotations
 
