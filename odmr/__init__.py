@@ -3,7 +3,7 @@
 One message's path through the package:
 
     intake (intake_workers) / enqueue / bounce ─> submission ─> spool   (taking mail)
-    provider ─ATRN, Handoff─> delivery <─jobs, results─> queuemgr ─> spool, bounce
+    odmr_session ─ATRN, Handoff─> delivery <─jobs, results─> queuemgr ─> spool, bounce
     bounce_relay (spool/.outbound) <─results─> queuemgr                 (handing it over)
     fetch ─> fetch_client ─> fetch_relay | fetch_server + fetch_mailbox  (the customer)
 

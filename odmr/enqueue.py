@@ -56,7 +56,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
                            EX_DATAERR) from None
     if not address_is_safe(sender):
         raise EnqueueError("sender %r contains characters not allowed in an address" % sender, EX_DATAERR)
-    decision = accept_sender(runtime, sender)
+    decision = accept_sender(runtime.hosting, sender)
     if not decision.accepted:
         raise EnqueueError("sender <%s>: %s" % (printable(sender, 100), decision.reason),
                            exit_code(decision))
@@ -68,7 +68,7 @@ def enqueue(runtime: Runtime, sender: str, recipients: List[str], stream: Binary
         except ValueError:
             raise EnqueueError("recipient <%s>: source route without ':'" % printable(path),
                                EX_DATAERR) from None
-        decision = submission.accept_recipient(runtime, address, route, utf8_allowed=True)
+        decision = submission.accept_recipient(runtime.hosting, address, route, utf8_allowed=True)
         if decision.domain is None:
             reason = decision.reason
             if decision.reply == replies.RELAYING_DENIED:   # an MTA's bounce says why in plain words
@@ -101,7 +101,7 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     spooling = submission.start(runtime.spool, "local user %s" % user,
                                 lambda msg_id, rcpts: local_received_header(hostname, msg_id, rcpts),
                                 runtime.settings.smtp.max_message_size, hostname,
-                                runtime.settings.smtp.max_received_headers, quotas=runtime)
+                                runtime.settings.smtp.max_received_headers, quotas=runtime.hosting)
     if spooling.failure is not None:             # before reading: the MTA keeps it and retries
         raise EnqueueError(str(spooling.failure), EX_TEMPFAIL)
     try:

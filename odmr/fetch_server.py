@@ -36,7 +36,8 @@ from odmr import replies
 from odmr.fetch_mailbox import Mailbox, MailboxWriter, StorageError
 from odmr.syntax import received_header, received_protocol
 from odmr.fetch_tally import DATA, END, GREETING, Tally
-from odmr.wire import BadParameter, Closed, Session, iter_data, parse_path, parse_rcpt_params
+from odmr.names import address_is_safe
+from odmr.wire import Closed, Session, iter_data
 
 log = logging.getLogger("odmrd.fetch")
 
@@ -201,19 +202,12 @@ class LocalSMTPSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if self.helo_name_refused("EHLO", arg):
-            return
-        self.reset_transaction()
-        self.helo, self.esmtp = arg, True
-        self.reply(250, self.hostname(), "PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
-                   "SIZE %d" % self.max_size if self.max_size else "SIZE", "ENHANCEDSTATUSCODES")
+        self.hello_command("EHLO", arg, ["PIPELINING", "CHUNKING", "8BITMIME", "SMTPUTF8",
+                                         "SIZE %d" % self.max_size if self.max_size else "SIZE",
+                                         "ENHANCEDSTATUSCODES"])
 
     def smtp_HELO(self, arg: str) -> None:
-        if self.helo_name_refused("HELO", arg):
-            return
-        self.reset_transaction()
-        self.helo, self.esmtp = arg, False
-        self.reply(250, self.hostname())
+        self.hello_command("HELO", arg)
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(*replies.VRFY_FETCH)
@@ -292,20 +286,21 @@ class LocalSMTPSession(Session):
     def smtp_RCPT(self, arg: str) -> None:
         if self.sender is None:
             return self.out_of_sequence(replies.NEED_MAIL_BEFORE_RCPT)
-        parsed = parse_path(arg, "TO:")
-        if parsed is None or not parsed[0]:
-            return self.refuse(replies.RCPT_SYNTAX)
-        try:
-            parse_rcpt_params(parsed[1])
-        except BadParameter as exc:
-            return self.refuse(exc.reply)
-        if not parsed[0].isascii() and not self.smtputf8:     # RFC 6531 §3.4
+        parsed = self.rcpt_command(arg)
+        if parsed is None:
+            return
+        address = parsed[0]         # a source route is ignored (RFC 5321 §4.1.1.3)
+        if not address:
+            return self.refuse(replies.NULL_RECIPIENT)
+        if not address_is_safe(address):
+            return self.refuse(replies.BAD_RECIPIENT)
+        if not address.isascii() and not self.smtputf8:     # RFC 6531 §3.4
             return self.reply(*replies.NON_ASCII_RECIPIENT)
         if len(self.recipients) >= MAX_RECIPIENTS:
             self.reply(*replies.TOO_MANY_RECIPIENTS)
             return
-        if parsed[0] not in self.recipients:
-            self.recipients.append(parsed[0])
+        if address not in self.recipients:
+            self.recipients.append(address)
         self.reply(*replies.RCPT_OK)
 
     def smtp_DATA(self, arg: str) -> None:

@@ -18,8 +18,8 @@ from odmr.hops import TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
 from odmr.submission import OverQuota, Submission, TooBig, accept_sender
-from odmr.syntax import printable, received_header, received_protocol, split_source_route
-from odmr.wire import BadParameter, DataTimeout, Session, iter_data, parse_path, parse_rcpt_params
+from odmr.syntax import printable, received_header, received_protocol
+from odmr.wire import DataTimeout, Session, iter_data
 
 log = logging.getLogger("odmrd.smtp")
 
@@ -53,20 +53,14 @@ class IntakeSession(Session):
 
     # -- session verbs ------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if self.helo_name_refused("EHLO", arg):
-            return
-        self.helo, self.esmtp, self.tx = arg, True, None
-        lines = [self.hostname(), "PIPELINING", "SIZE %d" % self.limits.max_message_size,
-                 "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        keywords = ["PIPELINING", "SIZE %d" % self.limits.max_message_size,
+                    "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         if self.runtime.tls is not None and not self.tls_active:
-            lines.append("STARTTLS")
-        self.reply(250, *lines)
+            keywords.append("STARTTLS")
+        self.hello_command("EHLO", arg, keywords)
 
     def smtp_HELO(self, arg: str) -> None:
-        if self.helo_name_refused("HELO", arg):
-            return
-        self.helo, self.esmtp, self.tx = arg, False, None
-        self.reply(250, self.hostname())
+        self.hello_command("HELO", arg)
 
     def reset_transaction(self) -> None:
         self.tx = None
@@ -112,7 +106,7 @@ class IntakeSession(Session):
             return
         if self.sender_needs_smtputf8(sender, smtputf8):
             return
-        decision = accept_sender(self.runtime, sender)
+        decision = accept_sender(self.runtime.hosting, sender)
         if decision.detail:
             log.info("smtp: %s refused MAIL <%s>: %d %s", self.peer, printable(sender),
                      decision.code, decision.text)
@@ -125,22 +119,17 @@ class IntakeSession(Session):
         tx = self.tx
         if tx is None:
             return self.refuse(replies.NEED_MAIL_BEFORE_RCPT)
-        parsed = parse_path(arg, "TO:", raw=True)     # a source route too: classify_recipient judges it
-        try:
-            path, param_text = parsed
-            route, address = split_source_route(path)
-        except (TypeError, ValueError):
-            return self.refuse(replies.RCPT_SYNTAX)
-        try:
-            dsn = parse_rcpt_params(param_text, dsn=True)
-        except BadParameter as exc:
-            return self.refuse(exc.reply)
-        decision = tx.accept_recipient(self.runtime, address, route)
+        parsed = self.rcpt_command(arg, dsn=True)
+        if parsed is None:
+            return
+        address, route, dsn = parsed            # a source route too: accept_recipient judges it
+        decision = tx.accept_recipient(self.runtime.hosting, address, route)
         domain = decision.domain
         if domain == OUTBOUND and address.lower() == "postmaster":
             log.info("smtp: %s RCPT <postmaster>: for <%s>, not in a hosted domain: kept "
                      "for [queue] bounce_relay", self.peer, decision.address)
         if domain is None:
+            path = route + ":" + address if route else address
             log.info("smtp: %s refused RCPT <%s>: %d %s", self.peer, printable(path),
                      decision.code, decision.text)
             self.reply(*decision.reply)
@@ -172,7 +161,7 @@ class IntakeSession(Session):
         limit = self.limits.max_message_size
         spooling = tx.start(self.runtime.spool, "[%s] helo=%s" % (self.peer_ip, (self.helo or "")[:100]),
                             trace, limit, self.hostname(), self.limits.max_received_headers,
-                            quotas=self.runtime)
+                            quotas=self.runtime.hosting)
         max_time = self.runtime.settings.smtp.max_data_time     # as of MAIL: reloadable
         deadline = time.monotonic() + max_time if max_time > 0 else None
         self.reply(*replies.START_DATA)

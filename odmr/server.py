@@ -24,7 +24,7 @@ from odmr.config import OdmrSettings, Settings, SmtpSettings
 from odmr.intake import IntakeSession
 from odmr.maintenance import Maintenance
 from odmr.names import plural
-from odmr.provider import ODMRSession
+from odmr.odmr_session import ODMRSession
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
 from odmr.spool import Spool

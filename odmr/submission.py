@@ -4,7 +4,7 @@ Whatever hands a message over keeps its own protocol at the edge (SMTP
 replies, exit codes, its own checks); what the message becomes in the spool
 is decided here once:
 
-- recipients (already judged by `Runtime.classify_recipient`) are kept once
+- recipients (already judged by `Hosting.classify_recipient`) are kept once
   per mailbox (`names.mailbox_key`), in the order given;
 - a message for several domains becomes one copy per domain, each envelope
   with only that domain's recipients;
@@ -56,7 +56,7 @@ class OverQuota(Exception):
 
 
 class Policy(Protocol):
-    """What judging and committing ask of the hosting policy (an `odmr.runtime.Runtime`)."""
+    """What judging and committing ask of the hosting policy (an `odmr.hosting.Hosting`)."""
 
     def sender_routing(self, sender: str) -> Optional[str]: ...
 

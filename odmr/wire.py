@@ -3,7 +3,7 @@
 `Session` owns the socket and its one buffered reader: bounded command lines,
 replies sent in one write, a bad-command budget, a timeout on every read, and
 dispatch to `smtp_<VERB>` methods (the table is built once per class).
-Subclasses (intake, provider, the customer's local server) only add verbs.
+Subclasses (intake, odmr_session, the customer's local server) only add verbs.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 from odmr import replies
 from odmr.names import address_is_safe
-from odmr.syntax import helo_name_ok, printable
+from odmr.syntax import helo_name_ok, printable, split_source_route
 
 log = logging.getLogger("odmrd")
 
@@ -244,6 +244,8 @@ class Session:
 
     max_bad_commands = 20
     idle_timeout = 300.0
+    helo: Optional[str] = None      # the client's EHLO/HELO name, once it has greeted
+    esmtp = False                   # it said EHLO
     # RFC 2920 §3.1: the replies to a pipelined group may go out together. A session
     # that holds them writes them only when its reader must wait for more input (and
     # at the end), so MAIL, RCPT, DATA and the 354 cost one write, not four.
@@ -575,6 +577,17 @@ class Session:
         self.refuse((replies.BAD_HELO_NAME[0], replies.BAD_HELO_NAME[1] % verb))
         return True
 
+    def hello_command(self, verb: str, arg: str, keywords: Sequence[str] = ()) -> bool:
+        """EHLO or HELO (RFC 5321 §4.1.1.1), alike on every port: the name check, a
+        fresh start (a transaction under way is dropped), and the 250 with this
+        server's EHLO `keywords` (none after HELO). False after the 501."""
+        if self.helo_name_refused(verb, arg):
+            return False
+        self.reset_transaction()
+        self.helo, self.esmtp = arg, verb == "EHLO"
+        self.reply(250, self.hostname(), *(keywords if self.esmtp else ()))
+        return True
+
     def sender_needs_smtputf8(self, sender: str, smtputf8: bool) -> bool:
         """RFC 6531 §3.4: a non-ASCII sender only with MAIL's SMTPUTF8; True after the 553."""
         if sender.isascii() or smtputf8:
@@ -606,6 +619,26 @@ class Session:
         sender, param_text = parsed
         try:
             return sender, parse_mail_params(param_text, esmtp, dsn)
+        except BadParameter as exc:
+            self.refuse(exc.reply)
+            return None
+
+    def rcpt_command(self, arg: str, dsn: bool = False) -> Optional[Tuple[str, str, RcptParams]]:
+        """RCPT's path and parameters, parsed once for every server: (address, source
+        route, RcptParams), or None after the 501/555 reply. The route (`@a,@b` of
+        <@a,@b:u@d>) is returned, not judged: RFC 5321 §4.1.1.3 lets a server ignore it
+        or decline the relaying it implies, and the address is left to the caller's
+        policy (intake's `Submission.accept_recipient`)."""
+        parsed = parse_path(arg, "TO:", raw=True)
+        try:
+            if parsed is None:
+                raise ValueError("not a path")
+            route, address = split_source_route(parsed[0])
+        except ValueError:
+            self.refuse(replies.RCPT_SYNTAX)
+            return None
+        try:
+            return address, route, parse_rcpt_params(parsed[1], dsn)
         except BadParameter as exc:
             self.refuse(exc.reply)
             return None
@@ -778,8 +811,7 @@ def parse_path(arg: str, keyword: str, raw: bool = False):
     """`FROM:<a@b> PARAMS` -> (address, params-text); None on syntax error.
 
     Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>).
-    `raw`: the path as sent, route and all, for a caller that judges it itself
-    (intake RCPT: `Runtime.classify_recipient`)."""
+    `raw`: the path as sent, route and all, unchecked (`Session.rcpt_command`)."""
     head = arg[: len(keyword)]
     if head.upper() != keyword:
         return None

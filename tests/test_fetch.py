@@ -24,8 +24,8 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
                      PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored, assert_one_line_error,
-                     ScriptedMTA, assert_same, deliver_one, err, free_port, run_fetch, scripted_args, send_mail,
-                     which)
+                     ScriptedMTA, assert_same, deliver_one, err, free_port, quit_, run_fetch, scripted_args,
+                     send_mail, which)
 
 from odmr import replies
 from odmr.fetch_mailbox import quote_from
@@ -319,6 +319,58 @@ def test_local_server_reads_parameters_like_the_intake_port(scripted, tmp_path, 
             assert got.startswith(b"%d %s" % (code, text.split("%")[0].encode())), command
             intake.send("RSET\r\n")
             intake.line()
+
+
+# RCPT paths are read by one helper (wire.Session.rcpt_command) on both ports too, and an
+# address neither takes gets the intake port's verdict; the local server used to answer
+# the first three 501 5.5.4 (a command syntax error) instead of 501 5.1.3 (a bad address)
+RCPT_PATH_CASES = {"null path": ("RCPT TO:<>", replies.NULL_RECIPIENT),
+                   "line separator": ("RCPT TO:<x\u2028y@example.org>", replies.BAD_RECIPIENT),
+                   "angle bracket": ("RCPT TO:<x<y@example.org>", replies.BAD_RECIPIENT),
+                   "route without colon": ("RCPT TO:<@relay.test>", replies.RCPT_SYNTAX),
+                   "no brackets": ("RCPT TO:x@example.org", replies.RCPT_SYNTAX)}
+
+
+def test_local_server_reads_rcpt_paths_like_the_intake_port(local, provider):
+    server = local()
+    customer_side = server.client()
+    with socket.create_connection(("127.0.0.1", provider.smtp_port), timeout=10) as sock:
+        intake = Peer(sock)
+        intake.reply()
+        intake.send("EHLO client.test\r\n")
+        intake.reply()
+        for name, (command, (code, text)) in RCPT_PATH_CASES.items():
+            answers = []
+            for peer in (customer_side, intake):
+                peer.send("MAIL FROM:<a@outside.test>\r\n")
+                assert peer.line().startswith(b"250"), name
+                peer.send(command + "\r\n")
+                answers.append(peer.line())
+                peer.send("RSET\r\n")
+                assert peer.line().startswith(b"250"), name
+            assert answers[0] == answers[1] == b"%d %s" % (code, text.encode()), (name, answers)
+        quit_(intake)
+    quit_(customer_side)
+
+
+def test_local_server_drops_a_source_route_whose_literal_holds_colons(local):
+    """RFC 5321 §4.1.1.3: the route is ignored and the mailbox kept. An IPv6 literal in
+    the route does not end it (the local server used to take the address to be
+    `2001:db8::1],@relay.test:bob@example.org`, and left it out of its Received:)."""
+    server = local()
+    peer = server.client()
+    peer.send("MAIL FROM:<a@outside.test>\r\n"
+              "RCPT TO:<@[IPv6:2001:db8::1],@relay.test:bob@example.org>\r\nDATA\r\n")
+    assert [peer.line()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    peer.send("Subject: routed\r\n\r\nhi\r\n.\r\n")
+    assert peer.line().startswith(b"250")
+    quit_(peer)
+    server.close()
+    new = os.path.join(server.maildir, "new")
+    [name] = os.listdir(new)
+    with open(os.path.join(new, name), "rb") as fh:
+        header = fh.read().partition(b"\n\n")[0]
+    assert b"\n\tfor <bob@example.org>;" in header, header
 
 
 def drop_mid_message(peer: Peer) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import Customer
 from odmr.names import normalize_domain
-from odmr.provider import ATRNSyntaxError, parse_atrn_domains
+from odmr.odmr_session import ATRNSyntaxError, parse_atrn_domains
 from odmr.wire import parse_params, parse_path
 
 

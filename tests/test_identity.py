@@ -575,7 +575,7 @@ def test_an_accepted_recipient_has_one_spool_directory_and_one_owner(runtime, da
     hosted = [d for domains in HOSTED.values() for d in domains]
     text = data.draw(st.one_of(st.sampled_from(hosted).map(lambda d: respell(data, d)), domain_text))
     local = data.draw(st.sampled_from(["x", "Leser", "postmaster", "a.b"]))
-    domain, code, _ = runtime.classify_recipient("%s@%s" % (local, text), utf8_allowed=True)
+    domain, code, _ = runtime.hosting.classify_recipient("%s@%s" % (local, text), utf8_allowed=True)
     if domain is None:
         assert code in (501, 550, 553)
         return

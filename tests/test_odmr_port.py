@@ -19,7 +19,7 @@ import pytest
 from helpers import (NO_MAIL, Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script, reuse_provider,
                      send_mail, stop_quickly)
 from odmr import sasl
-from odmr.provider import ODMRSession
+from odmr.odmr_session import ODMRSession
 from odmr import replies
 
 ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())

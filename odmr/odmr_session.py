@@ -86,7 +86,7 @@ class ODMRSession(Session):
         self.max_bad_commands = self.odmr.max_bad_commands
         super().__init__(sock, peer)
         self.implicit_tls = self.tls_active
-        self.ehlo: Optional[str] = None
+        self.helo: Optional[str] = None
         self.account: Optional[Account] = None
         self.auth_failures = 0
 
@@ -132,17 +132,14 @@ class ODMRSession(Session):
 
     # -- verbs ----------------------------------------------------------------
     def smtp_EHLO(self, arg: str) -> None:
-        if self.helo_name_refused("EHLO", arg):
-            return
-        self.ehlo = arg
-        lines = [self.hostname()]
+        keywords = []
         if self.runtime.tls is not None and not self.tls_active:
-            lines.append("STARTTLS")
+            keywords.append("STARTTLS")
         mechs = self.mechanisms()
         if mechs and self.account is None and not (self.odmr.require_tls and not self.tls_active):
-            lines.append("AUTH " + " ".join(mechs))
-        lines += ["ENHANCEDSTATUSCODES", "ATRN"]
-        self.reply(250, *lines)
+            keywords.append("AUTH " + " ".join(mechs))
+        keywords += ["ENHANCEDSTATUSCODES", "ATRN"]
+        self.hello_command("EHLO", arg, keywords)
 
     def smtp_HELO(self, arg: str) -> None:
         self.refuse(replies.USE_EHLO)
@@ -150,7 +147,7 @@ class ODMRSession(Session):
     def smtp_STARTTLS(self, arg: str) -> None:
         if not self.starttls_command(self.runtime.tls, arg):
             return
-        self.ehlo = None              # RFC 3207: forget everything learnt in plaintext
+        self.helo = None              # RFC 3207: forget everything learnt in plaintext
         self.account = None
         log.info("odmr: %s started TLS (%s)", self.peer, tls.describe(self.sock))
 
@@ -179,7 +176,7 @@ class ODMRSession(Session):
     smtp_VRFY = smtp_EXPN = smtp_HELP = Session.not_implemented
 
     def smtp_AUTH(self, arg: str) -> None:
-        if self.ehlo is None:
+        if self.helo is None:
             return self.refuse(replies.NEED_EHLO)
         if self.account is not None:
             return self.refuse(replies.ALREADY_AUTHENTICATED)
