@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from odmr import __version__
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT,
@@ -26,7 +26,7 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError("%s: %s" % (self.prog, message))
 
 
@@ -278,7 +278,7 @@ def _service_account(settings):
     return daemon.service_account(settings)
 
 
-def cmd_check_config(args, config_path: str) -> int:
+def cmd_check_config(args: argparse.Namespace, config_path: str) -> int:
     from odmr import config
     try:
         settings = config.load(config_path)
@@ -386,7 +386,7 @@ def _read_password(from_stdin: bool) -> str:
     return password
 
 
-def cmd_user(args, config_path: str) -> int:
+def cmd_user(args: argparse.Namespace, config_path: str) -> int:
     from odmr import accounts, config
     try:
         settings = config.load(config_path)
@@ -441,7 +441,7 @@ def _config_failed(exc, config_path: str) -> int:
     return EX_CONFIG
 
 
-def cmd_enqueue(args, config_path: str) -> int:
+def cmd_enqueue(args: argparse.Namespace, config_path: str) -> int:
     from odmr import accounts, config
     from odmr.enqueue import EnqueueError, enqueue
     # An MTA's pipe transport retries only on 75 and bounces on anything else: a problem
@@ -464,7 +464,7 @@ def cmd_enqueue(args, config_path: str) -> int:
     return EX_OK
 
 
-def cmd_queue(args, config_path: str) -> int:
+def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
     from odmr import accounts, config, queue_commands  # noqa: F401
     from odmr.spool import CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
@@ -596,7 +596,7 @@ def _queue_summary(runtime, args) -> int:
     return EX_OK
 
 
-def cmd_status(args, config_path: str) -> int:
+def cmd_status(args: argparse.Namespace, config_path: str) -> int:
     """`odmrd status`: LSB codes (0 running, 3 not running, 4 unknown), one line on failure."""
     from odmr import config, control
     try:

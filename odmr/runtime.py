@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from odmr import replies
 from odmr.accounts import Accounts
@@ -124,7 +124,7 @@ class Runtime:
             verdict = (OUTBOUND,) + replies.RCPT_OK
         return target, verdict
 
-    def quota_domains(self, domains) -> List[str]:
+    def quota_domains(self, domains: Iterable[str]) -> List[str]:
         """Those of `domains` with a quota (their commits are checked under a lock)."""
         return [d for d in domains if self.settings.policy(d).max_bytes
                 or self.settings.policy(d).max_messages]
