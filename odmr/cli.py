@@ -171,28 +171,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EX_USAGE
     missing = _missing_dependencies()
     if missing:
-        return fail("needs the Python package%s %s: on Debian/Ubuntu `apt-get install %s`, "
-                    "elsewhere `pip install %s` (or run the single-file build, dist/odmrd.pyz)"
-                    % ("s" if len(missing) > 1 else "", " and ".join(missing),
-                       " ".join("python3-" + m for m in missing), " ".join(missing)),
-                    EX_UNAVAILABLE)
+        return fail(_how_to_install(missing), EX_UNAVAILABLE)
     from odmr.config import default_config_path
     config_path = getattr(args, "config", None) or default_config_path()
     try:
-        if args.command == "serve":
-            from odmr.daemon import serve
-            return serve(config_path, args.foreground)
-        if args.command == "fetch":
-            from odmr import fetch
-            # flags alone suffice; customer picks the default file only for its [fetch]
-            return fetch.main(args.rest, getattr(args, "config", None))
-        if args.command == "status":
-            return cmd_status(args, config_path)
-        handler = {"check-config": cmd_check_config, "user": cmd_user,
-                   "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
-        code = handler(args, config_path)
-        sys.stdout.flush()          # a reader gone shows here, not in the interpreter's exit
-        return code
+        return _run_command(args, config_path)
     except KeyboardInterrupt:
         return fail("interrupted", EX_TEMPFAIL)
     except UsageError as exc:
@@ -207,6 +190,31 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return fail("internal error: %s: %s (set ODMRD_DEBUG=1 for details)"
                     % (type(exc).__name__, exc), EX_SOFTWARE)
+
+
+def _how_to_install(missing: List[str]) -> str:
+    return ("needs the Python package%s %s: on Debian/Ubuntu `apt-get install %s`, "
+            "elsewhere `pip install %s` (or run the single-file build, dist/odmrd.pyz)"
+            % ("s" if len(missing) > 1 else "", " and ".join(missing),
+               " ".join("python3-" + m for m in missing), " ".join(missing)))
+
+
+def _run_command(args: argparse.Namespace, config_path: str) -> int:
+    """The subcommand's own exit code; what it raises, main() turns into one line."""
+    if args.command == "serve":
+        from odmr.daemon import serve
+        return serve(config_path, args.foreground)
+    if args.command == "fetch":
+        from odmr import fetch
+        # flags alone suffice; customer picks the default file only for its [fetch]
+        return fetch.main(args.rest, getattr(args, "config", None))
+    if args.command == "status":
+        return cmd_status(args, config_path)
+    handler = {"check-config": cmd_check_config, "user": cmd_user,
+               "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
+    code = handler(args, config_path)
+    sys.stdout.flush()          # a reader gone shows here, not in the interpreter's exit
+    return code
 
 
 def _split_fetch(argv: List[str]):
