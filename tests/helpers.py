@@ -527,6 +527,7 @@ class Daemon:
 
 
 def _text_of(path: str) -> str:
+    """A log file's text so far ("" before it exists)."""
     try:
         with open(path, "rb") as fh:
             return fh.read().decode("utf-8", "replace")
@@ -563,11 +564,7 @@ class InitScript:
         return read_pid_file(self.pid_file)
 
     def log(self) -> str:
-        try:
-            with open(self.log_file, errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
+        return _text_of(self.log_file)
 
     def processes(self) -> List[int]:
         """Live processes running `odmrd <command>` with this configuration file."""
@@ -1455,11 +1452,7 @@ class PostfixInstance:
     # -- looking at it
 
     def log(self) -> str:
-        try:
-            with open(self.maillog, errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
+        return _text_of(self.maillog)
 
     def queue(self) -> List[Dict]:
         """What waits in the queue, one dict per message (`postqueue -j`)."""
