@@ -84,13 +84,24 @@ def main(argv: Optional[list] = None) -> int:
                     odmr_extra="max_sessions = %d\nmax_sessions_per_address = %d\nidle_timeout = 10m"
                                % (limit, limit))
     server.add_user("alice", ["example.org"])
-    socks: List[socket.socket] = []
     try:
         server.start()
+        figures = measure(server, args.sessions)
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    return report(args.sessions, figures)
+
+
+def measure(server: Server, sessions: int) -> dict:
+    """The daemon's figures before, with `sessions` idle sessions open, and after they close."""
+    socks: List[socket.socket] = []
+    try:
         time.sleep(0.5)
         before = proc_status(server.pid)
         started = time.perf_counter()
-        for i in range(args.sessions):
+        for i in range(sessions):
             socks.append(open_session(server.odmr_port, authenticate=(i % 10 == 0)))
         opened = time.perf_counter() - started
         time.sleep(1.0)
@@ -103,13 +114,14 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         for sock in socks:
             sock.close()
-        server.stop()
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+    return {"before": before, "busy": busy, "after": after, "opened": opened, "alive": alive}
 
-    n = args.sessions
+
+def report(n: int, figures: dict) -> int:
+    """Print the table beside SPEC §9; 1 when the daemon leaked or died."""
+    before, busy, after = figures["before"], figures["busy"], figures["after"]
     print("Idle sessions: %d ODMR connections opened in %.1f s (EHLO each, AUTH every tenth)"
-          % (n, opened))
+          % (n, figures["opened"]))
     print(row("", "measured", "reference (SPEC §9)"))
     print(row("daemon RSS, idle before", "%.1f MB" % (before["rss_kib"] / 1024), ""))
     print(row("daemon RSS with %d sessions open" % n, "%.1f MB" % (busy["rss_kib"] / 1024), "< 300 MB"))
@@ -121,9 +133,9 @@ def main(argv: Optional[list] = None) -> int:
     leaks = after["threads"] > before["threads"] or after["fds"] > before["fds"]
     if leaks:
         print("  !! the daemon kept threads or descriptors after every session closed")
-    if not alive:
+    if not figures["alive"]:
         print("  !! the daemon died during the run")
-    return 1 if leaks or not alive else 0
+    return 1 if leaks or not figures["alive"] else 0
 
 
 if __name__ == "__main__":

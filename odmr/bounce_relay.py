@@ -46,47 +46,68 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
     except ValueError as exc:
         log.error("maintenance: bad [queue] bounce_relay %r: %s", target, str(exc))
         return counts
-    client: Optional[smtplib.SMTP] = None
-    broken = ""
+    relay = _RelayConnection(target, host, port, runtime.hostname)
     results = RelayResults(runtime)
     with outbound_due(runtime.spool, now, relay_delay) as work:
         if work is None:
             return counts                   # another process relays them now
         try:
             for message, final in work:
-                if final:                   # its DSN was owed, or a crash came
-                    results.finish(message)
-                    counts[results.outcome(message)] += 1
-                    continue
-                if broken:
-                    results.lost(message, broken, now)
-                    counts["relay_deferred"] += 1
-                    continue
-                if client is None:
-                    try:
-                        client = smtplib.SMTP(host, port, local_hostname=runtime.hostname,
-                                              timeout=RELAY_TIMEOUT)
-                        client.ehlo_or_helo_if_needed()
-                    except (OSError, smtplib.SMTPException) as exc:
-                        broken = "bounce relay %s unreachable: %s" % (target, exc)
-                        client = None
-                        results.lost(message, broken, now)
-                        counts["relay_deferred"] += 1
-                        continue
-                outcome = _relay_one(results, client, message, now)
-                counts[outcome] += 1
-                if outcome == "relay_deferred" and _closed(client):
-                    client = None
+                counts[_hand_over(relay, results, message, final, now)] += 1
         finally:
-            if client is not None:
-                try:
-                    client.quit()
-                except (OSError, smtplib.SMTPException):
-                    pass
+            relay.quit()
     if any(counts.values()):
         log.info("maintenance: bounce relay %s: %d relayed, %d deferred, %d dropped", target,
                  counts["relayed"], counts["relay_deferred"], counts["relay_dropped"])
     return counts
+
+
+def _hand_over(relay: "_RelayConnection", results: "RelayResults", message: Message, final: bool,
+               now: float) -> str:
+    """One due message to the relay (or only its result recorded); the count it goes into."""
+    if final:                               # its DSN was owed, or a crash came
+        results.finish(message)
+        return results.outcome(message)
+    client = relay.connection()
+    if client is None:
+        results.lost(message, relay.broken, now)
+        return "relay_deferred"
+    outcome = _relay_one(results, client, message, now)
+    if outcome == "relay_deferred" and _closed(client):
+        relay.forget()
+    return outcome
+
+
+class _RelayConnection:
+    """The one connection of a run, opened when the first message needs it (and again
+    after the relay closed it); once it cannot be opened, `broken` says why and the
+    run's other messages wait for the next one."""
+
+    def __init__(self, target: str, host: str, port: int, hostname: str):
+        self.target, self.host, self.port, self.hostname = target, host, port, hostname
+        self.client: Optional[smtplib.SMTP] = None
+        self.broken = ""
+
+    def connection(self) -> Optional[smtplib.SMTP]:
+        if self.client is None and not self.broken:
+            try:
+                client = smtplib.SMTP(self.host, self.port, local_hostname=self.hostname,
+                                      timeout=RELAY_TIMEOUT)
+                client.ehlo_or_helo_if_needed()
+                self.client = client
+            except (OSError, smtplib.SMTPException) as exc:
+                self.broken = "bounce relay %s unreachable: %s" % (self.target, exc)
+        return self.client
+
+    def forget(self) -> None:
+        self.client = None
+
+    def quit(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
 
 
 def _closed(client: smtplib.SMTP) -> bool:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from odmr import __version__
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT,
@@ -26,7 +26,7 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError("%s: %s" % (self.prog, message))
 
 
@@ -171,28 +171,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EX_USAGE
     missing = _missing_dependencies()
     if missing:
-        return fail("needs the Python package%s %s: on Debian/Ubuntu `apt-get install %s`, "
-                    "elsewhere `pip install %s` (or run the single-file build, dist/odmrd.pyz)"
-                    % ("s" if len(missing) > 1 else "", " and ".join(missing),
-                       " ".join("python3-" + m for m in missing), " ".join(missing)),
-                    EX_UNAVAILABLE)
+        return fail(_how_to_install(missing), EX_UNAVAILABLE)
     from odmr.config import default_config_path
     config_path = getattr(args, "config", None) or default_config_path()
     try:
-        if args.command == "serve":
-            from odmr.daemon import serve
-            return serve(config_path, args.foreground)
-        if args.command == "fetch":
-            from odmr import fetch
-            # flags alone suffice; customer picks the default file only for its [fetch]
-            return fetch.main(args.rest, getattr(args, "config", None))
-        if args.command == "status":
-            return cmd_status(args, config_path)
-        handler = {"check-config": cmd_check_config, "user": cmd_user,
-                   "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
-        code = handler(args, config_path)
-        sys.stdout.flush()          # a reader gone shows here, not in the interpreter's exit
-        return code
+        return _run_command(args, config_path)
     except KeyboardInterrupt:
         return fail("interrupted", EX_TEMPFAIL)
     except UsageError as exc:
@@ -207,6 +190,31 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return fail("internal error: %s: %s (set ODMRD_DEBUG=1 for details)"
                     % (type(exc).__name__, exc), EX_SOFTWARE)
+
+
+def _how_to_install(missing: List[str]) -> str:
+    return ("needs the Python package%s %s: on Debian/Ubuntu `apt-get install %s`, "
+            "elsewhere `pip install %s` (or run the single-file build, dist/odmrd.pyz)"
+            % ("s" if len(missing) > 1 else "", " and ".join(missing),
+               " ".join("python3-" + m for m in missing), " ".join(missing)))
+
+
+def _run_command(args: argparse.Namespace, config_path: str) -> int:
+    """The subcommand's own exit code; what it raises, main() turns into one line."""
+    if args.command == "serve":
+        from odmr.daemon import serve
+        return serve(config_path, args.foreground)
+    if args.command == "fetch":
+        from odmr import fetch
+        # flags alone suffice; customer picks the default file only for its [fetch]
+        return fetch.main(args.rest, getattr(args, "config", None))
+    if args.command == "status":
+        return cmd_status(args, config_path)
+    handler = {"check-config": cmd_check_config, "user": cmd_user,
+               "enqueue": cmd_enqueue, "queue": cmd_queue}[args.command]
+    code = handler(args, config_path)
+    sys.stdout.flush()          # a reader gone shows here, not in the interpreter's exit
+    return code
 
 
 def _split_fetch(argv: List[str]):
@@ -278,7 +286,7 @@ def _service_account(settings):
     return daemon.service_account(settings)
 
 
-def cmd_check_config(args, config_path: str) -> int:
+def cmd_check_config(args: argparse.Namespace, config_path: str) -> int:
     from odmr import config
     try:
         settings = config.load(config_path)
@@ -386,7 +394,7 @@ def _read_password(from_stdin: bool) -> str:
     return password
 
 
-def cmd_user(args, config_path: str) -> int:
+def cmd_user(args: argparse.Namespace, config_path: str) -> int:
     from odmr import accounts, config
     try:
         settings = config.load(config_path)
@@ -441,7 +449,7 @@ def _config_failed(exc, config_path: str) -> int:
     return EX_CONFIG
 
 
-def cmd_enqueue(args, config_path: str) -> int:
+def cmd_enqueue(args: argparse.Namespace, config_path: str) -> int:
     from odmr import accounts, config
     from odmr.enqueue import EnqueueError, enqueue
     # An MTA's pipe transport retries only on 75 and bounces on anything else: a problem
@@ -464,7 +472,7 @@ def cmd_enqueue(args, config_path: str) -> int:
     return EX_OK
 
 
-def cmd_queue(args, config_path: str) -> int:
+def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
     from odmr import accounts, config, queue_commands  # noqa: F401
     from odmr.spool import CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
@@ -596,7 +604,7 @@ def _queue_summary(runtime, args) -> int:
     return EX_OK
 
 
-def cmd_status(args, config_path: str) -> int:
+def cmd_status(args: argparse.Namespace, config_path: str) -> int:
     """`odmrd status`: LSB codes (0 running, 3 not running, 4 unknown), one line on failure."""
     from odmr import config, control
     try:

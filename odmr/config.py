@@ -13,7 +13,7 @@ import pkgutil
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 try:
@@ -594,7 +594,7 @@ _LENIENT = {"pid_file": ("odmrd.pid", "path"), "user": ("", "text"),
             "users_file": ("users", "path")}
 
 
-def lenient_value(path: str, key: str):
+def lenient_value(path: str, key: str) -> Union[str, float, None]:
     """One top-level setting read from a file that fails validation elsewhere,
     or None when that setting itself is unusable."""
     if key not in _LENIENT:

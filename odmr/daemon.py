@@ -735,29 +735,9 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
     os.close(rfd)
     code = EX_SOFTWARE
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        os.chdir("/")
-        os.umask(0o077)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        if null > 2:
-            os.close(null)
+        _detach()
         signals.install()
-        try:
-            _start_serving(service, target, account, pidfile, (wfd,))
-        except DaemonError as exc:
-            log.error("%s", str(exc))
-            _report(wfd, exc.code, str(exc))
-            service.close()
-            pidfile.release()
-            code = exc.code
-        else:
-            log.info("odmrd started (pid %d)", os.getpid())
-            _report(wfd, EX_OK, "ready")
-            code = run_until_stopped(service, signals, pidfile)
+        code = _serve_detached(service, target, account, pidfile, signals, wfd)
     except BaseException as exc:  # never return into the caller's code in the daemon
         try:
             log.exception("odmrd: fatal error")
@@ -767,6 +747,38 @@ def _detach_and_serve(service: Service, target: Tuple[str, str], account: Option
             pass
     finally:
         leave_forked_process(code)
+
+
+def _detach() -> None:
+    """The first child's part: a new session, then a grandchild that no terminal can
+    ever reach, in / with its standard descriptors on /dev/null."""
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o077)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _serve_detached(service: Service, target: Tuple[str, str], account: Optional[Account],
+                    pidfile: PidFile, signals: Signals, report_fd: int) -> int:
+    """Start serving, tell the caller waiting on `report_fd` how that went, then serve
+    until stopped. Returns the daemon's exit code."""
+    try:
+        _start_serving(service, target, account, pidfile, (report_fd,))
+    except DaemonError as exc:
+        log.error("%s", str(exc))
+        _report(report_fd, exc.code, str(exc))
+        service.close()
+        pidfile.release()
+        return exc.code
+    log.info("odmrd started (pid %d)", os.getpid())
+    _report(report_fd, EX_OK, "ready")
+    return run_until_stopped(service, signals, pidfile)
 
 
 def _close_inherited() -> None:

@@ -398,55 +398,66 @@ class Run:
 
     # -- without PIPELINING: one command, one reply ----------------------------
     def _serial(self, job: Job) -> None:
-        client = self.client
         try:
-            job.sent = True
-            client.send(self._mail_command(job.message))
-            mail = self._expect(client.reply_at(TIMEOUTS.mail, "MAIL"), "MAIL")
-            if not _ok(mail):
-                job.results = {r: mail for r in job.rcpts}
-                self._complete(job)
-                self._after_421(mail)
-                return
-            job.mail_ok = True
-            lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
-            for rcpt, line in zip(job.rcpts, lines):
-                client.send(line)
-                reply = self._expect(client.reply_at(TIMEOUTS.rcpt, "RCPT"), "RCPT")
-                if reply[0] == 421:             # the customer is going away: nothing more for it
-                    job.results = {r: job.results.get(r, reply) for r in job.rcpts}
-                    self._complete(job)
-                    self._after_421(reply)
-                self._rcpt_reply(job, rcpt, reply)
-            if not job.accepted:
-                self._complete(job)
-                self._reset()
-                return
-            if self.chunking:
-                self._serial_chunks(job)
-                return
-            client.send("DATA\r\n")
-            data = client.reply_at(TIMEOUTS.data_init, "DATA")
-            if data[0] != 354:
-                self._expect(data, "DATA")
-                if _ok(data):
-                    raise OutOfStep("reply to DATA out of step: %s" % reply_text(*data))
-                for r in job.accepted:
-                    job.results[r] = data
-                self._complete(job)
-                self._after_421(data)
-                self._reset()
-                return
-            tail = self._send_body(job)
-            client.send(tail)
-            final = self._expect(client.reply_at(TIMEOUTS.data_end, "the end of data"), "end of data")
-            for r in job.accepted:
-                job.results[r] = final
-            self._complete(job)
-            self._after_421(final)
+            if self._serial_envelope(job):
+                self._serial_content(job)
         except (ConnectionLost, OutOfStep, smtplib.SMTPException, OSError) as exc:
             self._lost([job], exc)
             raise
+
+    def _serial_envelope(self, job: Job) -> bool:
+        """MAIL, then each RCPT after the previous reply; True when a recipient was
+        accepted and the content follows (otherwise the job is complete)."""
+        client = self.client
+        job.sent = True
+        client.send(self._mail_command(job.message))
+        mail = self._expect(client.reply_at(TIMEOUTS.mail, "MAIL"), "MAIL")
+        if not _ok(mail):
+            job.results = {r: mail for r in job.rcpts}
+            self._complete(job)
+            self._after_421(mail)
+            return False
+        job.mail_ok = True
+        lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
+        for rcpt, line in zip(job.rcpts, lines):
+            client.send(line)
+            reply = self._expect(client.reply_at(TIMEOUTS.rcpt, "RCPT"), "RCPT")
+            if reply[0] == 421:             # the customer is going away: nothing more for it
+                job.results = {r: job.results.get(r, reply) for r in job.rcpts}
+                self._complete(job)
+                self._after_421(reply)
+            self._rcpt_reply(job, rcpt, reply)
+        if not job.accepted:
+            self._complete(job)
+            self._reset()
+            return False
+        return True
+
+    def _serial_content(self, job: Job) -> None:
+        """DATA and the text (or BDAT chunks), each step after the previous reply."""
+        if self.chunking:
+            self._serial_chunks(job)
+            return
+        client = self.client
+        client.send("DATA\r\n")
+        data = client.reply_at(TIMEOUTS.data_init, "DATA")
+        if data[0] != 354:
+            self._expect(data, "DATA")
+            if _ok(data):
+                raise OutOfStep("reply to DATA out of step: %s" % reply_text(*data))
+            for r in job.accepted:
+                job.results[r] = data
+            self._complete(job)
+            self._after_421(data)
+            self._reset()
+            return
+        tail = self._send_body(job)
+        client.send(tail)
+        final = self._expect(client.reply_at(TIMEOUTS.data_end, "the end of data"), "end of data")
+        for r in job.accepted:
+            job.results[r] = final
+        self._complete(job)
+        self._after_421(final)
 
     def _serial_chunks(self, job: Job) -> None:
         """BDAT without PIPELINING: each chunk waits for its reply (RFC 3030 section 4.2)."""

@@ -19,7 +19,7 @@ import smtplib
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 from odmr import sasl
 from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
@@ -106,7 +106,7 @@ class ProviderClient(smtplib.SMTP):
         self.last_texts: List[str] = []
         self._last_verb = ""
 
-    def send(self, s) -> None:
+    def send(self, s: Union[str, bytes]) -> None:
         data = s.encode("utf-8") if isinstance(s, str) else s
         line = data.rstrip(b"\r\n").decode("utf-8", "replace")
         self._last_verb = line.split(" ", 1)[0].upper()

@@ -8,7 +8,7 @@ intake sends and enqueue turns into exit codes. Built once per `Runtime` snapsho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from odmr import replies
 from odmr.config import Settings
@@ -103,7 +103,7 @@ class Hosting:
             verdict = (OUTBOUND,) + replies.RCPT_OK
         return target, verdict
 
-    def quota_domains(self, domains) -> List[str]:
+    def quota_domains(self, domains: Iterable[str]) -> List[str]:
         """Those of `domains` with a quota (their commits are checked under a lock)."""
         policies = self.settings.domains
         return [d for d in domains if d in policies

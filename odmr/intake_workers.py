@@ -39,10 +39,14 @@ import signal
 import socket
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from odmr import metrics
 from odmr.exits import EX_SOFTWARE, leave_forked_process
+
+if TYPE_CHECKING:                   # server imports this module
+    from odmr.server import Listener
+
 log = logging.getLogger("odmrd")
 
 MESSAGE_MAX = 65536     # a datagram on the control channel (a worker's session list)
@@ -95,7 +99,7 @@ class WorkerPool:
         log.info("intake: %d worker processes (pids %s)", count,
                  ", ".join(str(w.pid) for w in self._workers))
 
-    def hand_over(self, request: socket.socket, client_address, listener) -> bool:
+    def hand_over(self, request: socket.socket, client_address: Tuple[str, int], listener: Listener) -> bool:
         """Give an admitted connection to the least busy worker; False if none takes it."""
         ip, port = client_address[0], client_address[1]
         with self._lock:

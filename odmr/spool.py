@@ -34,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from odmr.names import address_is_safe, normalize_domain
 
@@ -237,7 +237,7 @@ class Message:
         final = set(self.state.done) | set(self.state.failed)
         return [r for r in self.envelope.recipients if r.address not in final]
 
-    def open_data(self):
+    def open_data(self) -> BinaryIO:
         fh = os.fdopen(_open_in_queue(self.path), "rb")
         fh.seek(self.data_offset)
         return fh

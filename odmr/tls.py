@@ -6,6 +6,7 @@ connections while established sessions keep theirs.
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 from typing import Optional
 
@@ -74,7 +75,7 @@ def _chain_problem(settings: TlsSettings, exc: Exception) -> str:
         settings.key_file, settings.cert_file, reason)
 
 
-def peer_identity(sock) -> Optional[dict]:
+def peer_identity(sock: socket.socket) -> Optional[dict]:
     """The verified client certificate's CN and SHA-256 fingerprint, or None."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
@@ -93,7 +94,7 @@ def peer_identity(sock) -> Optional[dict]:
     return {"cn": common_name, "sha256": hashlib.sha256(der).hexdigest()}
 
 
-def describe(sock) -> str:
+def describe(sock: socket.socket) -> str:
     if not isinstance(sock, ssl.SSLSocket):
         return "plaintext"
     cipher = sock.cipher()

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from odmr import replies
 from odmr.names import address_is_safe
@@ -100,7 +100,7 @@ def read_reply(reader: BinaryIO, on_line: Optional[Callable[[int, str, str], Non
             raise BadReply(BadReply.ENDLESS, raw)
 
 
-def format_reply(code: int, lines) -> bytes:
+def format_reply(code: int, lines: Union[str, Iterable[str]]) -> bytes:
     """Render one reply; several lines become a multi-line reply (`250-...`)."""
     if isinstance(lines, str):
         lines = [lines]
@@ -143,7 +143,7 @@ class TimedSocketIO(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Union[bytearray, memoryview]) -> int:
         if self.before_wait is not None and not (self.read_before_flush and self._input_ready()):
             self.before_wait()
         self._before_wait()
@@ -190,7 +190,7 @@ class _EagerSocketIO(TimedSocketIO):
         super().__init__(sock)
         self._fd = sock.fileno()
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Union[bytearray, memoryview]) -> int:
         if self.deadline is not None:
             self._check_deadline()
         # held replies just written: the peer reads them before it sends more, so a
@@ -209,7 +209,7 @@ class _EagerSocketIO(TimedSocketIO):
         return self._fd
 
 
-def reader_for(sock: socket.socket, buffer_size: int = READ_BUFFER):
+def reader_for(sock: socket.socket, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
     """The buffered reader a session (and smtplib after the turnaround) reads from."""
     if sock.gettimeout() in (None, 0.0):
         return sock.makefile("rb", buffering=buffer_size)
@@ -551,7 +551,7 @@ class Session:
     def reset_transaction(self) -> None:
         """Forget the envelope being collected (RSET); a session without one has nothing to do."""
 
-    def reply_with(self, reply: replies.Reply, *words) -> None:
+    def reply_with(self, reply: replies.Reply, *words: object) -> None:
         """Send a named reply whose text takes `words` (a hostname, a domain...)."""
         code, text = reply
         self.reply(code, text % words)
@@ -609,7 +609,7 @@ class Session:
             return False
         return True
 
-    def mail_command(self, arg: str, esmtp: bool, dsn: bool = False):
+    def mail_command(self, arg: str, esmtp: bool, dsn: bool = False) -> Optional[Tuple[str, MailParams]]:
         """MAIL's path and parameters, parsed once for every server: (sender, MailParams),
         or None after the 501/555 reply."""
         parsed = parse_path(arg, "FROM:")
@@ -807,7 +807,7 @@ def parse_rcpt_params(text: str, dsn: bool = False) -> RcptParams:
     return RcptParams(notify, orcpt)
 
 
-def parse_path(arg: str, keyword: str, raw: bool = False):
+def parse_path(arg: str, keyword: str, raw: bool = False) -> Optional[Tuple[str, str]]:
     """`FROM:<a@b> PARAMS` -> (address, params-text); None on syntax error.
 
     Source routes (<@x,@y:a@b>) are dropped; the address may be empty (<>).
@@ -869,7 +869,7 @@ def _clean_lines(data: bytes) -> bytes:
     return block
 
 
-def iter_data(session: Session, chunk: int = 65536, deadline: Optional[float] = None):
+def iter_data(session: Session, chunk: int = 65536, deadline: Optional[float] = None) -> Iterator[bytes]:
     """Yield the message text of a DATA phase, unstuffed and normalised to CRLF.
 
     Only <CRLF>.<CRLF> ends it: a '.' line after a bare LF (or a '.' line

@@ -7,14 +7,16 @@ the fixtures built on it. Test modules import from here, never from each other.
   `free_port`, `write_config`, `send_mail` and small waiting tools;
 - PKI: a CA, server and client certificates made by the real openssl binary;
 - the process harness `Daemon`: `odmrd serve -f` as a child process (kill -9,
-  restarts) or a detached `odmrd serve` with its pid and log files;
+  restarts) or a detached `odmrd serve` with its pid and log files; `InitScript`,
+  our init scripts run as init runs them;
 - the scripted customer: `Script` played by `ReversedConnection` on the socket
   after ATRN 250 (strictly, if asked), and `accept_all`, which returns the
   messages as they were on the wire (still dot-stuffed);
 - `odmrd fetch` as a subprocess, `Scripted` (a scripted ODMR provider) and
   `deliver_one` (its side after ATRN 250), fetch's own server (`LocalServer`);
 - `ScriptedMTA`, a scripted SMTP server (the bounce relay, the customer's MTA),
-  and the real peers: Postfix's smtp-sink (`Sink`) and fetchmail;
+  and the real peers: Postfix's smtp-sink (`Sink`), fetchmail, and a private
+  Postfix instance (`PostfixInstance`) for the README's recipes;
 - PROXY protocol headers and `Load`, traffic against a daemon being killed.
 """
 from __future__ import annotations
@@ -22,9 +24,12 @@ from __future__ import annotations
 import base64
 import email
 import hmac
+import json
 import os
+import pwd
 import random
 import re
+import secrets
 import shutil
 import signal
 import smtplib
@@ -244,6 +249,14 @@ def send_mail(port: int, sender: str, rcpts: List[str], data: bytes) -> dict:
         return s.sendmail(sender, rcpts, data)
 
 
+def rcpt_code(port: int, rcpt: str) -> int:
+    """The intake's answer to RCPT TO:<rcpt> (from someone@remote.test)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("someone@remote.test")
+        return s.rcpt(rcpt)[0]
+
+
 def alive(pid: int) -> bool:
     """A process that runs and is no zombie (PID 1 here reaps late)."""
     try:
@@ -382,7 +395,8 @@ class Daemon:
     configuration (write_config's) in `directory/name` and its stderr in `name.log`.
     Detached (`detached=True`): `serve()` runs `odmrd serve` as an init script does; the
     configuration lives in `directory` with a log file and a pid file, `extra` lines
-    override its top-level defaults, and `cleanup()` kills every pid it had."""
+    override its top-level defaults, and `cleanup()` kills every pid it had; `start()`
+    runs `serve -f` in this layout too. `spawn()` runs any other command as a child."""
 
     def __init__(self, directory: str, extra: str = "", sections: str = "",
                  odmr_port: Optional[int] = None, smtp_port: Optional[int] = None, name: str = "odmrd",
@@ -392,6 +406,7 @@ class Daemon:
         self.smtp_port = smtp_port or free_port()
         self.detached = detached
         self.proc: Optional[subprocess.Popen] = None
+        self.children: List[subprocess.Popen] = []     # spawn()'s
         self.pids: List[int] = []
         home = directory if detached else os.path.join(directory, name)
         os.makedirs(home, exist_ok=True)
@@ -442,17 +457,20 @@ class Daemon:
     def pid(self) -> Optional[int]:
         return read_pid_file(self.pid_file)
 
-    def start(self, timeout: float = 15.0) -> "Daemon":
-        """`odmrd serve -f` as a child; returns once both ports take connections."""
-        log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
-                                      "serve", "-f"], stdout=log, stderr=log, cwd=self.dir)
-        log.close()
+    def start(self, timeout: float = 15.0, output: Optional[str] = None) -> "Daemon":
+        """`odmrd serve -f` as a child; returns once both ports take connections and it has
+        logged its start. Its stdout and stderr go to `output`, by default the log file
+        (the detached layout's log file stays untouched when `output` is another file)."""
+        output = output or self.log_file
+        with open(output, "ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config,
+                                          "serve", "-f"], stdout=fh, stderr=fh, cwd=self.dir)
         deadline = time.monotonic() + timeout
         for port in (self.odmr_port, self.smtp_port):
             while True:
                 if self.proc.poll() is not None:
-                    raise AssertionError("odmrd exited with %s: %s" % (self.proc.returncode, self.log()[-2000:]))
+                    raise AssertionError("odmrd exited with %s: %s" % (self.proc.returncode,
+                                                                       _text_of(output)[-2000:]))
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
@@ -462,11 +480,19 @@ class Daemon:
                     time.sleep(0.02)
         # the ports take connections from the bind on; the status socket, the workers
         # and the serving threads come a moment later, before this line is logged
-        while "odmrd started in the foreground" not in self.log():
+        while "odmrd started in the foreground" not in _text_of(output):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("odmrd did not start: %s" % self.log()[-2000:])
+                raise AssertionError("odmrd did not start: %s" % _text_of(output)[-2000:])
             time.sleep(0.02)
         return self
+
+    def spawn(self, *args: str) -> subprocess.Popen:
+        """`odmrd -c CONFIG ARGS...` as a child that the test may signal mid-run (its output
+        is dropped); cleanup() kills it if it still runs."""
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", self.config] + list(args),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(proc)
+        return proc
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -486,9 +512,10 @@ class Daemon:
             raise
 
     def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        for proc in [self.proc] + self.children:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         if self.detached:
             for pid in self.pids + [p for p in [self.pid()] if p]:
                 if pid != os.getpid():
@@ -496,11 +523,67 @@ class Daemon:
 
     def log(self) -> str:
         """What it logged: the log file when detached, stdout and stderr otherwise."""
-        try:
-            with open(self.log_file, "rb") as fh:
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return _text_of(self.log_file)
+
+
+def _text_of(path: str) -> str:
+    """A log file's text so far ("" before it exists)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class InitScript:
+    """An init script of ours (init/odmrd, init/odmrd-fetch) run by a POSIX shell the way
+    init runs it: a scrubbed environment whose only setting is `defaults_variable`, naming
+    the defaults file (what /etc/default/... would hold) that points it at this test's files.
+
+    `cleanup()` kills whatever still runs `odmrd <command>` (serve, fetch) with this
+    `config`: found by its command line, never by a pid file, which a test may point at
+    a process that is not ours."""
+
+    def __init__(self, script: str, shell: str, defaults_variable: str, defaults: str,
+                 config: str, pid_file: str, log_file: str, command: str):
+        self.script = script
+        self.shell = shell
+        self.defaults_variable = defaults_variable
+        self.defaults = defaults
+        self.config = config
+        self.pid_file = pid_file
+        self.log_file = log_file
+        self.command = command
+
+    def init(self, action: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", self.defaults_variable: self.defaults}
+        return subprocess.run([self.shell, self.script, action], env=env, capture_output=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    def pid(self) -> Optional[int]:
+        return read_pid_file(self.pid_file)
+
+    def log(self) -> str:
+        return _text_of(self.log_file)
+
+    def processes(self) -> List[int]:
+        """Live processes running `odmrd <command>` with this configuration file."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as fh:
+                    cmdline = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if self.config in cmdline and " %s " % self.command in cmdline and alive(int(entry)):
+                found.append(int(entry))
+        return found
+
+    def cleanup(self) -> None:
+        for pid in self.processes():
+            kill_hard(pid)
 
 
 def queued_tokens(spool_dir: str, domain: str) -> List[bytes]:
@@ -1193,6 +1276,214 @@ def run_fetchmail(workdir: str, odmr_port: int, smtp_port: int, user: str = "ali
 
 def transcript(result: subprocess.CompletedProcess) -> str:
     return result.stdout.decode("utf-8", "replace")
+
+
+# -- a private, real Postfix instance (the README's recipes, run for real) ------------
+#
+# `postfix -c DIR start` with its own configuration, queue, data and log directories
+# under /tmp, listening on loopback only. The instance runs the configuration it is
+# given (a recipe) on top of the few settings any private instance needs; it never
+# touches /etc/postfix or the system's queue. Postfix logs into DIR/maillog (there is
+# no syslog here), and `log()` returns it, so a failing test can show what Postfix did.
+
+POSTFIX = which("postfix")
+POSTQUEUE = which("postqueue")
+POSTSUPER = which("postsuper")
+POSTFIX_MASTER_PROTO = "/etc/postfix/master.cf.proto"
+
+
+def postfix_unavailable() -> Optional[str]:
+    """Why a private Postfix instance cannot run here, or None."""
+    if POSTFIX is None or POSTQUEUE is None or not os.path.exists(POSTFIX_MASTER_PROTO):
+        return "postfix is not installed (Debian package postfix)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance needs root (postfix start, set-user-id delivery agents)"
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "there is no postfix account (Debian package postfix creates it)"
+    return None
+
+
+class PostfixError(Exception):
+    """The instance did not start or answer; the message carries the end of its log."""
+
+
+def _stock_services(listen: Optional[str]) -> str:
+    """Debian's master.cf without chroot (a private queue holds no /etc copies), with the
+    public `smtp inet` service replaced by one smtpd on `listen`, or dropped."""
+    lines = []
+    with open(POSTFIX_MASTER_PROTO) as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 8 and fields[0] == "smtp" and fields[1] == "inet":
+                if listen:
+                    lines.append("%s inet n - n - - smtpd\n" % listen)
+                continue
+            if len(fields) >= 8 and not line[0].isspace() and fields[4] == "y":
+                fields[4] = "n"
+                line = " ".join(fields) + "\n"
+            lines.append(line)
+    return "".join(lines)
+
+
+class PostfixInstance:
+    """One Postfix instance: `main_cf` and `master_cf` are the recipe's own lines."""
+
+    def __init__(self, name: str, main_cf: str, master_cf: str = "", smtpd_port: Optional[int] = None):
+        self.base = tempfile.mkdtemp(prefix="odmr-postfix-%s-" % name, dir="/tmp")
+        os.chmod(self.base, 0o755)               # delivery agents run as other users
+        self.config_dir = os.path.join(self.base, "etc")
+        self.queue_dir = os.path.join(self.base, "queue")
+        self.data_dir = os.path.join(self.base, "data")
+        self.maillog = os.path.join(self.base, "maillog")
+        # Postfix refuses to relay to a server greeting with its own name: one name each
+        self.hostname = "%s-%s.test" % (name, secrets.token_hex(3))
+        self.smtpd_port = smtpd_port
+        os.mkdir(self.config_dir, 0o755)
+        os.mkdir(self.queue_dir, 0o755)            # Postfix makes its subdirectories itself
+        os.mkdir(self.data_dir, 0o700)
+        account = pwd.getpwnam("postfix")
+        os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+        listen = "127.0.0.1:%d" % smtpd_port if smtpd_port else None
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as fh:
+            fh.write(self._private_settings() + "\n# -- the recipe\n" + main_cf.strip() + "\n")
+        with open(os.path.join(self.config_dir, "master.cf"), "w") as fh:
+            fh.write(_stock_services(listen) + "\n# -- the recipe\n" + master_cf.strip() + "\n")
+        self.master_pid: Optional[int] = None
+
+    def _private_settings(self) -> str:
+        return "\n".join([
+            "# what any private test instance needs (not part of a recipe)",
+            "compatibility_level = 3.6",
+            "queue_directory = %s" % self.queue_dir,
+            "data_directory = %s" % self.data_dir,
+            "myhostname = %s" % self.hostname,
+            "inet_interfaces = loopback-only",
+            "mydestination =",
+            "alias_maps =",
+            "alias_database =",
+            "maillog_file = %s" % self.maillog,
+            "maillog_file_prefixes = /tmp",
+        ]) + "\n"
+
+    # -- life cycle
+
+    def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTFIX, "-c", self.config_dir, *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
+
+    def start(self) -> "PostfixInstance":
+        result = self._postfix("start")
+        if result.returncode != 0:
+            raise PostfixError("postfix start failed (%d): %s\n%s" % (
+                result.returncode, (result.stdout + result.stderr).decode(errors="replace"), self.log()[-3000:]))
+        self.master_pid = self._read_master_pid()
+        if self.smtpd_port:
+            self.wait_greeting(self.smtpd_port)
+        return self
+
+    def _read_master_pid(self) -> Optional[int]:
+        deadline = time.monotonic() + 10
+        path = os.path.join(self.queue_dir, "pid", "master.pid")
+        while time.monotonic() < deadline:
+            try:
+                with open(path) as fh:
+                    pid = int(fh.read().strip())
+                if alive(pid):
+                    return pid
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        return None
+
+    def wait_greeting(self, port: int, timeout: float = 30) -> None:
+        """Until an smtpd on `port` greets with 220 (master spawns it on the first connection)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+                    greeting = probe.recv(512)
+                    if greeting.startswith(b"220"):
+                        probe.sendall(b"QUIT\r\n")
+                        return
+                    last = repr(greeting)
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise PostfixError("no 220 from Postfix on port %d (%s)\n%s" % (port, last, self.log()[-3000:]))
+
+    def stop(self) -> None:
+        """Stop the instance, kill whatever of it is left, remove its directories."""
+        try:
+            if os.path.isdir(self.queue_dir):
+                self._postfix("stop", timeout=30)
+            if self.master_pid is not None:
+                deadline = time.monotonic() + 10
+                while alive(self.master_pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            for pid in self._own_processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def _own_processes(self) -> List[int]:
+        """Processes of this instance: Postfix daemons carry MAIL_CONFIG=<config dir>."""
+        marker = b"MAIL_CONFIG=" + self.config_dir.encode() + b"\0"
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/environ" % entry, "rb") as fh:
+                    environ = fh.read() + b"\0"
+            except OSError:
+                continue
+            if (b"\0" + marker) in (b"\0" + environ) and alive(int(entry)):
+                found.append(int(entry))
+        if self.master_pid is not None and alive(self.master_pid):
+            found.append(self.master_pid)
+        return found
+
+    # -- looking at it
+
+    def log(self) -> str:
+        return _text_of(self.maillog)
+
+    def queue(self) -> List[Dict]:
+        """What waits in the queue, one dict per message (`postqueue -j`)."""
+        result = subprocess.run([POSTQUEUE, "-c", self.config_dir, "-j"], capture_output=True, timeout=30)
+        if result.returncode != 0:
+            raise PostfixError("postqueue -j failed: %s" % result.stderr.decode(errors="replace"))
+        return [json.loads(line) for line in result.stdout.decode().splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        subprocess.run([POSTQUEUE, "-c", self.config_dir, "-f"], capture_output=True, timeout=30)
+
+    def wait_queue_empty(self, timeout: float = 30) -> None:
+        """Until everything is delivered or bounced; flushes now and then so a deferred
+        message is retried at once rather than after minutes."""
+        deadline = time.monotonic() + timeout
+        next_flush = time.monotonic() + 3
+        while True:
+            waiting = self.queue()
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("Postfix queue not empty after %ds: %s\n%s" % (
+                    timeout, waiting, self.log()[-3000:]))
+            if time.monotonic() > next_flush:
+                self.flush()
+                next_flush = time.monotonic() + 3
+            time.sleep(0.1)
+
+    def delete_all(self) -> None:
+        """Empty the queue (between tests sharing the instance)."""
+        subprocess.run([POSTSUPER, "-c", self.config_dir, "-d", "ALL"], capture_output=True, timeout=30)
 
 
 # -- PROXY protocol headers --------------------------------------------------------------

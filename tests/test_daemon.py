@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import pytest
 
-from helpers import Daemon, ROOT, alive, wait_for
+from helpers import Daemon, ROOT, alive, rcpt_code, wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -72,13 +72,6 @@ def site(site_factory):
 def smtp_send(port: int, rcpt: str, sender: str = "someone@remote.test") -> dict:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         return s.sendmail(sender, [rcpt], b"Subject: test\r\n\r\nbody\r\n")
-
-
-def rcpt_code(port: int, rcpt: str) -> int:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-        s.ehlo("client.test")
-        s.mail("someone@remote.test")
-        return s.rcpt(rcpt)[0]
 
 
 def spooled(site: Daemon, domain: str) -> List[str]:
@@ -340,35 +333,13 @@ def test_sigterm_stops_detached_daemon_and_removes_pid_file(site):
     assert refused(site.smtp_port)
 
 
-def start_foreground(site: Daemon, stderr_path: str) -> subprocess.Popen:
-    err = open(stderr_path, "wb")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", site.config,
-                             "serve", "-f"], stdout=subprocess.DEVNULL, stderr=err)
-    err.close()
-    site.pids.append(proc.pid)
-    try:
-        wait_for(lambda: site.pid() == proc.pid and not refused(site.smtp_port) or proc.poll() is not None,
-                 15, "the foreground daemon")
-    except AssertionError:
-        proc.kill()
-        proc.wait(5)
-        raise
-    assert proc.poll() is None, open(stderr_path).read()
-    return proc
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
     err = str(tmp_path / "stderr")
-    proc = start_foreground(site, err)
-    try:
-        os.kill(proc.pid, signum)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    site.start(output=err)
+    os.kill(site.proc.pid, signum)
+    assert site.proc.wait(15) == 0
     assert not os.path.exists(site.pid_file)
     with open(err) as fh:
         text = fh.read()
@@ -378,25 +349,20 @@ def test_foreground_stop_exit_code_zero(site, signum, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_lets_a_transaction_in_flight_finish(site, tmp_path):
-    proc = start_foreground(site, str(tmp_path / "stderr"))
-    try:
-        s = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=10)
-        s.ehlo("client.test")
-        assert s.mail("a@remote.test")[0] == 250
-        assert s.rcpt("user@example.org")[0] == 250
-        assert s.docmd("DATA")[0] == 354
-        s.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
-        os.kill(proc.pid, signal.SIGTERM)
-        wait_for(lambda: refused(site.smtp_port), 10, "the listener to close")
-        assert proc.poll() is None
-        s.send(b"second half\r\n.\r\n")
-        assert s.getreply()[0] == 250
-        s.quit()
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    proc = site.start(output=str(tmp_path / "stderr")).proc
+    s = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=10)
+    s.ehlo("client.test")
+    assert s.mail("a@remote.test")[0] == 250
+    assert s.rcpt("user@example.org")[0] == 250
+    assert s.docmd("DATA")[0] == 354
+    s.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for(lambda: refused(site.smtp_port), 10, "the listener to close")
+    assert proc.poll() is None
+    s.send(b"second half\r\n.\r\n")
+    assert s.getreply()[0] == 250
+    s.quit()
+    assert proc.wait(10) == 0
     assert len(spooled(site, "example.org")) == 1
 
 

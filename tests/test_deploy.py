@@ -14,12 +14,11 @@ import smtplib
 import subprocess
 import sys
 import zipfile
-from typing import List, Optional
+from typing import Optional
 
 import pytest
 
-from helpers import ROOT, alive, free_port, kill_hard, wait_for, which
-from odmr.daemon import read_pid_file
+from helpers import ROOT, InitScript, alive, free_port, rcpt_code, wait_for, which
 
 pytestmark = pytest.mark.slow                   # a pyz build and the init scripts
 
@@ -47,20 +46,18 @@ def bare(pyz: str, *args: str, input: Optional[bytes] = None, timeout: float = 3
                           input=input, capture_output=True, timeout=timeout)
 
 
-class Install:
+class Install(InitScript):
     """A small installation: config, users, spool, log, and a defaults file for the init script."""
 
     def __init__(self, directory: str, pyz: str):
+        super().__init__(INIT_SCRIPT, DASH or "dash", "ODMRD_DEFAULTS", os.path.join(directory, "default-odmrd"),
+                         os.path.join(directory, "odmrd.conf"), os.path.join(directory, "run", "odmrd.pid"),
+                         os.path.join(directory, "odmrd.log"), "serve")
         self.dir = directory
         self.pyz = pyz
         self.smtp_port = free_port()
         self.odmr_port = free_port()
-        self.config = os.path.join(directory, "odmrd.conf")
-        self.pid_file = os.path.join(directory, "run", "odmrd.pid")
-        self.log_file = os.path.join(directory, "odmrd.log")
         self.spool = os.path.join(directory, "spool")
-        self.defaults = os.path.join(directory, "default-odmrd")
-        self.pids: List[int] = []
         self.write_config()
         with open(self.defaults, "w") as fh:
             fh.write('# what /etc/default/odmrd would say\n'
@@ -81,28 +78,6 @@ class Install:
     def add_user(self, name: str, domain: str) -> None:
         result = self.odmrd("user", "add", name, "--domain", domain, "--password-stdin", input=b"pw-123456\n")
         assert result.returncode == 0, result.stderr
-
-    def init(self, action: str) -> subprocess.CompletedProcess:
-        env = {"PATH": "/usr/bin:/bin", "ODMRD_DEFAULTS": self.defaults}
-        result = subprocess.run([DASH, INIT_SCRIPT, action], env=env, capture_output=True, timeout=60)
-        pid = self.pid()
-        if pid and pid not in self.pids:
-            self.pids.append(pid)
-        return result
-
-    def pid(self) -> Optional[int]:
-        return read_pid_file(self.pid_file)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_file, errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in self.pids:
-            kill_hard(pid)
 
 
 @pytest.fixture
@@ -190,7 +165,6 @@ def test_serve_from_the_pyz_in_the_foreground(install, pyz):
     proc = subprocess.Popen([sys.executable, "-I", "-S", pyz, "-c", install.config, "serve", "-f"],
                             cwd="/", env={"PATH": "/usr/bin:/bin"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    install.pids.append(proc.pid)
     try:
         wait_for(lambda: install.pid() == proc.pid or proc.poll() is not None, 15, "the provider")
         assert proc.poll() is None
@@ -248,6 +222,8 @@ def test_init_script_lifecycle(install):
     r = install.init("reload")
     assert r.returncode == 0, r.stdout + r.stderr
     wait_for(lambda: install.log().count("configuration reloaded") > reloads, 10, "the reload")
+    # the intake workers read the files again a moment after the daemon has said so
+    wait_for(lambda: rcpt_code(install.smtp_port, "v@example.net") == 250, 10, "every intake worker")
     with smtplib.SMTP("127.0.0.1", install.smtp_port, timeout=10) as s:
         assert s.sendmail("a@remote.test", ["v@example.net"], b"Subject: r\r\n\r\nx\r\n") == {}
     r = install.init("force-reload")

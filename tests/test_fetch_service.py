@@ -19,8 +19,7 @@ from typing import List, Optional
 
 import pytest
 
-from helpers import PASSWORD, ROOT, alive, kill_hard, reuse_provider, send_mail, wait_for, which
-from odmr.daemon import read_pid_file
+from helpers import PASSWORD, ROOT, InitScript, alive, reuse_provider, send_mail, wait_for, which
 
 pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
 
@@ -45,34 +44,17 @@ def maildir_messages(path: str) -> List[str]:
     return sorted(glob.glob(os.path.join(path, "new", "*")))
 
 
-def fetch_processes(marker: str) -> List[int]:
-    """Live processes whose command line names `marker` (a test's own file)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if marker in cmdline and " fetch " in cmdline and alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-class FetchService:
+class FetchService(InitScript):
     """What /etc/default/odmrd-fetch and /etc/odmrd/fetch.conf would hold, in a test directory."""
 
     def __init__(self, directory: str, odmr_port: int, odmrd: Optional[List[str]] = None):
+        super().__init__(INIT_SCRIPT, SHELL, "ODMRD_FETCH_DEFAULTS", os.path.join(directory, "default-odmrd-fetch"),
+                         os.path.join(directory, "fetch.conf"), os.path.join(directory, "run", "odmrd-fetch.pid"),
+                         os.path.join(directory, "odmrd-fetch.log"), "fetch")
         self.dir = directory
         self.odmr_port = odmr_port
-        self.config = os.path.join(directory, "fetch.conf")
         self.maildir = os.path.join(directory, "Maildir")
-        self.pid_file = os.path.join(directory, "run", "odmrd-fetch.pid")
-        self.log_file = os.path.join(directory, "odmrd-fetch.log")
         self.password_file = os.path.join(directory, "fetch.pw")
-        self.defaults = os.path.join(directory, "default-odmrd-fetch")
         with open(self.password_file, "w") as fh:
             fh.write(PASSWORD + "\n")
         os.chmod(self.password_file, 0o600)
@@ -91,25 +73,6 @@ class FetchService:
                      'ODMRD_FETCH_CONFIG=%s\nODMRD_FETCH_OPTS=\nODMRD_FETCH_PIDFILE=%s\n'
                      'ODMRD_FETCH_LOG=%s\nSTOP_TIMEOUT=5\n%s'
                      % (" ".join(odmrd), self.config, self.pid_file, self.log_file, more))
-
-    def init(self, action: str) -> subprocess.CompletedProcess:
-        env = {"PATH": "/usr/bin:/bin", "ODMRD_FETCH_DEFAULTS": self.defaults}
-        return subprocess.run([SHELL, INIT_SCRIPT, action], env=env, capture_output=True,
-                              timeout=60, stdin=subprocess.DEVNULL)
-
-    def pid(self) -> Optional[int]:
-        return read_pid_file(self.pid_file)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_file, errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        for pid in fetch_processes(self.config):
-            kill_hard(pid)
 
 
 @pytest.fixture
@@ -132,7 +95,7 @@ def test_start_collects_then_stop(provider, service):
     assert "odmrd-fetch started" in text(started)
     pid = service.pid()
     assert pid is not None and alive(pid)
-    assert fetch_processes(service.config) == [pid]
+    assert service.processes() == [pid]
     assert os.stat(service.pid_file).st_mode & 0o777 == 0o644
     assert os.stat(service.log_file).st_mode & 0o077 == 0           # the poller's lines are root's
     status = service.init("status")
@@ -198,7 +161,7 @@ def test_bad_config_start_fails_and_nothing_runs(service, every, extra, says):
     output = started.stderr.decode()
     assert says in output and "configuration check failed; not starting" in output, output
     assert "Traceback" not in output
-    assert fetch_processes(service.config) == []
+    assert service.processes() == []
     assert not os.path.exists(service.pid_file)
     assert service.init("status").returncode == LSB_STOPPED
 
@@ -224,10 +187,10 @@ def test_restart_with_a_broken_config_keeps_the_poller(service):
     assert restarted.returncode == EX_OK, text(restarted)
     new = service.pid()
     assert new != pid and alive(new) and not alive(pid)
-    assert fetch_processes(service.config) == [new]
+    assert service.processes() == [new]
     assert "every 2s" in text(restarted)
     assert service.init("stop").returncode == EX_OK
-    assert fetch_processes(service.config) == []
+    assert service.processes() == []
 
 
 def test_unknown_action_and_reload(service):
@@ -273,7 +236,7 @@ def test_runs_as_the_mailbox_owner(provider):
         started = svc.init("start")
         assert started.returncode == LSB_NOT_CONFIGURED, text(started)
         assert "cannot read password file" in started.stderr.decode()
-        assert fetch_processes(svc.config) == []
+        assert svc.processes() == []
     finally:
         svc.cleanup()
         shutil.rmtree(directory, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Each test reads its configuration blocks from README.md (the `<!-- recipe: NAME -->`
 markers), fills in the placeholders, and runs them in a private Postfix instance
-(tests/postfix_instance.py): what the README shows is what is tested. Postfix takes
+(helpers.PostfixInstance): what the README shows is what is tested. Postfix takes
 a moment to start, so each recipe's instance is shared by the tests of this module.
 
 - front MX, SMTP transport: Postfix → odmrd's intake → spool → ATRN → `odmrd fetch`
@@ -27,12 +27,11 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from helpers import PASSWORD, ROOT, Provider, free_port, run_cli, send_mail, stop_quickly, wait_idle, \
-    empty_spool, which, write_config
+from helpers import PASSWORD, ROOT, PostfixInstance, Provider, free_port, postfix_unavailable, run_cli, \
+    send_mail, stop_quickly, wait_idle, empty_spool, which, write_config
 from odmr import accounts
-from postfix_instance import PostfixInstance, unavailable
 
-pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+pytestmark = [pytest.mark.skipif(postfix_unavailable() is not None, reason=postfix_unavailable() or ""),
               pytest.mark.slow]           # a real Postfix instance
 
 README = os.path.join(ROOT, "README.md")

@@ -12,15 +12,13 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from typing import List
 
 import pytest
 
-from helpers import (Customer, Daemon, Provider, ROOT, accept_all, assert_one_line_error, err, send_mail,
+from helpers import (Customer, Daemon, Provider, accept_all, assert_one_line_error, err, send_mail,
                      wait_for)
 from odmr.spool import Envelope, Recipient, Spool
 
@@ -244,8 +242,7 @@ def test_start_up_removes_tmp_debris_of_killed_queue_commands(site):
         for name in dirs + files:
             os.chown(os.path.join(dirpath, name), nobody.pw_uid, nobody.pw_gid)
     for args in (["bounce"] + ids[:150], ["expire"]):
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "odmrd.py"), "-c", site.config,
-                                 "queue"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = site.spawn("queue", *args)
         time.sleep(0.6)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

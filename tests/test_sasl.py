@@ -44,7 +44,7 @@ def lookup(name: str) -> Optional[Account]:
     return ACCOUNTS.get(name)
 
 
-class Script:
+class CannedResponses:
     """A challenge callback that records challenges and replays responses.
 
     Running out of responses stands for the client sending '*'.
@@ -104,18 +104,18 @@ def test_rfc7677_server_messages():
     account = Account("user", rfc7677_secret(), None)
     server = sasl.ScramSHA256Server(lambda name: account if name == "user" else None,
                                     HOST, nonce=lambda: RFC7677_SERVER_NONCE)
-    script = Script(RFC7677_CLIENT_FINAL, b"")
-    assert server.authenticate(script, RFC7677_CLIENT_FIRST) == "user"
-    assert script.challenges == [RFC7677_SERVER_FIRST, RFC7677_SERVER_FINAL]
+    canned = CannedResponses(RFC7677_CLIENT_FINAL, b"")
+    assert server.authenticate(canned, RFC7677_CLIENT_FIRST) == "user"
+    assert canned.challenges == [RFC7677_SERVER_FIRST, RFC7677_SERVER_FINAL]
 
 
 def test_rfc7677_server_without_initial_response():
     account = Account("user", rfc7677_secret(), None)
     server = sasl.ScramSHA256Server(lambda name: account, HOST,
                                     nonce=lambda: RFC7677_SERVER_NONCE)
-    script = Script(RFC7677_CLIENT_FIRST, RFC7677_CLIENT_FINAL, b"")
-    assert server.authenticate(script, None) == "user"
-    assert script.challenges[0] == b""
+    canned = CannedResponses(RFC7677_CLIENT_FIRST, RFC7677_CLIENT_FINAL, b"")
+    assert server.authenticate(canned, None) == "user"
+    assert canned.challenges[0] == b""
 
 
 def test_rfc2195_cram_md5_example():
@@ -135,10 +135,10 @@ def test_rfc2195_cram_md5_example():
 
 
 def test_cram_md5_default_challenge_shape():
-    script = Script()
+    canned = CannedResponses()
     with pytest.raises(AuthCancelled):
-        sasl.CramMD5Server(lookup, HOST).authenticate(script, None)
-    (text,) = script.challenges
+        sasl.CramMD5Server(lookup, HOST).authenticate(canned, None)
+    (text,) = canned.challenges
     assert text.startswith(b"<") and text.endswith(b"@" + HOST.encode() + b">")
     digits, dot, stamp = text[1:text.index(b"@")].partition(b".")
     assert dot and digits.isdigit() and stamp.isdigit()
@@ -282,11 +282,11 @@ def test_accounts_with_one_kind_of_secret(name, user, password, ok):
 
 def test_scram_unknown_user_gets_stable_plausible_salt():
     def server_first(user: str) -> bytes:
-        script = Script()
+        canned = CannedResponses()
         server = sasl.ScramSHA256Server(lookup, HOST)
         with pytest.raises(AuthCancelled):
-            server.authenticate(script, f"n,,n={user},r=abc".encode())
-        return script.challenges[0]
+            server.authenticate(canned, f"n,,n={user},r=abc".encode())
+        return canned.challenges[0]
 
     def salt_and_iterations(message: bytes) -> List[bytes]:
         return message.split(b",")[1:]
@@ -364,18 +364,18 @@ def test_cancel_propagates(name):
     # The session raises AuthCancelled from the callback on '*'.
     server = sasl.server_mechanism(name, lookup, HOST)
     with pytest.raises(AuthCancelled):
-        server.authenticate(Script(), None)
+        server.authenticate(CannedResponses(), None)
 
 
 def test_scram_cancel_after_server_first():
     server = sasl.ScramSHA256Server(lookup, HOST)
     with pytest.raises(AuthCancelled):
-        server.authenticate(Script(), b"n,,n=alice,r=abc")
+        server.authenticate(CannedResponses(), b"n,,n=alice,r=abc")
 
 
 def test_cram_md5_refuses_initial_response():
     with pytest.raises(AuthProtocolError):
-        sasl.CramMD5Server(lookup, HOST).authenticate(Script(), b"tim")
+        sasl.CramMD5Server(lookup, HOST).authenticate(CannedResponses(), b"tim")
 
 
 @pytest.mark.parametrize("response", [
@@ -392,7 +392,7 @@ def test_cram_md5_refuses_initial_response():
 def test_cram_md5_malformed(response):
     server = sasl.CramMD5Server(lookup, HOST)
     with pytest.raises(AuthProtocolError):
-        server.authenticate(Script(response), None)
+        server.authenticate(CannedResponses(response), None)
 
 
 def scram_final(header: bytes = b"n,,", nonce: bytes = b"abcSRV",
@@ -433,7 +433,7 @@ def test_scram_malformed(first, final):
     server = sasl.ScramSHA256Server(lookup, HOST, nonce=lambda: "SRV")
     responses = [final] if final is not None else []
     with pytest.raises(AuthProtocolError):
-        server.authenticate(Script(*responses), first)
+        server.authenticate(CannedResponses(*responses), first)
 
 
 def test_scram_final_response_must_be_empty():
@@ -458,7 +458,7 @@ def test_scram_decodes_escaped_username():
 
     server = sasl.ScramSHA256Server(recording_lookup, HOST)
     with pytest.raises(AuthCancelled):
-        server.authenticate(Script(), b"n,,n=a=2Cb=3Dc=3D2C,r=abc")
+        server.authenticate(CannedResponses(), b"n,,n=a=2Cb=3Dc=3D2C,r=abc")
     assert seen == ["a,b=c=2C"]
 
 
@@ -476,26 +476,26 @@ def test_scram_decodes_escaped_username():
 def test_plain_messages(message, error):
     server = sasl.PlainServer(lookup, HOST)
     if error is None:
-        assert server.authenticate(Script(), message) == "alice"
+        assert server.authenticate(CannedResponses(), message) == "alice"
     else:
         with pytest.raises(error):
-            server.authenticate(Script(), message)
+            server.authenticate(CannedResponses(), message)
 
 
 def test_plain_empty_challenge_when_no_initial():
-    script = Script(b"\0alice\0correct horse")
-    assert sasl.PlainServer(lookup, HOST).authenticate(script, None) == "alice"
-    assert script.challenges == [b""]
+    canned = CannedResponses(b"\0alice\0correct horse")
+    assert sasl.PlainServer(lookup, HOST).authenticate(canned, None) == "alice"
+    assert canned.challenges == [b""]
 
 
 def test_login_prompts_and_initial_username():
-    script = Script(b"alice", b"correct horse")
-    assert sasl.LoginServer(lookup, HOST).authenticate(script, None) == "alice"
-    assert script.challenges == [b"Username:", b"Password:"]
+    canned = CannedResponses(b"alice", b"correct horse")
+    assert sasl.LoginServer(lookup, HOST).authenticate(canned, None) == "alice"
+    assert canned.challenges == [b"Username:", b"Password:"]
 
-    script = Script(b"correct horse")
-    assert sasl.LoginServer(lookup, HOST).authenticate(script, b"alice") == "alice"
-    assert script.challenges == [b"Password:"]
+    canned = CannedResponses(b"correct horse")
+    assert sasl.LoginServer(lookup, HOST).authenticate(canned, b"alice") == "alice"
+    assert canned.challenges == [b"Password:"]
 
 
 @pytest.mark.parametrize("initial,responses", [
@@ -505,7 +505,7 @@ def test_login_prompts_and_initial_username():
 ])
 def test_login_malformed(initial, responses):
     with pytest.raises(AuthProtocolError):
-        sasl.LoginServer(lookup, HOST).authenticate(Script(*responses), initial)
+        sasl.LoginServer(lookup, HOST).authenticate(CannedResponses(*responses), initial)
 
 
 # -- properties --------------------------------------------------------------------
@@ -536,7 +536,7 @@ def test_servers_only_raise_sasl_errors(name, initial, responses):
     # A fixed server nonce lets generated SCRAM client-final messages match it.
     server = sasl.SERVER_MECHANISMS[name](lookup, HOST, nonce=lambda: "SRV")
     try:
-        result = server.authenticate(Script(*responses), initial)
+        result = server.authenticate(CannedResponses(*responses), initial)
     except SASLError:
         return
     assert result in ACCOUNTS  # only reachable with real credentials
@@ -558,7 +558,7 @@ def test_scram_server_only_raises_sasl_errors(header, user, nonce, cbind, final_
     first = header + b"n=" + user.encode() + b",r=" + nonce + ext
     final = b"c=" + cbind + b",r=" + final_nonce + ext + b",p=" + proof
     try:
-        server.authenticate(Script(final, last), first)
+        server.authenticate(CannedResponses(final, last), first)
     except SASLError:
         pass
 

@@ -1,8 +1,12 @@
-"""The seed conversation of RFC 2645, end to end over real sockets."""
-from helpers import ATRN_OK, send_mail
+"""One whole ODMR conversation as RFC 2645 draws it, byte by byte over real sockets:
+EHLO, AUTH CRAM-MD5, ATRN, the turnaround, one message (dot-stuffed) and QUIT."""
+import base64
+import hmac
+
+from helpers import ATRN_OK, PASSWORD, send_mail
 
 
-def test_seed_conversation(provider, customer_factory):
+def test_the_rfc2645_conversation_delivers_and_empties_the_spool(provider, customer_factory):
     send_mail(provider.smtp_port, "sender@remote.test", ["user@example.org"],
               b"Subject: seed\r\n\r\nhello\r\n.leading dot\r\n")
     c = customer_factory()
@@ -12,8 +16,6 @@ def test_seed_conversation(provider, customer_factory):
     assert code == 250
     assert any(l.startswith("AUTH") and "CRAM-MD5" in l.split() for l in lines)
     assert "ATRN" in lines
-    import base64, hmac
-    from helpers import PASSWORD
     code, lines = c.cmd("AUTH CRAM-MD5")
     assert code == 334
     digest = hmac.new(PASSWORD.encode(), base64.b64decode(lines[0]), "md5").hexdigest()
