@@ -1,6 +1,7 @@
 """What every session shares: settings, accounts, the spool, and the hosting policy
-(which recipients are taken, for which domain; quotas). The AUTH throttle lives in
-`odmr.throttle`, kept by the service across snapshots.
+(which recipients are taken, for which domain; quotas). The AUTH throttle
+(`odmr.throttle`) and the metrics (`odmr.metrics.ServiceMetrics`) are the
+service's own, kept across snapshots.
 
 A reload builds a new Runtime snapshot and swaps `Service.runtime`; sessions
 that already started keep the snapshot they began with.
@@ -14,6 +15,7 @@ from typing import List, Optional, Tuple
 from odmr import replies
 from odmr.accounts import Accounts
 from odmr.config import Settings
+from odmr.metrics import ServiceMetrics
 from odmr.names import address_is_safe, normalize_domain, split_address
 from odmr.sasl import Decoys
 from odmr.spool import OUTBOUND, Spool
@@ -33,6 +35,8 @@ class Runtime:
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
     # from beside the users file (accounts.decoy_secret); empty: this process only
     decoy_key: bytes = field(default=b"", repr=False)
+    # the service's own, like the throttle: kept across snapshots, never shared by two services
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics, repr=False)
 
     @property
     def hostname(self) -> str:
