@@ -431,8 +431,13 @@ class Service:
             self._live.discard(session)
             self.metrics.activity.session_closed(session)
 
-    def active_sessions(self) -> int:
+    def wait_for_sessions(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for every admitted session to end (one an intake
+        worker serves ends when the worker says so); returns how many are still open."""
+        deadline = time.monotonic() + timeout
         with self._lock:
+            while sum(self._totals.values()) and time.monotonic() < deadline:
+                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
             return sum(self._totals.values())
 
     # -- lifecycle ------------------------------------------------------------------
@@ -488,18 +493,11 @@ class Service:
             self.workers.stop(grace)        # their sessions count in _totals until they end
         if getattr(self, "maintenance", None) is not None:
             self.maintenance.stop()
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while sum(self._totals.values()) and time.monotonic() < deadline:
-                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
-            left = sum(self._totals.values())
+        left = self.wait_for_sessions(grace)
         if left:
             # out of time: cut the connections and let the threads record what was in flight
             self.cut_sessions()
-            deadline = time.monotonic() + CUT_WAIT
-            with self._lock:
-                while sum(self._totals.values()) and time.monotonic() < deadline:
-                    self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+            self.wait_for_sessions(CUT_WAIT)
         self.queue.stop()                   # removals durable, retired files freed
         if self.workers is not None:
             self.workers.join(CUT_WAIT + 5.0)

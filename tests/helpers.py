@@ -312,9 +312,7 @@ def stop_quickly(p: Provider) -> None:
 
 def wait_idle(p: Provider, timeout: float = 5.0) -> None:
     """Let sessions of the previous test finish (they may still hold a domain claim)."""
-    deadline = time.monotonic() + timeout
-    while p.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.service.wait_for_sessions(timeout)
 
 
 def empty_spool(root: str) -> None:
@@ -813,10 +811,7 @@ def queue(provider, domain: Optional[str] = None) -> List[Dict]:
 
 def wait_sessions_over(provider, timeout: float = 10.0) -> None:
     """The provider's session may still be recording results after the customer's last reply."""
-    deadline = time.monotonic() + timeout
-    while provider.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert provider.service.active_sessions() == 0
+    assert provider.service.wait_for_sessions(timeout) == 0
 
 
 def dsns(provider, domain: str = "example.net") -> List[email.message.Message]:
