@@ -73,10 +73,6 @@ class Registry:
         with self._lock:
             return dict(self._values)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-
 
 # A session as `status` shows it: a wire.Session, or an intake worker's
 # intake_workers.HandedSession (None once gone); only what it has is read.
@@ -143,11 +139,6 @@ class Activity:
         return [{"domains": list(getattr(drain, "domains", [])), "peer": getattr(drain, "peer", ""),
                  "since": int(since), "messages": sent}
                 for drain, since, sent in sorted(entries, key=lambda e: e[1])]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._sessions.clear()
-            self._deliveries.clear()
 
 
 def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()) -> str:

@@ -174,10 +174,6 @@ class Backlog:
         with self._lock:
             return {q: (int(e[0]), int(e[1]), e[2]) for q, e in self._queues.items() if e[0] > 0}
 
-    def clear(self) -> None:
-        with self._lock:
-            self._queues = {}
-
 
 class QueueWatch:
     """A low-priority thread that rescans the queue's shape into a service's backlog."""
