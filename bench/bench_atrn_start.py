@@ -26,7 +26,7 @@ import time
 from typing import List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PASSWORD, Server, cram_md5_response, row, workdir  # noqa: E402
+from common import PASSWORD, Server, cram_md5_response, row, store, workdir  # noqa: E402
 
 from odmr.spool import Envelope, Recipient, Spool, new_id  # noqa: E402
 
@@ -43,7 +43,7 @@ def queue_own(spool_dir: str, count: int) -> None:
     spool = Spool(spool_dir)
     for n in range(count):
         env = Envelope(sender="bench@outside.test", recipients=[Recipient("user@example.org")])
-        spool.store("example.org", env, message_bytes("user@example.org", n))
+        store(spool, "example.org", env, message_bytes("user@example.org", n))
 
 
 def queue_others(spool_dir: str, total: int) -> None:
@@ -160,7 +160,7 @@ def main(argv: Optional[list] = None) -> int:
         fill = time.perf_counter() - started
         server.start()       # a fresh process: nothing learnt about the spool in the first run
         crowded = measure(server, args.rounds)
-        left = len(Spool(server.spool_dir).message_ids("example.org"))
+        left = len(Spool(server.spool_dir).listing("example.org")[0])
     finally:
         server.stop()
         if not args.keep:

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from odmr import accounts  # noqa: E402
+from odmr.spool import Envelope, Spool  # noqa: E402
 
 PASSWORD = "bench-password"
 
@@ -75,6 +76,14 @@ def workdir(prefix: str) -> str:
     """A scratch directory on the real disk (/var/tmp survives tmpfs setups of /tmp)."""
     base = "/var/tmp" if os.path.isdir("/var/tmp") else None
     return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+def store(spool: Spool, domain: str, envelope: Envelope, data: bytes) -> str:
+    """A whole message into one queue through the spool's one (durable) writer, with no
+    policy applied: a backlog to measure against, without an intake session per message."""
+    incoming = spool.begin({domain: envelope})
+    incoming.write(data)
+    return incoming.commit()[0][1]
 
 
 def cram_md5_response(user: str, password: str, challenge_b64: str) -> str:

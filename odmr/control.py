@@ -5,7 +5,7 @@ after the node (`<spool>/.control.<nodename>`), mode 0600 and owned by the
 service account; the server answers only peers running as that account or as
 root (SO_PEERCRED), anyone else is hung up on without a byte. One request
 line (`status`), one JSON line back, built from what the daemon keeps in
-memory (`metrics.ACTIVITY`, `qshape.BACKLOG`): never a spool scan.
+memory (its `metrics.ServiceMetrics`: activity and backlog): never a spool scan.
 
 Nothing is followed through a link: a link (or any non-socket) where the socket
 belongs stops the start-up; a socket nobody answers on is a crashed daemon's
@@ -25,7 +25,8 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
-from odmr import metrics, qshape
+from odmr import qshape
+from odmr.metrics import ServiceMetrics
 from odmr.exits import LSB_NOT_RUNNING, LSB_UNKNOWN
 
 log = logging.getLogger("odmrd.control")
@@ -217,12 +218,12 @@ class ControlServer:
             pass
 
 
-def report(started: float, listeners: Iterable, now: Optional[float] = None,
+def report(started: float, listeners: Iterable, seen: ServiceMetrics, now: Optional[float] = None,
            elsewhere: Optional[List[Dict[str, object]]] = None) -> Dict[str, object]:
-    """The `status --json` object (SPEC §2) from what the daemon keeps in memory;
+    """The `status --json` object (SPEC §2) from what the daemon keeps in memory (`seen`);
     `elsewhere`: the sessions its intake workers serve, as they listed them."""
     now = time.time() if now is None else now
-    sessions = metrics.ACTIVITY.sessions(handed=elsewhere is None)
+    sessions = seen.activity.sessions(handed=elsewhere is None)
     if elsewhere:
         sessions = sorted(sessions + elsewhere, key=lambda s: (s["port"], s["since"]))
     return {
@@ -231,8 +232,8 @@ def report(started: float, listeners: Iterable, now: Optional[float] = None,
         "listeners": [{"port": l.server_address[1], "address": l.server_address[0],
                        "tls": bool(l.implicit_tls)} for l in listeners],
         "sessions": sessions,
-        "deliveries": metrics.ACTIVITY.deliveries(),
-        "backlog": {q: v[0] for q, v in sorted(qshape.BACKLOG.snapshot().items(),
+        "deliveries": seen.activity.deliveries(),
+        "backlog": {q: v[0] for q, v in sorted(seen.backlog.snapshot().items(),
                                                 key=lambda i: (-i[1][0], i[0]))},
     }
 

@@ -13,7 +13,6 @@ import time
 from typing import Callable, List, Optional
 
 from odmr import replies, tls
-from odmr import metrics
 from odmr.hops import TooManyHops
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND, SpoolError
@@ -189,7 +188,7 @@ class IntakeSession(Session):
             return self._refuse_message(tx, reply, str(exc))
         spooling.log_accepted(log, "smtp", stored, tx.sender, "client=%s" % self.peer)
         for domain, _ in stored:
-            metrics.message_received(domain, spooling.stored_size(domain))
+            self.runtime.metrics.message_received(domain, spooling.stored_size(domain))
         self.reply_with(replies.QUEUED, " ".join(m for _, m in stored))
 
     def _refuse_message(self, tx: Submission, reply: replies.Reply, why: str) -> None:

@@ -41,7 +41,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from odmr import metrics
 from odmr.exits import EX_SOFTWARE, leave_forked_process
 
 if TYPE_CHECKING:                   # server imports this module
@@ -110,7 +109,7 @@ class WorkerPool:
             token = next(self._tokens)
             worker.sessions[token] = ip
             worker.shown[token] = shown = HandedSession("%s:%d" % (ip, port))
-        metrics.ACTIVITY.session_opened(shown, listener.server_address[1])
+        self.service.metrics.activity.session_opened(shown, listener.server_address[1])
         header = b"S %d %d %s %d" % (token, self.service.listeners.index(listener), ip.encode(), port)
         try:
             socket.send_fds(worker.channel, [header], [request.fileno()])
@@ -118,7 +117,7 @@ class WorkerPool:
             with self._lock:
                 worker.sessions.pop(token, None)
                 worker.shown.pop(token, None)
-            metrics.ACTIVITY.session_closed(shown)
+            self.service.metrics.activity.session_closed(shown)
             log.warning("intake: cannot hand a connection to worker %d: %s", worker.index, str(exc))
             return False
         return True
@@ -136,7 +135,7 @@ class WorkerPool:
                 with self._lock:
                     ip = worker.sessions.pop(int(rest), None)
                     shown = worker.shown.pop(int(rest), None)
-                metrics.ACTIVITY.session_closed(shown)
+                self.service.metrics.activity.session_closed(shown)
                 if ip is not None:
                     self.service.release("smtp", ip)
             elif kind == b"A":
@@ -146,7 +145,7 @@ class WorkerPool:
                 worker.listings.put(rest)
             elif kind == b"M":
                 domain, count, size = rest.split()
-                metrics.message_received(domain.decode("ascii"), int(size), int(count))
+                self.service.metrics.message_received(domain.decode("ascii"), int(size), int(count))
             elif kind == b"U":
                 domain, _, fresh = rest.partition(b" ")
                 count, size = self.service.spool.usage(domain.decode("ascii"), fresh == b"1")
@@ -160,7 +159,7 @@ class WorkerPool:
             worker.sessions.clear()
             shown, worker.shown = list(worker.shown.values()), {}
         for session in shown:
-            metrics.ACTIVITY.session_closed(session)
+            self.service.metrics.activity.session_closed(session)
         for ip in orphans:
             self.service.release("smtp", ip)
         try:
@@ -286,7 +285,7 @@ class _WorkerSide:
         self._count_locally = spool._count_added
         spool.usage = self.usage                    # the main process's figures, see the module doc
         spool._count_added = self.count_added
-        metrics.message_received = self.message_received     # counted where /metrics is served
+        service.metrics.message_received = self.message_received     # counted where /metrics is served
         self._received: Dict[str, List[int]] = {}           # domain -> [messages, bytes] not sent yet
         self._received_lock = threading.Lock()
         self._received_due = threading.Event()
@@ -319,7 +318,7 @@ class _WorkerSide:
             elif data.startswith(b"u "):
                 self._answers.put(data)
             elif data == b"Q":
-                listed = metrics.ACTIVITY.sessions()[:MAX_LISTED]
+                listed = self.service.metrics.activity.sessions()[:MAX_LISTED]
                 try:
                     self.channel.send(b"q " + json.dumps(listed).encode("utf-8"))
                 except OSError:

@@ -54,10 +54,6 @@ class Maintenance:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def wake(self) -> None:
-        """Run a pass now (the relay queue and, if due, expiry)."""
-        self._wake.set()
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:

@@ -1,12 +1,14 @@
 """Counters, live activity and the Prometheus endpoint (`[metrics] listen`).
 
-The counters live in this module, not in the service's snapshot, so a SIGHUP
-(which rebuilds the snapshot) never resets them. The places where events
-happen bump them with one call each (`message_received`, `delivery_recorded`,
-`atrn_reply`, `auth_failed`); sessions and deliveries register themselves so
-`odmrd status` and the `odmrd_sessions` gauge can list them. Everything here
-is a few dictionary updates under one lock: a scrape never touches the spool
-(the queue gauges come from `qshape.BACKLOG`) and never holds up a session.
+Each service owns one `ServiceMetrics` (its counters, live activity and queue
+backlog) and hands it to every snapshot it builds (`Runtime.metrics`), so a
+SIGHUP never resets a counter and two services in one process count apart.
+The places where events happen bump it with one call each (`message_received`,
+`delivery_recorded`, `atrn_reply`, `auth_failed`); sessions and deliveries
+register themselves so `odmrd status` and the `odmrd_sessions` gauge can list
+them. Everything here is a few dictionary updates under one lock: a scrape
+never touches the spool (the queue gauges come from the backlog) and never
+holds up a session.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ Labels = Tuple[Tuple[str, str], ...]
 
 
 class Registry:
-    """Counters by (name, labels); thread-safe, process-wide."""
+    """Counters by (name, labels); thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,13 +72,6 @@ class Registry:
     def samples(self) -> Dict[Tuple[str, Labels], float]:
         with self._lock:
             return dict(self._values)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-
-
-REGISTRY = Registry()
 
 
 # A session as `status` shows it: a wire.Session, or an intake worker's
@@ -145,14 +140,6 @@ class Activity:
                  "since": int(since), "messages": sent}
                 for drain, since, sent in sorted(entries, key=lambda e: e[1])]
 
-    def clear(self) -> None:
-        with self._lock:
-            self._sessions.clear()
-            self._deliveries.clear()
-
-
-ACTIVITY = Activity()
-
 
 def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()) -> str:
     """What a session is doing, from what it already keeps (no bookkeeping of its own)."""
@@ -165,45 +152,72 @@ def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()
     return "ready" if getattr(session, "helo", None) else "connected"
 
 
-# -- the one-line hooks, called where the events happen -----------------------------
-def message_received(queue: str, size: int, count: int = 1) -> None:
-    """Intake stored `count` copies for one domain, `size` bytes in all."""
-    REGISTRY.count("odmrd_messages_received_total", count)
-    qshape.BACKLOG.added(queue, size, count)
+class ServiceMetrics:
+    """What one service counts and keeps live: counters, sessions and deliveries, the
+    queue's backlog. The hooks are the one-line calls made where the events happen."""
 
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.activity = Activity()
+        self.backlog = qshape.Backlog()
 
-def delivery_recorded(drain: Drain, message: Message, results: Dict[str, Tuple[int, str]]) -> None:
-    """One message's replies from a customer (queuemgr.Drain.record)."""
-    codes = [code for code, _ in results.values()]
-    if any(200 <= c < 300 for c in codes):
-        REGISTRY.count("odmrd_messages_delivered_total")
-    deferred = sum(1 for c in codes if not (200 <= c < 300 or 500 <= c < 600))
-    bounced = sum(1 for c in codes if 500 <= c < 600)
-    if deferred:
-        REGISTRY.count("odmrd_recipients_deferred_total", deferred)
-    if bounced:
-        REGISTRY.count("odmrd_recipients_bounced_total", bounced)
-    ACTIVITY.delivery_sent(drain)
-    if not message.pending():
-        qshape.BACKLOG.removed(message.domain, message.size)
+    def message_received(self, queue: str, size: int, count: int = 1) -> None:
+        """Intake stored `count` copies for one domain, `size` bytes in all."""
+        self.registry.count("odmrd_messages_received_total", count)
+        self.backlog.added(queue, size, count)
 
+    def delivery_recorded(self, drain: Drain, message: Message,
+                          results: Dict[str, Tuple[int, str]]) -> None:
+        """One message's replies from a customer (queuemgr.Drain.record)."""
+        codes = [code for code, _ in results.values()]
+        if any(200 <= c < 300 for c in codes):
+            self.registry.count("odmrd_messages_delivered_total")
+        deferred = sum(1 for c in codes if not (200 <= c < 300 or 500 <= c < 600))
+        bounced = sum(1 for c in codes if 500 <= c < 600)
+        if deferred:
+            self.registry.count("odmrd_recipients_deferred_total", deferred)
+        if bounced:
+            self.registry.count("odmrd_recipients_bounced_total", bounced)
+        self.activity.delivery_sent(drain)
+        if not message.pending():
+            self.backlog.removed(message.domain, message.size)
 
-def delivery_lost(drain: Drain, recipients: int) -> None:
-    """The connection broke with a message in flight: its recipients wait."""
-    REGISTRY.count("odmrd_recipients_deferred_total", recipients)
+    def delivery_lost(self, drain: Drain, recipients: int) -> None:
+        """The connection broke with a message in flight: its recipients wait."""
+        self.registry.count("odmrd_recipients_deferred_total", recipients)
 
+    def auth_failed(self, mechanism: str) -> None:
+        self.registry.count("odmrd_auth_failures_total", mechanism=mechanism)
 
-def auth_failed(mechanism: str) -> None:
-    REGISTRY.count("odmrd_auth_failures_total", mechanism=mechanism)
+    def atrn_reply(self, code: int) -> None:
+        self.registry.count("odmrd_atrn_requests_total", code=str(code))
 
-
-def atrn_reply(code: int) -> None:
-    REGISTRY.count("odmrd_atrn_requests_total", code=str(code))
+    def exposition(self, ports: List[int], per_domain: bool, cert_expiry: Optional[float],
+                   now: Optional[float] = None) -> str:
+        """The Prometheus text format 0.0.4 of everything this service counts and keeps."""
+        now = time.time() if now is None else now
+        samples: Dict[str, List[Tuple[Labels, float]]] = {name: [] for name in HELP}
+        _counter_samples(samples, self.registry.samples())
+        live = self.activity.ports()
+        for port in sorted(set(ports) | set(live)):
+            samples["odmrd_sessions"].append(((("port", str(port)),), live.get(port, 0)))
+        _queue_samples(samples, self.backlog.snapshot(), per_domain, now)
+        if cert_expiry is not None:
+            samples["odmrd_tls_certificate_expiry_seconds"].append(((), int(cert_expiry - now)))
+        lines = []
+        for name, entries in samples.items():
+            if not entries and not name.startswith("odmrd_queue_"):
+                continue                # (the queue families stay, empty, when no queue is left)
+            kind, text = HELP.get(name, ("untyped", name))
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+            lines += [_sample(name, value, labels) for labels, value in entries]
+        return "\n".join(lines) + "\n"
 
 
 def counts_first_reply(verb: Callable) -> Callable:
-    """Decorates a session's smtp_ATRN: the code of its first reply is counted as it goes
-    out (before a 250's delivery runs), without touching the verb's own code."""
+    """Decorates a session's smtp_ATRN: the code of its first reply is counted (in the
+    session's `runtime.metrics`) as it goes out (before a 250's delivery runs), without
+    touching the verb's own code."""
     @functools.wraps(verb)
     def counted(self, arg: str):
         send = self.reply
@@ -212,7 +226,7 @@ def counts_first_reply(verb: Callable) -> Callable:
         def reply(code: int, *lines: str) -> None:
             if not counted_already:
                 counted_already.append(code)
-                atrn_reply(code)
+                self.runtime.metrics.atrn_reply(code)
             send(code, *lines)
         self.reply = reply
         try:
@@ -233,12 +247,8 @@ def _sample(name: str, value: float, labels: Labels = ()) -> str:
     return "%s%s %s" % (name, "{%s}" % text if text else "", number)
 
 
-def exposition(ports: List[int], per_domain: bool, cert_expiry: Optional[float],
-               now: Optional[float] = None) -> str:
-    """The Prometheus text format 0.0.4 of everything this process counts and keeps."""
-    now = time.time() if now is None else now
-    samples: Dict[str, List[Tuple[Labels, float]]] = {name: [] for name in HELP}
-    counted = REGISTRY.samples()
+def _counter_samples(samples, counted: Dict[Tuple[str, Labels], float]) -> None:
+    """The counters; the totals and the SPEC's ATRN codes are shown from the start."""
     for name in ("odmrd_messages_received_total", "odmrd_messages_delivered_total",
                  "odmrd_recipients_deferred_total", "odmrd_recipients_bounced_total"):
         samples[name].append(((), counted.pop((name, ()), 0)))
@@ -246,24 +256,10 @@ def exposition(ports: List[int], per_domain: bool, cert_expiry: Optional[float],
         counted.setdefault(("odmrd_atrn_requests_total", (("code", code),)), 0)
     for (name, labels), value in sorted(counted.items()):
         samples.setdefault(name, []).append((labels, value))
-    live = ACTIVITY.ports()
-    for port in sorted(set(ports) | set(live)):
-        samples["odmrd_sessions"].append(((("port", str(port)),), live.get(port, 0)))
-    _queue_samples(samples, per_domain, now)
-    if cert_expiry is not None:
-        samples["odmrd_tls_certificate_expiry_seconds"].append(((), int(cert_expiry - now)))
-    lines = []
-    for name, entries in samples.items():
-        if not entries and not name.startswith("odmrd_queue_"):
-            continue                    # (the queue families stay, empty, when no queue is left)
-        kind, text = HELP.get(name, ("untyped", name))
-        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
-        lines += [_sample(name, value, labels) for labels, value in entries]
-    return "\n".join(lines) + "\n"
 
 
-def _queue_samples(samples, per_domain: bool, now: float) -> None:
-    queues = qshape.BACKLOG.snapshot()
+def _queue_samples(samples, queues: Dict[str, Tuple[int, int, float]], per_domain: bool,
+                   now: float) -> None:
     if per_domain:
         for queue in sorted(queues):
             messages, size, oldest = queues[queue]

@@ -251,7 +251,7 @@ class ODMRSession(Session):
         already_throttled = self._throttled()
         self.auth_failures += 1
         self.runtime.throttle.record(self.peer_ip)
-        metrics.auth_failed(mechanism)
+        self.runtime.metrics.auth_failed(mechanism)
         log.warning("odmr: authentication failed from %s (%s)%s", self.peer, mechanism,
                     " user=%s" % username if username else "")
         if already_throttled:

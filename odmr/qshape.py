@@ -2,10 +2,10 @@
 
 Cheap by design: directory listings and one lstat per message file (its size
 and mtime), no message is opened or parsed, so it can run every minute on a
-spool of a million messages. `queue summary` prints it; the daemon keeps a copy
-(`BACKLOG`, rescanned by a `QueueWatch` thread and nudged by intake and
-delivery as they go) for `status` and `/metrics`, which never scan on the
-request path. Nothing under the spool root is followed through a link.
+spool of a million messages. `queue summary` prints it; the service keeps a copy
+(a `Backlog` in its metrics, rescanned by a `QueueWatch` thread and nudged by
+intake and delivery as they go) for `status` and `/metrics`, which never scan
+on the request path. Nothing under the spool root is followed through a link.
 """
 from __future__ import annotations
 
@@ -174,18 +174,11 @@ class Backlog:
         with self._lock:
             return {q: (int(e[0]), int(e[1]), e[2]) for q, e in self._queues.items() if e[0] > 0}
 
-    def clear(self) -> None:
-        with self._lock:
-            self._queues = {}
-
-
-BACKLOG = Backlog()
-
 
 class QueueWatch:
-    """A low-priority thread that rescans the queue's shape into BACKLOG."""
+    """A low-priority thread that rescans the queue's shape into a service's backlog."""
 
-    def __init__(self, spool_root: str, backlog: Backlog = BACKLOG, every: float = RESCAN_EVERY):
+    def __init__(self, spool_root: str, backlog: Backlog, every: float = RESCAN_EVERY):
         self.spool_root = spool_root
         self.backlog = backlog
         self.every = every

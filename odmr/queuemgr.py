@@ -29,7 +29,6 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from odmr import metrics
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.runtime import Runtime
@@ -301,7 +300,7 @@ class Drain(Recorder):
         self._log_later: List[tuple] = []
         self._removals = manager._removal_sync()
         manager.reaper.session(+1)
-        metrics.ACTIVITY.delivery_began(self)
+        runtime.metrics.activity.delivery_began(self)
 
     def messages(self, inline: int) -> Iterator[Tuple[Message, Optional[bytes], List[str]]]:
         """Each message still to deliver, oldest first per domain: the message, its text
@@ -340,7 +339,7 @@ class Drain(Recorder):
         """The session is over: the reaper may go on; the domains' directories are synced."""
         self.close()
         self.manager.reaper.session(-1)
-        metrics.ACTIVITY.delivery_ended(self)
+        self.runtime.metrics.activity.delivery_ended(self)
         for domain in self.domains:
             try:
                 self.spool.sync_domain(domain)
@@ -354,7 +353,7 @@ class Drain(Recorder):
         message.state.last_error = error
         log.warning("delivery: deferred id=%s domain=%s: %s", message.id, message.domain, error)
         self.deferred += rcpts
-        metrics.delivery_lost(self, rcpts)
+        self.runtime.metrics.delivery_lost(self, rcpts)
         self._save(message)
 
     def flush_logs(self) -> None:
@@ -374,7 +373,7 @@ class Drain(Recorder):
         return not self.customer_dsn
 
     def _counted(self, message: Message, results: Dict[str, Reply]) -> None:
-        metrics.delivery_recorded(self, message, results)
+        self.runtime.metrics.delivery_recorded(self, message, results)
 
     def _retire(self, message: Message) -> bool:
         """Retired with one rename; the reaper frees it, the removal sync makes it durable."""

@@ -1,6 +1,7 @@
 """What every session shares: settings, accounts, the spool, the TLS context, the
-hosting policy built from them (`odmr.hosting`), and the AUTH throttle (`odmr.throttle`,
-kept by the service across snapshots).
+hosting policy built from them (`odmr.hosting`). The AUTH throttle (`odmr.throttle`)
+and the metrics (`odmr.metrics.ServiceMetrics`) are the service's own, kept across
+snapshots.
 
 A reload builds a new Runtime snapshot and swaps `Service.runtime`; sessions
 that already started keep the snapshot they began with.
@@ -14,6 +15,7 @@ from typing import Optional
 from odmr.accounts import Accounts
 from odmr.config import Settings
 from odmr.hosting import Hosting
+from odmr.metrics import ServiceMetrics
 from odmr.sasl import Decoys
 from odmr.spool import Spool
 from odmr.throttle import AuthThrottle
@@ -28,6 +30,8 @@ class Runtime:
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
     # from beside the users file (accounts.decoy_secret); empty: this process only
     decoy_key: bytes = field(default=b"", repr=False)
+    # the service's own, like the throttle: kept across snapshots, never shared by two services
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics, repr=False)
     # which recipients are taken, for which domain; quotas (from the fields above)
     hosting: Hosting = field(init=False, repr=False, compare=False)
 

@@ -231,7 +231,8 @@ class IntakeListener(Listener):
 
 class Service:
     """The provider: owns settings, accounts, spool, the queue manager (and its threads),
-    the listeners, and the stop event every session and delivery watches."""
+    the listeners, the stop event every session and delivery watches, and the metrics
+    (counters, live sessions, backlog) they all report to."""
 
     metrics_server: Optional[metrics.MetricsServer] = None     # [metrics] listen
     control_server: Optional[control.ControlServer] = None     # `odmrd status` (daemon only)
@@ -248,12 +249,14 @@ class Service:
         self.stopping = threading.Event()           # deliveries finish the message in flight, then QUIT
         self._accounts = self._load_accounts(self.settings)
         self.throttle = AuthThrottle()
+        self.metrics = metrics.ServiceMetrics()     # in every snapshot: a reload keeps the counts
         try:
             self.decoy_key = load_decoy_key(self.settings)
         except accounts_mod.AccountsError as exc:
             raise StartupError(str(exc)) from None
         self._runtime = Runtime(self.settings, self._accounts, self.spool,
-                                self._tls_context(self.settings), self.throttle, self.decoy_key)
+                                self._tls_context(self.settings), self.throttle, self.decoy_key,
+                                self.metrics)
         for problem in tls_listener_problems(self.settings, self._runtime.tls):
             raise StartupError(problem)
         self._users_checked = time.monotonic()
@@ -324,7 +327,7 @@ class Service:
             return
         self._refresh_decoy_key(self.settings)
         self._runtime = Runtime(self.settings, accounts, self.spool, self._runtime.tls, self.throttle,
-                                self.decoy_key)
+                                self.decoy_key, self.metrics)
         self._say(logging.INFO, "users file reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
 
@@ -355,7 +358,8 @@ class Service:
                       "are running; keeping the previous certificates")
             context = self._runtime.tls
         self._refresh_decoy_key(settings)
-        self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle, self.decoy_key)
+        self._runtime = Runtime(settings, accounts, self.spool, context, self.throttle, self.decoy_key,
+                                self.metrics)
         logging.getLogger().setLevel(settings.log_level.upper())
         self._say(logging.INFO, "configuration reloaded: %s, %s", plural(len(accounts), "account"),
                  plural(len(self._runtime.hosted_domains()), "hosted domain"))
@@ -419,16 +423,21 @@ class Service:
         """Track a live session so stop() can end it; False once stopping has begun."""
         with self._lock:
             self._live.add(session)
-            metrics.ACTIVITY.session_opened(session)
+            self.metrics.activity.session_opened(session)
             return not self.stopping.is_set()
 
     def unregister(self, session: Session) -> None:
         with self._lock:
             self._live.discard(session)
-            metrics.ACTIVITY.session_closed(session)
+            self.metrics.activity.session_closed(session)
 
-    def active_sessions(self) -> int:
+    def wait_for_sessions(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for every admitted session to end (one an intake
+        worker serves ends when the worker says so); returns how many are still open."""
+        deadline = time.monotonic() + timeout
         with self._lock:
+            while sum(self._totals.values()) and time.monotonic() < deadline:
+                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
             return sum(self._totals.values())
 
     # -- lifecycle ------------------------------------------------------------------
@@ -484,18 +493,11 @@ class Service:
             self.workers.stop(grace)        # their sessions count in _totals until they end
         if getattr(self, "maintenance", None) is not None:
             self.maintenance.stop()
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while sum(self._totals.values()) and time.monotonic() < deadline:
-                self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
-            left = sum(self._totals.values())
+        left = self.wait_for_sessions(grace)
         if left:
             # out of time: cut the connections and let the threads record what was in flight
             self.cut_sessions()
-            deadline = time.monotonic() + CUT_WAIT
-            with self._lock:
-                while sum(self._totals.values()) and time.monotonic() < deadline:
-                    self._idle.wait(max(0.05, min(0.5, deadline - time.monotonic())))
+            self.wait_for_sessions(CUT_WAIT)
         self.queue.stop()                   # removals durable, retired files freed
         if self.workers is not None:
             self.workers.join(CUT_WAIT + 5.0)
@@ -570,7 +572,7 @@ class Service:
             self._metrics_thread = self.metrics_server.start()
             log.info("serving metrics on http://%s/metrics", _label(self.settings.metrics.listen))
         if self.metrics_server is not None or self.control_server is not None:
-            self.queue_watch = qshape.QueueWatch(self.spool.root)
+            self.queue_watch = qshape.QueueWatch(self.spool.root, self.metrics.backlog)
             self.queue_watch.start()
 
     def _stop_monitoring(self) -> None:
@@ -586,14 +588,14 @@ class Service:
 
     def status_report(self) -> dict:
         elsewhere = self.workers.sessions() if self.workers is not None else None
-        return control.report(self.started, self.listeners, elsewhere=elsewhere)
+        return control.report(self.started, self.listeners, self.metrics, elsewhere=elsewhere)
 
     def render_metrics(self) -> str:
         """One scrape: counters and gauges from memory, never from the spool."""
         settings = self.settings
-        return metrics.exposition(sorted({l.server_address[1] for l in self.listeners}),
-                                  settings.metrics.per_domain,
-                                  metrics.CERTIFICATE.get(settings.tls.cert_file))
+        return self.metrics.exposition(sorted({l.server_address[1] for l in self.listeners}),
+                                       settings.metrics.per_domain,
+                                       metrics.CERTIFICATE.get(settings.tls.cert_file))
 
 
 def _keep(new, old):

@@ -773,12 +773,6 @@ class Spool:
         self._unusable: Dict[Tuple[str, str], int] = {}    # (queue, id) -> ctime: not quarantinable
 
     # -- directories ------------------------------------------------------
-    def domain_dir(self, domain: str, create: bool = False) -> str:
-        """The path of a queue's directory (created, with tmp/, when asked)."""
-        if create:
-            self._queue_dir(domain, create=True)
-        return self._dir(domain)
-
     def _dir(self, domain: str) -> str:
         """The directory of a queue: a normalised domain, or OUTBOUND."""
         if domain not in self._checked:
@@ -911,18 +905,7 @@ class Spool:
         """Start writing one message for several domains; `prefix` adds per-copy headers."""
         return IncomingMessage(self, envelopes, prefix)
 
-    def store(self, domain: str, envelope: Envelope, data: bytes) -> str:
-        """Spool a whole message held in memory through the one writer (`begin`), with no
-        policy applied: for tests and benches that fill a spool directly. Mail from
-        outside always enters through `submission`, which checks what this does not."""
-        incoming = self.begin({domain: envelope})
-        incoming.write(data)
-        return incoming.commit()[0][1]
-
     # -- reading ----------------------------------------------------------
-    def message_ids(self, domain: str) -> List[str]:
-        return self.listing(domain)[0]
-
     def listing(self, queue: str) -> Tuple[List[str], Set[str]]:
         """The queue's message ids, oldest first, and those of them that have a state file.
         A message that is a link, or whose state file is one, is logged and left out."""

@@ -4,7 +4,8 @@ The one home of the test harness; conftest.py only holds pytest's hooks and
 the fixtures built on it. Test modules import from here, never from each other.
 
 - the in-process provider (`Provider`), the raw ODMR `Customer`, `run_cli`,
-  `free_port`, `write_config`, `send_mail` and small waiting tools;
+  `free_port`, `write_config`, `send_mail`, small waiting tools, and `store` and
+  `message_ids` for tests that fill or read a spool directly;
 - PKI: a CA, server and client certificates made by the real openssl binary;
 - the process harness `Daemon`: `odmrd serve -f` as a child process (kill -9,
   restarts) or a detached `odmrd serve` with its pid and log files; `InitScript`,
@@ -55,6 +56,7 @@ from odmr.fetch_server import serve_reversed  # noqa: E402
 from odmr.proxy import V2_SIGNATURE  # noqa: E402
 from odmr.wire import reader_for  # noqa: E402
 from odmr.server import Service, StartupError  # noqa: E402
+from odmr.spool import Envelope, Spool  # noqa: E402
 
 
 # -- the in-process provider, the raw customer, small tools ------------------------------
@@ -181,10 +183,23 @@ class Provider:
         return self.service.spool
 
     def spooled(self, domain: str) -> List[str]:
-        return self.spool.message_ids(domain) if os.path.isdir(os.path.join(self.spool_dir, domain)) else []
+        return message_ids(self.spool, domain) if os.path.isdir(os.path.join(self.spool_dir, domain)) else []
 
     def run_cli(self, *args, input: Optional[bytes] = None, env=None) -> subprocess.CompletedProcess:
         return run_cli("-c", self.config, *args, input=input, env=env)
+
+
+def store(spool: Spool, domain: str, envelope: Envelope, data: bytes) -> str:
+    """A whole message into one queue through the spool's one writer, with no policy
+    applied (mail from outside enters through submission): for tests that fill a spool."""
+    incoming = spool.begin({domain: envelope})
+    incoming.write(data)
+    return incoming.commit()[0][1]
+
+
+def message_ids(spool: Spool, queue: str) -> List[str]:
+    """The queue's message ids, oldest first."""
+    return spool.listing(queue)[0]
 
 
 def run_cli(*args, input: Optional[bytes] = None, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -310,9 +325,7 @@ def stop_quickly(p: Provider) -> None:
 
 def wait_idle(p: Provider, timeout: float = 5.0) -> None:
     """Let sessions of the previous test finish (they may still hold a domain claim)."""
-    deadline = time.monotonic() + timeout
-    while p.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.service.wait_for_sessions(timeout)
 
 
 def empty_spool(root: str) -> None:
@@ -881,10 +894,7 @@ def queue(provider, domain: Optional[str] = None) -> List[Dict]:
 
 def wait_sessions_over(provider, timeout: float = 10.0) -> None:
     """The provider's session may still be recording results after the customer's last reply."""
-    deadline = time.monotonic() + timeout
-    while provider.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert provider.service.active_sessions() == 0
+    assert provider.service.wait_for_sessions(timeout) == 0
 
 
 def dsns(provider, domain: str = "example.net") -> List[email.message.Message]:

@@ -84,7 +84,6 @@ def test_dsns_about_internationalised_mail_reach_a_7bit_relay_in_7_bits(relayed,
     script.rcpt = lambda address: "550 5.1.1 no such user"
     assert atrn(p, script) == "quit"
     wait_sessions_over(p)
-    p.service.maintenance.wake()
     assert eventually(lambda: sink.messages, 15), "the relay never got the DSN"
     [got] = sink.messages
     assert got["rcpts"] == [SENDER_OUTSIDE]
@@ -99,9 +98,7 @@ def test_8bit_mail_is_never_sent_raw_to_a_7bit_relay(relayed, caplog):
     with smtplib.SMTP("127.0.0.1", p.smtp_port, timeout=10) as c:
         c.sendmail(SENDER_OUTSIDE, ["postmaster"], "Subject: x\r\n\r\nGrüße\r\n".encode("utf-8"),
                    mail_options=["BODY=8BITMIME"])
-    p.service.maintenance.wake()
     assert eventually(lambda: sink.messages, 15)
-    p.service.maintenance.wake()
     assert eventually(lambda: queue(p, OUTBOUND) == [], 15)
     assert [m["rcpts"] for m in sink.messages] == [[SENDER_OUTSIDE]]        # only the DSN
     assert "5.6.3" in sink.messages[0]["data"].decode() and "does not support" in caplog.text
@@ -114,7 +111,6 @@ def test_a_7bit_dsn_goes_through_a_7bit_relay(relayed):
     script.rcpt = lambda address: "550 5.1.1 no such user"
     assert atrn(p, script) == "quit"
     wait_sessions_over(p)
-    p.service.maintenance.wake()
     assert eventually(lambda: sink.messages, 15)
     assert "BODY=8BITMIME" not in sink.messages[0]["mail"].upper()
 

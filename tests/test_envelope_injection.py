@@ -8,7 +8,7 @@ import smtplib
 
 import pytest
 
-from helpers import run_cli, send_mail
+from helpers import run_cli, send_mail, store
 from odmr.spool import Envelope, Recipient, Spool, SpoolError
 
 
@@ -48,5 +48,5 @@ def test_spool_refuses_unsafe_addresses(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
     spool.prepare()
     with pytest.raises(SpoolError):
-        spool.store("example.org", Envelope("a@b.c", [Recipient("x>\ny@example.org")]), b"x\r\n")
+        store(spool, "example.org", Envelope("a@b.c", [Recipient("x>\ny@example.org")]), b"x\r\n")
     assert os.listdir(str(tmp_path / "spool" / "example.org" / "tmp")) == []

@@ -7,7 +7,7 @@ import smtplib
 
 import pytest
 
-from helpers import SENDER_OUTSIDE, Script, atrn
+from helpers import SENDER_OUTSIDE, Script, atrn, store
 
 
 @pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
@@ -38,7 +38,7 @@ def test_the_end_of_data_is_always_crlf_dot_crlf(provider, filler):
     the terminator still starts with CRLF (never <LF>.<CRLF>, SPEC §5)."""
     from odmr.spool import Envelope, Recipient
     text = b"Subject: lf\r\n\r\n" + b"filler\r\n" * (filler // 8) + b"ends with LF\n"
-    provider.spool.store("example.org", Envelope(SENDER_OUTSIDE, [Recipient("x@example.org")]), text)
+    store(provider.spool, "example.org", Envelope(SENDER_OUTSIDE, [Recipient("x@example.org")]), text)
     script = Script()
     assert atrn(provider, script) == "quit"
     [got] = script.messages

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import (ATRN_OK, Closed, Customer, PASSWORD, Provider, ReversedConnection, SENDER_HOSTED, Script,
                      atrn, dsns, queue, report_fields, spool, wait_sessions_over)
+from helpers import store as store_in_spool
 from odmr import delivery
 from odmr.spool import CHUNK, Envelope, Recipient
 
@@ -121,7 +122,7 @@ def held_atrn(provider, script: Script, **kw) -> Holding:
 
 def store(provider, data: bytes, rcpt: str = "u@example.org", body: str = "") -> str:
     env = Envelope(sender=SENDER_HOSTED, recipients=[Recipient(rcpt)], body=body)
-    return provider.spool.store("example.org", env, data)
+    return store_in_spool(provider.spool, "example.org", env, data)
 
 
 def bdat_commands(script: Script) -> List[str]:

@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from helpers import Customer, Daemon, accept_all, free_port, send_mail, wait_for
+from helpers import Customer, Daemon, Provider, accept_all, free_port, send_mail, wait_for
 from odmr import accounts
 from odmr.exits import EX_OSERR
 
@@ -238,3 +238,35 @@ def test_queue_families_stay_when_no_domain_is_queued(tmp_path, metrics_port):
             assert "# TYPE %s gauge" % family in text
     finally:
         d.cleanup()
+
+
+@pytest.mark.slow
+def test_two_services_in_one_process_count_apart(tmp_path):
+    """Each service owns its counters, sessions and backlog: mail one takes, and a session
+    it holds, never show in the other's /metrics (the harness runs several in one process)."""
+    providers, ports = [], []
+    try:
+        for name in ("one", "two"):
+            (tmp_path / name).mkdir()
+            ports.append(free_port())
+            p = Provider(str(tmp_path / name), sections="[metrics]\nlisten = 127.0.0.1:%d\n" % ports[-1])
+            p.add_user("alice", ["example.org"])
+            providers.append(p)
+            p.start()
+        one, two = providers
+        send_mail(one.smtp_port, "s@remote.test", ["u@example.org"], b"Subject: a\r\n\r\nhi\r\n")
+        held = socket.create_connection(("127.0.0.1", one.smtp_port))
+        held.recv(100)
+        try:
+            seen_by_one, seen_by_two = scrape(ports[0]), scrape(ports[1])
+        finally:
+            held.close()
+        assert value(seen_by_one, "odmrd_messages_received_total") == 1
+        assert value(seen_by_one, "odmrd_queue_messages") == 1
+        assert value(seen_by_one, "odmrd_sessions", port=str(one.smtp_port)) == 1
+        assert value(seen_by_two, "odmrd_messages_received_total") == 0
+        assert value(seen_by_two, "odmrd_queue_messages") == 0
+        assert ("odmrd_sessions", (("port", str(one.smtp_port)),)) not in seen_by_two
+    finally:
+        for p in providers:
+            p.stop()

@@ -172,7 +172,6 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         assert atrn(p, s) == "quit"
         wait_sessions_over(p)
         assert queue(p, "example.org") == []
-        p.service.maintenance.wake()
         assert wait_for(lambda: sink.messages, 15), "relay never got the bounce"
         [relayed] = sink.messages
         assert relayed["mail"].upper().split()[:2] == ["MAIL", "FROM:<>"]
@@ -199,7 +198,6 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
         with caplog.at_level(logging.ERROR, logger="odmrd.maintenance"):
             assert atrn(p, s) == "quit"
             wait_sessions_over(p)
-            p.service.maintenance.wake()
             assert wait_for(lambda: queue(p) == [] and sink.connections >= 1, 10)
         assert sink.messages == []
         assert any("never bounced" in r.getMessage() for r in caplog.records)
@@ -232,7 +230,6 @@ def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_mainten
     p = relay_provider(tmp_path, sink)
     try:
         to_postmaster(p, notify)
-        p.service.maintenance.wake()
         assert wait_for(lambda: sink.connections >= 1 and queue(p, ".outbound") == [], 10)
         assert len([d for d in dsns(p) if report_fields(d)[0]["action"] == "failed"]) == notices
         assert sink.messages == []
@@ -250,7 +247,6 @@ def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance,
     try:
         with caplog.at_level(logging.INFO, logger="odmrd"):
             to_postmaster(p)
-            p.service.maintenance.wake()
             if code.startswith("4"):
                 assert wait_for(lambda: [m["attempts"] for m in queue(p, ".outbound")] >= [1], 10)
                 [waiting] = queue(p, ".outbound")
@@ -279,13 +275,11 @@ def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fa
             fh.write("not a directory\n")
         with caplog.at_level(logging.ERROR, logger="odmrd"):
             to_postmaster(p)
-            p.service.maintenance.wake()
             assert wait_for(lambda: any("cannot queue" in r.getMessage()
                                         for r in caplog.records), 10)
         [kept] = queue(p, ".outbound")
         assert kept["recipients"] == [] and kept["last_error"].startswith("550 5.1.1")
         os.remove(blocker)
-        p.service.maintenance.wake()
         assert wait_for(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
         [dsn] = dsns(p)
         [fields] = report_fields(dsn)

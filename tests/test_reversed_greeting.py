@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from helpers import ATRN_OK, Customer, HANG_UP, ReversedConnection, Script, send_mail
+from helpers import ATRN_OK, Customer, HANG_UP, ReversedConnection, Script, send_mail, wait_sessions_over
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
 
@@ -55,13 +54,6 @@ def queue_list(provider) -> List[dict]:
                   key=lambda r: r["id"])
 
 
-def wait_idle(provider) -> None:
-    deadline = time.monotonic() + 10
-    while provider.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert provider.service.active_sessions() == 0
-
-
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case):
     for n, rcpt in enumerate(["a@example.org", "b@example.com", "c@example.org"]):
@@ -74,7 +66,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
 
     ehlo, helo = REFUSALS[case]
     server, _ = atrn(provider, ehlo, helo)
-    wait_idle(provider)
+    wait_sessions_over(provider)
 
     expected = {"5xx": ["EHLO odmr.test", "HELO odmr.test", "QUIT"],
                 "4xx": ["EHLO odmr.test", "HELO odmr.test", "QUIT"],
@@ -97,7 +89,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
 
     # a customer that behaves gets everything
     server, outcome = atrn(provider, "250 customer.test", "250 customer.test")
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert outcome == "quit"
     assert sorted(m.data.splitlines()[-1] for m in server.messages) == [b"body 0", b"body 1", b"body 2"]
     assert queue_list(provider) == []
@@ -107,6 +99,6 @@ def test_421_to_ehlo_gets_no_helo(provider, caplog):
     send_mail(provider.smtp_port, "sender@remote.test", ["a@example.org"], b"Subject: x\r\n\r\nx\r\n")
     before = queue_list(provider)
     server, _ = atrn(provider, "421 4.3.2 customer.test closing", "250 customer.test")
-    wait_idle(provider)
+    wait_sessions_over(provider)
     assert server.commands == ["EHLO odmr.test", "QUIT"]
     assert queue_list(provider) == before

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
-from helpers import ROOT, send_mail
+from helpers import ROOT, message_ids, send_mail, store
 from odmr.spool import (OUTBOUND, DomainBusy, Envelope, Recipient, Spool, State, new_id,
                         parse_header)
 
@@ -59,14 +58,14 @@ def test_write_goes_through_tmp_then_rename(spool, open_umask):
         tmp = os.path.join(spool.root, domain, "tmp")
         [name] = os.listdir(tmp)
         assert mode(os.path.join(tmp, name)) == 0o600
-        assert spool.message_ids(domain) == []
+        assert message_ids(spool, domain) == []
         assert not spool.has_mail(domain)
     stored = incoming.commit()
     assert sorted(d for d, _ in stored) == ["example.com", "example.org"]
     for domain, msg_id in stored:
         directory = os.path.join(spool.root, domain)
         assert os.listdir(os.path.join(directory, "tmp")) == []
-        assert spool.message_ids(domain) == [msg_id]
+        assert message_ids(spool, domain) == [msg_id]
         assert mode(os.path.join(directory, msg_id)) == 0o600
         assert mode(directory) == 0o700 and mode(os.path.join(directory, "tmp")) == 0o700
         message = spool.load(domain, msg_id)
@@ -79,7 +78,7 @@ def test_write_goes_through_tmp_then_rename(spool, open_umask):
 def test_spool_file_format_is_plain_text(spool):
     e = Envelope(sender="s@remote.test", recipients=[Recipient("a@example.org", "FAILURE", "rfc822;a@example.org")],
                  body="8BITMIME", smtputf8=True, ret="HDRS", envid="abc", client="[127.0.0.1] helo=x")
-    msg_id = spool.store("example.org", e, DATA)
+    msg_id = store(spool, "example.org", e, DATA)
     with open(os.path.join(spool.root, "example.org", msg_id), "rb") as fh:
         raw = fh.read()
     head, _, body = raw.partition(b"\n\n")
@@ -100,11 +99,11 @@ def test_abort_leaves_nothing(spool):
     incoming.write(DATA)
     incoming.abort()
     assert os.listdir(os.path.join(spool.root, "example.org", "tmp")) == []
-    assert spool.message_ids("example.org") == []
+    assert message_ids(spool, "example.org") == []
 
 
 def test_state_file_is_written_atomically_with_mode_0600(spool, open_umask):
-    msg_id = spool.store("example.org", env("a@example.org", "b@example.org"), DATA)
+    msg_id = store(spool, "example.org", env("a@example.org", "b@example.org"), DATA)
     message = spool.load("example.org", msg_id)
     message.state.attempts = 2
     message.state.last_error = "450 4.2.1 busy"
@@ -120,7 +119,7 @@ def test_state_file_is_written_atomically_with_mode_0600(spool, open_umask):
 
 
 def test_unreadable_state_file_starts_afresh(spool):
-    msg_id = spool.store("example.org", env(), DATA)
+    msg_id = store(spool, "example.org", env(), DATA)
     with open(os.path.join(spool.root, "example.org", msg_id + ".state"), "wb") as fh:
         fh.write(b"{not json")
     message = spool.load("example.org", msg_id)
@@ -129,9 +128,9 @@ def test_unreadable_state_file_starts_afresh(spool):
 
 @pytest.mark.slow
 def test_ids_are_unique_and_sort_by_arrival(spool):
-    ids = [spool.store("example.org", env(), DATA) for _ in range(50)]
+    ids = [store(spool, "example.org", env(), DATA) for _ in range(50)]
     assert len(set(ids)) == 50
-    assert spool.message_ids("example.org") == sorted(ids) == ids
+    assert message_ids(spool, "example.org") == sorted(ids) == ids
     assert all(len(new_id()) > 13 for _ in range(3))
 
 
@@ -140,14 +139,14 @@ def test_ids_are_unique_and_sort_by_arrival(spool):
                               "traversal", "space"])
 def test_directory_names_never_come_from_unchecked_input(spool, name):
     with pytest.raises(ValueError):
-        spool.domain_dir(name, create=True)
+        spool.begin({name: env()})
     with pytest.raises(ValueError):
-        spool.message_ids(name)
+        message_ids(spool, name)
     assert sorted(os.listdir(spool.root)) == []
 
 
 def test_domains_lists_only_valid_domain_directories(spool):
-    spool.store("example.org", env(), DATA)
+    store(spool, "example.org", env(), DATA)
     for junk in ("UPPER.test", "not a domain", ".hidden", "-bad.test"):
         os.makedirs(os.path.join(spool.root, junk))
     open(os.path.join(spool.root, "file.test"), "w").close()
@@ -157,11 +156,11 @@ def test_domains_lists_only_valid_domain_directories(spool):
 # -- debris cleaning --------------------------------------------------------------
 
 def test_prepare_removes_debris_and_keeps_messages(spool):
-    kept = spool.store("example.org", env(), DATA)
+    kept = store(spool, "example.org", env(), DATA)
     message = spool.load("example.org", kept)
     message.state.attempts = 1
     spool.save_state(message)
-    outbound = spool.store(OUTBOUND, env("x@remote.test"), DATA)
+    outbound = store(spool, OUTBOUND, env("x@remote.test"), DATA)
     directory = os.path.join(spool.root, "example.org")
     debris = [os.path.join(directory, "tmp", new_id()),
               os.path.join(directory, new_id() + ".state"),           # state without a message
@@ -172,9 +171,9 @@ def test_prepare_removes_debris_and_keeps_messages(spool):
             fh.write(b"half written")
     assert spool.prepare() == len(debris)
     assert not any(os.path.exists(p) for p in debris)
-    assert spool.message_ids("example.org") == [kept]
+    assert message_ids(spool, "example.org") == [kept]
     assert spool.load("example.org", kept).state.attempts == 1
-    assert spool.message_ids(OUTBOUND) == [outbound]
+    assert message_ids(spool, OUTBOUND) == [outbound]
     assert spool.prepare() == 0
 
 
@@ -184,7 +183,9 @@ def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
         from odmr.spool import Spool, Envelope, Recipient
         s = Spool(sys.argv[1])
         e = Envelope(sender="s@remote.test", recipients=[Recipient("a@example.org")])
-        done = s.store("example.org", e, b"Subject: acked\\r\\n\\r\\nx\\r\\n")
+        acked = s.begin({"example.org": e})
+        acked.write(b"Subject: acked\\r\\n\\r\\nx\\r\\n")
+        done = acked.commit()[0][1]
         incoming = s.begin({"example.org": e})
         incoming.write(b"Subject: in flight\\r\\n\\r\\n" + b"y" * 100000)
         print(done, flush=True)
@@ -199,10 +200,10 @@ def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
         if writer.poll() is None:
             writer.kill()
             writer.wait(10)
-    assert spool.message_ids("example.org") == [acked]
+    assert message_ids(spool, "example.org") == [acked]
     assert len(os.listdir(os.path.join(spool.root, "example.org", "tmp"))) == 1
     assert spool.prepare() == 1
-    assert spool.message_ids("example.org") == [acked]
+    assert message_ids(spool, "example.org") == [acked]
     assert b"acked" in spool.load("example.org", acked).read_data()
 
 
@@ -224,7 +225,7 @@ def test_prepare_leaves_a_live_writers_tmp_file_alone(tmp_path):
     assert not os.path.exists(debris)
     assert len(os.listdir(tmp_dir)) == 1
     assert incoming.commit()
-    assert len(spool.message_ids("example.org")) == 1
+    assert len(message_ids(spool, "example.org")) == 1
 
 
 # -- corrupt files ------------------------------------------------------------------
@@ -234,14 +235,14 @@ def test_prepare_leaves_a_live_writers_tmp_file_alone(tmp_path):
                                      b"ODMR-Spool: 1\nbroken line without separator\n\n", b""],
                          ids=["garbage", "truncated-envelope", "no-recipients", "bad-line", "empty"])
 def test_corrupt_message_is_quarantined_not_fatal(spool, content, open_umask):
-    first = spool.store("example.org", env("a@example.org"), DATA)
+    first = store(spool, "example.org", env("a@example.org"), DATA)
     bad = new_id()
     with open(os.path.join(spool.root, "example.org", bad), "wb") as fh:
         fh.write(content)
-    last = spool.store("example.org", env("c@example.org"), DATA)
+    last = store(spool, "example.org", env("c@example.org"), DATA)
     found = [m.id for m in spool.messages("example.org")]
     assert found == [first, last]
-    assert spool.message_ids("example.org") == [first, last]
+    assert message_ids(spool, "example.org") == [first, last]
     quarantined = os.path.join(spool.root, ".quarantine", "example.org", bad)
     assert os.path.exists(quarantined)
     assert mode(os.path.dirname(quarantined)) == 0o700
@@ -375,7 +376,7 @@ def test_two_spool_objects_in_one_process_exclude_each_other(spool):
 def test_usage_counts_messages_and_bytes(spool):
     assert spool.usage("example.org") == (0, 0)
     for _ in range(3):
-        spool.store("example.org", env(), DATA)
+        store(spool, "example.org", env(), DATA)
     count, size = spool.usage("example.org")
     assert count == 3 and size >= 3 * len(DATA)
     fresh = Spool(spool.root)
@@ -389,7 +390,7 @@ def test_provider_start_cleans_debris(tmp_path):
     p.add_user("alice", ["example.org"])
     spool = Spool(p.spool_dir)
     spool.prepare()
-    kept = spool.store("example.org", env(), DATA)
+    kept = store(spool, "example.org", env(), DATA)
     debris = os.path.join(p.spool_dir, "example.org", "tmp", new_id())
     with open(debris, "wb") as fh:
         fh.write(b"half")

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from helpers import PASSWORD, ROOT, Provider, send_mail
+from helpers import PASSWORD, ROOT, Provider, message_ids, send_mail, store
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool, new_id
 
 OLD = 1_000_000_000                       # mtime given to everything outside the spool
@@ -147,7 +147,7 @@ def real_message(p: Provider, domain: str, token: str, arrival: Optional[float] 
     envelope = Envelope("someone@remote.test", [Recipient("u@" + domain)])
     if arrival is not None:
         envelope.arrival = arrival
-    return Spool(p.spool_dir).store(domain, envelope, mail(token))
+    return store(Spool(p.spool_dir), domain, envelope, mail(token))
 
 
 # -- start-up clean-up ------------------------------------------------------------
@@ -407,7 +407,7 @@ def test_queue_commands_on_a_message_link(site):
     assert site.outside.snapshot() == before
     assert_link(link, site.outside.file)
     assert _cli(site, "delete", real).returncode == 0     # the rest still works
-    assert Spool(site.spool_dir).message_ids("example.org") == []
+    assert message_ids(Spool(site.spool_dir), "example.org") == []
 
 
 @pytest.mark.slow
@@ -424,7 +424,7 @@ def test_queue_commands_on_a_state_link(site):
     assert listed.returncode == 0 and link_logged(listed.stderr.decode(), link)
     assert site.outside.snapshot() == before
     assert_link(link, site.outside.file)
-    assert Spool(site.spool_dir).message_ids("example.org") == [] and \
+    assert message_ids(Spool(site.spool_dir), "example.org") == [] and \
         os.path.exists(os.path.join(queue_dir(site, "example.org"), real))
 
 
@@ -448,7 +448,7 @@ def test_queue_commands_on_a_lock_link(tmp_path, target):
     assert outside.snapshot() == before
     assert not os.path.lexists(outside.missing)
     assert_link(lock, aim)
-    assert Spool(p.spool_dir).message_ids("example.org") == [real]
+    assert message_ids(Spool(p.spool_dir), "example.org") == [real]
 
 
 @pytest.mark.slow
@@ -483,7 +483,7 @@ def test_bounce_never_writes_through_a_linked_outbound_queue(site, caplog, kind)
     result = _cli(site, "bounce", real)
     assert result.returncode == 75, result.stderr           # try again later; nothing lost
     assert link_logged(result.stderr.decode(), link)
-    assert Spool(site.spool_dir).message_ids("example.org") == [real]
+    assert message_ids(Spool(site.spool_dir), "example.org") == [real]
     # the daemon's bounce relay pass and start-up leave it alone too
     site.start()
     site.service.maintenance.run_once()

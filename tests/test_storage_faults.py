@@ -148,9 +148,7 @@ def session(p: Provider, script: Script, domain: str = "example.org") -> Tuple[b
 
 
 def wait_idle(p: Provider) -> None:
-    deadline = time.monotonic() + 10
-    while p.service.active_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.service.wait_for_sessions(10)
 
 
 BUSY = ("%d %s\r\n" % replies.SPOOL_UNCHANGEABLE).encode()
