@@ -181,6 +181,20 @@ class Result(NamedTuple):
 LOADS = {"pipelined": "10 pipelined Python senders", "smtp-source": "smtp-source -s 10 -d"}
 
 
+def combined(runs: List[Result]) -> List[Result]:
+    """One Result per (server, load) from several rounds: messages over total time, CPU
+    averaged over that time, acknowledged and stored added up."""
+    merged: List[Result] = []
+    for key in dict.fromkeys((r.mta, r.load) for r in runs):
+        same = [r for r in runs if (r.mta, r.load) == key]
+        seconds = [r.sent / r.rate for r in same]
+        total = sum(seconds)
+        cpu = tuple(sum(r.cpu[i] * t for r, t in zip(same, seconds)) / total for i in (0, 1))
+        merged.append(Result(key[0], key[1], sum(r.sent for r in same) / total,
+                             sum(r.sent for r in same), sum(r.stored for r in same), cpu))
+    return merged
+
+
 def run_loads(mta: str, port: int, messages: int, size: int, source: Optional[str],
               cpu: Callable[[], Tuple[float, float]], stored: Callable[[str], int]) -> List[Result]:
     """The same two loads for either server, each into its own domain: the pipelined Python
@@ -271,13 +285,29 @@ def print_result(r: Result, ref_ten: Optional[float], exim_rate: Optional[float]
         print("     %.2fx Exim in this run, same load (goal >= 1.5x)" % (r.rate / exim_rate))
     elif r.mta == "odmrd":
         print("     (no --exim: Exim 4.99 measured 1,230-2,150 msgs/s here)")
-    print("     %s's CPU (all its processes): %.0f%% user + %.0f%% system of one core (%d cores here)"
-          % (r.mta, r.cpu[0] * 100, r.cpu[1] * 100, os.cpu_count() or 0))
+    print("     %s's CPU (all its processes): %.0f%% user + %.0f%% system of one core (%d cores here),"
+          " %.2f + %.2f ms per message" % (r.mta, r.cpu[0] * 100, r.cpu[1] * 100, os.cpu_count() or 0,
+                                           r.cpu[0] * 1000 / r.rate, r.cpu[1] * 1000 / r.rate))
     if r.stored != r.sent:
         print("  !! %s: %d acknowledged but %d found in the spool" % (label, r.sent, r.stored))
         return False
     print("     %d acknowledged, %d durable files in the spool" % (r.sent, r.stored))
     return True
+
+
+def measure_rounds(base: str, args: argparse.Namespace, source: Optional[str]) -> List[Result]:
+    """odmrd, then Exim, then Exim, then odmrd (and so on for --rounds): a machine that
+    speeds up or slows down during the bench (a VM's disk does, for a minute after many
+    files were deleted) then favours neither server."""
+    results: List[Result] = []
+    for round_ in range(args.rounds if args.exim else 1):
+        servers = ["odmrd", "Exim"] if args.exim else ["odmrd"]
+        for name in servers if round_ % 2 == 0 else reversed(servers):
+            where = os.path.join(base, "%s-%d" % (name, round_))
+            os.mkdir(where)
+            measure = measure_odmrd if name == "odmrd" else measure_exim
+            results += measure(where, args, source)
+    return results
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -295,6 +325,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--exim", metavar="PATH", default=None,
                         help="an Exim binary: run the same loads against it, in this run, and print "
                              "odmrd's ratio to it")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --exim: rounds of both servers, in turn odmrd first and Exim first "
+                             "(default 2: odmrd, Exim, Exim, odmrd); each figure is over all rounds")
     args = parser.parse_args(argv)
 
     base = tempfile.mkdtemp(prefix="odmrd-bench-intake-", dir=args.base) if args.base \
@@ -303,9 +336,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         fsync_ms = durable_file_ms(tempfile.mkdtemp(dir=base))
         refs = sink_reference(source, sink, args.size) if source and sink else (None, None)
-        results = measure_odmrd(base, args, source)
-        if args.exim:
-            results += measure_exim(base, args, source)
+        results = combined(measure_rounds(base, args, source))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

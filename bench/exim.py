@@ -79,8 +79,12 @@ class Exim:
         uid, gid = self._exim_user()
         for path in (self.dir, self.spool_dir, os.path.join(self.dir, "log")):
             os.chown(path, uid, gid)
-        for parent in (os.path.dirname(self.dir), self.dir):
-            os.chmod(parent, os.stat(parent).st_mode | 0o111)   # the exim user must reach its spool
+        path = self.dir
+        while path != os.path.dirname(path):            # the exim user must reach its spool
+            mode = os.stat(path).st_mode
+            if mode & 0o111 != 0o111:
+                os.chmod(path, mode | 0o111)
+            path = os.path.dirname(path)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([self.binary, "-C", self.config, "-bdf", "-oX", str(self.port)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
