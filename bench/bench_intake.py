@@ -6,10 +6,11 @@ this machine's own references measured in the same run: Postfix smtp-source into
 smtp-sink (1,500 / 6,500 msgs/s on the reference VM) and the cost of one durable
 file (~2 ms), so that a slow disk or a busy machine shows up as such. With
 --exim PATH the same loads also run against that Exim binary's daemon (see
-exim.py), and odmrd's rate is printed as a ratio to Exim's of the same run:
-the only comparison a shared VM makes fair.
+exim.py), the two servers taking turns (odmrd, Exim, Exim, odmrd), and odmrd's
+rate is printed as a ratio to Exim's of the same run: the only comparison a
+shared VM makes fair.
 
-Usage: python3 bench/bench_intake.py [--messages N] [--size BYTES] [--exim PATH] [--keep]
+Usage: python3 bench/bench_intake.py [--messages N] [--size BYTES] [--exim PATH [--rounds N]] [--keep]
 """
 from __future__ import annotations
 
