@@ -617,8 +617,15 @@ SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (
 SENDER_REMOTE = "someone@remote.test"
 SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce relay
 
-ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())   # our own lines, as sent
-NO_MAIL = b"%d %s\r\n" % (replies.NO_MAIL[0], replies.NO_MAIL[1].encode())
+
+def reply_line(reply: replies.Reply, *args) -> str:
+    """One of odmr.replies as a line on the wire, without CRLF; `args` fill its %s."""
+    code, text = reply
+    return "%d %s" % (code, text % args if args else text)
+
+
+ATRN_OK = (reply_line(replies.ATRN_OK) + "\r\n").encode()   # our own lines, as sent
+NO_MAIL = (reply_line(replies.NO_MAIL) + "\r\n").encode()
 
 
 class Delivered(dict):
@@ -957,7 +964,6 @@ def accept_all(c: Customer, expect: int):
 # -- odmrd fetch and a scripted provider -----------------------------------------------
 
 FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
-from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # noqa: E402,F401
 
 
 def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
@@ -1018,7 +1024,7 @@ class Peer:
 class Scripted:
     """A tiny ODMR provider: behaviour set by options, one thread per connection."""
 
-    def __init__(self, atrn_reply: str = "453 4.2.0 You have no mail", mechanisms: str = "CRAM-MD5",
+    def __init__(self, atrn_reply: str = reply_line(replies.NO_MAIL), mechanisms: str = "CRAM-MD5",
                  atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
                  implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
                  after_250: Optional[Callable[[Peer], None]] = None):

@@ -22,12 +22,12 @@ from typing import List
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import (EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FETCH,
-                     PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored, assert_one_line_error,
-                     ScriptedMTA, assert_same, deliver_one, err, free_port, quit_, run_fetch, scripted_args,
-                     send_mail, which)
+from helpers import (FETCH, PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored,
+                     assert_one_line_error, ScriptedMTA, assert_same, deliver_one, err, free_port, quit_,
+                     reply_line, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies
+from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 from odmr.fetch_mailbox import quote_from
 
 needs_sink = pytest.mark.skipif(SMTP_SINK is None, reason="smtp-sink (postfix) is not installed")
@@ -200,11 +200,11 @@ def test_config_file_fetch_section(provider, tmp_path):
 
 
 @pytest.mark.parametrize("reply, code", [
-    ("450 4.7.0 ATRN request refused", EX_NOPERM),
-    ("451 4.3.0 Unable to process ATRN request now", EX_TEMPFAIL),
-    ("453 4.2.0 You have no mail", EX_OK),
-    ("502 5.5.1 Command not implemented", EX_UNAVAILABLE),
-    ("530 5.7.0 Authentication required", EX_NOPERM),
+    (reply_line(replies.ATRN_REFUSED), EX_NOPERM),
+    (reply_line(replies.ATRN_BUSY), EX_TEMPFAIL),
+    (reply_line(replies.NO_MAIL), EX_OK),
+    (reply_line(replies.NOT_IMPLEMENTED), EX_UNAVAILABLE),
+    (reply_line(replies.AUTH_REQUIRED), EX_NOPERM),
     ("421 4.3.2 shutting down", EX_TEMPFAIL),
 ], ids=lambda v: str(v)[:3])
 def test_atrn_reply_codes(scripted, tmp_path, reply, code):
@@ -226,7 +226,7 @@ def test_535_is_77(scripted, tmp_path):
 
 
 def test_250_then_delivery_into_maildir(scripted, tmp_path):
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=deliver_one)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=deliver_one)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     (name,) = os.listdir(tmp_path / "md" / "new")
@@ -237,7 +237,7 @@ def test_250_then_delivery_into_maildir(scripted, tmp_path):
 
 # A provider may send the reversed session's first commands in the same write as its
 # 250 to ATRN, before our 220: they sit in the reader that read the 250 (Turnaround.file).
-PIPELINED_BEHIND_250 = ("250 2.0.0 OK now reversing the connection\r\nEHLO scripted.test\r\n"
+PIPELINED_BEHIND_250 = (reply_line(replies.ATRN_OK) + "\r\nEHLO scripted.test\r\n"
                         "MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\nDATA")
 
 
@@ -301,7 +301,7 @@ def test_local_server_reads_parameters_like_the_intake_port(scripted, tmp_path, 
         peer.send("QUIT\r\n")
         assert peer.line().startswith(b"221")
 
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=after)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=after)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     with socket.create_connection(("127.0.0.1", provider.smtp_port), timeout=10) as sock:
@@ -385,7 +385,7 @@ def drop_mid_message(peer: Peer) -> None:
 
 
 def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=drop_mid_message)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=drop_mid_message)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == EX_TEMPFAIL, err(result)
     assert os.listdir(tmp_path / "md" / "new") == []
@@ -395,7 +395,7 @@ def test_drop_mid_session_maildir_is_75(scripted, tmp_path):
 @pytest.mark.slow
 @needs_sink
 def test_drop_mid_session_relay_is_75(scripted):
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=drop_mid_message)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=drop_mid_message)
     sink = Sink()
     try:
         result = run_fetch(*scripted_args(s, "--relay", "127.0.0.1:%d" % sink.port))
@@ -412,7 +412,7 @@ def test_relay_target_down_is_75_and_provider_told(scripted, tmp_path):
     def after(peer: Peer) -> None:
         got.append(peer.line())
 
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=after)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=after)
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
@@ -841,7 +841,7 @@ def test_fetch_takes_a_multi_line_auth_success(scripted, tmp_path):
         def line(self):
             return self.peer.line()
 
-    s = Chatty(atrn_reply="453 4.2.0 You have no mail")
+    s = Chatty()
     try:
         result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
         assert result.returncode == EX_OK, err(result)

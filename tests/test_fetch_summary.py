@@ -18,8 +18,9 @@ from typing import Dict, List
 
 import pytest
 
-from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, PASSWORD, Provider, Scripted, ScriptedMTA,
-                     assert_one_line_error, err, free_port, run_fetch, send_mail)
+from helpers import (FETCH, PASSWORD, Provider, Scripted, ScriptedMTA, assert_one_line_error, err, free_port,
+                     run_fetch, send_mail)
+from odmr.exits import EX_OK, EX_PROTOCOL, EX_TEMPFAIL
 
 pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
 

@@ -3,7 +3,8 @@ SMTP port and by `odmrd enqueue`, as postmaster@<hostname>, and goes out through
 `[queue] bounce_relay` with its real sender. Real sockets, a small relay server."""
 from __future__ import annotations
 
-from helpers import EX_OK, SENDER_OUTSIDE, eventually, queue, send_mail
+from helpers import SENDER_OUTSIDE, eventually, queue, send_mail
+from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND
 
 
