@@ -667,6 +667,7 @@ def test_queue_show_bounce_delete_of_a_corrupt_file(provider):
     assert not os.path.exists(path)
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_is_no_spool_error(hosted):
     """`queue show ID | head`: the pipe closing is not the spool's fault: no error line."""
     [msg_id] = enqueue(hosted, "a@example.org").values()
@@ -680,6 +681,7 @@ def test_a_reader_that_leaves_early_is_no_spool_error(hosted):
     assert (proc.wait(30), err) == (141, b"")
 
 
+@pytest.mark.slow
 def test_listing_a_domain_that_is_not_hosted_says_so(hosted):
     for name in ("nosuch.example", "outbound"):
         result = odmrd(hosted, "queue", "list", name)

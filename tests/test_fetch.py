@@ -250,6 +250,7 @@ def _rest_of_the_pipelined_session(peer: Peer) -> None:
     assert peer.line().startswith(b"221")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tls", ["none", "implicit"])
 @pytest.mark.parametrize("target", ["maildir", "relay"])
 def test_commands_sent_with_the_250_reach_the_local_side(scripted, pki, tmp_path, target, tls):
@@ -769,6 +770,7 @@ def test_multiline_250_to_atrn_then_delivery(scripted, tmp_path):
     assert s.errors == []
 
 
+@pytest.mark.slow
 def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
     """[fetch] is typed in the configspec: a bad value is a configuration error (78)
     naming each key and its line, not a flag error."""

@@ -73,6 +73,7 @@ def test_another_nodes_messages_count_at_once(node, second_node):
     assert rcpt_code(second_node) == 452
 
 
+@pytest.mark.slow
 def test_a_drain_by_another_node_frees_the_quota(node, second_node):
     for _ in range(3):
         store(node)

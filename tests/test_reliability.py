@@ -262,6 +262,7 @@ def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance,
         sink.close()
 
 
+@pytest.mark.slow
 def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fast_maintenance,
                                                                      caplog):
     """The postmaster's mail refused for good by the relay, and the sender's DSN cannot be

@@ -49,6 +49,7 @@ def squatter():
     sock.close()
 
 
+@pytest.mark.slow
 def test_a_port_another_program_holds_is_refused(tmp_path, squatter):
     conf = _config(tmp_path, sections="[metrics]\nlisten = 127.0.0.1:%d\n" % squatter)
     result = run_cli("-c", conf, "check-config")
