@@ -209,6 +209,23 @@ def run_cli(*args, input: Optional[bytes] = None, env=None, timeout: float = 60)
                           input=input, capture_output=True, timeout=timeout, env=full_env)
 
 
+def odmrd(config: str, *args: str, input: Optional[bytes] = None, env=None) -> subprocess.CompletedProcess:
+    """`odmrd -c config args...`; whatever happens, no traceback reaches the user."""
+    result = run_cli("-c", config, *args, input=input, env=env)
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    assert b"internal error" not in result.stderr, result.stderr.decode()
+    return result
+
+
+def refused(port: int) -> bool:
+    """Whether nothing accepts connections on the loopback port (a stopped listener)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
 class Customer:
     """A scripted ODMR customer over a raw socket (so every byte is visible)."""
 
@@ -980,10 +997,12 @@ def err(result: subprocess.CompletedProcess) -> str:
     return result.stderr.decode("utf-8", "replace")
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess) -> None:
-    text = err(result)
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's one line on stderr (a failure the user can read, no traceback)."""
+    text = err(result).strip()
     assert "Traceback" not in text, text
-    assert len(text.strip().splitlines()) == 1, text
+    assert len(text.splitlines()) == 1, text
+    return text
 
 
 class Peer:

@@ -11,29 +11,14 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 
-from helpers import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
+from helpers import PASSWORD, ROOT, Customer, Provider, odmrd, one_line_error, run_cli, send_mail
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def odmrd(config: str, *args, input: bytes = None, env=None) -> subprocess.CompletedProcess:
-    """Run odmrd; whatever happens, no traceback reaches the user."""
-    result = run_cli("-c", config, *args, input=input, env=env)
-    assert b"Traceback" not in result.stderr, result.stderr.decode()
-    assert b"internal error" not in result.stderr, result.stderr.decode()
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    text = result.stderr.decode().strip()
-    assert text and "\n" not in text, text
-    return text
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import (FETCH, PASSWORD, Peer, Provider, ROOT, SMTP_SINK, Scripted, Sink, as_stored,
-                     assert_one_line_error, ScriptedMTA, assert_same, deliver_one, err, free_port, quit_,
+                     ScriptedMTA, assert_same, deliver_one, err, free_port, one_line_error, quit_,
                      reply_line, run_fetch, scripted_args, send_mail, which)
 
 from odmr import replies
@@ -167,7 +167,7 @@ def test_wrong_password_is_77(provider, tmp_path):
     send_mail(provider.smtp_port, "s@outside.test", ["x@example.org"], message("kept", b"x\r\n"))
     result = run_fetch(*provider_args(provider, "--maildir", str(tmp_path / "md")), password="wrong")
     assert result.returncode == EX_NOPERM, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert len(provider.spooled("example.org")) == 1
 
 
@@ -214,14 +214,14 @@ def test_atrn_reply_codes(scripted, tmp_path, reply, code):
     assert b"ATRN example.org,example.com" in s.commands()       # strict: commas, no spaces
     assert b"AUTH CRAM-MD5" in s.commands()
     if code != EX_OK:
-        assert_one_line_error(result)
+        one_line_error(result)
 
 
 def test_535_is_77(scripted, tmp_path):
     s = scripted()
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")), password="nope")
     assert result.returncode == EX_NOPERM, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert not any(l.startswith(b"ATRN") for l in s.commands())
 
 
@@ -439,7 +439,7 @@ def test_failures(scripted, tmp_path, how, code):
         result = run_fetch("--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", "none",
                            "--maildir", str(tmp_path / "md"))
         assert result.returncode == code, err(result)
-        assert_one_line_error(result)
+        one_line_error(result)
         return
     options = {"no-atrn": dict(atrn=False),
                "no-usable-mechanism": dict(mechanisms="PLAIN LOGIN"),   # PLAIN needs TLS
@@ -451,7 +451,7 @@ def test_failures(scripted, tmp_path, how, code):
         s.converse = lambda peer: (peer.send("220 x\r\n"), peer.line(), peer.sock.close())
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
     assert result.returncode == code, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert not any(l.startswith(b"AUTH") for l in s.commands())     # no credentials sent for nothing
 
 
@@ -480,7 +480,7 @@ def test_starttls_missing_is_69_without_credentials(scripted, tmp_path):
     s = scripted()
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), tls="starttls"))
     assert result.returncode == EX_UNAVAILABLE, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert not any(l.startswith(b"AUTH") for l in s.commands())
 
 
@@ -511,7 +511,7 @@ def test_certificate_failure_is_76(scripted, pki, tmp_path, case):
     s = scripted(implicit=server_context(pki, name))
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), *extra, tls="implicit"))
     assert result.returncode == EX_PROTOCOL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert "certificate" in err(result)
     # --insecure accepts the same server
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
@@ -611,7 +611,7 @@ def test_tls_to_a_plaintext_server_is_76(scripted, tmp_path):
     s = scripted()
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--insecure", tls="implicit"))
     assert result.returncode == EX_PROTOCOL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
 
 
 # -- --every ------------------------------------------------------------------------------
@@ -669,7 +669,7 @@ def test_backoff_doubles_after_failures():
 def test_bad_flags(args, code):
     result = run_fetch(*args)
     assert result.returncode == code, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
 
 
 @pytest.mark.parametrize("what", ["ca-dir", "ca-not-pem", "pw-empty", "pw-not-utf8"])
@@ -688,13 +688,13 @@ def test_unusable_ca_or_password_file_is_66(tmp_path, what):
                  str(tmp_path / ("empty" if what == "pw-empty" else "latin1"))]
     result = run_fetch(*args, password=None)
     assert result.returncode == EX_NOINPUT, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
 
 
 def test_password_required():
     result = run_fetch("--server", "127.0.0.1", "--user", "a", "--maildir", "m", password=None)
     assert result.returncode == EX_USAGE
-    assert_one_line_error(result)
+    one_line_error(result)
 
 
 def test_password_file_first_line(scripted, tmp_path):
@@ -779,7 +779,7 @@ def test_fetch_section_values_are_checked_when_the_file_is_read(tmp_path):
                     "mechanism = FOO\ndomains = bad..name\n")
     result = run_fetch("-c", str(conf), "--check")
     assert result.returncode == 78, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     for key, line in (("server", 2), ("relay", 4), ("mechanism", 5), ("domains", 6)):
         assert "fetch.%s (line %d)" % (key, line) in err(result), key
     # the same values as flags are usage errors, one at a time

@@ -16,15 +16,15 @@ import smtplib
 import socket
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import pytest
 
 from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, Provider, ScriptedMTA, ReversedConnection,
-                     SENDER_HOSTED, SENDER_REMOTE, Script, TOKEN, atrn, dsns, queue, queue_provider,
-                     queued_tokens, relay_provider, report_fields, run_cli, send_mail, spool,
+                     SENDER_HOSTED, SENDER_REMOTE, Script, TOKEN, atrn, dsns, eventually, queue, queue_provider,
+                     queued_tokens, refused, relay_provider, report_fields, send_mail, spool,
                      wait_sessions_over)
-from odmr import accounts, bounce_relay, delivery, queue_commands
+from odmr import accounts, bounce_relay, queue_commands
 from odmr.spool import MAGIC, new_id
 
 
@@ -44,18 +44,6 @@ def reply_of(sock_file) -> int:
             raise EOFError
         if line[3:4] != b"-":
             return int(line[:3])
-
-
-def is_refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.settimeout(2)
-            try:
-                return s.recv(100) in (b"",) or s.recv(100) == b""
-            except OSError:
-                return True
-    except OSError:
-        return True
 
 
 # -- graceful stop -------------------------------------------------------------------
@@ -84,7 +72,7 @@ def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
         daemon.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert daemon.proc.poll() is None                      # still finishing our transaction
-        assert is_refused(daemon.smtp_port)                    # but no longer accepting
+        assert refused(daemon.smtp_port)                    # but no longer accepting
         s.sendall(b"second half\r\n.\r\n")
         assert reply_of(f) == 250
         s.sendall(b"QUIT\r\n")
@@ -150,15 +138,6 @@ def test_idle_sessions_do_not_hold_the_stop_for_the_whole_grace_period(daemon):
 # -- bounces and the bounce relay --------------------------------------------------------
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
@@ -172,7 +151,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         assert atrn(p, s) == "quit"
         wait_sessions_over(p)
         assert queue(p, "example.org") == []
-        assert wait_for(lambda: sink.messages, 15), "relay never got the bounce"
+        assert eventually(lambda: sink.messages, 15), "relay never got the bounce"
         [relayed] = sink.messages
         assert relayed["mail"].upper().split()[:2] == ["MAIL", "FROM:<>"]
         assert relayed["rcpts"] == [SENDER_REMOTE]
@@ -181,7 +160,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
         assert fields["action"] == "failed" and fields["status"] == "5.1.1"
         assert b"tok1" in relayed["data"]                        # the original headers come back
         assert sink.connections >= len(refusals) + 1
-        assert wait_for(lambda: queue(p) == [], 5)
+        assert eventually(lambda: queue(p) == [], 5)
     finally:
         p.stop()
         sink.close()
@@ -198,7 +177,7 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
         with caplog.at_level(logging.ERROR, logger="odmrd.maintenance"):
             assert atrn(p, s) == "quit"
             wait_sessions_over(p)
-            assert wait_for(lambda: queue(p) == [] and sink.connections >= 1, 10)
+            assert eventually(lambda: queue(p) == [] and sink.connections >= 1, 10)
         assert sink.messages == []
         assert any("never bounced" in r.getMessage() for r in caplog.records)
         assert not any(os.listdir(os.path.join(p.spool_dir, d)) for d in ("example.net",)
@@ -230,7 +209,7 @@ def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_mainten
     p = relay_provider(tmp_path, sink)
     try:
         to_postmaster(p, notify)
-        assert wait_for(lambda: sink.connections >= 1 and queue(p, ".outbound") == [], 10)
+        assert eventually(lambda: sink.connections >= 1 and queue(p, ".outbound") == [], 10)
         assert len([d for d in dsns(p) if report_fields(d)[0]["action"] == "failed"]) == notices
         assert sink.messages == []
     finally:
@@ -248,11 +227,11 @@ def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance,
         with caplog.at_level(logging.INFO, logger="odmrd"):
             to_postmaster(p)
             if code.startswith("4"):
-                assert wait_for(lambda: [m["attempts"] for m in queue(p, ".outbound")] >= [1], 10)
+                assert eventually(lambda: [m["attempts"] for m in queue(p, ".outbound")] >= [1], 10)
                 [waiting] = queue(p, ".outbound")
                 assert waiting["last_error"] == code + " \\x1b[31mno\\x07"
             else:
-                assert wait_for(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
+                assert eventually(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
                 [dsn] = dsns(p)
                 assert "\\x1b[31mno" in dsn.as_string() and "\x1b" not in dsn.as_string()
         logged = [r.getMessage() for r in caplog.records if "relay" in r.getMessage()]
@@ -276,12 +255,12 @@ def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fa
             fh.write("not a directory\n")
         with caplog.at_level(logging.ERROR, logger="odmrd"):
             to_postmaster(p)
-            assert wait_for(lambda: any("cannot queue" in r.getMessage()
+            assert eventually(lambda: any("cannot queue" in r.getMessage()
                                         for r in caplog.records), 10)
         [kept] = queue(p, ".outbound")
         assert kept["recipients"] == [] and kept["last_error"].startswith("550 5.1.1")
         os.remove(blocker)
-        assert wait_for(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
+        assert eventually(lambda: queue(p, ".outbound") == [] and dsns(p), 10)
         [dsn] = dsns(p)
         [fields] = report_fields(dsn)
         assert fields["action"] == "failed" and fields["status"] == "5.1.1"
@@ -438,7 +417,7 @@ def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
     codes_a: list = []
     t = threading.Thread(target=collect, args=(a.odmr_port, first, codes_a), daemon=True)
     t.start()
-    assert wait_for(lambda: delivered, 10)
+    assert eventually(lambda: delivered, 10)
     collect(b.odmr_port, Script(), busy_codes)
     assert busy_codes == [b"451"]
     release.set()
@@ -451,8 +430,8 @@ def test_two_processes_never_deliver_a_domain_twice(twin_daemons):
             s.final = lambda m: (delivered.extend(TOKEN.findall(m["data"])), "250 ok")[1]
             collect(port, s, [])
     racers = [threading.Thread(target=racer, args=(port,)) for port in (a.odmr_port, b.odmr_port)]
-    spool_more = [send_mail(a.smtp_port, SENDER_REMOTE, ["u@example.org"],
-                            b"X-Token: more%d\r\n\r\nx\r\n" % n) for n in range(10)]
+    for n in range(10):                                # ten more, sent while the racers wait to start
+        send_mail(a.smtp_port, SENDER_REMOTE, ["u@example.org"], b"X-Token: more%d\r\n\r\nx\r\n" % n)
     for r in racers:
         r.start()
     for r in racers:
