@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from helpers import PASSWORD, ROOT, Customer, Provider, odmrd, one_line_error, run_cli, send_mail
+from helpers import (PASSWORD, ROOT, Customer, Provider, dsns, odmrd, one_line_error, queue, queue_provider,
+                     report_fields, run_cli, send_mail, spool)
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -457,6 +458,36 @@ def test_queue_bounce_returns_to_sender(hosted):
     # the sender is not hosted: the DSN waits for bounce_relay in the outbound queue
     assert [r["recipients"] for r in records] == [["someone@remote.test"]]
     assert records[0]["domain"] != "example.org"
+
+
+@pytest.mark.slow
+def test_cli_queue_bounce(provider):
+    spool(provider, ["u@example.org", "v@example.org"], token="cli")
+    [record] = queue(provider, "example.org")
+    result = provider.run_cli("queue", "bounce", record["id"])
+    assert result.returncode == 0, result.stderr
+    assert queue(provider, "example.org") == []
+    [dsn] = dsns(provider)
+    assert sorted(f["final-recipient"] for f in report_fields(dsn)) == \
+        ["rfc822; u@example.org", "rfc822; v@example.org"]
+    listing = json.loads(provider.run_cli("queue", "list", "--json").stdout)
+    assert [r["domain"] for r in listing] == ["example.net"]
+
+
+@pytest.mark.slow
+def test_cli_queue_expire(tmp_path):
+    p = queue_provider(tmp_path, "max_age = 1s")
+    try:
+        spool(p, ["u@example.org"], token="exp")
+        time.sleep(1.2)
+        result = p.run_cli("queue", "expire")
+        assert result.returncode == 0, result.stderr
+        assert b"1 expired" in result.stdout
+        assert queue(p, "example.org") == []
+        [dsn] = dsns(p)
+        assert report_fields(dsn)[0]["status"] == "5.4.7"
+    finally:
+        p.stop()
 
 
 @pytest.mark.slow
