@@ -79,6 +79,7 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 def close_listener(listener: socket.socket, threads: Sequence[threading.Thread] = ()) -> None:
