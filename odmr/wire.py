@@ -924,8 +924,8 @@ def _iter_data(session: Session, chunk: int, deadline: Optional[float] = None):
         if at_line_start:
             if piece == b".\r\n" and prev_crlf:
                 return
-            if piece.startswith(b"."):
-                piece = piece[1:]
+            if piece.startswith(b".") and piece[1:2] not in (b"\r", b"\n"):
+                piece = piece[1:]       # RFC 5321 4.5.2: a lone "." (that ends no message) stays
         if piece.endswith(b"\n"):        # a whole line: bare CR or LF inside it made CRLF
             prev_crlf = piece.endswith(b"\r\n")
             body = piece[:-2] if prev_crlf else piece[:-1]

@@ -434,6 +434,19 @@ def test_bare_lf_message_is_stored_with_crlf(smtp, provider):
     assert data.endswith(b"Subject: lf\r\n\r\nline one\r\nline two\r\n\r\n")
 
 
+@pytest.mark.parametrize("sent, kept", [(b"a\r\n.\nb\r\n", b"a\r\n.\r\nb\r\n"),
+                                        (b"a\n.\r\nb\r\n", b"a\r\n.\r\nb\r\n"),
+                                        (b"a\r\n.\rb\r\n", b"a\r\n.\r\nb\r\n"),
+                                        (b"a\n..x\r\n", b"a\r\n.x\r\n")],
+                         ids=["CRLF.LF", "LF.CRLF", "CRLF.CR", "LF..x"])
+def test_a_lone_dot_that_ends_nothing_is_kept(smtp, provider, sent, kept):
+    # RFC 5321 4.5.2: the leading dot goes only when other characters follow it on the line
+    _transaction(smtp)
+    assert send_data(smtp, b"Subject: dot\r\n\r\n" + sent + b".\r\n")[0] == 250
+    [data] = stored(provider, "example.org")
+    assert data.endswith(b"Subject: dot\r\n\r\n" + kept)
+
+
 def test_received_header_and_250_only_once_on_disk(smtp, provider):
     _transaction(smtp)
     code, lines = send_data(smtp, MSG + b".\r\n")
