@@ -27,21 +27,24 @@ from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
 
 log = logging.getLogger("odmrd.maintenance")
 
-# Module-level so tests (and only tests) can make time pass faster.
 TICK = 5.0                  # seconds between looks at the OUTBOUND queue
 EXPIRE_EVERY = 300.0        # seconds between expiry / delay-notice passes
 EXPIRE_FIRST = 60.0         # the first pass waits this long: start-up (and ATRN) come first
 
 
 class Maintenance:
-    """The background thread; `runtime` is called for the current snapshot (reloads)."""
+    """The background thread; `runtime` is called for the current snapshot (reloads).
+    The timing is the service's (a test's provider may look at OUTBOUND more often)."""
 
-    def __init__(self, runtime: Callable[[], Runtime]):
+    def __init__(self, runtime: Callable[[], Runtime], tick: float = TICK,
+                 expire_every: float = EXPIRE_EVERY, expire_first: float = EXPIRE_FIRST):
         self._runtime = runtime
+        self.tick = tick
+        self.expire_every = expire_every
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._next_expiry = time.monotonic() + EXPIRE_FIRST
+        self._next_expiry = time.monotonic() + expire_first
         self._warned_no_relay = False
 
     def start(self) -> None:
@@ -60,16 +63,17 @@ class Maintenance:
                 self.run_once()
             except Exception:   # the thread must survive anything a pass meets
                 log.exception("maintenance: pass failed")
-            self._wake.wait(TICK)
+            self._wake.wait(self.tick)
             self._wake.clear()
 
-    def run_once(self, now: Optional[float] = None, force_expiry: bool = False) -> Dict[str, int]:
-        """One pass: expiry and delay notices when due, then the bounce relay."""
+    def run_once(self, now: Optional[float] = None) -> Dict[str, int]:
+        """One pass: expiry and delay notices when due, then the bounce relay. Given
+        `now` (a wall-clock time to judge ages by), expiry and delay notices are due."""
         runtime = self._runtime()
         clock = time.monotonic()
         counts: Dict[str, int] = {}
-        if force_expiry or clock >= self._next_expiry:
-            self._next_expiry = clock + EXPIRE_EVERY
+        if now is not None or clock >= self._next_expiry:
+            self._next_expiry = clock + self.expire_every
             counts.update(queue_commands.expire(runtime, now))
             if runtime.settings.queue.warn_after > 0:
                 counts["warned"] = warn_delayed(runtime, now)
