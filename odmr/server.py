@@ -601,7 +601,7 @@ class Service:
         settings = self.settings
         return self.metrics.exposition(sorted({l.server_address[1] for l in self.listeners}),
                                        settings.metrics.per_domain,
-                                       metrics.CERTIFICATE.get(settings.tls.cert_file))
+                                       settings.tls.cert_file)
 
 
 def _keep(new, old):
