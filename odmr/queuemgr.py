@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.runtime import Runtime
-from odmr.spool import (CHUNK, OUTBOUND, DomainBusy, LinkRefused, Message, Spool, SpoolError,
+from odmr.spool import (FILE_IO_SIZE, OUTBOUND, DomainBusy, LinkRefused, Message, Spool, SpoolError,
                         State, describe_error)
 
 log = logging.getLogger("odmrd.delivery")
@@ -321,11 +321,11 @@ class Drain(Recorder):
 
     def text(self, message: Message) -> Iterator[bytes]:
         """A text too big to be held (`messages` gives the small ones whole) streamed in
-        CHUNK-sized pieces: memory stays bounded whatever the size, and delivery still
+        FILE_IO_SIZE-sized pieces: memory stays bounded whatever the size, and delivery still
         opens no file."""
         with message.open_data() as fh:
             while True:
-                chunk = fh.read(CHUNK)
+                chunk = fh.read(FILE_IO_SIZE)
                 if not chunk:
                     return
                 yield chunk

@@ -19,7 +19,7 @@ from helpers import (ATRN_OK, Closed, Customer, PASSWORD, Provider, ReversedConn
                      atrn, dsns, hosting_provider, queue, report_fields, spool, wait_sessions_over)
 from helpers import store as store_in_spool
 from odmr import delivery
-from odmr.spool import CHUNK, Envelope, Recipient
+from odmr.spool import FILE_IO_SIZE, Envelope, Recipient
 
 FAST = delivery.Timeouts(greeting=5, mail=5, rcpt=5, data_init=5, data_block=5, data_end=5, quit=2)
 
@@ -141,9 +141,9 @@ TEXTS = {
     "one-octet": b"x",
     "no-final-crlf": b"Subject: t\r\n\r\n.a dot line\r\n.\r\nno line end at the end",
     "bare-lf-and-dots": b"Subject: t\n\n..two dots\n.\nlast\n",
-    "chunk-multiple": (b"y" * 126 + b"\r\n") * (2 * CHUNK // 128),             # 2 * CHUNK exactly
-    "streamed-multiple": (b"z" * 126 + b"\r\n") * (9 * CHUNK // 128),          # over INLINE_BODY
-    "streamed-plus-one": (b"z" * 126 + b"\r\n") * (9 * CHUNK // 128) + b".",
+    "chunk-multiple": (b"y" * 126 + b"\r\n") * (2 * FILE_IO_SIZE // 128),      # 2 * FILE_IO_SIZE exactly
+    "streamed-multiple": (b"z" * 126 + b"\r\n") * (9 * FILE_IO_SIZE // 128),   # over INLINE_BODY
+    "streamed-plus-one": (b"z" * 126 + b"\r\n") * (9 * FILE_IO_SIZE // 128) + b".",
 }
 
 
@@ -151,7 +151,8 @@ TEXTS = {
 @pytest.mark.parametrize("name", sorted(TEXTS))
 def test_bdat_carries_exactly_the_spooled_octets(provider, name, pipelining):
     text = TEXTS[name]
-    assert len(TEXTS["chunk-multiple"]) == 2 * CHUNK and len(TEXTS["streamed-multiple"]) == 9 * CHUNK
+    assert len(TEXTS["chunk-multiple"]) == 2 * FILE_IO_SIZE
+    assert len(TEXTS["streamed-multiple"]) == 9 * FILE_IO_SIZE
     msg_id = store(provider, text)
     spooled = provider.spool.load("example.org", msg_id).read_data()
     s = chunky(pipelining)
