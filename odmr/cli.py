@@ -265,6 +265,7 @@ def _log_like_the_daemon(settings, account) -> None:
     (as the service account, /var/log is out of reach: the line went nowhere)."""
     import logging
     from odmr import daemon
+    from odmr.logline import DaemonLineFormatter
     owner = (account.uid, account.gid) if account is not None else None
     try:
         daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False),
@@ -273,7 +274,7 @@ def _log_like_the_daemon(settings, account) -> None:
         pass                        # the log out of reach must not stop a queue command
     to_operator = logging.StreamHandler(sys.stderr)    # and whoever runs it sees the warnings
     to_operator.setLevel(logging.WARNING)
-    to_operator.setFormatter(daemon.DaemonLineFormatter("odmrd: %(message)s"))
+    to_operator.setFormatter(DaemonLineFormatter("odmrd: %(message)s"))
     logging.getLogger().addHandler(to_operator)
 
 
