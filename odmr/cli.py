@@ -402,11 +402,12 @@ def cmd_user(args: argparse.Namespace, config_path: str) -> int:
     except config.ConfigError as exc:
         return _config_failed(exc, config_path)
     path = settings.users_file
+    service_owner = None            # (uid, gid) a users file root creates is given to
     if os.geteuid() == 0 and settings.user:
         import pwd
         try:
             entry = pwd.getpwnam(settings.user)
-            accounts.SERVICE_OWNER["owner"] = (entry.pw_uid, entry.pw_gid)
+            service_owner = (entry.pw_uid, entry.pw_gid)
         except KeyError:
             pass                # `serve` and `check-config` say so; the file stays root's
     action = args.user_command
@@ -416,7 +417,8 @@ def cmd_user(args: argparse.Namespace, config_path: str) -> int:
         if action == "add":
             domains = accounts.add_user(path, args.name, args.domain,
                                         _read_password(args.password_stdin),
-                                        cram=not args.no_cram_md5, shared=args.shared_domain)
+                                        cram=not args.no_cram_md5, shared=args.shared_domain,
+                                        service_owner=service_owner)
             print("account %s created for %s" % (args.name, ", ".join(domains)))
         elif action == "passwd":
             accounts.set_password(path, args.name, _read_password(args.password_stdin),
