@@ -677,9 +677,9 @@ def _queue_change(runtime, args) -> int:
 
 
 def _queue_expire(runtime, args) -> int:
-    from odmr import queue_commands
     from odmr.names import plural
-    counts = queue_commands.expire(runtime)
+    from odmr.queuemgr import expire_all
+    counts = expire_all(runtime)
     print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
                              % plural(counts["busy"], "domain") if counts["busy"] else ""))
     return EX_TEMPFAIL if counts["busy"] else EX_OK

@@ -1,9 +1,10 @@
 """Periodic work of a running provider, on one background thread.
 
-- expiry: every EXPIRE_EVERY seconds, `queue_commands.expire` returns messages older
+- expiry: every EXPIRE_EVERY seconds, `queuemgr.expire_all` returns messages older
   than `[queue] max_age` to their senders (DSN), exactly as `odmrd queue expire`;
-- delay notices: when `[queue] warn_after` > 0, one "delayed" DSN per message
-  that has waited that long (remembered in its state, so never twice);
+- delay notices: when `[queue] warn_after` > 0, `queuemgr.warn_all` sends one
+  "delayed" DSN per message that has waited that long (remembered in its state,
+  so never twice);
 - the bounce relay: each TICK, `bounce_relay.relay_outbound` hands the DSNs
   waiting in the OUTBOUND queue to `[queue] bounce_relay`.
 
@@ -14,16 +15,14 @@ the same spool; a busy domain is simply tried again at the next pass.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Callable, Dict, Optional
 
-from odmr import queue_commands
 from odmr.bounce_relay import relay_outbound
-from odmr.queuemgr import under_claim, warn
+from odmr.queuemgr import expire_all, warn_all
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
+from odmr.spool import OUTBOUND
 
 log = logging.getLogger("odmrd.maintenance")
 
@@ -74,9 +73,9 @@ class Maintenance:
         counts: Dict[str, int] = {}
         if now is not None or clock >= self._next_expiry:
             self._next_expiry = clock + self.expire_every
-            counts.update(queue_commands.expire(runtime, now))
+            counts.update(expire_all(runtime, now))
             if runtime.settings.queue.warn_after > 0:
-                counts["warned"] = warn_delayed(runtime, now)
+                counts["warned"] = warn_all(runtime, now)
         if not self._stop.is_set():
             counts.update(self.relay(runtime, now))
         return counts
@@ -94,39 +93,3 @@ class Maintenance:
             return {}
         self._warned_no_relay = False
         return relay_outbound(runtime, target, now)
-
-
-# -- delay notices ------------------------------------------------------------
-def _delay_reason(last_error: str) -> str:
-    """A 4xx reply for an `Action: delayed` DSN (RFC 3464 wants a 4.x.x status there)."""
-    if re.match(r"4\d\d ", last_error):
-        return last_error
-    if last_error and not last_error[:1].isdigit():         # e.g. "connection lost during delivery"
-        return "451 4.4.1 " + last_error
-    return "451 4.4.1 waiting for the recipient's server to collect it (ATRN)"
-
-
-def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
-    """Send one delay notice per message waiting longer than warn_after; returns how many."""
-    now = time.time() if now is None else now
-    warn_after = runtime.settings.queue.warn_after
-    max_age = runtime.settings.queue.max_age
-    spool = runtime.spool
-    sent = 0
-
-    def due(message: Message) -> bool:
-        age = now - message.envelope.arrival
-        return (not message.state.warned and age >= warn_after
-                and not (max_age > 0 and age >= max_age) and bool(message.pending()))
-
-    def warn_one(message: Message) -> None:
-        nonlocal sent
-        if warn(runtime, message, _delay_reason(message.state.last_error)):
-            sent += 1
-
-    for domain in spool.domains():
-        try:
-            under_claim(spool, domain, due, warn_one, "maintenance: %s/%s unreadable: %s")
-        except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
-            continue
-    return sent

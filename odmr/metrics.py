@@ -154,7 +154,8 @@ def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()
 
 class ServiceMetrics:
     """What one service counts and keeps live: counters, sessions and deliveries, the
-    queue's backlog, its certificate's expiry. The hooks are the one-line calls made where the events happen."""
+    queue's backlog, its certificate's expiry. The hooks are the one-line calls made
+    where the events happen."""
 
     def __init__(self) -> None:
         self.registry = Registry()

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import (Closed, SENDER_HOSTED, SENDER_OUTSIDE, Script, atrn, dsns, hosting_provider, queue,
                      report_fields, send_mail, spool, wait_sessions_over)
-from odmr import delivery, queue_commands
+from odmr import delivery, queuemgr
 from odmr.spool import Spool
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
@@ -307,7 +307,7 @@ def test_repeated_4xx_expires_with_dsn(provider):
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 2
     runtime = provider.service.runtime
-    counts = queue_commands.expire(runtime, now=time.time() + runtime.settings.queue.max_age + 60)
+    counts = queuemgr.expire_all(runtime, now=time.time() + runtime.settings.queue.max_age + 60)
     assert counts["expired"] == 1
     assert queue(provider, "example.org") == []
     [dsn] = dsns(provider)
