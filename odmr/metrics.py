@@ -377,7 +377,7 @@ class MetricsServer(BoundServer, http.server.HTTPServer):
         log.debug("metrics: error answering %s", client_address[0], exc_info=True)
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+        thread = threading.Thread(target=self.serve_forever,
                                   name="metrics", daemon=True)
         thread.start()
         return thread

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import socketserver
 import ssl
 import threading
 import time
@@ -45,16 +44,6 @@ USERS_RECHECK = 2.0     # seconds between checks of the users file's mtime
 
 class StartupError(Exception):
     """odmrd cannot start; the message is one line for the operator."""
-
-
-def shut_down_together(servers: Sequence[socketserver.BaseServer]) -> None:
-    """Each shutdown() waits up to one poll interval for its loop to notice: asked one
-    after another, a stop took that long per listener; asked together, once."""
-    threads = [threading.Thread(target=server.shutdown, daemon=True) for server in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
 
 
 def _restart_only_changes(old: Settings, new: Settings) -> List[str]:
@@ -479,7 +468,7 @@ class Service:
         if workers > 1 and any(l.kind == "smtp" for l in self.listeners):
             self.workers = WorkerPool(self, workers, private_fds)
         for listener in self.listeners:
-            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
+            thread = threading.Thread(target=listener.serve_forever,
                                       name="listen-%s" % listener.label(), daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -491,7 +480,8 @@ class Service:
 
     def stop(self, grace: Optional[float] = None) -> int:
         """Stop accepting, give sessions `grace` seconds, return how many were cut off."""
-        shut_down_together(self.listeners)
+        for listener in self.listeners:
+            listener.shutdown()         # at once: its loop wakes on the request (tcpserver)
         self.close()
         self.stop_sessions()
         grace = self.settings.grace_period if grace is None else grace

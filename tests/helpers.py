@@ -79,6 +79,7 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 def close_listener(listener: socket.socket, threads: Sequence[threading.Thread] = ()) -> None:
@@ -209,6 +210,23 @@ def run_cli(*args, input: Optional[bytes] = None, env=None, timeout: float = 60)
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, "odmrd.py")] + list(args),
                           input=input, capture_output=True, timeout=timeout, env=full_env)
+
+
+def odmrd(config: str, *args: str, input: Optional[bytes] = None, env=None) -> subprocess.CompletedProcess:
+    """`odmrd -c config args...`; whatever happens, no traceback reaches the user."""
+    result = run_cli("-c", config, *args, input=input, env=env)
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    assert b"internal error" not in result.stderr, result.stderr.decode()
+    return result
+
+
+def refused(port: int) -> bool:
+    """Whether nothing accepts connections on the loopback port (a stopped listener)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 class Customer:
@@ -619,8 +637,15 @@ SENDER_HOSTED = "bob@example.net"      # a sender whose DSNs stay in the spool (
 SENDER_REMOTE = "someone@remote.test"
 SENDER_OUTSIDE = "sender@outside.test"  # a sender whose DSNs go to the bounce relay
 
-ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())   # our own lines, as sent
-NO_MAIL = b"%d %s\r\n" % (replies.NO_MAIL[0], replies.NO_MAIL[1].encode())
+
+def reply_line(reply: replies.Reply, *args) -> str:
+    """One of odmr.replies as a line on the wire, without CRLF; `args` fill its %s."""
+    code, text = reply
+    return "%d %s" % (code, text % args if args else text)
+
+
+ATRN_OK = (reply_line(replies.ATRN_OK) + "\r\n").encode()   # our own lines, as sent
+NO_MAIL = (reply_line(replies.NO_MAIL) + "\r\n").encode()
 
 
 class Delivered(dict):
@@ -959,7 +984,6 @@ def accept_all(c: Customer, expect: int):
 # -- odmrd fetch and a scripted provider -----------------------------------------------
 
 FETCH = [sys.executable, os.path.join(ROOT, "odmrd.py"), "fetch"]
-from odmr.exits import EX_NOINPUT, EX_NOPERM, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # noqa: E402,F401
 
 
 def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 60,
@@ -976,10 +1000,12 @@ def err(result: subprocess.CompletedProcess) -> str:
     return result.stderr.decode("utf-8", "replace")
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess) -> None:
-    text = err(result)
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's one line on stderr (a failure the user can read, no traceback)."""
+    text = err(result).strip()
     assert "Traceback" not in text, text
-    assert len(text.strip().splitlines()) == 1, text
+    assert len(text.splitlines()) == 1, text
+    return text
 
 
 class Peer:
@@ -1020,7 +1046,7 @@ class Peer:
 class Scripted:
     """A tiny ODMR provider: behaviour set by options, one thread per connection."""
 
-    def __init__(self, atrn_reply: str = "453 4.2.0 You have no mail", mechanisms: str = "CRAM-MD5",
+    def __init__(self, atrn_reply: str = reply_line(replies.NO_MAIL), mechanisms: str = "CRAM-MD5",
                  atrn: bool = True, starttls: Optional[ssl.SSLContext] = None,
                  implicit: Optional[ssl.SSLContext] = None, greeting: str = "220 scripted.test ESMTP",
                  after_250: Optional[Callable[[Peer], None]] = None):

@@ -91,6 +91,7 @@ def test_dsns_about_internationalised_mail_reach_a_7bit_relay_in_7_bits(relayed,
     assert got["data"].isascii() and max(map(len, got["data"].split(b"\r\n"))) <= 998
 
 
+@pytest.mark.slow
 def test_8bit_mail_is_never_sent_raw_to_a_7bit_relay(relayed, caplog):
     """The bare postmaster's mail (kept for the relay) with an 8-bit body: refused for
     good by odmrd itself, and its sender told, in 7 bits, through the same relay."""

@@ -11,29 +11,15 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 
-from helpers import PASSWORD, ROOT, Customer, Provider, run_cli, send_mail
+from helpers import (PASSWORD, ROOT, Customer, Provider, dsns, odmrd, one_line_error, queue, queue_provider,
+                     report_fields, run_cli, send_mail, spool)
 from odmr import accounts, sasl
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def odmrd(config: str, *args, input: bytes = None, env=None) -> subprocess.CompletedProcess:
-    """Run odmrd; whatever happens, no traceback reaches the user."""
-    result = run_cli("-c", config, *args, input=input, env=env)
-    assert b"Traceback" not in result.stderr, result.stderr.decode()
-    assert b"internal error" not in result.stderr, result.stderr.decode()
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    text = result.stderr.decode().strip()
-    assert text and "\n" not in text, text
-    return text
 
 
 @pytest.fixture
@@ -475,6 +461,36 @@ def test_queue_bounce_returns_to_sender(hosted):
 
 
 @pytest.mark.slow
+def test_cli_queue_bounce(provider):
+    spool(provider, ["u@example.org", "v@example.org"], token="cli")
+    [record] = queue(provider, "example.org")
+    result = provider.run_cli("queue", "bounce", record["id"])
+    assert result.returncode == 0, result.stderr
+    assert queue(provider, "example.org") == []
+    [dsn] = dsns(provider)
+    assert sorted(f["final-recipient"] for f in report_fields(dsn)) == \
+        ["rfc822; u@example.org", "rfc822; v@example.org"]
+    listing = json.loads(provider.run_cli("queue", "list", "--json").stdout)
+    assert [r["domain"] for r in listing] == ["example.net"]
+
+
+@pytest.mark.slow
+def test_cli_queue_expire(tmp_path):
+    p = queue_provider(tmp_path, "max_age = 1s")
+    try:
+        spool(p, ["u@example.org"], token="exp")
+        time.sleep(1.2)
+        result = p.run_cli("queue", "expire")
+        assert result.returncode == 0, result.stderr
+        assert b"1 expired" in result.stdout
+        assert queue(p, "example.org") == []
+        [dsn] = dsns(p)
+        assert report_fields(dsn)[0]["status"] == "5.4.7"
+    finally:
+        p.stop()
+
+
+@pytest.mark.slow
 def test_pending_bounces_are_listed_by_the_name_queue_list_shows(hosted):
     """SPEC §2: whatever `queue list` shows in its domain column is a DOMAIN argument."""
     ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
@@ -667,6 +683,7 @@ def test_queue_show_bounce_delete_of_a_corrupt_file(provider):
     assert not os.path.exists(path)
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_is_no_spool_error(hosted):
     """`queue show ID | head`: the pipe closing is not the spool's fault: no error line."""
     [msg_id] = enqueue(hosted, "a@example.org").values()
@@ -680,6 +697,7 @@ def test_a_reader_that_leaves_early_is_no_spool_error(hosted):
     assert (proc.wait(30), err) == (141, b"")
 
 
+@pytest.mark.slow
 def test_listing_a_domain_that_is_not_hosted_says_so(hosted):
     for name in ("nosuch.example", "outbound"):
         result = odmrd(hosted, "queue", "list", name)

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import pytest
 
-from helpers import Daemon, ROOT, alive, rcpt_code, wait_for
+from helpers import Daemon, ROOT, alive, rcpt_code, refused, wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege dropping)")
@@ -37,14 +37,6 @@ def _is_socket(path: str) -> bool:
 
 
 SYSLOG_PRESENT = any(_is_socket(p) for p in ("/dev/log", "/var/run/log", "/var/run/syslog"))
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return True
-    return False
 
 
 @pytest.fixture
@@ -110,6 +102,7 @@ def test_detached_process_state(site):
     assert ppid != os.getpid()
     assert session != os.getsid(0)          # its own session (setsid)...
     assert session != pid                   # ...but not its leader (second fork): no tty can be acquired
+    assert pgrp == session                  # and in the process group setsid made, not the caller's
     with open("/proc/%d/status" % pid) as fh:
         umask = [line.split()[1] for line in fh if line.startswith("Umask:")]
     if umask:

@@ -14,8 +14,10 @@ from typing import List
 
 import pytest
 
+import odmr.replies
 import odmr.wire
-from helpers import EX_OK, Peer, err, quit_, run_fetch, scripted_args
+from helpers import Peer, err, quit_, reply_line, run_fetch, scripted_args
+from odmr.exits import EX_OK
 from odmr.fetch_server import BDAT_PIECE
 
 ENVELOPE = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\n"
@@ -93,7 +95,7 @@ def test_bdat_framing_is_exact(local, name):
     peer.send(ENVELOPE + bdat(*chunks) + b"NOOP\r\n")      # all pipelined
     replies = [peer.line() for _ in range(2 + len(chunks) + 1)]
     assert [r[:3] for r in replies] == [b"250"] * len(replies), replies
-    assert replies[-2].startswith(b"250 2.0.0 Ok: delivered as ")
+    assert replies[-2].startswith(reply_line(odmr.replies.DELIVERED, "").encode())
     assert all(r == b"250 2.0.0 %d octets received" % len(c) for r, c in zip(replies[2:-2], chunks))
     quit_(peer)
     server.close()
@@ -213,7 +215,7 @@ def pipelined_bdat(count: int, replies: List[bytes]):
 
 def test_odmrd_fetch_takes_a_bdat_window_end_to_end(scripted, tmp_path):
     replies: List[bytes] = []
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=pipelined_bdat(5, replies))
+    s = scripted(atrn_reply=reply_line(odmr.replies.ATRN_OK), after_250=pipelined_bdat(5, replies))
     maildir = tmp_path / "md"
     result = run_fetch(*scripted_args(s, "--maildir", str(maildir)))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)

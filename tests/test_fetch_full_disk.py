@@ -16,7 +16,9 @@ from typing import List
 
 import pytest
 
-from helpers import EX_OK, EX_TEMPFAIL, Peer, TOKEN, err, queued_tokens, run_fetch, scripted_args, send_mail
+import odmr.replies
+from helpers import Peer, TOKEN, err, queued_tokens, reply_line, run_fetch, scripted_args, send_mail
+from odmr.exits import EX_OK, EX_TEMPFAIL
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +128,7 @@ def test_disk_filling_during_data_is_452_per_message_and_one_line(scripted, smal
     disk = small_disk("1m")
     target = os.path.join(disk, "Maildir" if kind == "maildir" else "mbox")
     replies: List[bytes] = []
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection",
+    s = scripted(atrn_reply=reply_line(odmr.replies.ATRN_OK),
                  after_250=pipelined_without_size(30, replies))
     result = run_fetch(*scripted_args(s, "--" + kind, target))
     text = err(result)

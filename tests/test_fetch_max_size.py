@@ -9,7 +9,9 @@ import os
 
 import pytest
 
-from helpers import EX_OK, EX_USAGE, Peer, err, run_fetch, scripted_args, send_mail
+from helpers import Peer, err, reply_line, run_fetch, scripted_args, send_mail
+from odmr import replies
+from odmr.exits import EX_OK, EX_USAGE
 
 
 def body_of(size: int) -> bytes:
@@ -62,7 +64,7 @@ def two_without_size(results: list):
 @pytest.mark.parametrize("store", [pytest.param("maildir", marks=pytest.mark.slow), "mbox"])
 def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp_path, store):
     results: list = []
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=two_without_size(results))
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=two_without_size(results))
     target = tmp_path / "box" / ("Maildir" if store == "maildir" else "mbox")
     target.parent.mkdir()
     result = run_fetch(*scripted_args(s, "--" + store, str(target), "--max-size", "10K"))
@@ -83,7 +85,7 @@ def test_fetch_max_size_discards_oversize_stream_without_leftovers(scripted, tmp
 @pytest.mark.slow
 def test_fetch_section_max_size_and_bad_flags(scripted, tmp_path):
     results: list = []
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=two_without_size(results))
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=two_without_size(results))
     conf = tmp_path / "fetch.conf"
     conf.write_text("[fetch]\nmax_size = 10K\n")
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")),

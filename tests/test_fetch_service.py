@@ -20,13 +20,13 @@ from typing import List, Optional
 import pytest
 
 from helpers import PASSWORD, ROOT, InitScript, alive, reuse_provider, send_mail, wait_for, which
+from odmr.exits import EX_OK, EX_USAGE
 
 pytestmark = pytest.mark.slow                   # the init script and a poller, driven for real
 
 INIT_SCRIPT = os.path.join(ROOT, "init", "odmrd-fetch")
 SHELL = which("dash") or "/bin/sh"
 ODMRD = [sys.executable, os.path.join(ROOT, "odmrd.py")]
-EX_OK, EX_USAGE, EX_NOINPUT, EX_CONFIG = 0, 64, 66, 78
 LSB_RUNNING, LSB_DEAD, LSB_STOPPED, LSB_NOT_CONFIGURED = 0, 1, 3, 6
 
 

@@ -18,8 +18,9 @@ from typing import Dict, List
 
 import pytest
 
-from helpers import (EX_OK, EX_PROTOCOL, EX_TEMPFAIL, FETCH, PASSWORD, Provider, Scripted, ScriptedMTA,
-                     assert_one_line_error, err, free_port, run_fetch, send_mail)
+from helpers import (FETCH, PASSWORD, Provider, Scripted, ScriptedMTA, err, free_port, one_line_error,
+                     run_fetch, send_mail)
+from odmr.exits import EX_OK, EX_PROTOCOL, EX_TEMPFAIL
 
 pytestmark = pytest.mark.slow                   # each test runs odmrd fetch against a provider
 
@@ -162,7 +163,7 @@ def test_starttls_against_implicit_tls_port_says_so_within_seconds(tls_provider,
                        timeout=60)
     took = time.monotonic() - started
     assert result.returncode == EX_TEMPFAIL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert "this port may speak implicit TLS: try --tls implicit" in err(result)
     assert took < 10, took
     assert len(tls_provider.spooled("example.org")) == 1
@@ -191,7 +192,7 @@ def test_implicit_tls_against_starttls_port_says_so(tls_provider, pki, tmp_path)
     result = run_fetch("--server", "127.0.0.1:%d" % tls_provider.odmr_port, "--user", "alice",
                        "--tls", "implicit", "--ca-file", pki["ca.pem"], "--maildir", str(tmp_path / "md"))
     assert result.returncode == EX_PROTOCOL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert "this port may speak plain SMTP/STARTTLS: try --tls starttls" in err(result)
 
 
@@ -201,7 +202,7 @@ def test_certificate_failure_names_ca_file_and_insecure(tls_provider, tmp_path, 
     result = run_fetch("--server", "127.0.0.1:%d" % port, "--user", "alice", "--tls", mode,
                        "--maildir", str(tmp_path / "md"))          # the system CAs do not know ours
     assert result.returncode == EX_PROTOCOL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert "certificate verification failed" in err(result)
     assert "--ca-file" in err(result) and "--insecure" in err(result)
 
@@ -225,7 +226,7 @@ def test_a_name_mismatch_says_to_connect_by_the_certificates_name(tls_provider, 
     result = run_fetch("--server", "%s:%d" % (name, tls_provider.odmr_port), "--user", "alice",
                        "--ca-file", pki["ca.pem"], "--maildir", str(tmp_path / "md"))
     assert result.returncode == EX_PROTOCOL, err(result)
-    assert_one_line_error(result)
+    one_line_error(result)
     assert "connect by a name the certificate holds" in err(result)
     assert "give the CA" not in err(result)
 

@@ -10,8 +10,8 @@ from typing import List
 
 import pytest
 
-from helpers import EX_OK, Provider, SENDER_OUTSIDE, Script, atrn, queue, send_mail, wait_sessions_over
-from odmr.exits import EX_DATAERR
+from helpers import Provider, SENDER_OUTSIDE, Script, atrn, queue, send_mail, wait_sessions_over
+from odmr.exits import EX_DATAERR, EX_OK
 from odmr.replies import MAIL_LOOP, TOO_MANY_HOPS
 
 

@@ -42,6 +42,7 @@ def test_domain_normaliser_never_returns_a_path(text):
     assert set(name) <= SAFE and ".." not in name and name not in (".", "")
 
 
+@pytest.mark.slow
 @given(st.text(max_size=300), st.sampled_from(["FROM:", "TO:"]))
 @settings(max_examples=400)
 def test_path_and_param_parsers_never_crash(text, keyword):

@@ -23,8 +23,8 @@ import idna
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from helpers import (PASSWORD, ROOT, Customer, Provider, message_ids, reuse_provider, run_cli, stop_quickly,
-                     wait_for)
+from helpers import (PASSWORD, ROOT, Customer, Provider, message_ids, odmrd, one_line_error, reuse_provider,
+                     stop_quickly, wait_for)
 from odmr import accounts, config
 from odmr.names import normalize_domain
 from odmr.runtime import Runtime
@@ -270,21 +270,9 @@ def conf(tmp_path) -> str:
     return str(path)
 
 
-def odmrd(conf: str, *args: str, input: bytes = None) -> subprocess.CompletedProcess:
-    result = run_cli("-c", conf, *args, input=input)
-    assert b"Traceback" not in result.stderr and b"internal error" not in result.stderr, result.stderr
-    return result
-
-
 def add(conf: str, name: str, *domains: str, shared: bool = False) -> subprocess.CompletedProcess:
     args = ["user", "add", name, "--password-stdin"] + ["--domain=" + d for d in domains]
     return odmrd(conf, *(args + (["--shared-domain"] if shared else [])), input=b"pw-123456\n")
-
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    text = result.stderr.decode()
-    assert len(text.strip().splitlines()) == 1, text
-    return text
 
 
 def users_of(conf: str) -> str:
@@ -299,7 +287,7 @@ def test_user_add_refuses_a_name_idna_2008_refuses(conf, name):
         before = fh.read()
     result = add(conf, "eve", name)
     assert result.returncode == 65
-    assert "invalid domain" in one_line(result)
+    assert "invalid domain" in one_line_error(result)
     with open(users_of(conf), "rb") as fh:
         assert fh.read() == before
 
@@ -317,7 +305,7 @@ def test_user_add_gives_a_domain_to_one_account_unless_told_to_share(conf):
     for spelling in ("xn--strae-oqa.de", "STRAßE.DE", "straße.de"):
         result = add(conf, "bob", "bob.test", spelling)
         assert result.returncode == 65
-        assert "alice" in one_line(result) and "--shared-domain" in result.stderr.decode()
+        assert "alice" in one_line_error(result) and "--shared-domain" in result.stderr.decode()
     assert accounts.load(users_of(conf)).get("bob") is None
     assert add(conf, "bob", "strasse.de").returncode == 0         # the look-alike is another domain
     result = add(conf, "carol", "carol.test", "xn--strae-oqa.de", shared=True)
@@ -352,7 +340,7 @@ def test_check_config_refuses_a_domain_with_two_owners_unless_both_share_it(conf
     write_users(conf, {"alice": ["domains = straße.de"], "bob": ["domains = xn--strae-oqa.de, b.test"]})
     result = odmrd(conf, "check-config")
     assert result.returncode == 78
-    line = one_line(result)
+    line = one_line_error(result)
     assert ALICE in line and "alice" in line and "bob" in line and "shared_domains" in line
     write_users(conf, {"alice": ["domains = straße.de", "shared_domains = STRAßE.de"],
                        "bob": ["domains = xn--strae-oqa.de, b.test"]})
@@ -363,7 +351,7 @@ def test_check_config_refuses_a_domain_with_two_owners_unless_both_share_it(conf
     assert result.returncode == 0, result.stderr
     write_users(conf, {"alice": ["domains = a.test", "shared_domains = b.test"]})
     result = odmrd(conf, "check-config")
-    assert result.returncode == 78 and "b.test" in one_line(result)
+    assert result.returncode == 78 and "b.test" in one_line_error(result)
 
 
 @pytest.mark.slow
@@ -390,7 +378,7 @@ def test_check_config_refuses_two_policy_sections_for_one_domain(conf):
                  "  [[XN--STRAE-OQA.DE]]\n  max_messages = 50\n")
     result = odmrd(conf, "check-config")
     assert result.returncode == 78
-    assert ALICE in one_line(result)
+    assert ALICE in one_line_error(result)
 
 
 NOBODY = 65534
@@ -421,7 +409,7 @@ def test_check_config_warns_when_the_users_file_has_a_foreign_owner(public_conf)
     os.chown(users_of(conf), NOBODY, NOBODY)
     result = odmrd(conf, "check-config")
     assert result.returncode == 0, result.stderr
-    line = one_line(result)
+    line = one_line_error(result)
     assert line.startswith("odmrd: warning: ") and users_of(conf) in line and "uid %d" % NOBODY in line
     assert result.stdout.decode().strip() == "%s: ok" % conf
     with open(conf) as fh:
@@ -433,7 +421,7 @@ def test_check_config_warns_when_the_users_file_has_a_foreign_owner(public_conf)
     os.chown(users_of(conf), 4242, 4242)         # a stranger's, mode 0600: the daemon is locked out
     result = odmrd(conf, "check-config")
     assert result.returncode == 78
-    assert "not readable by nobody" in one_line(result)
+    assert "not readable by nobody" in one_line_error(result)
 
 
 # -- properties of the parsers (hypothesis) ----------------------------------------

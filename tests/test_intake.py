@@ -86,6 +86,7 @@ def test_pipelined_client(smtp, provider):
     assert len(provider.spooled("example.net")) == 1
 
 
+@pytest.mark.slow
 def test_pipelined_replies_go_out_together(smtp, provider, monkeypatch):
     """RFC 2920 §3.1: a reply waits while more pipelined commands are buffered, so a
     group's replies leave in one write; RSET's 250 is held until MAIL is answered."""

@@ -12,7 +12,9 @@ import socket
 import pytest
 from hypothesis import given, strategies as st
 
-from helpers import Customer, Daemon, EX_OK, Peer, err, run_fetch, scripted_args, send_mail, wait_for
+from helpers import Customer, Daemon, Peer, err, reply_line, run_fetch, scripted_args, send_mail, wait_for
+from odmr import replies
+from odmr.exits import EX_OK
 
 
 # each can end a line for some reader (NEL, U+2028/9, VT, FF, ESC sequences) or hide text
@@ -125,7 +127,7 @@ def test_fetch_log_lines_escape_what_the_provider_sends(scripted, tmp_path):
         peer.send("QUIT\r\n")
         results.append(peer.line())
 
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=converse)
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=converse)
     result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md"), "--max-size", "10K"))
     assert result.returncode == EX_OK, err(result) + repr(s.errors)
     assert [r[:3] for r in results] == [b"552", b"221"]

@@ -83,6 +83,7 @@ def metric_sessions(metrics_port: int, port: int) -> float:
     return value(scrape(metrics_port), "odmrd_sessions", port=str(port))
 
 
+@pytest.mark.slow
 def test_counters_move_with_real_traffic(daemon, metrics_port):
     # the harness's start-up probe is a session until its intake worker says it ended
     deadline = time.monotonic() + 5
@@ -228,6 +229,7 @@ def test_a_trickling_client_cannot_hold_the_endpoint(daemon, metrics_port, monke
         s.close()
 
 
+@pytest.mark.slow
 def test_queue_families_stay_when_no_domain_is_queued(tmp_path, metrics_port):
     d = make_daemon(tmp_path, metrics_port, more="per_domain = yes\n")
     d.start()

@@ -16,13 +16,12 @@ from typing import List, Tuple
 
 import pytest
 
-from helpers import (NO_MAIL, Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script, reuse_provider,
-                     send_mail, stop_quickly)
+from helpers import (ATRN_OK, NO_MAIL, Customer, Delivered, PASSWORD, Provider, ReversedConnection, Script,
+                     reply_line, reuse_provider, send_mail, stop_quickly)
 from odmr import sasl
 from odmr.odmr_session import ODMRSession
 from odmr import replies
 
-ATRN_OK = b"%d %s\r\n" % (replies.ATRN_OK[0], replies.ATRN_OK[1].encode())
 SENDER = "sender@remote.test"
 
 
@@ -370,7 +369,7 @@ def test_atrn_before_auth_is_530_even_with_bad_syntax(provider):
         c.cmd("EHLO customer.test")
         for arg in ("example.org", "../etc", ""):
             code, lines = c.cmd(("ATRN " + arg).rstrip())
-            assert code == 530 and lines[0].startswith("5.7.0 Authentication required"), arg
+            assert (code, lines[0]) == replies.AUTH_REQUIRED, arg
     finally:
         c.close()
 
@@ -413,7 +412,7 @@ def test_atrn_foreign_domain_is_450_and_nothing_is_sent(provider, arg):
     c = login(provider)
     try:
         code, lines = c.cmd("ATRN " + arg)
-        assert (code, lines[0]) == (450, "4.7.0 ATRN request refused")
+        assert (code, lines[0]) == replies.ATRN_REFUSED
         # the session stays authenticated and nothing was delivered
         assert len(spool_files(provider, "example.org")) == 1
         assert len(spool_files(provider, "example.net")) == 1
@@ -480,7 +479,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
         assert first.line() == ATRN_OK
         # while the first session holds example.org (not greeted yet), the second is refused
         code, lines = second.cmd("ATRN example.org,example.com")
-        assert (code, lines[0]) == (451, "4.3.0 Unable to process ATRN request now")
+        assert (code, lines[0]) == replies.ATRN_BUSY
         code, lines = second.cmd("ATRN example.org")
         assert code == 451
         # a domain nobody holds still works (and stays authenticated)
@@ -717,7 +716,7 @@ def test_connection_lost_mid_delivery_keeps_the_message(provider):
         while True:
             c.send("ATRN example.org")
             line = c.line()
-            if line != b"451 4.3.0 Unable to process ATRN request now\r\n" or time.time() > deadline:
+            if line != (reply_line(replies.ATRN_BUSY) + "\r\n").encode() or time.time() > deadline:
                 break
             time.sleep(0.05)
         assert line == ATRN_OK

@@ -3,7 +3,10 @@ SMTP port and by `odmrd enqueue`, as postmaster@<hostname>, and goes out through
 `[queue] bounce_relay` with its real sender. Real sockets, a small relay server."""
 from __future__ import annotations
 
-from helpers import EX_OK, SENDER_OUTSIDE, eventually, queue, send_mail
+import pytest
+
+from helpers import SENDER_OUTSIDE, eventually, queue, send_mail
+from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND
 
 
@@ -18,6 +21,7 @@ def test_postmaster_works_out_of_the_box_through_the_bounce_relay(relayed):
     assert eventually(lambda: queue(p) == [], 5)
 
 
+@pytest.mark.slow
 def test_enqueue_to_the_bare_postmaster(provider):
     result = provider.run_cli("enqueue", "-f", SENDER_OUTSIDE, "postmaster", input=b"Subject: x\r\n\r\nhi\r\n")
     assert result.returncode == EX_OK, result.stderr

@@ -1,6 +1,7 @@
-"""Messages the daemon cannot use (SPEC §7): unreadable files quarantined and shown, never
-an ATRN 250 for nothing; `queue list --quarantine` and `queue requeue`; impossible Arrival
-times; a directory where a state file belongs; debris in tmp/ at start-up.
+"""Messages the daemon cannot use (SPEC §7): unreadable, corrupt and truncated files
+quarantined and shown, never an ATRN 250 for nothing, never blocking the domain;
+`queue list --quarantine` and `queue requeue`; impossible Arrival times; a directory
+where a state file belongs; debris in tmp/ at start-up.
 
 Unreadable files are made for real: the daemon runs as `nobody` (root is needed to drop
 to it) and the test, as root, takes a message file away from it with chown/chmod.
@@ -8,6 +9,7 @@ to it) and the test, as root, takes a message file away from it with chown/chmod
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -18,9 +20,9 @@ from typing import List
 
 import pytest
 
-from helpers import (Customer, Daemon, Provider, accept_all, assert_one_line_error, err, message_ids,
-                     send_mail, store, wait_for)
-from odmr.spool import Envelope, Recipient, Spool
+from helpers import (Customer, Daemon, Provider, Script, TOKEN, accept_all, atrn, err, message_ids,
+                     one_line_error, send_mail, spool, store, wait_for, wait_sessions_over)
+from odmr.spool import MAGIC, Envelope, Recipient, Spool, new_id
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (a daemon running as nobody)")
@@ -59,7 +61,8 @@ def queued_ids(s: Daemon, domain: str = "example.org") -> List[str]:
     return sorted(n for n in os.listdir(directory) if len(n) > 13 and "." not in n and n != "tmp")
 
 
-def atrn(s: Daemon) -> Customer:
+def send_atrn(s: Daemon) -> Customer:
+    """Logged in as alice, ATRN example.org sent; the reply is the caller's to read."""
     c = Customer(s.odmr_port)
     c.login("alice", PASSWORD)
     c.send("ATRN example.org")
@@ -84,7 +87,7 @@ def test_unreadable_message_is_quarantined_listed_and_requeued(site):
     serve(site)
     bad = spool_mail(site, "bad")
     take_away(os.path.join(site.spool_dir, "example.org", bad))
-    c = atrn(site)
+    c = send_atrn(site)
     try:
         assert c.reply()[0] == 453                 # no 250 for a message that never comes
     finally:
@@ -107,21 +110,21 @@ def test_unreadable_message_is_quarantined_listed_and_requeued(site):
 
     still = site.cli("queue", "requeue", bad)          # not repaired yet
     assert still.returncode == 77 and "still unreadable" in err(still)
-    assert_one_line_error(still)
+    one_line_error(still)
     unknown = site.cli("queue", "requeue", "0123456789abcdef0123")
     assert unknown.returncode == 66 and "no quarantined message" in err(unknown)
-    assert_one_line_error(unknown)
+    one_line_error(unknown)
     os.symlink(aside, os.path.join(site.spool_dir, ".quarantine", "example.org", "0" * 21))
     linked = site.cli("queue", "requeue", "0" * 21)
     assert linked.returncode == 65 and os.path.exists(aside)
-    assert_one_line_error(linked)
+    one_line_error(linked)
 
     give_back(aside)
     back = site.cli("queue", "requeue", bad)
     assert back.returncode == 0, back.stderr
     assert queued_ids(site) == [bad] and not os.path.exists(aside)
     assert site.cli("queue", "list", "--quarantine").stdout.strip() == b"Quarantine is empty"
-    c = atrn(site)
+    c = send_atrn(site)
     try:
         assert c.reply()[0] == 250
         [text] = accept_all(c, 1)
@@ -138,7 +141,7 @@ def test_readable_mail_behind_an_unreadable_file_is_delivered(site):
     bad = spool_mail(site, "bad")
     spool_mail(site, "good")
     take_away(os.path.join(site.spool_dir, "example.org", bad))
-    c = atrn(site)
+    c = send_atrn(site)
     try:
         assert c.reply()[0] == 250
         [text] = accept_all(c, 1)
@@ -158,7 +161,7 @@ def test_unreadable_file_that_cannot_be_quarantined_is_reported(site):
     bad = spool_mail(site, "bad")
     take_away(os.path.join(site.spool_dir, "example.org", bad))
     for _ in range(2):
-        c = atrn(site)
+        c = send_atrn(site)
         try:
             assert c.reply()[0] == 453
         finally:
@@ -258,3 +261,33 @@ def test_start_up_removes_tmp_debris_of_killed_queue_commands(site):
             if os.path.isdir(os.path.join(site.spool_dir, queue, "tmp")) else []
         assert left == (["planted"] if queue == "example.org" else []), (queue, left)
     assert os.path.exists("/etc/passwd")
+
+
+@pytest.mark.slow
+def test_corrupt_and_truncated_files_are_quarantined_not_fatal(provider, caplog):
+    directory = os.path.join(provider.spool_dir, "example.org")
+    spool(provider, ["u@example.org"], token="good1")
+    garbage, truncated, hollow = new_id(), new_id(), new_id()
+    with open(os.path.join(directory, garbage), "wb") as fh:
+        fh.write(b"\x00\xffthis is not a spool file\r\n\r\n")
+    with open(os.path.join(directory, truncated), "wb") as fh:
+        fh.write(MAGIC + b"Id: " + truncated.encode() + b"\nArrival: 1.0\nSender: <a@b.test>\nRecip")
+    os.mkdir(os.path.join(directory, hollow))                 # a name that cannot be read at all
+    spool(provider, ["v@example.org"], token="good2")
+    with caplog.at_level(logging.WARNING):
+        s = Script()
+        assert atrn(provider, s) == "quit"
+        wait_sessions_over(provider)
+    assert sorted(TOKEN.findall(b"".join(m["data"] for m in s.messages))) == [b"good1", b"good2"]
+    quarantine = os.path.join(provider.spool_dir, ".quarantine", "example.org")
+    assert sorted(os.listdir(quarantine)) == sorted([garbage, truncated, hollow])
+    assert sum("quarantined" in r.getMessage() for r in caplog.records) == 3
+    assert not os.path.exists(os.path.join(directory, hollow))
+    # the domain is not blocked: new mail still flows, and the CLI copes
+    spool(provider, ["w@example.org"], token="good3")
+    s2 = Script()
+    assert atrn(provider, s2) == "quit"
+    wait_sessions_over(provider)
+    assert TOKEN.findall(s2.messages[0]["data"]) == [b"good3"]
+    result = provider.run_cli("queue", "list", "--json")
+    assert result.returncode == 0 and b"Traceback" not in result.stderr

@@ -14,13 +14,13 @@ import subprocess
 
 import pytest
 
-from helpers import PASSWORD, Daemon, run_cli, write_config
+from helpers import PASSWORD, Daemon, free_port, run_cli, write_config
 from odmr import accounts
 
 
 def _config(tmp_path, extra: str = "", sections: str = "", smtp_port: int = 0,
             pid_file: str = "odmrd.pid") -> str:
-    conf = write_config(str(tmp_path), _free(), smtp_port or _free(), extra, sections)
+    conf = write_config(str(tmp_path), free_port(), smtp_port or free_port(), extra, sections)
     _set_pid_file(conf, pid_file)
     accounts.add_user(os.path.join(str(tmp_path), "users"), "alice", ["example.org"], PASSWORD)
     return conf
@@ -33,12 +33,6 @@ def _set_pid_file(conf: str, pid_file: str) -> None:
         fh.write(text.replace("pid_file = odmrd.pid\n", "pid_file = %s\n" % pid_file, 1))
 
 
-def _free() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def squatter():
     """Another program listening on a loopback port."""
@@ -49,6 +43,7 @@ def squatter():
     sock.close()
 
 
+@pytest.mark.slow
 def test_a_port_another_program_holds_is_refused(tmp_path, squatter):
     conf = _config(tmp_path, sections="[metrics]\nlisten = 127.0.0.1:%d\n" % squatter)
     result = run_cli("-c", conf, "check-config")

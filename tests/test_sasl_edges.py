@@ -20,9 +20,9 @@ from typing import Tuple
 
 import pytest
 
-from helpers import (Customer, Daemon, EX_PROTOCOL, PASSWORD, Peer, Provider, Scripted, err, kill_hard,
-                     run_fetch)
-from odmr import accounts, sasl
+from helpers import Customer, Daemon, PASSWORD, Peer, Provider, Scripted, err, kill_hard, run_fetch
+from odmr.exits import EX_PROTOCOL
+from odmr import accounts, replies, sasl
 from odmr.daemon import read_pid_file
 
 THROTTLE = "auth_throttle_failures = 4\nauth_throttle_window = 10m"
@@ -248,7 +248,7 @@ def test_auth_initial_response_up_to_12288_octets_is_read(plaintext_provider):
         code, lines = c.cmd("AUTH PLAIN " + plain_response(13000 // 4 * 4))
         assert code == 500
         assert c.cmd("NOOP")[0] == 250
-        assert c.cmd("NOOP " + "x" * 600) == (500, ["5.5.2 Line too long"])    # others keep 512
+        assert c.cmd("NOOP " + "x" * 600) == (replies.LINE_TOO_LONG[0], [replies.LINE_TOO_LONG[1]])    # others keep 512
         ok = base64.b64encode(("\0alice\0" + PASSWORD).encode()).decode()
         assert c.cmd("AUTH PLAIN " + ok)[0] == 235
     finally:

@@ -154,6 +154,7 @@ def wait_idle(p: Provider) -> None:
 BUSY = ("%d %s\r\n" % replies.SPOOL_UNCHANGEABLE).encode()
 
 
+@pytest.mark.slow
 def test_full_disk_retires_by_unlinking(provider):
     """No block for tmp/'s new entry: the delivered message is unlinked, not sent again."""
     for n in range(3):
@@ -194,6 +195,7 @@ def test_unwritable_domain_directory_mid_session(provider):
     assert set(counts.values()) == {1}, counts
 
 
+@pytest.mark.slow
 def test_partial_result_on_full_disk_is_not_sent_again(provider):
     """One recipient 250, the other 451, and the state file cannot be written (ENOSPC):
     the accepted recipient is never offered the message again."""

@@ -17,7 +17,8 @@ from typing import List
 
 import pytest
 
-from helpers import Customer, Peer, Provider, err, reuse_provider, run_fetch, scripted_args, stop_quickly
+from helpers import (Customer, Peer, Provider, err, reply_line, reuse_provider, run_fetch, scripted_args,
+                     stop_quickly)
 from odmr import replies
 
 SENDER = "sender@remote.test"
@@ -250,7 +251,7 @@ def _reversed_with_bad_names(results: list):
 @pytest.mark.slow
 def test_fetch_maildir_refuses_a_bad_provider_ehlo(scripted, tmp_path):
     results: list = []
-    s = scripted(atrn_reply="250 2.0.0 OK now reversing the connection", after_250=_reversed_with_bad_names(results))
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=_reversed_with_bad_names(results))
     maildir = tmp_path / "md"
     result = run_fetch(*scripted_args(s, "--maildir", str(maildir)))
     assert result.returncode == 0, err(result) + repr(s.errors)
