@@ -267,9 +267,10 @@ def _as_whom(exc: OSError) -> str:
 class _Editor:
     """Holds an exclusive lock on the users file while it is rewritten."""
 
-    def __init__(self, path: str, create: bool):
+    def __init__(self, path: str, create: bool, new_file_owner: Optional[Tuple[int, int]] = None):
         self.path = path
         self.create = create
+        self.new_file_owner = new_file_owner        # (uid, gid) of a file root creates
 
     def __enter__(self) -> ConfigObj:
         directory = os.path.dirname(os.path.abspath(self.path)) or "."
@@ -296,31 +297,29 @@ class _Editor:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                _write_atomically(self.path, self.config)
+                _write_atomically(self.path, self.config, self.new_file_owner)
                 if not os.path.lexists(secret_path(self.path)):
                     decoy_secret(self.path)     # made once; serve and check-config judge it
         finally:
             self._lock.close()
 
 
-def _owner_for(path: str) -> Optional[Tuple[int, int]]:
-    """Root rewriting the file keeps its owner, so the service account can still read it."""
+def _owner_for(path: str, new_file_owner: Optional[Tuple[int, int]] = None) -> Optional[Tuple[int, int]]:
+    """Root rewriting the file keeps its owner, so the service account can still read it;
+    a file root creates gets `new_file_owner` (the configured service account)."""
     if os.geteuid() != 0:
         return None
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return SERVICE_OWNER.get("owner")
+        return new_file_owner
     return st.st_uid, st.st_gid
 
 
-# set by the command line when root edits for a configured service account
-SERVICE_OWNER: Dict[str, Tuple[int, int]] = {}
-
-
-def _write_atomically(path: str, config: ConfigObj) -> None:
+def _write_atomically(path: str, config: ConfigObj,
+                      new_file_owner: Optional[Tuple[int, int]] = None) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    owner = _owner_for(path)
+    owner = _owner_for(path, new_file_owner)
     fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -361,10 +360,11 @@ def _credentials(password: str, cram: bool) -> Dict[str, str]:
 
 
 def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: bool = True,
-             shared: bool = False) -> List[str]:
+             shared: bool = False, service_owner: Optional[Tuple[int, int]] = None) -> List[str]:
     """Create an account; returns its domains in A-label form. A domain that already
     has an owner is refused unless `shared`: then it is marked in `shared_domains` of
-    every account that holds it."""
+    every account that holds it. `service_owner`: (uid, gid) that a users file root
+    creates here is given to, so the service account can read it."""
     if not valid_account_name(name):
         raise AccountsError("invalid account name %r (letters, digits, . _ @ + -)" % name)
     normalized = []
@@ -376,7 +376,7 @@ def add_user(path: str, name: str, domains: Iterable[str], password: str, cram: 
     if not normalized:
         raise AccountsError("at least one --domain is needed")
     normalized = list(dict.fromkeys(normalized))
-    with _Editor(path, create=True) as config:
+    with _Editor(path, create=True, new_file_owner=service_owner) as config:
         if name in config:
             raise AccountsError("account %s already exists" % name)
         owners = _owners_in(config)

@@ -265,6 +265,7 @@ def _log_like_the_daemon(settings, account) -> None:
     (as the service account, /var/log is out of reach: the line went nowhere)."""
     import logging
     from odmr import daemon
+    from odmr.logline import DaemonLineFormatter
     owner = (account.uid, account.gid) if account is not None else None
     try:
         daemon.setup_logging(settings.log_level, daemon.log_target(settings, foreground=False),
@@ -273,7 +274,7 @@ def _log_like_the_daemon(settings, account) -> None:
         pass                        # the log out of reach must not stop a queue command
     to_operator = logging.StreamHandler(sys.stderr)    # and whoever runs it sees the warnings
     to_operator.setLevel(logging.WARNING)
-    to_operator.setFormatter(daemon.DaemonLineFormatter("odmrd: %(message)s"))
+    to_operator.setFormatter(DaemonLineFormatter("odmrd: %(message)s"))
     logging.getLogger().addHandler(to_operator)
 
 
@@ -401,11 +402,12 @@ def cmd_user(args: argparse.Namespace, config_path: str) -> int:
     except config.ConfigError as exc:
         return _config_failed(exc, config_path)
     path = settings.users_file
+    service_owner = None            # (uid, gid) a users file root creates is given to
     if os.geteuid() == 0 and settings.user:
         import pwd
         try:
             entry = pwd.getpwnam(settings.user)
-            accounts.SERVICE_OWNER["owner"] = (entry.pw_uid, entry.pw_gid)
+            service_owner = (entry.pw_uid, entry.pw_gid)
         except KeyError:
             pass                # `serve` and `check-config` say so; the file stays root's
     action = args.user_command
@@ -415,7 +417,8 @@ def cmd_user(args: argparse.Namespace, config_path: str) -> int:
         if action == "add":
             domains = accounts.add_user(path, args.name, args.domain,
                                         _read_password(args.password_stdin),
-                                        cram=not args.no_cram_md5, shared=args.shared_domain)
+                                        cram=not args.no_cram_md5, shared=args.shared_domain,
+                                        service_owner=service_owner)
             print("account %s created for %s" % (args.name, ", ".join(domains)))
         elif action == "passwd":
             accounts.set_password(path, args.name, _read_password(args.password_stdin),
@@ -674,9 +677,9 @@ def _queue_change(runtime, args) -> int:
 
 
 def _queue_expire(runtime, args) -> int:
-    from odmr import queue_commands
     from odmr.names import plural
-    counts = queue_commands.expire(runtime)
+    from odmr.queuemgr import expire_all
+    counts = expire_all(runtime)
     print("%d expired%s" % (counts["expired"], ", %s busy (try again)"
                              % plural(counts["busy"], "domain") if counts["busy"] else ""))
     return EX_TEMPFAIL if counts["busy"] else EX_OK

@@ -33,7 +33,7 @@ from odmr.config import Settings
 from odmr import ports
 from odmr.exits import (EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OK, EX_OSERR,
                          EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, leave_forked_process)
-from odmr.logline import OneLineFormatter
+from odmr.logline import DaemonLineFormatter
 from odmr.server import Service, StartupError
 
 log = logging.getLogger("odmrd")
@@ -53,24 +53,6 @@ class DaemonError(Exception):
 
 
 # -- logging -----------------------------------------------------------------
-
-_pid = [os.getpid()]
-os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
-
-
-def log_as(pid: int) -> None:
-    """Log lines name this pid: an intake worker logs as the daemon (the pid file's)."""
-    _pid[0] = pid
-
-
-class DaemonLineFormatter(OneLineFormatter):
-    """Log lines never span lines: nothing from a peer can forge or disguise entries."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.process is None:          # logProcesses is off: the pid is cached, not asked for
-            record.process = _pid[0]
-        return super().format(record)
-
 
 class _LogFile(logging.handlers.WatchedFileHandler):
     """Append-only log file, reopened after rotation; never follows a symlink."""

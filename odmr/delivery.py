@@ -51,9 +51,10 @@ WRITE_BATCH = 256 * 1024       # windowed delivery: messages gathered into one w
 Reply = Tuple[int, str]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Timeouts:
-    """RFC 5321 section 4.5.3.2 client timeouts (seconds). Tests swap in a shorter set."""
+    """RFC 5321 section 4.5.3.2 client timeouts (seconds); the service hands its own to
+    every delivery (tests give their provider a shorter set)."""
     greeting: float = 300.0
     mail: float = 300.0
     rcpt: float = 300.0
@@ -61,9 +62,6 @@ class Timeouts:
     data_block: float = 180.0
     data_end: float = 600.0
     quit: float = 60.0
-
-
-TIMEOUTS = Timeouts()
 
 
 class ConnectionLost(Exception):
@@ -81,8 +79,10 @@ class ReversedClient(smtplib.SMTP):
     ehlo_msg = "EHLO"
 
     def __init__(self, sock: socket.socket, rfile: BinaryIO, local_hostname: str,
-                 one_line_per_write: bool = False, stop: Optional[threading.Event] = None):
-        super().__init__(local_hostname=local_hostname, timeout=TIMEOUTS.greeting)
+                 one_line_per_write: bool = False, stop: Optional[threading.Event] = None,
+                 timeouts: Timeouts = Timeouts()):
+        super().__init__(local_hostname=local_hostname, timeout=timeouts.greeting)
+        self.timeouts = timeouts
         self.sock = sock
         self.file = rfile
         self.one_line_per_write = one_line_per_write
@@ -102,7 +102,7 @@ class ReversedClient(smtplib.SMTP):
         """Write everything; a customer that stops reading is cut at the data-block timeout."""
         if isinstance(s, str):
             s = s.encode("utf-8")
-        self.set_timeout(TIMEOUTS.data_block)
+        self.set_timeout(self.timeouts.data_block)
         try:
             if self.one_line_per_write:
                 # one TLS record per line: fetchmail stalls on records carrying several lines
@@ -111,7 +111,8 @@ class ReversedClient(smtplib.SMTP):
             else:
                 self.sock.sendall(s)
         except socket.timeout:
-            raise ConnectionLost("timeout after %g s waiting to send data" % TIMEOUTS.data_block) from None
+            raise ConnectionLost("timeout after %g s waiting to send data"
+                                 % self.timeouts.data_block) from None
         except OSError as exc:
             raise ConnectionLost(self._gone("write failed: %s" % exc)) from None
 
@@ -123,7 +124,7 @@ class ReversedClient(smtplib.SMTP):
 
     def getreply(self) -> Tuple[int, bytes]:
         """smtplib's hook, routed through our stricter reader (garbage -> code -1)."""
-        self.set_timeout(TIMEOUTS.mail)
+        self.set_timeout(self.timeouts.mail)
         code, text = self.read_reply("EHLO")
         # never (-1, ""): smtplib's ehlo() takes that for a hang-up and closes our socket
         return code, (text or ("(empty line)" if code < 0 else "")).encode("utf-8")
@@ -169,6 +170,7 @@ class Handoff:
     runtime: Runtime
     queue: QueueManager
     stop: threading.Event
+    timeouts: Timeouts = Timeouts()     # the service's
 
 
 def deliver_reversed(handoff: Handoff) -> None:
@@ -176,7 +178,8 @@ def deliver_reversed(handoff: Handoff) -> None:
     runtime = handoff.runtime
     peer = handoff.peer
     one_line = handoff.implicit_tls and runtime.settings.odmr.one_line_per_tls_record
-    client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line, handoff.stop)
+    client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line, handoff.stop,
+                            handoff.timeouts)
     drain = handoff.queue.drain(runtime, handoff.domains)
     drain.peer = peer                   # for `odmrd status`
     try:
@@ -204,13 +207,13 @@ def _introduce(client: ReversedClient, peer: str) -> bool:
     counts as a delivery attempt, QUIT went out and one line was logged."""
     stage = "greeting"
     try:
-        code, text = client.reply_at(TIMEOUTS.greeting, "the greeting")
+        code, text = client.reply_at(client.timeouts.greeting, "the greeting")
         if code != 220:
             log.warning("delivery: %s greeted with %s; nothing sent, mail kept",
                         peer, _described(code, text))
             _quit(client)
             return False
-        client.set_timeout(TIMEOUTS.mail)
+        client.set_timeout(client.timeouts.mail)
         stage = "EHLO"
         ehlo = _hello(client.ehlo)
         if 200 <= ehlo[0] < 300:
@@ -243,7 +246,7 @@ def _hello(command) -> Reply:
 def _quit(client: ReversedClient) -> None:
     try:
         client.send("QUIT\r\n")
-        client.reply_at(TIMEOUTS.quit, "QUIT")
+        client.reply_at(client.timeouts.quit, "QUIT")
     except (ConnectionLost, smtplib.SMTPException, OSError):
         pass
 
@@ -340,9 +343,10 @@ class Run:
         self._stop = stop
         self._open_transaction = False      # windowed: a refused transaction may still be open
         # the RFC 5321 section 4.5.3.2 timeout for each kind of reply
-        self._wait = {"MAIL": TIMEOUTS.mail, "RCPT": TIMEOUTS.rcpt, "RSET": TIMEOUTS.mail,
-                      "DATA": TIMEOUTS.data_init, "BDAT": TIMEOUTS.data_block,
-                      "LAST": TIMEOUTS.data_end, "FINAL": TIMEOUTS.data_end, "DISCARD": TIMEOUTS.data_end}
+        timeouts = self.timeouts = client.timeouts
+        self._wait = {"MAIL": timeouts.mail, "RCPT": timeouts.rcpt, "RSET": timeouts.mail,
+                      "DATA": timeouts.data_init, "BDAT": timeouts.data_block,
+                      "LAST": timeouts.data_end, "FINAL": timeouts.data_end, "DISCARD": timeouts.data_end}
 
     # -- commands -----------------------------------------------------------
     def _mail_command(self, message: Message) -> str:
@@ -411,7 +415,7 @@ class Run:
         client = self.client
         job.sent = True
         client.send(self._mail_command(job.message))
-        mail = self._expect(client.reply_at(TIMEOUTS.mail, "MAIL"), "MAIL")
+        mail = self._expect(client.reply_at(self.timeouts.mail, "MAIL"), "MAIL")
         if not _ok(mail):
             job.results = {r: mail for r in job.rcpts}
             self._complete(job)
@@ -421,7 +425,7 @@ class Run:
         lines = [line + "\r\n" for line in self._rcpt_commands(job).split("\r\n") if line]
         for rcpt, line in zip(job.rcpts, lines):
             client.send(line)
-            reply = self._expect(client.reply_at(TIMEOUTS.rcpt, "RCPT"), "RCPT")
+            reply = self._expect(client.reply_at(self.timeouts.rcpt, "RCPT"), "RCPT")
             if reply[0] == 421:             # the customer is going away: nothing more for it
                 job.results = {r: job.results.get(r, reply) for r in job.rcpts}
                 self._complete(job)
@@ -440,7 +444,7 @@ class Run:
             return
         client = self.client
         client.send("DATA\r\n")
-        data = client.reply_at(TIMEOUTS.data_init, "DATA")
+        data = client.reply_at(self.timeouts.data_init, "DATA")
         if data[0] != 354:
             self._expect(data, "DATA")
             if _ok(data):
@@ -453,7 +457,7 @@ class Run:
             return
         tail = self._send_body(job)
         client.send(tail)
-        final = self._expect(client.reply_at(TIMEOUTS.data_end, "the end of data"), "end of data")
+        final = self._expect(client.reply_at(self.timeouts.data_end, "the end of data"), "end of data")
         for r in job.accepted:
             job.results[r] = final
         self._complete(job)
@@ -464,8 +468,8 @@ class Run:
         for frame, last in self._frames(job):
             self.client.send(frame)
             what = "BDAT LAST" if last else "BDAT"
-            reply = self._expect(self.client.reply_at(TIMEOUTS.data_end if last else TIMEOUTS.data_block,
-                                                      what), what)
+            wait = self.timeouts.data_end if last else self.timeouts.data_block
+            reply = self._expect(self.client.reply_at(wait, what), what)
             if last or not _ok(reply):
                 for r in job.accepted:
                     job.results[r] = reply
@@ -477,7 +481,7 @@ class Run:
 
     def _reset(self) -> None:
         self.client.send("RSET\r\n")
-        self._expect(self.client.reply_at(TIMEOUTS.mail, "RSET"), "RSET")
+        self._expect(self.client.reply_at(self.timeouts.mail, "RSET"), "RSET")
 
     # -- with PIPELINING: the dot travels with the next MAIL/RCPT/DATA ----------
     def _pipelined(self, jobs: Iterator[Job]) -> bool:

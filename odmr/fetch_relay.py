@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Deque, Optional, Tuple
 
 from odmr.fetch_tally import DATA, END, GREETING, Tally
 
-CHUNK = 256 * 1024
+SPLICE_READ_SIZE = 256 * 1024  # bytes per read of either side of the splice
 HIGH_WATER = 4 * 1024 * 1024    # stop reading a side while this much waits for the other
 TAIL = 512
 IDLE_TIMEOUT = 660.0            # the provider may wait 10 minutes for the reply to the final "."
@@ -106,7 +106,7 @@ def _held_by(reader: Optional[BinaryIO]) -> bytes:
     if reader is None:
         return b""
     try:
-        return reader.read1(CHUNK) or b""
+        return reader.read1(SPLICE_READ_SIZE) or b""
     except (OSError, ValueError):
         return b""
 
@@ -306,7 +306,7 @@ def _read(side: _Side) -> None:
     other = side.other
     while side.reading and len(other.out) < HIGH_WATER:
         try:
-            data = side.sock.recv(CHUNK)
+            data = side.sock.recv(SPLICE_READ_SIZE)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             break
         except (OSError, ValueError) as exc:

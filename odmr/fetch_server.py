@@ -45,7 +45,7 @@ IDLE_TIMEOUT = 660.0            # the provider may take long between messages (R
 MAX_RECIPIENTS = 1000
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024     # --max-size and [fetch] max_size: so a provider cannot fill the disk
 SLACK = 1024 * 1024             # keep this much free on top of a declared SIZE
-CHUNK = 65536                   # BDAT data is read and stored in pieces of at most this
+BDAT_PIECE = 65536              # BDAT data is read and stored in pieces of at most this
 FLUSH_AT = 16384                # replies held back this long are written even if input waits
 _BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.I)
 
@@ -365,7 +365,7 @@ class LocalSMTPSession(Session):
         left = size
         while left:
             try:
-                piece = self.rfile.read1(min(left, CHUNK))
+                piece = self.rfile.read1(min(left, BDAT_PIECE))
             except socket.timeout:
                 self.timeout()
                 raise Closed("timeout in BDAT") from None

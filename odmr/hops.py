@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 from typing import Iterable, List, Optional
 
+from odmr import replies
+from odmr.replies import Reply
+
 MAX_OWN_HOPS = 3                    # our own Received: fields a message may already carry
 _MAX_LINE = 4096                    # of a header line kept for looking at
 _MAX_HEADER = 1024 * 1024           # beyond this the header is not read further
@@ -24,9 +27,10 @@ _FOR = re.compile(rb" for <[^<>]*@([^<>@ ]+)>")
 class TooManyHops(Exception):
     """The message has passed too many hosts, or this one too often: a mail loop."""
 
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
+    def __init__(self, reply: Reply):
+        super().__init__(reply[1])
+        self.reply = reply
+        self.text = reply[1]
 
 
 class HopCount:
@@ -78,13 +82,14 @@ class HopCount:
                 return
         self._keep(partial)
 
-    def verdict(self) -> Optional[str]:
-        """Why the message is refused (a reply text), or None."""
+    def verdict(self) -> Optional[Reply]:
+        """Why the message is refused (the reply), or None."""
         if self.received > self.max_received:
-            return "5.4.6 Too many hops: %d Received: header fields (limit %d); a mail loop?" \
-                % (self.received, self.max_received)
+            code, text = replies.TOO_MANY_HOPS
+            return code, text % (self.received, self.max_received)
         if self.own >= self.max_own:
-            return "5.4.6 Mail loop: the message has passed through this host %d times" % self.own
+            code, text = replies.MAIL_LOOP
+            return code, text % self.own
         return None
 
     def _keep(self, data: bytes) -> None:

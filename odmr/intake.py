@@ -182,7 +182,7 @@ class IntakeSession(Session):
         except TooBig:
             return self._refuse_message(tx, (replies.TOO_BIG[0], replies.TOO_BIG[1] % limit), "too big")
         except TooManyHops as exc:
-            return self._refuse_message(tx, (554, exc.text), "mail loop")
+            return self._refuse_message(tx, exc.reply, "mail loop")
         except SpoolError as exc:   # a full disk, or a spool the administrator must repair
             reply = replies.NO_STORAGE if exc.no_space else replies.LOCAL_ERROR
             return self._refuse_message(tx, reply, str(exc))

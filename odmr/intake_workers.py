@@ -42,9 +42,10 @@ import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from odmr.exits import EX_SOFTWARE, leave_forked_process
+from odmr.logline import log_as
 
 if TYPE_CHECKING:                   # server imports this module
-    from odmr.server import Listener
+    from odmr.server import Listener, Service
 
 log = logging.getLogger("odmrd")
 
@@ -73,7 +74,7 @@ class WorkerPool:
     """The main process's side: forks the workers, hands connections over, relays
     reloads and stops, and answers the workers' quota questions."""
 
-    def __init__(self, service, count: int, private_fds: Sequence[int] = ()):
+    def __init__(self, service: "Service", count: int, private_fds: Sequence[int] = ()):
         self.service = service
         self.stopping = False
         self._lock = threading.Lock()
@@ -84,7 +85,6 @@ class WorkerPool:
             main = os.getpid()
             pid = os.fork()
             if pid == 0:
-                from odmr.daemon import log_as      # here: the daemon module imports this one
                 log_as(main)
                 mine.close()
                 _run_worker(service, theirs, index, [w.channel for w in self._workers],
@@ -241,7 +241,7 @@ def _describe(status: int) -> str:
 
 # -- inside a worker ---------------------------------------------------------------
 
-def _run_worker(service, channel: socket.socket, index: int, others: List[socket.socket],
+def _run_worker(service: "Service", channel: socket.socket, index: int, others: List[socket.socket],
                 private_fds: Sequence[int]) -> None:
     """The forked child: never returns into the caller's code."""
     code = 0
@@ -271,7 +271,7 @@ def _run_worker(service, channel: socket.socket, index: int, others: List[socket
 class _WorkerSide:
     """A worker's loop: sessions in threads, control messages from the main process."""
 
-    def __init__(self, service, channel: socket.socket, index: int):
+    def __init__(self, service: "Service", channel: socket.socket, index: int):
         self.service = service
         self.channel = channel
         self.index = index

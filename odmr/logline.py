@@ -11,6 +11,7 @@ provider (stderr, syslog, log file) and of `odmrd fetch`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 _NAMED = {"\n": " | ", "\r": "\\r", "\t": "\\t"}
@@ -57,4 +58,23 @@ class OneLineFormatter(logging.Formatter):
         return text
 
 
-__all__ = ["escape_for_log", "OneLineFormatter"]
+# -- the pid a daemon's line names ----------------------------------------------------------
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def log_as(pid: int) -> None:
+    """Log lines name this pid: an intake worker logs as the daemon (the pid file's)."""
+    _pid[0] = pid
+
+
+class DaemonLineFormatter(OneLineFormatter):
+    """Log lines never span lines: nothing from a peer can forge or disguise entries."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.process is None:          # logProcesses is off: the pid is cached, not asked for
+            record.process = _pid[0]
+        return super().format(record)
+
+
+__all__ = ["escape_for_log", "OneLineFormatter", "DaemonLineFormatter", "log_as"]

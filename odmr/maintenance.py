@@ -1,9 +1,10 @@
 """Periodic work of a running provider, on one background thread.
 
-- expiry: every EXPIRE_EVERY seconds, `queue_commands.expire` returns messages older
+- expiry: every EXPIRE_EVERY seconds, `queuemgr.expire_all` returns messages older
   than `[queue] max_age` to their senders (DSN), exactly as `odmrd queue expire`;
-- delay notices: when `[queue] warn_after` > 0, one "delayed" DSN per message
-  that has waited that long (remembered in its state, so never twice);
+- delay notices: when `[queue] warn_after` > 0, `queuemgr.warn_all` sends one
+  "delayed" DSN per message that has waited that long (remembered in its state,
+  so never twice);
 - the bounce relay: each TICK, `bounce_relay.relay_outbound` hands the DSNs
   waiting in the OUTBOUND queue to `[queue] bounce_relay`.
 
@@ -14,34 +15,35 @@ the same spool; a busy domain is simply tried again at the next pass.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Callable, Dict, Optional
 
-from odmr import queue_commands
 from odmr.bounce_relay import relay_outbound
-from odmr.queuemgr import under_claim, warn
+from odmr.queuemgr import expire_all, warn_all
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, DomainBusy, LinkRefused, Message
+from odmr.spool import OUTBOUND
 
 log = logging.getLogger("odmrd.maintenance")
 
-# Module-level so tests (and only tests) can make time pass faster.
 TICK = 5.0                  # seconds between looks at the OUTBOUND queue
 EXPIRE_EVERY = 300.0        # seconds between expiry / delay-notice passes
 EXPIRE_FIRST = 60.0         # the first pass waits this long: start-up (and ATRN) come first
 
 
 class Maintenance:
-    """The background thread; `runtime` is called for the current snapshot (reloads)."""
+    """The background thread; `runtime` is called for the current snapshot (reloads).
+    The timing is the service's (a test's provider may look at OUTBOUND more often)."""
 
-    def __init__(self, runtime: Callable[[], Runtime]):
+    def __init__(self, runtime: Callable[[], Runtime], tick: float = TICK,
+                 expire_every: float = EXPIRE_EVERY, expire_first: float = EXPIRE_FIRST):
         self._runtime = runtime
+        self.tick = tick
+        self.expire_every = expire_every
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._next_expiry = time.monotonic() + EXPIRE_FIRST
+        self._next_expiry = time.monotonic() + expire_first
         self._warned_no_relay = False
 
     def start(self) -> None:
@@ -60,19 +62,20 @@ class Maintenance:
                 self.run_once()
             except Exception:   # the thread must survive anything a pass meets
                 log.exception("maintenance: pass failed")
-            self._wake.wait(TICK)
+            self._wake.wait(self.tick)
             self._wake.clear()
 
-    def run_once(self, now: Optional[float] = None, force_expiry: bool = False) -> Dict[str, int]:
-        """One pass: expiry and delay notices when due, then the bounce relay."""
+    def run_once(self, now: Optional[float] = None) -> Dict[str, int]:
+        """One pass: expiry and delay notices when due, then the bounce relay. Given
+        `now` (a wall-clock time to judge ages by), expiry and delay notices are due."""
         runtime = self._runtime()
         clock = time.monotonic()
         counts: Dict[str, int] = {}
-        if force_expiry or clock >= self._next_expiry:
-            self._next_expiry = clock + EXPIRE_EVERY
-            counts.update(queue_commands.expire(runtime, now))
+        if now is not None or clock >= self._next_expiry:
+            self._next_expiry = clock + self.expire_every
+            counts.update(expire_all(runtime, now))
             if runtime.settings.queue.warn_after > 0:
-                counts["warned"] = warn_delayed(runtime, now)
+                counts["warned"] = warn_all(runtime, now)
         if not self._stop.is_set():
             counts.update(self.relay(runtime, now))
         return counts
@@ -90,39 +93,3 @@ class Maintenance:
             return {}
         self._warned_no_relay = False
         return relay_outbound(runtime, target, now)
-
-
-# -- delay notices ------------------------------------------------------------
-def _delay_reason(last_error: str) -> str:
-    """A 4xx reply for an `Action: delayed` DSN (RFC 3464 wants a 4.x.x status there)."""
-    if re.match(r"4\d\d ", last_error):
-        return last_error
-    if last_error and not last_error[:1].isdigit():         # e.g. "connection lost during delivery"
-        return "451 4.4.1 " + last_error
-    return "451 4.4.1 waiting for the recipient's server to collect it (ATRN)"
-
-
-def warn_delayed(runtime: Runtime, now: Optional[float] = None) -> int:
-    """Send one delay notice per message waiting longer than warn_after; returns how many."""
-    now = time.time() if now is None else now
-    warn_after = runtime.settings.queue.warn_after
-    max_age = runtime.settings.queue.max_age
-    spool = runtime.spool
-    sent = 0
-
-    def due(message: Message) -> bool:
-        age = now - message.envelope.arrival
-        return (not message.state.warned and age >= warn_after
-                and not (max_age > 0 and age >= max_age) and bool(message.pending()))
-
-    def warn_one(message: Message) -> None:
-        nonlocal sent
-        if warn(runtime, message, _delay_reason(message.state.last_error)):
-            sent += 1
-
-    for domain in spool.domains():
-        try:
-            under_claim(spool, domain, due, warn_one, "maintenance: %s/%s unreadable: %s")
-        except (DomainBusy, LinkRefused):      # a link where the lock belongs: logged by the spool
-            continue
-    return sent

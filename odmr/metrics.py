@@ -154,12 +154,14 @@ def session_state(session: Shown, reversed_peers: AbstractSet[str] = frozenset()
 
 class ServiceMetrics:
     """What one service counts and keeps live: counters, sessions and deliveries, the
-    queue's backlog. The hooks are the one-line calls made where the events happen."""
+    queue's backlog, its certificate's expiry. The hooks are the one-line calls made
+    where the events happen."""
 
     def __init__(self) -> None:
         self.registry = Registry()
         self.activity = Activity()
         self.backlog = qshape.Backlog()
+        self.certificate = CertificateExpiry()     # [tls] cert_file's notAfter, read once per file
 
     def message_received(self, queue: str, size: int, count: int = 1) -> None:
         """Intake stored `count` copies for one domain, `size` bytes in all."""
@@ -192,10 +194,11 @@ class ServiceMetrics:
     def atrn_reply(self, code: int) -> None:
         self.registry.count("odmrd_atrn_requests_total", code=str(code))
 
-    def exposition(self, ports: List[int], per_domain: bool, cert_expiry: Optional[float],
+    def exposition(self, ports: List[int], per_domain: bool, cert_file: str,
                    now: Optional[float] = None) -> str:
         """The Prometheus text format 0.0.4 of everything this service counts and keeps."""
         now = time.time() if now is None else now
+        cert_expiry = self.certificate.get(cert_file)
         samples: Dict[str, List[Tuple[Labels, float]]] = {name: [] for name in HELP}
         _counter_samples(samples, self.registry.samples())
         live = self.activity.ports()
@@ -306,9 +309,6 @@ class CertificateExpiry:
         with self._lock:
             self._key, self._value = key, value
         return value
-
-
-CERTIFICATE = CertificateExpiry()
 
 
 def _not_after(path: str) -> Optional[float]:

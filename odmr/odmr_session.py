@@ -3,7 +3,7 @@
 State: initial -> (AUTH) -> authenticated -> (ATRN 250) -> reversed. On the
 250 this session hands a `delivery.Handoff` (its socket, its buffered reader,
 the peer, whether TLS began at connect, the claimed domains, the runtime, the
-service's queue manager and stop event) to `delivery`, which acts as the SMTP
+service's queue manager, stop event and delivery timeouts) to `delivery`, which acts as the SMTP
 client on the same connection; delivery never sees the session itself.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 from odmr import replies, sasl, tls
 from odmr import metrics
 from odmr.accounts import Account
-from odmr.delivery import Handoff, deliver_reversed
+from odmr.delivery import Handoff, Timeouts, deliver_reversed
 from odmr.names import normalize_domain
 from odmr.queuemgr import QueueManager
 from odmr.runtime import Runtime
@@ -76,11 +76,12 @@ class ODMRSession(Session):
 
     def __init__(self, sock: socket.socket, peer: str, runtime: Runtime,
                  latest: Optional[Callable[[], Runtime]], queue: QueueManager,
-                 service_stop: threading.Event):
+                 service_stop: threading.Event, delivery_timeouts: Timeouts = Timeouts()):
         self.runtime = runtime
         self.latest = latest                # the service's current snapshot (users file edits)
         self.queue = queue                  # the service's: what one session could not record
         self.service_stop = service_stop    # set when the service stops
+        self.delivery_timeouts = delivery_timeouts      # the service's, for after ATRN
         self.odmr = runtime.settings.odmr
         self.idle_timeout = self.odmr.idle_timeout
         self.max_bad_commands = self.odmr.max_bad_commands
@@ -372,7 +373,7 @@ class ODMRSession(Session):
     def _hand_over(self, domains) -> None:
         """The connection is delivery's now (the claim is held by the caller)."""
         deliver_reversed(Handoff(self.sock, self.rfile, self.peer, self.implicit_tls, domains,
-                                 self.runtime, self.queue, self.service_stop))
+                                 self.runtime, self.queue, self.service_stop, self.delivery_timeouts))
 
     def log_command(self, verb: str, arg: str) -> None:
         if verb == "AUTH":

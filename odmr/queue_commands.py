@@ -1,8 +1,8 @@
-"""Operator tooling over the spool: list, show, delete, bounce, expire.
+"""Operator tooling over the spool: list, show, delete, bounce, the quarantine.
 
-Used by `odmrd queue ...` (and expiry by the daemon). What they change, the
-queue manager (`queuemgr`) changes, holding the domain's delivery claim, so they
-never race an ATRN session.
+Used by `odmrd queue ...` (`queue expire` is the daemon's expiry,
+queuemgr.expire_all). What they change, the queue manager (`queuemgr`)
+changes, holding the domain's delivery claim, so they never race an ATRN session.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from odmr.queuemgr import drop, drop_unusable, return_to_sender, under_claim
-from odmr.queuemgr import expire as expire_message
 from odmr.runtime import Runtime
-from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, Message, UnreadableMessage
+from odmr.spool import OUTBOUND, CorruptMessage, Message, UnreadableMessage
 
 log = logging.getLogger("odmrd.queue")
 
@@ -125,41 +124,3 @@ def bounce(runtime: Runtime, msg_id: str,
     if not message.envelope.sender:
         return "deleted: null sender, a bounce has nowhere to go"
     return "bounced"
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= size:
-            return "%g %s" % (round(seconds / size, 1), unit)
-    return "%d seconds" % seconds
-
-
-def expire(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
-    """Bounce every message older than max_age; returns counts. Busy domains are skipped.
-
-    The domain is read without its claim (so ATRN is not kept waiting by a
-    scan) and claimed only to act on the messages found old enough (queuemgr.under_claim).
-    Bounces waiting for the bounce relay (OUTBOUND) that old are dropped
-    with an error line: a bounce is never bounced."""
-    now = time.time() if now is None else now
-    max_age = runtime.settings.queue.max_age
-    counts = {"expired": 0, "busy": 0, "dropped": 0, "refused": 0}
-    if max_age <= 0:
-        return counts
-    spool = runtime.spool
-    waited = _human(max_age)
-
-    def old(message: Message) -> bool:
-        return now - message.envelope.arrival >= max_age
-
-    def act(message: Message) -> None:
-        counts["expired" if expire_message(runtime, message, waited) else "dropped"] += 1
-
-    for domain in spool.domains() + [OUTBOUND]:
-        try:
-            under_claim(spool, domain, old, act, "queue: %s/%s unreadable during expiry: %s")
-        except DomainBusy:
-            counts["busy"] += 1
-        except LinkRefused:                 # a link where the domain's lock belongs (logged)
-            counts["refused"] += 1
-    return counts

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -32,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.runtime import Runtime
-from odmr.spool import (CHUNK, OUTBOUND, DomainBusy, LinkRefused, Message, Spool, SpoolError,
+from odmr.spool import (FILE_IO_SIZE, OUTBOUND, DomainBusy, LinkRefused, Message, Spool, SpoolError,
                         State, describe_error)
 
 log = logging.getLogger("odmrd.delivery")
@@ -321,11 +322,11 @@ class Drain(Recorder):
 
     def text(self, message: Message) -> Iterator[bytes]:
         """A text too big to be held (`messages` gives the small ones whole) streamed in
-        CHUNK-sized pieces: memory stays bounded whatever the size, and delivery still
+        FILE_IO_SIZE-sized pieces: memory stays bounded whatever the size, and delivery still
         opens no file."""
         with message.open_data() as fh:
             while True:
-                chunk = fh.read(CHUNK)
+                chunk = fh.read(FILE_IO_SIZE)
                 if not chunk:
                     return
                 yield chunk
@@ -534,7 +535,7 @@ def warn(runtime: Runtime, message: Message, reason: str) -> bool:
     return sent
 
 
-def expire(runtime: Runtime, message: Message, waited: str) -> bool:
+def expire_message(runtime: Runtime, message: Message, waited: str) -> bool:
     """A message not collected within max_age (`waited`, in words): returned to its sender
     with a DSN; True. A bounce waiting for the relay is dropped with an error line
     instead (a bounce is never bounced); False."""
@@ -550,6 +551,83 @@ def expire(runtime: Runtime, message: Message, waited: str) -> bool:
         reason += " (last error: %s)" % message.state.last_error
     return_to_sender(runtime, message, reason)
     return True
+
+
+# -- every queue, each under its claim (`queue expire`, the maintenance thread) --------
+def _each_queue(spool: Spool, queue_names: Sequence[str], wanted: Callable[[Message], bool],
+                act: Callable[[Message], None], unreadable: str) -> Dict[str, int]:
+    """under_claim for each queue in turn; a busy queue (or a link where its lock
+    belongs, logged by the spool) is left for the next pass: {"busy": n, "refused": n}."""
+    skipped = {"busy": 0, "refused": 0}
+    for queue_name in queue_names:
+        try:
+            under_claim(spool, queue_name, wanted, act, unreadable)
+        except DomainBusy:
+            skipped["busy"] += 1
+        except LinkRefused:
+            skipped["refused"] += 1
+    return skipped
+
+
+def expire_all(runtime: Runtime, now: Optional[float] = None) -> Dict[str, int]:
+    """Bounce every message older than max_age; returns counts. Busy domains are skipped.
+    Bounces waiting for the bounce relay (OUTBOUND) that old are dropped with an error
+    line: a bounce is never bounced."""
+    now = time.time() if now is None else now
+    max_age = runtime.settings.queue.max_age
+    counts = {"expired": 0, "busy": 0, "dropped": 0, "refused": 0}
+    if max_age <= 0:
+        return counts
+    spool = runtime.spool
+    waited = _in_words(max_age)
+
+    def old(message: Message) -> bool:
+        return now - message.envelope.arrival >= max_age
+
+    def act(message: Message) -> None:
+        counts["expired" if expire_message(runtime, message, waited) else "dropped"] += 1
+
+    counts.update(_each_queue(spool, spool.domains() + [OUTBOUND], old, act,
+                              "queue: %s/%s unreadable during expiry: %s"))
+    return counts
+
+
+def _in_words(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return "%g %s" % (round(seconds / size, 1), unit)
+    return "%d seconds" % seconds
+
+
+def warn_all(runtime: Runtime, now: Optional[float] = None) -> int:
+    """Send one delay notice per message waiting longer than warn_after; returns how many."""
+    now = time.time() if now is None else now
+    warn_after = runtime.settings.queue.warn_after
+    max_age = runtime.settings.queue.max_age
+    sent = 0
+
+    def due(message: Message) -> bool:
+        age = now - message.envelope.arrival
+        return (not message.state.warned and age >= warn_after
+                and not (max_age > 0 and age >= max_age) and bool(message.pending()))
+
+    def warn_one(message: Message) -> None:
+        nonlocal sent
+        if warn(runtime, message, _delay_reason(message.state.last_error)):
+            sent += 1
+
+    _each_queue(runtime.spool, runtime.spool.domains(), due, warn_one,
+                "maintenance: %s/%s unreadable: %s")
+    return sent
+
+
+def _delay_reason(last_error: str) -> str:
+    """A 4xx reply for an `Action: delayed` DSN (RFC 3464 wants a 4.x.x status there)."""
+    if re.match(r"4\d\d ", last_error):
+        return last_error
+    if last_error and not last_error[:1].isdigit():         # e.g. "connection lost during delivery"
+        return "451 4.4.1 " + last_error
+    return "451 4.4.1 waiting for the recipient's server to collect it (ATRN)"
 
 
 # -- background threads -------------------------------------------------------------

@@ -105,6 +105,9 @@ TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit of %d bytes")
 NO_STORAGE = (452, "4.3.1 Insufficient system storage")
 LOCAL_ERROR = (451, "4.3.0 Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = (452, "4.5.3 Too many recipients")
+# a mail loop (RFC 5321 §6.3, odmr.hops): the Received: fields and their limit; our own count
+TOO_MANY_HOPS = (554, "5.4.6 Too many hops: %d Received: header fields (limit %d); a mail loop?")
+MAIL_LOOP = (554, "5.4.6 Mail loop: the message has passed through this host %d times")
 
 # the ODMR port (RFC 2645 section 4; SPEC §4 gives their order). RFC 2645's texts, with
 # the enhanced status code every reply carries once EHLO advertised ENHANCEDSTATUSCODES

@@ -21,6 +21,8 @@ from odmr import proxy
 from odmr import tls as tls_mod
 from odmr.config import OdmrSettings, Settings, SmtpSettings
 from odmr.intake import IntakeSession
+from odmr.delivery import Timeouts
+from odmr.maintenance import TICK as MAINTENANCE_TICK
 from odmr.maintenance import Maintenance
 from odmr.names import plural
 from odmr.odmr_session import ODMRSession
@@ -189,7 +191,7 @@ class ODMRListener(Listener):
     def new_session(self, request: socket.socket, peer: str, runtime: Runtime,
                     latest: Callable[[], Runtime]) -> ODMRSession:
         return ODMRSession(request, peer, runtime, latest, self.service.queue,
-                           self.service.stopping)
+                           self.service.stopping, self.service.delivery_timeouts)
 
 
 class IntakeListener(Listener):
@@ -230,8 +232,12 @@ class Service:
     _metrics_thread: Optional[threading.Thread] = None
     started = 0.0
 
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, delivery_timeouts: Timeouts = Timeouts(),
+                 maintenance_tick: float = MAINTENANCE_TICK):
         self.config_path = config_path
+        self.delivery_timeouts = delivery_timeouts      # every ATRN's delivery gets these
+        self.maintenance_tick = maintenance_tick        # seconds between bounce relay looks
+        self.maintenance: Optional[Maintenance] = None  # expiry, delay notices, bounce relay
         self.settings = config_mod.load(config_path)
         self.spool = Spool(self.settings.spool_dir)
         self.queue = QueueManager(self.spool)       # removal sync and reaper threads
@@ -468,7 +474,7 @@ class Service:
             self.threads.append(thread)
             log.info("listening on %s (%s%s)", listener.label(), listener.kind,
                      ", implicit TLS" if listener.implicit_tls else "")
-        self.maintenance = Maintenance(lambda: self.runtime)   # expiry, delay notices, bounce relay
+        self.maintenance = Maintenance(lambda: self.runtime, self.maintenance_tick)
         self.maintenance.start()
         self._start_monitoring()
 
@@ -481,7 +487,7 @@ class Service:
         grace = self.settings.grace_period if grace is None else grace
         if self.workers is not None:
             self.workers.stop(grace)        # their sessions count in _totals until they end
-        if getattr(self, "maintenance", None) is not None:
+        if self.maintenance is not None:
             self.maintenance.stop()
         left = self.wait_for_sessions(grace)
         if left:
@@ -585,7 +591,7 @@ class Service:
         settings = self.settings
         return self.metrics.exposition(sorted({l.server_address[1] for l in self.listeners}),
                                        settings.metrics.per_domain,
-                                       metrics.CERTIFICATE.get(settings.tls.cert_file))
+                                       settings.tls.cert_file)
 
 
 def _keep(new, old):

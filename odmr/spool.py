@@ -41,7 +41,7 @@ from odmr.names import address_is_safe, normalize_domain
 log = logging.getLogger("odmrd.spool")
 
 MAGIC = b"ODMR-Spool: 1\n"
-CHUNK = 65536
+FILE_IO_SIZE = 65536         # bytes per read or write of a spool file
 OUTBOUND = ".outbound"       # bounces for senders outside the hosted domains, waiting for bounce_relay
 QUARANTINE = ".quarantine"   # unusable messages set aside: <root>/.quarantine/<queue>/<id>
 _STAT_TTL = 30.0
@@ -527,7 +527,7 @@ def parse_envelope(domain: str, msg_id: str, head: bytes) -> Tuple[Envelope, int
 
 class _SpoolFile:
     """Buffered writes straight to a descriptor (a BufferedWriter costs extra
-    system calls per file: fstat, lseek), flushed in CHUNK-sized writes."""
+    system calls per file: fstat, lseek), flushed in FILE_IO_SIZE-sized writes."""
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -540,7 +540,7 @@ class _SpoolFile:
     def write(self, data: bytes) -> None:
         self._buffer.append(data)
         self._size += len(data)
-        if self._size >= CHUNK:
+        if self._size >= FILE_IO_SIZE:
             self.flush()
 
     def flush(self) -> None:
@@ -993,9 +993,9 @@ class Spool:
                 st = os.fstat(fd)
                 total = st.st_size
                 whole = total <= inline
-                head = _read_exactly(fd, total if whole else CHUNK)
-                while not whole and b"\n\n" not in head and len(head) < 16 * CHUNK:
-                    more = os.read(fd, CHUNK)
+                head = _read_exactly(fd, total if whole else FILE_IO_SIZE)
+                while not whole and b"\n\n" not in head and len(head) < 16 * FILE_IO_SIZE:
+                    more = os.read(fd, FILE_IO_SIZE)
                     if not more:
                         break
                     head += more
@@ -1503,10 +1503,10 @@ def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
         fd = _open_nofollow(msg_id, dir_fd, shown, _READ_FLAGS)
         try:
             while True:
-                chunk = os.read(fd, CHUNK)
+                chunk = os.read(fd, FILE_IO_SIZE)
                 if not chunk:
                     break
-                if len(head) < 16 * CHUNK:
+                if len(head) < 16 * FILE_IO_SIZE:
                     head += chunk
         finally:
             os.close(fd)

@@ -5,9 +5,9 @@ from typing import List
 
 import pytest
 
-from helpers import (Customer, LocalServer, Provider, ScriptedMTA, Scripted, make_pki, relay_provider,
-                     stop_quickly, which)
-from odmr import bounce_relay, maintenance
+from helpers import (Customer, LocalServer, Provider, ScriptedMTA, Scripted, hosting_provider, make_pki,
+                     relay_provider, stop_quickly, which)
+from odmr import bounce_relay
 
 
 def pytest_configure(config) -> None:
@@ -20,10 +20,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture
 def provider(tmp_path):
     """A provider with account alice (example.org, example.com) and bob (example.net)."""
-    p = Provider(str(tmp_path))
-    p.add_user("alice", ["example.org", "example.com"])
-    p.add_user("bob", ["example.net"])
-    p.start()
+    p = hosting_provider(str(tmp_path))
     yield p
     p.stop()
 
@@ -92,8 +89,8 @@ def local(tmp_path):
 
 @pytest.fixture
 def fast_maintenance(monkeypatch):
-    """The maintenance thread and the bounce relay retry within a test's patience."""
-    monkeypatch.setattr(maintenance, "TICK", 0.1)
+    """The bounce relay retries within a test's patience (relay_provider's maintenance
+    thread looks at its queue every RELAY_TICK)."""
     monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
     monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
 

@@ -141,11 +141,13 @@ def _with_defaults(text: str, **defaults) -> str:
 
 
 class Provider:
-    """A running odmrd provider (in this process, on its own threads)."""
+    """A running odmrd provider (in this process, on its own threads). `service_options`
+    go to the Service: `delivery_timeouts`, `maintenance_tick`."""
 
     def __init__(self, directory: str, extra: str = "", sections: str = "",
-                 odmr_extra: str = "", smtp_extra: str = ""):
+                 odmr_extra: str = "", smtp_extra: str = "", **service_options):
         self.dir = directory
+        self.service_options = service_options
         self.odmr_port = free_port()
         self.smtp_port = free_port()
         self._extras = (extra, sections, odmr_extra, smtp_extra)
@@ -161,7 +163,7 @@ class Provider:
 
     def start(self) -> "Provider":
         for attempt in range(5):
-            self.service = Service(self.config)
+            self.service = Service(self.config, **self.service_options)
             try:
                 self.service.bind()
                 break
@@ -1821,13 +1823,24 @@ class ScriptedMTA:
         close_listener(self.listener, self.threads)
 
 
-def queue_provider(tmp_path, queue_settings: str) -> Provider:
-    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
-    p = Provider(str(tmp_path), sections="[queue]\n" + queue_settings)
+def hosting_provider(directory: str, **options) -> Provider:
+    """Started, with alice (example.org, example.com) and bob (example.net); `options`
+    are Provider's."""
+    p = Provider(directory, **options)
     p.add_user("alice", ["example.org", "example.com"])
     p.add_user("bob", ["example.net"])
     return p.start()
 
 
+def queue_provider(tmp_path, queue_settings: str, **options) -> Provider:
+    """alice (example.org, example.com) and bob (example.net), with these [queue] settings."""
+    return hosting_provider(str(tmp_path), sections="[queue]\n" + queue_settings, **options)
+
+
+RELAY_TICK = 0.1        # seconds between the maintenance thread's looks at the bounce relay's queue
+
+
 def relay_provider(tmp_path, sink: ScriptedMTA, queue_extra: str = "") -> Provider:
-    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra))
+    """Its bounce relay is `sink`, looked at every RELAY_TICK."""
+    return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra),
+                          maintenance_tick=RELAY_TICK)

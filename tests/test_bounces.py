@@ -159,9 +159,9 @@ def test_delay_notice_once_per_message_only_when_warn_after_is_set(tmp_path):
     try:
         spool(p, ["u@example.org"], token="late")
         m = p.service.maintenance
-        assert m.run_once(now=time.time() + 3600, force_expiry=True).get("warned") == 0
-        assert m.run_once(now=time.time() + 5 * 3600, force_expiry=True)["warned"] == 1
-        assert m.run_once(now=time.time() + 6 * 3600, force_expiry=True)["warned"] == 0
+        assert m.run_once(now=time.time() + 3600).get("warned") == 0
+        assert m.run_once(now=time.time() + 5 * 3600)["warned"] == 1
+        assert m.run_once(now=time.time() + 6 * 3600)["warned"] == 0
         [dsn] = dsns(p)
         [fields] = report_fields(dsn)
         assert fields["action"] == "delayed" and fields["status"] == "4.4.1"
@@ -192,7 +192,7 @@ def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
         for old in list(p.spool.messages("example.net")):
             p.spool.remove(old)
         m = p.service.maintenance
-        assert m.run_once(now=time.time() + 2 * 3600, force_expiry=True)["warned"] == 1
+        assert m.run_once(now=time.time() + 2 * 3600)["warned"] == 1
         [delay] = dsns(p)
         [fields] = report_fields(delay)
         assert fields["action"] == "delayed" and fields["status"] == "4.3.0"
@@ -203,14 +203,14 @@ def test_waiting_recipient_is_described_by_its_own_error_not_anothers(tmp_path):
 
 def test_no_delay_notice_by_default(provider):
     spool(provider, ["u@example.org"])
-    counts = provider.service.maintenance.run_once(now=time.time() + 9 * 86400, force_expiry=True)
+    counts = provider.service.maintenance.run_once(now=time.time() + 9 * 86400)
     assert "warned" not in counts
     assert dsns(provider) == []
 
 
 def test_maintenance_expires_old_mail_with_dsn(provider):
     spool(provider, ["u@example.org"], token="old")
-    counts = provider.service.maintenance.run_once(now=time.time() + 11 * 86400, force_expiry=True)
+    counts = provider.service.maintenance.run_once(now=time.time() + 11 * 86400)
     assert counts["expired"] == 1
     assert queue(provider, "example.org") == []
     [dsn] = dsns(provider)

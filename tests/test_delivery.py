@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from helpers import (Closed, SENDER_HOSTED, SENDER_OUTSIDE, Script, atrn, dsns, queue, report_fields,
-                     send_mail, spool, wait_sessions_over)
-from odmr import delivery, queue_commands
+from helpers import (Closed, SENDER_HOSTED, SENDER_OUTSIDE, Script, atrn, dsns, hosting_provider, queue,
+                     report_fields, send_mail, spool, wait_sessions_over)
+from odmr import delivery, queuemgr
 from odmr.spool import Spool
 
 pytestmark = pytest.mark.slow                   # each test a provider and a full ATRN session
@@ -129,8 +129,16 @@ def test_a_message_leaves_the_queue_before_the_next_one_can_be_accepted(provider
     assert still_queued == []
 
 
-def test_customer_that_stops_answering_is_timed_out(provider, monkeypatch, pipelining):
-    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(*([1.0] * 7)))
+@pytest.fixture
+def impatient(tmp_path):
+    """The provider fixture's accounts; its deliveries wait a second for any reply."""
+    p = hosting_provider(str(tmp_path), delivery_timeouts=delivery.Timeouts(*([1.0] * 7)))
+    yield p
+    p.stop()
+
+
+def test_customer_that_stops_answering_is_timed_out(impatient, pipelining):
+    provider = impatient
     spool(provider, ["u@example.org"])
     # reads everything from MAIL on and never answers again
     s = script_with(pipelining, mail=lambda arg: None, rcpt=lambda a: None, data=lambda r: None)
@@ -275,9 +283,9 @@ def test_354_to_rcpt_is_out_of_step(provider):
     assert record["recipients"] == ["u@example.org", "v@example.org"] and record["attempts"] == 1
 
 
-def test_missing_reply_is_a_timeout_not_a_success(provider, monkeypatch):
+def test_missing_reply_is_a_timeout_not_a_success(impatient):
     """Pipelined: one reply short (no RCPT reply) -> the provider waits, times out, keeps."""
-    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(*([1.0] * 7)))
+    provider = impatient
     spool(provider, ["u@example.org"])
     s = Script()
     s.rcpt = lambda a: None
@@ -299,7 +307,7 @@ def test_repeated_4xx_expires_with_dsn(provider):
     [record] = queue(provider, "example.org")
     assert record["attempts"] == 2
     runtime = provider.service.runtime
-    counts = queue_commands.expire(runtime, now=time.time() + runtime.settings.queue.max_age + 60)
+    counts = queuemgr.expire_all(runtime, now=time.time() + runtime.settings.queue.max_age + 60)
     assert counts["expired"] == 1
     assert queue(provider, "example.org") == []
     [dsn] = dsns(provider)

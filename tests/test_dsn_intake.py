@@ -120,7 +120,7 @@ def test_failure_notices_follow_notify(provider, notify, bounced):
                                              (" NOTIFY=FAILURE", False), (" NOTIFY=NEVER", False)])
 def test_delay_notices_follow_notify(provider, notify, warned):
     submit(provider, ["a@example.org"], "", [notify])
-    provider.service.maintenance.run_once(now=time.time() + 5 * 3600, force_expiry=True)
+    provider.service.maintenance.run_once(now=time.time() + 5 * 3600)
     found = [d for d in dsns(provider) if report_fields(d)[0]["action"] == "delayed"]
     assert len(found) == (1 if warned else 0)
 

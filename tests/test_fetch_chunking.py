@@ -18,8 +18,8 @@ import odmr.replies
 import odmr.wire
 from helpers import Peer, err, quit_, reply_line, run_fetch, scripted_args
 from odmr.exits import EX_OK
+from odmr.fetch_server import BDAT_PIECE
 
-CHUNK = 65536                   # the server's read size (fetch_server.CHUNK)
 ENVELOPE = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\n"
 
 
@@ -74,9 +74,10 @@ FRAMING = {
     "empty message": ([b""], b""),
     "one byte per chunk": ([bytes([b]) for b in b"Subject: x\r\n\r\nhi\r\n"] + [b""],
                            b"Subject: x\n\nhi\n"),
-    "exact buffer multiples": ([b"a" * (CHUNK - 2) + b"\r\n", b"b" * (2 * CHUNK - 2) + b"\r\n",
-                                b"c" * 8190 + b"\r\n"],
-                               b"a" * (CHUNK - 2) + b"\n" + b"b" * (2 * CHUNK - 2) + b"\n" + b"c" * 8190 + b"\n"),
+    "exact buffer multiples": ([b"a" * (BDAT_PIECE - 2) + b"\r\n",
+                                b"b" * (2 * BDAT_PIECE - 2) + b"\r\n", b"c" * 8190 + b"\r\n"],
+                               b"a" * (BDAT_PIECE - 2) + b"\n" + b"b" * (2 * BDAT_PIECE - 2) + b"\n"
+                               + b"c" * 8190 + b"\n"),
     "8-bit data, dots and commands are content": ([b"X: \xc3\xa9\r\n\r\n" + EIGHT_BIT + b"\r\n.\r\n..two\r\nQUIT\r\n"],
                                                   b"X: \xc3\xa9\n\n" + EIGHT_BIT + b"\n.\n..two\nQUIT\n"),
     "last chunk without CRLF": ([b"Subject: y\r\n\r\nline\r\n", b"no end of line"],

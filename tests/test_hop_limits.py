@@ -12,6 +12,7 @@ import pytest
 
 from helpers import Provider, SENDER_OUTSIDE, Script, atrn, queue, send_mail, wait_sessions_over
 from odmr.exits import EX_DATAERR, EX_OK
+from odmr.replies import MAIL_LOOP, TOO_MANY_HOPS
 
 
 def message(received: List[bytes], body: bytes = b"hello\r\n") -> bytes:
@@ -41,7 +42,7 @@ def test_received_fields_over_the_limit_are_a_mail_loop(provider, hops, code):
     reply = submit(provider, message([foreign_hop(i) for i in range(hops)]))
     assert reply[0] == code, reply
     if code == 554:
-        assert reply[1].startswith("5.4.6 ") and "hops" in reply[1]
+        assert reply == (TOO_MANY_HOPS[0], TOO_MANY_HOPS[1] % (31, 30))
         assert provider.spooled("example.org") == []          # nothing kept
     else:
         assert len(provider.spooled("example.org")) == 1
@@ -70,8 +71,8 @@ def test_the_limit_is_a_setting(tmp_path):
 
 def test_a_message_that_keeps_coming_back_here_is_refused(provider):
     assert submit(provider, message([OWN_HOP, OWN_HOP]))[0] == 250
-    code, text = submit(provider, message([OWN_HOP, foreign_hop(1), OWN_HOP, OWN_HOP]))
-    assert code == 554 and text.startswith("5.4.6 ") and "loop" in text.lower()
+    reply = submit(provider, message([OWN_HOP, foreign_hop(1), OWN_HOP, OWN_HOP]))
+    assert reply == (MAIL_LOOP[0], MAIL_LOOP[1] % 3)
 
 
 def test_a_customer_that_relays_its_domain_back_to_the_mx_is_stopped(provider):
@@ -89,7 +90,7 @@ def test_a_customer_that_relays_its_domain_back_to_the_mx_is_stopped(provider):
         code, text = submit(provider, collected["data"])
         if code != 250:
             refused = (code, text)
-    assert refused is not None and refused[0] == 554 and refused[1].startswith("5.4.6"), refused
+    assert refused == (MAIL_LOOP[0], MAIL_LOOP[1] % 3), refused
     assert rounds == 3
     assert queue(provider, "example.org") == []
 
@@ -99,7 +100,8 @@ def test_enqueue_refuses_a_looping_message(provider):
     data = message([foreign_hop(i) for i in range(31)])
     result = provider.run_cli("enqueue", "-f", SENDER_OUTSIDE, "x@example.org", input=data)
     assert result.returncode == EX_DATAERR
-    assert result.stderr.decode().count("\n") == 1 and "hops" in result.stderr.decode()
+    said = result.stderr.decode()
+    assert said.count("\n") == 1 and TOO_MANY_HOPS[1].split(" ", 1)[1] % (31, 30) in said
     assert provider.spooled("example.org") == []
     result = provider.run_cli("enqueue", "-f", SENDER_OUTSIDE, "x@example.org", input=message([OWN_HOP]))
     assert result.returncode == EX_OK, result.stderr

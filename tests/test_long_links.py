@@ -16,10 +16,10 @@ from typing import List, Optional
 import pytest
 
 from helpers import (ATRN_OK, Closed, Customer, PASSWORD, Provider, ReversedConnection, SENDER_HOSTED, Script,
-                     atrn, dsns, queue, report_fields, spool, wait_sessions_over)
+                     atrn, dsns, hosting_provider, queue, report_fields, spool, wait_sessions_over)
 from helpers import store as store_in_spool
 from odmr import delivery
-from odmr.spool import CHUNK, Envelope, Recipient
+from odmr.spool import FILE_IO_SIZE, Envelope, Recipient
 
 FAST = delivery.Timeouts(greeting=5, mail=5, rcpt=5, data_init=5, data_block=5, data_end=5, quit=2)
 
@@ -32,11 +32,8 @@ def chunky(pipelining: bool = True, **hooks) -> Script:
     return s
 
 
-def windowed_provider(tmp_path, window: int) -> Provider:
-    p = Provider(str(tmp_path), odmr_extra="delivery_window = %d" % window)
-    p.add_user("alice", ["example.org", "example.com"])
-    p.add_user("bob", ["example.net"])
-    return p.start()
+def windowed_provider(tmp_path, window: int, **options) -> Provider:
+    return hosting_provider(str(tmp_path), odmr_extra="delivery_window = %d" % window, **options)
 
 
 @pytest.fixture
@@ -49,6 +46,14 @@ def window4(tmp_path):
 @pytest.fixture
 def window3(tmp_path):
     p = windowed_provider(tmp_path, 3)
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def fast_window3(tmp_path):
+    """window3 whose deliveries give up on a silent customer within seconds."""
+    p = windowed_provider(tmp_path, 3, delivery_timeouts=FAST)
     yield p
     p.stop()
 
@@ -136,9 +141,9 @@ TEXTS = {
     "one-octet": b"x",
     "no-final-crlf": b"Subject: t\r\n\r\n.a dot line\r\n.\r\nno line end at the end",
     "bare-lf-and-dots": b"Subject: t\n\n..two dots\n.\nlast\n",
-    "chunk-multiple": (b"y" * 126 + b"\r\n") * (2 * CHUNK // 128),             # 2 * CHUNK exactly
-    "streamed-multiple": (b"z" * 126 + b"\r\n") * (9 * CHUNK // 128),          # over INLINE_BODY
-    "streamed-plus-one": (b"z" * 126 + b"\r\n") * (9 * CHUNK // 128) + b".",
+    "chunk-multiple": (b"y" * 126 + b"\r\n") * (2 * FILE_IO_SIZE // 128),      # 2 * FILE_IO_SIZE exactly
+    "streamed-multiple": (b"z" * 126 + b"\r\n") * (9 * FILE_IO_SIZE // 128),   # over INLINE_BODY
+    "streamed-plus-one": (b"z" * 126 + b"\r\n") * (9 * FILE_IO_SIZE // 128) + b".",
 }
 
 
@@ -146,7 +151,8 @@ TEXTS = {
 @pytest.mark.parametrize("name", sorted(TEXTS))
 def test_bdat_carries_exactly_the_spooled_octets(provider, name, pipelining):
     text = TEXTS[name]
-    assert len(TEXTS["chunk-multiple"]) == 2 * CHUNK and len(TEXTS["streamed-multiple"]) == 9 * CHUNK
+    assert len(TEXTS["chunk-multiple"]) == 2 * FILE_IO_SIZE
+    assert len(TEXTS["streamed-multiple"]) == 9 * FILE_IO_SIZE
     msg_id = store(provider, text)
     spooled = provider.spool.load("example.org", msg_id).read_data()
     s = chunky(pipelining)
@@ -256,8 +262,8 @@ REPLIES_FOR_FOUR = 4 * 3 + 3      # MAIL, RCPT, BDAT LAST per message; a RSET be
 
 
 @pytest.mark.parametrize("cut", range(REPLIES_FOR_FOUR))
-def test_a_cut_at_any_point_of_a_window_loses_nothing(window3, cut, monkeypatch):
-    monkeypatch.setattr(delivery, "TIMEOUTS", FAST)
+def test_a_cut_at_any_point_of_a_window_loses_nothing(fast_window3, cut):
+    window3 = fast_window3
     for n in range(4):
         spool(window3, ["r%d@example.org" % n], token="t%d" % n)
     s = chunky()
@@ -283,15 +289,27 @@ def test_a_cut_at_any_point_of_a_window_loses_nothing(window3, cut, monkeypatch)
 
 # -- timeouts after the turnaround (RFC 5321 §4.5.3.2) -------------------------------
 
+@pytest.fixture
+def timed_provider(tmp_path):
+    """A factory: the provider fixture's accounts, deliveries with these timeouts (seconds)."""
+    made: List[Provider] = []
+
+    def make(**timeouts: float) -> Provider:
+        made.append(hosting_provider(str(tmp_path), delivery_timeouts=delivery.Timeouts(**timeouts)))
+        return made[-1]
+    yield make
+    for p in made:
+        p.stop()
+
+
 def _delivery_log(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "odmrd.delivery")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["pipelining", "window"])
-def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, script):
-    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(
-        greeting=5, mail=5, rcpt=0.5, data_init=5, data_block=5, data_end=5, quit=1))
+def test_the_log_names_the_reply_that_timed_out(timed_provider, caplog, script):
+    provider = timed_provider(greeting=5, mail=5, rcpt=0.5, data_init=5, data_block=5, data_end=5, quit=1)
     spool(provider, ["u@example.org"])
     s = Script() if script == "pipelining" else chunky()
     s.rcpt = lambda address: None                    # reads on, never answers RCPT (nor DATA/BDAT)
@@ -308,10 +326,8 @@ def test_the_log_names_the_reply_that_timed_out(provider, monkeypatch, caplog, s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
-def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(provider, monkeypatch, caplog,
-                                                                        chunking):
-    monkeypatch.setattr(delivery, "TIMEOUTS", delivery.Timeouts(
-        greeting=5, mail=5, rcpt=5, data_init=5, data_block=1, data_end=5, quit=1))
+def test_a_customer_that_stops_reading_is_cut_at_the_data_block_timeout(timed_provider, caplog, chunking):
+    provider = timed_provider(greeting=5, mail=5, rcpt=5, data_init=5, data_block=1, data_end=5, quit=1)
     store(provider, (b"w" * 1022 + b"\r\n") * 48 * 1024)        # 48 MB: more than any socket buffer
     stalled = threading.Event()
 
