@@ -307,12 +307,9 @@ class LocalSMTPSession(Session):
         if self.chunked is not None or self.chunks_refused is not None:
             self.reset_transaction()            # RFC 3030: the state is indeterminate; drop it
             return self.refuse(replies.DATA_AFTER_BDAT)
-        if self.sender is None:
-            self.out_of_sequence(replies.NEED_MAIL)
-            self._excused = 0
+        if not self.data_allowed(arg, self.sender is not None, bool(self.recipients)):
+            self._excused = 0       # DATA ends the group a refused MAIL excused
             return
-        if not self.recipients:
-            return self.refuse(replies.NO_VALID_RECIPIENTS)
         incoming = _Incoming(self, self.sender, self.recipients)
         self.reset_transaction()
         self.reply(*replies.START_DATA)

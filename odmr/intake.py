@@ -140,12 +140,8 @@ class IntakeSession(Session):
 
     def smtp_DATA(self, arg: str) -> None:
         tx = self.tx
-        if tx is None:
-            return self.refuse(replies.NEED_MAIL)
-        if not tx.recipients:
-            return self.refuse(replies.NO_VALID_RECIPIENTS)
-        if arg:
-            return self.refuse(replies.DATA_SYNTAX)
+        if not self.data_allowed(arg, tx is not None, tx is not None and bool(tx.recipients)):
+            return
         self.tx = None
         self.receive(tx)
 

@@ -609,6 +609,24 @@ class Session:
             return False
         return True
 
+    def data_allowed(self, arg: str, in_transaction: bool, has_recipients: bool) -> bool:
+        """DATA's guards on every port: MAIL, then an accepted RCPT, then a bare DATA
+        (RFC 5321 §4.1.1.4: it takes no argument); False once refused."""
+        if not in_transaction:
+            self.out_of_sequence(replies.NEED_MAIL)
+            return False
+        if not has_recipients:
+            self.refuse(replies.NO_VALID_RECIPIENTS)
+            return False
+        if arg:
+            self.refuse(replies.DATA_SYNTAX)
+            return False
+        return True
+
+    def out_of_sequence(self, reply: replies.Reply) -> None:
+        """A command sent before the one it needs; a session may excuse some (fetch)."""
+        self.refuse(reply)
+
     def mail_command(self, arg: str, esmtp: bool, dsn: bool = False) -> Optional[Tuple[str, MailParams]]:
         """MAIL's path and parameters, parsed once for every server: (sender, MailParams),
         or None after the 501/555 reply."""

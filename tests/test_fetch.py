@@ -374,6 +374,31 @@ def test_local_server_drops_a_source_route_whose_literal_holds_colons(local):
     assert b"\n\tfor <bob@example.org>;" in header, header
 
 
+def test_local_server_refuses_data_with_an_argument_like_the_intake_port(scripted, tmp_path):
+    """`DATA foo` is a 501 on both ports (one guard in odmr.wire); this local server
+    used to answer 354 and store what followed."""
+    answers = []
+
+    def after(peer: Peer) -> None:
+        assert peer.line().startswith(b"220 ")
+        peer.send("EHLO scripted.test\r\n")
+        peer.reply()
+        peer.send("MAIL FROM:<a@outside.test>\r\nRCPT TO:<x@example.org>\r\nDATA foo\r\n")
+        assert [peer.line()[:3] for _ in range(2)] == [b"250", b"250"]
+        answers.append(peer.line())
+        if answers[0].startswith(b"354"):               # the old answer: end the message
+            peer.send("Subject: argument\r\n\r\nbody\r\n.\r\n")
+            answers.append(peer.line())
+        peer.send("QUIT\r\n")
+        assert peer.line().startswith(b"221")
+
+    s = scripted(atrn_reply=reply_line(replies.ATRN_OK), after_250=after)
+    result = run_fetch(*scripted_args(s, "--maildir", str(tmp_path / "md")))
+    assert s.errors == []
+    assert answers == [reply_line(replies.DATA_SYNTAX).encode()], err(result)
+    assert os.listdir(tmp_path / "md" / "new") == []
+
+
 def drop_mid_message(peer: Peer) -> None:
     assert peer.line().startswith(b"220 ")
     peer.send("EHLO scripted.test\r\n")
