@@ -15,6 +15,9 @@ RCPT_OK = (250, "2.1.5 Ok")
 LOCAL_SERVER_UNAVAILABLE = (421, "4.3.0 Local mail server unavailable, try again later")
 LOCAL_MAILBOX_UNAVAILABLE = (421, "4.3.0 Local mailbox unavailable, try again later")
 SESSION_LIMIT = (421, "4.7.0 %s")
+# why SESSION_LIMIT: the listener's max_sessions, or its max_sessions_per_address
+TOO_MANY_SESSIONS = "Too many connections, try again later"
+TOO_MANY_FROM_ADDRESS = "Too many connections from your address"
 BDAT_SYNTAX = (501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
 NEED_MAIL_BEFORE_BDAT = (503, "5.5.1 Need MAIL and RCPT before BDAT")
 DATA_AFTER_BDAT = (503, "5.5.1 DATA after BDAT in one transaction; transaction dropped")

@@ -370,14 +370,22 @@ class Service:
         limits = section_for(self.settings, kind)
         with self._lock:
             if self._totals[kind] >= limits.max_sessions:
-                return "Too many connections, try again later"
-            per = self._sessions[kind]
+                return replies.TOO_MANY_SESSIONS
             if per_address:
-                if per.get(ip, 0) >= limits.max_sessions_per_address \
-                        and not self._freed_soon(per, ip, limits.max_sessions_per_address):
-                    return "Too many connections from your address"
-                per[ip] = per.get(ip, 0) + 1
+                refusal = self._count_address(kind, ip, limits.max_sessions_per_address,
+                                              wait_for_goodbyes=True)
+                if refusal:
+                    return refusal
             self._totals[kind] += 1
+        return None
+
+    def _count_address(self, kind: str, ip: str, limit: int, wait_for_goodbyes: bool) -> Optional[str]:
+        """Count one more session from `ip` (the caller holds the lock), or say why not.
+        `wait_for_goodbyes`: first give an intake worker's news of a session's end its moment."""
+        per = self._sessions[kind]
+        if per.get(ip, 0) >= limit and not (wait_for_goodbyes and self._freed_soon(per, ip, limit)):
+            return replies.TOO_MANY_FROM_ADDRESS
+        per[ip] = per.get(ip, 0) + 1
         return None
 
     def _freed_soon(self, per: Dict[str, int], ip: str, limit: int) -> bool:
@@ -397,12 +405,9 @@ class Service:
     def admit_address(self, kind: str, ip: str) -> Optional[str]:
         """Count the real client behind a proxy against the per-address limit."""
         limits = section_for(self.settings, kind)
-        with self._lock:
-            per = self._sessions[kind]
-            if per.get(ip, 0) >= limits.max_sessions_per_address:
-                return "Too many connections from your address"
-            per[ip] = per.get(ip, 0) + 1
-        return None
+        with self._lock:        # served in this process, never by a worker: no goodbye to wait for
+            return self._count_address(kind, ip, limits.max_sessions_per_address,
+                                       wait_for_goodbyes=False)
 
     def release(self, kind: str, ip: Optional[str]) -> None:
         with self._lock:
