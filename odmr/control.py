@@ -130,8 +130,7 @@ class ControlServer:
             os.umask(old_umask)
             short.close()
         self._identity = (st.st_dev, st.st_ino)
-        sock.settimeout(1.0)
-        self.sock = sock
+        self.sock = sock        # blocking: close() wakes the accept with a shutdown
 
     def _clear_stale(self) -> None:
         try:
@@ -167,9 +166,7 @@ class ControlServer:
         while not self._stopped.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
+            except OSError:             # EINVAL once close() shut the socket down
                 if self._stopped.is_set():
                     return
                 time.sleep(0.1)
