@@ -180,8 +180,7 @@ def deliver_reversed(handoff: Handoff) -> None:
     one_line = handoff.implicit_tls and runtime.settings.odmr.one_line_per_tls_record
     client = ReversedClient(handoff.sock, handoff.rfile, runtime.hostname, one_line, handoff.stop,
                             handoff.timeouts)
-    drain = handoff.queue.drain(runtime, handoff.domains)
-    drain.peer = peer                   # for `odmrd status`
+    drain = handoff.queue.drain(runtime, handoff.domains, peer)
     try:
         if not _introduce(client, peer):
             return

@@ -136,7 +136,7 @@ class Activity:
         """{domains, peer, since, messages} of each delivery in progress."""
         with self._lock:
             entries = [list(e) for e in self._deliveries.values()]
-        return [{"domains": list(getattr(drain, "domains", [])), "peer": getattr(drain, "peer", ""),
+        return [{"domains": list(drain.domains), "peer": drain.peer,
                  "since": int(since), "messages": sent}
                 for drain, since, sent in sorted(entries, key=lambda e: e[1])]
 

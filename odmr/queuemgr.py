@@ -124,11 +124,12 @@ class QueueManager:
         self.forget(message)
         log.info("delivery: results of %s/%s recorded at last", message.domain, message.id)
 
-    def drain(self, runtime: Runtime, domains: Sequence[str]) -> "Drain":
+    def drain(self, runtime: Runtime, domains: Sequence[str], peer: str) -> "Drain":
         """A delivery session takes its messages and gives its results through this, so
         that the SMTP client never touches the spool; `domains` must be claimed already,
-        or another session could deliver the same messages at the same time."""
-        return Drain(self, runtime, domains)
+        or another session could deliver the same messages at the same time. `peer`:
+        the customer, for `odmrd status`."""
+        return Drain(self, runtime, domains, peer)
 
     def _removal_sync(self) -> "_RemovalSync":
         sync = _RemovalSync(self.spool)
@@ -289,10 +290,11 @@ class Recorder:
 class Drain(Recorder):
     """One delivery session's dealings with the queue: messages out, results in."""
 
-    def __init__(self, manager: QueueManager, runtime: Runtime, domains: Sequence[str]):
+    def __init__(self, manager: QueueManager, runtime: Runtime, domains: Sequence[str], peer: str):
         super().__init__(runtime, manager.spool)
         self.manager = manager
         self.domains = list(domains)
+        self.peer = peer
         self.defer_logs = False                 # the pipelined loop logs while replies travel
         # set when a result could not be recorded: delivery sends nothing more, reads the
         # replies still owed, and QUITs (SPEC §7: no message delivered twice)
