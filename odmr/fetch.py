@@ -24,7 +24,7 @@ from odmr.fetch_client import DEFAULT_PORT, Endpoint, FetchError, NoMail, open_r
 from odmr.fetch_server import DEFAULT_MAX_SIZE
 from odmr.config import (parse_client_mechanism, parse_domains, parse_duration, parse_hostport,
                          parse_size)
-from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_USAGE
+from odmr.exits import EX_CONFIG, EX_NOINPUT, EX_OK, EX_TEMPFAIL, EX_USAGE
 from odmr.names import plural
 from odmr import replies
 from odmr.wire import format_reply
@@ -524,7 +524,7 @@ def main(argv: List[str], config_path: Optional[str]) -> int:
 
 
 __all__ = ["main", "resolve_options", "describe", "fetch_once", "run_once", "poll_forever",
-           "next_delay", "FetchOptions", "RunResult", "UsageError", "EX_PROTOCOL"]
+           "next_delay", "FetchOptions", "RunResult", "UsageError"]
 
 
 if __name__ == "__main__":  # `python3 -m odmr.fetch ...`, same as `odmrd fetch ...`
