@@ -704,14 +704,13 @@ def _print_queue(records) -> None:
     escaped, so nothing in the queue can drive the operator's terminal."""
     from odmr.logline import escape_for_log as safe
     from odmr.names import plural
+    from odmr.qshape import short_age
     if not records:
         print("Mail queue is empty")
         return
     print("%-22s %-24s %9s %8s  %s" % ("ID", "DOMAIN", "SIZE", "AGE", "SENDER / RECIPIENTS"))
     for r in records:
-        age = r["age"]
-        age_text = "%dd" % (age // 86400) if age >= 86400 else "%dh" % (age // 3600) if age >= 3600 \
-            else "%dm" % (age // 60) if age >= 60 else "%ds" % age
+        age_text = short_age(r["age"])
         if not r["recipients"] and r["last_error"].startswith("unusable: "):
             print("%-22s %-24s %9d %8s  %s" % (r["id"], r["domain"], r["size"], age_text,
                                                safe(r["last_error"])))
