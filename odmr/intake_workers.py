@@ -254,7 +254,7 @@ def _run_worker(service: "Service", channel: socket.socket, index: int, others: 
             except OSError:
                 pass
         for listener in service.listeners:
-            listener.socket.close()     # our copies only; the main process accepts
+            listener.close_forked_copies()      # the main process accepts and wakes its loops
         service.workers = None
         service.echo_reload = False
         _WorkerSide(service, channel, index).run()

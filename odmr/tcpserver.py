@@ -74,3 +74,10 @@ class BoundServer(socketserver.ThreadingTCPServer):
         super().server_close()
         self._wake_up.close()
         self._waker.close()
+
+    def close_forked_copies(self) -> None:
+        """In a forked process that never accepts here (an intake worker): close its
+        copies of the listening socket and of the wake-up pair; the parent's stay open."""
+        self.socket.close()
+        self._wake_up.close()
+        self._waker.close()

@@ -11,7 +11,7 @@ import smtplib
 import socket
 import threading
 import time
-from typing import List
+from typing import List, Set
 
 import pytest
 
@@ -164,6 +164,27 @@ def test_workers_leave_with_the_main_process_and_free_the_pid_file(daemon, tmp_p
     wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
     d.start()           # same pid file, same ports: nothing of the old daemon holds them
     assert send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
+
+
+def socket_inodes(pid: int) -> Set[str]:
+    found = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def test_workers_keep_no_socket_of_the_main_process(daemon):
+    """A worker closes its copies of the listeners and of their wake-up socketpairs
+    (it used to keep the pairs: a worker's write would have woken the main process's loop)."""
+    d = daemon("workers = 2")
+    mine = socket_inodes(d.proc.pid)
+    for worker in children(d.proc.pid):
+        assert socket_inodes(worker) & mine == set()
 
 
 def test_a_killed_worker_gives_back_its_sessions(daemon):
