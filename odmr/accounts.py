@@ -34,6 +34,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from configobj import ConfigObj, ConfigObjError
 
 from odmr.config import line_numbers
+from odmr.durable import fsync_dir
 from odmr.names import normalize_domain
 from odmr.sasl import ScramSecret
 
@@ -340,16 +341,7 @@ def _write_atomically(path: str, config: ConfigObj,
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or link in `directory` durable."""
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
 
 
 def _credentials(password: str, cram: bool) -> Dict[str, str]:
@@ -522,6 +514,6 @@ def _create_secret(path: str, owner: Optional[Tuple[int, int]]) -> None:
             os.link(tmp, path)
         except FileExistsError:
             return
-        _fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         os.unlink(tmp)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import List, Optional
 
+from odmr.durable import fsync_dir
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on POSIX
@@ -50,14 +52,6 @@ class StorageError(Exception):
 
 
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lf(piece: bytes) -> bytes:
@@ -124,8 +118,8 @@ class Maildir(Mailbox):
                     os.mkdir(os.path.join(self.path, sub), 0o700)
                     created = True
             if created:
-                _fsync_dir(self.path)
-                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+                fsync_dir(self.path)
+                fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
             raise StorageError("cannot create Maildir %s: %s" % (self.path, exc.strerror or exc), exc) from None
         self._ready = True
@@ -176,7 +170,7 @@ class _MaildirWriter(MailboxWriter):
             os.fsync(self.file.fileno())
             self.file.close()
             os.rename(self.tmp, final)
-            _fsync_dir(os.path.join(self.box.path, "new"))
+            fsync_dir(os.path.join(self.box.path, "new"))
         except OSError as exc:
             self.abort()
             raise StorageError("cannot deliver into %s: %s" % (self.box.path, exc.strerror or exc),
@@ -332,7 +326,7 @@ class _MboxLock:
             created = not os.path.exists(self.path)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             if created:
-                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+                fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             while True:
                 try:
                     fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+from odmr.durable import fsync_dir
 from odmr.names import address_is_safe, normalize_domain
 
 log = logging.getLogger("odmrd.spool")
@@ -271,14 +272,6 @@ def _read_exactly(fd: int, size: int) -> bytes:
             break
         data += more
     return data
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- never through a symbolic link ----------------------------------------------
@@ -818,7 +811,7 @@ class Spool:
         if created or made_tmp:
             os.fsync(fd)
         if created:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return directory
 
     def _forget(self, queue: str, directory: Optional[_QueueDir]) -> None:
