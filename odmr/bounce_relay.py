@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from odmr.config import parse_hostport
-from odmr.delivery import needs_smtputf8, untransportable
 from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
 from odmr.queuemgr import Recorder, outbound_due, whole_text
 from odmr.spool import Message
+from odmr.transport import needs_smtputf8, untransportable
 
 log = logging.getLogger("odmrd.maintenance")
 
