@@ -920,6 +920,11 @@ def queue(provider, domain: Optional[str] = None) -> List[Dict]:
     return [queue_commands.describe(m) for m in queue_commands.list_messages(runtime, domain)]
 
 
+def stored(provider, domain: str) -> List[bytes]:
+    """The RFC 5322 part of every message spooled for a domain."""
+    return [provider.spool.load(domain, i).read_data() for i in provider.spooled(domain)]
+
+
 def wait_sessions_over(provider, timeout: float = 10.0) -> None:
     """The provider's session may still be recording results after the customer's last reply."""
     assert provider.service.wait_for_sessions(timeout) == 0
@@ -995,6 +1000,11 @@ def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 6
     full.update(env or {})
     return subprocess.run(FETCH + list(args), capture_output=True, timeout=timeout, env=full,
                           stdin=subprocess.DEVNULL)
+
+
+def fetch_args(provider, *more: str) -> List[str]:
+    """`odmrd fetch` flags for alice at the provider's ODMR port, without TLS."""
+    return ["--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice", "--tls", "none"] + list(more)
 
 
 def err(result: subprocess.CompletedProcess) -> str:
