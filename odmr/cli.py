@@ -478,7 +478,7 @@ def cmd_enqueue(args: argparse.Namespace, config_path: str) -> int:
 def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
     from odmr import accounts, config, queue_commands  # noqa: F401
-    from odmr.spool import CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
+    from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
     action = args.queue_command
     if not action:
         raise UsageError("odmrd queue: list, show, delete, bounce, expire or requeue")
@@ -493,7 +493,9 @@ def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     try:
         return act(runtime, args)
     except DomainBusy as exc:
-        return fail("domain %s is being delivered right now; try again" % exc, EX_TEMPFAIL)
+        busy = "the bounce relay is handing on bounces" if str(exc) == OUTBOUND \
+            else "domain %s is being delivered" % exc
+        return fail("%s right now; try again" % busy, EX_TEMPFAIL)
     except CorruptMessage as exc:
         return fail("%s; 'odmrd queue delete' removes it, the daemon quarantines it" % exc, EX_DATAERR)
     except LinkRefused as exc:

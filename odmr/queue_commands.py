@@ -73,14 +73,12 @@ def requeue(runtime: Runtime, msg_id: str) -> str:
 
 def _claimed(runtime: Runtime, msg_id: str, act: Callable[[Message], None]) -> Optional[Message]:
     """Run `act(message)` holding the message's domain claim, on a copy read and checked
-    under it (an ATRN session may have changed or delivered it since it was found)."""
+    under it (an ATRN session, or the bounce relay for OUTBOUND, may have changed or
+    delivered it since it was found)."""
     spool = runtime.spool
     found = spool.find(msg_id)
     if found is None:
         return None
-    if found.domain == OUTBOUND:
-        act(found)
-        return found
     acted = under_claim(spool, found.domain, lambda m: True, act, None, [found.id])
     return acted[0] if acted else None
 

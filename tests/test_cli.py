@@ -648,6 +648,23 @@ def test_a_pending_bounce_is_never_bounced_away(hosted):
 
 
 @pytest.mark.slow
+def test_queue_delete_of_a_bounce_being_relayed_is_75(hosted):
+    """The bounce relay holds the OUTBOUND claim while it hands bounces on: deleting one
+    then must wait, as for a domain being delivered, not race the relay's results."""
+    from odmr.spool import OUTBOUND, Spool
+    ids = enqueue(hosted, "a@example.org", sender="someone@remote.test")
+    assert odmrd(hosted, "queue", "bounce", ids["example.org"]).returncode == 0
+    [dsn] = json.loads(odmrd(hosted, "queue", "list", ".OUTBOUND", "--json").stdout)
+    with Spool(spool_dir(hosted)).claim([OUTBOUND]):
+        result = odmrd(hosted, "queue", "delete", dsn["id"])
+        assert result.returncode == 75
+        assert "bounce relay" in one_line_error(result)
+        assert [r["id"] for r in json.loads(odmrd(hosted, "queue", "list", "--json").stdout)] == [dsn["id"]]
+    assert odmrd(hosted, "queue", "delete", dsn["id"]).returncode == 0
+    assert json.loads(odmrd(hosted, "queue", "list", "--json").stdout) == []
+
+
+@pytest.mark.slow
 def test_queue_list_changes_nothing_even_with_a_corrupt_file(provider):
     from odmr.spool import new_id
     send_mail(provider.smtp_port, "a@remote.test", ["u@example.org"], b"Subject: good\r\n\r\nx\r\n")
