@@ -26,7 +26,7 @@ import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Server, free_port, row, which, workdir  # noqa: E402
+from common import Server, children, cpu_seconds, free_port, row, spooled, which, workdir  # noqa: E402
 from exim import Exim, describe as exim_describe  # noqa: E402
 
 SENDERS = 10
@@ -130,44 +130,6 @@ def sink_reference(source: str, sink: str, size: int) -> Tuple[float, float]:
     finally:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def _stat(pid: int) -> list:
-    with open("/proc/%d/stat" % pid) as fh:
-        return fh.read().rsplit(")", 1)[1].split()
-
-
-def children(pid: int) -> list:
-    """The live child processes of `pid` (odmrd's intake workers)."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            if name.isdigit() and int(_stat(int(name))[1]) == pid:
-                found.append(int(name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def cpu_seconds(*pids: int) -> Tuple[float, float]:
-    """(user, system) CPU seconds of processes so far, from /proc/PID/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0.0
-    for pid in pids:
-        try:
-            fields = _stat(pid)
-        except OSError:
-            continue
-        user += int(fields[11]) / tick
-        system += int(fields[12]) / tick
-    return user, system
-
-
-def spooled(spool_dir: str, domain: str) -> int:
-    try:
-        return sum(1 for n in os.listdir(os.path.join(spool_dir, domain)) if len(n) > 13 and "." not in n)
-    except FileNotFoundError:
-        return 0
 
 
 class Result(NamedTuple):

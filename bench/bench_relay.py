@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Relay throughput of `odmrd fetch --relay` (SPEC section 6 and 9).
 
-Starts a provider on free loopback ports, spools N messages of SIZE bytes for
+Starts a provider (`odmrd serve -f`) on free loopback ports, spools N messages of SIZE bytes for
 one domain, starts Postfix `smtp-sink` as the customer's local SMTP server,
 then times `odmrd fetch --tls none --relay ...` draining the backlog through
 the splice. Prints msgs/s beside the references: fetchmail ~23 msgs/s (one
@@ -19,16 +19,11 @@ import shutil
 import smtplib
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from helpers import PASSWORD, Provider, free_port, which  # noqa: E402
-from common import stop_process, wait_port  # noqa: E402
+from common import (PASSWORD, ROOT, Server, cpu_seconds, free_port, spooled, stop_process,
+                    wait_port, which, workdir)
 
 FETCHMAIL_RATE = 23.0
 TARGET_RATE = 1000.0
@@ -70,7 +65,7 @@ def start_sink(sink_bin: str) -> Tuple[subprocess.Popen, int]:
     return sink, sink_port
 
 
-def fetch_command(provider: Provider) -> List[str]:
+def fetch_command(provider: Server) -> List[str]:
     """`odmrd fetch` for alice's example.org, without TLS and without a destination yet."""
     # BENCH_PY_ARGS="-m cProfile -o prof.out" profiles the fetch process.
     return [sys.executable] + os.environ.get("BENCH_PY_ARGS", "").split() + [
@@ -79,16 +74,16 @@ def fetch_command(provider: Provider) -> List[str]:
         "--tls", "none", "--domain", "example.org"]
 
 
-def time_relay(provider: Provider, base: List[str], env: Dict[str, str], sink_port: int,
+def time_relay(provider: Server, base: List[str], env: Dict[str, str], sink_port: int,
                messages: int) -> bool:
     """Drain the backlog with --relay into the sink; print the rate and CPU beside the references."""
     command = base + ["--relay", "127.0.0.1:%d" % sink_port]
     started = time.monotonic()
-    before = os.times()
+    before, provider_before = os.times(), sum(cpu_seconds(provider.pid))
     result = subprocess.run(command, env=env, capture_output=True, timeout=3600)
-    after = os.times()
+    after, provider_after = os.times(), sum(cpu_seconds(provider.pid))
     elapsed = time.monotonic() - started
-    left = len(provider.spooled("example.org"))
+    left = spooled(provider.spool_dir, "example.org")
     if result.returncode != 0 or left:
         print("fetch exited %d, %d messages left in the spool: %s"
               % (result.returncode, left, result.stderr.decode(errors="replace").strip()))
@@ -96,9 +91,8 @@ def time_relay(provider: Provider, base: List[str], env: Dict[str, str], sink_po
     rate = messages / elapsed
     cpu = (after.children_user - before.children_user) + \
         (after.children_system - before.children_system)
-    own = (after.user - before.user) + (after.system - before.system)
-    print("CPU: fetch process %.2fs, provider (this process) %.2fs, of %.2fs wall"
-          % (cpu, own, elapsed))
+    print("CPU: fetch process %.2fs, provider process %.2fs, of %.2fs wall"
+          % (cpu, provider_after - provider_before, elapsed))
     print("odmrd fetch --relay into smtp-sink: %d msgs in %.2fs (process start included)"
           % (messages, elapsed))
     print("%-34s %10s %10s" % ("figure", "measured", "reference"))
@@ -108,7 +102,7 @@ def time_relay(provider: Provider, base: List[str], env: Dict[str, str], sink_po
     return True
 
 
-def time_local(provider: Provider, base: List[str], env: Dict[str, str], work: str,
+def time_local(provider: Server, base: List[str], env: Dict[str, str], work: str,
                args: argparse.Namespace) -> bool:
     """--local messages into a Maildir, then as many into an mbox, each fsync'd before its 250."""
     for flag, path in (("--maildir", os.path.join(work, "Maildir")),
@@ -117,7 +111,7 @@ def time_local(provider: Provider, base: List[str], env: Dict[str, str], work: s
         started = time.monotonic()
         result = subprocess.run(base + [flag, path], env=env, capture_output=True, timeout=3600)
         elapsed = time.monotonic() - started
-        if result.returncode != 0 or provider.spooled("example.org"):
+        if result.returncode != 0 or spooled(provider.spool_dir, "example.org"):
             print("fetch %s exited %d: %s" % (flag, result.returncode,
                                                result.stderr.decode(errors="replace").strip()))
             return False
@@ -134,8 +128,8 @@ def main() -> int:
         print("smtp-sink (postfix) is not installed", file=sys.stderr)
         return 69
 
-    work = tempfile.mkdtemp(prefix="bench-relay-")
-    provider = Provider(work)
+    work = workdir("bench-relay-")
+    provider = Server(work)
     provider.add_user("alice", ["example.org"])
     provider.start()
     sink = None

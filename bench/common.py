@@ -17,7 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import List, Optional, Set
+from typing import List, Optional, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -180,6 +180,45 @@ def proc_status(pid: int) -> dict:
                 result["threads"] = int(value)
     result["fds"] = len(os.listdir("/proc/%d/fd" % pid))
     return result
+
+
+def _stat(pid: int) -> list:
+    with open("/proc/%d/stat" % pid) as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list:
+    """The live child processes of `pid` (odmrd's intake workers)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and int(_stat(int(name))[1]) == pid:
+                found.append(int(name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def cpu_seconds(*pids: int) -> Tuple[float, float]:
+    """(user, system) CPU seconds of processes so far, from /proc/PID/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    for pid in pids:
+        try:
+            fields = _stat(pid)
+        except OSError:
+            continue
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
+    return user, system
+
+
+def spooled(spool_dir: str, domain: str) -> int:
+    """Messages waiting for a domain, from the directory listing alone (the server runs)."""
+    try:
+        return sum(1 for n in os.listdir(os.path.join(spool_dir, domain)) if len(n) > 13 and "." not in n)
+    except FileNotFoundError:
+        return 0
 
 
 def row(label: str, measured: str, reference: str) -> str:

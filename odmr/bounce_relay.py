@@ -14,30 +14,35 @@ from __future__ import annotations
 import logging
 import smtplib
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from odmr.config import parse_hostport
-from odmr.delivery import needs_smtputf8, untransportable
 from odmr.folding import break_long_lines
 from odmr.runtime import Runtime
 from odmr.queuemgr import Recorder, outbound_due, whole_text
 from odmr.spool import Message
+from odmr.transport import needs_smtputf8, untransportable
 
 log = logging.getLogger("odmrd.maintenance")
 
-RELAY_BACKOFF = 60.0        # first retry delay for the bounce relay; doubles per attempt
-RELAY_BACKOFF_MAX = 3600.0
-RELAY_TIMEOUT = 60.0        # per SMTP command to the bounce relay
+@dataclass(frozen=True)
+class RelayTimings:
+    """The bounce relay's retry backoff and SMTP timeout (seconds); the service hands its
+    own to the maintenance thread (tests give their provider a shorter set)."""
+    backoff: float = 60.0           # the first retry delay; doubles per attempt
+    backoff_max: float = 3600.0
+    timeout: float = 60.0           # per SMTP command to the relay
+
+    def delay(self, attempts: int) -> float:
+        """Wait before the next try after `attempts` failed ones."""
+        if attempts <= 0:
+            return 0.0
+        return min(self.backoff * (2 ** (attempts - 1)), self.backoff_max)
 
 
-def relay_delay(attempts: int) -> float:
-    """Wait before the next try after `attempts` failed ones."""
-    if attempts <= 0:
-        return 0.0
-    return min(RELAY_BACKOFF * (2 ** (attempts - 1)), RELAY_BACKOFF_MAX)
-
-
-def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -> Dict[str, int]:
+def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None,
+                   timings: RelayTimings = RelayTimings()) -> Dict[str, int]:
     """Hand every due OUTBOUND message to the bounce relay over one SMTP connection."""
     now = time.time() if now is None else now
     counts = {"relayed": 0, "relay_deferred": 0, "relay_dropped": 0}
@@ -46,9 +51,9 @@ def relay_outbound(runtime: Runtime, target: str, now: Optional[float] = None) -
     except ValueError as exc:
         log.error("maintenance: bad [queue] bounce_relay %r: %s", target, str(exc))
         return counts
-    relay = _RelayConnection(target, host, port, runtime.hostname)
-    results = RelayResults(runtime)
-    with outbound_due(runtime.spool, now, relay_delay) as work:
+    relay = _RelayConnection(target, host, port, runtime.hostname, timings.timeout)
+    results = RelayResults(runtime, timings)
+    with outbound_due(runtime.spool, now, timings.delay) as work:
         if work is None:
             return counts                   # another process relays them now
         try:
@@ -83,8 +88,9 @@ class _RelayConnection:
     after the relay closed it); once it cannot be opened, `broken` says why and the
     run's other messages wait for the next one."""
 
-    def __init__(self, target: str, host: str, port: int, hostname: str):
+    def __init__(self, target: str, host: str, port: int, hostname: str, timeout: float):
         self.target, self.host, self.port, self.hostname = target, host, port, hostname
+        self.timeout = timeout
         self.client: Optional[smtplib.SMTP] = None
         self.broken = ""
 
@@ -92,7 +98,7 @@ class _RelayConnection:
         if self.client is None and not self.broken:
             try:
                 client = smtplib.SMTP(self.host, self.port, local_hostname=self.hostname,
-                                      timeout=RELAY_TIMEOUT)
+                                      timeout=self.timeout)
                 client.ehlo_or_helo_if_needed()
                 self.client = client
             except (OSError, smtplib.SMTPException) as exc:
@@ -180,8 +186,9 @@ class RelayResults(Recorder):
     who = "maintenance"
     log = log
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, timings: RelayTimings):
         super().__init__(runtime, runtime.spool)
+        self.timings = timings
         self._removed: Set[str] = set()
 
     def outcome(self, message: Message) -> str:
@@ -214,7 +221,7 @@ class RelayResults(Recorder):
     def _deferred(self, message: Message) -> None:
         state = message.state
         log.warning("maintenance: bounce %s deferred (attempt %d, next in %ds): %s", message.id,
-                    state.attempts, int(relay_delay(state.attempts)), state.last_error)
+                    state.attempts, int(self.timings.delay(state.attempts)), state.last_error)
 
     def _owes_success_notices(self) -> bool:
         return False

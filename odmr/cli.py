@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import getpass
+import importlib
 import json
 import logging
 import os
@@ -477,7 +478,8 @@ def cmd_enqueue(args: argparse.Namespace, config_path: str) -> int:
 
 def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
-    from odmr import accounts, config, queue_commands  # noqa: F401
+    from odmr import accounts, config
+    importlib.import_module("odmr.queue_commands")
     from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
     action = args.queue_command
     if not action:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
-from odmr.bounce_relay import relay_outbound
+from odmr.bounce_relay import RelayTimings, relay_outbound
 from odmr.queuemgr import expire_all, warn_all
 from odmr.runtime import Runtime
 from odmr.spool import OUTBOUND
@@ -33,12 +33,15 @@ EXPIRE_FIRST = 60.0         # the first pass waits this long: start-up (and ATRN
 
 class Maintenance:
     """The background thread; `runtime` is called for the current snapshot (reloads).
-    The timing is the service's (a test's provider may look at OUTBOUND more often)."""
+    The timing is the service's (a test's provider may look at OUTBOUND more often, and
+    give the bounce relay shorter retries and timeouts)."""
 
     def __init__(self, runtime: Callable[[], Runtime], tick: float = TICK,
-                 expire_every: float = EXPIRE_EVERY, expire_first: float = EXPIRE_FIRST):
+                 expire_every: float = EXPIRE_EVERY, expire_first: float = EXPIRE_FIRST,
+                 relay_timings: RelayTimings = RelayTimings()):
         self._runtime = runtime
         self.tick = tick
+        self.relay_timings = relay_timings
         self.expire_every = expire_every
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -92,4 +95,4 @@ class Maintenance:
                 self._warned_no_relay = True
             return {}
         self._warned_no_relay = False
-        return relay_outbound(runtime, target, now)
+        return relay_outbound(runtime, target, now, self.relay_timings)

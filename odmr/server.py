@@ -21,6 +21,7 @@ from odmr import proxy
 from odmr import tls as tls_mod
 from odmr.config import OdmrSettings, Settings, SmtpSettings
 from odmr.intake import IntakeSession
+from odmr.bounce_relay import RelayTimings
 from odmr.delivery import Timeouts
 from odmr.maintenance import TICK as MAINTENANCE_TICK
 from odmr.maintenance import Maintenance
@@ -233,10 +234,12 @@ class Service:
     started = 0.0
 
     def __init__(self, config_path: str, delivery_timeouts: Timeouts = Timeouts(),
-                 maintenance_tick: float = MAINTENANCE_TICK):
+                 maintenance_tick: float = MAINTENANCE_TICK,
+                 relay_timings: RelayTimings = RelayTimings()):
         self.config_path = config_path
         self.delivery_timeouts = delivery_timeouts      # every ATRN's delivery gets these
         self.maintenance_tick = maintenance_tick        # seconds between bounce relay looks
+        self.relay_timings = relay_timings              # the bounce relay's backoff and timeout
         self.maintenance: Optional[Maintenance] = None  # expiry, delay notices, bounce relay
         self.settings = config_mod.load(config_path)
         self.spool = Spool(self.settings.spool_dir)
@@ -479,7 +482,8 @@ class Service:
             self.threads.append(thread)
             log.info("listening on %s (%s%s)", listener.label(), listener.kind,
                      ", implicit TLS" if listener.implicit_tls else "")
-        self.maintenance = Maintenance(lambda: self.runtime, self.maintenance_tick)
+        self.maintenance = Maintenance(lambda: self.runtime, self.maintenance_tick,
+                                       relay_timings=self.relay_timings)
         self.maintenance.start()
         self._start_monitoring()
 

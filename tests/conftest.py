@@ -7,7 +7,6 @@ import pytest
 
 from helpers import (Customer, LocalServer, Provider, ScriptedMTA, Scripted, hosting_provider, make_pki,
                      relay_provider, stop_quickly, which)
-from odmr import bounce_relay
 
 
 def pytest_configure(config) -> None:
@@ -88,15 +87,7 @@ def local(tmp_path):
 
 
 @pytest.fixture
-def fast_maintenance(monkeypatch):
-    """The bounce relay retries within a test's patience (relay_provider's maintenance
-    thread looks at its queue every RELAY_TICK)."""
-    monkeypatch.setattr(bounce_relay, "RELAY_BACKOFF", 0.2)
-    monkeypatch.setattr(bounce_relay, "RELAY_TIMEOUT", 5.0)
-
-
-@pytest.fixture
-def relayed(tmp_path, fast_maintenance):
+def relayed(tmp_path):
     """A provider whose bounce_relay is a ScriptedMTA offering `features`: (provider, sink)."""
     made = []
 

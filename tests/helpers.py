@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from odmr import accounts, queue_commands, replies  # noqa: E402
+from odmr.bounce_relay import RelayTimings  # noqa: E402
 from odmr.daemon import read_pid_file  # noqa: E402
 from odmr.fetch_mailbox import open_mailbox  # noqa: E402
 from odmr.fetch_server import serve_reversed  # noqa: E402
@@ -142,7 +143,7 @@ def _with_defaults(text: str, **defaults) -> str:
 
 class Provider:
     """A running odmrd provider (in this process, on its own threads). `service_options`
-    go to the Service: `delivery_timeouts`, `maintenance_tick`."""
+    go to the Service: `delivery_timeouts`, `maintenance_tick`, `relay_timings`."""
 
     def __init__(self, directory: str, extra: str = "", sections: str = "",
                  odmr_extra: str = "", smtp_extra: str = "", **service_options):
@@ -919,6 +920,11 @@ def queue(provider, domain: Optional[str] = None) -> List[Dict]:
     return [queue_commands.describe(m) for m in queue_commands.list_messages(runtime, domain)]
 
 
+def stored(provider, domain: str) -> List[bytes]:
+    """The RFC 5322 part of every message spooled for a domain."""
+    return [provider.spool.load(domain, i).read_data() for i in provider.spooled(domain)]
+
+
 def wait_sessions_over(provider, timeout: float = 10.0) -> None:
     """The provider's session may still be recording results after the customer's last reply."""
     assert provider.service.wait_for_sessions(timeout) == 0
@@ -994,6 +1000,11 @@ def run_fetch(*args: str, password: Optional[str] = PASSWORD, timeout: float = 6
     full.update(env or {})
     return subprocess.run(FETCH + list(args), capture_output=True, timeout=timeout, env=full,
                           stdin=subprocess.DEVNULL)
+
+
+def fetch_args(provider, *more: str) -> List[str]:
+    """`odmrd fetch` flags for alice at the provider's ODMR port, without TLS."""
+    return ["--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice", "--tls", "none"] + list(more)
 
 
 def err(result: subprocess.CompletedProcess) -> str:
@@ -1838,9 +1849,11 @@ def queue_provider(tmp_path, queue_settings: str, **options) -> Provider:
 
 
 RELAY_TICK = 0.1        # seconds between the maintenance thread's looks at the bounce relay's queue
+FAST_RELAY = RelayTimings(backoff=0.2, timeout=5.0)     # retries within a test's patience
 
 
 def relay_provider(tmp_path, sink: ScriptedMTA, queue_extra: str = "") -> Provider:
-    """Its bounce relay is `sink`, looked at every RELAY_TICK."""
+    """Its bounce relay is `sink`, looked at every RELAY_TICK and retried after FAST_RELAY's
+    backoff."""
     return queue_provider(tmp_path, "bounce_relay = 127.0.0.1:%d\n%s" % (sink.port, queue_extra),
-                          maintenance_tick=RELAY_TICK)
+                          maintenance_tick=RELAY_TICK, relay_timings=FAST_RELAY)

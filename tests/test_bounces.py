@@ -17,13 +17,13 @@ import pytest
 
 from helpers import (Provider, ScriptedMTA, SENDER_HOSTED, SENDER_REMOTE, Script, atrn, dsns, eventually,
                      queue, queue_provider, relay_provider, report_fields, spool, wait_sessions_over)
-from odmr import bounce_relay
+from odmr.bounce_relay import RelayTimings
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("refusals", [["greeting:421 4.3.2 not now", "rcpt:451 4.3.0 later"], []],
                          ids=["refused-twice-then-accepted", "accepted"])
-def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast_maintenance, refusals):
+def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, refusals):
     sink = ScriptedMTA(refusals)
     p = relay_provider(tmp_path, sink)
     try:
@@ -49,7 +49,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, fast
 
 
 @pytest.mark.slow
-def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fast_maintenance, caplog):
+def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, caplog):
     sink = ScriptedMTA(["rcpt:550 5.1.1 no such sender"] * 5)
     p = relay_provider(tmp_path, sink)
     try:
@@ -69,10 +69,12 @@ def test_relay_refusing_a_bounce_for_good_drops_it_never_bounces_it(tmp_path, fa
         sink.close()
 
 
-def test_relay_backoff_grows(fast_maintenance):
-    assert bounce_relay.relay_delay(0) == 0
-    assert bounce_relay.relay_delay(1) < bounce_relay.relay_delay(2) < bounce_relay.relay_delay(3)
-    assert bounce_relay.relay_delay(50) == bounce_relay.RELAY_BACKOFF_MAX
+def test_relay_backoff_grows():
+    timings = RelayTimings(backoff=0.2, backoff_max=30.0)
+    assert timings.delay(0) == 0
+    assert timings.delay(1) == 0.2
+    assert timings.delay(1) < timings.delay(2) < timings.delay(3)
+    assert timings.delay(50) == 30.0
 
 
 def to_postmaster(provider: Provider, notify: str = "") -> None:
@@ -83,7 +85,7 @@ def to_postmaster(provider: Provider, notify: str = "") -> None:
 
 
 @pytest.mark.parametrize("notify, notices", [("NEVER", 0), ("FAILURE", 1), ("", 1)])
-def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_maintenance, notify,
+def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, notify,
                                                           notices):
     """A refusal by the bounce relay is recorded as a customer's is: RFC 3461 NOTIFY=NEVER
     means no DSN, whoever refused."""
@@ -100,7 +102,7 @@ def test_relay_refusal_notifies_the_sender_as_notify_asks(tmp_path, fast_mainten
 
 
 @pytest.mark.parametrize("code", ["451 4.3.0", "550 5.1.1"])
-def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance, caplog, code):
+def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, caplog, code):
     """A control character in the relay's reply reaches neither `queue list`, nor the
     log, nor the DSN: it is escaped as a customer's reply is."""
     sink = ScriptedMTA(["rcpt:%s \x1b[31mno\x07" % code] * 50)
@@ -124,7 +126,7 @@ def test_relay_replies_are_stored_and_quoted_escaped(tmp_path, fast_maintenance,
 
 
 @pytest.mark.slow
-def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path, fast_maintenance,
+def test_relay_refusal_whose_dsn_cannot_be_queued_keeps_the_message(tmp_path,
                                                                      caplog):
     """The postmaster's mail refused for good by the relay, and the sender's DSN cannot be
     spooled (a file stands where bob's domain directory belongs): the message stays in

@@ -17,7 +17,7 @@ from typing import List
 import pytest
 
 import odmr.replies
-from helpers import Peer, TOKEN, err, queued_tokens, reply_line, run_fetch, scripted_args, send_mail
+from helpers import Peer, TOKEN, err, fetch_args, queued_tokens, reply_line, run_fetch, scripted_args, send_mail
 from odmr.exits import EX_OK, EX_TEMPFAIL
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,6 @@ def stored_tokens(target: str, kind: str) -> List[bytes]:
     return found
 
 
-def fetch_args(provider, *more: str) -> List[str]:
-    return ["--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice", "--tls", "none",
-            "--domain", "example.org"] + list(more)
-
-
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])
 def test_full_disk_defers_each_message_and_the_session_ends_with_quit(provider, small_disk, kind):
     disk = small_disk("2m")
@@ -75,7 +70,7 @@ def test_full_disk_defers_each_message_and_the_session_ends_with_quit(provider, 
     for token in sent:
         send_mail(provider.smtp_port, "sender@outside.test", ["x@example.org"], message(token))
 
-    result = run_fetch(*fetch_args(provider, "--" + kind, target))
+    result = run_fetch(*fetch_args(provider, "--domain", "example.org", "--" + kind, target))
     text = err(result)
     assert result.returncode == EX_TEMPFAIL, text
     assert "Traceback" not in text
@@ -97,7 +92,7 @@ def test_full_disk_defers_each_message_and_the_session_ends_with_quit(provider, 
     # room again: the next run takes the rest, and nothing twice
     keep = os.path.join(os.path.dirname(disk), "first-run")
     shutil.move(target, keep)
-    result = run_fetch(*fetch_args(provider, "--" + kind, target))
+    result = run_fetch(*fetch_args(provider, "--domain", "example.org", "--" + kind, target))
     assert result.returncode == EX_OK, err(result)
     assert sorted(stored_tokens(keep, kind) + stored_tokens(target, kind)) == \
         sorted(t.encode() for t in sent)

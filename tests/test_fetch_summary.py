@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import pytest
 
-from helpers import (FETCH, PASSWORD, Provider, Scripted, ScriptedMTA, err, free_port, one_line_error,
+from helpers import (FETCH, PASSWORD, Provider, Scripted, ScriptedMTA, err, fetch_args, free_port, one_line_error,
                      run_fetch, send_mail)
 from odmr.exits import EX_OK, EX_PROTOCOL, EX_TEMPFAIL
 
@@ -41,13 +41,9 @@ def mta():
         m.close()
 
 
-def queue(provider, rcpts: List[str], subject: str, header: bytes = b"") -> None:
+def queue_mail(provider, rcpts: List[str], subject: str, header: bytes = b"") -> None:
     send_mail(provider.smtp_port, "sender@outside.test", rcpts,
               b"From: <sender@outside.test>\r\nSubject: %s\r\n%s\r\nbody\r\n" % (subject.encode(), header))
-
-
-def fetch_args(provider, *more: str) -> List[str]:
-    return ["--server", "127.0.0.1:%d" % provider.odmr_port, "--user", "alice", "--tls", "none"] + list(more)
 
 
 # -- the summary line ------------------------------------------------------------------
@@ -55,9 +51,9 @@ def fetch_args(provider, *more: str) -> List[str]:
 def test_relay_summary_counts_messages_and_recipients(provider, mta):
     """One 450 to a RCPT is '1 recipient deferred', not a count of reply lines; 3 messages arrived."""
     local = mta(defer={"y@example.org"})
-    queue(provider, ["x@example.org"], "one")
-    queue(provider, ["x@example.org", "y@example.org"], "two")
-    queue(provider, ["z@example.com"], "three")
+    queue_mail(provider, ["x@example.org"], "one")
+    queue_mail(provider, ["x@example.org", "y@example.org"], "two")
+    queue_mail(provider, ["z@example.com"], "three")
     result = run_fetch(*fetch_args(provider, "--relay", "127.0.0.1:%d" % local.port))
     assert err(result) == ("odmrd fetch: 3 messages delivered to 127.0.0.1:%d "
                            "(1 recipient deferred: stays at the provider)\n" % local.port)
@@ -68,10 +64,10 @@ def test_relay_summary_counts_messages_and_recipients(provider, mta):
 
 def test_relay_summary_with_every_kind_of_refusal(provider, mta):
     local = mta(defer={"y@example.org"}, refuse={"r@example.org"})
-    queue(provider, ["x@example.org"], "plain")
-    queue(provider, ["r@example.org", "x@example.org"], "one-refused")
-    queue(provider, ["x@example.org"], "deferred-at-end", DEFER_AT_END + b"\r\n")
-    queue(provider, ["y@example.org"], "only-deferred")
+    queue_mail(provider, ["x@example.org"], "plain")
+    queue_mail(provider, ["r@example.org", "x@example.org"], "one-refused")
+    queue_mail(provider, ["x@example.org"], "deferred-at-end", DEFER_AT_END + b"\r\n")
+    queue_mail(provider, ["y@example.org"], "only-deferred")
     result = run_fetch(*fetch_args(provider, "--domain", "example.org",
                                    "--relay", "127.0.0.1:%d" % local.port))
     assert err(result) == ("odmrd fetch: 2 messages delivered to 127.0.0.1:%d (1 message and "
@@ -83,7 +79,7 @@ def test_relay_summary_with_every_kind_of_refusal(provider, mta):
 
 def test_refused_only_is_exit_0_and_says_so(provider, mta):
     local = mta(refuse={"r@example.org", "s@example.org"})
-    queue(provider, ["r@example.org", "s@example.org"], "both refused")
+    queue_mail(provider, ["r@example.org", "s@example.org"], "both refused")
     result = run_fetch(*fetch_args(provider, "--relay", "127.0.0.1:%d" % local.port))
     assert result.returncode == EX_OK, err(result)
     assert err(result) == ("odmrd fetch: no messages delivered to 127.0.0.1:%d "
@@ -92,12 +88,12 @@ def test_refused_only_is_exit_0_and_says_so(provider, mta):
 
 def test_maildir_summary_without_verbose(provider, tmp_path):
     maildir = str(tmp_path / "Maildir")
-    queue(provider, ["x@example.org"], "a")
-    queue(provider, ["x@example.org", "y@example.org"], "b")
+    queue_mail(provider, ["x@example.org"], "a")
+    queue_mail(provider, ["x@example.org", "y@example.org"], "b")
     result = run_fetch(*fetch_args(provider, "--maildir", maildir))
     assert result.returncode == EX_OK, err(result)
     assert err(result) == "odmrd fetch: 2 messages delivered to %s\n" % maildir
-    queue(provider, ["x@example.com"], "c")
+    queue_mail(provider, ["x@example.com"], "c")
     result = run_fetch(*fetch_args(provider, "--maildir", maildir))
     assert err(result) == "odmrd fetch: 1 message delivered to %s\n" % maildir
     result = run_fetch(*fetch_args(provider, "--maildir", maildir))
@@ -131,7 +127,7 @@ def full_disk(tmp_path):
 
 
 def test_maildir_full_disk_is_a_deferred_message(provider, full_disk):
-    queue(provider, ["x@example.org"], "no room")
+    queue_mail(provider, ["x@example.org"], "no room")
     result = run_fetch(*fetch_args(provider, "--maildir", full_disk))
     assert result.returncode == EX_TEMPFAIL, err(result)
     assert err(result).endswith("odmrd fetch: no messages delivered to %s "
@@ -156,7 +152,7 @@ def tls_provider(tmp_path, pki):
 
 
 def test_starttls_against_implicit_tls_port_says_so_within_seconds(tls_provider, pki, tmp_path):
-    queue(tls_provider, ["x@example.org"], "waits")
+    queue_mail(tls_provider, ["x@example.org"], "waits")
     started = time.monotonic()
     result = run_fetch("--server", "127.0.0.1:%d" % tls_provider.implicit_port, "--user", "alice",
                        "--tls", "starttls", "--ca-file", pki["ca.pem"], "--maildir", str(tmp_path / "md"),
@@ -259,7 +255,7 @@ def poll(args: List[str], until: str, log_path: str, timeout: float = 30) -> Lis
 
 def test_every_does_not_back_off_for_a_deferred_recipient(provider, mta, tmp_path):
     local = mta(defer={"y@example.org"})
-    queue(provider, ["x@example.org", "y@example.org"], "half")
+    queue_mail(provider, ["x@example.org", "y@example.org"], "half")
     lines = poll(fetch_args(provider, "--relay", "127.0.0.1:%d" % local.port), "run 3:",
                  str(tmp_path / "log"))
     expected: Dict[int, str] = {
@@ -275,7 +271,7 @@ def test_every_does_not_back_off_for_a_deferred_recipient(provider, mta, tmp_pat
 
 
 def test_every_does_not_back_off_for_a_full_disk(provider, full_disk, tmp_path):
-    queue(provider, ["x@example.org"], "no room")
+    queue_mail(provider, ["x@example.org"], "no room")
     lines = poll(fetch_args(provider, "--maildir", full_disk), "run 3:", str(tmp_path / "log"))
     for line in lines[:3]:
         assert "(1 message deferred: stays at the provider); exit 75 after " in line, lines

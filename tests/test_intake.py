@@ -10,7 +10,7 @@ from typing import List
 
 import pytest
 
-from helpers import Customer, Provider, reuse_provider, run_cli, send_mail, stop_quickly
+from helpers import Customer, Provider, reuse_provider, run_cli, send_mail, stop_quickly, stored
 from odmr import replies
 
 SENDER = "sender@remote.test"
@@ -39,11 +39,6 @@ def smtp(provider):
     assert c.cmd("EHLO client.test")[0] == 250
     yield c
     c.close()
-
-
-def stored(provider, domain: str) -> List[bytes]:
-    """The RFC 5322 part of every message spooled for a domain."""
-    return [provider.spool.load(domain, i).read_data() for i in provider.spooled(domain)]
 
 
 def envelope_of(provider, domain: str):

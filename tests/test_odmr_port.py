@@ -83,10 +83,6 @@ def queue_json(provider, *args) -> List[dict]:
     return json.loads(result.stdout)
 
 
-def spool_files(provider, domain: str) -> List[str]:
-    return provider.spooled(domain)
-
-
 # -- EHLO, the commands allowed before AUTH -------------------------------------
 
 def test_greeting_and_ehlo_advertise_only_what_the_port_implements(provider):
@@ -389,7 +385,7 @@ def test_atrn_syntax_errors_are_501_before_ownership(provider, arg):
         assert c.cmd("ATRN example.net")[0] == 450       # still authenticated
     finally:
         c.close()
-    assert len(spool_files(provider, "example.org")) == 1
+    assert len(provider.spooled("example.org")) == 1
 
 
 def test_atrn_without_argument_means_all_account_domains(provider):
@@ -398,8 +394,8 @@ def test_atrn_without_argument_means_all_account_domains(provider):
     spool_one(provider, ["c@example.net"], b"Subject: three\r\n\r\n3\r\n")
     _, got = atrn_and_serve(provider, "")
     assert sorted(r for m in got for r in m.rcpts) == ["a@example.org", "b@example.com"]
-    assert spool_files(provider, "example.org") == [] and spool_files(provider, "example.com") == []
-    assert len(spool_files(provider, "example.net")) == 1
+    assert provider.spooled("example.org") == [] and provider.spooled("example.com") == []
+    assert len(provider.spooled("example.net")) == 1
 
 
 @pytest.mark.parametrize("arg", ["example.net", "example.org,example.net", "example.org, example.net",
@@ -414,15 +410,15 @@ def test_atrn_foreign_domain_is_450_and_nothing_is_sent(provider, arg):
         code, lines = c.cmd("ATRN " + arg)
         assert (code, lines[0]) == replies.ATRN_REFUSED
         # the session stays authenticated and nothing was delivered
-        assert len(spool_files(provider, "example.org")) == 1
-        assert len(spool_files(provider, "example.net")) == 1
+        assert len(provider.spooled("example.org")) == 1
+        assert len(provider.spooled("example.net")) == 1
         c.send("ATRN example.org")
         assert c.line() == ATRN_OK
         got = play_customer(c).messages
     finally:
         c.close()
     assert [m.rcpts for m in got] == [["a@example.org"]]
-    assert len(spool_files(provider, "example.net")) == 1
+    assert len(provider.spooled("example.net")) == 1
 
 
 def test_atrn_453_when_no_mail_and_session_stays_authenticated(provider):
@@ -491,7 +487,7 @@ def test_concurrent_atrn_for_one_domain_gets_451_and_nothing_twice(provider):
     finally:
         first.close()
         second.close()
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
 
 
 @pytest.mark.slow
@@ -563,7 +559,7 @@ def test_customer_refusing_greeting_gets_quit_and_mail_is_kept(provider, greetin
     spool_one(provider, ["a@example.org"])
     server, got = atrn_and_serve(provider, "example.org", greeting=greeting)
     assert got == [] and server.commands == ["QUIT"]
-    assert len(spool_files(provider, "example.org")) == 1
+    assert len(provider.spooled("example.org")) == 1
     # and the next ATRN gets it
     _, got = atrn_and_serve(provider, "example.org")
     assert len(got) == 1
@@ -576,7 +572,7 @@ def test_helo_fallback_when_ehlo_refused(provider):
     assert server.commands[1] == "HELO odmr.test"
     assert server.commands[2] == "MAIL FROM:<%s>" % SENDER      # no ESMTP parameters after HELO
     assert len(got) == 1
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
 
 
 LOCKSTEP = ["customer.test", "8BITMIME", "SIZE 10000000"]
@@ -591,11 +587,11 @@ def test_per_recipient_results_2xx_removed_4xx_kept(provider, ehlo):
                "later@example.org": "450 4.2.1 mailbox busy",
                "also-ok@example.org": "251 2.1.5 will forward"}
     spool_one(provider, list(answers))
-    [msg_id] = spool_files(provider, "example.org")
+    [msg_id] = provider.spooled("example.org")
     server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo, rcpt=lambda r: answers[r])
     assert [m.rcpts for m in got] == [["ok@example.org", "also-ok@example.org"]]
     # the message stays for the deferred recipient only
-    assert spool_files(provider, "example.org") == [msg_id]
+    assert provider.spooled("example.org") == [msg_id]
     [record] = queue_json(provider, "example.org")
     assert set(record) == {"id", "domain", "size", "age", "sender", "recipients", "attempts", "last_error"}
     assert record["id"] == msg_id and record["domain"] == "example.org"
@@ -612,7 +608,7 @@ def test_per_recipient_results_2xx_removed_4xx_kept(provider, ehlo):
     server, got = atrn_and_serve(provider, "example.org")
     rcpts = [c for c in server.commands if c.startswith("RCPT")]
     assert rcpts == ["RCPT TO:<later@example.org>"]
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
 
 
 @pytest.mark.slow
@@ -629,7 +625,7 @@ def test_per_recipient_5xx_produces_one_dsn_and_is_not_retried(provider, ehlo):
     assert len(queue_json(provider, "example.com")) == 1
     server, got = atrn_and_serve(provider, "example.org", ehlo=ehlo)
     assert [c for c in server.commands if c.startswith("RCPT")] == ["RCPT TO:<later@example.org>"]
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
     # the 5xx produced a DSN to the sender (a hosted domain, so it is spooled there)
     dsns = queue_json(provider, "example.com")
     assert len(dsns) == 1 and dsns[0]["sender"] == "" and dsns[0]["recipients"] == ["someone@example.com"]
@@ -685,7 +681,7 @@ def test_rejected_mail_from_and_all_rcpts_rejected(provider, ehlo):
 def test_5xx_for_null_sender_is_dropped_without_dsn(provider):
     spool_one(provider, ["a@example.org"], sender="")
     atrn_and_serve(provider, "example.org", rcpt=lambda r: "550 5.1.1 unknown")
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
     assert queue_json(provider) == []
 
 
@@ -737,7 +733,7 @@ def test_pipelined_and_lockstep_customers(provider, pipelining):
     assert all(len(m.rcpts) == 2 for m in got)
     assert server.pipelined_batches == [pipelining] * 3
     assert all("SIZE=" in c for c in server.commands if c.startswith("MAIL"))
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
 
 
 @pytest.mark.slow
@@ -785,12 +781,12 @@ def test_eight_bit_content_arrives_byte_identical(provider):
 
 def test_multi_domain_message_is_split_per_domain(provider):
     spool_one(provider, ["a@example.org", "b@example.com", "c@example.net", "a2@example.org"])
-    assert len(spool_files(provider, "example.org")) == 1
-    assert len(spool_files(provider, "example.com")) == 1
-    assert len(spool_files(provider, "example.net")) == 1
+    assert len(provider.spooled("example.org")) == 1
+    assert len(provider.spooled("example.com")) == 1
+    assert len(provider.spooled("example.net")) == 1
     _, got = atrn_and_serve(provider, "example.org")
     assert [m.rcpts for m in got] == [["a@example.org", "a2@example.org"]]
-    assert len(spool_files(provider, "example.com")) == 1
+    assert len(provider.spooled("example.com")) == 1
     _, got = atrn_and_serve(provider, "example.com")
     assert [m.rcpts for m in got] == [["b@example.com"]]
     _, got = atrn_and_serve(provider, "", user="bob")
@@ -808,7 +804,7 @@ def test_corrupt_message_is_quarantined_and_does_not_block_the_domain(provider):
         fh.write(b"this is not a spool file\n")
     _, got = atrn_and_serve(provider, "example.org")
     assert [m.rcpts for m in got] == [["a@example.org"]]
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
     assert os.path.exists(os.path.join(provider.spool_dir, ".quarantine", "example.org", bogus))
 
 
@@ -840,7 +836,7 @@ def test_smtputf8_message_to_ascii_only_customer_is_bounced_not_mangled(provider
     server, got = atrn_and_serve(provider, "example.org", ehlo=["customer.test", "8BITMIME", "PIPELINING"])
     assert got == []
     assert not any(c.startswith("RCPT") for c in server.commands)
-    assert spool_files(provider, "example.org") == []
+    assert provider.spooled("example.org") == []
     [dsn] = queue_json(provider, "example.com")
     assert dsn["recipients"] == ["sender@example.com"]
 

@@ -27,9 +27,9 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from helpers import PASSWORD, ROOT, PostfixInstance, Provider, free_port, postfix_unavailable, run_cli, \
-    send_mail, stop_quickly, wait_idle, empty_spool, which, write_config
-from odmr import accounts
+from helpers import PASSWORD, ROOT, PostfixInstance, Provider, free_port, postfix_unavailable, reply_line, \
+    run_cli, send_mail, stop_quickly, wait_idle, empty_spool, which, write_config
+from odmr import accounts, replies
 
 pytestmark = [pytest.mark.skipif(postfix_unavailable() is not None, reason=postfix_unavailable() or ""),
               pytest.mark.slow]           # a real Postfix instance
@@ -388,7 +388,7 @@ def test_customer_postfix_behind_fetchmail(customer, tmp_path):
 
     result = run_fetchmail(str(tmp_path), provider.odmr_port, handover)
     assert result.returncode == 0, transcript(result)
-    assert "250 2.0.0 OK now reversing the connection" in transcript(result)
+    assert reply_line(replies.ATRN_OK) in transcript(result)
 
     poll(lambda: mailbox(mail, "example.org", "alice") and mailbox(mail, "example.com", "info"),
          "delivery into the virtual Maildirs", postfix)

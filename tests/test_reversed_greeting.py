@@ -30,7 +30,7 @@ REFUSALS: Dict[str, tuple] = {
 }
 
 
-def atrn(provider, ehlo: Optional[str], helo: Optional[str]) -> Tuple[Script, str]:
+def atrn_answering_greeting(provider, ehlo: Optional[str], helo: Optional[str]) -> Tuple[Script, str]:
     """ATRN, then the customer's server answering EHLO and HELO so (None: hanging up);
     the script and how the conversation ended."""
     c = Customer(provider.odmr_port, timeout=15)
@@ -65,7 +65,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
     caplog.set_level(logging.DEBUG)
 
     ehlo, helo = REFUSALS[case]
-    server, _ = atrn(provider, ehlo, helo)
+    server, _ = atrn_answering_greeting(provider, ehlo, helo)
     wait_sessions_over(provider)
 
     expected = {"5xx": ["EHLO odmr.test", "HELO odmr.test", "QUIT"],
@@ -88,7 +88,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
                 or "internal error" in r.getMessage() or "Traceback" in r.getMessage()]
 
     # a customer that behaves gets everything
-    server, outcome = atrn(provider, "250 customer.test", "250 customer.test")
+    server, outcome = atrn_answering_greeting(provider, "250 customer.test", "250 customer.test")
     wait_sessions_over(provider)
     assert outcome == "quit"
     assert sorted(m.data.splitlines()[-1] for m in server.messages) == [b"body 0", b"body 1", b"body 2"]
@@ -98,7 +98,7 @@ def test_customer_refusing_ehlo_and_helo_keeps_everything(provider, caplog, case
 def test_421_to_ehlo_gets_no_helo(provider, caplog):
     send_mail(provider.smtp_port, "sender@remote.test", ["a@example.org"], b"Subject: x\r\n\r\nx\r\n")
     before = queue_list(provider)
-    server, _ = atrn(provider, "421 4.3.2 customer.test closing", "250 customer.test")
+    server, _ = atrn_answering_greeting(provider, "421 4.3.2 customer.test closing", "250 customer.test")
     wait_sessions_over(provider)
     assert server.commands == ["EHLO odmr.test", "QUIT"]
     assert queue_list(provider) == before

@@ -18,7 +18,7 @@ from typing import List
 import pytest
 
 from helpers import (Customer, Peer, Provider, err, reply_line, reuse_provider, run_fetch, scripted_args,
-                     stop_quickly)
+                     stop_quickly, stored)
 from odmr import replies
 
 SENDER = "sender@remote.test"
@@ -98,10 +98,6 @@ def parse_received(value: str) -> dict:
 def received_of(data: bytes) -> List[dict]:
     message = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
     return [parse_received(str(v)) for v in message.get_all("Received", [])]
-
-
-def stored(p: Provider, domain: str) -> List[bytes]:
-    return [p.spool.load(domain, i).read_data() for i in p.spooled(domain)]
 
 
 # -- the EHLO/HELO argument ------------------------------------------------------------
