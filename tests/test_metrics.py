@@ -151,6 +151,9 @@ def test_queue_gauges_per_domain_only_when_asked(tmp_path, metrics_port):
     try:
         for rcpt in ("a@example.org", "b@example.org", "c@example.net"):
             send_mail(d.smtp_port, "s@remote.test", [rcpt], b"Subject: a\r\n\r\nhi\r\n")
+        # an intake worker reports what it stored when its session ends, just after the 221
+        wait_for(lambda: scrape(metrics_port).get(("odmrd_queue_messages", (("domain", "example.net"),))) == 1,
+                 10, "the last message to reach /metrics")
         samples = scrape(metrics_port)
         assert value(samples, "odmrd_queue_messages", domain="example.org") == 2
         assert value(samples, "odmrd_queue_messages", domain="example.net") == 1
