@@ -118,7 +118,7 @@ def _spool(runtime: Runtime, submission: Submission, stream: BinaryIO) -> List[T
     except TooBig as exc:
         raise EnqueueError(str(exc), EX_DATAERR) from None
     except TooManyHops as exc:
-        raise EnqueueError(exc.text.split(" ", 1)[1], EX_DATAERR) from None
+        raise EnqueueError(str(exc).split(" ", 1)[1], EX_DATAERR) from None
     except (OverQuota, SpoolError) as exc:
         raise EnqueueError(str(exc), EX_TEMPFAIL) from None   # the MTA keeps it and retries
     except OSError as exc:

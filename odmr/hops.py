@@ -28,9 +28,8 @@ class TooManyHops(Exception):
     """The message has passed too many hosts, or this one too often: a mail loop."""
 
     def __init__(self, reply: Reply):
-        super().__init__(reply[1])
+        super().__init__(reply[1])          # str(): the reply's text
         self.reply = reply
-        self.text = reply[1]
 
 
 class HopCount:

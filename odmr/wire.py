@@ -209,13 +209,13 @@ class _EagerSocketIO(TimedSocketIO):
         return self._fd
 
 
-def reader_for(sock: socket.socket, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+def reader_for(sock: socket.socket) -> io.BufferedReader:
     """The buffered reader a session (and smtplib after the turnaround) reads from."""
     if sock.gettimeout() in (None, 0.0):
-        return sock.makefile("rb", buffering=buffer_size)
+        return sock.makefile("rb", buffering=READ_BUFFER)
     if isinstance(sock, ssl.SSLSocket):
-        return io.BufferedReader(TimedSocketIO(sock), buffer_size)
-    return io.BufferedReader(_EagerSocketIO(sock), buffer_size)
+        return io.BufferedReader(TimedSocketIO(sock), READ_BUFFER)
+    return io.BufferedReader(_EagerSocketIO(sock), READ_BUFFER)
 
 
 def _write_now(sock: socket.socket, data: bytes) -> bytes:
@@ -887,7 +887,7 @@ def _clean_lines(data: bytes) -> bytes:
     return block
 
 
-def iter_data(session: Session, chunk: int = 65536, deadline: Optional[float] = None) -> Iterator[bytes]:
+def iter_data(session: Session, chunk: int = READ_BUFFER, deadline: Optional[float] = None) -> Iterator[bytes]:
     """Yield the message text of a DATA phase, unstuffed and normalised to CRLF.
 
     Only <CRLF>.<CRLF> ends it: a '.' line after a bare LF (or a '.' line
