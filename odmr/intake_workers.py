@@ -140,7 +140,7 @@ class WorkerPool:
                     self.service.release("smtp", ip)
             elif kind == b"A":
                 domain, size = rest.split()
-                self.service.spool._count_added(domain.decode("ascii"), int(size))
+                self.service.spool.count_added(domain.decode("ascii"), int(size))
             elif kind == b"q":
                 worker.listings.put(rest)
             elif kind == b"M":
@@ -280,12 +280,8 @@ class _WorkerSide:
         self._ask_lock = threading.Lock()
         self._idle = threading.Condition()
         self._active = 0
-        spool = service.spool
-        self._local_usage = spool.usage
-        self._count_locally = spool._count_added
-        spool.usage = self.usage                    # the main process's figures, see the module doc
-        spool._count_added = self.count_added
-        service.metrics.message_received = self.message_received     # counted where /metrics is served
+        service.spool.authority = self              # the main process's figures, see the module doc
+        service.metrics.forward_received = self.message_received     # counted where /metrics is served
         self._received: Dict[str, List[int]] = {}           # domain -> [messages, bytes] not sent yet
         self._received_lock = threading.Lock()
         self._received_due = threading.Event()
@@ -382,7 +378,7 @@ class _WorkerSide:
             return not self._active
 
     # -- quotas: the main process keeps the count -----------------------------------
-    def usage(self, domain: str, fresh: bool = False):
+    def usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
         with self._ask_lock:
             while not self._answers.empty():        # a late answer to a question given up on
                 self._answers.get_nowait()
@@ -390,16 +386,16 @@ class _WorkerSide:
                 self.channel.send(b"U %s %d" % (domain.encode("ascii"), fresh))
                 answer = self._answers.get(timeout=USAGE_WAIT)
             except (OSError, queue.Empty):
-                return self._local_usage(domain, fresh)
+                return self.service.spool.counted_usage(domain, fresh)
         _, count, size = answer.split()
         return int(count), int(size)
 
-    def message_received(self, domain: str, size: int) -> None:
+    def message_received(self, domain: str, size: int, count: int = 1) -> None:
         with self._received_lock:
             if not self._received:
                 self._received_due.set()        # the sender thread sends it in METRICS_EVERY
             entry = self._received.setdefault(domain, [0, 0])
-            entry[0] += 1
+            entry[0] += count
             entry[1] += size
 
     def _send_gathered(self) -> None:
@@ -418,8 +414,8 @@ class _WorkerSide:
             except OSError:
                 pass
 
-    def count_added(self, domain: str, size: int, count: int = 1) -> None:
-        self._count_locally(domain, size, count)
+    def added(self, domain: str, size: int, count: int) -> None:
+        """The spool counted it here; the main process counts a stored message for a quota."""
         policy = self.service.settings.policy(domain) if domain[:1] != "." else None
         if count == 1 and policy is not None and (policy.max_bytes or policy.max_messages):
             try:

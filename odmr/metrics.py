@@ -162,9 +162,14 @@ class ServiceMetrics:
         self.activity = Activity()
         self.backlog = qshape.Backlog()
         self.certificate = CertificateExpiry()     # [tls] cert_file's notAfter, read once per file
+        # set in an intake worker: the count goes to the main process, which serves /metrics
+        self.forward_received: Optional[Callable[[str, int, int], None]] = None
 
     def message_received(self, queue: str, size: int, count: int = 1) -> None:
         """Intake stored `count` copies for one domain, `size` bytes in all."""
+        if self.forward_received is not None:
+            self.forward_received(queue, size, count)
+            return
         self.registry.count("odmrd_messages_received_total", count)
         self.backlog.added(queue, size, count)
 

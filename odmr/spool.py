@@ -34,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
 
 from odmr.durable import fsync_dir
 from odmr.names import address_is_safe, normalize_domain
@@ -635,7 +635,7 @@ class IncomingMessage:
             raise SpoolError("cannot commit spool file: %s" % describe_error(exc),
                              no_space=_full(exc)) from None
         for domain, _, _, _ in self.parts:
-            self.spool._count_added(domain, self.size)
+            self.spool.count_added(domain, self.size)
         return [(domain, msg_id) for domain, msg_id, _, _ in self.parts]
 
     def abort(self) -> None:
@@ -750,11 +750,21 @@ class DomainClaim:
         self.release()
 
 
+class UsageAuthority(Protocol):
+    """Who keeps the quota counts when this process does not (an intake worker's main
+    process): asked for a domain's usage, told of each message this process adds."""
+
+    def usage(self, domain: str, fresh: bool) -> Tuple[int, int]: ...
+
+    def added(self, domain: str, size: int, count: int) -> None: ...
+
+
 class Spool:
     """All domains' directories under one root."""
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+        self.authority: Optional[UsageAuthority] = None     # None: this process counts
         self._group = _GroupSync()
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -1197,7 +1207,7 @@ class Spool:
         except FileNotFoundError:
             pass
         self._drop_state(message.domain, directory, message.id)
-        self._count_added(message.domain, -message.size, -1)
+        self.count_added(message.domain, -message.size, -1)
         if sync:
             self._group.sync(directory)
 
@@ -1228,7 +1238,7 @@ class Spool:
             retired = ""
         if has_state:
             self._drop_state(message.domain, directory, message.id)
-        self._count_added(message.domain, -message.size, -1)
+        self.count_added(message.domain, -message.size, -1)
         return retired
 
     def probe(self, domain: str) -> None:
@@ -1279,7 +1289,7 @@ class Spool:
         finally:
             for fd in held:
                 os.close(fd)
-        self._count_added(domain, 0, -1)
+        self.count_added(domain, 0, -1)
         log.error("spool: quarantined %s/%s: %s", domain, msg_id, reason)
         return True
 
@@ -1392,7 +1402,13 @@ class Spool:
             os.close(fd)
 
     def usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
-        """(messages, bytes) waiting for a domain. Cached while the domain directory's
+        """(messages, bytes) waiting for a domain, from the authority if there is one."""
+        if self.authority is not None:
+            return self.authority.usage(domain, fresh)
+        return self.counted_usage(domain, fresh)
+
+    def counted_usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
+        """(messages, bytes) waiting for a domain, as this process counts them. Cached while the domain directory's
         mtime stays what it was (any process or node adding or removing a message
         changes it), at most 30 s; `fresh`: counted now."""
         now = time.monotonic()
@@ -1424,8 +1440,14 @@ class Spool:
         except OSError:
             return None
 
-    def _count_added(self, domain: str, size: int, count: int = 1) -> None:
-        """This process's own change: counted, and the directory's new mtime taken as known."""
+    def count_added(self, domain: str, size: int, count: int = 1) -> None:
+        """A change made by this process (or, in the main process, reported by a worker)."""
+        self._count_locally(domain, size, count)
+        if self.authority is not None:
+            self.authority.added(domain, size, count)
+
+    def _count_locally(self, domain: str, size: int, count: int) -> None:
+        """Counted, and the directory's new mtime taken as known."""
         if domain not in self._usage:             # never counted (no quota asked): nothing to keep
             return
         stamp = self._dir_stamp(domain)
