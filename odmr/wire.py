@@ -122,6 +122,9 @@ def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
     return stuffed
 
 
+DEADLINE_SLACK = 0.05    # seconds a wait may outlast a deadline (a timeout is not reset for less)
+
+
 class TimedSocketIO(io.RawIOBase):
     """Raw reads from a socket (TLS too) that never go on past `deadline`.
 
@@ -169,7 +172,9 @@ class TimedSocketIO(io.RawIOBase):
         if remaining <= 0:
             raise socket.timeout("timed out")
         current = self._sock.gettimeout()
-        if self.timeout_changed or current is None or remaining < current:
+        # a wait may end up to DEADLINE_SLACK late: no settimeout (two system calls) on
+        # a wait that starts just after its deadline was set, as most do
+        if current is None or remaining < current - DEADLINE_SLACK:
             self._sock.settimeout(remaining)
             self.timeout_changed = True
 
