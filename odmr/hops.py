@@ -58,6 +58,9 @@ class HopCount:
         if self.done:
             return
         self._seen += len(piece)
+        blank = piece.find(b"\n\r\n")      # the empty line (the text is CRLF by now)
+        if blank >= 0:
+            piece = piece[:blank + 3]       # the body is never split up nor copied
         while piece and not self.done:
             lines = piece.split(b"\n", _LINES_AT_ONCE)        # the body is not split up
             piece = b""
