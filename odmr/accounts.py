@@ -36,7 +36,7 @@ from configobj import ConfigObj, ConfigObjError
 from odmr.config import line_numbers
 from odmr.durable import fsync_dir
 from odmr.names import normalize_domain
-from odmr.sasl import ScramSecret
+from odmr.sasl import MIN_SCRAM_ITERATIONS, ScramSecret
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _KEYS = {"domains", "shared_domains", "scram_sha_256", "cram_md5", "client_cert"}
@@ -182,6 +182,12 @@ def _account(name: str, section, where: str, numbers: _LineNumbers, problems: Li
             scram = ScramSecret.from_string(section["scram_sha_256"])
         except ValueError:
             problems.append("%s: scram_sha_256: malformed" % where)
+        else:
+            if scram.iterations < MIN_SCRAM_ITERATIONS:
+                # RFC 7677's minimum, which `odmrd fetch` insists on: a key it refuses is no key
+                problems.append("%s: scram_sha_256: %d iterations, fewer than RFC 7677's %d; set "
+                                "the password again with 'odmrd user passwd'"
+                                % (where, scram.iterations, MIN_SCRAM_ITERATIONS))
     cram = None
     if section.get("cram_md5"):
         try:

@@ -403,6 +403,9 @@ class _AuthObject:
             self.client.cancel_auth()
             raise FetchError(EX_PROTOCOL, "AUTH %s: the provider's proof is wrong: %s"
                              % (name, exc)) from None
+        except sasl.WeakServerParameters as exc:
+            self.client.cancel_auth()
+            raise FetchError(EX_NOPERM, "AUTH %s refused: %s" % (name, exc)) from None
         except sasl.SASLError as exc:
             self.client.cancel_auth()
             raise FetchError(EX_PROTOCOL, "AUTH %s: provider broke the exchange: %s"
@@ -417,7 +420,8 @@ def _not_base64(client: ProviderClient, name: str) -> FetchError:
 def _authenticate(client: ProviderClient, endpoint: Endpoint) -> None:
     tls = isinstance(client.sock, ssl.SSLSocket)
     name = choose_mechanism(client.esmtp_features.get("auth", "").split(), endpoint.mechanism, tls)
-    mech = sasl.client_mechanism(name, endpoint.user, endpoint.password)
+    mech = sasl.client_mechanism(name, endpoint.user, endpoint.password,
+                                 scram_min_iterations=sasl.MIN_SCRAM_ITERATIONS)
     client.secret = True
     try:
         code, text = client.auth(name, _AuthObject(client, mech))

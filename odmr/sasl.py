@@ -46,11 +46,20 @@ class AuthProtocolError(SASLError):
     """A malformed message; the session replies 501 5.5.2."""
 
 
+class WeakServerParameters(SASLError):
+    """The server asked for fewer SCRAM iterations than the client accepts: the proof
+    it would get is cheap to crack offline, so none is computed."""
+
+
 DEFAULT_ITERATIONS = 4096
 DEFAULT_SALT_LENGTH = 16
 # A server may pick any count; refusing absurd ones stops it pinning our CPU
 # (a million PBKDF2 rounds take about a second; real servers use thousands).
 MAX_CLIENT_ITERATIONS = 1_000_000
+# RFC 7677 §4: at least 4096. `odmrd fetch` refuses a server asking fewer (a hostile
+# or spoofed provider would get a proof it can crack cheaply), and the users file
+# stores no fewer, so our own provider never asks it.
+MIN_SCRAM_ITERATIONS = 4096
 
 _SCRAM_PREFIX = "SCRAM-SHA-256"
 _SCRAM_KEY_LEN = 32  # SHA-256 digest size
@@ -496,9 +505,15 @@ def _client(cls: Type[ClientMechanism]) -> Type[ClientMechanism]:
     return cls
 
 
-def client_mechanism(name: str, username: str, password: str) -> ClientMechanism:
-    """A fresh client mechanism by (case-insensitive) name; KeyError if unknown."""
-    return CLIENT_MECHANISMS[name.upper()](username, password)
+def client_mechanism(name: str, username: str, password: str, *,
+                     scram_min_iterations: int = 1) -> ClientMechanism:
+    """A fresh client mechanism by (case-insensitive) name; KeyError if unknown.
+    `scram_min_iterations`: the fewest SCRAM iterations to accept from the server
+    (`odmrd fetch` asks MIN_SCRAM_ITERATIONS; tests' fast accounts use fewer)."""
+    cls = CLIENT_MECHANISMS[name.upper()]
+    if issubclass(cls, ScramSHA256Client):
+        return cls(username, password, min_iterations=scram_min_iterations)
+    return cls(username, password)
 
 
 @_client
@@ -568,15 +583,17 @@ def _client_iterations(text: str) -> int:
 class ScramSHA256Client(ClientMechanism):
     """RFC 5802 / RFC 7677 client; `done()` only after the server proved itself.
 
-    `nonce` replaces the random client nonce, for tests against RFC 7677.
+    `nonce` replaces the random client nonce, for tests against RFC 7677;
+    a server asking fewer than `min_iterations` gets WeakServerParameters.
     """
 
     name = "SCRAM-SHA-256"
     _GS2_HEADER = "n,,"  # no channel binding, no authzid
 
     def __init__(self, username: str, password: str, *,
-                 nonce: Optional[str] = None) -> None:
+                 nonce: Optional[str] = None, min_iterations: int = 1) -> None:
         super().__init__(username, password)
+        self._min_iterations = min_iterations
         self._client_nonce = nonce or secrets.token_urlsafe(18)
         self._bare = f"n={_encode_saslname(username)},r={self._client_nonce}"
         self._state = "start"
@@ -614,6 +631,10 @@ class ScramSHA256Client(ClientMechanism):
         if not salt:
             raise AuthProtocolError("empty SCRAM salt")
         iterations = _client_iterations(iter_text)
+        if iterations < self._min_iterations:
+            raise WeakServerParameters("the server asks for only i=%d SCRAM iterations (at least "
+                                       "%d accepted, RFC 7677): a proof that cheap to crack is "
+                                       "not sent" % (iterations, self._min_iterations))
 
         client_key, server_key = _scram_keys(self.password, salt, iterations)
         channel = _b64(self._GS2_HEADER.encode("ascii"))

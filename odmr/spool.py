@@ -849,7 +849,8 @@ class Spool:
     def shape(self, strict: bool = False) -> Iterator[Tuple[str, Iterator[os.stat_result]]]:
         """Every queue (the domains' and OUTBOUND) with the lstat of each of its message
         files, read from directory listings only: no file opened, nothing followed through
-        a link (one in the root is logged, as by `domains`). Cheap enough for `queue
+        a link (each is logged, as by `domains` and `listing`, and a message whose state
+        file is a link is left out, as by `listing`). Cheap enough for `queue
         summary` on a million messages. Consume each queue's stats before the next.
         A queue directory that cannot be read is skipped, or with `strict` (an operator
         asking) raises OSError naming it: an unreadable queue is not an empty one."""
@@ -859,7 +860,7 @@ class Spool:
             return
         try:
             for queue in self.domains() + [OUTBOUND]:
-                yield queue, _message_stats(root_fd, queue, self._dir(queue) if strict else "")
+                yield queue, _message_stats(root_fd, queue, self._dir(queue), strict)
         finally:
             os.close(root_fd)
 
@@ -1532,21 +1533,24 @@ def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
     parse_envelope(queue, msg_id, head)
 
 
-def _message_stats(root_fd: int, queue: str, shown: str = "") -> Iterator[os.stat_result]:
-    """The lstat of each message file of a queue (none when it is a link or vanished;
-    when it cannot be read either, unless `shown` names it for the error)."""
+def _message_stats(root_fd: int, queue: str, shown: str, strict: bool = False
+                   ) -> Iterator[os.stat_result]:
+    """The lstat of each message file of the queue at `shown` (none when it is a link or
+    vanished; when it cannot be read either, unless `strict`). Left out as by `listing`:
+    a message that is a link or whose state file is one (each link is logged)."""
     try:
         fd = os.open(queue, _DIR_FLAGS, dir_fd=root_fd)
     except (FileNotFoundError, NotADirectoryError):
         return
     except OSError as exc:
-        if shown and exc.errno != errno.ELOOP:
+        if strict and exc.errno != errno.ELOOP:
             raise in_directory(exc, shown) from None
         return
     try:
+        refused = _refused_links(fd, shown)
         with os.scandir(fd) as entries:
             for entry in entries:
-                if not _valid_id(entry.name) or entry.is_symlink():
+                if not _valid_id(entry.name) or entry.is_symlink() or entry.name + ".state" in refused:
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -1556,6 +1560,18 @@ def _message_stats(root_fd: int, queue: str, shown: str = "") -> Iterator[os.sta
                     yield st
     finally:
         os.close(fd)
+
+
+def _refused_links(dir_fd: int, shown: str) -> Set[str]:
+    """The names of the links in a queue directory, each logged: a first pass over the
+    listing (no stat), so that a message whose state file is a link, met later in the
+    same listing, is left out before it is counted."""
+    links = set()
+    for entry in _scan(dir_fd):
+        if entry.is_symlink():
+            _refuse_link(os.path.join(shown, entry.name))
+            links.add(entry.name)
+    return links
 
 
 def _normalised(name: str) -> bool:

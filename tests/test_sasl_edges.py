@@ -7,7 +7,10 @@
   before it tripped get no more guesses.
 - AUTH responses of up to RFC 4954's 12,288 octets are read; longer ones get
   a clear 500 and the session goes on.
-- `odmrd fetch` refuses absurd iteration counts from a provider (exit 76).
+- `odmrd fetch` refuses absurd iteration counts from a provider (exit 76), and
+  counts below RFC 7677's 4096 (exit 77: a proof that cheap to crack is never
+  sent); the users file holds no SCRAM key with fewer, so our own provider never
+  asks for them.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Tuple
 import pytest
 
 from helpers import Customer, Daemon, PASSWORD, Peer, Provider, Scripted, err, kill_hard, run_fetch
-from odmr.exits import EX_PROTOCOL
+from odmr.exits import EX_NOPERM, EX_PROTOCOL
 from odmr import accounts, replies, sasl
 from odmr.daemon import read_pid_file
 
@@ -324,3 +327,42 @@ def test_fetch_iteration_cap_is_one_million(tmp_path):
     # at the cap the keys are computed (the scripted provider then refuses the proof: 77)
     code, text, gave_up = fetch_with(str(sasl.MAX_CLIENT_ITERATIONS), tmp_path)
     assert (code, gave_up) == (77, False), text
+
+
+@pytest.mark.parametrize("iterations", ["1", pytest.param("4095", marks=pytest.mark.slow)])
+def test_fetch_refuses_too_few_scram_iterations(tmp_path, iterations):
+    """A hostile or spoofed provider offering i=1 would get a proof it can crack cheaply."""
+    code, text, gave_up = fetch_with(iterations, tmp_path)
+    assert code == EX_NOPERM, text                       # an authentication failure, as 535 is
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    assert "i=%s " % iterations in text and "4096" in text
+    assert gave_up                                       # it said '*', no proof was computed
+
+
+@pytest.mark.slow
+def test_fetch_computes_a_proof_at_4096_iterations(tmp_path):
+    code, text, gave_up = fetch_with(str(sasl.MIN_SCRAM_ITERATIONS), tmp_path)
+    assert (code, gave_up) == (EX_NOPERM, False), text  # the proof went out; 535 came back
+    assert "authentication as alice refused" in text
+
+
+@pytest.mark.slow
+def test_users_file_holds_no_scram_key_fetch_would_refuse(tmp_path):
+    """A hand-written key with fewer than 4096 iterations is a users-file error (our own
+    `odmrd fetch` would refuse the provider asking for it); `user passwd` mends it."""
+    p = Provider(str(tmp_path))
+    p.add_user("alice", ["example.org"])
+    assert p.run_cli("check-config").returncode == 0
+    with open(p.users) as fh:
+        text = fh.read()
+    weak = sasl.ScramSecret.from_password(PASSWORD, 4095).to_string()
+    with open(p.users, "w") as fh:
+        fh.write(re.sub(r"scram_sha_256 = .*", "scram_sha_256 = " + weak, text))
+    result = p.run_cli("check-config")
+    assert result.returncode == 78, result.stderr
+    [line] = [l for l in err(result).splitlines() if "scram_sha_256" in l]
+    assert "[alice]" in line and "4095 iterations" in line and "odmrd user passwd" in line
+    mended = p.run_cli("user", "passwd", "alice", "--password-stdin", input=PASSWORD.encode() + b"\n")
+    assert mended.returncode == 0, mended.stderr
+    assert p.run_cli("check-config").returncode == 0
+    assert accounts.load(p.users).get("alice").scram.iterations == sasl.MIN_SCRAM_ITERATIONS

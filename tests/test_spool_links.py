@@ -429,6 +429,31 @@ def test_queue_commands_on_a_state_link(site):
 
 
 @pytest.mark.slow
+def test_queue_summary_on_a_state_link(site):
+    """`queue summary` leaves out a message whose state file is a link, as `queue list`
+    and delivery do, and logs the link as they do; it never reads what the link names."""
+    real = real_message(site, "example.org", "real")
+    other = real_message(site, "example.org", "other")
+    link = os.path.join(queue_dir(site, "example.org"), real + ".state")
+    plant(link, site.outside.file)
+    before = site.outside.snapshot()
+    os.utime(site.outside.file, (OLD, OLD))            # atime == mtime again: a read moves it (relatime)
+    atime = os.stat(site.outside.file).st_atime_ns
+    summary = _cli(site, "summary", "--json")
+    assert summary.returncode == 0, summary.stderr
+    assert [(r["domain"], r["messages"]) for r in json.loads(summary.stdout)] == [("example.org", 1)]
+    assert link_logged(summary.stderr.decode(), link)
+    text = _cli(site, "summary")
+    assert text.returncode == 0 and text.stdout.split(b"\n")[1].split()[:2] == [b"TOTAL", b"1"], text.stdout
+    listed = _cli(site, "list")                        # the same message, left out the same way
+    assert other.encode() in listed.stdout and real.encode() not in listed.stdout
+    assert os.stat(site.outside.file).st_atime_ns == atime
+    assert_link(link, site.outside.file)
+    assert os.path.exists(os.path.join(queue_dir(site, "example.org"), real))
+    assert site.outside.snapshot() == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["file", "missing"])
 def test_queue_commands_on_a_lock_link(tmp_path, target):
     p = Provider(str(tmp_path))
