@@ -187,6 +187,22 @@ def test_slow_trickle_is_cut_off(strict):
 
 
 @pytest.mark.slow
+def test_a_line_begun_ends_within_idle_timeout_of_its_start(strict):
+    """The last wait of a line is shortened to the line's deadline (idle_timeout 2 s from
+    its first byte): a client silent after a byte at 1.2 s is cut at 2 s, not at 3.2."""
+    c = Customer(strict.odmr_port)
+    c.reply()
+    c.sock.sendall(b"NOOP")
+    started = time.monotonic()
+    time.sleep(1.2)
+    c.sock.sendall(b" x")
+    c.sock.settimeout(6)
+    assert c.reply()[0] == 421
+    assert 1.5 <= time.monotonic() - started < 2.8
+    c.close()
+
+
+@pytest.mark.slow
 def test_idle_session_times_out(strict):
     c = Customer(strict.odmr_port)
     c.reply()
