@@ -133,7 +133,7 @@ def test_daemon_keeps_no_descriptor_the_caller_leaked(site):
 def test_logs_written_after_detaching_reach_the_log_file(site):
     assert site.serve().returncode == 0
     assert smtp_send(site.smtp_port, "user@example.org") == {}
-    wait_for(lambda: "smtp: accepted" in site.log(), 5, "the accepted message in the log")
+    wait_for(lambda: "smtp: accepted" in site.log(), 15, "the accepted message in the log")
     text = site.log()
     assert "odmrd started (pid %d)" % site.pid() in text
     assert "listening on 127.0.0.1:%d" % site.smtp_port in text

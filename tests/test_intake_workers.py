@@ -90,7 +90,7 @@ def test_per_address_limit_holds_across_worker_processes(daemon):
             return send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
         except smtplib.SMTPConnectError:
             return False
-    wait_for(mail_accepted, 5, "the closed session's slot")
+    wait_for(mail_accepted, 15, "the closed session's slot")
     second.close()
 
 
