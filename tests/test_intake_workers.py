@@ -39,7 +39,7 @@ def children(pid: int) -> List[int]:
 
 def greeted(port: int) -> socket.socket:
     """A session past its 220; a 421 (a just-closed session not yet counted out) is retried."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while True:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         if first_line(sock).startswith(b"220") or time.monotonic() > deadline:
