@@ -156,13 +156,16 @@ def test_per_address_session_limit(strict):
     for c in held + [extra]:
         c.close()
 
+    answers = []
+
     def greeted_again() -> bool:    # the closed sessions' threads see the EOF a moment later
         again = Customer(strict.odmr_port)
         try:
-            return again.reply()[0] == 220
+            answers.append(again.reply())
+            return answers[-1][0] == 220
         finally:
             again.close()
-    assert eventually(greeted_again, 15), "the closed sessions never gave their places back"
+    assert eventually(greeted_again, 15), "the closed sessions never gave their places back: %r" % answers[-3:]
 
 
 @pytest.mark.slow
