@@ -316,11 +316,15 @@ def multiline(code: int, lines: List[str]) -> str:
 
 
 def eventually(predicate, timeout: float = 10.0) -> bool:
-    """Whether `predicate` came true within `timeout` seconds (for an assert with its own message)."""
+    """Whether `predicate` came true within `timeout` seconds (for an assert with its own message).
+    The first true answer counts, and is not asked for again: it may not last (a probe that
+    took a session's place is refused if made again at once)."""
     deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return bool(predicate())
+    return True
 
 
 def which(name: str) -> Optional[str]:

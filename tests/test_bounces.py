@@ -42,7 +42,7 @@ def test_bounce_for_outside_sender_goes_to_the_relay_with_retries(tmp_path, refu
         assert fields["action"] == "failed" and fields["status"] == "5.1.1"
         assert b"tok1" in relayed["data"]                        # the original headers come back
         assert sink.connections >= len(refusals) + 1
-        assert eventually(lambda: queue(p) == [], 5)
+        assert eventually(lambda: queue(p) == [], 15)
     finally:
         p.stop()
         sink.close()

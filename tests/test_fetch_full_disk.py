@@ -78,7 +78,8 @@ def test_full_disk_defers_each_message_and_the_session_ends_with_quit(provider, 
     # customer (that was a 421 after 20 "bad" 503s to the commands pipelined after MAIL)
     full, line = text.strip().splitlines()
     assert full.startswith("odmrd fetch: the local disk is full: %s has " % target), full
-    assert "closed the session" not in line and "421" not in line, line
+    said = line.replace(target, "TARGET")      # the path is tmp_path's: pytest-421 is no 421
+    assert "closed the session" not in said and "421" not in said, line
     stored = stored_tokens(target, kind)
     queued = queued_tokens(provider.spool_dir, "example.org")
     assert 0 < len(stored) < MESSAGES - 20, (len(stored), line)

@@ -105,7 +105,7 @@ def test_start_collects_then_stop(provider, service):
     wait_for(lambda: maildir_messages(service.maildir), 15.0, "the message in the Maildir")
     with open(maildir_messages(service.maildir)[0], "rb") as fh:
         assert email.message_from_binary_file(fh)["Subject"] == "through the service"
-    wait_for(lambda: not provider.spooled("example.org"), 5.0, "the provider's spool to empty")
+    wait_for(lambda: not provider.spooled("example.org"), 15.0, "the provider's spool to empty")
     assert "polling: alice at 127.0.0.1:%d" % provider.odmr_port in service.log()
 
     stopped = service.init("stop")

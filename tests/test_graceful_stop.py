@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 from helpers import (ATRN_OK, Customer, Daemon, PASSWORD, ReversedConnection, SENDER_HOSTED, Script, TOKEN,
-                     queued_tokens, refused, send_mail)
+                     queued_tokens, refused, send_mail, wait_for)
 from odmr import accounts
 
 
@@ -58,9 +58,8 @@ def test_sigterm_lets_the_transaction_in_flight_finish(daemon):
             assert reply_of(f) == code
         s.sendall(b"Subject: in flight\r\nX-Token: inflight\r\n\r\nfirst half\r\n")
         daemon.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert daemon.proc.poll() is None                      # still finishing our transaction
-        assert refused(daemon.smtp_port)                    # but no longer accepting
+        wait_for(lambda: refused(daemon.smtp_port), 15, "the listener to close")   # no longer accepting
+        assert daemon.proc.poll() is None                      # but still finishing our transaction
         s.sendall(b"second half\r\n.\r\n")
         assert reply_of(f) == 250
         s.sendall(b"QUIT\r\n")

@@ -93,10 +93,9 @@ def test_pipelined_replies_go_out_together(smtp, provider, monkeypatch):
         return judged(policy, sender)
     monkeypatch.setattr(intake, "accept_sender", slow_sender_check)
     smtp.sock.sendall(b"RSET\r\nMAIL FROM:<%s>\r\n" % SENDER.encode())
-    smtp.sock.settimeout(0.3)
-    with pytest.raises(socket.timeout):
-        smtp.sock.recv(1, socket.MSG_PEEK)
     smtp.sock.settimeout(10)
+    first = smtp.sock.recv(4096, socket.MSG_PEEK)      # what came first, whenever it came
+    assert first.count(b"\r\n") == 2, first          # RSET's reply waited for MAIL's
     assert [smtp.reply()[0] for _ in range(2)] == [250, 250]
 
 
@@ -213,7 +212,7 @@ def test_intake_connections_are_logged(provider, caplog):
         with smtplib.SMTP("127.0.0.1", provider.smtp_port, timeout=10) as s:
             s.ehlo("probe.test")
             port = s.sock.getsockname()[1]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while not any("smtp: connect from 127.0.0.1:%d" % port in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
             time.sleep(0.05)

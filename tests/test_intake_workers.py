@@ -39,7 +39,7 @@ def children(pid: int) -> List[int]:
 
 def greeted(port: int) -> socket.socket:
     """A session past its 220; a 421 (a just-closed session not yet counted out) is retried."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while True:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         if first_line(sock).startswith(b"220") or time.monotonic() > deadline:
@@ -90,7 +90,7 @@ def test_per_address_limit_holds_across_worker_processes(daemon):
             return send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
         except smtplib.SMTPConnectError:
             return False
-    wait_for(mail_accepted, 5, "the closed session's slot")
+    wait_for(mail_accepted, 15, "the closed session's slot")
     second.close()
 
 

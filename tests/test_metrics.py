@@ -86,10 +86,7 @@ def metric_sessions(metrics_port: int, port: int) -> float:
 @pytest.mark.slow
 def test_counters_move_with_real_traffic(daemon, metrics_port):
     # the harness's start-up probe is a session until its intake worker says it ended
-    deadline = time.monotonic() + 5
-    while value(scrape(metrics_port), "odmrd_sessions", port=str(daemon.smtp_port)) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not metric_sessions(metrics_port, daemon.smtp_port), 15, "the start-up probe to end")
     before = scrape(metrics_port)
     assert value(before, "odmrd_messages_received_total") == 0
     assert value(before, "odmrd_atrn_requests_total", code="250") == 0
@@ -98,6 +95,10 @@ def test_counters_move_with_real_traffic(daemon, metrics_port):
     send_mail(daemon.smtp_port, "s@remote.test", ["u@example.org"], b"Subject: a\r\n\r\nhi\r\n")
     held = socket.create_connection(("127.0.0.1", daemon.smtp_port))
     held.recv(100)
+    # the intake worker's reports (the message stored, the first session over) reach the
+    # main process a moment after the client has its 221
+    wait_for(lambda: value(scrape(metrics_port), "odmrd_messages_received_total") == 1
+             and metric_sessions(metrics_port, daemon.smtp_port) == 1, 15, "the worker's reports")
     mid = scrape(metrics_port)
     assert value(mid, "odmrd_messages_received_total") == 1
     assert value(mid, "odmrd_queue_messages") == 1

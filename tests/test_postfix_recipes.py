@@ -140,7 +140,9 @@ def test_front_mx_relays_to_the_intake_and_atrn_delivers(mx_smtp, tmp_path):
     assert [(m["domain"], m["sender"], m["recipients"]) for m in waiting] == [
         ("example.com", SENDER, ["info@example.com"]), ("example.org", SENDER, ["alice@example.org"])]
     postfix.wait_queue_empty()
-    assert "status=sent" in postfix.log() and "relay=127.0.0.1[127.0.0.1]:%d" % provider.smtp_port in postfix.log()
+    # Postfix's log lines reach maillog_file through postlogd, a moment after the delivery
+    poll(lambda: "status=sent" in postfix.log(), "the delivery in Postfix's log", postfix)
+    assert "relay=127.0.0.1[127.0.0.1]:%d" % provider.smtp_port in postfix.log()
 
     # odmrd saw Postfix as its client: from 127.0.0.1, HELO = Postfix's myhostname
     headers = header_block(queue_show(provider.config, waiting[1]["id"]))
@@ -239,6 +241,7 @@ def test_front_mx_pipe_spools_one_copy_per_recipient(pipe_site):
         assert "by %s (Postfix)" % postfix.hostname in headers
         assert "Return-Path:" not in headers and "Delivered-To:" not in headers   # a relay hop
         assert spooled.endswith(b"Sent through a recipe.\r\n.a line with a leading dot\r\n")
+    poll(lambda: postfix.log().count("status=sent") >= 3, "the deliveries in Postfix's log", postfix)
     assert postfix.log().count("status=sent") == 3
 
 
@@ -265,7 +268,8 @@ def test_front_mx_pipe_bounces_mail_for_a_domain_odmrd_does_not_host(pipe_site):
     assert "Diagnostic-Code: x-unix; odmrd: recipient <info@example.com>: domain example.com is " \
         "not hosted here" in unfolded                                 # enqueue's one line
     assert "Subject: not-hosted" in report                  # the returned message's headers
-    assert re.search(r"to=<info@example\.com>.*status=bounced", postfix.log())
+    poll(lambda: re.search(r"to=<info@example\.com>.*status=bounced", postfix.log()),
+         "the bounce in Postfix's log", postfix)
 
 
 # -- customer: Postfix behind `odmrd fetch --relay` and behind fetchmail --------------------

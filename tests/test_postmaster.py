@@ -18,7 +18,7 @@ def test_postmaster_works_out_of_the_box_through_the_bounce_relay(relayed):
     assert got["rcpts"] == ["postmaster@odmr.test"]
     assert got["mail"].split()[1].upper() == "FROM:<%s>" % SENDER_OUTSIDE.upper()   # not <>
     assert b"abuse report" in got["data"]
-    assert eventually(lambda: queue(p) == [], 5)
+    assert eventually(lambda: queue(p) == [], 15)
 
 
 @pytest.mark.slow
