@@ -16,6 +16,14 @@ from odmr import queue_commands
 from odmr.spool import new_id
 
 
+def deferred_once(p: Provider, reply: str) -> None:
+    """One ATRN whose customer answers every RCPT with `reply`, over when it returns."""
+    s = Script()
+    s.rcpt = lambda a: reply
+    assert atrn(p, s) == "quit"
+    wait_sessions_over(p)
+
+
 @pytest.mark.slow
 def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
     p = Provider(str(tmp_path))
@@ -23,10 +31,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
     p.start()
     try:
         spool(p, ["u@example.org"], token="kept")
-        s = Script()
-        s.rcpt = lambda a: "451 4.3.0 first failure"
-        assert atrn(p, s) == "quit"
-        wait_sessions_over(p)
+        deferred_once(p, "451 4.3.0 first failure")
     finally:
         p.stop()
     directory = os.path.join(p.spool_dir, "example.org")
@@ -44,10 +49,7 @@ def test_restart_cleans_debris_and_keeps_attempts(tmp_path):
         assert [d for d in debris if os.path.exists(d)] == []
         [record] = queue(p, "example.org")
         assert record["attempts"] == 1
-        s = Script()
-        s.rcpt = lambda a: "452 4.2.2 second failure"
-        assert atrn(p, s) == "quit"
-        wait_sessions_over(p)
+        deferred_once(p, "452 4.2.2 second failure")
     finally:
         p.stop()
     p.start()
