@@ -10,11 +10,13 @@ exim.py), the two servers taking turns (odmrd, Exim, Exim, odmrd), and odmrd's
 rate is printed as a ratio to Exim's of the same run: the only comparison a
 shared VM makes fair.
 
-Usage: python3 bench/bench_intake.py [--messages N] [--size BYTES] [--exim PATH [--rounds N]] [--keep]
+Usage: python3 bench/bench_intake.py [--messages N] [--size BYTES] [--exim PATH [--rounds N]]
+                                      [--base DIR | --no-fresh-fs] [--keep]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -23,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Server, children, cpu_seconds, free_port, row, spooled, which, workdir  # noqa: E402
 from exim import Exim, describe as exim_describe  # noqa: E402
+import scratch_fs  # noqa: E402
 
 SENDERS = 10
 RCPT = "rcpt@example.org"
@@ -219,6 +222,8 @@ def report(args: argparse.Namespace, base: str, fsync_ms: float, refs: Tuple[Opt
            results: List[Result]) -> bool:
     print("Intake: %d messages of %d bytes per run, spool on %s (%s); [smtp] workers = %s"
           % (args.messages, args.size, base, "kept" if args.keep else "removed", args.workers))
+    if args.fresh_fs:
+        print("Each server's turn on a new ext4 filesystem (mkfs.ext4 defaults, loop-mounted in %s)" % base)
     print(row("", "measured", "reference (SPEC §9)"))
     print(row("one durable file (create+fsync+rename+dir fsync)", "%.2f ms" % fsync_ms, "~2 ms"))
     ref_one, ref_ten = refs
@@ -266,11 +271,23 @@ def measure_rounds(base: str, args: argparse.Namespace, source: Optional[str]) -
     for round_ in range(args.rounds if args.exim else 1):
         servers = ["odmrd", "Exim"] if args.exim else ["odmrd"]
         for name in servers if round_ % 2 == 0 else reversed(servers):
-            where = os.path.join(base, "%s-%d" % (name, round_))
-            os.mkdir(where)
             measure = measure_odmrd if name == "odmrd" else measure_exim
-            results += measure(where, args, source)
+            with scratch_place(base, args, "%s-%d" % (name, round_)) as where:
+                results += measure(where, args, source)
     return results
+
+
+@contextlib.contextmanager
+def scratch_place(base: str, args: argparse.Namespace, name: str) -> Iterator[str]:
+    """Where one server's turn keeps its spool: a new filesystem of its own (--fresh-fs),
+    or a new directory under `base`."""
+    if args.fresh_fs:
+        with scratch_fs.fresh_ext4(base, scratch_fs.size_for(args.messages, args.size)) as where:
+            yield where
+    else:
+        where = os.path.join(base, name)
+        os.mkdir(where)
+        yield where
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -281,6 +298,10 @@ def main(argv: Optional[list] = None) -> int:
                         help="directory for the scratch spool (default /var/tmp; /dev/shm shows the "
                              "CPU-only ceiling, without disk flushes)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=None,
+                        help="each server's turn on a new ext4 filesystem (a loop-mounted image in "
+                             "the scratch directory): no turn pays for files an earlier one deleted "
+                             "(default: on when root with mkfs.ext4 and no --base)")
     parser.add_argument("--workers", default="auto",
                         help="the provider's [smtp] workers (default auto; 1: sessions in the main process)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -293,11 +314,17 @@ def main(argv: Optional[list] = None) -> int:
                              "(default 2: odmrd, Exim, Exim, odmrd); each figure is over all rounds")
     args = parser.parse_args(argv)
 
+    why_not = scratch_fs.available()
+    if args.fresh_fs is None:
+        args.fresh_fs = why_not is None and not args.base and not args.keep
+    elif args.fresh_fs and (why_not or args.keep):
+        parser.error("--fresh-fs: %s" % (why_not or "its filesystems are not kept (--keep)"))
     base = tempfile.mkdtemp(prefix="odmrd-bench-intake-", dir=args.base) if args.base \
         else workdir("odmrd-bench-intake-")
     source, sink = which("smtp-source"), which("smtp-sink")
     try:
-        fsync_ms = durable_file_ms(tempfile.mkdtemp(dir=base))
+        with scratch_place(base, args, "durable-file") as where:
+            fsync_ms = durable_file_ms(where)
         refs = sink_reference(source, sink, args.size) if source and sink else (None, None)
         results = combined(measure_rounds(base, args, source))
     finally:

@@ -1,0 +1,73 @@
+"""A freshly made filesystem for one server's turn in a bench.
+
+Files deleted on the same filesystem in the last minutes make every new file
+slower to create (ext4 without a journal skips recently freed inodes one by
+one): a bench run in /var/tmp right after another is measured on a slower disk
+than the one before it, and the server that runs second pays for the first.
+Each turn on its own new ext4 image (mkfs.ext4's defaults, journal included, as
+an installed server has it) makes the turns alike and the runs repeatable.
+Needs root, mkfs.ext4 and loop devices; `available()` says whether they are here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from typing import Iterator, Optional
+
+from common import which
+
+
+def available() -> Optional[str]:
+    """None if fresh filesystems can be made here; otherwise why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    for tool in ("mkfs.ext4", "mount", "umount"):
+        if which(tool) is None:
+            return "no %s" % tool
+    return None
+
+
+def size_for(messages: int, size: int) -> int:
+    """Bytes enough for two loads of `messages` (an inode and a block each, plus the text)."""
+    per_message = size + 8192
+    return max(256 << 20, 3 * messages * per_message)
+
+
+@contextlib.contextmanager
+def fresh_ext4(parent: str, size: int) -> Iterator[str]:
+    """A new ext4 filesystem of `size` bytes (a sparse image in `parent`), mounted for the block."""
+    fd, image = tempfile.mkstemp(prefix="bench-fs-", suffix=".img", dir=parent)
+    mountpoint = tempfile.mkdtemp(prefix="bench-fs-", dir=parent)
+    mounted = False
+    try:
+        os.ftruncate(fd, size)
+        os.close(fd)
+        fd = -1
+        subprocess.run([which("mkfs.ext4") or "mkfs.ext4", "-q", "-F", image], check=True,
+                       stdout=subprocess.DEVNULL, timeout=120)
+        subprocess.run([which("mount") or "mount", "-o", "loop", image, mountpoint], check=True,
+                       timeout=60)
+        mounted = True
+        yield mountpoint
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if mounted:
+            _unmount(mountpoint)
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+        with contextlib.suppress(OSError):
+            os.unlink(image)
+
+
+def _unmount(mountpoint: str) -> None:
+    """umount, retried while the last server's processes let go; lazily as a last resort."""
+    umount = which("umount") or "umount"
+    for _ in range(50):
+        if subprocess.run([umount, mountpoint], stderr=subprocess.DEVNULL, timeout=60).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run([umount, "-l", mountpoint], timeout=60)

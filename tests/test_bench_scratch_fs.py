@@ -1,0 +1,55 @@
+"""The intake bench's fresh filesystem (bench/scratch_fs.py): a real ext4 of its own
+for each server's turn, and nothing left behind, neither mount nor loop device nor
+image, whether the turn ends well or fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+import scratch_fs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(scratch_fs.available() is not None,
+                                reason="fresh filesystems need root, mkfs.ext4 and mount")
+
+
+def loop_devices_on(image: str) -> str:
+    return subprocess.run(["losetup", "-j", image], capture_output=True, text=True).stdout
+
+
+def test_a_turn_gets_an_empty_ext4_of_its_own_and_leaves_nothing(tmp_path):
+    with scratch_fs.fresh_ext4(str(tmp_path), 64 << 20) as where:
+        assert os.path.ismount(where)
+        fs_type = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", where], capture_output=True,
+                                 text=True).stdout.strip()
+        assert fs_type == "ext4"
+        assert sorted(os.listdir(where)) == ["lost+found"]       # nothing from an earlier turn
+        images = [n for n in os.listdir(tmp_path) if n.endswith(".img")]
+        assert len(images) == 1
+        image = str(tmp_path / images[0])
+        assert loop_devices_on(image)
+        with open(os.path.join(where, "message"), "wb") as fh:
+            fh.write(b"x" * 10240)
+            os.fsync(fh.fileno())
+    assert not os.path.ismount(where)
+    assert os.listdir(tmp_path) == []
+    assert not loop_devices_on(image)
+
+
+def test_a_turn_that_fails_still_unmounts_and_removes_its_image(tmp_path):
+    with pytest.raises(RuntimeError):
+        with scratch_fs.fresh_ext4(str(tmp_path), 64 << 20) as where:
+            with open(os.path.join(where, "spooled"), "wb") as fh:
+                fh.write(b"x")
+            raise RuntimeError("the server failed")
+    assert not os.path.ismount(where)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_size_covers_both_loads():
+    assert scratch_fs.size_for(10000, 10240) >= 2 * 10000 * (10240 + 4096)
+    assert scratch_fs.size_for(1, 10) == 256 << 20
