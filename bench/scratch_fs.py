@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Iterator, Optional
 
@@ -41,7 +43,6 @@ def fresh_ext4(parent: str, size: int) -> Iterator[str]:
     """A new ext4 filesystem of `size` bytes (a sparse image in `parent`), mounted for the block."""
     fd, image = tempfile.mkstemp(prefix="bench-fs-", suffix=".img", dir=parent)
     mountpoint = tempfile.mkdtemp(prefix="bench-fs-", dir=parent)
-    mounted = False
     try:
         os.ftruncate(fd, size)
         os.close(fd)
@@ -50,17 +51,32 @@ def fresh_ext4(parent: str, size: int) -> Iterator[str]:
                        stdout=subprocess.DEVNULL, timeout=120)
         subprocess.run([which("mount") or "mount", "-o", "loop", image, mountpoint], check=True,
                        timeout=60)
-        mounted = True
         yield mountpoint
     finally:
-        if fd >= 0:
-            os.close(fd)
-        if mounted:
-            _unmount(mountpoint)
-        with contextlib.suppress(OSError):
-            os.rmdir(mountpoint)
-        with contextlib.suppress(OSError):
-            os.unlink(image)
+        with _no_interrupt():
+            if fd >= 0:
+                os.close(fd)
+            # asked, not remembered: a Ctrl-C while mount(8) runs can leave it mounted
+            if os.path.ismount(mountpoint):
+                _unmount(mountpoint)
+            with contextlib.suppress(OSError):
+                os.rmdir(mountpoint)
+            with contextlib.suppress(OSError):
+                os.unlink(image)
+
+
+@contextlib.contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Ctrl-C held off (in umount too, which inherits the ignored signal) while a mount is
+    taken down: a second one there would leave the mount, its loop device and its image."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _unmount(mountpoint: str) -> None:

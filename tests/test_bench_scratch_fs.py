@@ -53,3 +53,22 @@ def test_a_turn_that_fails_still_unmounts_and_removes_its_image(tmp_path):
 def test_the_size_covers_both_loads():
     assert scratch_fs.size_for(10000, 10240) >= 2 * 10000 * (10240 + 4096)
     assert scratch_fs.size_for(1, 10) == 256 << 20
+
+
+def test_a_ctrl_c_while_mount_runs_still_leaves_nothing(tmp_path, monkeypatch):
+    """mount(8) done, the KeyboardInterrupt raised before fresh_ext4 heard back from it."""
+    real_run = subprocess.run
+
+    def run(cmd, *args, **kwargs):
+        done = real_run(cmd, *args, **kwargs)
+        if os.path.basename(cmd[0]) == "mount":
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        with scratch_fs.fresh_ext4(str(tmp_path), 64 << 20):
+            pass
+    monkeypatch.undo()
+    assert not subprocess.run(["findmnt", "-n", "-R", str(tmp_path)], capture_output=True).stdout
+    assert os.listdir(tmp_path) == []
