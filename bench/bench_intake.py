@@ -282,7 +282,8 @@ def scratch_place(base: str, args: argparse.Namespace, name: str) -> Iterator[st
     """Where one server's turn keeps its spool: a new filesystem of its own (--fresh-fs),
     or a new directory under `base`."""
     if args.fresh_fs:
-        with scratch_fs.fresh_ext4(base, scratch_fs.size_for(args.messages, args.size)) as where:
+        with scratch_fs.fresh_ext4(base, scratch_fs.size_for(args.messages, args.size),
+                                   scratch_fs.inodes_for(args.messages)) as where:
             yield where
     else:
         where = os.path.join(base, name)
