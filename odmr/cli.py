@@ -480,6 +480,7 @@ def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     # imported before _runtime() drops privileges: an interpreter's library may be root's
     from odmr import accounts, config
     importlib.import_module("odmr.queue_commands")
+    importlib.import_module("odmr.qshape")
     from odmr.spool import OUTBOUND, CorruptMessage, DomainBusy, LinkRefused, SpoolError, describe_error
     action = args.queue_command
     if not action:
@@ -603,7 +604,7 @@ def _queue_summary(runtime, args) -> int:
     """qshape for odmrd: directory listings and file times only (no message is read)."""
     from odmr import qshape
     now = time.time()
-    rows = qshape.summary(runtime.spool.root, strict=True)
+    rows = qshape.summary(runtime.spool.root, strict=True, processes=min(4, os.cpu_count() or 1), now=now)
     if args.json:
         print(json.dumps([row.as_json(now) for row in rows], indent=1))
     else:

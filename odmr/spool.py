@@ -260,8 +260,13 @@ def new_id() -> str:
     return "%013x%08x" % (time.time_ns() // 1000, _id_bits.getrandbits(32))
 
 
+_ID_DIGITS = "0123456789abcdef"
+
+
 def _valid_id(name: str) -> bool:
-    return 13 < len(name) <= 40 and all(c in "0123456789abcdef" for c in name)
+    # strip() works in C: a name of those digits only leaves nothing (a million names
+    # in 0.1 s; a generator over the characters took 1.5 s of `queue summary`)
+    return 13 < len(name) <= 40 and not name.strip(_ID_DIGITS)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -846,21 +851,26 @@ class Spool:
                 _stray_directory(os.path.join(self.root, name))
         return sorted(name for name in result if _normalised(name))
 
-    def shape(self, strict: bool = False) -> Iterator[Tuple[str, Iterator[os.stat_result]]]:
-        """Every queue (the domains' and OUTBOUND) with the lstat of each of its message
-        files, read from directory listings only: no file opened, nothing followed through
-        a link (each is logged, as by `domains` and `listing`, and a message whose state
-        file is a link is left out, as by `listing`). Cheap enough for `queue
-        summary` on a million messages. Consume each queue's stats before the next.
-        A queue directory that cannot be read is skipped, or with `strict` (an operator
-        asking) raises OSError naming it: an unreadable queue is not an empty one."""
+    def queues(self) -> List[str]:
+        """The domains' queues and OUTBOUND: what `shape` goes through."""
+        return self.domains() + [OUTBOUND]
+
+    def shape(self, strict: bool = False, queues: Optional[List[str]] = None,
+              mtimes: bool = True) -> Iterator[Tuple[str, QueueFiles]]:
+        """Every queue (or those named) with what its message files hold, read from
+        directory listings and one lstat per file only: no file opened, nothing followed
+        through a link (each is logged, as by `domains` and `listing`; a message whose state
+        file is a link is left out, as by `listing`). Cheap enough for `queue summary` on a
+        million messages. A queue directory that cannot be read is skipped, or with
+        `strict` (an operator asking) raises OSError naming it: an unreadable queue is not
+        an empty one. `mtimes`: each message's, not only the oldest."""
         try:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             return
         try:
-            for queue in self.domains() + [OUTBOUND]:
-                yield queue, _message_stats(root_fd, queue, self._dir(queue), strict)
+            for queue in self.queues() if queues is None else queues:
+                yield queue, _queue_files(root_fd, queue, self._dir(queue), strict, mtimes)
         finally:
             os.close(root_fd)
 
@@ -1533,45 +1543,81 @@ def _check_whole(dir_fd: int, queue: str, msg_id: str, shown: str) -> None:
     parse_envelope(queue, msg_id, head)
 
 
-def _message_stats(root_fd: int, queue: str, shown: str, strict: bool = False
-                   ) -> Iterator[os.stat_result]:
-    """The lstat of each message file of the queue at `shown` (none when it is a link or
-    vanished; when it cannot be read either, unless `strict`). Left out as by `listing`:
-    a message that is a link or whose state file is one (each link is logged)."""
+@dataclass
+class QueueFiles:
+    """One queue's message files as their lstat showed them: what `queue summary` counts.
+    `mtimes` only when asked for (a million floats for one big queue); `oldest` always."""
+    messages: int = 0
+    bytes: int = 0
+    oldest: float = 0.0                 # 0: no message
+    mtimes: List[float] = field(default_factory=list)
+
+
+def _queue_files(root_fd: int, queue: str, shown: str, strict: bool, mtimes: bool) -> QueueFiles:
+    """The message files of the queue at `shown` (none when it is a link or vanished; when
+    it cannot be read either, unless `strict`), from one pass over the listing and one
+    lstat each. As by `listing`, a message whose state file is a link is left out (each
+    link is logged): skipped when the listing names the link first, taken back at the end
+    when it names the message first."""
+    found = QueueFiles()
     try:
         fd = os.open(queue, _DIR_FLAGS, dir_fd=root_fd)
     except (FileNotFoundError, NotADirectoryError):
-        return
+        return found
     except OSError as exc:
         if strict and exc.errno != errno.ELOOP:
             raise in_directory(exc, shown) from None
-        return
+        return found
+    links: Set[str] = set()
+    left_out: Set[str] = set()          # messages met after their state file's link
+    times: List[float] = []
+    size = count = 0
+    oldest = 0.0
     try:
-        refused = _refused_links(fd, shown)
         with os.scandir(fd) as entries:
-            for entry in entries:
-                if not _valid_id(entry.name) or entry.is_symlink() or entry.name + ".state" in refused:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
+            for entry in entries:       # a million of them: no calls that can be saved
+                name = entry.name
+                if entry.is_symlink():
+                    _refuse_link(os.path.join(shown, name))
+                    links.add(name)
+                elif 13 < len(name) <= 40 and not name.strip(_ID_DIGITS):      # _valid_id
+                    if links and name + ".state" in links:
+                        left_out.add(name)
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue            # delivered while we looked
+                    if st.st_mode & 0o170000 == 0o100000:       # S_ISREG
+                        size += st.st_size
+                        if mtimes:
+                            times.append(st.st_mtime)
+                        else:
+                            count += 1
+                            if not oldest or st.st_mtime < oldest:
+                                oldest = st.st_mtime
+        for link in links:
+            message = link[:-len(".state")]
+            if link.endswith(".state") and _valid_id(message) and message not in left_out:
+                try:                        # met after its message, which was counted
+                    st = os.stat(message, dir_fd=fd, follow_symlinks=False)
                 except OSError:
-                    continue            # delivered while we looked
-                if stat.S_ISREG(st.st_mode):
-                    yield st
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if mtimes and st.st_mtime in times:
+                    times.remove(st.st_mtime)
+                    size -= st.st_size
+                elif not mtimes:            # the oldest may stay its time: a rare link, logged
+                    count -= 1
+                    size -= st.st_size
     finally:
         os.close(fd)
-
-
-def _refused_links(dir_fd: int, shown: str) -> Set[str]:
-    """The names of the links in a queue directory, each logged: a first pass over the
-    listing (no stat), so that a message whose state file is a link, met later in the
-    same listing, is left out before it is counted."""
-    links = set()
-    for entry in _scan(dir_fd):
-        if entry.is_symlink():
-            _refuse_link(os.path.join(shown, entry.name))
-            links.add(entry.name)
-    return links
+    if mtimes:
+        count, oldest = len(times), min(times, default=0.0)
+        found.mtimes = times
+    found.messages, found.bytes, found.oldest = count, size, oldest
+    return found
 
 
 def _normalised(name: str) -> bool:

@@ -133,3 +133,34 @@ def test_queue_changes_reach_the_daemons_log_where_only_root_may_create_it(nobod
         logged = fh.read()
     assert "accepted id=%s" % msg_id in logged and "deleted" in logged and msg_id in logged
     assert os.stat(log_file).st_uid == nobody.pw_uid      # the daemon can go on writing it
+
+
+def test_an_unreadable_queue_is_named_when_many_queues_are_shared_out(nobody_setup):
+    """With enough queues `queue summary` lists them in several processes; a queue one of
+    them cannot read still fails the command, naming the directory (not an internal error,
+    not a smaller queue)."""
+    from odmr import qshape
+    from odmr.spool import Envelope, Recipient, Spool
+    from helpers import store
+    conf, base, nobody = nobody_setup
+    _one_queued(conf, base)
+    root = os.path.join(base, "spool")
+    spool = Spool(root)
+    domains = ["d%03d.test" % n for n in range(qshape.PARALLEL_FROM + 10)]
+    for domain in domains:
+        store(spool, domain, Envelope(sender="s@remote.test", recipients=[Recipient("u@" + domain)]),
+              b"Subject: t\r\n\r\nx\r\n")
+    for where, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lchown(os.path.join(where, name), nobody.pw_uid, nobody.pw_gid)
+    r = run_cli("-c", conf, "queue", "summary", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == len(domains) + 1
+    hidden = os.path.join(root, domains[len(domains) // 2])
+    os.chown(hidden, 0, 0)
+    os.chmod(hidden, 0o700)
+    r = run_cli("-c", conf, "queue", "summary")
+    err = r.stderr.decode()
+    assert r.returncode == 74, r
+    assert "%s: Permission denied" % hidden in err and "internal error" not in err, err
+    assert b"TOTAL" not in r.stdout

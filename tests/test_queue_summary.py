@@ -130,3 +130,50 @@ def test_a_rescan_never_brings_back_what_was_delivered_while_it_ran():
     backlog.begin_scan()
     backlog.replace([QueueRow("example.org", 4, 400, 1.0)])     # another process queued more
     assert set(backlog.snapshot()) == {"example.org"} and backlog.snapshot()["example.org"][0] == 4
+
+
+def test_a_message_whose_state_file_is_a_link_is_left_out_in_either_listing_order(site, tmp_path):
+    """Half the links are made before their messages, half after: on any filesystem the
+    listing names some links before their message and some after, and the row is the
+    same (counts, bytes, oldest, buckets) as for the plain messages alone."""
+    from odmr import qshape
+    config, spool = site
+    outside = tmp_path / "outside"
+    outside.write_text("not ours")
+    plain = [store(spool, "example.org", minutes, size=100) for minutes in (1, 7, 30)]
+    directory = os.path.join(spool.root, "example.org")
+    linked = []
+    for n in range(12):
+        if n % 2:
+            msg_id = store(spool, "example.org", 2000 + n, size=5000)
+            os.symlink(str(outside), os.path.join(directory, msg_id + ".state"))
+        else:
+            msg_id = "%013x%08x" % (int(time.time() * 1e6) - n, n)       # the link comes first
+            os.symlink(str(outside), os.path.join(directory, msg_id + ".state"))
+            os.rename(os.path.join(spool.root, "example.org",
+                                   store(spool, "example.org", 2000 + n, size=5000)),
+                      os.path.join(directory, msg_id))
+        linked.append(msg_id)
+    sizes = sum(os.lstat(os.path.join(directory, m)).st_size for m in plain)
+    for keep_ages in (True, False):
+        [row] = qshape.summary(spool.root, keep_ages=keep_ages)
+        assert (row.messages, row.bytes) == (3, sizes), keep_ages
+        if keep_ages:
+            assert row.oldest == min(os.lstat(os.path.join(directory, m)).st_mtime for m in plain)
+            counts = row.buckets(time.time())
+            assert (counts["0-5m"], counts["5-10m"], counts["20-40m"], counts["older"]) == (1, 1, 1, 0)
+    [row] = summary(config)
+    assert (row["messages"], row["bytes"], row["buckets"]["older"]) == (3, sizes, 0)
+
+
+def test_queues_shared_out_among_processes_give_the_rows_one_process_gives(site):
+    from odmr import qshape
+    config, spool = site
+    for n in range(qshape.PARALLEL_FROM + 20):
+        for minutes in range(n % 3 + 1):
+            store(spool, "d%03d.test" % n, minutes * 9, size=50 * n)
+    now = time.time()
+    alone = qshape.summary(spool.root, processes=1)
+    shared = qshape.summary(spool.root, processes=3, now=now)
+    assert [r.as_json(now) for r in shared] == [r.as_json(now) for r in alone]
+    assert qshape.format_table(shared, now) == qshape.format_table(alone, now)
