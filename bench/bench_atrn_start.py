@@ -47,21 +47,26 @@ def queue_own(spool_dir: str, count: int) -> None:
 
 
 def queue_others(spool_dir: str, total: int) -> None:
-    """The other domains' backlog, written straight in the documented spool format
-    (durable writes of 100,000 files would only measure the disk, for minutes)."""
+    """The other domains' backlog (see `write_queue`)."""
     per = total // OTHER_DOMAINS
     for d in range(OTHER_DOMAINS):
-        domain = "other%03d.test" % d
-        directory = os.path.join(spool_dir, domain)
-        os.makedirs(os.path.join(directory, "tmp"), mode=0o700, exist_ok=True)
-        rcpt = "user@%s" % domain
-        for n in range(per + (1 if d < total % OTHER_DOMAINS else 0)):
-            msg_id = new_id()
-            env = Envelope(sender="bench@outside.test", recipients=[Recipient(rcpt)])
-            fd = os.open(os.path.join(directory, msg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(env.header_bytes(msg_id) + message_bytes(rcpt, n))
+        write_queue(spool_dir, "other%03d.test" % d, per + (1 if d < total % OTHER_DOMAINS else 0))
     os.sync()
+
+
+def write_queue(spool_dir: str, domain: str, count: int) -> None:
+    """`count` messages for `domain`, written straight in the documented spool format
+    (durable writes of 100,000 files would only measure the disk, for minutes); the
+    caller syncs once at the end."""
+    directory = os.path.join(spool_dir, domain)
+    os.makedirs(os.path.join(directory, "tmp"), mode=0o700, exist_ok=True)
+    rcpt = "user@%s" % domain
+    for n in range(count):
+        msg_id = new_id()
+        env = Envelope(sender="bench@outside.test", recipients=[Recipient(rcpt)])
+        fd = os.open(os.path.join(directory, msg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(env.header_bytes(msg_id) + message_bytes(rcpt, n))
 
 
 class Customer:

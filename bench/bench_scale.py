@@ -35,12 +35,11 @@ import urllib.request
 from typing import Callable, Iterator, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_atrn_start import Customer, message_bytes  # noqa: E402
+from bench_atrn_start import Customer, write_queue  # noqa: E402
 from common import ROOT, Server, free_port, proc_status, row, workdir  # noqa: E402
 import scratch_fs  # noqa: E402
 
 from odmr import control  # noqa: E402
-from odmr.spool import Envelope, Recipient, new_id  # noqa: E402
 
 USERS = 100                 # accounts sharing the domains: a users file of realistic size
 CUSTOMER_DOMAIN = "example.org"
@@ -65,15 +64,7 @@ def fill_queue(spool_dir: str, domains: List[str], messages: int) -> float:
     """`messages` spread evenly over `domains` in the spool format; returns seconds taken."""
     started = time.perf_counter()
     for index, domain in enumerate(domains):
-        directory = os.path.join(spool_dir, domain)
-        os.makedirs(os.path.join(directory, "tmp"), mode=0o700, exist_ok=True)
-        rcpt = "user@%s" % domain
-        for n in range(messages // len(domains) + (1 if index < messages % len(domains) else 0)):
-            msg_id = new_id()
-            env = Envelope(sender="bench@outside.test", recipients=[Recipient(rcpt)])
-            fd = os.open(os.path.join(directory, msg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(env.header_bytes(msg_id) + message_bytes(rcpt, n))
+        write_queue(spool_dir, domain, messages // len(domains) + (1 if index < messages % len(domains) else 0))
     os.sync()
     return time.perf_counter() - started
 
