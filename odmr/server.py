@@ -241,6 +241,7 @@ class Service:
         self.maintenance_tick = maintenance_tick        # seconds between bounce relay looks
         self.relay_timings = relay_timings              # the bounce relay's backoff and timeout
         self.maintenance: Optional[Maintenance] = None  # expiry, delay notices, bounce relay
+        self._spool_opened: Optional[float] = None        # when prepare_spool made the root
         self.settings = config_mod.load(config_path)
         self.spool = Spool(self.settings.spool_dir)
         self.queue = QueueManager(self.spool)       # removal sync and reaper threads
@@ -460,12 +461,28 @@ class Service:
         self._bind_metrics()
 
     def prepare_spool(self) -> None:
-        """Create the spool root and clean debris of interrupted writes (after dropping privileges)."""
+        """Create the spool root (after dropping privileges); the debris of interrupted
+        writes is cleaned once serving has begun (`start`): on a million messages that
+        takes seconds a restart must not wait for."""
         try:
-            removed = self.spool.prepare()
+            os.makedirs(self.spool.root, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StartupError("spool %s: %s" % (exc.filename or self.spool.root,
                                                  exc.strerror)) from None
+        self._spool_opened = time.time()
+
+    def _clean_spool(self, before: float) -> None:
+        """The start-up clean-up, beside the sessions: only debris older than this start."""
+        try:   # Linux: a thread has its own nice value; sessions go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        try:
+            removed = self.spool.prepare(before)
+        except OSError as exc:
+            log.error("spool: start-up clean-up stopped: %s: %s", exc.filename or self.spool.root,
+                      exc.strerror)
+            return
         if removed:
             log.info("spool: removed %d leftover temporary files", removed)
 
@@ -482,6 +499,9 @@ class Service:
             self.threads.append(thread)
             log.info("listening on %s (%s%s)", listener.label(), listener.kind,
                      ", implicit TLS" if listener.implicit_tls else "")
+        if self._spool_opened is not None:
+            threading.Thread(target=self._clean_spool, args=(self._spool_opened,),
+                             name="spool-clean", daemon=True).start()
         self.maintenance = Maintenance(lambda: self.runtime, self.maintenance_tick,
                                        relay_timings=self.relay_timings)
         self.maintenance.start()

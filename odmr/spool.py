@@ -874,17 +874,19 @@ class Spool:
         finally:
             os.close(root_fd)
 
-    def prepare(self) -> int:
+    def prepare(self, before: Optional[float] = None) -> int:
         """At start-up: create the root, remove debris of interrupted writes, report links.
-        Returns files removed."""
+        Returns files removed. `before`: only debris last changed before then, for a
+        clean-up that runs while sessions already write (the daemon's, see `Service.start`)."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         removed = 0
-        for queue in self.domains() + [OUTBOUND]:
+        for queue in self.queues():
             try:
                 directory = self._queue_dir(queue, fresh=True)
             except (FileNotFoundError, NotADirectoryError, LinkRefused):
                 continue
-            removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name))
+            removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name),
+                              before)
         return removed
 
     def _set_aside(self, queue: str, directory: _QueueDir, name: str) -> int:
@@ -1627,22 +1629,31 @@ def _normalised(name: str) -> bool:
         return False
 
 
-def _clean(directory: _QueueDir, set_aside: Callable[[str], bool]) -> int:
+def _clean(directory: _QueueDir, set_aside: Callable[[str], int], before: Optional[float] = None) -> int:
     """Start-up clean-up of one queue: unlink abandoned temporary files and state files
     without a message, set aside a directory where a state file belongs (no state could
-    ever be saved over it); report every link found (and leave it). Returns files removed."""
+    ever be saved over it); report every link found (and leave it). Returns files removed.
+    `before`: only what was last changed before then (a clean-up running beside the
+    sessions leaves alone what they are making)."""
     removed = 0
     if directory.tmp_fd is not None:
         for name, is_link in [(e.name, e.is_symlink()) for e in _scan(directory.tmp_fd)]:
             if is_link:
                 _refuse_link(directory.show("tmp", name))
-            else:
+            elif _changed_before(name, directory.tmp_fd, before):
                 removed += _remove_if_abandoned(name, directory.tmp_fd, directory.show("tmp", name))
-    entries = [(e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in directory.scan()]
-    names = {name for name, _, _ in entries}
-    for name, is_link, is_dir in entries:
+    names = set()
+    odd = []            # the entries that are not plain message files
+    for entry in directory.scan():
+        name = entry.name
+        names.add(name)
+        if name.endswith(".state") or name[:1] == "." or entry.is_symlink():
+            odd.append((name, entry.is_symlink(), entry.is_dir(follow_symlinks=False)))
+    for name, is_link, is_dir in odd:
         if is_link:
             _refuse_link(directory.show(name))
+        elif not _changed_before(name, directory.fd, before):
+            continue
         elif is_dir and name.endswith(".state"):
             removed += set_aside(name)
         elif name.endswith(".state") and name[:-6] not in names:
@@ -1651,3 +1662,12 @@ def _clean(directory: _QueueDir, set_aside: Callable[[str], bool]) -> int:
         elif name.startswith(".state.") or name.startswith(".tmp."):
             removed += _remove_if_abandoned(name, directory.fd, directory.show(name))
     return removed
+
+
+def _changed_before(name: str, dir_fd: int, before: Optional[float]) -> bool:
+    if before is None:
+        return True
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime < before
+    except OSError:
+        return False            # gone already

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import signal
 import stat
 import subprocess
@@ -175,6 +176,31 @@ def test_prepare_removes_debris_and_keeps_messages(spool):
     assert spool.load("example.org", kept).state.attempts == 1
     assert message_ids(spool, OUTBOUND) == [outbound]
     assert spool.prepare() == 0
+
+
+def test_a_clean_up_beside_running_sessions_leaves_what_they_are_making(spool):
+    """The daemon cleans its spool after it has begun serving, `before` its start: an
+    unlocked temporary file, a state write or a state file made since (a writer between
+    creating and locking its file, a delivery saving state) is not debris."""
+    kept = store(spool, "example.org", env(), DATA)
+    directory = os.path.join(spool.root, "example.org")
+
+    def debris() -> list:
+        return [os.path.join(directory, "tmp", new_id()),
+                os.path.join(directory, new_id() + ".state"),             # state without a message
+                os.path.join(directory, ".state.%s.%s" % (kept, new_id()[-8:])),
+                os.path.join(directory, ".tmp.%s" % new_id())]
+    started = time.time()
+    old, new = debris(), debris()
+    for path, when in [(p, started - 600) for p in old] + [(p, started + 1) for p in new]:
+        with open(path, "wb") as fh:
+            fh.write(b"half written")
+        os.utime(path, (when, when))
+    assert spool.prepare(before=started) == len(old)
+    assert [p for p in old if os.path.exists(p)] == []
+    assert [p for p in new if not os.path.exists(p)] == []
+    assert message_ids(spool, "example.org") == [kept]
+    assert spool.prepare() == len(new)                  # a start-up's own clean-up takes them
 
 
 def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
@@ -385,7 +411,7 @@ def test_usage_counts_messages_and_bytes(spool):
 
 @pytest.mark.slow
 def test_provider_start_cleans_debris(tmp_path):
-    from helpers import Provider
+    from helpers import Provider, wait_for
     p = Provider(str(tmp_path))
     p.add_user("alice", ["example.org"])
     spool = Spool(p.spool_dir)
@@ -395,8 +421,8 @@ def test_provider_start_cleans_debris(tmp_path):
     with open(debris, "wb") as fh:
         fh.write(b"half")
     p.start()
-    try:
-        assert not os.path.exists(debris)
+    try:        # cleaned beside the first sessions, right after the start
+        wait_for(lambda: not os.path.exists(debris), 10, "the debris to go")
         assert p.spooled("example.org") == [kept]
     finally:
         p.stop()
