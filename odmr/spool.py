@@ -877,16 +877,22 @@ class Spool:
     def prepare(self, before: Optional[float] = None) -> int:
         """At start-up: create the root, remove debris of interrupted writes, report links.
         Returns files removed. `before`: only debris last changed before then, for a
-        clean-up that runs while sessions already write (the daemon's, see `Service.start`)."""
+        clean-up that runs while sessions already write (the daemon's, see `Service.start`).
+        A queue that cannot be read or cleaned (mode, owner, I/O error) is logged, naming
+        its directory, and the others are cleaned all the same: one bad queue must not
+        leave every queue after it uncleaned. Only a root that cannot be listed raises."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         removed = 0
         for queue in self.queues():
             try:
                 directory = self._queue_dir(queue, fresh=True)
+                removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name),
+                                  before)
             except (FileNotFoundError, NotADirectoryError, LinkRefused):
                 continue
-            removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name),
-                              before)
+            except OSError as exc:
+                log.error("spool: start-up clean-up of %s skipped: %s", self._dir(queue),
+                          describe_error(exc))
         return removed
 
     def _set_aside(self, queue: str, directory: _QueueDir, name: str) -> int:

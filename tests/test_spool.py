@@ -203,6 +203,30 @@ def test_a_clean_up_beside_running_sessions_leaves_what_they_are_making(spool):
     assert spool.prepare() == len(new)                  # a start-up's own clean-up takes them
 
 
+def test_a_queue_that_cannot_be_read_does_not_stop_the_clean_up_of_the_others(spool, monkeypatch, caplog):
+    """The daemon starts on a spool with one unreadable queue (the clean-up runs once it
+    serves): that queue is named in the log, and every other queue is still cleaned."""
+    import errno
+    import logging
+    kept = {d: store(spool, d, env("u@" + d), DATA) for d in ("a.test", "b.test", "c.test")}
+    debris = os.path.join(spool.root, "c.test", new_id() + ".state")       # state without a message
+    with open(debris, "wb") as fh:
+        fh.write(b"{}")
+    opened = Spool._queue_dir
+
+    def unreadable(self, queue, *args, **kwargs):
+        if queue == "b.test":
+            raise PermissionError(errno.EACCES, "Permission denied", os.path.join(self.root, queue))
+        return opened(self, queue, *args, **kwargs)
+    monkeypatch.setattr(Spool, "_queue_dir", unreadable)
+    with caplog.at_level(logging.ERROR, logger="odmrd"):
+        assert spool.prepare(before=time.time() + 1) == 1
+    assert not os.path.exists(debris)
+    assert "%s: Permission denied" % os.path.join(spool.root, "b.test") in caplog.text
+    monkeypatch.undo()
+    assert all(message_ids(spool, d) == [kept[d]] for d in kept)
+
+
 def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
     writer = python("""
         import sys, time
