@@ -1581,6 +1581,7 @@ def _queue_files(root_fd: int, queue: str, shown: str, strict: bool, mtimes: boo
     times: List[float] = []
     size = count = 0
     oldest = 0.0
+    retaken = False                     # the oldest counted was taken back (mtimes off)
     try:
         with os.scandir(fd) as entries:
             for entry in entries:       # a million of them: no calls that can be saved
@@ -1616,9 +1617,12 @@ def _queue_files(root_fd: int, queue: str, shown: str, strict: bool, mtimes: boo
                 if mtimes and st.st_mtime in times:
                     times.remove(st.st_mtime)
                     size -= st.st_size
-                elif not mtimes:            # the oldest may stay its time: a rare link, logged
+                elif not mtimes:
                     count -= 1
                     size -= st.st_size
+                    retaken = retaken or st.st_mtime <= oldest
+        if retaken:             # the oldest was taken back: a rare link (logged), a second listing
+            oldest = _oldest_without(fd, links)
     finally:
         os.close(fd)
     if mtimes:
@@ -1626,6 +1630,22 @@ def _queue_files(root_fd: int, queue: str, shown: str, strict: bool, mtimes: boo
         found.mtimes = times
     found.messages, found.bytes, found.oldest = count, size, oldest
     return found
+
+
+def _oldest_without(fd: int, links: Set[str]) -> float:
+    """The oldest mtime among a queue's message files, leaving out those whose state file
+    is one of `links` (0: none)."""
+    oldest = 0.0
+    for entry in _scan(fd):
+        name = entry.name
+        if _valid_id(name) and not entry.is_symlink() and name + ".state" not in links:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (not oldest or st.st_mtime < oldest):
+                oldest = st.st_mtime
+    return oldest
 
 
 def _normalised(name: str) -> bool:

@@ -166,6 +166,22 @@ def test_a_message_whose_state_file_is_a_link_is_left_out_in_either_listing_orde
     assert (row["messages"], row["bytes"], row["buckets"]["older"]) == (3, sizes, 0)
 
 
+def test_the_daemons_oldest_age_leaves_out_a_message_whose_state_file_is_a_link(site, tmp_path):
+    """`status` and /metrics (the scan without ages) show the oldest message counted: a
+    left-out message met before its state file's link must not stay the queue's oldest."""
+    from odmr import qshape
+    config, spool = site
+    directory = os.path.join(spool.root, "example.org")
+    plain = [store(spool, "example.org", 1) for _ in range(3)]
+    for n in range(40):     # in whatever order the listing names them, some message comes first
+        msg_id = store(spool, "example.org", 5000 + n)
+        os.symlink(str(tmp_path), os.path.join(directory, msg_id + ".state"))
+    newest = min(os.lstat(os.path.join(directory, m)).st_mtime for m in plain)
+    for keep_ages in (True, False):
+        [row] = qshape.summary(spool.root, keep_ages=keep_ages)
+        assert (row.messages, row.oldest) == (3, newest), keep_ages
+
+
 def test_queues_shared_out_among_processes_give_the_rows_one_process_gives(site):
     from odmr import qshape
     config, spool = site
