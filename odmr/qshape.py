@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,24 +105,56 @@ def _in_processes(spool_root: str, queues: List[str], keep_ages: bool, strict: b
     """A million lstat calls take two seconds on one core; each core takes its share.
     Plain fork and a pipe, no multiprocessing: nothing is imported after a command has
     dropped its privileges. What comes back is small: a row per queue, its buckets
-    counted, not its ages. The first share's OSError (strict) is raised here."""
-    children = [_fork_share(spool_root, queues[n::processes], keep_ages, strict, now)
-                for n in range(processes)]
+    counted, not its ages. The first share's OSError (strict) is raised here. Interrupted
+    (KeyboardInterrupt, any exception), it ends and reaps the processes still listing."""
+    children: List[Tuple[int, int]] = []
+    waiting = set()                 # pids not reaped yet
+    unread = set()                  # pipes not closed yet (never one closed twice)
     rows: List[QueueRow] = []
     failure: Optional[OSError] = None
-    for pid, read_fd in children:
-        with os.fdopen(read_fd, "rb") as pipe:
-            data = pipe.read()
-        os.waitpid(pid, 0)
-        answer = json.loads(data) if data else {"error": [errno.EIO, "a listing process died",
-                                                          spool_root]}
-        if "error" in answer:
-            failure = failure or OSError(*answer["error"])
-        else:
-            rows += [QueueRow(**fields) for fields in answer["rows"]]
+    try:
+        for n in range(processes):
+            children.append(_fork_share(spool_root, queues[n::processes], keep_ages, strict, now))
+            waiting.add(children[-1][0])
+            unread.add(children[-1][1])
+        for pid, read_fd in children:
+            chunks = []
+            while True:
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            unread.discard(read_fd)
+            os.close(read_fd)
+            data = b"".join(chunks)
+            os.waitpid(pid, 0)
+            waiting.discard(pid)
+            try:
+                answer = json.loads(data)
+            except ValueError:      # nothing, or cut short: killed (OOM, a signal of its own)
+                answer = {"error": [errno.EIO, "a listing process died", spool_root]}
+            if "error" in answer:
+                failure = failure or OSError(*answer["error"])
+            else:
+                rows += [QueueRow(**fields) for fields in answer["rows"]]
+    except BaseException:
+        for pid, read_fd in children:
+            if pid in waiting:
+                _end_child(pid)
+            if read_fd in unread:
+                os.close(read_fd)
+        raise
     if failure is not None:
         raise failure
     return rows
+
+
+def _end_child(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass                # reaped already
 
 
 def _fork_share(spool_root: str, queues: List[str], keep_ages: bool, strict: bool,

@@ -182,6 +182,40 @@ def test_the_daemons_oldest_age_leaves_out_a_message_whose_state_file_is_a_link(
         assert (row.messages, row.oldest) == (3, newest), keep_ages
 
 
+def test_an_interrupted_summary_leaves_no_listing_process_behind(site, monkeypatch):
+    """Ctrl-C, or a SIGINT sent to the command alone (`kill -INT`, a supervisor): the
+    forked listing processes end with it, not seconds later on a large spool."""
+    import signal
+    from odmr import qshape
+    config, spool = site
+    for n in range(qshape.PARALLEL_FROM):
+        os.makedirs(os.path.join(spool.root, "d%03d.test" % n, "tmp"))
+    monkeypatch.setattr(qshape, "_rows", lambda *args: time.sleep(60) or [])
+    forked = []
+    fork_share = qshape._fork_share
+    monkeypatch.setattr(qshape, "_fork_share", lambda *args: forked.append(fork_share(*args)) or forked[-1])
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qshape.summary(spool.root, processes=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(forked) == 2 and time.monotonic() - started < 10
+    for pid, _ in forked:
+        try:
+            os.kill(pid, signal.SIGKILL)        # a test must not leave them either way
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            continue
+        pytest.fail("listing process %d outlived the interrupted summary" % pid)
+
+
 def test_queues_shared_out_among_processes_give_the_rows_one_process_gives(site):
     from odmr import qshape
     config, spool = site
