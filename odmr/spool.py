@@ -887,13 +887,26 @@ class Spool:
             try:
                 directory = self._queue_dir(queue, fresh=True)
                 removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name),
-                                  before)
+                                  before, lambda msg_id, q=queue: self._in_quarantine(q, msg_id))
             except (FileNotFoundError, NotADirectoryError, LinkRefused):
                 continue
             except OSError as exc:
                 log.error("spool: start-up clean-up of %s skipped: %s", self._dir(queue),
                           describe_error(exc))
         return removed
+
+    def _in_quarantine(self, queue: str, msg_id: str) -> bool:
+        """Whether the quarantine holds the message (True when that cannot be told)."""
+        held: List[int] = []
+        try:
+            return _exists(msg_id, self._quarantine_dir(queue, held, create=False))
+        except FileNotFoundError:
+            return False
+        except OSError:                 # a link where the quarantine belongs, a mode: unknown
+            return True
+        finally:
+            for fd in held:
+                os.close(fd)
 
     def _set_aside(self, queue: str, directory: _QueueDir, name: str) -> int:
         """A directory where a state file belongs: removed when empty, else moved to the
@@ -1655,7 +1668,8 @@ def _normalised(name: str) -> bool:
         return False
 
 
-def _clean(directory: _QueueDir, set_aside: Callable[[str], int], before: Optional[float] = None) -> int:
+def _clean(directory: _QueueDir, set_aside: Callable[[str], int], before: Optional[float] = None,
+           quarantined: Callable[[str], bool] = lambda msg_id: False) -> int:
     """Start-up clean-up of one queue: unlink abandoned temporary files and state files
     without a message, set aside a directory where a state file belongs (no state could
     ever be saved over it); report every link found (and leave it). Returns files removed.
@@ -1683,11 +1697,29 @@ def _clean(directory: _QueueDir, set_aside: Callable[[str], int], before: Option
         elif is_dir and name.endswith(".state"):
             removed += set_aside(name)
         elif name.endswith(".state") and name[:-6] not in names:
+            if _message_moved(name[:-6], directory, quarantined):
+                continue            # the listing is older than a quarantine that takes it along
             _unlink_quietly(name, directory.fd)
             removed += 1
         elif name.startswith(".state.") or name.startswith(".tmp."):
             removed += _remove_if_abandoned(name, directory.fd, directory.show(name))
     return removed
+
+
+def _message_moved(msg_id: str, directory: _QueueDir, quarantined: Callable[[str], bool]) -> bool:
+    """A state file's message, missing from a listing, is back or in the quarantine now:
+    a quarantine moves the message first, then its state (`Spool.quarantine`)."""
+    return _exists(msg_id, directory.fd) or quarantined(msg_id)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True                 # cannot tell: leave the state file alone
 
 
 def _changed_before(name: str, dir_fd: int, before: Optional[float]) -> bool:

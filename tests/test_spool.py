@@ -227,6 +227,22 @@ def test_a_queue_that_cannot_be_read_does_not_stop_the_clean_up_of_the_others(sp
     assert all(message_ids(spool, d) == [kept[d]] for d in kept)
 
 
+def test_a_clean_up_leaves_the_state_of_a_message_being_quarantined(spool):
+    """A quarantine moves the message, then its state: a clean-up listing the queue in
+    between must not take that state file for one without a message (after a `queue
+    requeue` the message would go again to the recipients it had reached)."""
+    moving = store(spool, "example.org", env(), DATA)
+    assert spool.quarantine("example.org", moving, "test")
+    directory = os.path.join(spool.root, "example.org")
+    orphan = new_id() + ".state"
+    for name in (moving + ".state", orphan):          # the state not moved yet; a real orphan
+        with open(os.path.join(directory, name), "w") as fh:
+            fh.write("{}")
+    assert spool.prepare() == 1
+    assert os.path.exists(os.path.join(directory, moving + ".state"))
+    assert not os.path.exists(os.path.join(directory, orphan))
+
+
 def test_killed_writer_leaves_only_debris_and_acknowledged_mail_survives(spool):
     writer = python("""
         import sys, time
