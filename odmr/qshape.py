@@ -107,67 +107,69 @@ def _in_processes(spool_root: str, queues: List[str], keep_ages: bool, strict: b
     dropped its privileges. What comes back is small: a row per queue, its buckets
     counted, not its ages. The first share's OSError (strict) is raised here. Interrupted
     (KeyboardInterrupt, any exception), it ends and reaps the processes still listing."""
-    children: List[Tuple[int, int]] = []
-    waiting = set()                 # pids not reaped yet
-    unread = set()                  # pipes not closed yet (never one closed twice)
-    rows: List[QueueRow] = []
-    failure: Optional[OSError] = None
+    shares: List[_Share] = []
     try:
         for n in range(processes):
-            children.append(_fork_share(spool_root, queues[n::processes], keep_ages, strict, now))
-            waiting.add(children[-1][0])
-            unread.add(children[-1][1])
-        for pid, read_fd in children:
-            chunks = []
-            while True:
-                chunk = os.read(read_fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            unread.discard(read_fd)
-            os.close(read_fd)
-            data = b"".join(chunks)
-            os.waitpid(pid, 0)
-            waiting.discard(pid)
-            try:
-                answer = json.loads(data)
-            except ValueError:      # nothing, or cut short: killed (OOM, a signal of its own)
-                answer = {"error": [errno.EIO, "a listing process died", spool_root]}
-            if "error" in answer:
-                failure = failure or OSError(*answer["error"])
-            else:
-                rows += [QueueRow(**fields) for fields in answer["rows"]]
+            shares.append(_Share(spool_root, queues[n::processes], keep_ages, strict, now))
+        answers = [share.answer() for share in shares]
     except BaseException:
-        for pid, read_fd in children:
-            if pid in waiting:
-                _end_child(pid)
-            if read_fd in unread:
-                os.close(read_fd)
+        for share in shares:
+            share.end()
         raise
-    if failure is not None:
-        raise failure
-    return rows
+    failures = [OSError(*a["error"]) for a in answers if "error" in a]
+    if failures:
+        raise failures[0]
+    return [QueueRow(**fields) for a in answers for fields in a["rows"]]
 
 
-def _end_child(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except OSError:
-        pass                # reaped already
+class _Share:
+    """A forked process listing some of the queues, and the pipe its rows come back on."""
 
-
-def _fork_share(spool_root: str, queues: List[str], keep_ages: bool, strict: bool,
-                now: float) -> Tuple[int, int]:
-    """(pid, read end of its pipe) of a child that lists `queues` and writes their rows."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
+    def __init__(self, spool_root: str, queues: List[str], keep_ages: bool, strict: bool,
+                 now: float):
+        read_fd, write_fd = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read_fd)
+            _list_share(write_fd, spool_root, queues, keep_ages, strict, now)     # never returns
         os.close(write_fd)
-        return pid, read_fd
+        self.fd: Optional[int] = read_fd
+        self.root = spool_root
+
+    def answer(self) -> Dict[str, list]:
+        """The child's rows (or error), once it has written them all and is reaped."""
+        chunks = []
+        while True:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self.end()
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError:          # nothing, or cut short: killed (OOM, a signal of its own)
+            return {"error": [errno.EIO, "a listing process died", self.root]}
+
+    def end(self) -> None:
+        """Close the pipe and reap the child, killing it if it is still listing."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.pid:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+            except OSError:
+                pass                # reaped already
+            self.pid = 0
+
+
+def _list_share(write_fd: int, spool_root: str, queues: List[str], keep_ages: bool, strict: bool,
+                now: float) -> None:
+    """In the child: list `queues`, write their rows (or the OSError) as JSON, exit."""
     code = 1
     try:
-        os.close(read_fd)
         try:
             answer: Dict[str, object] = {"rows": [
                 {"domain": r.domain, "messages": r.messages, "bytes": r.bytes, "oldest": r.oldest,

@@ -192,8 +192,12 @@ def test_an_interrupted_summary_leaves_no_listing_process_behind(site, monkeypat
         os.makedirs(os.path.join(spool.root, "d%03d.test" % n, "tmp"))
     monkeypatch.setattr(qshape, "_rows", lambda *args: time.sleep(60) or [])
     forked = []
-    fork_share = qshape._fork_share
-    monkeypatch.setattr(qshape, "_fork_share", lambda *args: forked.append(fork_share(*args)) or forked[-1])
+    start_share = qshape._Share.__init__
+
+    def started_share(share, *args) -> None:
+        start_share(share, *args)
+        forked.append(share.pid)
+    monkeypatch.setattr(qshape._Share, "__init__", started_share)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -207,7 +211,7 @@ def test_an_interrupted_summary_leaves_no_listing_process_behind(site, monkeypat
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert len(forked) == 2 and time.monotonic() - started < 10
-    for pid, _ in forked:
+    for pid in forked:
         try:
             os.kill(pid, signal.SIGKILL)        # a test must not leave them either way
             os.waitpid(pid, 0)
