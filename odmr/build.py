@@ -4,10 +4,14 @@ The zipapp holds the odmr package (with configspec.ini), configobj (its
 package and the top-level `validate` shim) and idna (IDNA 2008), so a bare
 `python3 -I -S odmrd.pyz` runs with nothing installed. Both come from this
 interpreter's installation, or from `pip install --target` into a temporary
-directory when one is not installed (or with --fetch). No byte code goes in
-(it is interpreter-specific); entries are sorted and time-stamped from
+directory when one is not installed (or with --fetch). Beside each source goes
+its byte code for the building interpreter (unchecked-hash .pyc, compiled in a
+fresh process): a zipapp cannot cache what it compiles, and without it every
+command (`odmrd status`, `queue list`) compiled the whole package again, 0.2 s
+of a small server's CPU. Another Python version finds the magic number wrong
+and compiles the source, as before. Entries are sorted and time-stamped from
 SOURCE_DATE_EPOCH or the newest odmr source file, so rebuilding unchanged
-sources with the same configobj and idna gives identical bytes.
+sources with the same interpreter, configobj and idna gives identical bytes.
 """
 from __future__ import annotations
 
@@ -107,6 +111,27 @@ def _fetch_dependencies(workdir: str) -> str:
     return target
 
 
+def byte_code(files: Dict[str, str], workdir: str) -> Dict[str, str]:
+    """archive name -> path of the .pyc for each .py of `files`, compiled by this interpreter
+    in a process of its own (marshal's output depends on what else a process holds)."""
+    sources = os.path.join(workdir, "byte-code")
+    for name, path in files.items():
+        if name.endswith(".py"):
+            os.makedirs(os.path.dirname(os.path.join(sources, name)), exist_ok=True)
+            shutil.copyfile(path, os.path.join(sources, name))
+    command = [sys.executable, "-I", "-m", "compileall", "-q", "-b", "-d", "odmrd.pyz",   # not the temp path
+               "--invalidation-mode", "unchecked-hash", sources]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError("cannot compile the sources: %s" % exc) from None
+    if result.returncode != 0:
+        last = ((result.stdout + result.stderr).strip().splitlines() or ["compileall failed"])[-1]
+        raise BuildError("cannot compile the sources: %s" % last)
+    return {name[:-3] + ".pyc": os.path.join(sources, name[:-3] + ".pyc")
+            for name in files if name.endswith(".py")}
+
+
 def collect(source_root: str, fetch: bool = False) -> Tuple[Dict[str, str], Optional[str]]:
     """Everything that goes into the archive: (archive name -> path, temp dir to remove)."""
     package = os.path.join(source_root, "odmr")
@@ -144,7 +169,8 @@ def _source_date(files: Dict[str, str]) -> float:
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
     if epoch.isdigit():
         return float(epoch)
-    return max(os.stat(path).st_mtime for name, path in files.items() if name.startswith("odmr/"))
+    return max(os.stat(path).st_mtime for name, path in files.items()
+               if name.startswith("odmr/") and name.endswith(SUFFIXES))
 
 
 def write_archive(files: Dict[str, str], output: str) -> None:
@@ -192,6 +218,8 @@ def build(output: Optional[str] = None, source_root: Optional[str] = None, fetch
     output = output or os.path.join(root, "dist", "odmrd.pyz")
     files, tempdir = collect(root, fetch)
     try:
+        tempdir = tempdir or tempfile.mkdtemp(prefix="odmrd-build.")
+        files.update(byte_code(files, tempdir))
         write_archive(files, output)
     finally:
         if tempdir:

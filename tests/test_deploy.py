@@ -102,8 +102,43 @@ def test_pyz_is_a_clean_zipapp(pyz):
                    "odmr/configspec.ini", "configobj/__init__.py", "configobj/validate.py",
                    "idna/__init__.py", "idna/core.py", "idna/uts46data.py", "licenses/idna.txt"):
         assert needed in names
-    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyo")]
+    sources = [n for n in names if n.endswith(".py") and n != "__main__.py"]
+    assert sources and [n for n in sources if n + "c" not in names] == []     # byte code beside each
     assert names == sorted(names)
+
+
+def test_the_zipapp_runs_its_byte_code_not_its_sources(pyz):
+    """A zipapp cannot cache what it compiles: the byte code built in is what runs (for
+    this interpreter), so a command does not compile the whole package each time."""
+    probe = ("import sys; sys.path.insert(0, %r); import odmr.cli, odmr.spool, idna, configobj; "
+             "print(' '.join(m.__file__ for m in (odmr.cli, odmr.spool, idna, configobj)))" % pyz)
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", probe], cwd="/", capture_output=True,
+                            timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    files = result.stdout.decode().split()
+    assert len(files) == 4 and all(f.startswith(pyz + "/") and f.endswith(".pyc") for f in files), files
+
+
+def test_another_python_compiles_the_sources_instead(pyz, tmp_path):
+    """Byte code of another interpreter version (its magic number differs) is passed over
+    for the source beside it: the zipapp still runs everywhere it did."""
+    import zipfile
+    other = str(tmp_path / "other.pyz")
+    with zipfile.ZipFile(pyz) as old, zipfile.ZipFile(other, "w") as new:
+        for info in old.infolist():
+            data = old.read(info)
+            if info.filename.endswith(".pyc"):
+                data = b"\x00\x00" + data[2:]            # no interpreter's magic number
+            new.writestr(info, data)
+    probe = ("import sys; sys.path.insert(0, %r); import odmr.cli; print(odmr.cli.__file__)" % other)
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", probe], cwd="/", capture_output=True,
+                            timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == other + "/odmr/cli.py"
+    result = subprocess.run([sys.executable, "-I", "-S", other, "--version"], cwd="/",
+                            capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.startswith(b"odmrd "), result
 
 
 def test_build_is_reproducible(pyz, tmp_path):
