@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from odmr.background import lower_this_thread
 from odmr.spool import QueueFiles, Spool
 
 log = logging.getLogger("odmrd.queue")
@@ -291,10 +292,7 @@ class QueueWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        try:   # Linux: a thread has its own nice value; sessions go first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        lower_this_thread()
         while not self._stop.is_set():
             started = time.monotonic()
             try:

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
+from odmr.background import lower_this_thread
 from odmr.bounce import send_dsn
 from odmr.logline import escape_for_log
 from odmr.runtime import Runtime
@@ -738,10 +739,7 @@ class _Reaper:
                     self._thread.start()
 
     def _run(self) -> None:
-        try:   # Linux: a thread has its own nice value; let delivery and the customer go first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        lower_this_thread()
         while True:
             item = self._queue.get()
             if item is None:

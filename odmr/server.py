@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from odmr.background import lower_this_thread
 from odmr import accounts as accounts_mod
 from odmr import config as config_mod
 from odmr import control, metrics, qshape, replies
@@ -473,10 +474,7 @@ class Service:
 
     def _clean_spool(self, before: float) -> None:
         """The start-up clean-up, beside the sessions: only debris older than this start."""
-        try:   # Linux: a thread has its own nice value; sessions go first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        lower_this_thread()
         try:
             removed = self.spool.prepare(before)
         except OSError as exc:
