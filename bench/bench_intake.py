@@ -223,7 +223,7 @@ def report(args: argparse.Namespace, base: str, fsync_ms: float, refs: Tuple[Opt
     print("Intake: %d messages of %d bytes per run, spool on %s (%s); [smtp] workers = %s"
           % (args.messages, args.size, base, "kept" if args.keep else "removed", args.workers))
     if args.fresh_fs:
-        print("Each server's turn on a new ext4 filesystem (mkfs.ext4 defaults, loop-mounted in %s)" % base)
+        print("Each server's turn on a new ext4 filesystem (4 KiB blocks, a journal; loop-mounted in %s)" % base)
     print(row("", "measured", "reference (SPEC §9)"))
     print(row("one durable file (create+fsync+rename+dir fsync)", "%.2f ms" % fsync_ms, "~2 ms"))
     ref_one, ref_ten = refs
@@ -299,10 +299,8 @@ def main(argv: Optional[list] = None) -> int:
                         help="directory for the scratch spool (default /var/tmp; /dev/shm shows the "
                              "CPU-only ceiling, without disk flushes)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    parser.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=None,
-                        help="each server's turn on a new ext4 filesystem (a loop-mounted image in "
-                             "the scratch directory): no turn pays for files an earlier one deleted "
-                             "(default: on when root with mkfs.ext4 and no --base)")
+    scratch_fs.add_option(parser, "each server's turn on a new ext4 filesystem (a loop-mounted image in "
+                                  "the scratch directory): no turn pays for files an earlier one deleted")
     parser.add_argument("--workers", default="auto",
                         help="the provider's [smtp] workers (default auto; 1: sessions in the main process)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -315,11 +313,7 @@ def main(argv: Optional[list] = None) -> int:
                              "(default 2: odmrd, Exim, Exim, odmrd); each figure is over all rounds")
     args = parser.parse_args(argv)
 
-    why_not = scratch_fs.available()
-    if args.fresh_fs is None:
-        args.fresh_fs = why_not is None and not args.base and not args.keep
-    elif args.fresh_fs and (why_not or args.keep):
-        parser.error("--fresh-fs: %s" % (why_not or "its filesystems are not kept (--keep)"))
+    scratch_fs.settle_option(parser, args, kept=args.keep)
     base = tempfile.mkdtemp(prefix="odmrd-bench-intake-", dir=args.base) if args.base \
         else workdir("odmrd-bench-intake-")
     source, sink = which("smtp-source"), which("smtp-sink")

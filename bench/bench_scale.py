@@ -178,17 +178,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--full-list", action="store_true",
                         help="also time `queue list --json` over the whole queue (minutes)")
     parser.add_argument("--base", default=None, help="directory for the scratch spool (default /var/tmp)")
-    parser.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=None,
-                        help="the queue on a new ext4 filesystem, unmounted at the end "
-                             "(default: on when root with mkfs.ext4 and no --base)")
+    scratch_fs.add_option(parser, "the queue on a new ext4 filesystem, unmounted at the end")
     args = parser.parse_args(argv)
     if args.domains < 2 or args.messages < args.domains:
         parser.error("--domains must be at least 2 and at most --messages")
-    why_not = scratch_fs.available()
-    if args.fresh_fs is None:
-        args.fresh_fs = why_not is None and not args.base
-    elif args.fresh_fs and why_not:
-        parser.error("--fresh-fs: %s" % why_not)
+    scratch_fs.settle_option(parser, args)
     with scratch_place(args) as where:
         measure(where, args)
     return 0

@@ -10,6 +10,7 @@ Needs root, mkfs.ext4 and loop devices; `available()` says whether they are here
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -32,6 +33,22 @@ def available() -> Optional[str]:
     if not os.path.exists("/dev/loop-control"):     # a container without them: mount would fail mid-bench
         return "no loop devices (/dev/loop-control)"
     return None
+
+
+def add_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """A bench's --fresh-fs / --no-fresh-fs; `what` says what goes on the new filesystem."""
+    parser.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=None,
+                        help="%s (default: on when root with mkfs.ext4 and no --base)" % what)
+
+
+def settle_option(parser: argparse.ArgumentParser, args: argparse.Namespace, kept: bool = False) -> None:
+    """--fresh-fs as given, or its default: on where fresh filesystems can be made, unless
+    --base names a directory or the scratch directory is `kept` (they are not kept)."""
+    why_not = available() or ("its filesystems are not kept (--keep)" if kept else None)
+    if args.fresh_fs is None:
+        args.fresh_fs = why_not is None and not args.base
+    elif args.fresh_fs and why_not:
+        parser.error("--fresh-fs: %s" % why_not)
 
 
 def size_for(messages: int, size: int) -> int:
