@@ -223,7 +223,8 @@ def report(args: argparse.Namespace, base: str, fsync_ms: float, refs: Tuple[Opt
     print("Intake: %d messages of %d bytes per run, spool on %s (%s); [smtp] workers = %s"
           % (args.messages, args.size, base, "kept" if args.keep else "removed", args.workers))
     if args.fresh_fs:
-        print("Each server's turn on a new ext4 filesystem (4 KiB blocks, a journal; loop-mounted in %s)" % base)
+        print("Each server's turn on a new ext4 filesystem (4 KiB blocks, a journal; loop-mounted in %s)"
+              % base)
     print(row("", "measured", "reference (SPEC §9)"))
     print(row("one durable file (create+fsync+rename+dir fsync)", "%.2f ms" % fsync_ms, "~2 ms"))
     ref_one, ref_ten = refs

@@ -64,7 +64,8 @@ def fill_queue(spool_dir: str, domains: List[str], messages: int) -> float:
     """`messages` spread evenly over `domains` in the spool format; returns seconds taken."""
     started = time.perf_counter()
     for index, domain in enumerate(domains):
-        write_queue(spool_dir, domain, messages // len(domains) + (1 if index < messages % len(domains) else 0))
+        share = messages // len(domains) + (1 if index < messages % len(domains) else 0)
+        write_queue(spool_dir, domain, share)
     os.sync()
     return time.perf_counter() - started
 

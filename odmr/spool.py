@@ -1440,9 +1440,9 @@ class Spool:
         return self.counted_usage(domain, fresh)
 
     def counted_usage(self, domain: str, fresh: bool = False) -> Tuple[int, int]:
-        """(messages, bytes) waiting for a domain, as this process counts them. Cached while the domain directory's
-        mtime stays what it was (any process or node adding or removing a message
-        changes it), at most 30 s; `fresh`: counted now."""
+        """(messages, bytes) waiting for a domain, as this process counts them. Cached
+        while the domain directory's mtime stays what it was (any process or node adding
+        or removing a message changes it), at most 30 s; `fresh`: counted now."""
         now = time.monotonic()
         stamp = self._dir_stamp(domain)
         # a directory changed within a clock tick may change again without a new mtime
