@@ -110,7 +110,11 @@ def shut_down(sock: socket.socket) -> None:
 
 def write_config(directory: str, odmr_port: int, smtp_port: int, extra: str = "",
                  sections: str = "", odmr_extra: str = "", smtp_extra: str = "") -> str:
+    """A test's odmrd.conf. Unless `extra` names its own, the log file is the test's
+    (a command run without syslog would otherwise write to /var/log/odmrd.log)."""
     path = os.path.join(directory, "odmrd.conf")
+    if not re.search(r"^\s*log_file\s*=", extra, re.M):
+        extra = "log_file = odmrd.log\n" + extra
     with open(path, "w") as fh:
         fh.write(textwrap.dedent("""\
             hostname = odmr.test

@@ -30,6 +30,7 @@ def conf(tmp_path):
         hostname = odmr.test
         spool_dir = spool
         users_file = users
+        log_file = odmrd.log
         [odmr]
         listen = 127.0.0.1:1
         [smtp]
@@ -603,8 +604,7 @@ def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
     with open(hosted) as fh:
         good = fh.read()
     assert odmrd(hosted, "check-config").returncode in (0, 78)
-    text = good.replace("hostname = odmr.test\n", "hostname = odmr.test\nlog_file = %s\n"
-                        % (tmp_path / "missing" / "odmrd.log"))
+    text = good.replace("log_file = odmrd.log\n", "log_file = %s\n" % (tmp_path / "missing" / "odmrd.log"))
     text = text.replace("[smtp]\nlisten = 127.0.0.1:1", "[smtp]\nlisten = 192.0.2.1:25")
     with open(hosted, "w") as fh:
         fh.write(text)
@@ -623,7 +623,7 @@ def test_queue_changes_are_logged_where_the_daemon_logs(hosted, tmp_path):
     with open(hosted) as fh:
         text = fh.read()
     with open(hosted, "w") as fh:
-        fh.write("syslog = no\nlog_file = %s\n" % log_file + text)
+        fh.write("syslog = no\n" + text)       # the fixture's log_file: odmrd.log beside it
     ids = enqueue(hosted, "a@example.org", "b@example.net", sender="s@remote.test")
     assert odmrd(hosted, "queue", "delete", ids["example.net"]).returncode == 0
     assert odmrd(hosted, "queue", "bounce", ids["example.org"]).returncode == 0

@@ -23,7 +23,7 @@ def nobody_setup():
     os.chown(spool, nobody.pw_uid, nobody.pw_gid)
     conf = os.path.join(base, "odmrd.conf")
     with open(conf, "w") as fh:
-        fh.write("user = nobody\nspool_dir = spool\nusers_file = users\n"
+        fh.write("user = nobody\nspool_dir = spool\nusers_file = users\nlog_file = odmrd.log\n"
                  "[odmr]\nlisten = 127.0.0.1:1\n[smtp]\nlisten = 127.0.0.1:2\n")
     yield conf, base, nobody
     import shutil
@@ -126,7 +126,7 @@ def test_queue_changes_reach_the_daemons_log_where_only_root_may_create_it(nobod
     with open(conf) as fh:
         text = fh.read()
     with open(conf, "w") as fh:
-        fh.write("syslog = no\nlog_file = %s\n" % log_file + text)
+        fh.write("syslog = no\nlog_file = %s\n" % log_file + text.replace("log_file = odmrd.log\n", ""))
     msg_id, _ = _one_queued(conf, base)
     assert run_cli("-c", conf, "queue", "delete", msg_id).returncode == 0
     with open(log_file) as fh:

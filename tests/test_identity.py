@@ -262,6 +262,7 @@ def conf(tmp_path) -> str:
         spool_dir = spool
         users_file = users
         allow_root = yes
+        log_file = odmrd.log
         [odmr]
         listen = 127.0.0.1:1
         [smtp]
@@ -523,7 +524,7 @@ def runtime(tmp_path_factory) -> Runtime:
     directory = str(tmp_path_factory.mktemp("identity-runtime"))
     conf = os.path.join(directory, "odmrd.conf")
     with open(conf, "w") as fh:
-        fh.write("hostname = odmr.test\nspool_dir = spool\nusers_file = users\n"
+        fh.write("hostname = odmr.test\nspool_dir = spool\nusers_file = users\nlog_file = odmrd.log\n"
                  "[odmr]\nlisten = 127.0.0.1:1\n[smtp]\nlisten = 127.0.0.1:1\n")
     for name, domains in HOSTED.items():
         accounts.add_user(os.path.join(directory, "users"), name, domains, PASSWORD)
