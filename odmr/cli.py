@@ -602,9 +602,9 @@ def _queue_requeue(runtime, args) -> int:
 
 def _queue_summary(runtime, args) -> int:
     """qshape for odmrd: directory listings and file times only (no message is read)."""
-    from odmr import qshape
+    from odmr import config, qshape
     now = time.time()
-    rows = qshape.summary(runtime.spool.root, strict=True, processes=min(4, os.cpu_count() or 1), now=now)
+    rows = qshape.summary(runtime.spool.root, strict=True, processes=min(4, config.usable_cpus()), now=now)
     if args.json:
         print(json.dumps([row.as_json(now) for row in rows], indent=1))
     else:

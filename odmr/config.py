@@ -204,13 +204,21 @@ def _check_relay(value, *args, **kw) -> str:
     return text
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cpusets), not all the host has."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):       # not on every platform
+        return os.cpu_count() or 1
+
+
 def _check_workers(value, *args, **kw) -> int:
-    """`auto` (four per CPU, at most 16: most sessions get a process of their own, so no
+    """`auto` (four per usable CPU, at most 16: most sessions get a process of their own, so no
     GIL hand-overs; each costs ~5 MB of private memory) or a count of intake worker
     processes; 1 keeps sessions in the main process."""
     text = str(value).strip().lower()
     if text == "auto":
-        return max(2, min(16, 4 * (os.cpu_count() or 1)))
+        return max(2, min(16, 4 * usable_cpus()))
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise ValidateError("expected auto or a number from 1 to 64, not %r" % str(value))
     return int(text)

@@ -166,6 +166,24 @@ def test_workers_leave_with_the_main_process_and_free_the_pid_file(daemon, tmp_p
     assert send_mail(d.smtp_port, "a@remote.test", ["alice@example.org"], MESSAGE) == {}
 
 
+def test_auto_counts_the_cpus_the_daemon_may_run_on(tmp_path):
+    """`workers = auto` is four per CPU the daemon may use: under `taskset` (or a cpuset)
+    on one CPU of a larger host it forks four, not four per CPU of the host."""
+    d = Daemon(str(tmp_path), sections="workers = auto")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})         # inherited by the daemon started now
+    try:
+        d.start()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        wait_for(lambda: len(children(d.proc.pid)) >= 4, 10, "four worker processes")
+        time.sleep(0.3)
+        assert len(children(d.proc.pid)) == 4
+    finally:
+        d.cleanup()
+
+
 def socket_inodes(pid: int) -> Set[str]:
     found = set()
     for fd in os.listdir("/proc/%d/fd" % pid):
