@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from odmr.background import lower_this_thread
 from odmr.spool import QueueFiles, Spool
@@ -97,7 +97,7 @@ def summary(spool_root: str, keep_ages: bool = True, strict: bool = False, proce
 PARALLEL_FROM = 200         # queues: fewer are listed faster than processes start
 
 
-def _rows(spool: Spool, queues: List[str], keep_ages: bool, strict: bool) -> List[QueueRow]:
+def _rows(spool: Spool, queues: Iterable[str], keep_ages: bool, strict: bool) -> List[QueueRow]:
     return [scan_queue(name, files) for name, files in spool.shape(strict, queues, keep_ages)]
 
 
@@ -129,10 +129,12 @@ class _Share:
     def __init__(self, spool_root: str, queues: List[str], keep_ages: bool, strict: bool,
                  now: float):
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
             os.close(read_fd)
-            _list_share(write_fd, spool_root, queues, keep_ages, strict, now)     # never returns
+            _list_share(write_fd, spool_root, _while_parent_lives(queues, parent), keep_ages,
+                        strict, now)            # never returns
         os.close(write_fd)
         self.fd: Optional[int] = read_fd
         self.root = spool_root
@@ -166,7 +168,16 @@ class _Share:
             self.pid = 0
 
 
-def _list_share(write_fd: int, spool_root: str, queues: List[str], keep_ages: bool, strict: bool,
+def _while_parent_lives(queues: List[str], parent: int) -> Iterator[str]:
+    """The queues, until the command is gone: one ended by a signal it does not catch
+    (SIGTERM, SIGKILL) must not leave its listings running on a large spool."""
+    for queue in queues:
+        if os.getppid() != parent:
+            os._exit(1)
+        yield queue
+
+
+def _list_share(write_fd: int, spool_root: str, queues: Iterable[str], keep_ages: bool, strict: bool,
                 now: float) -> None:
     """In the child: list `queues`, write their rows (or the OSError) as JSON, exit."""
     code = 1

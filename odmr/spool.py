@@ -385,13 +385,14 @@ class _QueueDir:
     the queue is reached relative to these descriptors. They are closed when the last
     user lets go (so one thread's descriptor is never closed under another's feet)."""
 
-    __slots__ = ("path", "fd", "tmp_fd", "key", "tmp_key")
+    __slots__ = ("path", "fd", "tmp_fd", "key", "tmp_key", "tmp_error")
 
     def __init__(self, path: str, fd: int):
         self.path = path
         self.fd = fd
         self.tmp_fd: Optional[int] = None       # None: tmp/ missing, or a link (refused)
         self.tmp_key: Optional[Tuple[int, int]] = None
+        self.tmp_error: Optional[OSError] = None   # why tmp/ is not held, when it is there
         st = os.fstat(fd)
         self.key = (st.st_dev, st.st_ino)
 
@@ -818,9 +819,11 @@ class Spool:
         directory = _QueueDir(path, fd)
         try:
             tmp_fd, made_tmp = _open_dir("tmp", fd, directory.show("tmp"), create)
-        except OSError:                  # missing, a link (logged), not a directory...
+        except OSError as exc:           # missing, a link (logged), unreadable, not a directory...
             if create:
                 raise
+            if not isinstance(exc, (FileNotFoundError, LinkRefused)):
+                directory.tmp_error = exc
             return directory             # readable; nothing can be written or retired here
         directory.hold_tmp(tmp_fd)
         if created or made_tmp:
@@ -855,7 +858,7 @@ class Spool:
         """The domains' queues and OUTBOUND: what `shape` goes through."""
         return self.domains() + [OUTBOUND]
 
-    def shape(self, strict: bool = False, queues: Optional[List[str]] = None,
+    def shape(self, strict: bool = False, queues: Optional[Iterable[str]] = None,
               mtimes: bool = True) -> Iterator[Tuple[str, QueueFiles]]:
         """Every queue (or those named) with what its message files hold, read from
         directory listings and one lstat per file only: no file opened, nothing followed
@@ -888,6 +891,9 @@ class Spool:
                 directory = self._queue_dir(queue, fresh=True)
                 removed += _clean(directory, lambda name, q=queue, d=directory: self._set_aside(q, d, name),
                                   before, lambda msg_id, q=queue: self._in_quarantine(q, msg_id))
+                if directory.tmp_error is not None:     # its debris stays; mail cannot arrive either
+                    log.error("spool: start-up clean-up of %s skipped: %s", directory.show("tmp"),
+                              describe_error(directory.tmp_error))
             except (FileNotFoundError, NotADirectoryError, LinkRefused):
                 continue
             except OSError as exc:

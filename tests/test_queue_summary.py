@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import message_ids, run_cli, write_config
+from helpers import alive, message_ids, run_cli, wait_for, write_config
 from helpers import store as store_in_spool
 from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool
@@ -218,6 +218,50 @@ def test_an_interrupted_summary_leaves_no_listing_process_behind(site, monkeypat
         except (ProcessLookupError, ChildProcessError):
             continue
         pytest.fail("listing process %d outlived the interrupted summary" % pid)
+
+
+def test_a_summary_ended_by_sigterm_leaves_no_listing_process_behind(site):
+    """SIGTERM (or SIGKILL) ends the command at once, without Python seeing it: its listing
+    processes notice at their next queue and end too, not when a large spool is listed."""
+    import signal
+    import subprocess
+    import sys
+    from helpers import ROOT
+    from odmr import qshape
+    config, spool = site
+    for n in range(qshape.PARALLEL_FROM):
+        os.makedirs(os.path.join(spool.root, "d%03d.test" % n, "tmp"))
+    # each queue takes 50 ms to list: the whole spool ~5 s in each of two processes
+    code = ("import sys, time; sys.path.insert(0, %r); from odmr import qshape, spool; "
+            "listed = spool._queue_files; "
+            "spool._queue_files = lambda *a: time.sleep(0.05) or listed(*a); "
+            "print('listing', flush=True); qshape.summary(%r, processes=2)" % (ROOT, spool.root))
+    command = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert command.stdout.readline() == b"listing\n"
+        wait_for(lambda: len(children_of(command.pid)) == 2, 10, "two listing processes")
+        listing = children_of(command.pid)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(10) == -signal.SIGTERM
+        wait_for(lambda: not any(alive(pid) for pid in listing), 1.0,
+                 "the listing processes to end")
+    finally:
+        command.kill()
+        command.wait()
+
+
+def children_of(pid: int) -> list:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(name))
+    return found
 
 
 def test_queues_shared_out_among_processes_give_the_rows_one_process_gives(site):

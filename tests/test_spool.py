@@ -227,6 +227,42 @@ def test_a_queue_that_cannot_be_read_does_not_stop_the_clean_up_of_the_others(sp
     assert all(message_ids(spool, d) == [kept[d]] for d in kept)
 
 
+def test_a_tmp_directory_the_service_cannot_open_is_named_by_the_clean_up(tmp_path):
+    """Run as the service account (a real unprivileged process): a queue whose tmp/ it may
+    not open keeps that tmp/'s debris, and the log says so, naming it; a tmp/ that is not
+    a directory is named too. The other queues are cleaned all the same."""
+    import pwd
+    import shutil
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    base = tempfile.mkdtemp(prefix="odmr-tmp-", dir="/tmp")      # tmp_path is root's only
+    try:
+        os.chmod(base, 0o711)
+        spool = Spool(os.path.join(base, "spool"))
+        for domain in ("a.test", "b.test", "c.test"):
+            store(spool, domain, env("u@" + domain), DATA)
+        debris = {d: os.path.join(spool.root, d, "tmp", new_id()) for d in ("a.test", "b.test")}
+        for path in debris.values():
+            open(path, "wb").close()
+        shutil.rmtree(os.path.join(spool.root, "c.test", "tmp"))
+        open(os.path.join(spool.root, "c.test", "tmp"), "wb").close()
+        subprocess.run(["chown", "-R", "nobody:", spool.root], check=True)
+        os.chmod(os.path.join(spool.root, "b.test", "tmp"), 0)
+        code = ("import logging, os, sys; sys.path.insert(0, %r); from odmr.spool import Spool; "
+                "logging.basicConfig(level=logging.INFO, format='%%(message)s'); "
+                "os.setgid(%d); os.setuid(%d); print(Spool(%r).prepare())"
+                % (ROOT, nobody.pw_gid, nobody.pw_uid, spool.root))
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "1"                            # a.test's debris
+        assert not os.path.exists(debris["a.test"]) and os.path.exists(debris["b.test"])
+        tmp_b, tmp_c = (os.path.join(spool.root, d, "tmp") for d in ("b.test", "c.test"))
+        assert "start-up clean-up of %s skipped: %s: Permission denied" % (tmp_b, tmp_b) in run.stderr
+        assert "start-up clean-up of %s skipped: %s: Not a directory" % (tmp_c, tmp_c) in run.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_clean_up_leaves_the_state_of_a_message_being_quarantined(spool):
     """A quarantine moves the message, then its state: a clean-up listing the queue in
     between must not take that state file for one without a message (after a `queue
