@@ -59,6 +59,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("check-config", parents=[common], help="validate configuration and users file")
     p.add_argument("--print", dest="print_key", metavar="KEY",
                    help="print one setting (e.g. pid_file) and exit")
+    p.add_argument("--running-pid-file", metavar="PATH",
+                   help="the running daemon's pid file, when the configuration names another "
+                        "since its start: the addresses it listens on are no conflict")
     _user_parsers(sub, common)
     _enqueue_parser(sub, common)
     _queue_parsers(sub, common)
@@ -313,7 +316,7 @@ def cmd_check_config(args: argparse.Namespace, config_path: str) -> int:
         print(value)
         return EX_OK
     problems = _users_file_problems(settings.users_file)
-    problems.extend(_startup_problems(settings))
+    problems.extend(_startup_problems(settings, args.running_pid_file))
     if problems:
         for problem in problems:
             print("odmrd: %s" % problem, file=sys.stderr)
@@ -352,7 +355,7 @@ def _users_file_owner_warning(settings) -> Optional[str]:
     return accounts.owner_warning(settings.users_file, allowed)
 
 
-def _startup_problems(settings) -> List[str]:
+def _startup_problems(settings, running_pid_file: Optional[str] = None) -> List[str]:
     """What `serve` would refuse before binding: an init script's restart must not
     stop a working daemon for a configuration that cannot start."""
     from odmr import daemon, server, tls
@@ -370,7 +373,7 @@ def _startup_problems(settings) -> List[str]:
         problems += daemon.spool_problems(settings, service)
     problems += server.decoy_key_problems(settings)
     problems += daemon.log_file_problems(settings) + daemon.pid_file_problems(settings)
-    problems += daemon.listen_problems(settings)
+    problems += daemon.listen_problems(settings, running_pid_file)
     return problems
 
 

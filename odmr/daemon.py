@@ -284,11 +284,12 @@ def log_file_problems(settings: Settings) -> List[str]:
             % (path, os.path.dirname(os.path.abspath(path)))]
 
 
-def listen_problems(settings: Settings) -> List[str]:
+def listen_problems(settings: Settings, running_pid_file: Optional[str] = None) -> List[str]:
     """Listen addresses this host does not have, or that another program holds: binding
-    them fails after a restart has already stopped the running daemon."""
+    them fails after a restart has already stopped the running daemon (the one holding
+    the configured pid file, or `running_pid_file`, which it was started with)."""
     try:
-        daemon_pid = PidFile(settings.pid_file).holder()
+        daemon_pid = PidFile(running_pid_file or settings.pid_file).holder()
     except DaemonError:
         daemon_pid = -1                 # cannot tell: a taken port is nobody's we know
     problems = []

@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-from helpers import ROOT, InitScript, alive, free_port, rcpt_code, wait_for, which
+from helpers import ROOT, InitScript, alive, free_port, rcpt_code, read_pid_file, wait_for, which
 
 pytestmark = pytest.mark.slow                   # a pyz build and the init scripts
 
@@ -58,19 +58,20 @@ class Install(InitScript):
         self.smtp_port = free_port()
         self.odmr_port = free_port()
         self.spool = os.path.join(directory, "spool")
+        self.started = os.path.join(directory, "odmrd.started")     # not /run's
         self.write_config()
         with open(self.defaults, "w") as fh:
             fh.write('# what /etc/default/odmrd would say\n'
-                     'ODMRD="%s -I -S %s"\nODMRD_CONFIG=%s\nODMRD_OPTS=\n'
-                     % (sys.executable, pyz, self.config))
+                     'ODMRD="%s -I -S %s"\nODMRD_CONFIG=%s\nODMRD_OPTS=\nODMRD_STARTED=%s\n'
+                     % (sys.executable, pyz, self.config, self.started))
 
-    def write_config(self, extra: str = "") -> None:
+    def write_config(self, extra: str = "", pid_file: str = "run/odmrd.pid") -> None:
         with open(self.config, "w") as fh:
             fh.write("hostname = odmr.test\nspool_dir = spool\nusers_file = users\n"
-                     "pid_file = run/odmrd.pid\nlog_file = odmrd.log\nsyslog = no\n"
+                     "pid_file = %s\nlog_file = odmrd.log\nsyslog = no\n"
                      "allow_root = yes\ngrace_period = 5s\n%s\n"
                      "[odmr]\nlisten = 127.0.0.1:%d\n[smtp]\nlisten = 127.0.0.1:%d\n"
-                     % (extra, self.odmr_port, self.smtp_port))
+                     % (pid_file, extra, self.odmr_port, self.smtp_port))
 
     def odmrd(self, *args: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
         return bare(self.pyz, "-c", self.config, *args, input=input)
@@ -299,6 +300,39 @@ def test_init_script_stale_pid_file_and_restart(install):
     assert install.init("stop").returncode == 0
     r = install.init("try-restart")                 # not running: nothing to do
     assert r.returncode == 0 and install.pid() is None
+
+
+@needs_dash
+def test_init_script_finds_the_daemon_after_its_pid_file_is_renamed_in_the_configuration(install):
+    """pid_file edited while the daemon runs: stop, status, reload and restart still find
+    the running daemon (through the pid file noted at its start); the new pid file is used
+    from the restart on, and no second daemon is ever started beside the first."""
+    assert install.init("start").returncode == 0
+    first = install.pid()
+    moved = os.path.join(install.dir, "run2", "odmrd.pid")
+    install.write_config(pid_file="run2/odmrd.pid")
+    r = install.init("status")
+    assert r.returncode == 0 and b"running (pid %d)" % first in r.stdout, r.stdout + r.stderr
+    r = install.init("start")
+    assert r.returncode == 0 and b"already running (pid %d)" % first in r.stdout
+    assert install.init("reload").returncode == 0 and alive(first)
+    r = install.init("restart")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not alive(first)
+    second = read_pid_file(moved)
+    assert second and second != first and alive(second)
+    assert all(pid == second or parent_of(pid) == second for pid in install.processes())
+    assert not os.path.exists(install.pid_file)
+    r = install.init("status")
+    assert r.returncode == 0 and b"running (pid %d)" % second in r.stdout
+    assert install.init("stop").returncode == 0
+    assert not alive(second) and not os.path.exists(moved) and not os.path.exists(install.started)
+    assert install.init("status").returncode == 3
+
+
+def parent_of(pid: int) -> int:
+    with open("/proc/%d/stat" % pid) as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
 @needs_dash
