@@ -11,30 +11,17 @@ import smtplib
 import socket
 import threading
 import time
-from typing import List, Set
+from typing import Set
 
 import pytest
 
 from helpers import Daemon, alive, reply_line, send_mail, wait_for
+from helpers import children_of as children
 from odmr import replies
 
 pytestmark = pytest.mark.slow
 
 MESSAGE = b"Subject: w\r\n\r\nbody\r\n"
-
-
-def children(pid: int) -> List[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(name))
-    return found
 
 
 def greeted(port: int) -> socket.socket:

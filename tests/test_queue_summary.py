@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import alive, message_ids, run_cli, wait_for, write_config
+from helpers import alive, children_of, message_ids, run_cli, wait_for, write_config
 from helpers import store as store_in_spool
 from odmr.exits import EX_OK
 from odmr.spool import OUTBOUND, Envelope, Recipient, Spool
@@ -248,20 +248,6 @@ def test_a_summary_ended_by_sigterm_leaves_no_listing_process_behind(site):
     finally:
         command.kill()
         command.wait()
-
-
-def children_of(pid: int) -> list:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(name))
-    return found
 
 
 def test_queues_shared_out_among_processes_give_the_rows_one_process_gives(site):
