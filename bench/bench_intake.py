@@ -161,59 +161,45 @@ def combined(runs: List[Result]) -> List[Result]:
     return merged
 
 
-def run_loads(mta: str, port: int, messages: int, size: int, source: Optional[str],
-              cpu: Callable[[], Tuple[float, float]], stored: Callable[[str], int]) -> List[Result]:
-    """The same two loads for either server, each into its own domain: the pipelined Python
-    senders to example.org, then smtp-source to example.com. `stored(domain)` counts what
-    the server has spooled for that domain once the load is over."""
-    results = []
-    for load, domain in (("pipelined", "example.org"), ("smtp-source", "example.com")):
-        if load == "smtp-source" and not source:
-            continue
-        before = cpu()
-        if load == "pipelined":
-            elapsed, done = run_pipelined(port, messages, make_message(size))
-        else:
-            elapsed, done = run_smtp_source(source, port, SENDERS, messages, size,
-                                            "rcpt@" + domain), messages
-        after = cpu()
-        used = ((after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed)
-        results.append(Result(mta, load, done / elapsed, done, stored(domain), used))
-    return results
+DOMAIN = "example.org"
 
 
-def measure_odmrd(base: str, args: argparse.Namespace, source: Optional[str]) -> List[Result]:
-    """odmrd's intake under both loads, started as an operator would, and stopped before
-    any other server runs, so that the two never share the CPU."""
+def run_load(mta: str, load: str, port: int, args: argparse.Namespace, source: Optional[str],
+             cpu: Callable[[], Tuple[float, float]], stored: Callable[[], int]) -> Result:
+    """One load (LOADS) against either server; `stored()` counts what the server has
+    spooled once the load is over."""
+    before = cpu()
+    if load == "pipelined":
+        elapsed, done = run_pipelined(port, args.messages, make_message(args.size))
+    else:
+        elapsed, done = run_smtp_source(source, port, SENDERS, args.messages, args.size,
+                                        "rcpt@" + DOMAIN), args.messages
+    after = cpu()
+    used = ((after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed)
+    return Result(mta, load, done / elapsed, done, stored(), used)
+
+
+def measure_odmrd(base: str, args: argparse.Namespace, source: Optional[str], load: str) -> Result:
+    """odmrd's intake under one load, started as an operator would on an empty spool, and
+    stopped before any other server runs, so that the two never share the CPU."""
     server = Server(base, smtp_extra="max_sessions_per_address = 100\nworkers = %s" % args.workers,
                     log_level=args.log_level)
-    # Each run fills its own domain: deleting the first run's files just before the
-    # second would slow its file creation (ext4 without a journal skips recently
-    # freed inodes one by one), which measures the bench, not odmrd.
-    server.add_user("alice", ["example.org", "example.com"])
+    server.add_user("alice", [DOMAIN])
     try:
         server.start()
         pids = [server.pid] + children(server.pid)      # the main process and its intake workers
-        return run_loads("odmrd", server.smtp_port, args.messages, args.size, source,
-                         lambda: cpu_seconds(*pids), lambda d: spooled(server.spool_dir, d))
+        return run_load("odmrd", load, server.smtp_port, args, source,
+                        lambda: cpu_seconds(*pids), lambda: spooled(server.spool_dir, DOMAIN))
     finally:
         server.stop()
 
 
-def measure_exim(base: str, args: argparse.Namespace, source: Optional[str]) -> List[Result]:
-    """Exim's intake under the same loads; all its messages share one queue, so each
-    load's count is the growth of that queue."""
-    exim = Exim(args.exim, os.path.join(base, "exim"), ["example.org", "example.com"])
-    counted = [0]
-
-    def stored(_domain: str) -> int:
-        now = exim.spooled()
-        grown, counted[0] = now - counted[0], now
-        return grown
-
+def measure_exim(base: str, args: argparse.Namespace, source: Optional[str], load: str) -> Result:
+    """Exim's intake under the same load, on an empty spool of its own too."""
+    exim = Exim(args.exim, os.path.join(base, "exim"), [DOMAIN])
     try:
         exim.start()
-        return run_loads("Exim", exim.port, args.messages, args.size, source, exim.cpu_seconds, stored)
+        return run_load("Exim", load, exim.port, args, source, exim.cpu_seconds, exim.spooled)
     finally:
         exim.stop()
 
@@ -222,9 +208,9 @@ def report(args: argparse.Namespace, base: str, fsync_ms: float, refs: Tuple[Opt
            results: List[Result]) -> bool:
     print("Intake: %d messages of %d bytes per run, spool on %s (%s); [smtp] workers = %s"
           % (args.messages, args.size, base, "kept" if args.keep else "removed", args.workers))
-    if args.fresh_fs:
-        print("Each server's turn on a new ext4 filesystem (4 KiB blocks, a journal; loop-mounted in %s)"
-              % base)
+    print("Each load on an empty spool: a server started for it alone%s"
+          % (", on a new ext4 filesystem (4 KiB blocks, a journal; loop-mounted in %s)" % base
+             if args.fresh_fs else ""))
     print(row("", "measured", "reference (SPEC §9)"))
     print(row("one durable file (create+fsync+rename+dir fsync)", "%.2f ms" % fsync_ms, "~2 ms"))
     ref_one, ref_ten = refs
@@ -247,13 +233,13 @@ def print_result(r: Result, ref_ten: Optional[float], exim_rate: Optional[float]
     if r.mta == "odmrd":
         print(row(label, "%.0f msgs/s" % r.rate, ">= 1,000 msgs/s and >= 1.5x Exim 4.99"))
     else:
-        print(row(label, "%.0f msgs/s" % r.rate, "Exim 4.99 measured 1,230-2,150 msgs/s here"))
+        print(row(label, "%.0f msgs/s" % r.rate, "issue 13: 1,230-2,150 msgs/s on this VM"))
     if ref_ten:
         print("     %.2fx smtp-source -> smtp-sink (10 sessions) of this run" % (r.rate / ref_ten))
     if r.mta == "odmrd" and exim_rate:
         print("     %.2fx Exim in this run, same load (goal >= 1.5x)" % (r.rate / exim_rate))
     elif r.mta == "odmrd":
-        print("     (no --exim: Exim 4.99 measured 1,230-2,150 msgs/s here)")
+        print("     (no --exim: issue 13 measured Exim 4.99 at 1,230-2,150 msgs/s on this VM)")
     print("     %s's CPU (all its processes): %.0f%% user + %.0f%% system of one core (%d cores here),"
           " %.2f + %.2f ms per message" % (r.mta, r.cpu[0] * 100, r.cpu[1] * 100, os.cpu_count() or 0,
                                            r.cpu[0] * 1000 / r.rate, r.cpu[1] * 1000 / r.rate))
@@ -267,20 +253,24 @@ def print_result(r: Result, ref_ten: Optional[float], exim_rate: Optional[float]
 def measure_rounds(base: str, args: argparse.Namespace, source: Optional[str]) -> List[Result]:
     """odmrd, then Exim, then Exim, then odmrd (and so on for --rounds): a machine that
     speeds up or slows down during the bench (a VM's disk does, for a minute after many
-    files were deleted) then favours neither server."""
+    files were deleted) then favours neither server. Each load starts its server afresh
+    on an empty spool: a queue already holding the last load's files (Exim keeps one
+    input/ directory for all) would measure the bench's order, not the server."""
+    loads = [load for load in LOADS if load != "smtp-source" or source]
     results: List[Result] = []
     for round_ in range(args.rounds if args.exim else 1):
         servers = ["odmrd", "Exim"] if args.exim else ["odmrd"]
         for name in servers if round_ % 2 == 0 else reversed(servers):
             measure = measure_odmrd if name == "odmrd" else measure_exim
-            with scratch_place(base, args, "%s-%d" % (name, round_)) as where:
-                results += measure(where, args, source)
+            for load in loads:
+                with scratch_place(base, args, "%s-%d-%s" % (name, round_, load)) as where:
+                    results.append(measure(where, args, source, load))
     return results
 
 
 @contextlib.contextmanager
 def scratch_place(base: str, args: argparse.Namespace, name: str) -> Iterator[str]:
-    """Where one server's turn keeps its spool: a new filesystem of its own (--fresh-fs),
+    """Where one load keeps its server's spool: a new filesystem of its own (--fresh-fs),
     or a new directory under `base`."""
     if args.fresh_fs:
         with scratch_fs.fresh_ext4(base, scratch_fs.size_for(args.messages, args.size),

@@ -52,13 +52,13 @@ def settle_option(parser: argparse.ArgumentParser, args: argparse.Namespace, kep
 
 
 def size_for(messages: int, size: int) -> int:
-    """Bytes enough for two loads of `messages` (an inode and a block each, plus the text)."""
+    """Bytes enough for `messages` twice over (an inode and a block each, plus the text)."""
     per_message = size + 8192
     return max(256 << 20, 3 * messages * per_message)
 
 
 def inodes_for(messages: int) -> int:
-    """Inodes enough for two loads of `messages` kept in Exim's spool (-D, -H and msglog:
+    """Inodes enough for `messages` twice over in Exim's spool (-D, -H and msglog:
     three files a message), with room to spare: mkfs's one per 16 KiB falls short of that
     from about 10,000 messages of 10 KB."""
     return 8 * messages + 4096
