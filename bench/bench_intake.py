@@ -290,8 +290,8 @@ def main(argv: Optional[list] = None) -> int:
                         help="directory for the scratch spool (default /var/tmp; /dev/shm shows the "
                              "CPU-only ceiling, without disk flushes)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    scratch_fs.add_option(parser, "each server's turn on a new ext4 filesystem (a loop-mounted image in "
-                                  "the scratch directory): no turn pays for files an earlier one deleted")
+    scratch_fs.add_option(parser, "each load on a new ext4 filesystem (a loop-mounted image in "
+                                  "the scratch directory): no load pays for files an earlier one deleted")
     parser.add_argument("--workers", default="auto",
                         help="the provider's [smtp] workers (default auto; 1: sessions in the main process)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

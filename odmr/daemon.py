@@ -308,6 +308,9 @@ def pid_file_problems(settings: Settings) -> List[str]:
     caller until the pid file is written)."""
     path = os.path.abspath(settings.pid_file)
     directory = os.path.dirname(path)
+    kind = _not_a_plain_file(path)
+    if kind:
+        return ["pid file %s: %s, not a file (serve would refuse it)" % (path, kind)]
     if os.path.isdir(directory):
         target = path if os.path.lexists(path) else directory
         if os.access(target, os.W_OK):
@@ -322,6 +325,20 @@ def pid_file_problems(settings: Settings) -> List[str]:
         return []
     return ["pid file %s: its directory %s does not exist and uid %d cannot create it in %s"
             % (path, directory, os.geteuid(), existing)]
+
+
+def _not_a_plain_file(path: str) -> str:
+    """What is in the way at `path` ("a directory", "a symbolic link"...), or "" when
+    nothing or a regular file is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a directory" if stat.S_ISDIR(mode) else "a special file"
 
 
 def _addresses(settings) -> List[Tuple[str, Tuple[str, int]]]:
@@ -465,7 +482,8 @@ class PidFile:
     def holder(self) -> Optional[int]:
         """The pid of a live daemon holding this pid file, or None."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # O_NONBLOCK: a FIFO in its place must not hang `check-config` or `serve`
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             return None
         except OSError as exc:

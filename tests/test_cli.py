@@ -615,6 +615,26 @@ def test_check_config_refuses_what_serve_cannot_start_with(hosted, tmp_path):
     assert "[smtp] listen: 192.0.2.1 is not an address of this host" in err
 
 
+@pytest.mark.parametrize("kind", ["a directory", "a symbolic link", "a special file"])
+def test_check_config_refuses_a_pid_file_that_is_no_file(hosted, tmp_path, kind):
+    """serve cannot take a directory, a link (never followed) or a FIFO for its pid file:
+    an init script's restart must not stop the daemon for it (root passes os.access)."""
+    path = tmp_path / "in-the-way"
+    if kind == "a directory":
+        path.mkdir()
+    elif kind == "a symbolic link":
+        path.symlink_to(tmp_path / "elsewhere.pid")
+    else:
+        os.mkfifo(path)
+    with open(hosted) as fh:
+        text = fh.read()
+    with open(hosted, "w") as fh:
+        fh.write("pid_file = %s\n" % path + text)
+    result = odmrd(hosted, "check-config")
+    assert result.returncode == 78
+    assert "pid file %s: %s, not a file" % (path, kind) in result.stderr.decode()
+
+
 @pytest.mark.slow
 def test_queue_changes_are_logged_where_the_daemon_logs(hosted, tmp_path):
     """SPEC §8: each message accepted (also by enqueue), bounced or deleted is one log line,

@@ -330,6 +330,61 @@ def test_init_script_finds_the_daemon_after_its_pid_file_is_renamed_in_the_confi
     assert install.init("status").returncode == 3
 
 
+@needs_dash
+def test_init_scripts_of_two_instances_sharing_one_note_never_act_on_each_other(tmp_path, pyz):
+    """Two configurations whose defaults files name the same ODMRD_STARTED: each
+    instance starts, and stops, its own daemon only (a note is its configuration's)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first, second = (Install(str(tmp_path / name), pyz) for name in ("a", "b"))
+    try:
+        with open(second.defaults, "a") as fh:
+            fh.write("ODMRD_STARTED=%s\n" % first.started)
+        for inst in (first, second):
+            inst.add_user("alice", "example.org")
+            r = inst.init("start")
+            assert r.returncode == 0 and b"already" not in r.stdout, r.stdout + r.stderr
+        a, b = first.pid(), second.pid()
+        assert a and b and a != b and alive(a) and alive(b)
+        assert second.init("stop").returncode == 0
+        assert alive(a) and not alive(b)
+        r = first.init("status")
+        assert r.returncode == 0 and b"running (pid %d)" % a in r.stdout
+    finally:
+        first.cleanup()
+        second.cleanup()
+
+
+@needs_dash
+def test_a_stale_note_never_hides_the_daemon_on_the_configured_pid_file(install):
+    """The noted pid file left by a daemon killed with -9, the configuration's own
+    pid file held by a daemon started by hand since: that daemon is the one found."""
+    assert install.init("start").returncode == 0
+    install.write_config(pid_file="run2/odmrd.pid")
+    assert install.init("start").returncode == 0            # already running, on run/
+    install.write_config()
+    kill_9(install)                                         # the note stays
+    install.write_config(pid_file="run2/odmrd.pid")
+    assert install.init("start").returncode == 0            # noted: run2/odmrd.pid
+    kill_9(install)                                         # and run2/odmrd.pid with it
+    install.write_config()
+    os.makedirs(os.path.dirname(install.pid_file), exist_ok=True)
+    assert install.odmrd("serve").returncode == 0           # by hand, on run/odmrd.pid
+    pid = install.pid()
+    r = install.init("status")
+    assert r.returncode == 0 and b"running (pid %d)" % pid in r.stdout, r.stdout + r.stderr
+    assert install.init("restart").returncode == 0
+    assert not alive(pid) and install.pid() not in (None, pid)
+    assert install.init("stop").returncode == 0 and not install.processes()
+
+
+def kill_9(install: Install) -> None:
+    """Every process of the installation's daemon, with SIGKILL: its pid file stays."""
+    for pid in install.processes():
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not install.processes(), 10, "the daemon's processes to die")
+
+
 def parent_of(pid: int) -> int:
     with open("/proc/%d/stat" % pid) as fh:
         return int(fh.read().rsplit(")", 1)[1].split()[1])
