@@ -378,6 +378,20 @@ def test_a_stale_note_never_hides_the_daemon_on_the_configured_pid_file(install)
     assert install.init("stop").returncode == 0 and not install.processes()
 
 
+@needs_dash
+def test_stop_and_status_find_the_daemon_while_the_configuration_is_unreadable(install):
+    """Mid-edit, a configuration that does not parse at all (not even leniently): stop
+    and status go by the pid file noted at the start; start and reload refuse (exit 6)."""
+    assert install.init("start").returncode == 0
+    pid = install.pid()
+    with open(install.config, "a") as fh:
+        fh.write("[smtp\n")
+    r = install.init("status")
+    assert r.returncode == 0 and b"running (pid %d)" % pid in r.stdout, r.stdout + r.stderr
+    assert install.init("reload").returncode == 6 and alive(pid)
+    assert install.init("stop").returncode == 0 and not alive(pid)
+
+
 def kill_9(install: Install) -> None:
     """Every process of the installation's daemon, with SIGKILL: its pid file stays."""
     for pid in install.processes():
